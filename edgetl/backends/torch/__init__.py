@@ -1,0 +1,1 @@
+"""The torch backend: the only package in edgetl that imports torch and its ecosystem."""

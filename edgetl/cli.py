@@ -1,0 +1,117 @@
+"""The `edgetl` command line: one short function per verb, each calling one stage function.
+
+Only typer and rich are imported here; a stage imports its framework when it runs, so `edgetl --help`
+stays fast and framework-free.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from edgetl.errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Fine-tune, compress, export, verify, benchmark and bundle MobileNet-family models for phones.",
+)
+
+
+def _not_yet(verb: str, issue: int) -> None:
+    typer.echo(f"edgetl {verb}: not implemented yet (planned in issue #{issue}).", err=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def finetune(
+    data: Annotated[str, typer.Option(help="Image folder (one sub-folder per class, or train/val/test trees), "
+                                           "or builtin:fashion-mnist-mini / builtin:shapes.")],
+    run_dir: Annotated[Path | None, typer.Option("--out", help="Run folder; the checkpoint goes to OUT/checkpoint.")] = None,
+    backbone: Annotated[str, typer.Option(help="mobilenet_v2, mobilenet_v3_small, mobilenet_v3_large, efficientnet_lite0.")] = "efficientnet_lite0",
+    width: Annotated[float, typer.Option(help="Width multiplier (mobilenet_v2: 0.35, 0.5, 0.75, 1.0).")] = 1.0,
+    image_size: Annotated[int | None, typer.Option(help="Square input size in pixels; default: the backbone's.")] = None,
+    weights: Annotated[str, typer.Option(help="imagenet (torch hub cache), none (random init) or a state-dict PATH.")] = "imagenet",
+    epochs_head: Annotated[int, typer.Option(help="Stage 1 epochs (new head on cached features).")] = 30,
+    epochs_finetune: Annotated[int, typer.Option(help="Stage 2 epochs (top blocks unfrozen).")] = 4,
+    unfreeze: Annotated[int, typer.Option(help="Top blocks unfrozen in stage 2 (0 skips stage 2).")] = 3,
+    batch_size: Annotated[int, typer.Option(help="Mini-batch size.")] = 64,
+    lr_head: Annotated[float, typer.Option(help="Peak learning rate of stage 1.")] = 3e-3,
+    lr_finetune: Annotated[float, typer.Option(help="Peak learning rate of stage 2.")] = 3e-4,
+    patience: Annotated[int, typer.Option(help="Early-stopping patience in epochs (validation top-1).")] = 6,
+    seed: Annotated[int, typer.Option(help="Seed for the split, initialisation, shuffling and augmentation.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    workers: Annotated[int, typer.Option(help="Image-decoding worker processes.")] = 0,
+    framework: Annotated[str, typer.Option(help="torch (keras arrives in issue #5).")] = "torch",
+) -> None:
+    """Fine-tune an ImageNet-pretrained backbone on a folder of labelled images."""
+    from edgetl.config import FinetuneConfig
+    from edgetl.finetune import run_finetune
+
+    config = FinetuneConfig(
+        data=data, backbone=backbone, width=width, image_size=image_size, weights=weights,
+        epochs_head=epochs_head, epochs_finetune=epochs_finetune, unfreeze=unfreeze, batch_size=batch_size,
+        lr_head=lr_head, lr_finetune=lr_finetune, patience=patience, seed=seed, device=device,
+        workers=workers, framework=framework,
+    )
+    run_finetune(config, run_dir)
+
+
+@app.command()
+def export() -> None:
+    """Export a checkpoint to TFLite and ExecuTorch (fp32/int8) and verify each file in its runtime."""
+    _not_yet("export", 3)
+
+
+@app.command()
+def bench() -> None:
+    """Benchmark exported files on the host CPU and on emulated ARM64 phone CPUs."""
+    _not_yet("bench", 4)
+
+
+@app.command()
+def bundle() -> None:
+    """Bundle an exported file into an Android module and an iOS Swift package."""
+    _not_yet("bundle", 7)
+
+
+@app.command()
+def demo(
+    run_dir: Annotated[Path, typer.Option("--out", help="Run folder.")] = Path("runs/demo"),
+    fast: Annotated[bool, typer.Option(help="Fewer epochs and a smaller input (a smoke run, not the figures).")] = False,
+) -> None:
+    """The whole pipeline, offline, on builtin:fashion-mnist-mini with pretrained efficientnet_lite0."""
+    from edgetl.demo import run_demo
+
+    run_demo(run_dir, fast=fast)
+
+
+def main() -> None:
+    """Entry point: user mistakes become one line and exit 2; EDGETL_DEBUG=1 shows the traceback."""
+    try:
+        app(standalone_mode=False)
+    except UserError as error:
+        if os.environ.get("EDGETL_DEBUG") == "1":
+            raise
+        typer.echo(f"edgetl: error: {error}", err=True)
+        sys.exit(error.exit_code)
+    except typer.Exit as done:
+        sys.exit(done.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("edgetl: interrupted", err=True)
+        sys.exit(130)
+    except Exception as click_error:  # click's own usage errors (bad option values, unknown verbs)
+        import click
+
+        if isinstance(click_error, click.ClickException):
+            click_error.show()
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()
