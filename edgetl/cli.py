@@ -29,13 +29,26 @@ def _not_yet(verb: str, issue: int) -> None:
 
 @app.command()
 def finetune(
-    data: Annotated[str, typer.Option(help="Image folder (one sub-folder per class, or train/val/test trees), "
-                                           "or builtin:fashion-mnist-mini / builtin:shapes.")],
-    run_dir: Annotated[Path | None, typer.Option("--out", help="Run folder; the checkpoint goes to OUT/checkpoint.")] = None,
-    backbone: Annotated[str, typer.Option(help="mobilenet_v2, mobilenet_v3_small, mobilenet_v3_large, efficientnet_lite0.")] = "efficientnet_lite0",
+    data: Annotated[
+        str,
+        typer.Option(
+            help="Image folder (one sub-folder per class, or train/val/test trees), "
+            "or builtin:fashion-mnist-mini / builtin:shapes."
+        ),
+    ],
+    run_dir: Annotated[
+        Path | None, typer.Option("--out", help="Run folder; the checkpoint goes to OUT/checkpoint.")
+    ] = None,
+    backbone: Annotated[
+        str, typer.Option(help="mobilenet_v2, mobilenet_v3_small, mobilenet_v3_large, efficientnet_lite0.")
+    ] = "efficientnet_lite0",
     width: Annotated[float, typer.Option(help="Width multiplier (mobilenet_v2: 0.35, 0.5, 0.75, 1.0).")] = 1.0,
-    image_size: Annotated[int | None, typer.Option(help="Square input size in pixels; default: the backbone's.")] = None,
-    weights: Annotated[str, typer.Option(help="imagenet (torch hub cache), none (random init) or a state-dict PATH.")] = "imagenet",
+    image_size: Annotated[
+        int | None, typer.Option(help="Square input size in pixels; default: the backbone's.")
+    ] = None,
+    weights: Annotated[
+        str, typer.Option(help="imagenet (torch hub cache), none (random init) or a state-dict PATH.")
+    ] = "imagenet",
     epochs_head: Annotated[int, typer.Option(help="Stage 1 epochs (new head on cached features).")] = 30,
     epochs_finetune: Annotated[int, typer.Option(help="Stage 2 epochs (top blocks unfrozen).")] = 4,
     unfreeze: Annotated[int, typer.Option(help="Top blocks unfrozen in stage 2 (0 skips stage 2).")] = 3,
@@ -53,10 +66,22 @@ def finetune(
     from edgetl.finetune import run_finetune
 
     config = FinetuneConfig(
-        data=data, backbone=backbone, width=width, image_size=image_size, weights=weights,
-        epochs_head=epochs_head, epochs_finetune=epochs_finetune, unfreeze=unfreeze, batch_size=batch_size,
-        lr_head=lr_head, lr_finetune=lr_finetune, patience=patience, seed=seed, device=device,
-        workers=workers, framework=framework,
+        data=data,
+        backbone=backbone,
+        width=width,
+        image_size=image_size,
+        weights=weights,
+        epochs_head=epochs_head,
+        epochs_finetune=epochs_finetune,
+        unfreeze=unfreeze,
+        batch_size=batch_size,
+        lr_head=lr_head,
+        lr_finetune=lr_finetune,
+        patience=patience,
+        seed=seed,
+        device=device,
+        workers=workers,
+        framework=framework,
     )
     run_finetune(config, run_dir)
 
@@ -82,7 +107,9 @@ def bundle() -> None:
 @app.command()
 def demo(
     run_dir: Annotated[Path, typer.Option("--out", help="Run folder.")] = Path("runs/demo"),
-    fast: Annotated[bool, typer.Option(help="Fewer epochs and a smaller input (a smoke run, not the figures).")] = False,
+    fast: Annotated[
+        bool, typer.Option(help="Fewer epochs and a smaller input (a smoke run, not the figures).")
+    ] = False,
 ) -> None:
     """The whole pipeline, offline, on builtin:fashion-mnist-mini with pretrained efficientnet_lite0."""
     from edgetl.demo import run_demo

@@ -53,6 +53,7 @@ class Backbone(nn.Module):
     """Shared interface; subclasses set `feature_dim` and implement the four hooks."""
 
     feature_dim: int
+    head_layer: str  # state-dict prefix of the final Linear, replaced for a new set of classes
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -109,8 +110,11 @@ class InvertedResidualV2(nn.Module):
 
 
 class MobileNetV2(Backbone):
+    head_layer = "classifier.1"
     # expansion t, channels c, repeats n, first stride s
-    SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+    SETTINGS = (
+        (1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)
+    )
 
     def __init__(self, num_classes: int = 1000, width: float = 1.0, dropout: float = 0.2) -> None:
         super().__init__()
@@ -197,6 +201,8 @@ V3_SMALL = (
 
 
 class MobileNetV3(Backbone):
+    head_layer = "classifier.3"
+
     def __init__(self, variant: str, num_classes: int = 1000, width: float = 1.0, dropout: float = 0.2) -> None:
         super().__init__()
         config, last_channel = (V3_LARGE, 1280) if variant == "large" else (V3_SMALL, 1024)
@@ -270,6 +276,7 @@ class MBConvLite(nn.Module):
 
 
 class EfficientNetLite0(Backbone):
+    head_layer = "_fc"
     # repeats, kernel, first stride, expansion, in, out
     STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
               (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320))

@@ -1,0 +1,137 @@
+"""The fine-tuning stage: data folder in, complete checkpoint folder out (or nothing at all).
+
+Framework-free orchestration: validate the config, list and split the data, hand the training to the
+backend, then write weights, labels, history, splits and the manifest into a temporary folder that is
+renamed to RUN/checkpoint only when everything is there.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rich.table import Table
+
+from edgetl.backbones import get_backbone
+from edgetl.config import FinetuneConfig
+from edgetl.data import DatasetListing, preprocess_spec, scan_folder
+from edgetl.datasets import is_builtin, resolve_builtin
+from edgetl.errors import UserError
+from edgetl.manifest import (
+    CHECKPOINT_KIND,
+    SCHEMA_VERSION,
+    library_versions,
+    now_utc,
+    sha256_file,
+    write_json,
+    write_labels,
+)
+from edgetl.paths import atomic_dir, ensure_writable_dir
+from edgetl.ui import console, stdout
+
+TORCH_LIBRARIES = ("torch", "torchao", "executorch", "numpy", "pillow")
+
+
+def load_listing(config: FinetuneConfig) -> DatasetListing:
+    """Resolve `--data` (a folder or builtin:NAME) and list it with the run's seed."""
+    root = resolve_builtin(config.data) if is_builtin(config.data) else Path(config.data).expanduser()
+    return scan_folder(root, config.seed, config.val_fraction, config.test_fraction, source=config.data)
+
+
+def _torch_backend():
+    try:
+        from edgetl.backends.torch import finetune as backend
+    except ImportError as error:
+        raise UserError(
+            f"the torch backend cannot be imported ({error}); install it with: pip install 'edgetl[torch]'"
+        ) from None
+    return backend
+
+
+def _print_data(listing: DatasetListing) -> None:
+    counts = listing.counts()
+    sizes = ", ".join(f"{split} {sum(per.values())}" for split, per in counts.items())
+    console.print(f"data: {listing.source} — {len(listing.classes)} classes; {sizes}; split: {listing.split_origin}")
+    if listing.skipped:
+        console.print(f"[yellow]skipped {len(listing.skipped)} unreadable file(s)[/] (listed in the manifest)")
+
+
+def run_finetune(config: FinetuneConfig, run_dir: Path | None = None, feature_cache: bool = True) -> Path:
+    """Fine-tune and write RUN/checkpoint; returns the checkpoint folder."""
+    config = config.validate()
+    run_dir = Path(run_dir) if run_dir is not None else Path("runs") / config.backbone
+    ensure_writable_dir(run_dir, "output folder")
+    listing = load_listing(config)
+    _print_data(listing)
+    spec = get_backbone(config.backbone)
+    preprocess = preprocess_spec(config.image_size, spec.mean, spec.std, layout="NCHW")
+    backend = _torch_backend()
+
+    started = time.perf_counter()
+    result = backend.train(config, listing, preprocess, feature_cache=feature_cache)
+    train_seconds = time.perf_counter() - started
+    metrics = {split: backend.evaluate(result.model, config, listing, preprocess, split) for split in ("val", "test")}
+    for split_metrics in metrics.values():
+        listing.drop(split_metrics.pop("decode_failures"))
+
+    checkpoint = run_dir / "checkpoint"
+    with atomic_dir(checkpoint) as tmp:
+        backend.save_weights(result.model, tmp / "model.pt")
+        write_labels(tmp / "labels.txt", listing.classes)
+        write_json(tmp / "history.json", result.history)
+        write_json(tmp / "splits.json", listing.to_json())
+        manifest = {
+            "kind": CHECKPOINT_KIND,
+            "schema_version": SCHEMA_VERSION,
+            "created": now_utc(),
+            "framework": config.framework,
+            "weights_file": "model.pt",
+            "weights_sha256": sha256_file(tmp / "model.pt"),
+            "model": {
+                "backbone": config.backbone,
+                "width": config.width,
+                "image_size": config.image_size,
+                "num_classes": len(listing.classes),
+                "feature_dim": result.model.feature_dim,
+                "parameters": sum(p.numel() for p in result.model.parameters()),
+            },
+            "labels": listing.classes,
+            "preprocess": preprocess,
+            "init_weights": result.init,
+            "data": {
+                "source": listing.source,
+                "root": str(listing.root.resolve()),
+                "split_origin": listing.split_origin,
+                "splits_file": "splits.json",
+                "counts": listing.counts(),
+                "skipped_count": len(listing.skipped),
+                "skipped": listing.skipped,
+            },
+            "config": config.to_json(),
+            "training": {
+                "device": result.device,
+                "best": result.best,
+                "throughput": result.throughput,
+                "seconds": round(train_seconds, 1),
+            },
+            "metrics": metrics,
+            "versions": library_versions(TORCH_LIBRARIES),
+        }
+        write_json(tmp / "manifest.json", manifest)
+    _print_summary(manifest, checkpoint)
+    return checkpoint
+
+
+def _print_summary(manifest: dict, checkpoint: Path) -> None:
+    table = Table(title=f"fine-tuned {manifest['model']['backbone']} @ {manifest['model']['image_size']} px")
+    for column in ("split", "images", "top-1"):
+        table.add_column(column, justify="right" if column != "split" else "left")
+    for split, figures in manifest["metrics"].items():
+        table.add_row(split, str(figures["images"]), f"{100 * figures['top1']:.1f}%")
+    stdout.print(table)
+    training = manifest["training"]
+    best = training["best"]
+    stdout.print(
+        f"best weights: stage {best.get('stage')} epoch {best.get('epoch')}; trained in {training['seconds']:.0f} s "
+        f"on {training['device']['type']}; checkpoint: {checkpoint}"
+    )
