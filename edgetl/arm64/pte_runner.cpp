@@ -6,7 +6,8 @@
 // edgetl cross-compiles this file against them at set-up; device_bench.py drives it (--runner) and
 // does the statistics, so the timing protocol stays in one place.
 //
-// Usage: edgetl_pte_runner MODEL.pte INPUTS.bin SAMPLES WARMUP ITERS THREADS MARKERS OUTPUTS.bin
+// Usage: edgetl_pte_runner MODEL.pte            -> prints the input spec as JSON
+//        edgetl_pte_runner MODEL.pte INPUTS.bin SAMPLES WARMUP ITERS THREADS MARKERS OUTPUTS.bin
 //   INPUTS.bin holds SAMPLES raw input tensors (the model's input 0, in its dtype and shape);
 //   the first is used for warm-up and the timed invokes; every sample is then run once and its
 //   output 0 written to OUTPUTS.bin as float32 (for top-1).  MARKERS=1 brackets each timed invoke
@@ -45,6 +46,10 @@ using executorch::extension::Module;
 using executorch::runtime::Error;
 
 namespace {
+
+#ifndef EDGETL_EXECUTORCH_VERSION
+#define EDGETL_EXECUTORCH_VERSION "unknown"
+#endif
 
 constexpr long kMarkerSyscall = 0x0E7B;  // must match insn_count.c and device_bench.py
 constexpr long kMarkerMagic = 0x6564676574L;
@@ -86,17 +91,18 @@ std::vector<float> as_float(const executorch::aten::Tensor& t) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 9) {
-    fail("usage: edgetl_pte_runner MODEL.pte INPUTS.bin SAMPLES WARMUP ITERS THREADS MARKERS OUTPUTS.bin");
+  if (argc != 2 && argc != 9) {
+    fail("usage: edgetl_pte_runner MODEL.pte [INPUTS.bin SAMPLES WARMUP ITERS THREADS MARKERS OUTPUTS.bin]");
   }
+  const bool describe = argc == 2;
   const std::string model_path = argv[1];
-  const std::string inputs_path = argv[2];
-  const long samples = std::atol(argv[3]);
-  const long warmup = std::atol(argv[4]);
-  const long iters = std::atol(argv[5]);
-  const long threads = std::atol(argv[6]);
-  const bool markers = std::atoi(argv[7]) != 0;
-  const std::string outputs_path = argv[8];
+  const std::string inputs_path = describe ? "" : argv[2];
+  const long samples = describe ? 1 : std::atol(argv[3]);
+  const long warmup = describe ? 0 : std::atol(argv[4]);
+  const long iters = describe ? 1 : std::atol(argv[5]);
+  const long threads = describe ? 1 : std::atol(argv[6]);
+  const bool markers = describe ? false : std::atoi(argv[7]) != 0;
+  const std::string outputs_path = describe ? "" : argv[8];
   if (samples < 1 || warmup < 0 || iters < 1 || threads < 1) {
     fail("SAMPLES, ITERS and THREADS must be >= 1 and WARMUP >= 0");
   }
@@ -127,6 +133,14 @@ int main(int argc, char** argv) {
   const ScalarType in_type = in_meta->scalar_type();
   const size_t in_bytes = in_meta->nbytes();
   std::vector<executorch::aten::SizesType> sizes(in_meta->sizes().begin(), in_meta->sizes().end());
+  if (describe) {
+    std::printf("{\"runner\": \"edgetl_pte_runner\", \"version\": 1, \"executorch_version\": \"%s\", ",
+                EDGETL_EXECUTORCH_VERSION);
+    std::printf("\"input\": {\"dtype\": \"%s\", \"shape\": [", dtype_name(in_type));
+    for (size_t i = 0; i < sizes.size(); ++i) std::printf("%s%d", i ? ", " : "", static_cast<int>(sizes[i]));
+    std::printf("]}}\n");
+    return 0;
+  }
 
   std::ifstream in_file(inputs_path, std::ios::binary | std::ios::ate);
   if (!in_file) {
@@ -163,6 +177,12 @@ int main(int argc, char** argv) {
     if (markers) syscall(kMarkerSyscall, kMarkerMagic, 2L);
     times.push_back(now_ms() - t0);
   }
+  if (markers) {  // brackets around nothing: their count is the bracket's own overhead
+    for (int i = 0; i < 5; ++i) {
+      syscall(kMarkerSyscall, kMarkerMagic, 1L);
+      syscall(kMarkerSyscall, kMarkerMagic, 2L);
+    }
+  }
 
   std::ofstream out_file(outputs_path, std::ios::binary | std::ios::trunc);
   std::string out_dtype = "float32";
@@ -181,8 +201,9 @@ int main(int argc, char** argv) {
 
   rusage usage{};
   getrusage(RUSAGE_SELF, &usage);
-  std::printf("{\"runner\": \"edgetl_pte_runner\", \"version\": 1, \"load_ms\": %.6f, \"threads\": %ld, ",
-              load_ms, threads);
+  std::printf("{\"runner\": \"edgetl_pte_runner\", \"version\": 1, \"executorch_version\": \"%s\", ",
+              EDGETL_EXECUTORCH_VERSION);
+  std::printf("\"load_ms\": %.6f, \"threads\": %ld, ", load_ms, threads);
   std::printf("\"input\": {\"dtype\": \"%s\", \"shape\": [", dtype_name(in_type));
   for (size_t i = 0; i < sizes.size(); ++i) std::printf("%s%d", i ? ", " : "", static_cast<int>(sizes[i]));
   std::printf("]}, \"output\": {\"dtype\": \"%s\", \"shape\": [", out_dtype.c_str());
