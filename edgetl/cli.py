@@ -93,9 +93,37 @@ def export() -> None:
 
 
 @app.command()
-def bench() -> None:
+def bench(
+    export_dir: Annotated[Path | None, typer.Argument(
+        help="Export folder (its *.tflite and *.pte files) or one model file.")] = None,
+    target: Annotated[str, typer.Option(help="Comma-separated: host, arm64-a53, arm64-a55, arm64-a72, arm64-a76, "
+                                             "arm64-n1, arm64-a710.")] = "host",
+    threads: Annotated[str, typer.Option(
+        help="Host thread counts, comma-separated (ARM64 targets run 1 thread).")] = "1,2",
+    inputs: Annotated[Path | None, typer.Option(
+        help="Inputs .npz (x, y) for top-1; default: EXPORT_DIR/test_inputs.npz if present.")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="Results folder; default: RUN/bench beside RUN/export.")] = None,
+    iters: Annotated[int, typer.Option(help="Timed invokes on the host.")] = 50,
+    warmup: Annotated[int, typer.Option(help="Warm-up invokes on the host.")] = 5,
+    samples: Annotated[int | None, typer.Option(help="Top-1 on the first N samples on the host (default all).")] = None,
+    arm_iters: Annotated[int, typer.Option(help="Timed (and counted) invokes per emulated target.")] = 5,
+    arm_samples: Annotated[int, typer.Option(help="Top-1 on the first N samples per emulated target.")] = 50,
+    setup: Annotated[str | None, typer.Option(
+        "--setup", help="Provision an emulated userland (arm64); exits after it when no EXPORT_DIR is given.")] = None,
+) -> None:
     """Benchmark exported files on the host CPU and on emulated ARM64 phone CPUs."""
-    _not_yet("bench", 4)
+    from edgetl.bench import BenchOptions, run_bench, setup_userland
+
+    if setup is not None:
+        setup_userland(setup)
+    if export_dir is None:
+        if setup is None:
+            raise UserError("give an EXPORT_DIR to benchmark (or --setup arm64 to provision the ARM64 userland)")
+        return
+    options = BenchOptions(targets=target, threads=threads, inputs=inputs, out=out, iters=iters, warmup=warmup,
+                           samples=samples, arm_iters=arm_iters, arm_samples=arm_samples)
+    run_bench(export_dir, options)
 
 
 @app.command()

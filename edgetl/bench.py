@@ -1,0 +1,509 @@
+"""The benchmark stage: every exported model × every target, measured by device_bench in a subprocess.
+
+Why a subprocess: device_bench is the very script a user copies to a phone, so the host and emulated
+figures come from the same code as the phone's.  On ARM64 targets it runs inside qemu-user (the guest
+python for .tflite; the native runner for .pte), and the instruction-count plugin supplies the figure
+that stands for phone cost: guest instructions per invoke.  Emulated wall time is kept but labelled
+"emulated, not phone latency".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgetl import __version__
+from edgetl.errors import UserError
+
+SCHEMA_VERSION = 1
+BENCH_KIND = "edgetl.bench"
+EMULATED_LABEL = "emulated, not phone latency"
+MODEL_SUFFIXES = (".tflite", ".pte")
+DEFAULT_INPUTS = "test_inputs.npz"
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What to measure and how; every field ends up in the results."""
+
+    targets: str = "host"
+    threads: str = "1,2"
+    inputs: Path | None = None
+    out: Path | None = None
+    iters: int = 50
+    warmup: int = 5
+    samples: int | None = None
+    arm_iters: int = 5
+    arm_warmup: int = 2
+    arm_samples: int = 50
+
+
+@dataclass
+class Artifact:
+    """One model file and what the export stage said about it."""
+
+    path: Path
+    manifest: dict[str, Any] = field(default_factory=dict)
+    spec: dict[str, Any] = field(default_factory=dict)  # device_bench --inspect: input, output, macs
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def macs(self) -> int | None:
+        for source in (self.spec.get("macs"), self.manifest.get("macs"), self.manifest.get("model", {}).get("macs")):
+            if isinstance(source, int) and source > 0:
+                return source
+        return None
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def device_bench_script() -> Path:
+    """device_bench.py: beside the edgetl package in a checkout, or where EDGETL_DEVICE_BENCH says."""
+    env = os.environ.get("EDGETL_DEVICE_BENCH")
+    script = Path(env) if env else Path(__file__).resolve().parent.parent / "device_bench" / "device_bench.py"
+    if not script.is_file():
+        raise UserError(f"device_bench script not found at {script}; set EDGETL_DEVICE_BENCH to device_bench.py")
+    return script
+
+
+def _positive_ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise UserError(f"{what} {text!r} is not a comma-separated list of positive integers (e.g. 1,2)")
+    return list(dict.fromkeys(values))
+
+
+def find_artifacts(export: Path) -> list[Artifact]:
+    """The models to measure: the .tflite/.pte files of an export folder, or one such file."""
+    if not export.exists():
+        raise UserError(f"export folder {str(export)!r} does not exist; give the folder `edgetl export` wrote")
+    if export.is_file():
+        paths = [export]
+        if export.suffix not in MODEL_SUFFIXES:
+            raise UserError(f"{str(export)!r} is not a model; valid: a folder or a {' / '.join(MODEL_SUFFIXES)} file")
+    else:
+        paths = sorted(p for p in export.iterdir() if p.suffix in MODEL_SUFFIXES and p.is_file())
+    if not paths:
+        raise UserError(f"no .tflite or .pte files in {str(export)!r}; run `edgetl export` first")
+    artifacts = []
+    for path in paths:
+        manifest: dict[str, Any] = {}
+        sidecar = path.with_name(path.name + ".json")
+        if sidecar.is_file():
+            try:
+                manifest = json.loads(sidecar.read_text())
+            except json.JSONDecodeError as error:
+                raise UserError(f"{str(sidecar)!r} is not valid JSON ({error.msg})") from None
+        artifacts.append(Artifact(path.resolve(), manifest))
+    return artifacts
+
+
+def default_out(export: Path) -> Path:
+    """runs/NAME/export → runs/NAME/bench; any other folder → FOLDER/bench."""
+    folder = export.parent if export.is_file() else export
+    return folder.parent / "bench" if folder.name == "export" else folder / "bench"
+
+
+def _run_device_bench(
+    cmd: list[str], env: dict[str, str] | None, what: str
+) -> tuple[subprocess.CompletedProcess, float]:
+    started = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    seconds = time.perf_counter() - started
+    if done.returncode == 2:
+        lines = [ln for ln in done.stderr.splitlines() if "error:" in ln]
+        raise UserError(f"{what}: {(lines or done.stderr.strip().splitlines() or ['device_bench failed'])[-1]}")
+    return done, seconds
+
+
+def _failure(done: subprocess.CompletedProcess) -> str:
+    if done.returncode < 0:
+        return f"crashed (signal {-done.returncode})"
+    tail = (done.stderr.strip().splitlines() or ["no message"])[-1]
+    return f"exit {done.returncode}: {tail[:200]}"
+
+
+def inspect(artifact: Artifact, script: Path) -> None:
+    """Ask device_bench on the host for the model's tensors and MACs (no timing)."""
+    done, _ = _run_device_bench([sys.executable, str(script), str(artifact.path), "--inspect"], None,
+                                artifact.name)
+    if done.returncode == 0:
+        artifact.spec = json.loads(done.stdout)["model"]
+
+
+def prepare_inputs(npz: Path | None, artifact: Artifact, workdir: Path) -> Path | None:
+    """The inputs file for this model: the given one, or a copy turned NHWC↔NCHW if that is what it wants.
+
+    The export folder holds one test_inputs.npz for files of both layouts; device_bench itself refuses a
+    mismatch, so the transposition happens here, on the host, and only when it makes the shapes agree.
+    """
+    if npz is None:
+        return None
+    import numpy as np
+
+    want = artifact.spec.get("input", {}).get("shape")
+    if not want:
+        return npz
+    with np.load(npz, allow_pickle=False) as data:
+        if "x" not in data.files:
+            raise UserError(f"inputs {str(npz)!r} has no array 'x' (found {', '.join(data.files)}); "
+                            "valid: x (N, input shape) and y (N,) int labels")
+        x = data["x"]
+        if tuple(x.shape[1:]) == tuple(want[1:]):
+            return npz
+        arrays = {k: data[k] for k in data.files}
+    if x.ndim == 4:
+        for axes in ((0, 3, 1, 2), (0, 2, 3, 1)):
+            turned = x.transpose(axes)
+            if tuple(turned.shape[1:]) == tuple(want[1:]):
+                arrays["x"] = np.ascontiguousarray(turned)
+                out = workdir / f"{artifact.name}.inputs.npz"
+                np.savez(out, **arrays)
+                return out
+    raise UserError(f"inputs {str(npz)!r}: x has shape {tuple(x.shape)}; {artifact.name} wants "
+                    f"(N, {', '.join(str(d) for d in want[1:])}) in either NHWC or NCHW")
+
+
+def _counts(plugin_out: Path, result: dict[str, Any]) -> dict[str, Any]:
+    """Instructions per invoke from the plugin's brackets: timed invokes, then empty brackets."""
+    try:
+        counted = json.loads(plugin_out.read_text())
+    except (OSError, ValueError):
+        raise UserError(f"the instruction-count plugin wrote no result ({plugin_out})") from None
+    values = counted.get("per_invoke", [])
+    iters = result["conditions"]["iters"]
+    empties = result["conditions"].get("empty_brackets", 0)
+    if len(values) != iters + empties:
+        raise UserError(f"the plugin saw {len(values)} brackets; device_bench made {iters} + {empties}")
+    invokes, overhead = values[:iters], values[iters:]
+    raw = statistics.median(invokes)
+    bracket = statistics.median(overhead) if overhead else 0
+    return {
+        "instructions_per_invoke": int(raw - bracket),
+        "instructions_per_invoke_raw": int(raw),
+        "bracket_overhead": int(bracket),
+        "spread": (max(invokes) - min(invokes)) / raw if raw else None,
+        "per_invoke": invokes,
+        "total_instructions": counted.get("total"),
+        "threads_counted": "all guest threads",
+    }
+
+
+# --------------------------------------------------------------------------------------------- runs
+
+
+def run_one(artifact: Artifact, target: Any, threads: int, inputs: Path | None, options: BenchOptions,
+            script: Path, workdir: Path) -> dict[str, Any]:
+    """One device_bench run; returns its result with the target and, under emulation, the counts."""
+    emulated = target.emulated
+    iters, warmup = (options.arm_iters, options.arm_warmup) if emulated else (options.iters, options.warmup)
+    samples = options.arm_samples if emulated else options.samples
+    out = workdir / f"{artifact.name}@{target.name}-t{threads}.json"
+    args = [str(artifact.path), "--threads", str(threads), "--iters", str(iters), "--warmup", str(warmup),
+            "--out", str(out), "--label", f"edgetl bench {target.name}"]
+    if inputs is not None:
+        args += ["--inputs", str(inputs)]
+    if samples is not None:
+        args += ["--samples", str(samples)]
+    env = None
+    plugin_out = workdir / f"{artifact.name}@{target.name}.count.json"
+    if not emulated:
+        cmd = [sys.executable, str(script), *args]
+    else:
+        from edgetl import arm64
+
+        userland = arm64.userland()
+        env = userland.env()
+        qemu = userland.qemu_command(target, plugin_out)
+        if artifact.path.suffix == ".tflite":
+            cmd = [*qemu, str(userland.guest_python), str(script), *args, "--markers", "--no-macs"]
+        else:
+            if not userland.has_runner():
+                raise UserError(".pte on ARM64 needs the native runner: run `edgetl bench --setup arm64`")
+            cmd = [sys.executable, str(script), *args, "--markers", "--runner", str(userland.runner),
+                   "--runner-prefix", shlex.join(qemu), "--runner-version", arm64.EXECUTORCH_VERSION]
+            # device_bench itself runs on the host python here; only the runner is emulated.
+            env = {k: v for k, v in env.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE")}
+    done, seconds = _run_device_bench(cmd, env, f"{artifact.name} @ {target.name}")
+    if done.returncode != 0 or not out.is_file():
+        return {"failed": _failure(done), "artifact": artifact.name, "target": target_record(target),
+                "conditions": {"threads": threads}}
+    result = json.loads(out.read_text())
+    result["target"] = target_record(target)
+    result["wall_seconds"] = round(seconds, 2)
+    if artifact.macs and not result["model"].get("macs"):
+        result["model"]["macs"] = artifact.macs
+        result["model"]["macs_source"] = "export manifest or the .tflite of the same model"
+    if emulated:
+        counts = _counts(plugin_out, result)
+        macs = result["model"].get("macs")
+        counts["instructions_per_mac"] = counts["instructions_per_invoke"] / macs if macs else None
+        counts["wall_time_label"] = EMULATED_LABEL
+        from edgetl import arm64
+
+        record = arm64.status() or {}
+        counts["qemu"] = record.get("steps", {}).get("qemu-user", {}).get("qemu_version")
+        result["emulation"] = counts
+    return result
+
+
+def target_record(target: Any) -> dict[str, Any]:
+    record = {"name": target.name, "description": target.description, "emulated": target.emulated}
+    if target.emulated:
+        record.update(qemu_cpu=target.qemu_cpu, cpuinfo_part=f"0x{target.part:03x}", note=target.note or None)
+    return record
+
+
+def _fill_pte_macs(artifacts: list[Artifact]) -> None:
+    """A .pte and a .tflite exported from one model share its MACs; counted once, on the .tflite."""
+    by_stem = {a.path.stem: a.macs for a in artifacts if a.path.suffix == ".tflite" and a.macs}
+    for artifact in artifacts:
+        if artifact.path.suffix == ".pte" and not artifact.macs and artifact.path.stem in by_stem:
+            artifact.spec["macs"] = by_stem[artifact.path.stem]
+
+
+def row(result: dict[str, Any]) -> dict[str, Any]:
+    """The flat line of the table and of the report for one result."""
+    target = result["target"]
+    if "failed" in result:
+        return {"artifact": result["artifact"], "target": target["name"], "threads": result["conditions"]["threads"],
+                "failed": result["failed"]}
+    timing, accuracy, emulation = result["timing_ms"], result.get("accuracy"), result.get("emulation")
+    return {
+        "artifact": result["model"]["file"], "target": target["name"], "emulated": target["emulated"],
+        "threads": result["conditions"]["threads"],
+        "runtime": f"{result['runtime']['name']} {result['runtime']['version']}",
+        "p50_ms": timing["p50"], "p90_ms": timing["p90"], "load_ms": timing["load"],
+        "latency_label": EMULATED_LABEL if target["emulated"] else "host wall time",
+        "top1": accuracy["top1"] if accuracy else None, "top1_samples": accuracy["samples"] if accuracy else None,
+        "instructions_per_invoke": emulation["instructions_per_invoke"] if emulation else None,
+        "macs": result["model"].get("macs"),
+        "instructions_per_mac": emulation["instructions_per_mac"] if emulation else None,
+        "size_bytes": result["model"]["size_bytes"], "peak_rss_kb": result["memory"]["peak_rss_kb"],
+    }
+
+
+def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """int8/fp32 instruction ratios per target, for files whose names differ only by int8/fp32."""
+    found = []
+    counts = {(r["artifact"], r["target"]): r["instructions_per_invoke"] for r in rows
+              if r.get("instructions_per_invoke")}
+    for (name, target), int8 in counts.items():
+        if "int8" not in name:
+            continue
+        fp32 = counts.get((name.replace("int8", "fp32"), target))
+        if fp32:
+            found.append({"int8": name, "fp32": name.replace("int8", "fp32"), "target": target,
+                          "ratio": int8 / fp32})
+    return found
+
+
+# ------------------------------------------------------------------------------------------ output
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def print_table(rows: list[dict[str, Any]], found_ratios: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgetl.ui import stdout
+
+    # Piped output (CI logs, files) would wrap a 12-column table at 80 characters: give it room instead.
+    out = stdout if stdout.is_terminal else Console(width=200, highlight=False)
+    table = Table(title="edgetl bench", caption=f"ARM64 rows: wall time is {EMULATED_LABEL}; "
+                  "the ARM cost figure is guest instructions per invoke (qemu TCG plugin)")
+    for name, justify in (("artifact", "left"), ("target", "left"), ("thr", "right"), ("runtime", "left"),
+                          ("p50 ms", "right"), ("p90 ms", "right"), ("top-1", "right"), ("instr/invoke", "right"),
+                          ("MACs", "right"), ("instr/MAC", "right"), ("size MB", "right"), ("RSS MB", "right")):
+        table.add_column(name, justify=justify)
+    for r in rows:
+        if "failed" in r:
+            table.add_row(r["artifact"], r["target"], str(r["threads"]), f"[red]failed: {r['failed']}[/]")
+            continue
+        latency = f"{r['p50_ms']:.3f}" + (" (emul.)" if r["emulated"] else "")
+        top1 = f"{r['top1']:.3f} ({r['top1_samples']})" if r["top1"] is not None else "–"
+        instr = f"{r['instructions_per_invoke'] / 1e6:.3f} M" if r["instructions_per_invoke"] else "–"
+        table.add_row(r["artifact"], r["target"], str(r["threads"]), r["runtime"], latency,
+                      f"{r['p90_ms']:.3f}", top1, instr, f"{r['macs'] / 1e6:.2f} M" if r["macs"] else "–",
+                      _fmt(r["instructions_per_mac"], 3), f"{r['size_bytes'] / 1e6:.2f}",
+                      _fmt(r["peak_rss_kb"] / 1024 if r["peak_rss_kb"] else None, 0))
+    out.print(table)
+    for found in found_ratios:
+        out.print(f"int8/fp32 instructions on {found['target']}: {found['ratio']:.3f} "
+                     f"({found['int8']} vs {found['fp32']})")
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """Top-1 against instructions per invoke (ARM targets) and against host p50 latency."""
+    usable = [r for r in rows if "failed" not in r and r.get("top1") is not None]
+    if not usable:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
+    markers = "osD^v<>pP*"
+    targets = sorted({r["target"] for r in usable})
+    for r in usable:
+        marker = markers[targets.index(r["target"]) % len(markers)]
+        label = f"{r['artifact']} @ {r['target']}"
+        if r["instructions_per_invoke"]:
+            left.scatter(r["instructions_per_invoke"] / 1e6, r["top1"], marker=marker)
+            left.annotate(label, (r["instructions_per_invoke"] / 1e6, r["top1"]), fontsize=7)
+        if not r["emulated"]:
+            right.scatter(r["p50_ms"], r["top1"], marker=marker)
+            right.annotate(f"{r['artifact']} ({r['threads']} thr)", (r["p50_ms"], r["top1"]), fontsize=7)
+    left.set(xlabel="guest instructions per invoke (millions, qemu)", ylabel="top-1",
+             title="top-1 vs ARM64 instructions per invoke")
+    right.set(xlabel="host p50 latency (ms)", ylabel="top-1", title="top-1 vs host latency")
+    for axis in (left, right):
+        axis.grid(True, alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _write(path: Path, payload: Any) -> None:
+    from edgetl.paths import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(payload, indent=2, default=float) + "\n").encode())
+
+
+def _add_to_report(out: Path, rows: list[dict[str, Any]], found_ratios: list[dict[str, Any]]) -> Path | None:
+    """runs/NAME/report.json gets (or replaces) its `bench` section, when bench sits in a run folder."""
+    if out.name != "bench":
+        return None
+    report = out.parent / "report.json"
+    try:
+        document = json.loads(report.read_text()) if report.is_file() else {}
+    except json.JSONDecodeError:
+        document = {}
+    document["bench"] = {"rows": rows, "int8_fp32_instruction_ratios": found_ratios,
+                         "manifest": str(out / "manifest.json")}
+    _write(report, document)
+    return report
+
+
+# ---------------------------------------------------------------------------------------- the stage
+
+
+def setup_userland(kind: str) -> dict[str, Any]:
+    """`edgetl bench --setup arm64`: provision the emulated userland now, printing what it does."""
+    from edgetl import arm64
+    from edgetl.ui import console
+
+    if kind != "arm64":
+        raise UserError(f"unknown set-up {kind!r}; valid: arm64")
+    record = arm64.setup(lambda message: console.print(message))
+    steps = ", ".join(f"{name} {step['seconds']:.1f} s" for name, step in record["steps"].items())
+    console.print(f"arm64 userland ready in {arm64.arm64_root()} (set-up took {record['total_seconds']:.1f} s: "
+                  f"{steps}; {record['steps']['qemu-user'].get('qemu_version', 'qemu')})")
+    return record
+
+
+def run_bench(export: Path, options: BenchOptions) -> Path:
+    """Measure every artifact on every target; write bench/*.json, the manifest, the plot; print the table."""
+    from edgetl.arm64 import parse_targets
+    from edgetl.ui import console
+
+    targets = parse_targets(options.targets)
+    thread_counts = _positive_ints(options.threads, "--threads")
+    for name in ("iters", "arm_iters"):
+        if getattr(options, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(options, name)}")
+    export = Path(export)
+    artifacts = find_artifacts(export)
+    inputs = options.inputs
+    folder = export if export.is_dir() else export.parent
+    if inputs is None and (folder / DEFAULT_INPUTS).is_file():
+        inputs = folder / DEFAULT_INPUTS
+    if inputs is not None and not Path(inputs).is_file():
+        raise UserError(f"inputs {str(inputs)!r} does not exist; give an .npz with x and y")
+    script = device_bench_script()
+    out = Path(options.out) if options.out else default_out(export)
+    from edgetl.paths import ensure_writable_dir
+
+    ensure_writable_dir(out, "bench folder")
+    if any(t.emulated for t in targets):
+        from edgetl import arm64
+
+        needs_pte = any(a.path.suffix == ".pte" for a in artifacts)
+        if not arm64.ready(pte=needs_pte):
+            console.print("arm64 userland not set up yet: setting it up now (once; about a minute)")
+        setup_userland("arm64")
+    started = time.perf_counter()
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="edgetl-bench-") as tmp:
+        workdir = Path(tmp)
+        for artifact in artifacts:
+            inspect(artifact, script)
+        _fill_pte_macs(artifacts)
+        for artifact in artifacts:
+            model_inputs = prepare_inputs(Path(inputs) if inputs else None, artifact, workdir)
+            for target in targets:
+                target_runs = []
+                for threads in ([1] if target.emulated else thread_counts):
+                    what = f"{artifact.name} @ {target.name}, {threads} thread{'s' if threads > 1 else ''}"
+                    console.print(f"bench: {what} ...")
+                    result = run_one(artifact, target, threads, model_inputs, options, script, workdir)
+                    target_runs.append(result)
+                    if "failed" in result:
+                        console.print(f"[red]bench: {what} failed: {result['failed']}[/]")
+                results.extend(target_runs)
+                _write(out / f"{artifact.name}@{target.name}.json",
+                       {"schema_version": SCHEMA_VERSION, "kind": "edgetl.bench.result", "artifact": artifact.name,
+                        "target": target_record(target), "runs": target_runs})
+    rows = [row(r) for r in results]
+    found_ratios = ratios(rows)
+    print_table(rows, found_ratios)
+    figure = plot(rows, out / "bench.png")
+    from edgetl import arm64
+    from edgetl.manifest import library_versions, now_utc, sha256_file
+
+    manifest = {
+        "schema_version": SCHEMA_VERSION, "kind": BENCH_KIND, "created": now_utc(), "edgetl": __version__,
+        "source": {"path": str(folder.resolve()),
+                   "artifacts": {a.name: sha256_file(a.path) for a in artifacts},
+                   "inputs": str(Path(inputs).resolve()) if inputs else None},
+        "conditions": {"targets": [t.name for t in targets], "host_threads": thread_counts,
+                       "arm_threads": 1, "iters": options.iters, "warmup": options.warmup,
+                       "samples": options.samples, "arm_iters": options.arm_iters,
+                       "arm_warmup": options.arm_warmup, "arm_samples": options.arm_samples},
+        "files": sorted(p.name for p in out.glob("*@*.json")), "plot": figure.name if figure else None,
+        "rows": rows, "int8_fp32_instruction_ratios": found_ratios,
+        "arm64_setup": arm64.status() if any(t.emulated for t in targets) else None,
+        "versions": library_versions(("numpy", "ai-edge-litert", "executorch", "matplotlib")),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    _write(out / "manifest.json", manifest)
+    report = _add_to_report(out, rows, found_ratios)
+    console.print(f"bench: results in {out}" + (f"; plot {figure}" if figure else "; no plot (no top-1: no inputs)")
+                  + (f"; rows added to {report}" if report else ""))
+    return out
+
+
+__all__ = ["BenchOptions", "run_bench", "setup_userland"]
