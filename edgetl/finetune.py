@@ -61,14 +61,15 @@ def run_finetune(config: FinetuneConfig, run_dir: Path | None = None, feature_ca
     config = config.validate()
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / config.backbone
     ensure_writable_dir(run_dir, "output folder")
+    backend = _torch_backend()
+    initial = backend.build_initial_model(config)
     listing = load_listing(config)
     _print_data(listing)
     spec = get_backbone(config.backbone)
     preprocess = preprocess_spec(config.image_size, spec.mean, spec.std, layout="NCHW")
-    backend = _torch_backend()
 
     started = time.perf_counter()
-    result = backend.train(config, listing, preprocess, feature_cache=feature_cache)
+    result = backend.train(config, listing, preprocess, initial, feature_cache=feature_cache)
     train_seconds = time.perf_counter() - started
     metrics = {split: backend.evaluate(result.model, config, listing, preprocess, split) for split in ("val", "test")}
     for split_metrics in metrics.values():

@@ -130,12 +130,15 @@ def _loader(dataset: Dataset, batch_size: int, workers: int, shuffle: bool, seed
     )
 
 
-def build_initial_model(config: FinetuneConfig, num_classes: int) -> tuple[Backbone, dict]:
+def build_initial_model(config: FinetuneConfig) -> tuple[Backbone, dict]:
+    """The backbone with its initial weights and the published 1000-class head (replaced in `train`).
+
+    Called before the data is listed, so a weights file that does not fit fails before any work.
+    """
     spec = get_backbone(config.backbone)
     torch.manual_seed(config.seed)
     model = build_model(config.backbone, config.width, num_classes=1000)
     init = apply_weights(model, spec, config.width, config.weights)
-    model.reset_head(num_classes)
     return model, init
 
 
@@ -428,13 +431,20 @@ class Trainer:
         self.history.append(entry)
 
 
-def train(config: FinetuneConfig, listing: DatasetListing, spec: dict, feature_cache: bool = True) -> Result:
-    """Run both stages; returns the model holding the best validation weights, and the figures."""
+def train(
+    config: FinetuneConfig,
+    listing: DatasetListing,
+    spec: dict,
+    initial: tuple[Backbone, dict],
+    feature_cache: bool = True,
+) -> Result:
+    """Run both stages from `build_initial_model`'s output; returns the best validation weights and figures."""
+    model, init = initial
     torch.manual_seed(config.seed)
+    model.reset_head(len(listing.classes))
     np.random.seed(config.seed % (2**32))
     torch.use_deterministic_algorithms(True, warn_only=True)
     trainer = Trainer(config, listing, spec)
-    model, init = build_initial_model(config, len(listing.classes))
     model.to(trainer.device)
     if trainer.device.type == "cuda":
         model.to(memory_format=torch.channels_last)

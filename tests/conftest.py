@@ -1,0 +1,34 @@
+"""Shared fixtures: every test gets its own edgetl cache and torch hub folder, so nothing leaks between
+tests and nothing is ever downloaded (a test that needs weights places them itself)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache for the session: built-in data sets are written once."""
+    return tmp_path_factory.mktemp("edgetl-cache")
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(monkeypatch: pytest.MonkeyPatch, shared_cache: Path, tmp_path: Path) -> None:
+    monkeypatch.setenv("EDGETL_CACHE", str(shared_cache))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the real `edgetl` entry point in a subprocess (exit codes and stderr as a user sees them)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "edgetl.cli", *args], capture_output=True, text=True, env=full_env, cwd=cwd,
+        timeout=900,
+    )

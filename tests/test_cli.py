@@ -1,0 +1,101 @@
+"""The command line: verbs, framework-free start-up, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.conftest import run_cli
+
+
+def test_help_lists_the_verbs_and_imports_no_framework() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for verb in ("finetune", "export", "bench", "bundle", "demo"):
+        assert verb in result.stdout
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys, edgetl, edgetl.cli; "
+         "print(sorted(m for m in ('torch', 'tensorflow', 'tf_keras', 'executorch') if m in sys.modules))"],
+        capture_output=True, text=True, check=True,
+    )
+    assert probe.stdout.strip() == "[]"
+
+
+def _assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def _folder(root: Path, counts: dict[str, int]) -> Path:
+    for name, count in counts.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            Image.new("RGB", (20, 20), (i * 10 % 255, 50, 90)).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--data", "/nonexistent/images"], ["/nonexistent/images", "does not exist"]),
+        (["--data", "builtin:nope"], ["builtin:nope", "builtin:fashion-mnist-mini"]),
+        (["--data", "builtin:shapes", "--backbone", "resnet50"], ["resnet50", "mobilenet_v2", "efficientnet_lite0"]),
+        (["--data", "builtin:shapes", "--image-size", "17"], ["17", "multiple of 8"]),
+        (["--data", "builtin:shapes", "--image-size", "0"], ["0", "valid"]),
+        (["--data", "builtin:shapes", "--backbone", "mobilenet_v2", "--width", "0.6"], ["0.6", "0.35"]),
+        (["--data", "builtin:shapes", "--backbone", "mobilenet_v2", "--width", "0.5"], ["width 0.5", "--weights"]),
+        (["--data", "builtin:shapes", "--weights", "/no/such.pth"], ["/no/such.pth", "imagenet"]),
+        (["--data", "builtin:shapes", "--device", "tpu"], ["tpu", "cuda"]),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(args: list[str], needles: list[str]) -> None:
+    _assert_one_line_error(run_cli("finetune", *args), *needles)
+
+
+def test_bad_folders_exit_2_with_one_line(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _assert_one_line_error(run_cli("finetune", "--data", str(empty)), "no class sub-folders")
+    single = _folder(tmp_path / "single", {"cats": 5})
+    _assert_one_line_error(run_cli("finetune", "--data", str(single)), "single class", "cats")
+    few = _folder(tmp_path / "few", {"cats": 5, "dogs": 2})
+    _assert_one_line_error(run_cli("finetune", "--data", str(few)), "'dogs'", "2", "at least 3")
+    no_images = tmp_path / "noimg"
+    for name in ("a", "b"):
+        (no_images / name).mkdir(parents=True)
+        (no_images / name / "notes.txt").write_text("hi")
+    _assert_one_line_error(run_cli("finetune", "--data", str(no_images)), "no readable images")
+
+
+def test_wrong_shape_weights_file_is_one_line(tmp_path: Path) -> None:
+    import torch
+
+    from edgetl.backends.torch.models import build_model
+
+    path = tmp_path / "v3small.pth"
+    torch.save(build_model("mobilenet_v3_small").state_dict(), path)
+    result = run_cli("finetune", "--data", "builtin:shapes", "--backbone", "mobilenet_v2", "--weights", str(path),
+                     "--image-size", "32", "--out", str(tmp_path / "run"))
+    _assert_one_line_error(result, str(path), "do not fit mobilenet_v2")
+    assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+def test_unwritable_output_folder_is_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = run_cli("finetune", "--data", "builtin:shapes", "--out", str(blocker / "run"))
+    _assert_one_line_error(result, str(blocker / "run"), "not writable")
+
+
+def test_debug_env_shows_the_traceback() -> None:
+    result = run_cli("finetune", "--data", "builtin:nope", env={"EDGETL_DEBUG": "1"})
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr and "UserError" in result.stderr

@@ -1,0 +1,123 @@
+"""The fine-tuning stage end to end on small real runs: checkpoint contents, figures, reproducibility,
+bad files skipped and recorded, and never a half-written checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from edgetl.config import FinetuneConfig
+from edgetl.datasets import resolve_builtin
+from edgetl.errors import UserError
+from edgetl.finetune import run_finetune
+from edgetl.manifest import read_checkpoint_manifest, sha256_file
+
+FAST = {"backbone": "efficientnet_lite0", "image_size": 48, "epochs_head": 6, "epochs_finetune": 1, "unfreeze": 1,
+        "batch_size": 32}
+
+
+@pytest.fixture(scope="module")
+def shapes_run(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> Path:
+    """One pretrained run on builtin:shapes with a corrupt and a truncated file added, shared by tests."""
+    import os
+
+    os.environ["EDGETL_CACHE"] = str(shared_cache)
+    data = tmp_path_factory.mktemp("data") / "shapes"
+    shutil.copytree(resolve_builtin("builtin:shapes"), data)
+    (data / "circle" / "broken.png").write_bytes(b"\x89PNG not really")
+    good = (data / "square" / "0001.png").read_bytes()
+    (data / "square" / "truncated.png").write_bytes(good[: len(good) // 2])
+    run = tmp_path_factory.mktemp("run")
+    os.environ["TORCH_HOME"] = str(tmp_path_factory.mktemp("torch-home"))
+    run_finetune(FinetuneConfig(data=str(data), seed=1, **FAST), run)
+    return run / "checkpoint"
+
+
+def test_checkpoint_folder_is_complete_and_described(shapes_run: Path) -> None:
+    manifest = read_checkpoint_manifest(shapes_run)
+    assert (shapes_run / "labels.txt").read_text().split() == ["circle", "square", "triangle"]
+    assert manifest["framework"] == "torch" and manifest["model"]["num_classes"] == 3
+    assert manifest["weights_sha256"] == sha256_file(shapes_run / "model.pt")
+    assert manifest["preprocess"]["resize"] == {"height": 48, "width": 48, "method": "bilinear", "keep_aspect": False}
+    assert manifest["init_weights"]["kind"] == "imagenet"
+    assert set(manifest["versions"]) >= {"torch", "edgetl", "numpy"}
+    for split in ("val", "test"):
+        figures = manifest["metrics"][split]
+        assert 0.0 <= figures["top1"] <= 1.0
+        assert len(figures["confusion_matrix"]) == 3
+        assert sum(map(sum, figures["confusion_matrix"])) == figures["images"]
+        assert set(figures["per_class_top1"]) == {"circle", "square", "triangle"}
+    assert manifest["metrics"]["test"]["top1"] >= 0.75  # pretrained features separate shapes easily
+    history = json.loads((shapes_run / "history.json").read_text())
+    assert {entry["stage"] for entry in history} == {1, 2}
+    assert manifest["training"]["throughput"]["stage1"]["feature_cache"] is True
+    assert manifest["training"]["best"]["val_top1"] == max(e["val_top1"] for e in history)
+
+
+def test_bad_files_are_skipped_counted_and_listed(shapes_run: Path) -> None:
+    manifest = read_checkpoint_manifest(shapes_run)
+    skipped = {entry["path"]: entry["reason"] for entry in manifest["data"]["skipped"]}
+    assert "circle/broken.png" in skipped  # caught by the header probe
+    assert "square/truncated.png" in skipped  # caught at decode time
+    assert manifest["data"]["skipped_count"] == len(skipped) == 2
+    splits = json.loads((shapes_run / "splits.json").read_text())["splits"]
+    assert not {p for records in splits.values() for p, _ in records} & set(skipped)
+
+
+def test_same_seed_gives_the_same_weights_on_cpu(tmp_path: Path) -> None:
+    config = FinetuneConfig(data="builtin:shapes", seed=5, **{**FAST, "epochs_head": 3})
+    first = run_finetune(config, tmp_path / "a")
+    second = run_finetune(config, tmp_path / "b")
+    assert sha256_file(first / "model.pt") == sha256_file(second / "model.pt")
+    strip = [{k: v for k, v in e.items() if "second" not in k and "per_s" not in k}
+             for e in json.loads((first / "history.json").read_text())]
+    assert strip == [{k: v for k, v in e.items() if "second" not in k and "per_s" not in k}
+                     for e in json.loads((second / "history.json").read_text())]
+
+
+def test_interrupted_run_leaves_no_checkpoint_and_keeps_the_old_one(tmp_path: Path, monkeypatch) -> None:
+    from edgetl.backends.torch import finetune as backend
+
+    config = FinetuneConfig(data="builtin:shapes", **{**FAST, "epochs_head": 1, "epochs_finetune": 0})
+    run = tmp_path / "run"
+    checkpoint = run_finetune(config, run)
+    before = sha256_file(checkpoint / "model.pt")
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(backend, "save_weights", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(config, run)
+    assert sha256_file(checkpoint / "model.pt") == before
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint"]  # no temporary folder left behind
+
+
+def test_checkpoint_reader_rejects_incomplete_and_unknown_versions(shapes_run: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "checkpoint"
+    shutil.copytree(shapes_run, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 99}))
+    with pytest.raises(UserError, match="schema_version 99"):
+        read_checkpoint_manifest(copy)
+    (copy / "labels.txt").unlink()
+    with pytest.raises(UserError, match="missing labels.txt"):
+        read_checkpoint_manifest(copy)
+    with pytest.raises(UserError, match="does not exist"):
+        read_checkpoint_manifest(tmp_path / "nope")
+
+
+def test_grayscale_folder_trains_as_rgb(tmp_path: Path) -> None:
+    for name, value in (("dark", 30), ("light", 220)):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(8):
+            Image.new("L", (20, 20), value + i).save(tmp_path / "data" / name / f"{i}.bmp")
+    checkpoint = run_finetune(
+        FinetuneConfig(data=str(tmp_path / "data"), **{**FAST, "image_size": 32, "epochs_finetune": 0}),
+        tmp_path / "run",
+    )
+    assert read_checkpoint_manifest(checkpoint)["data"]["counts"]["test"] == {"dark": 1, "light": 1}
