@@ -12,7 +12,7 @@ from pathlib import Path
 from edgetl.backbones import check_image_size, get_backbone
 from edgetl.errors import UserError, one_of
 
-FRAMEWORKS = ("torch",)
+FRAMEWORKS = ("torch",)  # "keras" joins with its backend (issue #5)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 

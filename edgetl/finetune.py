@@ -12,9 +12,8 @@ from pathlib import Path
 
 from rich.table import Table
 
-from edgetl.backbones import get_backbone
 from edgetl.config import FinetuneConfig
-from edgetl.data import DatasetListing, preprocess_spec, scan_folder
+from edgetl.data import DatasetListing, scan_folder
 from edgetl.datasets import is_builtin, resolve_builtin
 from edgetl.errors import UserError
 from edgetl.manifest import (
@@ -29,8 +28,6 @@ from edgetl.manifest import (
 from edgetl.paths import atomic_dir, ensure_writable_dir
 from edgetl.ui import console, stdout
 
-TORCH_LIBRARIES = ("torch", "torchao", "executorch", "numpy", "pillow")
-
 
 def load_listing(config: FinetuneConfig) -> DatasetListing:
     """Resolve `--data` (a folder or builtin:NAME) and list it with the run's seed."""
@@ -38,12 +35,21 @@ def load_listing(config: FinetuneConfig) -> DatasetListing:
     return scan_folder(root, config.seed, config.val_fraction, config.test_fraction, source=config.data)
 
 
-def _torch_backend():
+def finetune_backend(framework: str):
+    """The framework's fine-tuning module, imported only now.
+
+    Each backend module provides: WEIGHTS_FILE, LIBRARIES, preprocess_spec(config),
+    build_initial_model(config), train(config, listing, preprocess, initial, feature_cache),
+    evaluate(model, config, listing, preprocess, split), save_weights(model, path), describe(model).
+    """
     try:
-        from edgetl.backends.torch import finetune as backend
+        if framework == "torch":
+            from edgetl.backends.torch import finetune as backend
+        else:
+            raise UserError(f"--framework {framework!r} has no fine-tuning backend yet; valid: torch")
     except ImportError as error:
         raise UserError(
-            f"the torch backend cannot be imported ({error}); install it with: pip install 'edgetl[torch]'"
+            f"the {framework} backend cannot be imported ({error}); install it with: pip install 'edgetl[{framework}]'"
         ) from None
     return backend
 
@@ -61,12 +67,11 @@ def run_finetune(config: FinetuneConfig, run_dir: Path | None = None, feature_ca
     config = config.validate()
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / config.backbone
     ensure_writable_dir(run_dir, "output folder")
-    backend = _torch_backend()
+    backend = finetune_backend(config.framework)
     initial = backend.build_initial_model(config)
     listing = load_listing(config)
     _print_data(listing)
-    spec = get_backbone(config.backbone)
-    preprocess = preprocess_spec(config.image_size, spec.mean, spec.std, layout="NCHW")
+    preprocess = backend.preprocess_spec(config)
 
     started = time.perf_counter()
     result = backend.train(config, listing, preprocess, initial, feature_cache=feature_cache)
@@ -77,7 +82,7 @@ def run_finetune(config: FinetuneConfig, run_dir: Path | None = None, feature_ca
 
     checkpoint = run_dir / "checkpoint"
     with atomic_dir(checkpoint) as tmp:
-        backend.save_weights(result.model, tmp / "model.pt")
+        backend.save_weights(result.model, tmp / backend.WEIGHTS_FILE)
         write_labels(tmp / "labels.txt", listing.classes)
         write_json(tmp / "history.json", result.history)
         write_json(tmp / "splits.json", listing.to_json())
@@ -86,15 +91,14 @@ def run_finetune(config: FinetuneConfig, run_dir: Path | None = None, feature_ca
             "schema_version": SCHEMA_VERSION,
             "created": now_utc(),
             "framework": config.framework,
-            "weights_file": "model.pt",
-            "weights_sha256": sha256_file(tmp / "model.pt"),
+            "weights_file": backend.WEIGHTS_FILE,
+            "weights_sha256": sha256_file(tmp / backend.WEIGHTS_FILE),
             "model": {
                 "backbone": config.backbone,
                 "width": config.width,
                 "image_size": config.image_size,
                 "num_classes": len(listing.classes),
-                "feature_dim": result.model.feature_dim,
-                "parameters": sum(p.numel() for p in result.model.parameters()),
+                **backend.describe(result.model),
             },
             "labels": listing.classes,
             "preprocess": preprocess,
@@ -116,7 +120,7 @@ def run_finetune(config: FinetuneConfig, run_dir: Path | None = None, feature_ca
                 "seconds": round(train_seconds, 1),
             },
             "metrics": metrics,
-            "versions": library_versions(TORCH_LIBRARIES),
+            "versions": library_versions(backend.LIBRARIES),
         }
         write_json(tmp / "manifest.json", manifest)
     _print_summary(manifest, checkpoint)

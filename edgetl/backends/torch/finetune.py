@@ -20,13 +20,26 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from edgetl import data
 from edgetl.backbones import get_backbone
 from edgetl.backends.torch.models import Backbone, build_model
 from edgetl.backends.torch.weights import apply_weights
 from edgetl.config import FinetuneConfig
-from edgetl.data import DatasetListing, augment, load_rgb, to_array
 from edgetl.errors import UserError
 from edgetl.ui import console, progress
+
+WEIGHTS_FILE = "model.pt"
+LIBRARIES = ("torch", "torchao", "executorch", "numpy", "pillow")
+
+
+def preprocess_spec(config: FinetuneConfig) -> dict:
+    """torch models take NCHW float input normalised with the backbone's published mean/std."""
+    spec = get_backbone(config.backbone)
+    return data.preprocess_spec(config.image_size, spec.mean, spec.std, layout="NCHW")
+
+
+def describe(model: Backbone) -> dict:
+    return {"feature_dim": model.feature_dim, "parameters": sum(p.numel() for p in model.parameters())}
 
 
 class ImageRecords(Dataset):
@@ -52,12 +65,12 @@ class ImageRecords(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, str]:
         rel, label = self.records[index]
         try:
-            image = load_rgb(self.root / rel)
+            image = data.load_rgb(self.root / rel)
         except Exception as error:  # Pillow raises OSError, ValueError, SyntaxError, DecompressionBombError...
             return self.blank, label, index, f"{type(error).__name__}: {error}"[:200] or "decode failed"
         if self.augment_seed is not None:
-            image = augment(image, np.random.default_rng([self.augment_seed, self.epoch, index]))
-        return torch.from_numpy(to_array(image, self.spec)), label, index, ""
+            image = data.augment(image, np.random.default_rng([self.augment_seed, self.epoch, index]))
+        return torch.from_numpy(data.to_array(image, self.spec)), label, index, ""
 
 
 @dataclass
@@ -145,7 +158,7 @@ def build_initial_model(config: FinetuneConfig) -> tuple[Backbone, dict]:
 class Trainer:
     """Runs the recipe for one config; keeps the best weights seen on validation across both stages."""
 
-    def __init__(self, config: FinetuneConfig, listing: DatasetListing, spec: dict) -> None:
+    def __init__(self, config: FinetuneConfig, listing: data.DatasetListing, spec: dict) -> None:
         self.config = config
         self.listing = listing
         self.spec = spec
@@ -433,7 +446,7 @@ class Trainer:
 
 def train(
     config: FinetuneConfig,
-    listing: DatasetListing,
+    listing: data.DatasetListing,
     spec: dict,
     initial: tuple[Backbone, dict],
     feature_cache: bool = True,
@@ -505,7 +518,7 @@ def train(
     )
 
 
-def evaluate(model: Backbone, config: FinetuneConfig, listing: DatasetListing, spec: dict, split: str) -> dict:
+def evaluate(model: Backbone, config: FinetuneConfig, listing: data.DatasetListing, spec: dict, split: str) -> dict:
     """Top-1, per-class accuracy and confusion matrix of a split, for the manifest."""
     trainer = Trainer(config, listing, spec)
     trainer.device = torch.device("cpu")
