@@ -1,27 +1,31 @@
 # The two commands of the README: `make demo` and `make test`. Each creates .venv and installs edgetl
-# into it first (only when pyproject.toml changed since the last install).
-comma := ,
+# into it first (again only when pyproject.toml changed since the last install).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS ?= torch,dev
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: setup demo test lint clean
+.PHONY: setup setup-all demo test lint clean
 
-STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
-
-$(STAMP): pyproject.toml
+# The demo needs the torch stack only; the tests cover the keras backend too.
+$(VENV)/.installed-torch: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[$(EXTRAS)]'
+	$(BIN)/pip install --quiet -e '.[torch,dev]'
 	touch $@
 
-setup: $(STAMP)
+$(VENV)/.installed-all: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e '.[all]'
+	touch $@ $(VENV)/.installed-torch
+
+setup: $(VENV)/.installed-torch
+
+setup-all: $(VENV)/.installed-all
 
 demo: setup
 	$(BIN)/edgetl demo
 
-test: setup
+test: setup-all
 	$(BIN)/ruff check .
 	$(BIN)/pytest $(PYTEST_ARGS)
 
