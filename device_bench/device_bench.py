@@ -105,6 +105,8 @@ def load_inputs(path: Path | None, spec: TensorSpec, samples: int | None) -> tup
     """
     np = _np()
     want = tuple(spec.shape)
+    if not want or want[0] != 1:
+        raise BenchError(f"model input {spec.name!r} has shape {list(want)}; device_bench runs batch-1 models")
     if path is None:
         rng = np.random.default_rng(0)
         if spec.dtype == "float32":
@@ -112,7 +114,7 @@ def load_inputs(path: Path | None, spec: TensorSpec, samples: int | None) -> tup
         else:
             info = np.iinfo(spec.dtype)
             x = rng.integers(info.min, info.max, size=want, endpoint=True).astype(spec.dtype)
-        return x[None], None, "synthetic (seeded random, timing only)"
+        return x, None, "synthetic (seeded random, timing only)"
     try:
         with np.load(path, allow_pickle=False) as data:
             if "x" not in data.files:
@@ -122,7 +124,7 @@ def load_inputs(path: Path | None, spec: TensorSpec, samples: int | None) -> tup
             y = data["y"] if "y" in data.files else None
     except (OSError, ValueError, EOFError) as error:
         raise BenchError(f"inputs {path}: not a readable .npz ({error})") from None
-    per_sample = x.shape[1:] if x.ndim == len(want) and want[0] == 1 else None
+    per_sample = x.shape[1:] if x.ndim == len(want) else None
     if per_sample != want[1:]:
         raise BenchError(f"inputs {path}: x has shape {tuple(x.shape)} {x.dtype}; the model wants "
                          f"(N, {', '.join(str(d) for d in want[1:])}) {spec.dtype}"

@@ -31,6 +31,7 @@ from typing import Any
 from edgetl.arm64 import apt
 from edgetl.arm64.targets import TARGETS
 from edgetl.errors import UserError
+from edgetl.paths import cache_dir
 
 QEMU_PACKAGE = "qemu-user"
 CROSS_PACKAGE = "g++-12-aarch64-linux-gnu"
@@ -49,16 +50,9 @@ SOURCE_DIR = Path(__file__).resolve().parent
 Log = Callable[[str], None]
 
 
-def cache_root() -> Path:
-    """$EDGETL_CACHE, else $XDG_CACHE_HOME/edgetl, else ~/.cache/edgetl."""
-    if os.environ.get("EDGETL_CACHE"):
-        return Path(os.environ["EDGETL_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "edgetl"
-
-
 def arm64_root() -> Path:
-    return cache_root() / "arm64"
+    """Where the userland lives: <edgetl cache>/arm64 ($EDGETL_CACHE, $XDG_CACHE_HOME/edgetl, ~/.cache/edgetl)."""
+    return cache_dir() / "arm64"
 
 
 @contextmanager

@@ -1,0 +1,110 @@
+"""`edgetl bench` on the host: result files per artifact and target, the manifest, the plot, the report rows,
+input layout handling, and one-line errors for bad arguments."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgetl.bench import Artifact, _counts, prepare_inputs, ratios
+from edgetl.errors import UserError
+from tests.conftest import run_cli
+from tests.test_device_bench import tiny_models  # noqa: F401  (session fixture: tiny .tflite/.pte + inputs)
+
+
+def _one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_bench_on_the_host_writes_results_manifest_plot_and_report(tiny_models: Path, tmp_path: Path) -> None:  # noqa: F811
+    run = tmp_path / "runs" / "tiny"
+    shutil.copytree(tiny_models, run / "export")
+    result = run_cli("bench", str(run / "export"), "--threads", "1,2", "--iters", "5")
+    assert result.returncode == 0, result.stderr
+    bench = run / "bench"
+    assert {p.name for p in bench.glob("*@*.json")} == {"tiny.tflite@host.json", "tiny.pte@host.json"}
+    tflite = json.loads((bench / "tiny.tflite@host.json").read_text())
+    assert tflite["kind"] == "edgetl.bench.result" and tflite["target"]["name"] == "host"
+    assert [r["conditions"]["threads"] for r in tflite["runs"]] == [1, 2]
+    assert all(r["accuracy"]["top1"] == 0.75 for r in tflite["runs"])
+    pte = json.loads((bench / "tiny.pte@host.json").read_text())
+    assert pte["runs"][0]["model"]["macs"] == tflite["runs"][0]["model"]["macs"]  # taken from the .tflite
+    manifest = json.loads((bench / "manifest.json").read_text())
+    assert manifest["kind"] == "edgetl.bench" and len(manifest["rows"]) == 4
+    assert set(manifest["source"]["artifacts"]) == {"tiny.tflite", "tiny.pte"}
+    assert (bench / "bench.png").stat().st_size > 10_000
+    report = json.loads((run / "report.json").read_text())
+    assert len(report["bench"]["rows"]) == 4
+    for needle in ("tiny.tflite", "tiny.pte", "ai-edge-litert 2.3.0", "executorch 1.5.1", "0.750 (12)"):
+        assert needle in result.stdout, needle
+
+
+def test_bench_arguments_are_checked(tiny_models: Path, tmp_path: Path) -> None:  # noqa: F811
+    _one_line_error(run_cli("bench", str(tiny_models), "--target", "host,arm64-a99"),
+                    "unknown target 'arm64-a99'", "arm64-a76")
+    _one_line_error(run_cli("bench", str(tiny_models), "--threads", "0"), "--threads")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _one_line_error(run_cli("bench", str(empty)), "no .tflite or .pte")
+    _one_line_error(run_cli("bench", str(tmp_path / "nowhere")), "does not exist")
+    _one_line_error(run_cli("bench", str(tiny_models), "--inputs", str(tmp_path / "none.npz")), "none.npz")
+    _one_line_error(run_cli("bench", "--setup", "arm32"), "unknown set-up 'arm32'", "arm64")
+
+
+def test_a_bad_model_in_the_folder_is_one_line(tiny_models: Path, tmp_path: Path) -> None:  # noqa: F811
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "broken.tflite").write_bytes((tiny_models / "tiny.tflite").read_bytes()[:1000])
+    _one_line_error(run_cli("bench", str(folder), "--iters", "2"), "broken.tflite")
+
+
+def test_inputs_are_turned_to_the_layout_the_model_wants(tmp_path: Path) -> None:
+    nhwc = tmp_path / "nhwc.npz"
+    x = np.arange(2 * 4 * 4 * 3, dtype=np.float32).reshape(2, 4, 4, 3)
+    np.savez(nhwc, x=x, y=np.array([0, 1]))
+    nchw_model = Artifact(tmp_path / "m.pte", spec={"input": {"shape": [1, 3, 4, 4]}})
+    turned = prepare_inputs(nhwc, nchw_model, tmp_path)
+    assert turned != nhwc
+    with np.load(turned) as data:
+        assert data["x"].shape == (2, 3, 4, 4) and np.array_equal(data["x"], x.transpose(0, 3, 1, 2))
+        assert data["y"].tolist() == [0, 1]
+    nhwc_model = Artifact(tmp_path / "m.tflite", spec={"input": {"shape": [1, 4, 4, 3]}})
+    assert prepare_inputs(nhwc, nhwc_model, tmp_path) == nhwc
+    other = Artifact(tmp_path / "m.tflite", spec={"input": {"shape": [1, 8, 8, 3]}})
+    with pytest.raises(UserError, match="wants"):
+        prepare_inputs(nhwc, other, tmp_path)
+
+
+def test_counts_take_the_median_bracket_less_the_empty_bracket(tmp_path: Path) -> None:
+    plugin_out = tmp_path / "count.json"
+    plugin_out.write_text(json.dumps({"per_invoke": [1010, 1000, 1000, 1002, 100, 100, 101], "total": 9}))
+    counts = _counts(plugin_out, {"conditions": {"iters": 4, "empty_brackets": 3}})
+    assert counts["instructions_per_invoke"] == 1001 - 100
+    assert counts["instructions_per_invoke_raw"] == 1001 and counts["bracket_overhead"] == 100
+    with pytest.raises(UserError, match="brackets"):
+        _counts(plugin_out, {"conditions": {"iters": 5, "empty_brackets": 3}})
+
+
+def test_int8_fp32_ratio_pairs_files_by_name() -> None:
+    rows = [{"artifact": "m-128-int8.tflite", "target": "arm64-a76", "instructions_per_invoke": 40},
+            {"artifact": "m-128-fp32.tflite", "target": "arm64-a76", "instructions_per_invoke": 100},
+            {"artifact": "m-128-int8.tflite", "target": "host", "instructions_per_invoke": None}]
+    assert ratios(rows) == [{"int8": "m-128-int8.tflite", "fp32": "m-128-fp32.tflite", "target": "arm64-a76",
+                             "ratio": 0.4}]
+
+
+def test_importing_the_stage_imports_no_framework() -> None:
+    probe = subprocess.run([sys.executable, "-c", "import sys, edgetl.bench, edgetl.arm64; print(sorted(m for m in "
+                            "('torch', 'tensorflow', 'executorch', 'ai_edge_litert') if m in sys.modules))"],
+                           capture_output=True, text=True, check=True)
+    assert probe.stdout.strip() == "[]"

@@ -1,0 +1,209 @@
+"""device_bench: JSON results for a tiny .tflite and .pte on the host, framework-free .tflite runs, and one-line
+errors (exit 2) for bad models, bad inputs and a missing runtime."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "device_bench" / "device_bench.py"
+FORBIDDEN = ("edgetl", "torch", "tensorflow", "tf_keras", "executorch", "litert_torch", "jax")
+
+# Built in a subprocess so this test process stays free of torch and the converters.
+_MAKE_TINY = textwrap.dedent("""
+    import sys, torch, numpy as np
+    out = sys.argv[1]
+    torch.manual_seed(0)
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+            self.c2 = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1)
+            self.fc = torch.nn.Linear(16, 4)
+
+        def forward(self, x):
+            x = torch.relu(self.c2(torch.relu(self.c1(x))))
+            return self.fc(x.mean((2, 3)))
+
+    model = Tiny().eval()
+    example = (torch.randn(1, 3, 32, 32),)
+    import litert_torch
+    litert_torch.convert(model, example).export(f"{out}/tiny.tflite")
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    program = to_edge_transform_and_lower(torch.export.export(model, example),
+                                          partitioner=[XnnpackPartitioner()]).to_executorch()
+    open(f"{out}/tiny.pte", "wb").write(program.buffer)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((12, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        y = model(torch.from_numpy(x)).argmax(1).numpy()
+    y[:3] = (y[:3] + 1) % 4  # three wrong labels: top-1 must be exactly 9/12
+    np.savez(f"{out}/test_inputs.npz", x=x, y=y.astype(np.int64))
+""")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with tiny.tflite, tiny.pte (same conv net, NCHW 1x3x32x32 → 4 classes) and test_inputs.npz."""
+    pytest.importorskip("litert_torch")
+    pytest.importorskip("executorch")
+    folder = tmp_path_factory.mktemp("tiny-export")
+    done = subprocess.run([sys.executable, "-c", _MAKE_TINY, str(folder)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return folder
+
+
+def run_bench(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+def load_script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("device_bench_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_schema(result: dict) -> None:
+    assert result["schema_version"] == 1
+    assert result["tool"]["name"] == "device_bench"
+    model = result["model"]
+    assert model["size_bytes"] > 0 and len(model["sha256"]) == 64
+    assert model["input"]["shape"] == [1, 3, 32, 32] and model["input"]["dtype"] == "float32"
+    assert model["output"]["shape"] == [1, 4]
+    assert result["runtime"]["name"] and result["runtime"]["version"]
+    timing = result["timing_ms"]
+    for key in ("load", "p50", "p90", "p99", "mean", "std", "min", "max"):
+        assert isinstance(timing[key], float) and timing[key] >= 0, key
+    assert timing["min"] <= timing["p50"] <= timing["p90"] <= timing["p99"] <= timing["max"]
+    assert timing["n"] == len(result["times_ms"]) == result["conditions"]["iters"]
+    assert result["memory"]["peak_rss_kb"] > 0
+    assert result["platform"]["cpu"]["machine"]
+    assert result["accuracy"] == {"top1": 0.75, "correct": 9, "samples": 12}
+
+
+def test_tflite_on_host_writes_the_schema_and_imports_no_framework(tiny_models: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    probe = textwrap.dedent(f"""
+        import runpy, sys, json
+        sys.argv = ["device_bench.py", {str(tiny_models / 'tiny.tflite')!r}, "--inputs",
+                    {str(tiny_models / 'test_inputs.npz')!r}, "--threads", "2", "--iters", "7", "--out", {str(out)!r}]
+        try:
+            runpy.run_path({str(SCRIPT)!r}, run_name="__main__")
+        except SystemExit as done:
+            assert done.code == 0, done.code
+        print(json.dumps(sorted({{name.split(".")[0] for name in sys.modules}})))
+    """)
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    loaded = set(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert "ai_edge_litert" in loaded
+    assert not loaded.intersection(FORBIDDEN), sorted(loaded.intersection(FORBIDDEN))
+    result = json.loads(out.read_text())
+    check_schema(result)
+    assert result["runtime"]["name"] == "ai-edge-litert"
+    assert result["conditions"]["threads"] == 2
+    # conv 3→8 at 16x16 (3x3), conv 8→16 at 8x8 (3x3), linear 16→4
+    assert result["model"]["macs"] == 16 * 16 * 8 * 27 + 8 * 8 * 16 * 72 + 4 * 16
+
+
+def test_pte_on_host_with_the_executorch_runtime(tiny_models: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    done = run_bench(tiny_models / "tiny.pte", "--inputs", tiny_models / "test_inputs.npz", "--iters", "5",
+                     "--out", out)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    check_schema(result)
+    assert result["runtime"]["name"] == "executorch"
+
+
+def test_without_inputs_it_times_synthetic_data_and_scores_nothing(tiny_models: Path) -> None:
+    done = run_bench(tiny_models / "tiny.tflite", "--iters", "3", "--warmup", "0")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["accuracy"] is None
+    assert result["conditions"]["inputs"].startswith("synthetic")
+
+
+def test_help_explains_phones() -> None:
+    done = run_bench("--help")
+    assert done.returncode == 0
+    assert "Termux" in done.stdout and "adb push" in done.stdout
+
+
+def _one_line_exit_2(done: subprocess.CompletedProcess, *needles: str) -> None:
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    lines = [line for line in done.stderr.splitlines() if line.startswith("device_bench: error:")]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("kind", ["garbage.tflite", "truncated.tflite", "truncated.pte", "model.onnx", "missing.pte"])
+def test_bad_model_files(tiny_models: Path, tmp_path: Path, kind: str) -> None:
+    path = tmp_path / kind
+    if kind == "garbage.tflite":
+        path.write_bytes(b"\x00" * 4 + b"TFL3" + b"not a flatbuffer at all" * 10)
+    elif kind.startswith("truncated"):
+        source = (tiny_models / f"tiny{path.suffix}").read_bytes()
+        path.write_bytes(source[: len(source) // 2])
+    elif kind == "model.onnx":
+        path.write_bytes(b"onnx")
+    _one_line_exit_2(run_bench(path, "--iters", "2"), str(path))
+
+
+def test_inputs_that_do_not_match_the_model(tiny_models: Path, tmp_path: Path) -> None:
+    nhwc = tmp_path / "nhwc.npz"
+    np.savez(nhwc, x=np.zeros((2, 32, 32, 3), np.float32), y=np.zeros(2, np.int64))
+    _one_line_exit_2(run_bench(tiny_models / "tiny.tflite", "--inputs", nhwc), "(2, 32, 32, 3)", "(N, 3, 32, 32)")
+    wrong_dtype = tmp_path / "int.npz"
+    np.savez(wrong_dtype, x=np.zeros((2, 3, 32, 32), np.int32))
+    _one_line_exit_2(run_bench(tiny_models / "tiny.pte", "--inputs", wrong_dtype), "int32", "float32")
+    bad_labels = tmp_path / "labels.npz"
+    np.savez(bad_labels, x=np.zeros((2, 3, 32, 32), np.float32), y=np.zeros(3, np.float32))
+    _one_line_exit_2(run_bench(tiny_models / "tiny.tflite", "--inputs", bad_labels), "y has shape")
+    not_npz = tmp_path / "x.npz"
+    not_npz.write_text("hello")
+    _one_line_exit_2(run_bench(tiny_models / "tiny.tflite", "--inputs", not_npz), "not a readable .npz")
+
+
+def test_missing_runtime_is_one_line(tiny_models: Path, tmp_path: Path) -> None:
+    for name in ("ai_edge_litert", "tflite_runtime"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    _one_line_exit_2(run_bench(tiny_models / "tiny.tflite", env=env), "no TFLite runtime", "pip install ai-edge-litert")
+
+
+def test_float_inputs_are_quantized_with_the_models_own_scale(tmp_path: Path) -> None:
+    bench = load_script()
+    spec = bench.TensorSpec("x", [1, 2, 2, 1], "int8", scale=0.5, zero_point=-3)
+    npz = tmp_path / "q.npz"
+    np.savez(npz, x=np.array([[[[0.0], [1.0]], [[-100.0], [100.0]]]], np.float32), y=np.array([1]))
+    x, y, source = bench.load_inputs(npz, spec, None)
+    assert x.dtype == np.int8 and x.reshape(-1).tolist() == [-3, -1, -128, 127]
+    assert y.tolist() == [1] and "scale 0.5" in source
+    uint8 = bench.TensorSpec("x", [1, 2, 2, 1], "uint8", scale=0.5, zero_point=128)
+    x, _, _ = bench.load_inputs(npz, uint8, 1)
+    assert x.dtype == np.uint8 and x.reshape(-1).tolist() == [128, 130, 0, 255]
+
+
+def test_statistics_are_the_usual_ones() -> None:
+    bench = load_script()
+    stats = bench.summarize([1.0, 2.0, 3.0, 4.0, 100.0])
+    assert stats["p50"] == 3.0 and stats["min"] == 1.0 and stats["max"] == 100.0 and stats["n"] == 5
+    assert stats["mean"] == pytest.approx(22.0) and stats["std"] == pytest.approx(np.std([1, 2, 3, 4, 100], ddof=1))
