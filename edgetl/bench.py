@@ -139,12 +139,30 @@ def _failure(done: subprocess.CompletedProcess) -> str:
     return f"exit {done.returncode}: {tail[:200]}"
 
 
-def inspect(artifact: Artifact, script: Path) -> None:
-    """Ask device_bench on the host for the model's tensors and MACs (no timing)."""
-    done, _ = _run_device_bench([sys.executable, str(script), str(artifact.path), "--inspect"], None,
-                                artifact.name)
+def inspect(artifact: Artifact, script: Path, emulated: bool) -> None:
+    """Ask device_bench on the host for the model's tensors and MACs (no timing).
+
+    A host without the ExecuTorch Python runtime can still bench a .pte on ARM64 targets: the native
+    runner, under qemu, then describes the input instead.
+    """
+    done = subprocess.run([sys.executable, str(script), str(artifact.path), "--inspect"], capture_output=True,
+                          text=True, check=False)
     if done.returncode == 0:
         artifact.spec = json.loads(done.stdout)["model"]
+        return
+    message = next((ln for ln in done.stderr.splitlines() if "error:" in ln), done.stderr.strip()[-300:])
+    if artifact.path.suffix == ".pte" and "no ExecuTorch runtime" in message and emulated:
+        from edgetl import arm64
+
+        userland = arm64.userland()
+        if userland.has_runner():
+            cmd = [*userland.qemu_command(arm64.TARGETS["arm64-a76"], None), str(userland.runner), str(artifact.path)]
+            described = subprocess.run(cmd, capture_output=True, text=True, env=userland.env(), check=False)
+            if described.returncode == 0:
+                artifact.spec = {"input": json.loads(described.stdout.strip().splitlines()[-1])["input"]}
+                return
+            message = (described.stderr.strip().splitlines() or [message])[-1]
+    raise UserError(f"{artifact.name}: {message.removeprefix('device_bench: error: ')}")
 
 
 def prepare_inputs(npz: Path | None, artifact: Artifact, workdir: Path) -> Path | None:
@@ -460,7 +478,7 @@ def run_bench(export: Path, options: BenchOptions) -> Path:
     with tempfile.TemporaryDirectory(prefix="edgetl-bench-") as tmp:
         workdir = Path(tmp)
         for artifact in artifacts:
-            inspect(artifact, script)
+            inspect(artifact, script, emulated=any(t.emulated for t in targets))
         _fill_pte_macs(artifacts)
         for artifact in artifacts:
             model_inputs = prepare_inputs(Path(inputs) if inputs else None, artifact, workdir)

@@ -68,12 +68,15 @@ class PrivateApt:
     def _run(self, *args: str, cwd: Path | None = None, what: str) -> str:
         cmd = ["apt-get", "-q", *self._options(), *args]
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, check=False)
-        if done.returncode != 0:
-            errors = [ln for ln in done.stderr.splitlines() if ln.startswith(("E:", "Err:"))]
-            why = "; ".join(errors[-3:]) or done.stderr.strip()[-300:]
-            offline = any(s in done.stderr for s in ("Could not resolve", "Temporary failure", "unreachable",
-                                                     "Failed to fetch", "Connection failed"))
-            hint = " (offline? the arm64 set-up downloads from Debian's mirrors)" if offline else ""
+        text = done.stdout + done.stderr
+        # apt-get update exits 0 when every index failed to download: look at what it said too.
+        fetch_failed = any(s in text for s in ("Failed to fetch", "Err:", "Could not resolve", "Temporary failure",
+                                               "Connection failed", "Could not connect", "unreachable"))
+        if done.returncode != 0 or (args[0] == "update" and fetch_failed):
+            errors = [ln for ln in text.splitlines() if ln.startswith(("E:", "Err:", "W: Failed"))]
+            why = "; ".join(errors[-2:]) or done.stderr.strip()[-300:]
+            hint = (f" (offline? the arm64 set-up downloads from {mirrors()[0]}; set EDGETL_DEBIAN_MIRROR "
+                    "to a reachable Debian mirror)") if fetch_failed else ""
             raise UserError(f"arm64 set-up: {what} failed{hint}: {why}")
         return done.stdout
 
