@@ -371,7 +371,11 @@ def print_table(rows: list[dict[str, Any]], found_ratios: list[dict[str, Any]]) 
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
-    """Top-1 against instructions per invoke (ARM targets) and against host p50 latency."""
+    """Top-1 against instructions per invoke (ARM targets) and against host p50 latency.
+
+    Colour names the artifact, the marker the target (host points: filled for 1 thread, hollow for more),
+    so points that sit on top of each other stay readable through the legend.
+    """
     usable = [r for r in rows if "failed" not in r and r.get("top1") is not None]
     if not usable:
         return None
@@ -379,25 +383,33 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
-    markers = "osD^v<>pP*"
+    artifacts = sorted({r["artifact"] for r in usable})
     targets = sorted({r["target"] for r in usable})
+    colours = plt.get_cmap("tab10")
+    markers = "osD^v<>pP*"
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.5))
     for r in usable:
+        colour = colours(artifacts.index(r["artifact"]) % 10)
         marker = markers[targets.index(r["target"]) % len(markers)]
-        label = f"{r['artifact']} @ {r['target']}"
         if r["instructions_per_invoke"]:
-            left.scatter(r["instructions_per_invoke"] / 1e6, r["top1"], marker=marker)
-            left.annotate(label, (r["instructions_per_invoke"] / 1e6, r["top1"]), fontsize=7)
+            left.scatter(r["instructions_per_invoke"] / 1e6, r["top1"], color=colour, marker=marker, s=60)
         if not r["emulated"]:
-            right.scatter(r["p50_ms"], r["top1"], marker=marker)
-            right.annotate(f"{r['artifact']} ({r['threads']} thr)", (r["p50_ms"], r["top1"]), fontsize=7)
-    left.set(xlabel="guest instructions per invoke (millions, qemu)", ylabel="top-1",
+            face = colour if r["threads"] == 1 else "none"
+            right.scatter(r["p50_ms"], r["top1"], edgecolors=colour, facecolors=face, marker=marker, s=60)
+    left.set(xlabel="guest instructions per invoke, millions (qemu 7.2 TCG count, 1 thread)", ylabel="top-1",
              title="top-1 vs ARM64 instructions per invoke")
-    right.set(xlabel="host p50 latency (ms)", ylabel="top-1", title="top-1 vs host latency")
+    right.set(xlabel="host p50 latency, ms (filled: 1 thread, hollow: more)", ylabel="top-1",
+              title="top-1 vs host latency")
     for axis in (left, right):
         axis.grid(True, alpha=0.3)
-    fig.tight_layout()
+    handles = [Line2D([], [], color=colours(i % 10), marker="o", linestyle="", label=name)
+               for i, name in enumerate(artifacts)]
+    handles += [Line2D([], [], color="grey", marker=markers[i % len(markers)], linestyle="", label=name)
+                for i, name in enumerate(targets)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.05 + 0.03 * (len(handles) // 4), 1, 1))
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
