@@ -28,6 +28,29 @@ class WeightSource:
     filename: str
     url: str | None = None
     pypi_package: str | None = None
+    md5: str | None = None
+
+
+@dataclass(frozen=True)
+class KerasSource:
+    """How tf_keras's `keras.applications` builds one backbone and where its ImageNet (no-top) files live.
+
+    `filename` may hold `{alpha}` and `{rows}`: MobileNetV2 publishes one file per (width, input size) for
+    the sizes in `sized_files` and keras.applications falls back to the 224 file for any other size.
+    Files are cached under `$KERAS_HOME/models/` (default ~/.keras/models/), the folder Keras itself uses.
+    """
+
+    application: str
+    filename: str
+    base_url: str
+    widths: tuple[float, ...]
+    sized_files: tuple[int, ...] = ()
+    md5: dict[float, str] = field(default_factory=dict)
+
+    def source(self, width: float, image_size: int) -> WeightSource:
+        rows = image_size if image_size in self.sized_files else 224
+        name = self.filename.format(alpha=float(width), rows=rows)
+        return WeightSource(name, url=self.base_url + name, md5=self.md5.get(width))
 
 
 @dataclass(frozen=True)
@@ -40,6 +63,7 @@ class BackboneSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     torch_weights: dict[float, WeightSource] = field(default_factory=dict)
+    keras: KerasSource | None = None  # None: no tf_keras application, the backbone is torch-only
     paper: str = ""
 
     def check_width(self, width: float) -> float:
@@ -61,7 +85,28 @@ class BackboneSpec:
             )
         return source
 
+    def check_framework(self, framework: str) -> None:
+        """A backbone that one framework cannot build is a user error before any work."""
+        if framework == "keras" and self.keras is None:
+            have = ", ".join(sorted(name for name, spec in BACKBONES.items() if spec.keras is not None))
+            raise UserError(
+                f"{self.name} is torch-only (tf_keras's keras.applications has no such model); "
+                f"with --framework keras use one of: {have}"
+            )
 
+    def keras_weight_source(self, width: float, image_size: int) -> WeightSource:
+        """The no-top ImageNet file keras.applications loads for this width and input size."""
+        self.check_framework("keras")
+        if width not in self.keras.widths:
+            have = ", ".join(f"{w:g}" for w in self.keras.widths)
+            raise UserError(
+                f"no published ImageNet keras weights for {self.name} width {width:g} (widths with weights: "
+                f"{have}); use --weights PATH or --weights none"
+            )
+        return self.keras.source(width, image_size)
+
+
+_KERAS_APPS = "https://storage.googleapis.com/tensorflow/keras-applications/"
 BACKBONES: dict[str, BackboneSpec] = {
     "mobilenet_v2": BackboneSpec(
         name="mobilenet_v2",
@@ -74,6 +119,13 @@ BACKBONES: dict[str, BackboneSpec] = {
                 "mobilenet_v2-b0353104.pth", "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth"
             )
         },
+        keras=KerasSource(
+            application="MobileNetV2",
+            filename="mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_{rows}_no_top.h5",
+            base_url=_KERAS_APPS + "mobilenet_v2/",
+            widths=(0.35, 0.5, 0.75, 1.0),
+            sized_files=(96, 128, 160, 192, 224),
+        ),
         paper="Sandler et al. 2018, MobileNetV2",
     ),
     "mobilenet_v3_small": BackboneSpec(
@@ -88,6 +140,13 @@ BACKBONES: dict[str, BackboneSpec] = {
                 "https://download.pytorch.org/models/mobilenet_v3_small-047dcff4.pth",
             )
         },
+        keras=KerasSource(
+            application="MobileNetV3Small",
+            filename="weights_mobilenet_v3_small_224_{alpha}_float_no_top_v2.h5",
+            base_url=_KERAS_APPS + "mobilenet_v3/",
+            widths=(1.0,),
+            md5={1.0: "d3e8ec802a04aa4fc771ee12a9a9b836"},
+        ),
         paper="Howard et al. 2019, Searching for MobileNetV3",
     ),
     "mobilenet_v3_large": BackboneSpec(
@@ -102,6 +161,13 @@ BACKBONES: dict[str, BackboneSpec] = {
                 "https://download.pytorch.org/models/mobilenet_v3_large-8738ca79.pth",
             )
         },
+        keras=KerasSource(
+            application="MobileNetV3Large",
+            filename="weights_mobilenet_v3_large_224_{alpha}_float_no_top_v2.h5",
+            base_url=_KERAS_APPS + "mobilenet_v3/",
+            widths=(1.0,),
+            md5={1.0: "07fb09a5933dd0c8eaafa16978110389"},
+        ),
         paper="Howard et al. 2019, Searching for MobileNetV3",
     ),
     "efficientnet_lite0": BackboneSpec(

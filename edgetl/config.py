@@ -12,7 +12,7 @@ from pathlib import Path
 from edgetl.backbones import check_image_size, get_backbone
 from edgetl.errors import UserError, one_of
 
-FRAMEWORKS = ("torch",)  # "keras" joins with its backend (issue #5)
+FRAMEWORKS = ("torch", "keras")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -48,6 +48,7 @@ class FinetuneConfig:
         spec.check_width(self.width)
         if self.framework not in FRAMEWORKS:
             raise UserError(one_of(self.framework, FRAMEWORKS, "--framework"))
+        spec.check_framework(self.framework)
         if self.device not in DEVICES:
             raise UserError(one_of(self.device, DEVICES, "--device"))
         size = check_image_size(self.image_size if self.image_size is not None else spec.default_image_size)
@@ -55,7 +56,9 @@ class FinetuneConfig:
             path = Path(self.weights)
             if not path.is_file():
                 raise UserError(f"--weights {self.weights!r} is neither 'imagenet', 'none' nor an existing file")
-        if self.weights == "imagenet":
+        if self.weights == "imagenet" and self.framework == "keras":
+            spec.keras_weight_source(self.width, size)
+        elif self.weights == "imagenet":
             spec.torch_weight_source(self.width)
         for name in ("epochs_head", "epochs_finetune", "unfreeze", "patience", "workers"):
             if getattr(self, name) < 0:

@@ -45,8 +45,10 @@ def finetune_backend(framework: str):
     try:
         if framework == "torch":
             from edgetl.backends.torch import finetune as backend
+        elif framework == "keras":
+            from edgetl.backends.keras import finetune as backend
         else:
-            raise UserError(f"--framework {framework!r} has no fine-tuning backend yet; valid: torch")
+            raise UserError(f"--framework {framework!r} has no fine-tuning backend; valid: torch, keras")
     except ImportError as error:
         raise UserError(
             f"the {framework} backend cannot be imported ({error}); install it with: pip install 'edgetl[{framework}]'"
