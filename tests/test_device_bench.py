@@ -58,7 +58,12 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder with tiny.tflite, tiny.pte (same conv net, NCHW 1x3x32x32 → 4 classes) and test_inputs.npz."""
     pytest.importorskip("litert_torch")
     pytest.importorskip("executorch")
-    folder = tmp_path_factory.mktemp("tiny-export")
+    # Other test modules import this fixture, which makes each its own session fixture: a fixed folder
+    # under the session's temp root lets them share one build.
+    folder = tmp_path_factory.getbasetemp() / "tiny-export"
+    if (folder / "test_inputs.npz").is_file():
+        return folder
+    folder.mkdir(exist_ok=True)
     done = subprocess.run([sys.executable, "-c", _MAKE_TINY, str(folder)], capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -172,7 +177,7 @@ def test_inputs_that_do_not_match_the_model(tiny_models: Path, tmp_path: Path) -
     _one_line_exit_2(run_bench(tiny_models / "tiny.tflite", "--inputs", nhwc), "(2, 32, 32, 3)", "(N, 3, 32, 32)")
     wrong_dtype = tmp_path / "int.npz"
     np.savez(wrong_dtype, x=np.zeros((2, 3, 32, 32), np.int32))
-    _one_line_exit_2(run_bench(tiny_models / "tiny.pte", "--inputs", wrong_dtype), "int32", "float32")
+    _one_line_exit_2(run_bench(tiny_models / "tiny.tflite", "--inputs", wrong_dtype), "int32", "float32")
     bad_labels = tmp_path / "labels.npz"
     np.savez(bad_labels, x=np.zeros((2, 3, 32, 32), np.float32), y=np.zeros(3, np.float32))
     _one_line_exit_2(run_bench(tiny_models / "tiny.tflite", "--inputs", bad_labels), "y has shape")
