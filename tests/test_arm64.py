@@ -77,3 +77,24 @@ def test_arm64_runs_a_pte_with_the_native_runner(tiny_models: Path, tmp_path: Pa
     assert run["accuracy"]["top1"] == 0.75
     assert run["emulation"]["instructions_per_invoke"] > 10_000
     assert run["target"]["qemu_cpu"] == "cortex-a76" and run["target"]["cpuinfo_part"] == "0xd05"
+
+
+def test_set_up_names_what_is_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from edgetl.arm64 import apt, provision
+
+    monkeypatch.setattr(apt.shutil, "which", lambda _name: None)
+    with pytest.raises(UserError, match="needs apt-get, dpkg-deb, dpkg"):
+        apt.require_tools()
+    monkeypatch.setattr(provision.shutil, "which", lambda _name: None)
+    with pytest.raises(UserError, match="needs a C compiler"):
+        provision._plugin(tmp_path, lambda _m: None)
+
+
+@pytest.mark.skipif(shutil.which("apt-get") is None, reason="needs apt-get")
+def test_set_up_says_offline_when_the_mirror_cannot_be_reached(tmp_path: Path) -> None:
+    result = run_cli("bench", "--setup", "arm64", env={"EDGETL_CACHE": str(tmp_path),
+                                                      "EDGETL_DEBIAN_MIRROR": "http://127.0.0.1:9/debian",
+                                                      "EDGETL_DEBIAN_SECURITY": "http://127.0.0.1:9/debian-security"})
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert "offline?" in last and "EDGETL_DEBIAN_MIRROR" in last and "Traceback" not in result.stderr
