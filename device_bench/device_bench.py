@@ -428,7 +428,8 @@ def run_pte_runner(model: Path, args: argparse.Namespace) -> tuple[TensorSpec, T
         out_spec = TensorSpec("output 0", result["output"]["shape"], result["output"]["dtype"])
         flat = np.fromfile(Path(tmp, "outputs.bin"), dtype=np.float32)
         outs = list(flat.reshape(n, -1)) if y is not None else []
-    measured = Measured(result["load_ms"], None, result["times_ms"], outs, result.get("max_rss_kb"),
+    measured = Measured(result["load_ms"], result.get("first_invoke_ms"), result["times_ms"], outs,
+                        result.get("max_rss_kb"),
                         "runner process" + (" (the emulator's own RSS under qemu)" if prefix else ""),
                         {"runner_wall_s": round(wall_s, 3), "hwcap": result.get("hwcap"),
                          "hwcap2": result.get("hwcap2")})

@@ -9,8 +9,8 @@
 // Usage: edgetl_pte_runner MODEL.pte            -> prints the input spec as JSON
 //        edgetl_pte_runner MODEL.pte INPUTS.bin SAMPLES WARMUP ITERS THREADS MARKERS OUTPUTS.bin
 //   INPUTS.bin holds SAMPLES raw input tensors (the model's input 0, in its dtype and shape);
-//   the first is used for warm-up and the timed invokes; every sample is then run once and its
-//   output 0 written to OUTPUTS.bin as float32 (for top-1).  MARKERS=1 brackets each timed invoke
+//   the first is used for a first (timed) invoke, the warm-up and the timed invokes; every sample is
+//   then run once and its output 0 written to OUTPUTS.bin as float32 (for top-1).  MARKERS=1 brackets each timed invoke
 //   with the edgetl marker syscall, seen by the instruction-count plugin under qemu.
 // Prints one JSON object on stdout; exits 2 with one line on stderr for a bad model or input.
 
@@ -165,6 +165,9 @@ int main(int argc, char** argv) {
     return (*result)[0].toTensor();
   };
 
+  const double t_first = now_ms();
+  run(0);
+  const double first_ms = now_ms() - t_first;
   for (long i = 0; i < warmup; ++i) {
     run(0);
   }
@@ -203,7 +206,7 @@ int main(int argc, char** argv) {
   getrusage(RUSAGE_SELF, &usage);
   std::printf("{\"runner\": \"edgetl_pte_runner\", \"version\": 1, \"executorch_version\": \"%s\", ",
               EDGETL_EXECUTORCH_VERSION);
-  std::printf("\"load_ms\": %.6f, \"threads\": %ld, ", load_ms, threads);
+  std::printf("\"load_ms\": %.6f, \"first_invoke_ms\": %.6f, \"threads\": %ld, ", load_ms, first_ms, threads);
   std::printf("\"input\": {\"dtype\": \"%s\", \"shape\": [", dtype_name(in_type));
   for (size_t i = 0; i < sizes.size(); ++i) std::printf("%s%d", i ? ", " : "", static_cast<int>(sizes[i]));
   std::printf("]}, \"output\": {\"dtype\": \"%s\", \"shape\": [", out_dtype.c_str());
