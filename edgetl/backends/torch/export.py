@@ -1,0 +1,201 @@
+"""Torch side of `edgetl export`: float and PT2E int8 graphs, lowered to ExecuTorch and to TFLite.
+
+The only module (with `quantize.py` and `runtime.py`) that imports torchao, executorch and litert-torch.
+Both formats start from one graph per precision: the float model behind an NHWC input (what camera
+frames are on a phone) and, for int8, the one PT2E-quantized version of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgetl.backends.torch.models import build_model
+from edgetl.backends.torch.quantize import bias_correct, fold_batchnorm, quantize_ptq
+
+# Nodes that move, view or re-stride data only; anything else left outside the XNNPACK delegate runs on
+# slow portable kernels. (EfficientNet's pooled [1, C, 1, 1] → [1, C] re-stride lands outside: C floats.)
+LAYOUT_OPS = ("getitem", "view_copy", "squeeze_copy", "unsqueeze_copy", "as_strided_copy", "clone", "_assert",
+              "permute_copy", "expand_copy", "to_dim_order_copy", "alloc")
+
+
+class ChannelsLastInput(nn.Module):
+    """Takes NHWC images (as apps and the TFLite convention feed them) and runs the NCHW model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.permute(0, 3, 1, 2))
+
+
+def load_model(checkpoint: Path, manifest: dict) -> nn.Module:
+    """The fine-tuned float model in eval mode, from the checkpoint's own weights file."""
+    spec = manifest["model"]
+    model = build_model(spec["backbone"], spec["width"], spec["num_classes"])
+    state = torch.load(Path(checkpoint) / manifest["weights_file"], map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def logits(module: nn.Module, x: np.ndarray, batch: int = 100) -> np.ndarray:
+    """Run a torch module over NHWC float32 images in batches; float32 logits."""
+    outputs = []
+    with torch.no_grad():
+        for start in range(0, len(x), batch):
+            outputs.append(module(torch.from_numpy(np.ascontiguousarray(x[start : start + batch]))).float())
+    return torch.cat(outputs).numpy()
+
+
+@dataclass
+class Graphs:
+    """The graphs one export turns into files, plus what was measured making them."""
+
+    float_model: nn.Module
+    example: torch.Tensor
+    int8: torch.fx.GraphModule | None = None
+    quantization: dict = field(default_factory=dict)
+
+
+def build_graphs(
+    checkpoint: Path,
+    manifest: dict,
+    calibration: np.ndarray,
+    want_int8: bool,
+    bias_correction: bool = True,
+    fuse_clamp: bool = True,
+) -> Graphs:
+    """Float NHWC model and, when asked, its PT2E int8 version calibrated on `calibration` (NHWC)."""
+    torch.manual_seed(0)
+    model = ChannelsLastInput(load_model(checkpoint, manifest)).eval()
+    size = manifest["model"]["image_size"]
+    example = torch.zeros(1, size, size, 3)
+    graphs = Graphs(float_model=model, example=example)
+    if not want_int8:
+        return graphs
+    started = time.perf_counter()
+    calib = torch.from_numpy(np.ascontiguousarray(calibration))
+    prepared = fold_batchnorm(model, example)
+    if bias_correction:
+        prepared = bias_correct(prepared, calib)
+    graphs.int8 = quantize_ptq(prepared, example, torch.split(calib, 64), fuse_clamp=fuse_clamp)
+    graphs.quantization = {
+        "method": "pt2e-ptq",
+        "quantizer": "XNNPACKQuantizer (executorch), ReLU6 outputs observed after the clamp" if fuse_clamp
+        else "XNNPACKQuantizer (executorch)",
+        "weights": "int8, symmetric, per output channel (BatchNorm folded first)",
+        "activations": "int8, per tensor, affine, HistogramObserver",
+        "calibration_images": int(len(calibration)),
+        "bias_correction": bool(bias_correction),
+        "fuse_clamp": bool(fuse_clamp),
+        "seconds": round(time.perf_counter() - started, 1),
+        "input_quantization": _first_input_qparams(graphs.int8),
+    }
+    return graphs
+
+
+def _first_input_qparams(graph: torch.fx.GraphModule) -> dict | None:
+    """Scale/zero-point the int8 graph applies to its float input (the .pte quantizes inside XNNPACK)."""
+    for node in graph.graph.nodes:
+        if node.op == "call_function" and "quantize_per_tensor" in str(node.target) and "dequant" not in str(
+            node.target
+        ):
+            scale, zero_point = node.args[1], node.args[2]
+            if isinstance(scale, float | int) and isinstance(zero_point, int):
+                return {"scale": float(scale), "zero_point": int(zero_point)}
+            return None
+    return None
+
+
+@contextlib.contextmanager
+def _quiet():
+    """litert-torch and executorch print progress lines and warnings; keep edgetl's own output readable."""
+    if os.environ.get("EDGETL_DEBUG") == "1":
+        yield
+        return
+    sink = io.StringIO()
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def lower_pte(module: nn.Module, example: torch.Tensor) -> tuple[bytes, dict]:
+    """ExecuTorch program with everything XNNPACK takes delegated; returns bytes and delegation counts."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.devtools.backend_debug import get_delegation_info
+    from executorch.exir import to_edge_transform_and_lower
+
+    if isinstance(module, torch.fx.GraphModule):
+        module = _fold_weight_quantization(module)
+    with _quiet():
+        program = torch.export.export(module, (example,))
+        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+        info = get_delegation_info(edge.exported_program().graph_module)
+        buffer = edge.to_executorch().buffer
+    by_op = {
+        name: {"delegated": int(b.delegated), "outside": int(b.non_delegated)}
+        for name, b in sorted(info.delegation_by_operator.items())
+    }
+    outside = sorted(name for name, b in by_op.items() if b["outside"] and not any(op in name for op in LAYOUT_OPS))
+    delegation = {
+        "delegate": "XnnpackBackend",
+        "subgraphs": int(info.num_delegated_subgraphs),
+        "delegated_nodes": int(info.num_delegated_nodes),
+        "outside_nodes": int(info.num_non_delegated_nodes),
+        "compute_ops_outside": outside,
+        "by_operator": by_op,
+    }
+    return bytes(buffer), delegation
+
+
+def _fold_weight_quantization(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Pre-compute int8 weights (quantize of a constant) in a copy: ExecuTorch has no runtime kernel for
+    a per-channel quantize, while litert-torch wants the unfolded form. Same scales, same int8 values."""
+    from torchao.quantization.pt2e.constant_fold import constant_fold
+
+    quantize_ops = {
+        torch.ops.quantized_decomposed.quantize_per_tensor.default,
+        torch.ops.quantized_decomposed.quantize_per_tensor.tensor,
+        torch.ops.quantized_decomposed.quantize_per_channel.default,
+    }
+    graph = copy.deepcopy(graph)
+    constant_fold(graph, lambda node: node.op == "call_function" and node.target in quantize_ops)
+    graph.recompile()
+    return graph
+
+
+def convert_tflite(module: nn.Module, example: torch.Tensor, quantized: bool) -> bytes:
+    """TFLite flatbuffer via litert-torch; a Q/DQ graph becomes int8 kernels with int8 input/output."""
+    import litert_torch
+
+    quant_config = None
+    if quantized:
+        from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+        from litert_torch.quantize.quant_config import QuantConfig
+
+        # Only tells the converter the Q/DQ pairs are static int8; the graph is already quantized.
+        static = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)
+        quant_config = QuantConfig(pt2e_quantizer=PT2EQuantizer().set_global(static))
+    with _quiet():
+        edge_model = litert_torch.convert(module, (example,), quant_config=quant_config)
+        path = Path(os.environ.get("TMPDIR", "/tmp")) / f"edgetl-{os.getpid()}-{time.monotonic_ns()}.tflite"
+        try:
+            edge_model.export(str(path))
+            return path.read_bytes()
+        finally:
+            path.unlink(missing_ok=True)

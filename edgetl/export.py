@@ -1,0 +1,375 @@
+"""The export stage: one checkpoint in, verified .tflite / .pte files (fp32 and int8) out.
+
+Framework-free orchestration. It checks the checkpoint and every option before importing torch,
+preprocesses the test split and the calibration images with the checkpoint's own spec, asks the torch
+backend for one float graph and one PT2E int8 graph, turns each into every requested format (a failure
+in one is recorded and the others go on), verifies every file in its real runtime, and only then moves
+the finished folder into place. An int8 file that lost more than `max_drop` points fails the run after
+everything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import tomllib
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+
+from edgetl.data import DatasetListing, load_rgb, to_array
+from edgetl.errors import UserError, one_of
+from edgetl.manifest import (
+    SCHEMA_VERSION,
+    library_versions,
+    now_utc,
+    read_checkpoint_manifest,
+    sha256_file,
+    write_json,
+    write_labels,
+)
+from edgetl.paths import atomic_dir, atomic_write_bytes, ensure_writable_dir
+from edgetl.ui import console, progress
+from edgetl.verify import FLOAT_REFERENCE, TEST_INPUTS, check_drop, print_record, store, verify_artifacts
+
+FORMATS = ("tflite", "pte")
+QUANTS = ("fp32", "int8")
+EXPORT_KIND = "edgetl.export"
+ARTIFACT_KIND = "edgetl.artifact"
+RUNTIMES = {"tflite": "LiteRT (ai-edge-litert Interpreter)", "pte": "ExecuTorch (XNNPACK delegate)"}
+EXPORT_LIBRARIES = ("torch", "torchao", "executorch", "litert-torch", "ai-edge-litert", "numpy", "pillow")
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "export" / "recipes"
+# Measured on the demo model (benchmarks/export_figures.py, docs/BENCHMARKS.md): beyond ~256 images
+# the int8 top-1 no longer moves, while calibration time keeps growing linearly.
+DEFAULT_CALIB = 256
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Everything that decides an export; a recipe sets any field, CLI flags override it."""
+
+    formats: tuple[str, ...] = FORMATS
+    quant: tuple[str, ...] = QUANTS
+    calib: int = DEFAULT_CALIB
+    max_drop: float = 1.0
+    bias_correction: bool = True
+    fuse_clamp: bool = True
+    seed: int = 0
+    threads: int | None = None
+    recipe: str | None = None
+
+    def validate(self) -> ExportConfig:
+        """Every bad value becomes one UserError line before any framework import."""
+        formats = tuple(dict.fromkeys(_as_list(self.formats)))
+        quant = tuple(dict.fromkeys(_as_list(self.quant)))
+        if not formats:
+            raise UserError(f"--formats is empty; valid: {', '.join(FORMATS)}")
+        if not quant:
+            raise UserError(f"--quant is empty; valid: {', '.join(QUANTS)}")
+        for value in formats:
+            if value not in FORMATS:
+                raise UserError(one_of(value, FORMATS, "format"))
+        for value in quant:
+            if value not in QUANTS:
+                raise UserError(one_of(value, QUANTS, "quantization"))
+        if "int8" in quant and not 1 <= self.calib <= 100_000:
+            raise UserError(f"--calib {self.calib} is not usable; valid: 1 or more training images")
+        if not 0 <= self.max_drop <= 100:
+            raise UserError(f"--max-drop {self.max_drop:g} is not usable; valid: 0 to 100 points of top-1")
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"--threads {self.threads} is not usable; valid: 1 or more")
+        return replace(self, formats=formats, quant=quant)
+
+    def to_json(self) -> dict:
+        payload = asdict(self)
+        payload["formats"], payload["quant"] = list(self.formats), list(self.quant)
+        return payload
+
+
+def _as_list(value: object) -> list[str]:
+    """'pte,tflite', ['pte', 'tflite'] or ('pte',) → ['pte', 'tflite'] (lower-case, no blanks)."""
+    items = value.split(",") if isinstance(value, str) else list(value)  # type: ignore[arg-type]
+    return [str(item).strip().lower() for item in items if str(item).strip()]
+
+
+def recipe_names() -> list[str]:
+    return sorted(path.stem for path in RECIPES_DIR.glob("*.toml"))
+
+
+def load_recipe(name: str) -> dict:
+    """A recipe by name (export/recipes/NAME.toml) or by path; returns the ExportConfig fields it sets."""
+    path = Path(name)
+    if path.suffix != ".toml":
+        path = RECIPES_DIR / f"{name}.toml"
+    if not path.is_file():
+        raise UserError(one_of(name, recipe_names(), "recipe"))
+    try:
+        payload = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise UserError(f"recipe {str(path)!r} is not valid TOML ({error})") from None
+    payload.pop("description", None)
+    known = {f.name for f in fields(ExportConfig)} - {"recipe"}
+    unknown = sorted(set(payload) - known)
+    if unknown:
+        raise UserError(
+            f"recipe {str(path)!r} sets unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
+        )
+    if "formats" in payload:
+        payload["formats"] = tuple(_as_list(payload["formats"]))
+    if "quant" in payload:
+        payload["quant"] = tuple(_as_list(payload["quant"]))
+    return payload
+
+
+def resolve_config(recipe: str | None = None, **overrides: object) -> ExportConfig:
+    """Defaults ← recipe ← flags that were given (None means 'not given')."""
+    values: dict = load_recipe(recipe) if recipe else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if "formats" in values:
+        values["formats"] = tuple(_as_list(values["formats"]))
+    if "quant" in values:
+        values["quant"] = tuple(_as_list(values["quant"]))
+    return ExportConfig(recipe=recipe, **values).validate()
+
+
+def artifact_name(manifest: dict, quant: str, fmt: str) -> str:
+    """`efficientnet_lite0-128-int8.pte`: the file name records backbone, width, input size and precision."""
+    model = manifest["model"]
+    width = "" if float(model["width"]) == 1.0 else f"-w{float(model['width']):g}"
+    return f"{model['backbone']}{width}-{model['image_size']}-{quant}.{fmt}"
+
+
+def _backend():
+    try:
+        from edgetl.backends.torch import export as backend
+    except ImportError as error:
+        raise UserError(
+            f"the torch export backend cannot be imported ({error}); install it with: pip install 'edgetl[torch]'"
+        ) from None
+    return backend
+
+
+def _load_split(
+    listing: DatasetListing, records: list[tuple[str, int]], spec: dict, what: str
+) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """Decode and preprocess images (NHWC float32); files that fail to decode are skipped and listed."""
+    arrays, labels, skipped = [], [], []
+    with progress() as bar:
+        task = bar.add_task(what, total=len(records), status="")
+        for rel, label in records:
+            try:
+                arrays.append(to_array(load_rgb(listing.root / rel), spec))
+                labels.append(label)
+            except Exception as error:  # Pillow raises many types for damaged files
+                skipped.append({"path": rel, "reason": f"{type(error).__name__}: {error}"[:200]})
+            bar.advance(task)
+    if not arrays:
+        raise UserError(f"no {what} image could be decoded under {str(listing.root)!r}")
+    return np.stack(arrays).astype(np.float32), np.asarray(labels, dtype=np.int64), skipped
+
+
+def load_listing(checkpoint: Path, manifest: dict) -> DatasetListing:
+    """The checkpoint's own splits; the data must still be where fine-tuning found it."""
+    listing = DatasetListing.from_json(json.loads((checkpoint / manifest["data"]["splits_file"]).read_text()))
+    if not listing.root.is_dir():
+        raise UserError(
+            f"the checkpoint's data folder {str(listing.root)!r} is gone; export needs its test split and "
+            f"training images for calibration"
+        )
+    if not listing.splits.get("test"):
+        raise UserError(f"checkpoint {str(checkpoint)!r} has an empty test split; nothing to verify against")
+    return listing
+
+
+def run_export(checkpoint: Path, config: ExportConfig, out: Path | None = None) -> Path:
+    """Export and verify; returns the export folder. Raises QualityError (after writing) on a big int8 drop."""
+    checkpoint = Path(checkpoint)
+    manifest = read_checkpoint_manifest(checkpoint)
+    if manifest.get("framework") != "torch":
+        raise UserError(
+            f"checkpoint framework {manifest.get('framework')!r} is not exported by this backend; valid: torch"
+        )
+    config = config.validate()
+    out = Path(out) if out is not None else checkpoint.parent / "export"
+    ensure_writable_dir(out.parent, "output folder")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {str(out)!r} exists and is not a folder; choose a folder path")
+    listing = load_listing(checkpoint, manifest)
+    backend = _backend()
+
+    spec = dict(manifest["preprocess"], layout="NHWC")
+    x_test, y_test, skipped = _load_split(listing, listing.splits["test"], spec, "test images")
+    want_int8 = "int8" in config.quant
+    calibration = np.zeros((0, *x_test.shape[1:]), np.float32)
+    if want_int8:
+        train = listing.splits["train"]
+        order = np.random.default_rng(config.seed).permutation(len(train))[: config.calib]
+        calibration, _, bad = _load_split(listing, [train[i] for i in order], spec, "calibration images")
+        skipped += bad
+        if len(train) < config.calib:
+            console.print(f"[yellow]--calib {config.calib}: only {len(train)} training images; using them all[/]")
+
+    console.print(f"export: {checkpoint} → {out} ({', '.join(config.formats)} × {', '.join(config.quant)})")
+    started = time.perf_counter()
+    graphs = backend.build_graphs(
+        checkpoint, manifest, calibration, want_int8, config.bias_correction, config.fuse_clamp
+    )
+    reference = backend.logits(graphs.float_model, x_test)
+    float_top1 = float((reference.argmax(axis=1) == y_test).mean())
+    if want_int8:
+        console.print(
+            f"int8: PT2E PTQ on {len(calibration)} calibration images in {graphs.quantization['seconds']:.0f} s"
+        )
+
+    parent = {
+        "checkpoint": str(checkpoint.resolve()),
+        "manifest_sha256": sha256_file(checkpoint / "manifest.json"),
+        "weights_sha256": manifest["weights_sha256"],
+    }
+    versions = library_versions(EXPORT_LIBRARIES)
+    artifacts: list[dict] = []
+    with atomic_dir(out) as tmp:
+        write_labels(tmp / "labels.txt", manifest["labels"])
+        np.savez(tmp / TEST_INPUTS, x=x_test, y=y_test)
+        np.savez(tmp / FLOAT_REFERENCE, logits=reference, labels=y_test)
+        for quant in config.quant:
+            for fmt in config.formats:
+                artifacts.append(
+                    _export_one(backend, graphs, manifest, quant, fmt, tmp, parent, versions, spec)
+                )
+        record = verify_artifacts(tmp, [a for a in artifacts if a["status"] == "ok"], config.threads)
+        record["float_top1_manifest"] = manifest["metrics"]["test"]["top1"]
+        for row in record["rows"]:
+            _attach_verification(tmp, row)
+        store(tmp, record)
+        write_json(
+            tmp / "manifest.json",
+            {
+                "kind": EXPORT_KIND,
+                "schema_version": SCHEMA_VERSION,
+                "created": now_utc(),
+                "parent": parent,
+                "model": manifest["model"],
+                "labels": manifest["labels"],
+                "preprocess": spec,
+                "config": config.to_json(),
+                "test_inputs": {"file": TEST_INPUTS, "images": int(len(y_test)), "layout": "NHWC",
+                                "dtype": "float32", "skipped": skipped},
+                "float_reference": {"file": FLOAT_REFERENCE, "top1": float_top1},
+                "quantization": graphs.quantization or None,
+                "artifacts": artifacts,
+                "verification": record,
+                "seconds": round(time.perf_counter() - started, 1),
+                "versions": versions,
+            },
+        )
+    print_record(record)
+    failed = [a for a in artifacts if a["status"] != "ok"] + [r for r in record["rows"] if r["status"] != "ok"]
+    console.print(f"export folder: {out}")
+    if failed:
+        names = ", ".join(sorted({f["file"] for f in failed}))
+        raise ExportFailed(
+            f"{len(failed)} export(s) failed: {names}; the others are in {str(out)!r} (see manifest.json)"
+        )
+    check_drop(record, config.max_drop)
+    return out
+
+
+class ExportFailed(UserError):
+    """At least one format failed; the others were written."""
+
+    exit_code = 1
+
+
+def _export_one(
+    backend, graphs, manifest: dict, quant: str, fmt: str, folder: Path, parent: dict, versions: dict, spec: dict
+) -> dict:
+    """One file and its sidecar manifest; any exception becomes a recorded failure, not a lost run."""
+    name = artifact_name(manifest, quant, fmt)
+    entry = {"file": name, "format": fmt, "quant": quant, "status": "failed"}
+    started = time.perf_counter()
+    with console.status(f"{name}: {'lowering to ExecuTorch' if fmt == 'pte' else 'converting with litert-torch'}"):
+        try:
+            module = graphs.int8 if quant == "int8" else graphs.float_model
+            delegation = None
+            if fmt == "pte":
+                payload, delegation = backend.lower_pte(module, graphs.example)
+            else:
+                payload = backend.convert_tflite(module, graphs.example, quantized=quant == "int8")
+            atomic_write_bytes(folder / name, payload)
+        except Exception as error:  # isolate this format: record why, keep going with the others
+            entry["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+            console.print(f"[red]{name}: failed[/] — {entry['error']}")
+            return entry
+    seconds = round(time.perf_counter() - started, 1)
+    sidecar = _sidecar(manifest, quant, fmt, name, folder, parent, versions, spec, graphs, delegation, seconds)
+    write_json(folder / f"{name}.json", sidecar)
+    entry.update(status="ok", bytes=sidecar["bytes"], sha256=sidecar["sha256"], export_seconds=seconds,
+                 manifest=f"{name}.json")
+    console.print(f"{name}: {sidecar['bytes'] / 1e6:.2f} MB in {seconds:.0f} s")
+    if delegation and delegation["compute_ops_outside"]:
+        console.print(
+            f"[yellow]warning: {name}: compute ops outside the XNNPACK delegate: "
+            f"{', '.join(delegation['compute_ops_outside'])}[/] (they run on slower portable kernels)"
+        )
+    return entry
+
+
+def _sidecar(manifest, quant, fmt, name, folder, parent, versions, spec, graphs, delegation, seconds) -> dict:
+    """What an app, `edgetl bench` or a person needs to use this one file correctly."""
+    path = folder / name
+    size = manifest["model"]["image_size"]
+    classes = manifest["model"]["num_classes"]
+    if fmt == "tflite":
+        io_info = _tflite_io(path)
+        inputs, outputs = io_info["inputs"], io_info["outputs"]
+        extra = {"ops": io_info["ops"]}
+    else:
+        internal = graphs.quantization.get("input_quantization") if quant == "int8" else None
+        inputs = [{"name": "x", "dtype": "float32", "shape": [1, size, size, 3], "quantization": None,
+                   "quantized_inside": internal}]
+        outputs = [{"name": "logits", "dtype": "float32", "shape": [1, classes], "quantization": None}]
+        extra = {"delegation": delegation}
+    for tensor in inputs:
+        tensor["layout"] = "NHWC"
+    for tensor in outputs:
+        tensor["meaning"] = "logits (apply softmax for probabilities), one per label in labels.txt"
+    return {
+        "kind": ARTIFACT_KIND,
+        "schema_version": SCHEMA_VERSION,
+        "created": now_utc(),
+        "file": name,
+        "format": fmt,
+        "runtime": RUNTIMES[fmt],
+        "quant": quant,
+        "bytes": path.stat().st_size,
+        "sha256": sha256_file(path),
+        "labels_file": "labels.txt",
+        "labels": manifest["labels"],
+        "model": manifest["model"],
+        "preprocess": spec,
+        "input": inputs[0],
+        "output": outputs[0],
+        "quantization": graphs.quantization if quant == "int8" else None,
+        "parent": parent,
+        "export_seconds": seconds,
+        **extra,
+        "versions": versions,
+    }
+
+
+def _tflite_io(path: Path) -> dict:
+    from edgetl.verify import tflite_io
+
+    return tflite_io(path)
+
+
+def _attach_verification(folder: Path, row: dict) -> None:
+    """Copy a file's verification figures into its sidecar manifest."""
+    sidecar = folder / f"{row['file']}.json"
+    if not sidecar.is_file():
+        return
+    payload = json.loads(sidecar.read_text())
+    payload["verification"] = {k: v for k, v in row.items() if k not in ("file", "format", "quant")}
+    write_json(sidecar, payload)
