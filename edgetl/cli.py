@@ -87,9 +87,35 @@ def finetune(
 
 
 @app.command()
-def export() -> None:
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="RUN/checkpoint folder written by edgetl finetune.")],
+    formats: Annotated[str | None, typer.Option(help="Comma list of tflite, pte (default: both).")] = None,
+    quant: Annotated[str | None, typer.Option(help="Comma list of fp32, int8 (default: both).")] = None,
+    calib: Annotated[
+        int | None, typer.Option(help="Training images for int8 calibration (default 256, chosen by measurement).")
+    ] = None,
+    max_drop: Annotated[
+        float | None, typer.Option(help="Fail (after writing) if int8 top-1 drops more points than this (default 1.0).")
+    ] = None,
+    bias_correction: Annotated[
+        bool | None, typer.Option("--bias-correction/--no-bias-correction", help="Correct int8 weight-rounding bias.")
+    ] = None,
+    recipe: Annotated[
+        str | None, typer.Option(help="Named recipe from export/recipes (e.g. android-litert-int8) or a .toml path.")
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="Runtime threads during verification (default: the runtime's).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Export folder (default: RUN/export).")] = None,
+) -> None:
     """Export a checkpoint to TFLite and ExecuTorch (fp32/int8) and verify each file in its runtime."""
-    _not_yet("export", 3)
+    from edgetl.export import resolve_config, run_export
+
+    config = resolve_config(
+        recipe, formats=formats, quant=quant, calib=calib, max_drop=max_drop, bias_correction=bias_correction,
+        threads=threads,
+    )
+    run_export(checkpoint, config, out)
 
 
 @app.command()
