@@ -60,8 +60,7 @@ class Userland:
         """
         env = {key: value for key, value in host_env(self.root).items()
                if not key.startswith(("PYTHON", "VIRTUAL_ENV", "CONDA"))}
-        env.update(PYTHONPATH=GUEST_SITE, PYTHONNOUSERSITE="1", PYTHONHASHSEED="0", PYTHONDONTWRITEBYTECODE="1",
-                   LC_ALL="C.UTF-8")
+        env.update(PYTHONPATH=GUEST_SITE, PYTHONNOUSERSITE="1", PYTHONHASHSEED="0", LC_ALL="C.UTF-8")
         return env
 
 
