@@ -153,9 +153,26 @@ def bench(
 
 
 @app.command()
-def bundle() -> None:
-    """Bundle an exported file into an Android module and an iOS Swift package."""
-    _not_yet("bundle", 7)
+def bundle(
+    export_dir: Annotated[Path, typer.Argument(help="Export folder written by edgetl export.")],
+    artifact: Annotated[str | None, typer.Option(
+        help="File in EXPORT_DIR to bundle, e.g. efficientnet_lite0-224-int8.tflite (optional if only one).")] = None,
+    platform: Annotated[str, typer.Option(help="Comma list of android, ios.")] = "android,ios",
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="Bundle folder (default: RUN/bundle/<artifact name>).")] = None,
+    golden: Annotated[int, typer.Option(help="Golden images for the on-device self-test.")] = 5,
+    top_k: Annotated[int, typer.Option(help="Top-k stored per golden image.")] = 3,
+    metadata: Annotated[bool, typer.Option(
+        "--metadata/--no-metadata", help="Write TFLite metadata (labels, normalisation) into a .tflite.")] = True,
+    int8_io: Annotated[bool, typer.Option(
+        help="Keep an int8 .tflite's int8 input/output (apps quantize; MediaPipe then refuses it).")] = False,
+) -> None:
+    """Bundle an exported file into an Android module and an iOS package, with a golden self-test."""
+    from edgetl.bundle import BundleOptions, parse_platforms, run_bundle
+
+    options = BundleOptions(artifact=artifact, platforms=parse_platforms(platform), out=out, golden=golden,
+                            top_k=top_k, metadata=metadata, int8_io=int8_io)
+    run_bundle(export_dir, options)
 
 
 @app.command()

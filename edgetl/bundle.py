@@ -1,0 +1,556 @@
+"""The bundle stage: one exported, verified artifact in, an Android library module and an iOS package out.
+
+Why it looks like this: the preprocessing the model was trained with must reach the app unchanged, so
+every constant in the generated Kotlin/Swift comes from the artifact's sidecar manifest (and is written
+again to preprocess.json); the bundled .tflite carries standard TFLite metadata so MediaPipe Tasks and
+the TFLite Task Library take it as it is; and a golden set (images at the model's input size, with the
+top-k the bundled model gives on the host) lets the app's own test, `golden_check.py` and `device_bench`
+prove on a device that nothing was lost on the way. Framework-free until a runtime is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgetl.errors import UserError, one_of
+from edgetl.manifest import SCHEMA_VERSION, now_utc, sha256_file, write_json
+from edgetl.paths import atomic_dir, ensure_writable_dir
+from edgetl.ui import console
+
+PLATFORMS = ("android", "ios")
+FORMATS = {".tflite": "tflite", ".pte": "pte"}
+BUNDLE_KIND = "edgetl.bundle"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TEMPLATES = REPO_ROOT / "export"
+DEVICE_BENCH = REPO_ROOT / "device_bench"
+ANDROID_MODULE = "edgetl-classifier"
+IOS_PACKAGE = "EdgeTLClassifier"
+KOTLIN_PACKAGE = Path("ai/edgetl/classifier")
+LITERT_ANDROID = "com.google.ai.edge.litert:litert:2.3.0"
+# Device kernels (ARM XNNPACK) sum in another order than the host's; int8 requantization can move an
+# output by one step. Softmax probabilities stay within these of the host's (top-1 must match exactly).
+TOLERANCE = {"fp32": 0.01, "int8": 0.05}
+
+
+@dataclass(frozen=True)
+class BundleOptions:
+    """What `edgetl bundle` was asked; defaults are what an app developer wants."""
+
+    artifact: str | None = None
+    platforms: tuple[str, ...] = PLATFORMS
+    out: Path | None = None
+    golden: int = 5
+    top_k: int = 3
+    metadata: bool = True
+    int8_io: bool = False
+
+
+def parse_platforms(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else list(value)
+    chosen = tuple(dict.fromkeys(item.strip().lower() for item in items if item.strip()))
+    if not chosen:
+        raise UserError(f"--platform is empty; valid: {', '.join(PLATFORMS)}")
+    for item in chosen:
+        if item not in PLATFORMS:
+            raise UserError(one_of(item, PLATFORMS, "platform"))
+    return chosen
+
+
+def find_artifact(export_dir: Path, name: str | None) -> tuple[Path, dict]:
+    """The artifact file and its sidecar manifest; every miss is one line naming what is there."""
+    export_dir = Path(export_dir)
+    if not export_dir.is_dir():
+        raise UserError(f"export folder {str(export_dir)!r} does not exist; give the folder `edgetl export` wrote")
+    present = sorted(p.name for p in export_dir.iterdir() if p.suffix in FORMATS and p.is_file())
+    if not present:
+        raise UserError(f"{str(export_dir)!r} holds no .tflite or .pte file; run `edgetl export` first")
+    if name is None:
+        if len(present) > 1:
+            raise UserError(f"{str(export_dir)!r} holds {len(present)} artifacts; choose one with --artifact: "
+                            f"{', '.join(present)}")
+        name = present[0]
+    matches = [p for p in present if p == name or Path(p).stem == name]
+    if len(matches) != 1:
+        raise UserError(f"artifact {name!r} is not in {str(export_dir)!r}; available: {', '.join(present)}")
+    path = export_dir / matches[0]
+    sidecar_path = export_dir / f"{path.name}.json"
+    if not sidecar_path.is_file():
+        raise UserError(f"artifact {path.name!r} has no manifest ({sidecar_path.name} is missing in "
+                        f"{str(export_dir)!r}); re-export it with `edgetl export`")
+    try:
+        sidecar = json.loads(sidecar_path.read_text())
+        for key in ("format", "quant", "preprocess", "model", "labels", "input", "output", "sha256"):
+            sidecar[key]  # noqa: B018 - presence check
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise UserError(f"manifest {str(sidecar_path)!r} is not an edgetl artifact manifest ({error})") from None
+    if sha256_file(path) != sidecar["sha256"]:
+        raise UserError(f"{path.name!r} does not match its manifest's sha256; the file changed after export")
+    return path, sidecar
+
+
+def run_bundle(export_dir: Path, options: BundleOptions) -> Path:
+    """Build the bundle folder (all or nothing) and return it."""
+    export_dir = Path(export_dir)
+    platforms = parse_platforms(options.platforms)
+    if not 1 <= options.golden <= 50:
+        raise UserError(f"--golden {options.golden} is not usable; valid: 1 to 50 images")
+    artifact, sidecar = find_artifact(export_dir, options.artifact)
+    if not 1 <= options.top_k <= len(sidecar["labels"]):
+        raise UserError(f"--top-k {options.top_k} is not usable; valid: 1 to {len(sidecar['labels'])}")
+    inputs = export_dir / "test_inputs.npz"
+    if not inputs.is_file():
+        raise UserError(f"{str(export_dir)!r} has no test_inputs.npz; the golden images are drawn from it")
+    out = Path(options.out) if options.out else export_dir.parent / "bundle" / artifact.stem
+    ensure_writable_dir(out.parent, "output folder")
+    started = time.perf_counter()
+    console.print(f"bundle: {artifact} → {out} ({', '.join(platforms)})")
+    with atomic_dir(out) as tmp:
+        work = tmp / ".work"
+        work.mkdir()
+        labels_file = work / "labels.txt"
+        labels_file.write_text("".join(f"{label}\n" for label in sidecar["labels"]))
+        model, io, metadata = _bundled_model(artifact, sidecar, labels_file, work, options)
+        spec = preprocess_json(sidecar, model.name, io, (metadata or {}).get("normalization_in_graph"))
+        golden = _golden(export_dir, artifact, sidecar, model, spec, tmp / "golden", options)
+        if metadata is not None and io["input"]["dtype"] in ("float32", "uint8"):
+            metadata["mediapipe"] = _mediapipe_check(model, tmp / "golden", golden)
+        elif metadata is not None:
+            metadata["mediapipe"] = {"skipped": "int8 input tensor (--int8-io); MediaPipe takes float32 or uint8"}
+        files = {"model": model, "labels": labels_file, "spec": spec}
+        if "android" in platforms:
+            _android(tmp / "android" / ANDROID_MODULE, sidecar, files, tmp / "golden")
+        if "ios" in platforms:
+            _ios(tmp / "ios" / IOS_PACKAGE, sidecar, files, tmp / "golden")
+        shutil.copytree(DEVICE_BENCH, tmp / "device_bench", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copy2(model, tmp / "device_bench" / model.name)
+        (tmp / "device_bench" / "golden_check.py").write_text((TEMPLATES / "golden_check.py").read_text())
+        shutil.copy2(tmp / "golden" / "golden.npz", tmp / "device_bench" / "golden.npz")
+        shutil.copy2(tmp / "golden" / "expected.json", tmp / "device_bench" / "expected.json")
+        record = {
+            "kind": BUNDLE_KIND, "schema_version": SCHEMA_VERSION, "created": now_utc(),
+            "source": {"export_dir": str(export_dir.resolve()), "artifact": artifact.name,
+                       "sha256": sidecar["sha256"], "verification": sidecar.get("verification")},
+            "model": {"file": model.name, "bytes": model.stat().st_size, "sha256": sha256_file(model),
+                      "changed": model.read_bytes() != artifact.read_bytes(), "input": io["input"],
+                      "output": io["output"], "tflite_metadata": metadata},
+            "platforms": list(platforms), "preprocess": spec, "golden": golden,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        (tmp / "README.md").write_text(_readme(record, sidecar))
+        write_json(tmp / "bundle.json", record)
+        shutil.rmtree(work)
+    console.print(f"bundle folder: {out}  (golden: {len(golden['images'])} images, top-1 as on the host"
+                  + (f"; MediaPipe agrees on {metadata['mediapipe']['top1_agree']}/{len(golden['images'])}"
+                     if metadata and "top1_agree" in metadata["mediapipe"] else "") + ")")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the model
+
+
+def _bundled_model(artifact: Path, sidecar: dict, labels_file: Path, work: Path,
+                   options: BundleOptions) -> tuple[Path, dict, dict | None]:
+    """The file that ships: a .tflite with metadata (float32 I/O around int8 unless --int8-io), or the .pte."""
+    target = work / artifact.name
+    if sidecar["format"] != "tflite" or not options.metadata:
+        shutil.copy2(artifact, target)
+        io = _io(target, sidecar)
+        return target, io, None
+    from edgetl.tflite_metadata import write_metadata
+
+    float_io = not options.int8_io
+    with console.status(f"{artifact.name}: writing TFLite metadata (labels, normalisation)"):
+        view = write_metadata(artifact, target, sidecar, labels_file, float_io=float_io)
+    metadata = dict(view["metadata"] or {})
+    metadata["associated_files"] = sorted(view["associated_files"])
+    metadata["float_io_wrapper"] = float_io and sidecar["input"].get("dtype") == "int8"
+    metadata["normalization_in_graph"] = view["normalization_in_graph"]
+    return target, _io(target, sidecar), metadata
+
+
+def _io(model: Path, sidecar: dict) -> dict:
+    """Input/output tensors of the bundled file (its own, after any wrapper), in the sidecar's format."""
+    if sidecar["format"] == "tflite":
+        return tflite_tensors(model)
+    keep = ("name", "dtype", "shape", "quantization")
+    return {"input": {k: sidecar["input"].get(k) for k in keep}, "output": {k: sidecar["output"].get(k) for k in keep}}
+
+
+def preprocess_json(sidecar: dict, model_file: str, io: dict, in_graph: dict | None = None) -> dict:
+    """What an app needs to turn a picture into the bundled model's input, and its output into labels.
+    With `in_graph` the model normalises per channel itself, so the app feeds plain pixel values."""
+    pre = sidecar["preprocess"]
+    scale = float(pre["scale"])
+    channels = len(pre["mean"])
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model_file": model_file,
+        "labels_file": "labels.txt",
+        "format": sidecar["format"],
+        "color": pre["color"],
+        "resize": pre["resize"],
+        "layout": "NHWC",
+        "scale": scale,
+        "mean": pre["mean"],
+        "std": pre["std"],
+        "pixel_mean": [0.0] * channels if in_graph else [float(m) / scale for m in pre["mean"]],
+        "pixel_std": [1.0] * channels if in_graph else [float(s) / scale for s in pre["std"]],
+        "normalization_in_graph": in_graph,
+        "formula": "x[c] = (pixel[c] * scale - mean[c]) / std[c]; the app feeds (pixel[c] - pixel_mean[c]) / "
+                   "pixel_std[c]" + (" and the model applies pixel * multiplier + offset itself" if in_graph else "")
+                   + "; int8/uint8 input: q = clamp(round(x / input.scale) + input.zero_point)",
+        "input": {k: io["input"].get(k) for k in ("dtype", "shape", "quantization")},
+        "output": {**{k: io["output"].get(k) for k in ("dtype", "shape", "quantization")},
+                   "meaning": "logits, one per line of labels.txt; softmax gives probabilities"},
+        "num_classes": len(sidecar["labels"]),
+    }
+
+
+# ----------------------------------------------------------------------------------------- the golden set
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def _interpreter(model: Path):
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError as error:
+        raise UserError(f"ai-edge-litert is not installed ({error}); pip install 'edgetl[torch]'") from None
+    interpreter = Interpreter(model_path=str(model))
+    interpreter.allocate_tensors()
+    return interpreter
+
+
+def tflite_tensors(model: Path) -> dict:
+    """Input and output tensor of a .tflite: name, dtype, shape, quantization (None for float)."""
+    interpreter = _interpreter(model)
+
+    def describe(detail: dict) -> dict:
+        scale, zero_point = detail["quantization"]
+        return {"name": detail["name"], "dtype": np.dtype(detail["dtype"]).name,
+                "shape": [int(v) for v in detail["shape"]],
+                "quantization": {"scale": float(scale), "zero_point": int(zero_point)} if scale else None}
+
+    return {"input": describe(interpreter.get_input_details()[0]),
+            "output": describe(interpreter.get_output_details()[0])}
+
+
+def run_model(model: Path, fmt: str, x: np.ndarray) -> np.ndarray:
+    """Float logits for NHWC float inputs, in the file's own runtime; int8 tensors (de)quantized as an app does."""
+    if fmt == "pte":
+        import torch
+        from executorch.runtime import Runtime
+
+        method = Runtime.get().load_program(str(model)).load_method("forward")
+        return np.stack([method.execute([torch.from_numpy(np.ascontiguousarray(image[None]))])[0].numpy().reshape(-1)
+                         for image in x]).astype(np.float32)
+    interpreter = _interpreter(model)
+    source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    rows = []
+    for image in x:
+        batch = image[None]
+        dtype = np.dtype(source["dtype"])
+        if dtype.kind in "iu":
+            scale, zero = source["quantization"]
+            info = np.iinfo(dtype)
+            batch = np.clip(np.round(batch / scale) + zero, info.min, info.max)
+        interpreter.set_tensor(source["index"], np.ascontiguousarray(batch.astype(dtype)))
+        interpreter.invoke()
+        out = interpreter.get_tensor(target["index"]).reshape(-1).astype(np.float32)
+        if np.dtype(target["dtype"]).kind in "iu":
+            scale, zero = target["quantization"]
+            out = (out - zero) * scale
+        rows.append(out)
+    return np.stack(rows)
+
+
+def _pixels(x: np.ndarray, pre: dict) -> np.ndarray:
+    """Undo normalisation: the uint8 RGB picture (at the model's size) that preprocesses back to `x`."""
+    mean, std = np.asarray(pre["mean"], np.float64), np.asarray(pre["std"], np.float64)
+    return np.clip(np.round((x.astype(np.float64) * std + mean) / float(pre["scale"])), 0, 255).astype(np.uint8)
+
+
+def _golden(export_dir: Path, artifact: Path, sidecar: dict, model: Path, spec: dict, folder: Path,
+            options: BundleOptions) -> dict:
+    """A few test images, one per class where possible, with a clear top-1 margin, and what the bundled
+    model gives for them on the host (checked against the exported artifact itself)."""
+    from PIL import Image
+
+    from edgetl.data import to_array
+    data = np.load(export_dir / "test_inputs.npz")
+    pre = dict(sidecar["preprocess"], layout="NHWC")
+    candidates = data["x"][:200]
+    truth = data["y"][:200]
+    pictures = [_pixels(x, pre) for x in candidates]
+    xs = np.stack([to_array(Image.fromarray(p), pre) for p in pictures]).astype(np.float32)
+    # What the app feeds the bundled model: the same pictures through preprocess.json's constants.
+    app = np.stack(pictures).astype(np.float32)
+    app = ((app - np.asarray(spec["pixel_mean"], np.float32)) / np.asarray(spec["pixel_std"], np.float32))
+    fmt = sidecar["format"]
+    probs = softmax(run_model(model, fmt, app))
+    tolerance = TOLERANCE.get(sidecar["quant"], 0.05)
+    ordered = np.sort(probs, axis=1)
+    margin = ordered[:, -1] - ordered[:, -2]
+    chosen: list[int] = []
+    for label in range(len(sidecar["labels"])):  # one per class first, each with a clear margin
+        clear = [int(i) for i in np.flatnonzero(truth == label)
+                 if margin[i] > 4 * tolerance and probs[i].argmax() == label]
+        if clear and len(chosen) < options.golden:
+            chosen.append(clear[0])
+    for i in np.argsort(-margin):  # then the clearest of the rest
+        if len(chosen) < options.golden and int(i) not in chosen:
+            chosen.append(int(i))
+    source = softmax(run_model(artifact, fmt, xs[chosen]))
+    mismatch = [i for i, j in enumerate(chosen) if source[i].argmax() != probs[j].argmax()]
+    if mismatch:
+        raise UserError(f"the bundled model disagrees with {artifact.name} on golden image(s) {mismatch}; "
+                        f"bundle with --no-metadata to ship the file unchanged")
+    folder.mkdir(parents=True)
+    images = []
+    labels = sidecar["labels"]
+    for n, i in enumerate(chosen):
+        name = f"golden_{n:02d}_{labels[int(truth[i])]}.png"
+        Image.fromarray(pictures[i]).save(folder / name)
+        top = np.argsort(-probs[i])[: options.top_k]
+        images.append({"file": name, "true_label": labels[int(truth[i])], "true_index": int(truth[i]),
+                       "top_k": [{"index": int(k), "label": labels[int(k)], "score": round(float(probs[i][k]), 6)}
+                                 for k in top]})
+    expected = {
+        "schema_version": SCHEMA_VERSION, "model_file": model.name, "tolerance": tolerance, "top_k": options.top_k,
+        "scores": "softmax probabilities of the bundled model on the host (ai-edge-litert / ExecuTorch)",
+        "max_prob_diff_vs_artifact": round(float(np.abs(source - probs[chosen]).max()), 6),
+        "images": images,
+    }
+    write_json(folder / "expected.json", expected)
+    np.savez(folder / "golden.npz", x=app[chosen], y=np.asarray([im["top_k"][0]["index"] for im in images]))
+    return expected
+
+
+def _mediapipe_check(model: Path, folder: Path, golden: dict) -> dict:
+    """MediaPipe Tasks' ImageClassifier on the golden images: does it take the file as it is?"""
+    from edgetl.tflite_metadata import mediapipe_classify
+
+    with console.status("MediaPipe Tasks ImageClassifier on the golden images"):
+        results = mediapipe_classify(model, [folder / im["file"] for im in golden["images"]], golden["top_k"])
+    top1 = [row[0]["index"] if row else None for row in results]
+    agree = sum(int(t == im["top_k"][0]["index"]) for t, im in zip(top1, golden["images"], strict=True))
+    return {"top1": top1, "top1_agree": agree, "images": len(top1)}
+
+
+# ----------------------------------------------------------------------------------------- the platforms
+
+
+def _constants(sidecar: dict, files: dict) -> dict[str, str]:
+    spec = files["spec"]
+    size = spec["resize"]
+    q_in = spec["input"]["quantization"] or {"scale": 1.0, "zero_point": 0}
+    q_out = spec["output"]["quantization"] or {"scale": 1.0, "zero_point": 0}
+    model = files["model"]
+    return {
+        "ARTIFACT": sidecar["file"], "ARTIFACT_SHA": sidecar["sha256"], "MODEL_FILE": model.name,
+        "MODEL_STEM": model.stem, "MODEL_EXT": model.suffix[1:],
+        "INPUT_WIDTH": str(size["width"]), "INPUT_HEIGHT": str(size["height"]), "NUM_CLASSES": str(spec["num_classes"]),
+        "PIXEL_MEAN": ", ".join(f"{v!r}f" for v in spec["pixel_mean"]),
+        "PIXEL_STD": ", ".join(f"{v!r}f" for v in spec["pixel_std"]),
+        "PIXEL_MEAN_SWIFT": ", ".join(repr(v) for v in spec["pixel_mean"]),
+        "PIXEL_STD_SWIFT": ", ".join(repr(v) for v in spec["pixel_std"]),
+        "INPUT_DTYPE": spec["input"]["dtype"], "INPUT_SCALE": repr(float(q_in["scale"])),
+        "INPUT_ZERO_POINT": str(int(q_in["zero_point"])),
+        "OUTPUT_DTYPE": spec["output"]["dtype"], "OUTPUT_SCALE": repr(float(q_out["scale"])),
+        "OUTPUT_ZERO_POINT": str(int(q_out["zero_point"])),
+        "EXECUTORCH_VERSION": str(sidecar.get("versions", {}).get("executorch") or "1.5.1"),
+    }
+
+
+def _fill(template: Path, target: Path, values: dict[str, str]) -> None:
+    text = template.read_text()
+    for key, value in values.items():
+        text = text.replace("{{" + key + "}}", value)
+    if "{{" in text:
+        raise RuntimeError(f"template {template} has an unfilled placeholder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+
+
+def _android(root: Path, sidecar: dict, files: dict, golden: Path) -> None:
+    """Gradle library module: assets, Kotlin classifier for the artifact's runtime, instrumented golden test."""
+    fmt = sidecar["format"]
+    values = _constants(sidecar, files)
+    if fmt == "tflite":
+        values.update(RUNTIME_DEPENDENCY=LITERT_ANDROID, MIN_SDK="24",
+                      RUNTIME_NOTE="LiteRT (the runtime edgetl verified with: ai-edge-litert 2.3.0); Interpreter API")
+    else:
+        values.update(RUNTIME_DEPENDENCY=f"org.pytorch:executorch-android:{values['EXECUTORCH_VERSION']}",
+                      MIN_SDK="24", RUNTIME_NOTE="ExecuTorch AAR; keep it at the version that wrote the .pte")
+    source = TEMPLATES / "android"
+    kotlin = root / "src/main/kotlin" / KOTLIN_PACKAGE
+    _fill(source / "build.gradle.kts", root / "build.gradle.kts", values)
+    _fill(source / "src/main/AndroidManifest.xml", root / "src/main/AndroidManifest.xml", values)
+    template_kotlin = source / "src/main/kotlin" / KOTLIN_PACKAGE
+    _fill(template_kotlin / "ModelSpec.kt", kotlin / "ModelSpec.kt", values)
+    _fill(template_kotlin / "Preprocessing.kt", kotlin / "Preprocessing.kt", values)
+    _fill(template_kotlin / f"ImageClassifier.{fmt}.kt", kotlin / "ImageClassifier.kt", values)
+    test = KOTLIN_PACKAGE / "GoldenImageTest.kt"
+    _fill(source / "src/androidTest/kotlin" / test, root / "src/androidTest/kotlin" / test, values)
+    assets = root / "src/main/assets"
+    assets.mkdir(parents=True)
+    shutil.copy2(files["model"], assets / files["model"].name)
+    shutil.copy2(files["labels"], assets / "labels.txt")
+    write_json(assets / "preprocess.json", files["spec"])
+    shutil.copytree(golden, root / "src/androidTest/assets/golden", ignore=shutil.ignore_patterns("*.npz"))
+
+
+def _ios(root: Path, sidecar: dict, files: dict, golden: Path) -> None:
+    """Swift package (ExecuTorch, SwiftPM) or development pod (TensorFlowLiteSwift, CocoaPods only)."""
+    fmt = sidecar["format"]
+    values = _constants(sidecar, files)
+    source = TEMPLATES / "ios"
+    if fmt == "pte":
+        _fill(source / "Package.swift", root / "Package.swift", values)
+    else:
+        _fill(source / "EdgeTLClassifier.podspec", root / "EdgeTLClassifier.podspec", values)
+    swift = Path("Sources") / IOS_PACKAGE
+    for name in ("ModelSpec.swift", "Preprocessing.swift", "Resources.swift"):
+        _fill(source / swift / name, root / swift / name, values)
+    _fill(source / swift / f"ImageClassifier.{fmt}.swift", root / swift / "ImageClassifier.swift", values)
+    tests = Path("Tests") / f"{IOS_PACKAGE}Tests"
+    _fill(source / tests / "GoldenImageTests.swift", root / tests / "GoldenImageTests.swift", values)
+    resources = root / swift / "Resources"
+    resources.mkdir(parents=True)
+    shutil.copy2(files["model"], resources / files["model"].name)
+    shutil.copy2(files["labels"], resources / "labels.txt")
+    write_json(resources / "preprocess.json", files["spec"])
+    shutil.copytree(golden, root / tests / "golden", ignore=shutil.ignore_patterns("*.npz"))
+
+
+# ----------------------------------------------------------------------------------------------- README
+
+
+def _readme(record: dict, sidecar: dict) -> str:
+    model = record["model"]
+    fmt = sidecar["format"]
+    golden = record["golden"]
+    platforms = record["platforms"]
+    meta = model["tflite_metadata"]
+    lines = [
+        f"# {model['file']} — app bundle made by edgetl",
+        "",
+        f"Model: {sidecar['model']['backbone']} ({sidecar['quant']}, {sidecar['model']['image_size']} px, "
+        f"{len(sidecar['labels'])} classes), from `{sidecar['file']}` (sha256 `{sidecar['sha256'][:16]}…`).",
+    ]
+    verification = sidecar.get("verification") or {}
+    if verification.get("top1") is not None:
+        lines.append(f"Verified by edgetl on {verification.get('images')} held-out images: top-1 "
+                     f"{100 * verification['top1']:.1f}% in {sidecar['runtime']}.")
+    lines += [
+        "",
+        "Preprocessing (also in `preprocess.json` and as constants in `ModelSpec`): RGB, bilinear resize to "
+        f"{record['preprocess']['resize']['width']}×{record['preprocess']['resize']['height']} (no aspect kept), "
+        f"x = (pixel − {_list(record['preprocess']['pixel_mean'])}) / {_list(record['preprocess']['pixel_std'])} "
+        f"per channel, NHWC; input tensor {model['input']['dtype']}"
+        + (f" (scale {model['input']['quantization']['scale']:.6g}, zero point "
+           f"{model['input']['quantization']['zero_point']})" if model["input"].get("quantization") else "")
+        + ". The output is logits; the classifiers apply softmax.",
+        "",
+    ]
+    if meta:
+        lines += [
+            f"The .tflite carries standard TFLite metadata: labels (`{meta.get('labels_file')}`, associated file), "
+            f"NormalizationOptions mean {_list(meta['mean'])} std {_list(meta['std'])}, RGB ImageProperties; "
+            "MediaPipe Tasks' ImageClassifier and the TFLite Task Library take it as it is (MediaPipe reports "
+            "logits as scores)."
+            + (" Its int8 graph is wrapped in float32 input/output (QUANTIZE/DEQUANTIZE), because MediaPipe "
+               "accepts only float32 or uint8 input tensors." if meta.get("float_io_wrapper") else ""),
+            (f"MediaPipe check on the host: top-1 as expected on {meta['mediapipe']['top1_agree']}/"
+             f"{meta['mediapipe']['images']} golden images." if "top1_agree" in meta["mediapipe"]
+             else f"MediaPipe check skipped: {meta['mediapipe']['skipped']}."),
+            "",
+        ]
+        if meta.get("normalization_in_graph"):
+            lines[-2:-2] = ["The per-channel mean/std are applied inside the model (MUL, ADD at its input), "
+                            "because MediaPipe rejects per-channel NormalizationOptions: apps feed RGB pixel "
+                            "values 0–255 as float32."]
+    if "android" in platforms:
+        dependency = LITERT_ANDROID if fmt == "tflite" else f"org.pytorch:executorch-android:" \
+            f"{sidecar.get('versions', {}).get('executorch', '1.5.1')}"
+        lines += [
+            "## Android (Gradle library module `android/edgetl-classifier`)",
+            "",
+            f"1. Copy `android/{ANDROID_MODULE}/` into your project, next to `app/`.",
+            f"2. In `settings.gradle.kts`: `include(\":{ANDROID_MODULE}\")` (the module uses the `com.android.library` "
+            "and `org.jetbrains.kotlin.android` plugins; declare them in the root build file if you have not).",
+            f"3. In `app/build.gradle.kts`: `implementation(project(\":{ANDROID_MODULE}\"))` — it brings "
+            f"`{dependency}` and keeps `.{Path(model['file']).suffix[1:]}` uncompressed (`noCompress`).",
+            "4. In code: `ImageClassifier(context).use { it.classify(bitmap, k = 3) }` → list of "
+            "`Category(index, label, score)`, best first.",
+            f"5. On a phone or emulator: `./gradlew :{ANDROID_MODULE}:connectedAndroidTest` runs the golden-image "
+            "self-test.",
+            "",
+        ]
+    if "ios" in platforms:
+        if fmt == "pte":
+            lines += [
+                "## iOS (Swift package `ios/EdgeTLClassifier`, ExecuTorch through SwiftPM)",
+                "",
+                f"1. Copy `ios/{IOS_PACKAGE}/` into your repository.",
+                "2. Xcode → File → Add Package Dependencies… → Add Local… → choose that folder (it pulls ExecuTorch "
+                f"from its `swiftpm-{sidecar.get('versions', {}).get('executorch', '1.5.1')}` branch).",
+                f"3. Add the `{IOS_PACKAGE}` library to your app target.",
+                "4. In code: `let top = try ImageClassifier().classify(cgImage, k: 3)`.",
+                f"5. `swift test` is not possible for iOS-only binaries; run the `{IOS_PACKAGE}Tests` scheme "
+                "(Product → Test) on a device or simulator for the golden-image self-test.",
+                "",
+            ]
+        else:
+            lines += [
+                "## iOS (`ios/EdgeTLClassifier`, TensorFlowLiteSwift through CocoaPods)",
+                "",
+                "TensorFlowLiteSwift is published only as a CocoaPod (there is no Swift package for it), so this "
+                "folder is a CocoaPods development pod with the model, labels and preprocess.json as resources.",
+                "",
+                f"1. Copy `ios/{IOS_PACKAGE}/` into your repository.",
+                f"2. In your `Podfile`: `pod '{IOS_PACKAGE}', :path => '{IOS_PACKAGE}', :testspecs => ['Tests']`.",
+                "3. `pod install`, then open the `.xcworkspace`.",
+                f"4. In code: `import {IOS_PACKAGE}` and `let top = try ImageClassifier().classify(cgImage, k: 3)`.",
+                f"5. Product → Test on the `{IOS_PACKAGE}-Unit-Tests` scheme runs the golden-image self-test.",
+                "",
+            ]
+    lines += [
+        "## Golden self-test",
+        "",
+        f"`golden/` holds {len(golden['images'])} images at the model's input size, and `expected.json` the top-"
+        f"{golden['top_k']} the bundled model gives for them on the host (softmax probabilities). A device passes "
+        f"when every top-1 matches and every listed probability is within {golden['tolerance']} "
+        "(device kernels sum in another order; int8 requantization can move an output by one step).",
+        "",
+        "## On a phone, without an app: `device_bench/`",
+        "",
+        "`device_bench/` is edgetl's standalone benchmark (standard library, numpy and one runtime), with the "
+        f"bundled `{model['file']}`, `golden.npz`, `expected.json` and `golden_check.py`.",
+        "",
+        "- Termux: `pkg install proot-distro && proot-distro install debian && proot-distro login debian`, then "
+        "`apt update && apt install python3-venv && python3 -m venv v && . v/bin/activate && "
+        "pip install -r requirements.txt` (the runtimes' wheels are manylinux, hence the Debian userland).",
+        "- adb shell: `adb push device_bench /data/local/tmp/` and run the same commands in a shell that has such a "
+        "Python (for example the Termux one above).",
+        f"- Self-test: `python golden_check.py {model['file']}` (exit 0 when the device matches the host).",
+        f"- Same check with timing: `python device_bench.py {model['file']} --inputs golden.npz --threads 4 "
+        "--out result.json` — its `accuracy.top1` must be 1.0, because `golden.npz`'s labels are the host's top-1.",
+    ]
+    if fmt == "pte":
+        lines.append("- .pte on a phone: the ExecuTorch Python runtime needs torch; use device_bench's `--runner` "
+                     "with the native runner that `edgetl bench --setup arm64` builds.")
+    return "\n".join(lines) + "\n"
+
+
+def _list(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"

@@ -1,0 +1,410 @@
+"""edgetl bundle: the files and their contents, generated constants against the manifest, TFLite metadata
+read back, MediaPipe Tasks' ImageClassifier on the bundled .tflite, the generated Kotlin compiled (and its
+preprocessing run on the JVM), the golden self-test script, bad input and all-or-nothing writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+STUBS = REPO / "tests" / "kotlin_stubs"
+KOTLIN_DIR = "android/edgetl-classifier/src/main/kotlin/ai/edgetl/classifier"
+SWIFT_DIR = "ios/EdgeTLClassifier/Sources/EdgeTLClassifier"
+
+
+def _tool_venv() -> Path:
+    """MediaPipe's venv is kept between runs (it takes a minute or two to install, once per machine)."""
+    base = Path(os.environ.get("EDGETL_TEST_CACHE") or Path.home() / ".cache" / "edgetl-tests")
+    return base / "mediapipe-1.2.2"
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny real export (fp32 + int8 .tflite, per-channel ImageNet mean/std), built in a subprocess so this
+    process stays free of torch."""
+    folder = tmp_path_factory.mktemp("export")
+    code = "import sys; from pathlib import Path; from tests.bundle_fixture import build_export; " \
+           "build_export(Path(sys.argv[1]), ('int8', 'fp32'))"
+    done = subprocess.run([sys.executable, "-c", code, str(folder)], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bundles(export_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The same export bundled four ways, in-process (the bundle stage needs ai-edge-litert, not torch)."""
+    from edgetl.bundle import BundleOptions, run_bundle
+
+    os.environ["EDGETL_MEDIAPIPE_VENV"] = str(_tool_venv())
+    root = tmp_path_factory.mktemp("bundles")
+    variants = {
+        "int8": BundleOptions(artifact="tiny-32-int8.tflite"),
+        "fp32": BundleOptions(artifact="tiny-32-fp32", platforms=("android",)),
+        "int8io": BundleOptions(artifact="tiny-32-int8.tflite", int8_io=True, golden=3),
+        "plain": BundleOptions(artifact="tiny-32-int8.tflite", metadata=False, platforms=("ios",)),
+    }
+    made = {}
+    for name, options in variants.items():
+        made[name] = run_bundle(export_dir, BundleOptions(**{**options.__dict__, "out": root / name}))
+    return made
+
+
+def _sidecar(export_dir: Path, name: str) -> dict:
+    return json.loads((export_dir / f"{name}.json").read_text())
+
+
+def _kotlin_constants(path: Path) -> dict[str, object]:
+    text = path.read_text()
+    found: dict[str, object] = {}
+    for name, value in re.findall(r"const val (\w+) = (.+)", text):
+        found[name] = value.strip('"') if value.startswith('"') else float(value.rstrip("f"))
+    for name, values in re.findall(r"val (\w+) = floatArrayOf\((.*)\)", text):
+        found[name] = [float(v.strip().rstrip("f")) for v in values.split(",")]
+    return found
+
+
+def _swift_constants(path: Path) -> dict[str, object]:
+    text = path.read_text()
+    found: dict[str, object] = {}
+    for name, value in re.findall(r"static let (\w+)(?:: \w+)? = ([^\[\n]+)$", text, flags=re.M):
+        found[name] = value.strip('"') if value.startswith('"') else float(value)
+    for name, values in re.findall(r"static let (\w+): \[Float\] = \[(.*)\]", text):
+        found[name] = [float(v) for v in values.split(",")]
+    return found
+
+
+# ------------------------------------------------------------------------------------------- contents
+
+
+def test_bundle_holds_everything_an_app_needs(bundles: dict[str, Path], export_dir: Path) -> None:
+    root = bundles["int8"]
+    record = json.loads((root / "bundle.json").read_text())
+    model = record["model"]["file"]
+    assert model == "tiny-32-int8.tflite"
+    android = root / "android/edgetl-classifier"
+    ios = root / "ios/EdgeTLClassifier"
+    for path in [android / "build.gradle.kts", android / "src/main/AndroidManifest.xml",
+                 android / "src/main/assets" / model, android / "src/main/assets/labels.txt",
+                 android / "src/main/assets/preprocess.json", root / KOTLIN_DIR / "ImageClassifier.kt",
+                 root / KOTLIN_DIR / "ModelSpec.kt", root / KOTLIN_DIR / "Preprocessing.kt",
+                 android / "src/androidTest/kotlin/ai/edgetl/classifier/GoldenImageTest.kt",
+                 android / "src/androidTest/assets/golden/expected.json",
+                 ios / "EdgeTLClassifier.podspec", root / SWIFT_DIR / "ImageClassifier.swift",
+                 root / SWIFT_DIR / "Resources" / model, root / SWIFT_DIR / "Resources/labels.txt",
+                 ios / "Tests/EdgeTLClassifierTests/GoldenImageTests.swift",
+                 ios / "Tests/EdgeTLClassifierTests/golden/expected.json",
+                 root / "device_bench/device_bench.py", root / "device_bench/requirements.txt",
+                 root / "device_bench/golden_check.py", root / "device_bench" / model, root / "README.md"]:
+        assert path.is_file(), path
+    assert not (ios / "Package.swift").exists()  # TensorFlowLiteSwift is CocoaPods-only
+    bundled = (android / "src/main/assets" / model).read_bytes()
+    assert bundled == (root / SWIFT_DIR / "Resources" / model).read_bytes()
+    assert bundled == (root / "device_bench" / model).read_bytes()
+    assert record["model"]["sha256"] != _sidecar(export_dir, model)["sha256"]  # metadata was added
+    assert (android / "src/main/assets/labels.txt").read_text() == (export_dir / "labels.txt").read_text()
+    gradle = (android / "build.gradle.kts").read_text()
+    assert 'implementation("com.google.ai.edge.litert:litert:' in gradle
+    assert 'noCompress += listOf("tflite")' in gradle
+    assert "{{" not in gradle and "{{" not in (root / KOTLIN_DIR / "ModelSpec.kt").read_text()
+    kotlin = (root / KOTLIN_DIR / "ImageClassifier.kt").read_text()
+    assert "org.tensorflow.lite.Interpreter" in kotlin and "executorch" not in kotlin
+    assert "import TensorFlowLite" in (root / SWIFT_DIR / "ImageClassifier.swift").read_text()
+    assert "TensorFlowLiteSwift" in (ios / "EdgeTLClassifier.podspec").read_text()
+    expected = json.loads((root / "golden/expected.json").read_text())
+    assert len(expected["images"]) == 5 and expected["tolerance"] == 0.05
+    for image in expected["images"]:
+        picture = Image.open(root / "golden" / image["file"])
+        assert picture.size == (32, 32) and picture.mode == "RGB"
+        assert len(image["top_k"]) == 3
+        scores = [e["score"] for e in image["top_k"]]
+        assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0001
+    assert not list(root.parent.glob(".int8.tmp-*")) and not (root / ".work").exists()
+
+
+def test_readme_has_five_steps_or_fewer_per_platform(bundles: dict[str, Path]) -> None:
+    text = (bundles["int8"] / "README.md").read_text()
+    for heading in ("## Android", "## iOS"):
+        section = text.split(heading, 1)[1].split("\n## ", 1)[0]
+        steps = re.findall(r"^(\d+)\. ", section, flags=re.M)
+        assert 1 <= len(steps) <= 5, (heading, steps)
+    assert "CocoaPods" in text and "Termux" in text and "adb" in text and "golden_check.py" in text
+    assert "device_bench.py tiny-32-int8.tflite --inputs golden.npz" in text
+
+
+# ------------------------------------------------------------------------- constants against the manifest
+
+
+def _manifest_input(export_dir: Path, name: str, pictures: np.ndarray) -> np.ndarray:
+    pre = _sidecar(export_dir, name)["preprocess"]
+    x = pictures.astype(np.float32) * np.float32(pre["scale"])
+    return (x - np.asarray(pre["mean"], np.float32)) / np.asarray(pre["std"], np.float32)
+
+
+def _golden_pictures(root: Path) -> np.ndarray:
+    expected = json.loads((root / "golden/expected.json").read_text())
+    return np.stack([np.asarray(Image.open(root / "golden" / im["file"])) for im in expected["images"]])
+
+
+def test_kotlin_constants_quantize_exactly_as_the_manifest_says(bundles: dict[str, Path], export_dir: Path) -> None:
+    """--int8-io keeps the exported int8 input: the generated code normalises and quantizes itself."""
+    root = bundles["int8io"]
+    sidecar = _sidecar(export_dir, "tiny-32-int8.tflite")
+    spec = _kotlin_constants(root / KOTLIN_DIR / "ModelSpec.kt")
+    assert spec["INPUT_WIDTH"] == spec["INPUT_HEIGHT"] == sidecar["model"]["image_size"]
+    assert spec["NUM_CLASSES"] == len(sidecar["labels"])
+    assert spec["INPUT_DTYPE"] == "int8" and spec["OUTPUT_DTYPE"] == "int8"
+    assert spec["INPUT_SCALE"] == pytest.approx(sidecar["input"]["quantization"]["scale"], rel=1e-7)
+    assert spec["INPUT_ZERO_POINT"] == sidecar["input"]["quantization"]["zero_point"]
+    assert spec["OUTPUT_ZERO_POINT"] == sidecar["output"]["quantization"]["zero_point"]
+    pictures = _golden_pictures(root)
+    implied = (pictures - np.asarray(spec["PIXEL_MEAN"])) / np.asarray(spec["PIXEL_STD"])
+    manifest = _manifest_input(export_dir, "tiny-32-int8.tflite", pictures)
+    assert np.abs(implied - manifest).max() < 1e-5
+    # Kotlin's roundToInt rounds half up; edgetl's verification rounds half to even: equal but at exact halves.
+    kotlin_q = np.clip(np.floor(implied / spec["INPUT_SCALE"] + 0.5) + spec["INPUT_ZERO_POINT"], -128, 127)
+    host_q = np.clip(np.round(manifest / sidecar["input"]["quantization"]["scale"])
+                     + sidecar["input"]["quantization"]["zero_point"], -128, 127)
+    assert np.abs(kotlin_q - host_q).max() <= 1 and (kotlin_q == host_q).mean() > 0.999
+    swift = _swift_constants(root / SWIFT_DIR / "ModelSpec.swift")
+    assert swift["pixelMean"] == pytest.approx(spec["PIXEL_MEAN"]) and swift["pixelStd"] == pytest.approx(
+        spec["PIXEL_STD"])
+    assert swift["inputScale"] == pytest.approx(spec["INPUT_SCALE"])
+    assert swift["inputZeroPoint"] == spec["INPUT_ZERO_POINT"]
+
+
+def test_constants_and_bundled_graph_together_equal_the_manifest(bundles: dict[str, Path], export_dir: Path) -> None:
+    """Per-channel mean/std move into the graph (MediaPipe rejects them as metadata): what the generated
+    code feeds, through the bundled model, must give what the exported artifact gives on manifest inputs."""
+    from edgetl.bundle import run_model, softmax
+
+    for variant, name in (("int8", "tiny-32-int8.tflite"), ("fp32", "tiny-32-fp32.tflite")):
+        root = bundles[variant]
+        spec = _kotlin_constants(root / KOTLIN_DIR / "ModelSpec.kt")
+        assert spec["INPUT_DTYPE"] == "float32" and spec["PIXEL_MEAN"] == [0.0] * 3 and spec["PIXEL_STD"] == [1.0] * 3
+        pictures = _golden_pictures(root)
+        implied = ((pictures - np.asarray(spec["PIXEL_MEAN"])) / np.asarray(spec["PIXEL_STD"])).astype(np.float32)
+        bundled = softmax(run_model(root / "device_bench" / name, "tflite", implied))
+        source = softmax(run_model(export_dir / name, "tflite", _manifest_input(export_dir, name, pictures)))
+        assert (bundled.argmax(1) == source.argmax(1)).all()
+        assert np.abs(bundled - source).max() < (0.02 if variant == "int8" else 1e-4)
+        record = json.loads((root / "bundle.json").read_text())
+        affine = record["model"]["tflite_metadata"]["normalization_in_graph"]
+        pre = _sidecar(export_dir, name)["preprocess"]
+        want_mul = [pre["scale"] / s for s in pre["std"]]
+        assert affine["multiplier"] == pytest.approx(want_mul, rel=1e-6)
+        assert affine["offset"] == pytest.approx([-m / s for m, s in zip(pre["mean"], pre["std"], strict=True)])
+
+
+# ------------------------------------------------------------------------------- metadata and MediaPipe
+
+
+def test_tflite_metadata_reads_back(bundles: dict[str, Path], export_dir: Path) -> None:
+    from edgetl.tflite_metadata import read_metadata
+
+    view = read_metadata(bundles["int8"] / "device_bench/tiny-32-int8.tflite")
+    meta = view["metadata"]
+    assert meta["labels_file"] == "labels.txt" and meta["labels_type"] == 2  # TENSOR_AXIS_LABELS
+    assert meta["color_space"] == 1 and meta["mean"] == [0.0] and meta["std"] == [1.0]
+    assert view["associated_files"]["labels.txt"] == (export_dir / "labels.txt").read_text()
+    assert view["input"]["dtype"] == "float32" and view["output"]["dtype"] == "float32"
+    plain = read_metadata(bundles["plain"] / "device_bench/tiny-32-int8.tflite")
+    assert plain["metadata"] is None and plain["input"]["dtype"] == "int8"
+
+
+def test_mediapipe_image_classifier_takes_the_bundled_tflite(bundles: dict[str, Path], export_dir: Path) -> None:
+    """MediaPipe Tasks (its own venv) gives the same top-1 as edgetl's verification runtime on the artifact."""
+    from edgetl.bundle import run_model
+    from edgetl.tflite_metadata import mediapipe_classify
+
+    for variant, name in (("int8", "tiny-32-int8.tflite"), ("fp32", "tiny-32-fp32.tflite")):
+        root = bundles[variant]
+        expected = json.loads((root / "golden/expected.json").read_text())
+        files = [root / "golden" / im["file"] for im in expected["images"]]
+        results = mediapipe_classify(root / "device_bench" / name, files, top_k=3)
+        pictures = _golden_pictures(root)
+        host = run_model(export_dir / name, "tflite", _manifest_input(export_dir, name, pictures)).argmax(1)
+        labels = (export_dir / "labels.txt").read_text().split()
+        assert [r[0]["index"] for r in results] == host.tolist()
+        assert [r[0]["label"] for r in results] == [labels[i] for i in host]
+        record = json.loads((root / "bundle.json").read_text())
+        assert record["model"]["tflite_metadata"]["mediapipe"]["top1_agree"] == len(files)
+
+
+# -------------------------------------------------------------------------------------- Kotlin compiled
+
+HARNESS = """
+import ai.edgetl.classifier.ModelSpec
+import ai.edgetl.classifier.Preprocessing
+import java.io.File
+import javax.imageio.ImageIO
+
+fun main(args: Array<String>) {
+    for (path in args) {
+        val image = ImageIO.read(File(path))
+        val argb = image.getRGB(0, 0, image.width, image.height, null, 0, image.width)
+        val x = Preprocessing.normalize(argb)
+        val line = if (ModelSpec.INPUT_DTYPE == "int8") Preprocessing.quantize(x, -128, 127).joinToString(" ")
+                   else x.joinToString(" ")
+        println(line)
+    }
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("kotlinc") is None, reason="kotlinc missing (Debian: apt-get install kotlin)")
+@pytest.mark.parametrize("variant", ["int8", "int8io"])
+def test_generated_kotlin_compiles_and_preprocesses_like_the_host(
+    bundles: dict[str, Path], variant: str, tmp_path: Path
+) -> None:
+    """Compile the module (main + androidTest) against API stand-ins, then run its preprocessing on the JVM
+    over the golden PNGs: it must produce the very tensor the host stored in golden.npz."""
+    root = bundles[variant]
+    classes = tmp_path / "stubs"
+    java = sorted(str(p) for p in STUBS.rglob("*.java"))
+    subprocess.run(["javac", "-nowarn", "-d", str(classes), *java], check=True, capture_output=True)
+    (tmp_path / "Harness.kt").write_text(HARNESS)
+    sources = sorted(str(p) for p in (root / "android").rglob("*.kt"))
+    jar = tmp_path / "module.jar"
+    done = subprocess.run(["kotlinc", "-cp", str(classes), "-include-runtime", "-d", str(jar), *sources,
+                           str(tmp_path / "Harness.kt")], capture_output=True, text=True, timeout=600)
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert done.returncode == 0 and not errors, done.stderr[-3000:]
+    expected = json.loads((root / "golden/expected.json").read_text())
+    files = [str(root / "golden" / im["file"]) for im in expected["images"]]
+    run = subprocess.run(["java", "-cp", f"{jar}{os.pathsep}{classes}", "HarnessKt", *files], capture_output=True,
+                         text=True, check=True, env={**os.environ, "JAVA_TOOL_OPTIONS": "-Djava.awt.headless=true"})
+    rows = [np.asarray(line.split(), dtype=np.float64) for line in run.stdout.strip().splitlines()]
+    host = np.load(root / "golden/golden.npz")["x"].reshape(len(rows), -1)
+    if variant == "int8io":
+        record = json.loads((root / "bundle.json").read_text())["model"]["input"]["quantization"]
+        host = np.clip(np.round(host / record["scale"]) + record["zero_point"], -128, 127)
+        assert np.abs(np.stack(rows) - host).max() <= 1 and (np.stack(rows) == host).mean() > 0.999
+    else:
+        assert np.abs(np.stack(rows) - host).max() < 1e-4
+
+
+# ------------------------------------------------------------------------- the on-device self-test script
+
+
+def test_golden_check_passes_on_the_host_and_fails_on_a_wrong_expectation(bundles: dict[str, Path]) -> None:
+    folder = bundles["int8io"] / "device_bench"
+    ok = subprocess.run([sys.executable, "golden_check.py", "tiny-32-int8.tflite"], cwd=folder, capture_output=True,
+                        text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "3 passed, 0 failed" in ok.stdout
+    expected = json.loads((folder / "expected.json").read_text())
+    first = expected["images"][0]["top_k"]
+    first[0]["index"], first[1]["index"] = first[1]["index"], first[0]["index"]
+    (folder.parent / "wrong").mkdir()
+    (folder.parent / "wrong/expected.json").write_text(json.dumps(expected))
+    shutil.copy2(folder / "golden.npz", folder.parent / "wrong/golden.npz")
+    bad = subprocess.run([sys.executable, "golden_check.py", "tiny-32-int8.tflite", "--golden", "../wrong"],
+                         cwd=folder, capture_output=True, text=True)
+    assert bad.returncode == 1 and "FAIL" in bad.stdout
+
+
+# ----------------------------------------------------------------------------------- bad input, atomicity
+
+
+def _one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "a-32-int8.tflite").write_bytes(b"TFL3")
+    (folder / "b-32-fp32.pte").write_bytes(b"PTE")
+    _one_line_error(run_cli("bundle", str(folder), "--artifact", "nope.tflite"),
+                    "nope.tflite", "a-32-int8.tflite", "b-32-fp32.pte")
+    _one_line_error(run_cli("bundle", str(folder), "--artifact", "a-32-int8.tflite", "--platform", "windows"),
+                    "windows", "android", "ios")
+    _one_line_error(run_cli("bundle", str(folder), "--artifact", "a-32-int8.tflite"),
+                    "a-32-int8.tflite", "no manifest", "a-32-int8.tflite.json")
+    _one_line_error(run_cli("bundle", str(folder)), "--artifact", "a-32-int8.tflite")
+    _one_line_error(run_cli("bundle", str(tmp_path / "missing")), "does not exist")
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_a_failure_midway_leaves_no_bundle(export_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgetl import bundle
+
+    out = tmp_path / "b"
+    monkeypatch.setattr(bundle, "_ios", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk full")))
+    with pytest.raises(RuntimeError):
+        bundle.run_bundle(export_dir, bundle.BundleOptions(artifact="tiny-32-fp32.tflite", metadata=False, out=out))
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------------------------- .pte
+
+
+@pytest.mark.slow
+def test_pte_bundle_uses_executorch_on_both_platforms(tmp_path: Path) -> None:
+    """A tiny .pte (XNNPACK) bundled through the CLI: ExecuTorch AAR, ExecuTorch SwiftPM package, golden set."""
+    code = """
+import json, sys, numpy as np, torch
+from pathlib import Path
+from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+from executorch.exir import to_edge_transform_and_lower
+from edgetl.data import preprocess_spec
+from edgetl.manifest import sha256_file
+folder = Path(sys.argv[1]); folder.mkdir(parents=True)
+torch.manual_seed(0)
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, stride=2)
+        self.fc = torch.nn.Linear(4, 3)
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x.permute(0, 3, 1, 2))).mean(dim=(2, 3)))
+net = Net().eval()
+x = np.random.default_rng(0).normal(size=(20, 16, 16, 3)).astype(np.float32)
+program = to_edge_transform_and_lower(torch.export.export(net, (torch.from_numpy(x[:1]),)),
+                                      partitioner=[XnnpackPartitioner()]).to_executorch()
+(folder / "t-16-fp32.pte").write_bytes(program.buffer)
+np.savez(folder / "test_inputs.npz", x=x, y=np.arange(20) % 3)
+(folder / "labels.txt").write_text("a\\nb\\nc\\n")
+sidecar = {"file": "t-16-fp32.pte", "format": "pte", "quant": "fp32", "runtime": "ExecuTorch (XNNPACK delegate)",
+           "sha256": sha256_file(folder / "t-16-fp32.pte"), "labels": ["a", "b", "c"],
+           "model": {"backbone": "t", "image_size": 16, "num_classes": 3},
+           "preprocess": preprocess_spec(16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), layout="NHWC"),
+           "input": {"name": "x", "dtype": "float32", "shape": [1, 16, 16, 3], "quantization": None},
+           "output": {"name": "logits", "dtype": "float32", "shape": [1, 3], "quantization": None},
+           "versions": {"executorch": "1.5.1"}}
+(folder / "t-16-fp32.pte.json").write_text(json.dumps(sidecar))
+"""
+    folder = tmp_path / "export"
+    subprocess.run([sys.executable, "-c", code, str(folder)], cwd=REPO, check=True, capture_output=True, timeout=600)
+    result = run_cli("bundle", str(folder), "--artifact", "t-16-fp32.pte", "--out", str(tmp_path / "b"),
+                     "--golden", "3")
+    assert result.returncode == 0, result.stderr
+    root = tmp_path / "b"
+    gradle = (root / "android/edgetl-classifier/build.gradle.kts").read_text()
+    assert 'implementation("org.pytorch:executorch-android:1.5.1")' in gradle and '"pte"' in gradle
+    assert "org.pytorch.executorch.Module" in (root / KOTLIN_DIR / "ImageClassifier.kt").read_text()
+    package = (root / "ios/EdgeTLClassifier/Package.swift").read_text()
+    assert 'branch: "swiftpm-1.5.1"' in package and "backend_xnnpack" in package
+    assert "import ExecuTorch" in (root / SWIFT_DIR / "ImageClassifier.swift").read_text()
+    spec = _kotlin_constants(root / KOTLIN_DIR / "ModelSpec.kt")
+    assert spec["PIXEL_MEAN"] == [127.5] * 3 and spec["PIXEL_STD"] == [63.75] * 3
+    record = json.loads((root / "bundle.json").read_text())
+    assert record["model"]["changed"] is False and record["model"]["tflite_metadata"] is None
+    assert len(record["golden"]["images"]) == 3
