@@ -93,12 +93,14 @@ def _affine(schema: ModuleType, kind: str):
     return (schema.BuiltinOptions.MulOptions if kind == "mul" else schema.BuiltinOptions.AddOptions), options
 
 
-def _wrap_io(schema: ModuleType, model, float_io: bool, pixel_affine: tuple[list[float], list[float]] | None) -> None:
+def _wrap_io(schema: ModuleType, model, float_io: bool, pixel_affine: tuple[list[float], list[float]] | None,
+             softmax: bool = False) -> None:
     """Edit the graph's edges only, never its int8 core:
     - `pixel_affine` (multiplier, offset per channel): the model takes float pixels (0..255) and
       normalises them itself (MUL, ADD), for per-channel mean/std that MediaPipe cannot express;
     - `float_io`: QUANTIZE before an int8 input and DEQUANTIZE after an int8 output (MediaPipe wants
-      float32 or uint8 tensors)."""
+      float32 or uint8 tensors);
+    - `softmax`: SOFTMAX after a float output, so MediaPipe and the Task Library report probabilities."""
     import numpy as np
 
     graph = model.subgraphs[0]
@@ -129,6 +131,14 @@ def _wrap_io(schema: ModuleType, model, float_io: bool, pixel_affine: tuple[list
         new_out = _tensor(schema, model, [int(v) for v in graph.tensors[old_out].shape], "logits")
         graph.operators.append(_op(schema, model, schema.BuiltinOperator.DEQUANTIZE, 2, [old_out], [new_out]))
         graph.outputs[0] = new_out
+    last = graph.outputs[0]
+    if softmax and graph.tensors[last].type == schema.TensorType.FLOAT32:
+        probabilities = _tensor(schema, model, [int(v) for v in graph.tensors[last].shape], "probabilities")
+        options = schema.SoftmaxOptionsT()
+        options.beta = 1.0
+        graph.operators.append(_op(schema, model, schema.BuiltinOperator.SOFTMAX, 1, [last], [probabilities],
+                                   (schema.BuiltinOptions.SoftmaxOptions, options)))
+        graph.outputs[0] = probabilities
     for signature in model.signatureDefs or []:
         for entry in signature.inputs or []:
             if entry.tensorIndex == old_in:
@@ -159,7 +169,7 @@ def _metadata_bytes(meta: ModuleType, request: dict) -> bytes:
     labels.name, labels.description = Path(request["labels_file"]).name, "One label per output class."
     labels.type = meta.AssociatedFileType.TENSOR_AXIS_LABELS
     scores = meta.TensorMetadataT()
-    scores.name, scores.description = "logits", request["output_description"]
+    scores.name, scores.description = request.get("output_name", "logits"), request["output_description"]
     scores.content = meta.ContentT()
     scores.content.contentPropertiesType = meta.ContentProperties.FeatureProperties
     scores.content.contentProperties = meta.FeaturePropertiesT()
@@ -187,8 +197,9 @@ def write(request: dict) -> dict:
     schema, meta = _schemas()
     model = _load_model(schema, Path(request["model_in"]).read_bytes())
     affine = request.get("pixel_affine")
-    if request.get("float_io") or affine:
-        _wrap_io(schema, model, bool(request.get("float_io")), tuple(affine) if affine else None)
+    if request.get("float_io") or affine or request.get("softmax"):
+        _wrap_io(schema, model, bool(request.get("float_io")), tuple(affine) if affine else None,
+                 bool(request.get("softmax")))
     kept = [m for m in (model.metadata or []) if _text(m.name) != METADATA_NAME]
     buffer = schema.BufferT()
     buffer.data = np.frombuffer(_metadata_bytes(meta, request), dtype=np.uint8)

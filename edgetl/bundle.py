@@ -98,6 +98,9 @@ def run_bundle(export_dir: Path, options: BundleOptions) -> Path:
     """Build the bundle folder (all or nothing) and return it."""
     export_dir = Path(export_dir)
     platforms = parse_platforms(options.platforms)
+    if not (TEMPLATES / "android").is_dir() or not (TEMPLATES / "ios").is_dir():
+        raise UserError(f"the app templates are missing ({TEMPLATES}/android, ios); edgetl bundle runs from a "
+                        f"source checkout (pip install -e .)")
     if not 1 <= options.golden <= 50:
         raise UserError(f"--golden {options.golden} is not usable; valid: 1 to 50 images")
     artifact, sidecar = find_artifact(export_dir, options.artifact)
@@ -116,7 +119,8 @@ def run_bundle(export_dir: Path, options: BundleOptions) -> Path:
         labels_file = work / "labels.txt"
         labels_file.write_text("".join(f"{label}\n" for label in sidecar["labels"]))
         model, io, metadata = _bundled_model(artifact, sidecar, labels_file, work, options)
-        spec = preprocess_json(sidecar, model.name, io, (metadata or {}).get("normalization_in_graph"))
+        spec = preprocess_json(sidecar, model.name, io, (metadata or {}).get("normalization_in_graph"),
+                               bool((metadata or {}).get("softmax_in_graph")))
         golden = _golden(export_dir, artifact, sidecar, model, spec, tmp / "golden", options)
         if metadata is not None and io["input"]["dtype"] in ("float32", "uint8"):
             metadata["mediapipe"] = _mediapipe_check(model, tmp / "golden", golden)
@@ -171,6 +175,7 @@ def _bundled_model(artifact: Path, sidecar: dict, labels_file: Path, work: Path,
     metadata["associated_files"] = sorted(view["associated_files"])
     metadata["float_io_wrapper"] = float_io and sidecar["input"].get("dtype") == "int8"
     metadata["normalization_in_graph"] = view["normalization_in_graph"]
+    metadata["softmax_in_graph"] = view["softmax_in_graph"]
     return target, _io(target, sidecar), metadata
 
 
@@ -182,7 +187,8 @@ def _io(model: Path, sidecar: dict) -> dict:
     return {"input": {k: sidecar["input"].get(k) for k in keep}, "output": {k: sidecar["output"].get(k) for k in keep}}
 
 
-def preprocess_json(sidecar: dict, model_file: str, io: dict, in_graph: dict | None = None) -> dict:
+def preprocess_json(sidecar: dict, model_file: str, io: dict, in_graph: dict | None = None,
+                    softmax: bool = False) -> dict:
     """What an app needs to turn a picture into the bundled model's input, and its output into labels.
     With `in_graph` the model normalises per channel itself, so the app feeds plain pixel values."""
     pre = sidecar["preprocess"]
@@ -207,7 +213,9 @@ def preprocess_json(sidecar: dict, model_file: str, io: dict, in_graph: dict | N
                    + "; int8/uint8 input: q = clamp(round(x / input.scale) + input.zero_point)",
         "input": {k: io["input"].get(k) for k in ("dtype", "shape", "quantization")},
         "output": {**{k: io["output"].get(k) for k in ("dtype", "shape", "quantization")},
-                   "meaning": "logits, one per line of labels.txt; softmax gives probabilities"},
+                   "meaning": "probabilities (softmax inside the model), one per line of labels.txt" if softmax
+                   else "logits, one per line of labels.txt; softmax gives probabilities",
+                   "kind": "probabilities" if softmax else "logits"},
         "num_classes": len(sidecar["labels"]),
     }
 
@@ -288,15 +296,20 @@ def _golden(export_dir: Path, artifact: Path, sidecar: dict, model: Path, spec: 
     from edgetl.data import to_array
     data = np.load(export_dir / "test_inputs.npz")
     pre = dict(sidecar["preprocess"], layout="NHWC")
-    candidates = data["x"][:200]
-    truth = data["y"][:200]
+    # Candidates: the first few test images of every class (test splits are often sorted by class).
+    all_truth = data["y"]
+    per_class = max(2, 200 // max(1, len(sidecar["labels"])))
+    picked = np.sort(np.concatenate([np.flatnonzero(all_truth == label)[:per_class]
+                                     for label in range(len(sidecar["labels"]))]))[:400]
+    candidates, truth = data["x"][picked], all_truth[picked]
     pictures = [_pixels(x, pre) for x in candidates]
     xs = np.stack([to_array(Image.fromarray(p), pre) for p in pictures]).astype(np.float32)
     # What the app feeds the bundled model: the same pictures through preprocess.json's constants.
     app = np.stack(pictures).astype(np.float32)
     app = ((app - np.asarray(spec["pixel_mean"], np.float32)) / np.asarray(spec["pixel_std"], np.float32))
     fmt = sidecar["format"]
-    probs = softmax(run_model(model, fmt, app))
+    raw = run_model(model, fmt, app)
+    probs = raw if spec["output"]["kind"] == "probabilities" else softmax(raw)
     tolerance = TOLERANCE.get(sidecar["quant"], 0.05)
     ordered = np.sort(probs, axis=1)
     margin = ordered[:, -1] - ordered[:, -2]
@@ -327,6 +340,7 @@ def _golden(export_dir: Path, artifact: Path, sidecar: dict, model: Path, spec: 
     expected = {
         "schema_version": SCHEMA_VERSION, "model_file": model.name, "tolerance": tolerance, "top_k": options.top_k,
         "scores": "softmax probabilities of the bundled model on the host (ai-edge-litert / ExecuTorch)",
+        "model_output": spec["output"]["kind"],
         "max_prob_diff_vs_artifact": round(float(np.abs(source - probs[chosen]).max()), 6),
         "images": images,
     }
@@ -367,6 +381,7 @@ def _constants(sidecar: dict, files: dict) -> dict[str, str]:
         "INPUT_ZERO_POINT": str(int(q_in["zero_point"])),
         "OUTPUT_DTYPE": spec["output"]["dtype"], "OUTPUT_SCALE": repr(float(q_out["scale"])),
         "OUTPUT_ZERO_POINT": str(int(q_out["zero_point"])),
+        "OUTPUT_KIND": spec["output"]["kind"],
         "EXECUTORCH_VERSION": str(sidecar.get("versions", {}).get("executorch") or "1.5.1"),
     }
 
@@ -455,19 +470,24 @@ def _readme(record: dict, sidecar: dict) -> str:
         "",
         "Preprocessing (also in `preprocess.json` and as constants in `ModelSpec`): RGB, bilinear resize to "
         f"{record['preprocess']['resize']['width']}×{record['preprocess']['resize']['height']} (no aspect kept), "
-        f"x = (pixel − {_list(record['preprocess']['pixel_mean'])}) / {_list(record['preprocess']['pixel_std'])} "
-        f"per channel, NHWC; input tensor {model['input']['dtype']}"
+        f"x = (pixel × {record['preprocess']['scale']:.6g} − mean {_list(record['preprocess']['mean'])}) / std "
+        f"{_list(record['preprocess']['std'])} per channel (pixel 0–255), NHWC; "
+        + ("the bundled model applies this itself, so apps feed pixel values as float32"
+           if record["preprocess"]["normalization_in_graph"] else
+           f"apps compute (pixel − {_list(record['preprocess']['pixel_mean'])}) / "
+           f"{_list(record['preprocess']['pixel_std'])}")
+        + f"; input tensor {model['input']['dtype']}"
         + (f" (scale {model['input']['quantization']['scale']:.6g}, zero point "
            f"{model['input']['quantization']['zero_point']})" if model["input"].get("quantization") else "")
-        + ". The output is logits; the classifiers apply softmax.",
+        + (". The output is probabilities (softmax inside the model)." if record["preprocess"]["output"]["kind"]
+           == "probabilities" else ". The output is logits; the classifiers apply softmax."),
         "",
     ]
     if meta:
         lines += [
             f"The .tflite carries standard TFLite metadata: labels (`{meta.get('labels_file')}`, associated file), "
             f"NormalizationOptions mean {_list(meta['mean'])} std {_list(meta['std'])}, RGB ImageProperties; "
-            "MediaPipe Tasks' ImageClassifier and the TFLite Task Library take it as it is (MediaPipe reports "
-            "logits as scores)."
+            "MediaPipe Tasks' ImageClassifier and the TFLite Task Library take it as it is."
             + (" Its int8 graph is wrapped in float32 input/output (QUANTIZE/DEQUANTIZE), because MediaPipe "
                "accepts only float32 or uint8 input tensors." if meta.get("float_io_wrapper") else ""),
             (f"MediaPipe check on the host: top-1 as expected on {meta['mediapipe']['top1_agree']}/"

@@ -87,6 +87,7 @@ def write_metadata(model_in: Path, model_out: Path, sidecar: dict, labels_file: 
     plus `normalization_in_graph` when per-channel mean/std had to move into the graph."""
     mean, std = normalization(sidecar["preprocess"])
     takes_float = float_io or sidecar["input"].get("dtype") == "float32"
+    softmax = float_io or sidecar["output"].get("dtype") == "float32"
     in_graph = not (uniform(mean) and uniform(std)) and takes_float
     affine = None
     if in_graph:
@@ -101,7 +102,8 @@ def write_metadata(model_in: Path, model_out: Path, sidecar: dict, labels_file: 
     model = sidecar["model"]
     request = {
         "model_in": str(model_in), "model_out": str(model_out), "labels_file": str(labels_file),
-        "float_io": float_io, "pixel_affine": affine, "mean": meta_mean, "std": meta_std,
+        "float_io": float_io, "pixel_affine": affine, "softmax": softmax,
+        "output_name": "probabilities" if softmax else "logits", "mean": meta_mean, "std": meta_std,
         "input_min": low, "input_max": high,
         "name": f"{model['backbone']} image classifier ({sidecar['quant']}, {model['image_size']} px)",
         "description": f"Classifies an RGB image into {model['num_classes']} classes; fine-tuned and exported by "
@@ -110,10 +112,12 @@ def write_metadata(model_in: Path, model_out: Path, sidecar: dict, labels_file: 
         "input_description": f"RGB image, {model['image_size']}x{model['image_size']}, resized bilinear, "
                              f"normalised as NormalizationOptions say"
                              + (" (per-channel mean/std are applied inside the model)." if in_graph else "."),
-        "output_description": "Logits, one per label (apply softmax for probabilities).",
+        "output_description": "Probabilities (softmax inside the model), one per label." if softmax
+                              else "Logits, one per label (apply softmax for probabilities).",
     }
     view = run_tool("write", request)
     view["normalization_in_graph"] = {"multiplier": affine[0], "offset": affine[1]} if affine else None
+    view["softmax_in_graph"] = softmax
     return view
 
 

@@ -165,7 +165,7 @@ def test_kotlin_constants_quantize_exactly_as_the_manifest_says(bundles: dict[st
     spec = _kotlin_constants(root / KOTLIN_DIR / "ModelSpec.kt")
     assert spec["INPUT_WIDTH"] == spec["INPUT_HEIGHT"] == sidecar["model"]["image_size"]
     assert spec["NUM_CLASSES"] == len(sidecar["labels"])
-    assert spec["INPUT_DTYPE"] == "int8" and spec["OUTPUT_DTYPE"] == "int8"
+    assert spec["INPUT_DTYPE"] == "int8" and spec["OUTPUT_DTYPE"] == "int8" and spec["OUTPUT_KIND"] == "logits"
     assert spec["INPUT_SCALE"] == pytest.approx(sidecar["input"]["quantization"]["scale"], rel=1e-7)
     assert spec["INPUT_ZERO_POINT"] == sidecar["input"]["quantization"]["zero_point"]
     assert spec["OUTPUT_ZERO_POINT"] == sidecar["output"]["quantization"]["zero_point"]
@@ -196,7 +196,9 @@ def test_constants_and_bundled_graph_together_equal_the_manifest(bundles: dict[s
         assert spec["INPUT_DTYPE"] == "float32" and spec["PIXEL_MEAN"] == [0.0] * 3 and spec["PIXEL_STD"] == [1.0] * 3
         pictures = _golden_pictures(root)
         implied = ((pictures - np.asarray(spec["PIXEL_MEAN"])) / np.asarray(spec["PIXEL_STD"])).astype(np.float32)
-        bundled = softmax(run_model(root / "device_bench" / name, "tflite", implied))
+        assert spec["OUTPUT_KIND"] == "probabilities"  # SOFTMAX appended to the bundled graph
+        bundled = run_model(root / "device_bench" / name, "tflite", implied)
+        assert np.allclose(bundled.sum(axis=1), 1.0, atol=1e-5)
         source = softmax(run_model(export_dir / name, "tflite", _manifest_input(export_dir, name, pictures)))
         assert (bundled.argmax(1) == source.argmax(1)).all()
         assert np.abs(bundled - source).max() < (0.02 if variant == "int8" else 1e-4)
@@ -239,6 +241,8 @@ def test_mediapipe_image_classifier_takes_the_bundled_tflite(bundles: dict[str, 
         labels = (export_dir / "labels.txt").read_text().split()
         assert [r[0]["index"] for r in results] == host.tolist()
         assert [r[0]["label"] for r in results] == [labels[i] for i in host]
+        top = [r[0]["score"] for r in results]  # probabilities: the bundled graph ends in SOFTMAX
+        assert top == pytest.approx([im["top_k"][0]["score"] for im in expected["images"]], abs=1e-3)
         record = json.loads((root / "bundle.json").read_text())
         assert record["model"]["tflite_metadata"]["mediapipe"]["top1_agree"] == len(files)
 

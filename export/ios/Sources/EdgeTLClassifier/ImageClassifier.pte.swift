@@ -20,11 +20,11 @@ public final class ImageClassifier {
 
     /// Top-k labels with softmax probabilities, best first.
     public func classify(_ image: CGImage, k: Int = 3) throws -> [Category] {
-        Preprocessing.topK(try logits(image), labels: labels, k: k)
+        Preprocessing.topK(try outputs(image), labels: labels, k: k)
     }
 
-    /// Raw logits, one per label (an int8 .pte quantizes inside the graph; it takes float32).
-    public func logits(_ image: CGImage) throws -> [Float] {
+    /// Raw outputs, one per label: see ModelSpec.outputKind (an int8 .pte takes float32 and quantizes inside).
+    public func outputs(_ image: CGImage) throws -> [Float] {
         let x = Preprocessing.normalize(Preprocessing.rgbaPixels(image))
         let input = Tensor<Float>(x, shape: [1, ModelSpec.inputHeight, ModelSpec.inputWidth, 3])
         let outputs = try module.forward(input)

@@ -22,11 +22,11 @@ public final class ImageClassifier {
 
     /// Top-k labels with softmax probabilities, best first.
     public func classify(_ image: CGImage, k: Int = 3) throws -> [Category] {
-        Preprocessing.topK(try logits(image), labels: labels, k: k)
+        Preprocessing.topK(try outputs(image), labels: labels, k: k)
     }
 
-    /// Raw logits (dequantized for int8 outputs), one per label.
-    public func logits(_ image: CGImage) throws -> [Float] {
+    /// Raw outputs (dequantized for int8), one per label: see ModelSpec.outputKind.
+    public func outputs(_ image: CGImage) throws -> [Float] {
         let x = Preprocessing.normalize(Preprocessing.rgbaPixels(image))
         let data: Data
         switch ModelSpec.inputDtype {

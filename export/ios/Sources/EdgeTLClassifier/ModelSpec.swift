@@ -19,4 +19,6 @@ public enum ModelSpec {
     public static let outputDtype = "{{OUTPUT_DTYPE}}"
     public static let outputScale: Float = {{OUTPUT_SCALE}}
     public static let outputZeroPoint = {{OUTPUT_ZERO_POINT}}
+    /// "probabilities" when the model ends in softmax, else "logits".
+    public static let outputKind = "{{OUTPUT_KIND}}"
 }

@@ -49,8 +49,13 @@ public enum Preprocessing {
         return e.map { $0 / sum }
     }
 
-    public static func topK(_ logits: [Float], labels: [String], k: Int) -> [Category] {
-        let p = softmax(logits)
+    /// The model's outputs as probabilities (softmax unless the model already ends in one).
+    public static func probabilities(_ outputs: [Float]) -> [Float] {
+        ModelSpec.outputKind == "probabilities" ? outputs : softmax(outputs)
+    }
+
+    public static func topK(_ outputs: [Float], labels: [String], k: Int) -> [Category] {
+        let p = probabilities(outputs)
         return p.indices.sorted { p[$0] > p[$1] }.prefix(k).map { Category(index: $0, label: labels[$0], score: p[$0]) }
     }
 }

@@ -27,7 +27,7 @@ final class GoldenImageTests: XCTestCase {
         for image in expected.images {
             let source = try XCTUnwrap(CGImageSourceCreateWithURL(try resource(image.file) as CFURL, nil))
             let cgImage = try XCTUnwrap(CGImageSourceCreateImageAtIndex(source, 0, nil))
-            let probabilities = Preprocessing.softmax(try classifier.logits(cgImage))
+            let probabilities = Preprocessing.probabilities(try classifier.outputs(cgImage))
             let got = try classifier.classify(cgImage, k: image.top_k.count)
             XCTAssertEqual(got.first?.index, image.top_k.first?.index, "\(image.file): top-1")
             for entry in image.top_k {

@@ -31,7 +31,7 @@ class GoldenImageTest {
                 assertEquals(image.getString("file") + ": top-1", want.getJSONObject(0).getInt("index").toLong(), got[0].index.toLong())
                 for (j in 0 until want.length()) {
                     val entry = want.getJSONObject(j)
-                    val score = Preprocessing.softmax(classifier.logits(bitmap))[entry.getInt("index")]
+                    val score = Preprocessing.probabilities(classifier.outputs(bitmap))[entry.getInt("index")]
                     val diff = abs(score - entry.getDouble("score").toFloat())
                     assertTrue(image.getString("file") + ": score of " + entry.getString("label") + " off by " + diff, diff <= tolerance)
                 }

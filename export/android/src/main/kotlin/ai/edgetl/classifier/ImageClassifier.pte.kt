@@ -26,10 +26,10 @@ class ImageClassifier(context: Context) : Closeable {
     }
 
     /** Top-k labels with softmax probabilities, best first. */
-    fun classify(bitmap: Bitmap, k: Int = 3): List<Category> = Preprocessing.topK(logits(bitmap), labels, k)
+    fun classify(bitmap: Bitmap, k: Int = 3): List<Category> = Preprocessing.topK(outputs(bitmap), labels, k)
 
-    /** Raw logits, one per label. */
-    fun logits(bitmap: Bitmap): FloatArray {
+    /** Raw outputs, one per label: see ModelSpec.OUTPUT_KIND. */
+    fun outputs(bitmap: Bitmap): FloatArray {
         val w = ModelSpec.INPUT_WIDTH
         val h = ModelSpec.INPUT_HEIGHT
         val scaled = if (bitmap.width == w && bitmap.height == h) bitmap else Bitmap.createScaledBitmap(bitmap, w, h, true)

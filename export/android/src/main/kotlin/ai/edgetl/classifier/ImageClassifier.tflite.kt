@@ -27,10 +27,10 @@ class ImageClassifier(context: Context, threads: Int = 4) : Closeable {
     }
 
     /** Top-k labels with softmax probabilities, best first. */
-    fun classify(bitmap: Bitmap, k: Int = 3): List<Category> = Preprocessing.topK(logits(bitmap), labels, k)
+    fun classify(bitmap: Bitmap, k: Int = 3): List<Category> = Preprocessing.topK(outputs(bitmap), labels, k)
 
-    /** Raw logits (dequantized for int8 outputs), one per label. */
-    fun logits(bitmap: Bitmap): FloatArray {
+    /** Raw outputs (dequantized for int8), one per label: see ModelSpec.OUTPUT_KIND. */
+    fun outputs(bitmap: Bitmap): FloatArray {
         val x = Preprocessing.normalize(readPixels(bitmap))
         val input = when (ModelSpec.INPUT_DTYPE) {
             "int8" -> direct(x.size).put(Preprocessing.quantize(x, -128, 127))

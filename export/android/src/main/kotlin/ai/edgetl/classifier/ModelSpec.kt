@@ -23,4 +23,6 @@ object ModelSpec {
     const val OUTPUT_DTYPE = "{{OUTPUT_DTYPE}}"
     const val OUTPUT_SCALE = {{OUTPUT_SCALE}}f
     const val OUTPUT_ZERO_POINT = {{OUTPUT_ZERO_POINT}}
+    /** "probabilities" when the model ends in softmax, else "logits". */
+    const val OUTPUT_KIND = "{{OUTPUT_KIND}}"
 }

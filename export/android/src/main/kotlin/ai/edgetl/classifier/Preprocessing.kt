@@ -43,8 +43,12 @@ object Preprocessing {
         return FloatArray(e.size) { e[it] / sum }
     }
 
-    fun topK(logits: FloatArray, labels: List<String>, k: Int): List<Category> {
-        val p = softmax(logits)
+    /** The model's outputs as probabilities (softmax unless the model already ends in one). */
+    fun probabilities(outputs: FloatArray): FloatArray =
+        if (ModelSpec.OUTPUT_KIND == "probabilities") outputs else softmax(outputs)
+
+    fun topK(outputs: FloatArray, labels: List<String>, k: Int): List<Category> {
+        val p = probabilities(outputs)
         return p.indices.sortedByDescending { p[it] }.take(k).map { Category(it, labels[it], p[it]) }
     }
 }
