@@ -559,8 +559,16 @@ def write_json(document: dict[str, Any], out: Path | None) -> None:
     os.replace(tmp, out)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (and exit 2) like every other bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"device_bench: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="device_bench.py",
         description="Time a .tflite or .pte model on this machine (load, warm-up, N invokes: p50/p90/p99, mean, "
                     "std), record peak RSS, file size, runtime version and CPU, optionally score top-1 over an "

@@ -212,3 +212,8 @@ def test_statistics_are_the_usual_ones() -> None:
     stats = bench.summarize([1.0, 2.0, 3.0, 4.0, 100.0])
     assert stats["p50"] == 3.0 and stats["min"] == 1.0 and stats["max"] == 100.0 and stats["n"] == 5
     assert stats["mean"] == pytest.approx(22.0) and stats["std"] == pytest.approx(np.std([1, 2, 3, 4, 100], ddof=1))
+
+
+def test_usage_mistakes_are_one_line() -> None:
+    _one_line_exit_2(run_bench("model.tflite", "--threads", "0"), "--threads must be >= 1, got 0")
+    _one_line_exit_2(run_bench(), "the following arguments are required: model")
