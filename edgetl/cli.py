@@ -90,7 +90,14 @@ def finetune(
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="RUN/checkpoint folder written by edgetl finetune.")],
     formats: Annotated[str | None, typer.Option(help="Comma list of tflite, pte (default: both).")] = None,
-    quant: Annotated[str | None, typer.Option(help="Comma list of fp32, int8 (default: both).")] = None,
+    quant: Annotated[str | None, typer.Option(
+        help="Comma list of fp32, int8 (default: both); keras checkpoints also fp16, dynamic.")] = None,
+    prune: Annotated[float | None, typer.Option(
+        help="Keras: tfmot magnitude pruning to this sparsity (e.g. 0.5) in a short fine-tune before conversion.")
+    ] = None,
+    qat: Annotated[bool | None, typer.Option(
+        "--qat", help="Keras: tfmot quantization-aware training before int8 (prune-preserving with --prune).")
+    ] = None,
     calib: Annotated[
         int | None, typer.Option(help="Training images for int8 calibration (default 256, chosen by measurement).")
     ] = None,
@@ -113,6 +120,7 @@ def export(
 
     config = resolve_config(
         recipe, formats=formats, quant=quant, calib=calib, max_drop=max_drop, bias_correction=bias_correction,
+        prune=prune, qat=qat,
         threads=threads,
     )
     run_export(checkpoint, config, out)

@@ -35,6 +35,7 @@ from edgetl.verify import FLOAT_REFERENCE, TEST_INPUTS, check_drop, print_record
 
 FORMATS = ("tflite", "pte")
 QUANTS = ("fp32", "int8")
+KERAS_QUANTS = ("fp16", "dynamic")  # TFLiteConverter variants, keras checkpoints only (issue #5)
 EXPORT_KIND = "edgetl.export"
 ARTIFACT_KIND = "edgetl.artifact"
 RUNTIMES = {"tflite": "LiteRT (ai-edge-litert Interpreter)", "pte": "ExecuTorch (XNNPACK delegate)"}
@@ -57,6 +58,8 @@ class ExportConfig:
     fuse_clamp: bool = True
     seed: int = 0
     threads: int | None = None
+    prune: float | None = None  # keras only: tfmot magnitude pruning to this sparsity before conversion
+    qat: bool = False  # keras only: tfmot quantization-aware training before the int8 conversion
     recipe: str | None = None
 
     def validate(self) -> ExportConfig:
@@ -71,8 +74,10 @@ class ExportConfig:
             if value not in FORMATS:
                 raise UserError(one_of(value, FORMATS, "format"))
         for value in quant:
-            if value not in QUANTS:
-                raise UserError(one_of(value, QUANTS, "quantization"))
+            if value not in QUANTS + KERAS_QUANTS:
+                raise UserError(one_of(value, QUANTS + KERAS_QUANTS, "quantization"))
+        if self.prune is not None and not 0 < self.prune < 1:
+            raise UserError(f"--prune {self.prune:g} is not usable; valid: a sparsity between 0 and 1 (e.g. 0.5)")
         if "int8" in quant and not 1 <= self.calib <= 100_000:
             raise UserError(f"--calib {self.calib} is not usable; valid: 1 or more training images")
         if not 0 <= self.max_drop <= 100:
@@ -150,6 +155,29 @@ def _backend():
     return backend
 
 
+def _check_framework_options(config: ExportConfig, framework: str) -> None:
+    """Options that only one backend has are refused with the checkpoint's framework named."""
+    if framework == "torch":
+        used = [f"--quant {q}" for q in config.quant if q in KERAS_QUANTS]
+        used += ["--prune"] * (config.prune is not None) + ["--qat"] * config.qat
+        if used:
+            raise UserError(f"{', '.join(used)}: keras-only; this checkpoint's framework is torch "
+                            f"(fine-tune with --framework keras to use them)")
+    elif not (config.bias_correction and config.fuse_clamp):
+        raise UserError("--no-bias-correction / fuse_clamp=false: torch-only (PT2E); this checkpoint's framework "
+                        "is keras (TFLiteConverter quantizes it)")
+
+
+def _keras_backend():
+    try:
+        from edgetl.backends.keras import export as backend
+    except ImportError as error:
+        raise UserError(
+            f"the keras export backend cannot be imported ({error}); install it with: pip install 'edgetl[keras]'"
+        ) from None
+    return backend
+
+
 def _load_split(
     listing: DatasetListing, records: list[tuple[str, int]], spec: dict, what: str
 ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
@@ -186,15 +214,17 @@ def run_export(checkpoint: Path, config: ExportConfig, out: Path | None = None) 
     """Export and verify; returns the export folder. Raises QualityError (after writing) on a big int8 drop."""
     checkpoint = Path(checkpoint)
     manifest = read_checkpoint_manifest(checkpoint)
-    if manifest.get("framework") != "torch":
-        raise UserError(
-            f"checkpoint framework {manifest.get('framework')!r} is not exported by this backend; valid: torch"
-        )
+    framework = manifest.get("framework")
+    if framework not in ("torch", "keras"):
+        raise UserError(f"checkpoint framework {framework!r} has no export backend; valid: torch, keras")
     config = config.validate()
+    _check_framework_options(config, framework)
     out = Path(out) if out is not None else checkpoint.parent / "export"
     ensure_writable_dir(out.parent, "output folder")
     if out.exists() and not out.is_dir():
         raise UserError(f"output {str(out)!r} exists and is not a folder; choose a folder path")
+    if framework == "keras":
+        return _keras_backend().export_checkpoint(checkpoint, manifest, config, out)
     listing = load_listing(checkpoint, manifest)
     backend = _backend()
 

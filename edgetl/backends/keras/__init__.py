@@ -6,33 +6,45 @@ package can import TensorFlow (importing a submodule always runs this file first
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import warnings
+from collections.abc import Iterator
 
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ chatter (no CUDA, oneDNN) is not for users
 
 
-def _import_quietly() -> None:
-    """Import TensorFlow with file descriptor 2 silenced.
+@contextlib.contextmanager
+def quiet_native(fds: tuple[int, ...] = (2,)) -> Iterator[None]:
+    """Silence file descriptors (and Python warnings) while TensorFlow's native code runs.
 
-    Its native libraries log start-up lines straight to fd 2 before TF_CPP_MIN_LOG_LEVEL applies, which
-    would break edgetl's one-line error messages; Python exceptions still propagate unchanged.
+    TensorFlow and its converter print straight to fd 1/2 from C++ (start-up lines, converter flags), which
+    would break edgetl's one-line error messages and tables; Python exceptions still propagate unchanged.
+    EDGETL_DEBUG=1 lets everything through.
     """
-    if "tensorflow" in sys.modules:
+    if os.environ.get("EDGETL_DEBUG") == "1":
+        yield
         return
+    sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(2)
+    saved = {fd: os.dup(fd) for fd in fds}
     try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            import tensorflow
-            import tf_keras  # noqa: F401
-
-            tensorflow.config.list_physical_devices("GPU")  # CUDA probing logs once, here, while silenced
+        with open(os.devnull, "w") as devnull, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for fd in fds:
+                os.dup2(devnull.fileno(), fd)
+            yield
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
 
 
-_import_quietly()
+if "tensorflow" not in sys.modules:
+    with quiet_native():
+        import tensorflow
+        import tf_keras  # noqa: F401
+
+        tensorflow.config.list_physical_devices("GPU")  # CUDA probing logs once, here, while silenced
