@@ -11,6 +11,7 @@ It never imports edgetl. Commands (one JSON request file as argument, JSON answe
             per-channel normalisation inside the graph
   read      report the metadata and the input/output tensors of a .tflite
   classify  run MediaPipe Tasks' ImageClassifier on image files and report top-k
+  task_classify  the same with the TFLite Task Library (run in a tflite-support venv instead)
 """
 
 from __future__ import annotations
@@ -279,10 +280,25 @@ def classify(request: dict) -> dict:
     return {"results": rows}
 
 
+def task_classify(request: dict) -> dict:
+    """The TFLite Task Library's ImageClassifier (tflite-support) on each image file."""
+    from tflite_support.task import core, processor, vision
+
+    options = vision.ImageClassifierOptions(
+        base_options=core.BaseOptions(file_name=request["model"]),
+        classification_options=processor.ClassificationOptions(max_results=int(request.get("top_k", 3))))
+    classifier = vision.ImageClassifier.create_from_options(options)
+    rows = []
+    for path in request["images"]:
+        categories = classifier.classify(vision.TensorImage.create_from_file(path)).classifications[0].categories
+        rows.append([{"label": c.category_name, "index": c.index, "score": float(c.score)} for c in categories])
+    return {"results": rows}
+
+
 def main() -> None:
     command, request_file = sys.argv[1], sys.argv[2]
     request = json.loads(Path(request_file).read_text())
-    handlers = {"write": write, "read": read, "classify": classify}
+    handlers = {"write": write, "read": read, "classify": classify, "task_classify": task_classify}
     json.dump(handlers[command](request), sys.stdout)
 
 

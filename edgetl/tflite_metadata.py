@@ -22,13 +22,22 @@ from edgetl.errors import UserError
 from edgetl.paths import cache_dir
 
 MEDIAPIPE_VERSION = "1.2.2"
+TFLITE_SUPPORT_VERSION = "0.4.4"
 TOOL = Path(__file__).resolve().parent / "_metadata_tool.py"
+# name → (override variable, pip requirements). tflite-support needs protobuf<4 (and libusb-1.0 at import),
+# so the TFLite Task Library gets a venv of its own as well.
+ENVS = {
+    "mediapipe": ("EDGETL_MEDIAPIPE_VENV", [f"mediapipe=={MEDIAPIPE_VERSION}", "numpy"]),
+    "tflite-support": ("EDGETL_TFLITE_SUPPORT_VENV", [f"tflite-support=={TFLITE_SUPPORT_VERSION}", "numpy<2"]),
+}
 
 
-def tool_env() -> Path:
-    """$EDGETL_MEDIAPIPE_VENV, else the cached venv, else make it (about 20 s to 2 min, once)."""
-    override = os.environ.get("EDGETL_MEDIAPIPE_VENV")
-    root = Path(override) if override else cache_dir() / "tools" / f"mediapipe-{MEDIAPIPE_VERSION}"
+def tool_env(name: str = "mediapipe") -> Path:
+    """$EDGETL_MEDIAPIPE_VENV (or the tool's own variable), else the cached venv, else make it (once)."""
+    variable, requirements = ENVS[name]
+    override = os.environ.get(variable)
+    version = requirements[0].split("==")[1]
+    root = Path(override) if override else cache_dir() / "tools" / f"{name}-{version}"
     python = root / "bin" / "python"
     if python.exists():
         return python
@@ -39,13 +48,13 @@ def tool_env() -> Path:
         subprocess.run([sys.executable, "-m", "venv", str(tmp)], check=True, capture_output=True)
         done = subprocess.run(
             [str(tmp / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-             f"mediapipe=={MEDIAPIPE_VERSION}", "numpy"],
+             *requirements],
             capture_output=True, text=True,
         )
         if done.returncode != 0:
             tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["?"]
-            raise UserError(f"could not install mediapipe=={MEDIAPIPE_VERSION} for TFLite metadata ({tail[0]}); "
-                            f"set EDGETL_MEDIAPIPE_VENV to a venv that has it, or bundle with --no-metadata")
+            raise UserError(f"could not install {requirements[0]} ({tail[0]}); set {variable} to a venv that "
+                            f"has it" + (", or bundle with --no-metadata" if name == "mediapipe" else ""))
         try:
             tmp.rename(root)
         except OSError:  # another process finished first; use theirs
@@ -56,9 +65,9 @@ def tool_env() -> Path:
     return python
 
 
-def run_tool(command: str, request: dict) -> dict:
-    """One call of `_metadata_tool.py` in the mediapipe venv; its JSON answer, or a UserError line."""
-    python = tool_env()
+def run_tool(command: str, request: dict, env: str = "mediapipe") -> dict:
+    """One call of `_metadata_tool.py` in a tool venv; its JSON answer, or a UserError line."""
+    python = tool_env(env)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
         json.dump(request, handle)
     try:
@@ -128,4 +137,11 @@ def read_metadata(model: Path) -> dict:
 def mediapipe_classify(model: Path, images: list[Path], top_k: int = 3) -> list[list[dict]]:
     """Top-k per image from MediaPipe Tasks' ImageClassifier, loading the model exactly as an app would."""
     answer = run_tool("classify", {"model": str(model), "images": [str(p) for p in images], "top_k": top_k})
+    return answer["results"]
+
+
+def task_library_classify(model: Path, images: list[Path], top_k: int = 3) -> list[list[dict]]:
+    """Top-k per image from the TFLite Task Library's ImageClassifier (tflite-support, its own venv)."""
+    answer = run_tool("task_classify", {"model": str(model), "images": [str(p) for p in images], "top_k": top_k},
+                      env="tflite-support")
     return answer["results"]

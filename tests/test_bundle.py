@@ -4,6 +4,7 @@ preprocessing run on the JVM), the golden self-test script, bad input and all-or
 
 from __future__ import annotations
 
+import ctypes.util
 import json
 import os
 import re
@@ -24,10 +25,10 @@ KOTLIN_DIR = "android/edgetl-classifier/src/main/kotlin/ai/edgetl/classifier"
 SWIFT_DIR = "ios/EdgeTLClassifier/Sources/EdgeTLClassifier"
 
 
-def _tool_venv() -> Path:
-    """MediaPipe's venv is kept between runs (it takes a minute or two to install, once per machine)."""
+def _tool_venv(name: str = "mediapipe-1.2.2") -> Path:
+    """Tool venvs are kept between runs (each takes a minute or two to install, once per machine)."""
     base = Path(os.environ.get("EDGETL_TEST_CACHE") or Path.home() / ".cache" / "edgetl-tests")
-    return base / "mediapipe-1.2.2"
+    return base / name
 
 
 @pytest.fixture(scope="module")
@@ -245,6 +246,26 @@ def test_mediapipe_image_classifier_takes_the_bundled_tflite(bundles: dict[str, 
         assert top == pytest.approx([im["top_k"][0]["score"] for im in expected["images"]], abs=1e-3)
         record = json.loads((root / "bundle.json").read_text())
         assert record["model"]["tflite_metadata"]["mediapipe"]["top1_agree"] == len(files)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(ctypes.util.find_library("usb-1.0") is None,
+                    reason="tflite-support imports libusb-1.0 (Debian: apt-get install libusb-1.0-0)")
+def test_tflite_task_library_takes_the_bundled_tflite(
+    bundles: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The TFLite Task Library (tflite-support, a venv of its own: protobuf<4) reads the same metadata."""
+    from edgetl.tflite_metadata import task_library_classify
+
+    monkeypatch.setenv("EDGETL_TFLITE_SUPPORT_VENV", str(_tool_venv("tflite-support-0.4.4")))
+    for variant, name in (("int8", "tiny-32-int8.tflite"), ("fp32", "tiny-32-fp32.tflite")):
+        root = bundles[variant]
+        expected = json.loads((root / "golden/expected.json").read_text())
+        results = task_library_classify(root / "device_bench" / name,
+                                        [root / "golden" / im["file"] for im in expected["images"]], top_k=3)
+        assert [r[0]["index"] for r in results] == [im["top_k"][0]["index"] for im in expected["images"]]
+        assert [r[0]["score"] for r in results] == pytest.approx(
+            [im["top_k"][0]["score"] for im in expected["images"]], abs=1e-3)
 
 
 # -------------------------------------------------------------------------------------- Kotlin compiled
