@@ -511,7 +511,8 @@ def _readme(record: dict, sidecar: dict) -> str:
             f"3. In `app/build.gradle.kts`: `implementation(project(\":{ANDROID_MODULE}\"))` — it brings "
             f"`{dependency}` and keeps `.{Path(model['file']).suffix[1:]}` uncompressed (`noCompress`).",
             "4. In code: `ImageClassifier(context).use { it.classify(bitmap, k = 3) }` → list of "
-            "`Category(index, label, score)`, best first.",
+            "`Category(index, label, score)`, best first (Android's bilinear scaling does not antialias: for "
+            "photos much larger than the input, scale down in steps first, as training's resize averaged).",
             f"5. On a phone or emulator: `./gradlew :{ANDROID_MODULE}:connectedAndroidTest` runs the golden-image "
             "self-test.",
             "",

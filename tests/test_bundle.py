@@ -289,14 +289,8 @@ fun main(args: Array<String>) {
 """
 
 
-@pytest.mark.skipif(shutil.which("kotlinc") is None, reason="kotlinc missing (Debian: apt-get install kotlin)")
-@pytest.mark.parametrize("variant", ["int8", "int8io"])
-def test_generated_kotlin_compiles_and_preprocesses_like_the_host(
-    bundles: dict[str, Path], variant: str, tmp_path: Path
-) -> None:
-    """Compile the module (main + androidTest) against API stand-ins, then run its preprocessing on the JVM
-    over the golden PNGs: it must produce the very tensor the host stored in golden.npz."""
-    root = bundles[variant]
+def _compile_kotlin(root: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """javac the API stand-ins, then kotlinc the bundle's module (main + androidTest) and the JVM harness."""
     classes = tmp_path / "stubs"
     java = sorted(str(p) for p in STUBS.rglob("*.java"))
     subprocess.run(["javac", "-nowarn", "-d", str(classes), *java], check=True, capture_output=True)
@@ -307,6 +301,21 @@ def test_generated_kotlin_compiles_and_preprocesses_like_the_host(
                            str(tmp_path / "Harness.kt")], capture_output=True, text=True, timeout=600)
     errors = [line for line in done.stderr.splitlines() if "error:" in line]
     assert done.returncode == 0 and not errors, done.stderr[-3000:]
+    return jar, classes
+
+
+NO_KOTLINC = "kotlinc missing (Debian: apt-get install kotlin)"
+
+
+@pytest.mark.skipif(shutil.which("kotlinc") is None, reason=NO_KOTLINC)
+@pytest.mark.parametrize("variant", ["int8", "int8io"])
+def test_generated_kotlin_compiles_and_preprocesses_like_the_host(
+    bundles: dict[str, Path], variant: str, tmp_path: Path
+) -> None:
+    """Compile the module (main + androidTest) against API stand-ins, then run its preprocessing on the JVM
+    over the golden PNGs: it must produce the very tensor the host stored in golden.npz."""
+    root = bundles[variant]
+    jar, classes = _compile_kotlin(root, tmp_path)
     expected = json.loads((root / "golden/expected.json").read_text())
     files = [str(root / "golden" / im["file"]) for im in expected["images"]]
     run = subprocess.run(["java", "-cp", f"{jar}{os.pathsep}{classes}", "HarnessKt", *files], capture_output=True,
@@ -433,3 +442,5 @@ sidecar = {"file": "t-16-fp32.pte", "format": "pte", "quant": "fp32", "runtime":
     record = json.loads((root / "bundle.json").read_text())
     assert record["model"]["changed"] is False and record["model"]["tflite_metadata"] is None
     assert len(record["golden"]["images"]) == 3
+    if shutil.which("kotlinc"):
+        _compile_kotlin(root, tmp_path / "kotlin")
