@@ -31,7 +31,15 @@ from edgetl.manifest import (
 )
 from edgetl.paths import atomic_dir, atomic_write_bytes, ensure_writable_dir
 from edgetl.ui import console, progress
-from edgetl.verify import FLOAT_REFERENCE, TEST_INPUTS, check_drop, print_record, store, verify_artifacts
+from edgetl.verify import (
+    FLOAT_REFERENCE,
+    TEST_INPUTS,
+    check_drop,
+    print_record,
+    quiet_native,
+    store,
+    verify_artifacts,
+)
 
 FORMATS = ("tflite", "pte")
 QUANTS = ("fp32", "int8")
@@ -226,7 +234,8 @@ def run_export(checkpoint: Path, config: ExportConfig, out: Path | None = None) 
     if framework == "keras":
         return _keras_backend().export_checkpoint(checkpoint, manifest, config, out)
     listing = load_listing(checkpoint, manifest)
-    backend = _backend()
+    with quiet_native():  # torchao prints harmless "Failed to load ... mxfp8" lines on import
+        backend = _backend()
 
     spec = dict(manifest["preprocess"], layout="NHWC")
     x_test, y_test, skipped = _load_split(listing, listing.splits["test"], spec, "test images")
@@ -242,15 +251,16 @@ def run_export(checkpoint: Path, config: ExportConfig, out: Path | None = None) 
 
     console.print(f"export: {checkpoint} → {out} ({', '.join(config.formats)} × {', '.join(config.quant)})")
     started = time.perf_counter()
-    graphs = backend.build_graphs(
-        checkpoint, manifest, calibration, want_int8, config.bias_correction, config.fuse_clamp
-    )
-    reference = backend.logits(graphs.float_model, x_test)
+    if want_int8:
+        console.print(f"int8: PT2E post-training quantization on {len(calibration)} calibration images…")
+    with quiet_native():
+        graphs = backend.build_graphs(
+            checkpoint, manifest, calibration, want_int8, config.bias_correction, config.fuse_clamp
+        )
+        reference = backend.logits(graphs.float_model, x_test)
     float_top1 = float((reference.argmax(axis=1) == y_test).mean())
     if want_int8:
-        console.print(
-            f"int8: PT2E PTQ on {len(calibration)} calibration images in {graphs.quantization['seconds']:.0f} s"
-        )
+        console.print(f"int8: quantized in {graphs.quantization['seconds']:.0f} s")
 
     parent = {
         "checkpoint": str(checkpoint.resolve()),
@@ -319,19 +329,20 @@ def _export_one(
     name = artifact_name(manifest, quant, fmt)
     entry = {"file": name, "format": fmt, "quant": quant, "status": "failed"}
     started = time.perf_counter()
-    with console.status(f"{name}: {'lowering to ExecuTorch' if fmt == 'pte' else 'converting with litert-torch'}"):
-        try:
-            module = graphs.int8 if quant == "int8" else graphs.float_model
-            delegation = None
+    console.print(f"{name}: {'lowering to ExecuTorch (XNNPACK)' if fmt == 'pte' else 'converting with litert-torch'}…")
+    try:
+        module = graphs.int8 if quant == "int8" else graphs.float_model
+        delegation = None
+        with quiet_native():
             if fmt == "pte":
                 payload, delegation = backend.lower_pte(module, graphs.example)
             else:
                 payload = backend.convert_tflite(module, graphs.example, quantized=quant == "int8")
-            atomic_write_bytes(folder / name, payload)
-        except Exception as error:  # isolate this format: record why, keep going with the others
-            entry["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
-            console.print(f"[red]{name}: failed[/] — {entry['error']}")
-            return entry
+        atomic_write_bytes(folder / name, payload)
+    except Exception as error:  # isolate this format: record why, keep going with the others
+        entry["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+        console.print(f"[red]{name}: failed[/] — {entry['error']}")
+        return entry
     seconds = round(time.perf_counter() - started, 1)
     sidecar = _sidecar(manifest, quant, fmt, name, folder, parent, versions, spec, graphs, delegation, seconds)
     write_json(folder / f"{name}.json", sidecar)

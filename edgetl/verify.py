@@ -9,9 +9,14 @@ training code.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +32,33 @@ TEST_INPUTS = "test_inputs.npz"
 FLOAT_REFERENCE = "float_reference.npz"
 VERIFICATION_JSON = "verification.json"
 VERIFICATION_TXT = "verification.txt"
+
+
+@contextlib.contextmanager
+def quiet_native() -> Iterator[None]:
+    """Silence what C++ libraries print on fds 1/2 (absl, oneDNN, LiteRT's delegate banner, cpuinfo).
+
+    Python-level output inside is swallowed too, so callers print before and after. EDGETL_DEBUG=1
+    shows everything.
+    """
+    if os.environ.get("EDGETL_DEBUG") == "1":
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = (os.dup(1), os.dup(2))
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
 
 
 class QualityError(UserError):
@@ -78,8 +110,9 @@ def tflite_io(path: Path) -> dict:
     """Input/output tensors of a .tflite as the sidecar manifest records them (dtype, shape, quant)."""
     from ai_edge_litert.interpreter import Interpreter
 
-    interpreter = Interpreter(model_path=str(path))
-    interpreter.allocate_tensors()
+    with quiet_native():
+        interpreter = Interpreter(model_path=str(path))
+        interpreter.allocate_tensors()
 
     def describe(detail: dict) -> dict:
         scale, zero_point = detail["quantization"]
@@ -135,7 +168,8 @@ def verify_artifacts(folder: Path, artifacts: list[dict], threads: int | None = 
         row = {"file": artifact["file"], "format": artifact["format"], "quant": artifact["quant"]}
         started = time.perf_counter()
         try:
-            out = run_artifact(folder / artifact["file"], artifact["format"], x, threads)
+            with quiet_native():
+                out = run_artifact(folder / artifact["file"], artifact["format"], x, threads)
         except Exception as error:  # a file that does not run is a verification result, not a crash
             row.update(status="failed", error=f"{type(error).__name__}: {error}"[:300])
             rows.append(row)
