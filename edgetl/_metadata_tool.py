@@ -99,8 +99,8 @@ def _wrap_io(schema: ModuleType, model, float_io: bool, pixel_affine: tuple[list
     """Edit the graph's edges only, never its int8 core:
     - `pixel_affine` (multiplier, offset per channel): the model takes float pixels (0..255) and
       normalises them itself (MUL, ADD), for per-channel mean/std that MediaPipe cannot express;
-    - `float_io`: QUANTIZE before an int8 input and DEQUANTIZE after an int8 output (MediaPipe wants
-      float32 or uint8 tensors);
+    - `float_io`: QUANTIZE before an int8/uint8 input and DEQUANTIZE after an int8/uint8 output (MediaPipe
+      wants float32 or uint8 tensors, and feeds a uint8 one raw pixels, which a quantized input is not);
     - `softmax`: SOFTMAX after a float output, so MediaPipe and the Task Library report probabilities."""
     import numpy as np
 
@@ -110,7 +110,8 @@ def _wrap_io(schema: ModuleType, model, float_io: bool, pixel_affine: tuple[list
     shape = [int(v) for v in graph.tensors[old_in].shape]
     front = []
     head = old_in
-    if float_io and graph.tensors[old_in].type == schema.TensorType.INT8:
+    quantized = (schema.TensorType.INT8, schema.TensorType.UINT8)
+    if float_io and graph.tensors[old_in].type in quantized:
         head = _tensor(schema, model, shape, "image")
         front.append(_op(schema, model, schema.BuiltinOperator.QUANTIZE, 2, [head], [old_in]))
     if pixel_affine is not None:
@@ -128,7 +129,7 @@ def _wrap_io(schema: ModuleType, model, float_io: bool, pixel_affine: tuple[list
         head = pixels
     graph.operators[0:0] = front
     graph.inputs[0] = head
-    if float_io and graph.tensors[old_out].type == schema.TensorType.INT8:
+    if float_io and graph.tensors[old_out].type in quantized:
         new_out = _tensor(schema, model, [int(v) for v in graph.tensors[old_out].shape], "logits")
         graph.operators.append(_op(schema, model, schema.BuiltinOperator.DEQUANTIZE, 2, [old_out], [new_out]))
         graph.outputs[0] = new_out

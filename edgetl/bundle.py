@@ -122,10 +122,14 @@ def run_bundle(export_dir: Path, options: BundleOptions) -> Path:
         spec = preprocess_json(sidecar, model.name, io, (metadata or {}).get("normalization_in_graph"),
                                bool((metadata or {}).get("softmax_in_graph")))
         golden = _golden(export_dir, artifact, sidecar, model, spec, tmp / "golden", options)
-        if metadata is not None and io["input"]["dtype"] in ("float32", "uint8"):
+        if metadata is not None and io["input"]["dtype"] == "float32":
             metadata["mediapipe"] = _mediapipe_check(model, tmp / "golden", golden)
+            if metadata["mediapipe"]["top1_agree"] != len(golden["images"]):
+                console.print(f"[yellow]warning: MediaPipe's top-1 differs from the host's on "
+                              f"{len(golden['images']) - metadata['mediapipe']['top1_agree']} golden image(s)[/]")
         elif metadata is not None:
-            metadata["mediapipe"] = {"skipped": "int8 input tensor (--int8-io); MediaPipe takes float32 or uint8"}
+            metadata["mediapipe"] = {"skipped": f"{io['input']['dtype']} input tensor (--int8-io); MediaPipe takes "
+                                                "float32, or uint8 holding raw pixels"}
         files = {"model": model, "labels": labels_file, "spec": spec}
         if "android" in platforms:
             _android(tmp / "android" / ANDROID_MODULE, sidecar, files, tmp / "golden")
@@ -173,7 +177,7 @@ def _bundled_model(artifact: Path, sidecar: dict, labels_file: Path, work: Path,
         view = write_metadata(artifact, target, sidecar, labels_file, float_io=float_io)
     metadata = dict(view["metadata"] or {})
     metadata["associated_files"] = sorted(view["associated_files"])
-    metadata["float_io_wrapper"] = float_io and sidecar["input"].get("dtype") == "int8"
+    metadata["float_io_wrapper"] = float_io and sidecar["input"].get("dtype") in ("int8", "uint8")
     metadata["normalization_in_graph"] = view["normalization_in_graph"]
     metadata["softmax_in_graph"] = view["softmax_in_graph"]
     return target, _io(target, sidecar), metadata

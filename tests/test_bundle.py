@@ -348,6 +348,12 @@ def test_golden_check_passes_on_the_host_and_fails_on_a_wrong_expectation(bundle
     bad = subprocess.run([sys.executable, "golden_check.py", "tiny-32-int8.tflite", "--golden", "../wrong"],
                          cwd=folder, capture_output=True, text=True)
     assert bad.returncode == 1 and "FAIL" in bad.stdout
+    # device_bench runs the same check (golden.npz's labels are the host's top-1), unchanged.
+    bench = subprocess.run([sys.executable, "device_bench.py", "tiny-32-int8.tflite", "--inputs", "golden.npz",
+                            "--iters", "2", "--warmup", "1", "--out", str(folder.parent / "result.json")],
+                           cwd=folder, capture_output=True, text=True)
+    assert bench.returncode == 0, bench.stderr
+    assert json.loads((folder.parent / "result.json").read_text())["accuracy"]["top1"] == 1.0
 
 
 # ----------------------------------------------------------------------------------- bad input, atomicity
