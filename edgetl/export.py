@@ -339,16 +339,19 @@ def _export_one(
             else:
                 payload = backend.convert_tflite(module, graphs.example, quantized=quant == "int8")
         atomic_write_bytes(folder / name, payload)
+        seconds = round(time.perf_counter() - started, 1)
+        sidecar = _sidecar(manifest, quant, fmt, name, folder, parent, versions, spec, graphs, delegation, seconds)
+        write_json(folder / f"{name}.json", sidecar)
     except Exception as error:  # isolate this format: record why, keep going with the others
+        (folder / name).unlink(missing_ok=True)  # a file without its manifest is not a finished artifact
         entry["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
         console.print(f"[red]{name}: failed[/] — {entry['error']}")
         return entry
-    seconds = round(time.perf_counter() - started, 1)
-    sidecar = _sidecar(manifest, quant, fmt, name, folder, parent, versions, spec, graphs, delegation, seconds)
-    write_json(folder / f"{name}.json", sidecar)
     entry.update(status="ok", bytes=sidecar["bytes"], sha256=sidecar["sha256"], export_seconds=seconds,
                  manifest=f"{name}.json")
     console.print(f"{name}: {sidecar['bytes'] / 1e6:.2f} MB in {seconds:.0f} s")
+    if fmt == "tflite" and not sidecar["delegation"].get("whole_graph_delegated", True):
+        console.print(f"[yellow]warning: {name}: LiteRT's XNNPACK delegate did not take the whole graph[/]")
     if delegation and delegation["compute_ops_outside"]:
         console.print(
             f"[yellow]warning: {name}: compute ops outside the XNNPACK delegate: "
@@ -365,7 +368,7 @@ def _sidecar(manifest, quant, fmt, name, folder, parent, versions, spec, graphs,
     if fmt == "tflite":
         io_info = _tflite_io(path)
         inputs, outputs = io_info["inputs"], io_info["outputs"]
-        extra = {"ops": io_info["ops"]}
+        extra = {"ops": io_info["ops"], "delegation": io_info["delegation"]}
     else:
         internal = graphs.quantization.get("input_quantization") if quant == "int8" else None
         inputs = [{"name": "x", "dtype": "float32", "shape": [1, size, size, 3], "quantization": None,

@@ -124,12 +124,27 @@ def tflite_io(path: Path) -> dict:
         }
 
     ops: dict[str, int] = {}
-    for op in interpreter._get_ops_details():
+    details = interpreter._get_ops_details()
+    for op in details:
         ops[op["op_name"]] = ops.get(op["op_name"], 0) + 1
+    # LiteRT applies its XNNPACK delegate when the interpreter is built: the nodes it takes are replaced by
+    # DELEGATE nodes. One DELEGATE from the model's input to its output means the whole graph runs in XNNPACK.
+    inputs = {int(d["index"]) for d in interpreter.get_input_details()}
+    outputs = {int(d["index"]) for d in interpreter.get_output_details()}
+    delegates = [op for op in details if op["op_name"] == "DELEGATE"]
+    whole = len(delegates) == 1 and inputs <= {int(i) for i in delegates[0]["inputs"]} and outputs == {
+        int(i) for i in delegates[0]["outputs"]
+    }
     return {
         "inputs": [describe(d) for d in interpreter.get_input_details()],
         "outputs": [describe(d) for d in interpreter.get_output_details()],
         "ops": dict(sorted(ops.items())),
+        "delegation": {
+            "delegate": "XNNPACK (LiteRT default CPU delegate)",
+            "delegate_nodes": len(delegates),
+            "graph_ops": len(details) - len(delegates),
+            "whole_graph_delegated": bool(whole),
+        },
     }
 
 

@@ -200,7 +200,8 @@ def patched(monkeypatch: pytest.MonkeyPatch):
     def apply(fail: set[str] = frozenset(), drop: float = 0.0) -> None:
         monkeypatch.setattr(export_stage, "_backend", lambda: fake_backend(set(fail)))
         monkeypatch.setattr(export_stage, "verify_artifacts", fake_verify(drop))
-        monkeypatch.setattr(export_stage, "_tflite_io", lambda path: {"inputs": [{}], "outputs": [{}], "ops": {}})
+        monkeypatch.setattr(export_stage, "_tflite_io", lambda path: {"inputs": [{}], "outputs": [{}], "ops": {},
+                                                                     "delegation": {"whole_graph_delegated": True}})
 
     return apply
 
@@ -254,3 +255,16 @@ def test_calibration_draws_from_training_images_only(tmp_path: Path, monkeypatch
     monkeypatch.setattr(export_stage, "_backend", lambda: backend)
     export_stage.run_export(make_checkpoint(tmp_path), ExportConfig(calib=100, quant=("int8",)), tmp_path / "e")
     assert len(seen["calibration"]) == 6  # all six training images, never more than exist
+
+
+def test_a_file_whose_manifest_cannot_be_made_is_not_left_behind(tmp_path: Path, monkeypatch, patched) -> None:
+    patched()
+
+    def unreadable(path: Path) -> dict:
+        raise ValueError("flatbuffer unreadable")
+
+    monkeypatch.setattr(export_stage, "_tflite_io", unreadable)
+    out = tmp_path / "export"
+    with pytest.raises(ExportFailed):
+        export_stage.run_export(make_checkpoint(tmp_path), ExportConfig(calib=4, quant=("int8",)), out)
+    assert not list(out.glob("*.tflite")) and len(list(out.glob("*.pte"))) == 1
