@@ -189,11 +189,14 @@ def demo(
     fast: Annotated[
         bool, typer.Option(help="Fewer epochs and a smaller input (a smoke run, not the figures).")
     ] = False,
+    framework: Annotated[str, typer.Option(
+        help="torch (pretrained efficientnet_lite0, .tflite and .pte) or keras (tf_keras mobilenet_v2, .tflite; "
+        "offline it starts from --weights none and says so).")] = "torch",
 ) -> None:
     """The whole pipeline, offline, on builtin:fashion-mnist-mini with pretrained efficientnet_lite0."""
     from edgetl.demo import run_demo
 
-    run_demo(run_dir, fast=fast)
+    run_demo(run_dir, fast=fast, framework=framework)
 
 
 def main() -> None:
