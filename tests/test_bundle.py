@@ -450,3 +450,41 @@ sidecar = {"file": "t-16-fp32.pte", "format": "pte", "quant": "fp32", "runtime":
     assert len(record["golden"]["images"]) == 3
     if shutil.which("kotlinc"):
         _compile_kotlin(root, tmp_path / "kotlin")
+
+
+@pytest.mark.slow
+def test_real_export_bundles_and_mediapipe_agrees_with_edgetl_verification(tmp_path: Path) -> None:
+    """End to end on the real stages: fine-tune (builtin:shapes, 32 px), export an int8 .tflite, bundle it;
+    MediaPipe Tasks on the bundled file gives the top-1 that edgetl's verification runtime gives on the
+    exported artifact for every golden image."""
+    from edgetl.tflite_metadata import mediapipe_classify
+    from edgetl.verify import run_artifact
+
+    run = tmp_path / "run"
+    steps = [["finetune", "--data", "builtin:shapes", "--image-size", "32", "--epochs-head", "2",
+              "--epochs-finetune", "0", "--batch-size", "32", "--out", str(run)],
+             ["export", str(run / "checkpoint"), "--formats", "tflite", "--quant", "int8", "--calib", "32",
+              "--max-drop", "100"],
+             ["bundle", str(run / "export"), "--platform", "android"]]
+    for step in steps:
+        done = run_cli(*step, env={"EDGETL_MEDIAPIPE_VENV": str(_tool_venv())})
+        assert done.returncode == 0, f"{step[0]}: {done.stderr[-2000:]}"
+    artifact = run / "export" / "efficientnet_lite0-32-int8.tflite"
+    root = run / "bundle" / artifact.stem
+    record = json.loads((root / "bundle.json").read_text())
+    expected = record["golden"]
+    sidecar = json.loads(artifact.with_name(artifact.name + ".json").read_text())
+    pictures = _golden_pictures(root)
+    host = run_artifact(artifact, "tflite", np.stack([_pixels_to_x(p, sidecar["preprocess"]) for p in pictures]))
+    os.environ["EDGETL_MEDIAPIPE_VENV"] = str(_tool_venv())
+    results = mediapipe_classify(root / "device_bench" / artifact.name,
+                                 [root / "golden" / im["file"] for im in expected["images"]])
+    assert [r[0]["index"] for r in results] == host.argmax(1).tolist()
+    assert record["model"]["tflite_metadata"]["mediapipe"]["top1_agree"] == len(results)
+
+
+def _pixels_to_x(picture: np.ndarray, pre: dict) -> np.ndarray:
+    """The manifest's preprocessing, as edgetl's data pipeline applies it, on a picture at input size."""
+    from edgetl.data import to_array
+
+    return to_array(Image.fromarray(picture), dict(pre, layout="NHWC"))
