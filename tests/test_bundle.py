@@ -119,7 +119,10 @@ def test_bundle_holds_everything_an_app_needs(bundles: dict[str, Path], export_d
     gradle = (android / "build.gradle.kts").read_text()
     assert 'implementation("com.google.ai.edge.litert:litert:' in gradle
     assert 'noCompress += listOf("tflite")' in gradle
-    assert "{{" not in gradle and "{{" not in (root / KOTLIN_DIR / "ModelSpec.kt").read_text()
+    for text_file in [*root.rglob("*.kt"), *root.rglob("*.swift"), *root.rglob("*.kts"), *root.rglob("*.podspec")]:
+        text = text_file.read_text()
+        assert "{{" not in text and "}}" not in text, text_file  # every placeholder filled
+        assert text.count("{") == text.count("}") and text.count("(") == text.count(")"), text_file
     kotlin = (root / KOTLIN_DIR / "ImageClassifier.kt").read_text()
     assert "org.tensorflow.lite.Interpreter" in kotlin and "executorch" not in kotlin
     assert "import TensorFlowLite" in (root / SWIFT_DIR / "ImageClassifier.swift").read_text()
