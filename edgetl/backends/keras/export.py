@@ -72,8 +72,8 @@ def load_model(checkpoint: Path, manifest: dict) -> keras.Model:
 
 
 def logits(model: keras.Model, x: np.ndarray, batch: int = 100) -> np.ndarray:
-    forward = tf.function(model, reduce_retracing=True)
-    outputs = [forward(x[start : start + batch], training=False).numpy() for start in range(0, len(x), batch)]
+    forward = models.inference_fn(model)
+    outputs = [forward(x[start : start + batch]).numpy() for start in range(0, len(x), batch)]
     return np.concatenate(outputs).astype(np.float32)
 
 

@@ -184,13 +184,13 @@ class Trainer:
     def extract_features(self, model: keras.Model, split: str, bar) -> tuple[np.ndarray, np.ndarray]:
         """One decode + backbone forward per image of a split; failed files are dropped and recorded."""
         records = self.listing.splits[split]
-        features_of = tf.function(models.feature_model(model), reduce_retracing=True)
+        features_of = models.inference_fn(models.feature_model(model))
         task = bar.add_task(f"features ({split})", total=len(records), status="")
         features, labels, keep = [], [], []
         for start in range(0, len(records), self.config.batch_size):
             indices = np.arange(start, min(start + self.config.batch_size, len(records)))
             x, y, errors = decode_batch(self.listing.root, records, self.spec, indices=indices)
-            features.append(features_of(x, training=False).numpy())
+            features.append(features_of(x).numpy())
             labels.append(y)
             for index, error in zip(indices, errors, strict=True):
                 if error:
@@ -301,7 +301,7 @@ class Trainer:
     def predict(self, model: keras.Model, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Labels, predicted labels and softmax probabilities of a split (full model, no augmentation)."""
         records = self.listing.splits[split]
-        forward = tf.function(model, reduce_retracing=True)
+        forward = models.inference_fn(model)
         labels, probabilities = [], []
         for start in range(0, len(records), self.config.batch_size):
             indices = np.arange(start, min(start + self.config.batch_size, len(records)))
@@ -311,7 +311,7 @@ class Trainer:
                 if error:
                     self.failures[records[int(index)][0]] = error
             if ok.any():
-                probabilities.append(tf.nn.softmax(forward(x[ok], training=False)).numpy())
+                probabilities.append(tf.nn.softmax(forward(x[ok])).numpy())
                 labels.append(y[ok])
         probs = np.concatenate(probabilities) if probabilities else np.zeros((0, self.num_classes), np.float32)
         labels_all = np.concatenate(labels) if labels else np.zeros(0, np.int64)

@@ -156,6 +156,21 @@ def set_trainable(model: keras.Model, unfreeze: int) -> int:
     return len(top)
 
 
+_FORWARD: dict[int, tuple[keras.Model, object]] = {}
+
+
+def inference_fn(model: keras.Model):
+    """One compiled inference function per model (batch dimension free), so evaluation does not retrace."""
+    cached = _FORWARD.get(id(model))
+    if cached is None or cached[0] is not model:
+        signature = [tf.TensorSpec((None, *model.input.shape[1:]), tf.float32)]
+        cached = (model, tf.function(lambda x: model(x, training=False), input_signature=signature))
+        if len(_FORWARD) >= 8:  # a few live models at a time; do not keep old ones (and their weights) alive
+            _FORWARD.clear()
+        _FORWARD[id(model)] = cached
+    return cached[1]
+
+
 def count_parameters(model: keras.Model) -> int:
     """Learnable values, as torch counts parameters (BatchNorm running statistics are buffers there)."""
     return int(sum(tf.size(w).numpy() for w in model.weights if "moving_" not in w.name))
