@@ -47,7 +47,8 @@ def finetune(
         int | None, typer.Option(help="Square input size in pixels; default: the backbone's.")
     ] = None,
     weights: Annotated[
-        str, typer.Option(help="imagenet (torch hub cache), none (random init) or a state-dict PATH.")
+        str, typer.Option(help="imagenet (torch hub / Keras cache), none (random init), or a PATH (torch state "
+                          "dict; keras: no-top .h5).")
     ] = "imagenet",
     epochs_head: Annotated[int, typer.Option(help="Stage 1 epochs (new head on cached features).")] = 30,
     epochs_finetune: Annotated[int, typer.Option(help="Stage 2 epochs (top blocks unfrozen).")] = 4,
@@ -59,7 +60,8 @@ def finetune(
     seed: Annotated[int, typer.Option(help="Seed for the split, initialisation, shuffling and augmentation.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     workers: Annotated[int, typer.Option(help="Image-decoding worker processes.")] = 0,
-    framework: Annotated[str, typer.Option(help="torch (keras arrives in issue #5).")] = "torch",
+    framework: Annotated[str, typer.Option(
+        help="torch, or keras (tf_keras keras.applications MobileNets; needs the keras extra).")] = "torch",
 ) -> None:
     """Fine-tune an ImageNet-pretrained backbone on a folder of labelled images."""
     from edgetl.config import FinetuneConfig
