@@ -253,13 +253,22 @@ def run_export(checkpoint: Path, config: ExportConfig, out: Path | None = None) 
     started = time.perf_counter()
     if want_int8:
         console.print(f"int8: PT2E post-training quantization on {len(calibration)} calibration images…")
+    int8_error = None
     with quiet_native():
-        graphs = backend.build_graphs(
-            checkpoint, manifest, calibration, want_int8, config.bias_correction, config.fuse_clamp
-        )
+        try:
+            graphs = backend.build_graphs(
+                checkpoint, manifest, calibration, want_int8, config.bias_correction, config.fuse_clamp
+            )
+        except Exception as error:  # int8 failing must not cost the fp32 files
+            if not want_int8:
+                raise
+            int8_error = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+            graphs = backend.build_graphs(checkpoint, manifest, calibration, False)
         reference = backend.logits(graphs.float_model, x_test)
     float_top1 = float((reference.argmax(axis=1) == y_test).mean())
-    if want_int8:
+    if int8_error:
+        console.print(f"[red]int8: quantization failed[/] — {int8_error}")
+    elif want_int8:
         console.print(f"int8: quantized in {graphs.quantization['seconds']:.0f} s")
 
     parent = {
@@ -275,9 +284,11 @@ def run_export(checkpoint: Path, config: ExportConfig, out: Path | None = None) 
         np.savez(tmp / FLOAT_REFERENCE, logits=reference, labels=y_test)
         for quant in config.quant:
             for fmt in config.formats:
-                artifacts.append(
-                    _export_one(backend, graphs, manifest, quant, fmt, tmp, parent, versions, spec)
-                )
+                if quant == "int8" and int8_error:
+                    artifacts.append({"file": artifact_name(manifest, quant, fmt), "format": fmt, "quant": quant,
+                                      "status": "failed", "error": f"quantization: {int8_error}"})
+                    continue
+                artifacts.append(_export_one(backend, graphs, manifest, quant, fmt, tmp, parent, versions, spec))
         record = verify_artifacts(tmp, [a for a in artifacts if a["status"] == "ok"], config.threads)
         record["float_top1_manifest"] = manifest["metrics"]["test"]["top1"]
         for row in record["rows"]:

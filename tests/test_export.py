@@ -164,6 +164,8 @@ def fake_backend(fail: set[str]) -> types.SimpleNamespace:
     """Stands in for edgetl.backends.torch.export: bytes instead of graphs, chosen formats raise."""
 
     def build_graphs(checkpoint, manifest, calibration, want_int8, bias_correction=True, fuse_clamp=True):
+        if want_int8 and "quantize" in fail:
+            raise RuntimeError("observer exploded")
         quantization = {"calibration_images": len(calibration), "seconds": 0.0} if want_int8 else {}
         return types.SimpleNamespace(float_model="f", int8="q" if want_int8 else None, example=None,
                                      quantization=quantization)
@@ -268,3 +270,14 @@ def test_a_file_whose_manifest_cannot_be_made_is_not_left_behind(tmp_path: Path,
     with pytest.raises(ExportFailed):
         export_stage.run_export(make_checkpoint(tmp_path), ExportConfig(calib=4, quant=("int8",)), out)
     assert not list(out.glob("*.tflite")) and len(list(out.glob("*.pte"))) == 1
+
+
+def test_quantization_failing_keeps_the_fp32_files(tmp_path: Path, patched) -> None:
+    patched(fail={"quantize"})
+    out = tmp_path / "export"
+    with pytest.raises(ExportFailed, match="int8"):
+        export_stage.run_export(make_checkpoint(tmp_path), ExportConfig(calib=4), out)
+    assert sorted(p.name for p in out.glob("*.pte")) == ["mobilenet_v3_small-32-fp32.pte"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    errors = {a["file"]: a.get("error") for a in manifest["artifacts"] if a["status"] == "failed"}
+    assert errors["mobilenet_v3_small-32-int8.tflite"] == "quantization: RuntimeError: observer exploded"
