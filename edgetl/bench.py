@@ -198,6 +198,21 @@ def prepare_inputs(npz: Path | None, artifact: Artifact, workdir: Path) -> Path 
                     f"(N, {', '.join(str(d) for d in want[1:])}) in either NHWC or NCHW")
 
 
+def slice_inputs(npz: Path | None, samples: int, workdir: Path) -> Path | None:
+    """The first N samples only, for emulated runs: the guest then reads (and holds) only what it scores."""
+    if npz is None:
+        return None
+    import numpy as np
+
+    with np.load(npz, allow_pickle=False) as data:
+        if len(data["x"]) <= samples:
+            return npz
+        arrays = {k: data[k][:samples] for k in data.files}
+    out = workdir / f"{npz.stem}.first{samples}.npz"
+    np.savez(out, **arrays)
+    return out
+
+
 def _counts(plugin_out: Path, result: dict[str, Any]) -> dict[str, Any]:
     """Instructions per invoke from the plugin's brackets: timed invokes, then empty brackets."""
     try:
@@ -314,6 +329,7 @@ def row(result: dict[str, Any]) -> dict[str, Any]:
         "macs": result["model"].get("macs"),
         "instructions_per_mac": emulation["instructions_per_mac"] if emulation else None,
         "size_bytes": result["model"]["size_bytes"], "peak_rss_kb": result["memory"]["peak_rss_kb"],
+        "model_rss_kb": result["memory"].get("peak_rss_before_inputs_kb") or result["memory"]["peak_rss_kb"],
     }
 
 
@@ -347,8 +363,9 @@ def print_table(rows: list[dict[str, Any]], found_ratios: list[dict[str, Any]]) 
 
     # Piped output (CI logs, files) would wrap a 12-column table at 80 characters: give it room instead.
     out = stdout if stdout.is_terminal else Console(width=200, highlight=False)
-    table = Table(title="edgetl bench", caption=f"ARM64 rows: wall time is {EMULATED_LABEL}; "
-                  "the ARM cost figure is guest instructions per invoke (qemu TCG plugin)")
+    table = Table(title="edgetl bench", caption=f"ARM64 rows: wall time is {EMULATED_LABEL}; the ARM cost figure "
+                  "is guest instructions per invoke (qemu TCG plugin). RSS: peak after load and first invoke, "
+                  "before the inputs are read (.pte runner: its whole run; under qemu, the emulator's)")
     for name, justify in (("artifact", "left"), ("target", "left"), ("thr", "right"), ("runtime", "left"),
                           ("p50 ms", "right"), ("p90 ms", "right"), ("top-1", "right"), ("instr/invoke", "right"),
                           ("MACs", "right"), ("instr/MAC", "right"), ("size MB", "right"), ("RSS MB", "right")):
@@ -363,7 +380,7 @@ def print_table(rows: list[dict[str, Any]], found_ratios: list[dict[str, Any]]) 
         table.add_row(r["artifact"], r["target"], str(r["threads"]), r["runtime"], latency,
                       f"{r['p90_ms']:.3f}", top1, instr, f"{r['macs'] / 1e6:.2f} M" if r["macs"] else "–",
                       _fmt(r["instructions_per_mac"], 3), f"{r['size_bytes'] / 1e6:.2f}",
-                      _fmt(r["peak_rss_kb"] / 1024 if r["peak_rss_kb"] else None, 0))
+                      _fmt(r["model_rss_kb"] / 1024 if r["model_rss_kb"] else None, 0))
     out.print(table)
     for found in found_ratios:
         out.print(f"int8/fp32 instructions on {found['target']}: {found['ratio']:.3f} "
@@ -494,12 +511,15 @@ def run_bench(export: Path, options: BenchOptions) -> Path:
         _fill_pte_macs(artifacts)
         for artifact in artifacts:
             model_inputs = prepare_inputs(Path(inputs) if inputs else None, artifact, workdir)
+            arm_inputs = (slice_inputs(model_inputs, options.arm_samples, workdir)
+                          if any(t.emulated for t in targets) else None)
             for target in targets:
                 target_runs = []
                 for threads in ([1] if target.emulated else thread_counts):
                     what = f"{artifact.name} @ {target.name}, {threads} thread{'s' if threads > 1 else ''}"
                     console.print(f"bench: {what} ...")
-                    result = run_one(artifact, target, threads, model_inputs, options, script, workdir)
+                    result = run_one(artifact, target, threads, arm_inputs if target.emulated else model_inputs,
+                                     options, script, workdir)
                     target_runs.append(result)
                     if "failed" in result:
                         console.print(f"[red]bench: {what} failed: {result['failed']}[/]")
