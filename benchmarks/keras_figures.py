@@ -40,7 +40,7 @@ class Options:
     threads: int | None = None
     prune: float | None = None
     qat: bool = False
-    tune_epochs: int | None = 2
+    tune_epochs: int | None = None  # None: the backend's default (6 epochs with pruning, 2 for QAT alone)
     tune_images: int | None = None
 
     def to_json(self) -> dict:

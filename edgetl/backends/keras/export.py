@@ -417,10 +417,15 @@ def export_checkpoint(checkpoint: Path, manifest: dict, config, out: Path) -> Pa
     return out
 
 
+PRUNE_EPOCHS = 6  # measured (docs/BENCHMARKS.md): 2 epochs cost 8.6 points at 50% sparsity, 6 epochs 1.4
+
+
 def _tune(manifest: dict, config) -> Tune:
+    """The short fine-tune: 6 epochs when pruning (the schedule needs time to recover), else 2 (QAT alone)."""
     trained = manifest.get("config", {})
+    default = PRUNE_EPOCHS if getattr(config, "prune", None) is not None else Tune.epochs
     return Tune(
-        epochs=int(getattr(config, "tune_epochs", None) or Tune.epochs),
+        epochs=int(getattr(config, "tune_epochs", None) or default),
         batch_size=int(trained.get("batch_size", Tune.batch_size)),
         images=getattr(config, "tune_images", None),
         seed=int(trained.get("seed", 0)),
