@@ -51,7 +51,8 @@ def train_backbone_from_scratch(config: FinetuneConfig, epochs: int, path: Path,
     started = time.perf_counter()
     history = model.fit(x, y, batch_size=config.batch_size, epochs=epochs, shuffle=True, verbose=0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial.h5")  # never a half-written weights file under `path`
+    # Never a half-written file under `path`; the temporary name keeps the suffix, which picks Keras's format.
+    partial = path.with_name(f".partial-{path.name}")
     backbone.save_weights(str(partial))
     partial.replace(path)
     return {
