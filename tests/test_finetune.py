@@ -121,3 +121,26 @@ def test_grayscale_folder_trains_as_rgb(tmp_path: Path) -> None:
         tmp_path / "run",
     )
     assert read_checkpoint_manifest(checkpoint)["data"]["counts"]["test"] == {"dark": 1, "light": 1}
+
+
+def test_random_init_backbone_gets_batchnorm_statistics_from_the_data(tmp_path: Path) -> None:
+    """From-scratch runs must not freeze the meaningless init statistics (mean 0, var 1) of BN layers."""
+    import torch
+
+    from edgetl.backends.torch.finetune import ImageRecords, _loader, estimate_batchnorm_statistics
+    from edgetl.backends.torch.models import build_model
+    from edgetl.data import preprocess_spec, scan_folder
+
+    listing = scan_folder(resolve_builtin("builtin:shapes"))
+    spec = preprocess_spec(32, (0.5,) * 3, (0.5,) * 3)
+    loader = _loader(ImageRecords(listing.root, listing.splits["train"], spec), 16, 0, True, 0)
+    model = build_model("mobilenet_v3_small").eval()
+    seen = estimate_batchnorm_statistics(model, loader, torch.device("cpu"), max_images=48)
+    assert seen >= 48 and not model.training
+    first_bn = model.features[0][1]
+    assert float(first_bn.running_var.mean()) != pytest.approx(1.0, abs=1e-3)
+    assert first_bn.momentum == pytest.approx(0.01)  # restored after the cumulative pass
+    images = torch.stack([ImageRecords(listing.root, listing.splits["val"], spec)[i][0] for i in range(6)])
+    with torch.inference_mode():
+        features = model.forward_features(images)
+    assert float(features.std(0).mean()) > 1e-3  # features differ between images

@@ -29,6 +29,7 @@ from edgetl.errors import UserError
 from edgetl.ui import console, progress
 
 WEIGHTS_FILE = "model.pt"
+BN_ESTIMATE_IMAGES = 1024  # enough for stable per-channel means/variances; one pass, no gradients
 LIBRARIES = ("torch", "torchao", "executorch", "numpy", "pillow")
 
 
@@ -128,6 +129,32 @@ def freeze_batchnorm(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.eval()
+
+
+@torch.no_grad()
+def estimate_batchnorm_statistics(model: nn.Module, loader: DataLoader, device: torch.device, max_images: int) -> int:
+    """Replace BN running statistics by the training data's (cumulative average over `max_images`).
+
+    Freshly initialised BN layers hold mean 0 / variance 1, which do not describe any real activations;
+    freezing those (as stage 2 does) would leave a from-scratch backbone degenerate. Returns images seen.
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # cumulative moving average: every batch counts equally
+    model.train()
+    seen = 0
+    for images, _, _, errors in loader:
+        ok = torch.tensor([not e for e in errors])
+        model.forward_features(images[ok].to(device))
+        seen += int(ok.sum())
+        if seen >= max_images:
+            break
+    for layer, momentum in zip(layers, momenta, strict=True):
+        layer.momentum = momentum
+    model.eval()
+    return seen
 
 
 def _loader(dataset: Dataset, batch_size: int, workers: int, shuffle: bool, seed: int) -> DataLoader:
@@ -462,6 +489,13 @@ def train(
     if trainer.device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     with progress() as bar:
+        if init.get("kind") == "none":
+            train_set = ImageRecords(listing.root, listing.splits["train"], spec)
+            loader = _loader(train_set, config.batch_size, config.workers, True, config.seed)
+            with console.status("estimating BatchNorm statistics of the randomly initialised backbone"):
+                init["batchnorm_statistics_from_images"] = estimate_batchnorm_statistics(
+                    model, loader, trainer.device, BN_ESTIMATE_IMAGES
+                )
         if config.epochs_head:
             start = time.perf_counter()
             if feature_cache:
