@@ -75,10 +75,14 @@ def build_graphs(
     want_int8: bool,
     bias_correction: bool = True,
     fuse_clamp: bool = True,
+    model: nn.Module | None = None,
 ) -> Graphs:
-    """Float NHWC model and, when asked, its PT2E int8 version calibrated on `calibration` (NHWC)."""
+    """Float NHWC model and, when asked, its PT2E int8 version calibrated on `calibration` (NHWC).
+
+    `model`: an NCHW model to use instead of the checkpoint's (a pruned one, which `build_model` cannot rebuild).
+    """
     torch.manual_seed(0)
-    model = ChannelsLastInput(load_model(checkpoint, manifest)).eval()
+    model = ChannelsLastInput(copy.deepcopy(model) if model is not None else load_model(checkpoint, manifest)).eval()
     size = manifest["model"]["image_size"]
     example = torch.zeros(1, size, size, 3)
     graphs = Graphs(float_model=model, example=example)
