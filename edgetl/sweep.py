@@ -1,0 +1,465 @@
+"""The sweep: one checkpoint → a grid of compressed variants, each exported, verified and benchmarked.
+
+Why a stage of its own: pruning and quantization are meant to make a model faster, and that claim holds
+only where it is measured. So every variant goes through the same export (each file verified in its own
+runtime) and the same bench on the same targets, and `report.py` compares what came back. This module
+only orchestrates: `export.run_export` and `bench.run_bench` do the work, one variant at a time, into
+`SWEEP/variants/<name>/{export,bench}`; a variant that fails is recorded and the others go on.
+
+The grid is data: a variant is a name plus ExportConfig overrides (`VARIANTS`); a sweep recipe
+(`export/sweeps/*.toml`) picks variants, targets and bench settings, and may define variants of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from edgetl.arm64.targets import TARGETS, parse_targets
+from edgetl.errors import UserError, one_of
+
+SWEEP_KIND = "edgetl.sweep"
+SCHEMA_VERSION = 1
+SWEEPS_DIR = Path(__file__).resolve().parent.parent / "export" / "sweeps"
+DEFAULT_RECIPE = "default"
+FORMATS = ("tflite", "pte")  # as export.FORMATS; repeated so that parsing a recipe imports no numpy
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One point of the grid: ExportConfig fields that differ from the sweep's base export config."""
+
+    name: str
+    overrides: dict[str, Any]
+    description: str = ""
+
+    @property
+    def quant(self) -> str:
+        return tuple(self.overrides.get("quant", ("fp32",)))[0]
+
+
+# The built-in grid. int8-qat and the pruned rows need the torch backend's QAT and channel pruning
+# (ExportConfig.qat / ExportConfig.prune = "channels:R"); export refuses them where they are missing and the
+# sweep records that variant as failed.
+VARIANTS: dict[str, Variant] = {v.name: v for v in (
+    Variant("fp32", {"quant": ("fp32",)}, "float32, no compression"),
+    Variant("int8-ptq", {"quant": ("int8",)}, "int8 post-training quantization (PT2E, calibrated)"),
+    Variant("int8-qat", {"quant": ("int8",), "qat": True}, "int8 quantization-aware training (PT2E QAT)"),
+    Variant("pruned30-int8", {"quant": ("int8",), "prune": "channels:0.3"},
+            "30% of prunable channels removed (torch-pruning, short recovery fine-tune), then int8 PTQ"),
+    Variant("pruned50-int8", {"quant": ("int8",), "prune": "channels:0.5"},
+            "50% of prunable channels removed (torch-pruning, short recovery fine-tune), then int8 PTQ"),
+)}
+# ExportConfig fields a variant may not set: the sweep sets them alike for every variant.
+SWEEP_LEVEL_FIELDS = ("formats", "max_drop", "threads", "recipe")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """What a sweep makes and measures; a recipe sets any field, CLI flags override it."""
+
+    variants: tuple[str, ...] = tuple(VARIANTS)
+    targets: tuple[str, ...] = tuple(TARGETS)
+    threads: tuple[int, ...] = (1,)
+    formats: tuple[str, ...] = FORMATS
+    max_drop: float = 1.0
+    calib: int | None = None  # None: export's default
+    iters: int = 30
+    warmup: int = 5
+    arm_iters: int = 3
+    arm_samples: int = 20
+    custom: dict[str, Variant] = field(default_factory=dict)
+    recipe: str | None = None
+
+    def known(self) -> dict[str, Variant]:
+        return {**VARIANTS, **self.custom}
+
+    def validate(self) -> SweepConfig:
+        """Every bad value becomes one UserError line before anything runs."""
+        variants = tuple(dict.fromkeys(_as_list(self.variants)))
+        if not variants:
+            raise UserError(f"--variants is empty; valid: {', '.join(self.known())}")
+        for name in variants:
+            if name not in self.known():
+                raise UserError(one_of(name, list(self.known()), "variant"))
+        targets = tuple(t.name for t in parse_targets(",".join(_as_list(self.targets))))
+        formats = tuple(dict.fromkeys(_as_list(self.formats)))
+        if not formats:
+            raise UserError(f"--formats is empty; valid: {', '.join(FORMATS)}")
+        for value in formats:
+            if value not in FORMATS:
+                raise UserError(one_of(value, FORMATS, "format"))
+        threads = _threads(self.threads)
+        if not 0 <= self.max_drop <= 100:
+            raise UserError(f"--max-drop {self.max_drop:g} is not usable; valid: 0 to 100 points of top-1")
+        for name in ("iters", "arm_iters", "arm_samples"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} is not usable; valid: 1 or more")
+        if self.warmup < 0:
+            raise UserError(f"warmup {self.warmup} is not usable; valid: 0 or more")
+        return replace(self, variants=variants, targets=targets, formats=formats, threads=threads)
+
+    def export_config(self, name: str):
+        """The ExportConfig of one variant: the sweep's base settings, then the variant's overrides."""
+        from edgetl.export import ExportConfig
+
+        base: dict[str, Any] = {"formats": self.formats, "max_drop": self.max_drop}
+        if self.calib is not None:
+            base["calib"] = self.calib
+        overrides = dict(self.known()[name].overrides)
+        if "quant" in overrides:
+            overrides["quant"] = tuple(_as_list(overrides["quant"]))
+        return ExportConfig(**{**base, **overrides})
+
+    def to_json(self) -> dict:
+        payload = asdict(self)
+        payload["custom"] = {name: asdict(v) for name, v in self.custom.items()}
+        for key in ("variants", "targets", "threads", "formats"):
+            payload[key] = list(getattr(self, key))
+        return payload
+
+
+def _as_list(value: object) -> list[str]:
+    items = value.split(",") if isinstance(value, str) else list(value)  # type: ignore[arg-type]
+    return [str(item).strip() for item in items if str(item).strip()]
+
+
+def _threads(value: object) -> tuple[int, ...]:
+    try:
+        threads = tuple(dict.fromkeys(int(v) for v in _as_list(value)))
+    except ValueError:
+        threads = ()
+    if not threads or any(t < 1 for t in threads):
+        raise UserError(f"--threads {value!r} is not a comma-separated list of positive integers (e.g. 1 or 1,2)")
+    return threads
+
+
+# ------------------------------------------------------------------------------------------- recipes
+
+
+def variant_keys() -> list[str]:
+    """What a `[variant.NAME]` table may set: ExportConfig's fields, less those the sweep sets for all."""
+    from edgetl.export import ExportConfig
+
+    return [f.name for f in fields(ExportConfig) if f.name not in SWEEP_LEVEL_FIELDS]
+
+
+def recipe_names() -> list[str]:
+    return sorted(path.stem for path in SWEEPS_DIR.glob("*.toml"))
+
+
+def load_recipe(name: str) -> dict[str, Any]:
+    """A sweep recipe by name (export/sweeps/NAME.toml) or path → the SweepConfig fields it sets.
+
+    `[variant.NAME]` tables define variants beyond the built-in grid (ExportConfig overrides plus a
+    description); the recipe's `variants` list may then name them.
+    """
+    path = Path(name)
+    if path.suffix != ".toml":
+        path = SWEEPS_DIR / f"{name}.toml"
+    if not path.is_file():
+        raise UserError(one_of(name, recipe_names(), "sweep recipe") + " (or a path to a .toml file)")
+    try:
+        payload = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise UserError(f"sweep recipe {str(path)!r} is not valid TOML ({error})") from None
+    payload.pop("description", None)
+    custom: dict[str, Variant] = {}
+    for variant_name, table in payload.pop("variant", {}).items():
+        if not isinstance(table, dict):
+            raise UserError(f"sweep recipe {str(path)!r}: [variant.{variant_name}] must be a table")
+        table = dict(table)
+        description = str(table.pop("description", ""))
+        allowed = variant_keys()
+        unknown = sorted(set(table) - set(allowed))
+        if unknown:
+            raise UserError(f"sweep recipe {str(path)!r}: variant {variant_name!r} sets unknown key(s) "
+                            f"{', '.join(unknown)}; valid: {', '.join(allowed)}")
+        custom[variant_name] = Variant(variant_name, table, description)
+    known = {f.name for f in fields(SweepConfig)} - {"recipe", "custom"}
+    unknown = sorted(set(payload) - known)
+    if unknown:
+        raise UserError(f"sweep recipe {str(path)!r} sets unknown key(s) {', '.join(unknown)}; "
+                        f"valid: {', '.join(sorted(known))}, [variant.NAME] tables")
+    if custom:
+        payload["custom"] = custom
+    return payload
+
+
+def resolve_config(recipe: str | None = None, **overrides: object) -> SweepConfig:
+    """Defaults ← recipe (the default one when none is named) ← flags that were given (None: not given)."""
+    name = recipe or DEFAULT_RECIPE
+    values: dict[str, Any] = load_recipe(name) if recipe or (SWEEPS_DIR / f"{name}.toml").is_file() else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    for key in ("variants", "targets", "formats"):
+        if key in values:
+            values[key] = tuple(_as_list(values[key]))
+    if "threads" in values:
+        values["threads"] = _threads(values["threads"])
+    return SweepConfig(recipe=name, **values).validate()
+
+
+# ------------------------------------------------------------------------------------------ the stage
+
+
+def run_sweep(checkpoint: Path, config: SweepConfig, out: Path | None = None) -> Path:
+    """Export, verify and bench every variant, then write sweep.json, report.md and report.html."""
+    from edgetl.manifest import read_checkpoint_manifest
+    from edgetl.paths import ensure_writable_dir
+
+    checkpoint = Path(checkpoint)
+    manifest = read_checkpoint_manifest(checkpoint)
+    config = config.validate()
+    if manifest.get("framework", "torch") != "torch":
+        raise UserError(f"checkpoint {str(checkpoint)!r} is a {manifest.get('framework')!r} checkpoint; "
+                        "edgetl sweep supports torch checkpoints (valid: a checkpoint from edgetl finetune "
+                        "--framework torch)")
+    _check_variant_configs(config)
+    out = Path(out) if out is not None else checkpoint.parent / "sweep"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"sweep output {str(out)!r} exists and is not a folder; choose a folder path")
+    ensure_writable_dir(out, "sweep folder")
+
+    from edgetl.bench import setup_userland
+    from edgetl.ui import console
+
+    targets = parse_targets(",".join(config.targets))
+    if any(t.emulated for t in targets):  # once, before any export: a set-up failure costs no exports
+        setup_userland("arm64")
+    started = time.perf_counter()
+    load_before = _loadavg()
+    variants = []
+    for index, name in enumerate(config.variants, 1):
+        variant = config.known()[name]
+        console.rule(f"sweep {index}/{len(config.variants)}: {name} — {variant.description or 'custom variant'}")
+        variants.append(run_variant(checkpoint, config, name, out / "variants" / name))
+        status = variants[-1]["status"]
+        elapsed = time.perf_counter() - started
+        console.print(f"sweep: {name} {status} in {variants[-1]['seconds']:.0f} s "
+                      f"({index}/{len(config.variants)} done, {elapsed / 60:.1f} min so far)")
+    rows, failures = collect(out, variants)
+    document = {
+        "kind": SWEEP_KIND, "schema_version": SCHEMA_VERSION, "created": _now(),
+        "checkpoint": {"path": str(checkpoint.resolve()), "model": manifest["model"],
+                       "test_top1_at_finetune": manifest.get("metrics", {}).get("test", {}).get("top1")},
+        "config": config.to_json(),
+        "variants": variants,
+        "reference": reference_top1(variants, manifest),
+        "conditions": conditions(out, variants, config, load_before),
+        "rows": rows, "failures": failures,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    from edgetl.report import print_summary, write_report
+
+    document = write_report(out, document)
+    print_summary(document)
+    return out
+
+
+def _check_variant_configs(config: SweepConfig) -> None:
+    """A variant whose settings export would refuse is a user error, named, before any work.
+
+    Anything else (an option the installed export does not know yet) is left to the run, where that
+    variant is recorded as failed and the others go on.
+    """
+    for name in config.variants:
+        try:
+            config.export_config(name).validate()
+        except UserError as error:
+            raise UserError(f"sweep variant {name!r}: {error}") from None
+        except Exception:  # noqa: BLE001, S112 - recorded per variant by run_variant
+            continue
+
+
+def run_variant(checkpoint: Path, config: SweepConfig, name: str, folder: Path) -> dict[str, Any]:
+    """Export (+ verify) then bench one variant; every failure is recorded, never raised."""
+    from edgetl.bench import BenchOptions, run_bench
+    from edgetl.export import ExportFailed, run_export
+    from edgetl.ui import console
+    from edgetl.verify import QualityError
+
+    variant = config.known()[name]
+    entry: dict[str, Any] = {"name": name, "description": variant.description,
+                             "overrides": _jsonable(variant.overrides), "status": "failed",
+                             "export": str(folder / "export"), "bench": str(folder / "bench")}
+    started = time.perf_counter()
+    try:
+        export_config = config.export_config(name)
+        entry["export_config"] = export_config.to_json()
+        run_export(checkpoint, export_config, folder / "export")
+    except (QualityError, ExportFailed) as error:  # written; the report judges accuracy and lists failures
+        entry["export_note"] = str(error)
+    except KeyboardInterrupt:
+        raise
+    except Exception as error:  # this variant is lost, the sweep goes on
+        entry["error"] = f"export: {_one_line(error)}"
+    if "error" not in entry:
+        try:
+            run_bench(folder / "export", BenchOptions(
+                targets=",".join(config.targets), threads=",".join(str(t) for t in config.threads),
+                out=folder / "bench", iters=config.iters, warmup=config.warmup, arm_iters=config.arm_iters,
+                arm_samples=config.arm_samples))
+            entry["status"] = "ok"
+        except KeyboardInterrupt:
+            raise
+        except Exception as error:
+            entry["error"] = f"bench: {_one_line(error)}"
+    if "error" in entry:
+        console.print(f"[red]sweep: variant {name} failed[/] — {entry['error']}")
+    entry["seconds"] = round(time.perf_counter() - started, 1)
+    return entry
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+    return (text.strip().splitlines() or [type(error).__name__])[0][:400]
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=list))
+
+
+# ------------------------------------------------------------------------------------- result table
+
+
+def collect(out: Path, variants: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One flat row per artifact × target × thread count, from the files export and bench wrote.
+
+    Accuracy is the verification top-1 (the file in its own runtime, whole test split, on the host); cost
+    is bench's: host p50 latency, or guest instructions per invoke on an emulated ARM64 target.
+    """
+    rows: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
+    for variant in variants:
+        export = Path(variant["export"])
+        manifest_path = export / "manifest.json"
+        if not manifest_path.is_file():
+            failures.append({"variant": variant["name"], "artifact": None, "stage": "export",
+                             "error": variant.get("error", "no export manifest")})
+            continue
+        manifest = json.loads(manifest_path.read_text())
+        config = manifest.get("config", {})
+        verified = {r["file"]: r for r in manifest.get("verification", {}).get("rows", [])}
+        bench_rows: dict[str, list[dict[str, Any]]] = {}
+        bench_manifest = Path(variant["bench"]) / "manifest.json"
+        if bench_manifest.is_file() and variant["status"] == "ok":
+            for row in json.loads(bench_manifest.read_text())["rows"]:
+                bench_rows.setdefault(row["artifact"], []).append(row)
+        elif variant.get("error"):
+            failures.append({"variant": variant["name"], "artifact": None, "stage": "bench",
+                             "error": variant["error"]})
+        for artifact in manifest.get("artifacts", []):
+            name = artifact["file"]
+            check = verified.get(name, {})
+            if artifact.get("status") != "ok" or check.get("status") != "ok":
+                failures.append({"variant": variant["name"], "artifact": name,
+                                 "stage": "export" if artifact.get("status") != "ok" else "verify",
+                                 "error": artifact.get("error") or check.get("error") or "not verified"})
+                continue
+            sidecar = json.loads((export / f"{name}.json").read_text())
+            base = {
+                "id": f"{variant['name']}/{name}", "variant": variant["name"], "artifact": name,
+                "format": artifact["format"], "quant": artifact["quant"], "prune": config.get("prune"),
+                "qat": bool(config.get("qat")), "size_bytes": sidecar["bytes"], "top1": check["top1"],
+                "top1_images": check["images"], "agreement": check.get("agreement"),
+                **delegation(sidecar),
+            }
+            for bench in bench_rows.get(name, []):
+                if "failed" in bench:
+                    failures.append({"variant": variant["name"], "artifact": name, "stage": "bench",
+                                     "target": bench["target"], "error": bench["failed"]})
+                    continue
+                rows.append({**base, "target": bench["target"], "emulated": bench["emulated"],
+                             "threads": bench["threads"], "runtime": bench["runtime"], "p50_ms": bench["p50_ms"],
+                             "p90_ms": bench["p90_ms"], "instructions_per_invoke": bench["instructions_per_invoke"],
+                             "instructions_per_mac": bench["instructions_per_mac"], "macs": bench["macs"],
+                             "bench_top1": bench["top1"], "bench_top1_samples": bench["top1_samples"]})
+    return rows, failures
+
+
+def delegation(sidecar: dict[str, Any]) -> dict[str, Any]:
+    """What ran outside XNNPACK: compute ops left to portable kernels (.pte), or LiteRT ops not delegated."""
+    info = sidecar.get("delegation") or {}
+    if sidecar.get("format") == "pte":
+        outside = list(info.get("compute_ops_outside") or [])
+        return {"ops_outside": outside, "fully_delegated": not outside}
+    whole = bool(info.get("whole_graph_delegated", True))
+    outside = [] if whole else [f"{info.get('graph_ops', '?')} op(s) outside {info.get('delegate_nodes', '?')} "
+                                "XNNPACK delegate node(s)"]
+    return {"ops_outside": outside, "fully_delegated": whole}
+
+
+def reference_top1(variants: list[dict[str, Any]], manifest: dict[str, Any]) -> dict[str, Any]:
+    """The float checkpoint's top-1 that drops are measured from: the one export computed in this run.
+
+    Taken from a variant that neither prunes nor trains (its float reference is the checkpoint itself);
+    without one, the fine-tuning manifest's test top-1, labelled as such.
+    """
+    for variant in variants:
+        overrides = variant.get("overrides", {})
+        path = Path(variant["export"]) / "manifest.json"
+        if overrides.get("prune") or overrides.get("qat") or not path.is_file():
+            continue
+        export = json.loads(path.read_text())
+        record = export.get("verification", {})
+        return {"top1": record.get("float_top1", export["float_reference"]["top1"]),
+                "images": record.get("images"), "source": f"float checkpoint in torch, measured by the "
+                f"{variant['name']} export of this sweep on the test split"}
+    test = manifest.get("metrics", {}).get("test", {})
+    return {"top1": test.get("top1"), "images": test.get("images"),
+            "source": "float checkpoint's test top-1 from its fine-tuning manifest (no unpruned export succeeded)"}
+
+
+def conditions(out: Path, variants: list[dict[str, Any]], config: SweepConfig,
+               load_before: list[float] | None) -> dict[str, Any]:
+    """How the figures were measured: threads, iterations, runtimes, CPUs, qemu, the host's load."""
+    found: dict[str, Any] = {"host_threads": list(config.threads), "host_iters": config.iters,
+                             "host_warmup": config.warmup, "arm_threads": 1, "arm_iters": config.arm_iters,
+                             "arm_samples": config.arm_samples, "load_average_before": load_before,
+                             "load_average_after": _loadavg(), "runtimes": [], "host_cpu": None, "qemu": None,
+                             "targets": {}, "versions": {}}
+    runtimes: set[str] = set()
+    for variant in variants:
+        bench = Path(variant["bench"])
+        manifest_path = bench / "manifest.json"
+        if not manifest_path.is_file():
+            continue
+        manifest = json.loads(manifest_path.read_text())
+        found["versions"] = manifest.get("versions", {})
+        runtimes.update(r["runtime"] for r in manifest["rows"] if "runtime" in r)
+        for result_file in sorted(bench.glob("*@*.json")):
+            result = json.loads(result_file.read_text())
+            target = result["target"]
+            found["targets"].setdefault(target["name"], target)
+            for run in result["runs"]:
+                if "failed" in run:
+                    continue
+                if not target["emulated"] and found["host_cpu"] is None:
+                    cpu = run["platform"]["cpu"]
+                    found["host_cpu"] = {"model": cpu.get("model_name"), "cores": cpu.get("cpu_count"),
+                                         "machine": cpu.get("machine")}
+                if target["emulated"] and found["qemu"] is None:
+                    found["qemu"] = run.get("emulation", {}).get("qemu")
+    found["runtimes"] = sorted(runtimes)
+    return found
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _now() -> str:
+    from edgetl.manifest import now_utc
+
+    return now_utc()
+
+
+__all__ = ["VARIANTS", "SweepConfig", "Variant", "load_recipe", "resolve_config", "run_sweep"]
