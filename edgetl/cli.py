@@ -163,6 +163,35 @@ def bench(
 
 
 @app.command()
+def sweep(
+    checkpoint: Annotated[Path, typer.Argument(help="RUN/checkpoint folder written by edgetl finetune (torch).")],
+    recipe: Annotated[str | None, typer.Option(
+        help="Sweep recipe from export/sweeps (default, small) or a .toml path; flags override it.")] = None,
+    variants: Annotated[str | None, typer.Option(
+        help="Comma list of fp32, int8-ptq, int8-qat, pruned30-int8, pruned50-int8 (or the recipe's own).")] = None,
+    target: Annotated[str | None, typer.Option(
+        help="Comma list of host, arm64-a53, arm64-a55, arm64-a72, arm64-a76, arm64-n1, arm64-a710.")] = None,
+    threads: Annotated[str | None, typer.Option(
+        help="Host thread counts; the first ranks the host (ARM64 runs 1 thread).")] = None,
+    formats: Annotated[str | None, typer.Option(help="Comma list of tflite, pte (default: both).")] = None,
+    max_drop: Annotated[float | None, typer.Option(
+        help="Accuracy budget: top-1 points a file may lose against the float checkpoint (default 1.0).")] = None,
+    calib: Annotated[int | None, typer.Option(help="Training images for int8 calibration.")] = None,
+    iters: Annotated[int | None, typer.Option(help="Timed invokes on the host.")] = None,
+    arm_iters: Annotated[int | None, typer.Option(help="Counted invokes per emulated target.")] = None,
+    arm_samples: Annotated[int | None, typer.Option(help="Top-1 on the first N samples per emulated target.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Sweep folder (default: RUN/sweep).")] = None,
+) -> None:
+    """Export, verify and benchmark a grid of compressed variants; write report.md and report.html."""
+    from edgetl.sweep import resolve_config, run_sweep
+
+    config = resolve_config(recipe, variants=variants, targets=target, threads=threads, formats=formats,
+                            max_drop=max_drop, calib=calib, iters=iters, arm_iters=arm_iters,
+                            arm_samples=arm_samples)
+    run_sweep(checkpoint, config, out)
+
+
+@app.command()
 def bundle(
     export_dir: Annotated[Path, typer.Argument(help="Export folder written by edgetl export.")],
     artifact: Annotated[str | None, typer.Option(
