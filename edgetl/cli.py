@@ -62,8 +62,20 @@ def finetune(
     workers: Annotated[int, typer.Option(help="Image-decoding worker processes.")] = 0,
     framework: Annotated[str, typer.Option(
         help="torch, or keras (tf_keras keras.applications MobileNets; needs the keras extra).")] = "torch",
+    devices: Annotated[int, typer.Option(
+        help="Data-parallel processes on this machine, one per GPU (torch: torchrun, NCCL; with --device cpu: "
+        "gloo CPU processes). keras: MirroredStrategy over this many GPUs.")] = 1,
+    nnodes: Annotated[int, typer.Option(help="Machines in the run (torch; keras reads TF_CONFIG).")] = 1,
+    node_rank: Annotated[int, typer.Option(help="This machine's index, 0 to nnodes-1 (0 hosts the master).")] = 0,
+    master: Annotated[str | None, typer.Option(
+        help="ADDR:PORT of node rank 0, needed with --nnodes > 1.")] = None,
+    master_timeout: Annotated[float, typer.Option(
+        help="Seconds to wait for the master before stopping with an error.")] = 120.0,
 ) -> None:
-    """Fine-tune an ImageNet-pretrained backbone on a folder of labelled images."""
+    """Fine-tune an ImageNet-pretrained backbone on a folder of labelled images.
+
+    --batch-size is the global batch: with several processes each takes an equal share.
+    """
     from edgetl.config import FinetuneConfig
     from edgetl.finetune import run_finetune
 
@@ -84,6 +96,11 @@ def finetune(
         device=device,
         workers=workers,
         framework=framework,
+        devices=devices,
+        nnodes=nnodes,
+        node_rank=node_rank,
+        master=master,
+        master_timeout=master_timeout,
     )
     run_finetune(config, run_dir)
 
@@ -94,12 +111,17 @@ def export(
     formats: Annotated[str | None, typer.Option(help="Comma list of tflite, pte (default: both).")] = None,
     quant: Annotated[str | None, typer.Option(
         help="Comma list of fp32, int8 (default: both); keras checkpoints also fp16, dynamic.")] = None,
-    prune: Annotated[float | None, typer.Option(
-        help="Keras: tfmot magnitude pruning to this sparsity (e.g. 0.5) in a short fine-tune before conversion.")
+    prune: Annotated[str | None, typer.Option(
+        help="channels:R removes a fraction R of channels for real (torch; speed), magnitude:S zeroes a fraction S "
+             "of weights (size, see gzip); each with a short fine-tune. A bare number is magnitude (keras).")
     ] = None,
     qat: Annotated[bool | None, typer.Option(
-        "--qat", help="Keras: tfmot quantization-aware training before int8 (prune-preserving with --prune).")
+        "--qat", help="Quantization-aware training before int8 (torch: PT2E QAT; keras: tfmot, prune-preserving "
+                      "with --prune).")
     ] = None,
+    recovery_epochs: Annotated[int | None, typer.Option(
+        help="Fine-tune epochs of --prune on torch (default: 6 for channels, 4 for magnitude).")] = None,
+    qat_epochs: Annotated[int | None, typer.Option(help="Epochs of --qat on torch (default 2).")] = None,
     calib: Annotated[
         int | None, typer.Option(help="Training images for int8 calibration (default 256, chosen by measurement).")
     ] = None,
@@ -122,7 +144,7 @@ def export(
 
     config = resolve_config(
         recipe, formats=formats, quant=quant, calib=calib, max_drop=max_drop, bias_correction=bias_correction,
-        prune=prune, qat=qat,
+        prune=prune, qat=qat, recovery_epochs=recovery_epochs, qat_epochs=qat_epochs,
         threads=threads,
     )
     run_export(checkpoint, config, out)

@@ -41,6 +41,11 @@ class FinetuneConfig:
     device: str = "auto"
     workers: int = 0
     framework: str = "torch"
+    devices: int = 1  # processes (torch) or replicas (keras) per machine, one per GPU
+    nnodes: int = 1
+    node_rank: int = 0
+    master: str | None = None  # ADDR:PORT of node rank 0, for several machines
+    master_timeout: float = 120.0  # seconds to wait for the master before giving up with one line
 
     def validate(self) -> FinetuneConfig:
         """Check every value; return a copy with defaults resolved (image size)."""
@@ -72,7 +77,39 @@ class FinetuneConfig:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} is not usable; valid: 0 < lr < 1")
         if not (0 < self.val_fraction < 0.5 and 0 < self.test_fraction < 0.5):
             raise UserError("validation and test fractions must each be between 0 and 0.5")
+        self._validate_scale_out()
         return replace(self, image_size=size)
+
+    @property
+    def world_size(self) -> int:
+        """Training processes (torch) or workers × replicas asked for on the command line."""
+        return self.devices * self.nnodes
+
+    def _validate_scale_out(self) -> None:
+        """--devices/--nnodes/--node-rank/--master: checks that need no framework (GPU counts come later)."""
+        from edgetl.distributed import parse_master
+
+        if self.devices < 1:
+            raise UserError(f"--devices {self.devices} is not usable; valid: 1 or more (one process per GPU)")
+        if self.nnodes < 1:
+            raise UserError(f"--nnodes {self.nnodes} is not usable; valid: 1 or more machines")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise UserError(f"--node-rank {self.node_rank} does not fit --nnodes {self.nnodes}; "
+                            f"valid: 0 to {self.nnodes - 1}")
+        if self.nnodes > 1 and not self.master:
+            raise UserError(f"--nnodes {self.nnodes} needs --master ADDR:PORT (the address of node rank 0)")
+        if self.master:
+            parse_master(self.master)
+        if self.master_timeout <= 0:
+            raise UserError(f"--master-timeout {self.master_timeout} is not usable; valid: seconds > 0")
+        if self.device == "mps" and self.devices > 1:
+            raise UserError(f"--devices {self.devices} with --device mps: Apple GPUs are one device; valid: 1")
+        if self.batch_size % self.world_size:
+            raise UserError(
+                f"--batch-size {self.batch_size} is the global batch and must divide evenly over "
+                f"{self.world_size} processes (--devices {self.devices} × --nnodes {self.nnodes}); "
+                f"valid: a multiple of {self.world_size}"
+            )
 
     def to_json(self) -> dict:
         return asdict(self)

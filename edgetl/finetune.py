@@ -8,6 +8,7 @@ renamed to RUN/checkpoint only when everything is there.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.table import Table
@@ -39,8 +40,11 @@ def finetune_backend(framework: str):
     """The framework's fine-tuning module, imported only now.
 
     Each backend module provides: WEIGHTS_FILE, LIBRARIES, preprocess_spec(config),
-    build_initial_model(config), train(config, listing, preprocess, initial, feature_cache),
-    evaluate(model, config, listing, preprocess, split), save_weights(model, path), describe(model).
+    launch_if_needed(config, run_dir, feature_cache) (starts the processes of a multi-process run and
+    returns its checkpoint, or None to train here), session(config) (a context manager yielding this
+    process's world: is_main, size, from_main(fn), barrier()), build_initial_model(config),
+    train(config, listing, preprocess, initial, feature_cache, world),
+    evaluate(model, config, listing, preprocess, split, world), save_weights(model, path), describe(model).
     """
     try:
         if framework == "torch":
@@ -64,25 +68,89 @@ def _print_data(listing: DatasetListing) -> None:
         console.print(f"[yellow]skipped {len(listing.skipped)} unreadable file(s)[/] (listed in the manifest)")
 
 
+def run_stages(trainer, model, config: FinetuneConfig, listing: DatasetListing, feature_cache: bool, bar,
+               restore_best: Callable[[], object]) -> dict:
+    """The recipe's order and its throughput figures, shared by both backends (their trainers do the work).
+
+    `trainer` provides extract_features, train_head, train_head_uncached, finetune_top, history and failures
+    (already merged over ranks); `restore_best` loads the best validation weights into `model`.
+    """
+    throughput: dict = {}
+    if config.epochs_head:
+        start = time.perf_counter()
+        if feature_cache:
+            cached = {split: trainer.extract_features(model, split, bar) for split in ("train", "val")}
+            extract_seconds = time.perf_counter() - start
+            listing.drop(trainer.failures)
+            trainer.failures.clear()
+            trainer.train_head(model, cached, bar)
+            throughput["stage1"] = {
+                "feature_cache": True,
+                "feature_extraction_seconds": round(extract_seconds, 2),
+                "feature_images_per_s": round(sum(len(v[1]) for v in cached.values()) / extract_seconds, 1),
+                "head_seconds": round(time.perf_counter() - start - extract_seconds, 2),
+            }
+            del cached
+        else:
+            trainer.train_head_uncached(model, bar)
+            throughput["stage1"] = {"feature_cache": False}
+        stage1_seconds = time.perf_counter() - start
+        epochs_run = sum(1 for h in trainer.history if h["stage"] == 1)
+        throughput["stage1"].update({
+            "seconds": round(stage1_seconds, 2),
+            "epochs": epochs_run,
+            "images_per_s": round(epochs_run * len(listing.splits["train"]) / stage1_seconds, 1),
+        })
+        restore_best()
+    if config.epochs_finetune and config.unfreeze:
+        start = time.perf_counter()
+        trainer.finetune_top(model, bar)
+        stage2 = [h["train_images_per_s"] for h in trainer.history if h["stage"] == 2]
+        throughput["stage2"] = {
+            "seconds": round(time.perf_counter() - start, 2),
+            "epochs": len(stage2),
+            "images_per_s": round(sorted(stage2)[len(stage2) // 2], 1),
+        }
+    listing.drop(trainer.failures)
+    restore_best()
+    return throughput
+
+
 def run_finetune(config: FinetuneConfig, run_dir: Path | None = None, feature_cache: bool = True) -> Path:
-    """Fine-tune and write RUN/checkpoint; returns the checkpoint folder."""
+    """Fine-tune and write RUN/checkpoint; returns the checkpoint folder.
+
+    With --devices/--nnodes (and no launcher around us) the backend starts the worker processes and this
+    returns once they are done; inside a multi-process run only rank 0 writes the checkpoint.
+    """
     config = config.validate()
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / config.backbone
     ensure_writable_dir(run_dir, "output folder")
     backend = finetune_backend(config.framework)
-    initial = backend.build_initial_model(config)
-    listing = load_listing(config)
-    _print_data(listing)
-    preprocess = backend.preprocess_spec(config)
+    launched = backend.launch_if_needed(config, run_dir, feature_cache)
+    if launched is not None:
+        return launched
+    with backend.session(config) as world:
+        initial = backend.build_initial_model(config)
+        listing = world.from_main(lambda: load_listing(config))  # one listing, the same on every rank
+        _print_data(listing)
+        preprocess = backend.preprocess_spec(config)
 
-    started = time.perf_counter()
-    result = backend.train(config, listing, preprocess, initial, feature_cache=feature_cache)
-    train_seconds = time.perf_counter() - started
-    metrics = {split: backend.evaluate(result.model, config, listing, preprocess, split) for split in ("val", "test")}
-    for split_metrics in metrics.values():
-        listing.drop(split_metrics.pop("decode_failures"))
+        started = time.perf_counter()
+        result = backend.train(config, listing, preprocess, initial, feature_cache=feature_cache, world=world)
+        train_seconds = time.perf_counter() - started
+        metrics = {split: backend.evaluate(result.model, config, listing, preprocess, split, world=world)
+                   for split in ("val", "test")}
+        for split_metrics in metrics.values():
+            listing.drop(split_metrics.pop("decode_failures"))
+        checkpoint = run_dir / "checkpoint"
+        if world.is_main:
+            _write_checkpoint(checkpoint, backend, config, listing, preprocess, result, metrics, train_seconds)
+        world.barrier()  # no rank returns before the checkpoint exists
+    return checkpoint
 
-    checkpoint = run_dir / "checkpoint"
+
+def _write_checkpoint(checkpoint: Path, backend, config: FinetuneConfig, listing: DatasetListing, preprocess: dict,
+                      result, metrics: dict, train_seconds: float) -> None:
     with atomic_dir(checkpoint) as tmp:
         backend.save_weights(result.model, tmp / backend.WEIGHTS_FILE)
         write_labels(tmp / "labels.txt", listing.classes)
@@ -126,7 +194,6 @@ def run_finetune(config: FinetuneConfig, run_dir: Path | None = None, feature_ca
         }
         write_json(tmp / "manifest.json", manifest)
     _print_summary(manifest, checkpoint)
-    return checkpoint
 
 
 def _print_summary(manifest: dict, checkpoint: Path) -> None:

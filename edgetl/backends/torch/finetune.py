@@ -18,14 +18,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from edgetl import data
 from edgetl.backbones import get_backbone
+from edgetl.backends.torch.distributed import TorchWorld, launch, needs_launch, shared_dropout
+from edgetl.backends.torch.distributed import session as session  # the stage opens it around the whole run
 from edgetl.backends.torch.models import Backbone, build_model
 from edgetl.backends.torch.weights import apply_weights
 from edgetl.config import FinetuneConfig
+from edgetl.distributed import WorldEnv, world_from_env
 from edgetl.errors import UserError
+from edgetl.finetune import run_stages
 from edgetl.ui import console, progress
 
 WEIGHTS_FILE = "model.pt"
@@ -100,14 +104,28 @@ def pick_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def device_info(device: torch.device) -> dict:
+def precision_settings(device: torch.device) -> dict:
+    """Mixed precision (fp16 autocast + loss scaling) and channels-last memory on CUDA, where both pay off.
+
+    MPS gets autocast only; on CPU both stay off (fp16 autocast is slow there, channels-last gains nothing).
+    """
+    return {
+        "mixed_precision": device.type in ("cuda", "mps"),
+        "grad_scaler": device.type == "cuda",
+        "channels_last": device.type == "cuda",
+    }
+
+
+def device_info(device: torch.device, world: TorchWorld | None = None) -> dict:
     info = {
         "type": device.type,
-        "mixed_precision": device.type in ("cuda", "mps"),
+        **precision_settings(device),
         "torch_threads": torch.get_num_threads(),
     }
     if device.type == "cuda":
         info["name"] = torch.cuda.get_device_name(device)
+    if world is not None and world.backend:
+        info["distributed"] = {"backend": world.backend, "world_size": world.size}
     return info
 
 
@@ -170,6 +188,11 @@ def _loader(dataset: Dataset, batch_size: int, workers: int, shuffle: bool, seed
     )
 
 
+def launch_if_needed(config: FinetuneConfig, run_dir: Path, feature_cache: bool) -> Path | None:
+    """Start torchrun's workers when several processes are asked for and none launched us; their checkpoint."""
+    return launch(config, run_dir, feature_cache) if needs_launch(config, world_from_env()) else None
+
+
 def build_initial_model(config: FinetuneConfig) -> tuple[Backbone, dict]:
     """The backbone with its initial weights and the published 1000-class head (replaced in `train`).
 
@@ -183,15 +206,24 @@ def build_initial_model(config: FinetuneConfig) -> tuple[Backbone, dict]:
 
 
 class Trainer:
-    """Runs the recipe for one config; keeps the best weights seen on validation across both stages."""
+    """Runs the recipe for one config on this rank; keeps the best weights seen on validation across both stages.
 
-    def __init__(self, config: FinetuneConfig, listing: data.DatasetListing, spec: dict) -> None:
+    With several ranks every epoch walks one seeded permutation of the training split; rank r takes rows
+    r, r+W, ... of each global batch, scales its summed loss by W / (global batch count) and DDP averages
+    the gradients: the step equals the single-process step on the same global batch.
+    """
+
+    def __init__(self, config: FinetuneConfig, listing: data.DatasetListing, spec: dict,
+                 world: TorchWorld | None = None) -> None:
         self.config = config
         self.listing = listing
         self.spec = spec
-        self.device = pick_device(config.device)
-        self.amp = self.device.type in ("cuda", "mps")
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        self.world = world or TorchWorld(WorldEnv(), pick_device(config.device))
+        self.device = self.world.device
+        settings = precision_settings(self.device)
+        self.amp = settings["mixed_precision"]
+        self.channels_last = settings["channels_last"]
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing, reduction="sum")
         self.history: list[dict] = []
         self.best_top1 = -1.0
         self.best_state: dict | None = None
@@ -210,221 +242,210 @@ class Trainer:
             return True
         return False
 
+    def _optimizer(self, params: list[nn.Parameter], lr: float, total_steps: int):
+        """AdamW with linear warm-up then cosine decay, stepped once per global batch (all three loops)."""
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=self.config.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, self.config.warmup_fraction))
+        return optimizer, schedule
+
+    def _global_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean loss over the *global* batch, times W (DDP divides the summed gradients by W)."""
+        count = self.world.sum([float(len(targets))])[0]
+        return self.criterion(logits.float(), targets) * (self.world.size / max(1.0, count))
+
+    def _train_loader(self, dataset: Dataset, seed: int) -> tuple[DataLoader, DistributedSampler]:
+        """Each rank's share of every global batch: DistributedSampler strides one seeded permutation."""
+        sampler = DistributedSampler(dataset, num_replicas=self.world.size, rank=self.world.rank, shuffle=True,
+                                     seed=seed)
+        loader = DataLoader(dataset, batch_size=self.config.batch_size // self.world.size, sampler=sampler,
+                            num_workers=self.config.workers, pin_memory=self.device.type == "cuda",
+                            persistent_workers=False)
+        return loader, sampler
+
+    def _shard_loader(self, records: list[tuple[str, int]]) -> DataLoader:
+        """This rank's fixed share of a split (no shuffling), decoded in worker processes when asked."""
+        dataset = Subset(ImageRecords(self.listing.root, records, self.spec), self.world.shard(len(records)))
+        return _loader(dataset, self.config.batch_size, self.config.workers, False, self.config.seed)
+
+    def _reduce_epoch(self, loss_sum: float, correct: int, seen: int) -> tuple[float, float, int]:
+        loss_sum, correct, seen = self.world.sum([loss_sum, correct, seen])
+        return loss_sum / max(1.0, seen), correct / max(1.0, seen), int(seen)
+
+    def _merge_failures(self) -> None:
+        self.failures = self.world.merge(self.failures)
+
     # ------------------------------------------------------------ stage 1
 
     @torch.inference_mode()
     def extract_features(self, model: Backbone, split: str, bar) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decode + backbone forward per image of a split; failed files are dropped and recorded."""
+        """One decode + backbone forward per image, each rank on its shard; every rank gets the whole cache."""
         records = self.listing.splits[split]
-        loader = _loader(
-            ImageRecords(self.listing.root, records, self.spec),
-            self.config.batch_size,
-            self.config.workers,
-            False,
-            self.config.seed,
-        )
         task = bar.add_task(f"features ({split})", total=len(records), status="")
-        features, labels, keep = [], [], []
-        for images, targets, indices, errors in loader:
+        features, keep, rows = [], [], []
+        for images, _, indices, errors in self._shard_loader(records):
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
             with self._autocast():
                 features.append(model.forward_features(images.to(self.device)).float().cpu())
-            labels.append(targets)
             for index, error in zip(indices.tolist(), errors, strict=True):
                 if error:
                     self.failures[records[index][0]] = error
                 keep.append(not error)
-            bar.advance(task, len(targets))
+            rows += indices.tolist()
+            bar.advance(task, len(indices) * self.world.size)
         bar.remove_task(task)
-        mask = torch.tensor(keep, dtype=torch.bool)
-        return torch.cat(features)[mask], torch.cat(labels)[mask]
+        local = torch.cat(features) if features else torch.zeros((0, model.feature_dim))
+        cache = self.world.gather_strided(local, len(records))
+        mask = self.world.gather_strided(torch.tensor(keep, dtype=torch.bool), len(records))
+        self._merge_failures()
+        labels = torch.tensor([label for _, label in records], dtype=torch.long)
+        return cache[mask], labels[mask]
 
     def train_head(self, model: Backbone, cached: dict[str, tuple[torch.Tensor, torch.Tensor]], bar) -> None:
-        config = self.config
+        config, world = self.config, self.world
         head = model.head.to(self.device)
         features, labels = cached["train"]
         val_features, val_labels = (t.to(self.device) for t in cached["val"])
         steps_per_epoch = math.ceil(len(labels) / config.batch_size)
-        optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr_head, weight_decay=config.weight_decay)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(steps_per_epoch * config.epochs_head, config.warmup_fraction)
-        )
+        optimizer, schedule = self._optimizer(list(head.parameters()), config.lr_head,
+                                              steps_per_epoch * config.epochs_head)
         generator = torch.Generator().manual_seed(config.seed)
+        trained = world.wrap(head)
         task = bar.add_task("stage 1: head", total=config.epochs_head, status="")
         stale = 0
-        for epoch in range(1, config.epochs_head + 1):
-            start = time.perf_counter()
-            head.train()
-            order = torch.randperm(len(labels), generator=generator)
-            loss_sum, correct = 0.0, 0
-            for step in range(steps_per_epoch):
-                index = order[step * config.batch_size : (step + 1) * config.batch_size]
-                x, y = features[index].to(self.device), labels[index].to(self.device)
-                logits = head(x)
-                loss = self.criterion(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                loss_sum += loss.item() * len(y)
-                correct += (logits.argmax(1) == y).sum().item()
-            head.eval()
-            with torch.inference_mode():
-                val_logits = head(val_features)
-                val_loss = self.criterion(val_logits, val_labels).item()
-                val_top1 = (val_logits.argmax(1) == val_labels).float().mean().item()
-            improved = self._remember(model, val_top1, 1, epoch)
-            stale = 0 if improved else stale + 1
-            self._log(
-                1,
-                epoch,
-                loss_sum / len(labels),
-                correct / len(labels),
-                val_loss,
-                val_top1,
-                schedule.get_last_lr()[0],
-                time.perf_counter() - start,
-                len(labels),
-            )
-            bar.update(task, advance=1, status=f"val top-1 {val_top1:.3f}")
-            if stale >= config.patience:
-                console.print(f"stage 1: early stop after epoch {epoch} (no val gain for {stale} epochs)")
-                break
+        with shared_dropout(head, config.seed, world) as dropout:
+            for epoch in range(1, config.epochs_head + 1):
+                start = time.perf_counter()
+                head.train()
+                order = torch.randperm(len(labels), generator=generator)
+                loss_sum, correct, seen = 0.0, 0, 0
+                for step in range(steps_per_epoch):
+                    batch = order[step * config.batch_size : (step + 1) * config.batch_size]
+                    index = batch[world.rank :: world.size]
+                    dropout.global_rows = len(batch)
+                    x, y = features[index].to(self.device), labels[index].to(self.device)
+                    logits = trained(x)
+                    loss = self._global_loss(logits, y)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    schedule.step()
+                    loss_sum += float(self.criterion(logits.detach().float(), y))
+                    correct += int((logits.argmax(1) == y).sum())
+                    seen += len(y)
+                train_loss, train_top1, seen = self._reduce_epoch(loss_sum, correct, seen)
+                head.eval()
+                with torch.inference_mode():  # every rank holds the whole val cache: same figures everywhere
+                    val_logits = head(val_features)
+                    val_loss = float(self.criterion(val_logits, val_labels)) / max(1, len(val_labels))
+                    val_top1 = (val_logits.argmax(1) == val_labels).float().mean().item()
+                improved = self._remember(model, val_top1, 1, epoch)
+                stale = 0 if improved else stale + 1
+                self._log(1, epoch, train_loss, train_top1, val_loss, val_top1, schedule.get_last_lr()[0],
+                          time.perf_counter() - start, seen)
+                bar.update(task, advance=1, status=f"val top-1 {val_top1:.3f}")
+                if stale >= config.patience:
+                    console.print(f"stage 1: early stop after epoch {epoch} (no val gain for {stale} epochs)")
+                    break
         bar.remove_task(task)
 
     def train_head_uncached(self, model: Backbone, bar) -> None:
         """Stage 1 without the feature cache (decode + backbone forward every epoch), for the benchmark."""
-        config = self.config
-        head = model.head
         for parameter in model.parameters():
             parameter.requires_grad_(False)
+        head = model.head
         for parameter in head.parameters():
             parameter.requires_grad_(True)
-        train_set = ImageRecords(self.listing.root, self.listing.splits["train"], self.spec)
-        loader = _loader(train_set, config.batch_size, config.workers, True, config.seed)
-        optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr_head, weight_decay=config.weight_decay)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(len(loader) * config.epochs_head, config.warmup_fraction)
-        )
-        task = bar.add_task("stage 1: head (no cache)", total=config.epochs_head, status="")
-        for epoch in range(1, config.epochs_head + 1):
-            start = time.perf_counter()
-            model.eval()
-            head.train()
-            seen, loss_sum, correct = 0, 0.0, 0
-            for images, targets, _, errors in loader:
-                ok = torch.tensor([not e for e in errors])
-                x, y = images[ok].to(self.device), targets[ok].to(self.device)
-                with torch.no_grad():
-                    features = model.forward_features(x)
-                logits = head(features)
-                loss = self.criterion(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                seen += len(y)
-                loss_sum += loss.item() * len(y)
-                correct += (logits.argmax(1) == y).sum().item()
-            val_loss, val_top1 = self.evaluate_split(model, "val")
-            self._remember(model, val_top1, 1, epoch)
-            self._log(
-                1,
-                epoch,
-                loss_sum / seen,
-                correct / seen,
-                val_loss,
-                val_top1,
-                schedule.get_last_lr()[0],
-                time.perf_counter() - start,
-                seen,
-            )
-            bar.update(task, advance=1, status=f"val top-1 {val_top1:.3f}")
-        bar.remove_task(task)
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                features = model.forward_features(x)
+            return trained(features)
+
+        trained = self.world.wrap(head)
+        self._image_epochs(model, head, forward, 1, self.config.epochs_head, self.config.lr_head, None,
+                           "stage 1: head (no cache)", bar, early_stop=False)
 
     # ------------------------------------------------------------ stage 2
 
     def finetune_top(self, model: Backbone, bar) -> None:
-        config = self.config
         stages = model.stages()
-        k = min(config.unfreeze, len(stages))
+        k = min(self.config.unfreeze, len(stages))
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        trainable = [*stages[-k:], model.head]
-        params = [p for unit in trainable for p in unit.parameters()]
-        for parameter in params:
-            parameter.requires_grad_(True)
-        train_set = ImageRecords(self.listing.root, self.listing.splits["train"], self.spec, augment_seed=config.seed)
-        loader = _loader(train_set, config.batch_size, config.workers, True, config.seed + 1)
-        optimizer = torch.optim.AdamW(params, lr=config.lr_finetune, weight_decay=config.weight_decay)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(len(loader) * config.epochs_finetune, config.warmup_fraction)
-        )
-        scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda")
-        task = bar.add_task(f"stage 2: top {k} blocks", total=config.epochs_finetune, status="")
+        for unit in [*stages[-k:], model.head]:
+            for parameter in unit.parameters():
+                parameter.requires_grad_(True)
+        trained = self.world.wrap(model)
+        self._image_epochs(model, model, trained, 2, self.config.epochs_finetune, self.config.lr_finetune,
+                           self.config.seed, f"stage 2: top {k} blocks", bar)
+
+    def _image_epochs(self, model: Backbone, trainable: nn.Module, forward, stage: int, epochs: int, lr: float,
+                      augment_seed: int | None, title: str, bar, early_stop: bool = True) -> None:
+        """Epochs over decoded images (stage 2, or stage 1 without the cache), streamed from disk."""
+        config = self.config
+        train_set = ImageRecords(self.listing.root, self.listing.splits["train"], self.spec, augment_seed=augment_seed)
+        loader, sampler = self._train_loader(train_set, config.seed + stage - 1)
+        params = [p for p in trainable.parameters() if p.requires_grad]
+        optimizer, schedule = self._optimizer(params, lr, len(loader) * epochs)
+        scaler = torch.amp.GradScaler("cuda", enabled=precision_settings(self.device)["grad_scaler"])
+        task = bar.add_task(title, total=epochs, status="")
         stale = 0
-        for epoch in range(1, config.epochs_finetune + 1):
-            start = time.perf_counter()
-            train_set.epoch = epoch
-            model.train()
-            freeze_batchnorm(model)
-            batches = bar.add_task(f"  epoch {epoch}", total=len(train_set), status="")
-            seen, loss_sum, correct = 0, 0.0, 0
-            for images, targets, _, errors in loader:
-                ok = torch.tensor([not e for e in errors])
-                x, y = images[ok].to(self.device), targets[ok].to(self.device)
-                if self.device.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with self._autocast():
-                    logits = model(x)
-                    loss = self.criterion(logits.float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                schedule.step()
-                seen += len(y)
-                loss_sum += loss.item() * len(y)
-                correct += (logits.argmax(1) == y).sum().item()
-                bar.update(batches, advance=len(targets), status=f"loss {loss.item():.3f}")
-            bar.remove_task(batches)
-            train_seconds = time.perf_counter() - start
-            val_loss, val_top1 = self.evaluate_split(model, "val")
-            improved = self._remember(model, val_top1, 2, epoch)
-            stale = 0 if improved else stale + 1
-            self._log(
-                2,
-                epoch,
-                loss_sum / max(1, seen),
-                correct / max(1, seen),
-                val_loss,
-                val_top1,
-                schedule.get_last_lr()[0],
-                time.perf_counter() - start,
-                seen,
-                train_seconds,
-            )
-            bar.update(task, advance=1, status=f"val top-1 {val_top1:.3f}")
-            if stale >= config.patience:
-                console.print(f"stage 2: early stop after epoch {epoch} (no val gain for {stale} epochs)")
-                break
+        with shared_dropout(model, config.seed + stage, self.world) as dropout:
+            for epoch in range(1, epochs + 1):
+                start = time.perf_counter()
+                train_set.epoch = epoch
+                sampler.set_epoch(epoch)
+                model.train()
+                freeze_batchnorm(model)
+                batches = bar.add_task(f"  epoch {epoch}", total=len(train_set), status="")
+                seen, loss_sum, correct = 0, 0.0, 0
+                for images, targets, indices, errors in loader:
+                    ok = torch.tensor([not e for e in errors])
+                    for index, error in zip(indices.tolist(), errors, strict=True):
+                        if error:
+                            self.failures[self.listing.splits["train"][index][0]] = error
+                    x, y = images[ok].to(self.device, non_blocking=True), targets[ok].to(self.device)
+                    dropout.global_rows = len(targets) * self.world.size  # DistributedSampler pads: equal shares
+                    if self.channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    with self._autocast():
+                        logits = forward(x)
+                    loss = self._global_loss(logits, y)
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    schedule.step()
+                    seen += len(y)
+                    loss_sum += float(self.criterion(logits.detach().float(), y))
+                    correct += int((logits.argmax(1) == y).sum())
+                    shown = float(loss.detach()) / self.world.size
+                    bar.update(batches, advance=len(targets) * self.world.size, status=f"loss {shown:.3f}")
+                bar.remove_task(batches)
+                train_seconds = time.perf_counter() - start
+                self._merge_failures()
+                train_loss, train_top1, seen = self._reduce_epoch(loss_sum, correct, seen)
+                val_loss, val_top1 = self.evaluate_split(model, "val")
+                improved = self._remember(model, val_top1, stage, epoch)
+                stale = 0 if improved else stale + 1
+                self._log(stage, epoch, train_loss, train_top1, val_loss, val_top1, schedule.get_last_lr()[0],
+                          time.perf_counter() - start, seen, train_seconds)
+                bar.update(task, advance=1, status=f"val top-1 {val_top1:.3f}")
+                if early_stop and stale >= config.patience:
+                    console.print(f"stage {stage}: early stop after epoch {epoch} (no val gain for {stale} epochs)")
+                    break
         bar.remove_task(task)
 
     # ------------------------------------------------------------ evaluation
 
     @torch.inference_mode()
     def predict(self, model: Backbone, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Labels, predicted labels and softmax probabilities of a split (full model, no augmentation)."""
+        """This rank's labels, predicted labels and softmax probabilities of a split (no augmentation)."""
         model.eval()
         records = self.listing.splits[split]
-        loader = _loader(
-            ImageRecords(self.listing.root, records, self.spec),
-            self.config.batch_size,
-            self.config.workers,
-            False,
-            self.config.seed,
-        )
-        labels, probabilities = [], []
-        for images, targets, indices, errors in loader:
+        labels, probabilities = [], [np.zeros((0, len(self.listing.classes)), np.float32)]
+        for images, targets, indices, errors in self._shard_loader(records):
             ok = torch.tensor([not e for e in errors])
             for index, error in zip(indices.tolist(), errors, strict=True):
                 if error:
@@ -433,16 +454,20 @@ class Trainer:
                 logits = model(images[ok].to(self.device)).float()
             probabilities.append(logits.softmax(1).cpu().numpy())
             labels.append(targets[ok].numpy())
+        self._merge_failures()
         probs = np.concatenate(probabilities)
-        return np.concatenate(labels), probs.argmax(1), probs
+        labels_all = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+        return labels_all, probs.argmax(1), probs
 
     def evaluate_split(self, model: Backbone, split: str) -> tuple[float, float]:
+        """Loss and top-1 over the whole split (summed over ranks)."""
         labels, predicted, probs = self.predict(model, split)
         smoothing = self.config.label_smoothing
         log_probs = np.log(np.clip(probs, 1e-12, 1.0))
         nll = -log_probs[np.arange(len(labels)), labels]
-        loss = float(np.mean((1 - smoothing) * nll - smoothing * log_probs.mean(1)))
-        return loss, float(np.mean(predicted == labels))
+        loss_sum = float(np.sum((1 - smoothing) * nll - smoothing * log_probs.mean(1)))
+        loss_sum, correct, count = self.world.sum([loss_sum, float(np.sum(predicted == labels)), float(len(labels))])
+        return loss_sum / max(1.0, count), correct / max(1.0, count)
 
     def _log(
         self,
@@ -477,6 +502,7 @@ def train(
     spec: dict,
     initial: tuple[Backbone, dict],
     feature_cache: bool = True,
+    world: TorchWorld | None = None,
 ) -> Result:
     """Run both stages from `build_initial_model`'s output; returns the best validation weights and figures."""
     model, init = initial
@@ -484,60 +510,23 @@ def train(
     model.reset_head(len(listing.classes))
     np.random.seed(config.seed % (2**32))
     torch.use_deterministic_algorithms(True, warn_only=True)
-    trainer = Trainer(config, listing, spec)
+    trainer = Trainer(config, listing, spec, world)
+    if trainer.world.size > 1 and not feature_cache:
+        raise UserError("stage 1 without the feature cache runs in one process only; drop --devices/--nnodes")
     model.to(trainer.device)
-    if trainer.device.type == "cuda":
+    if trainer.channels_last:
         model.to(memory_format=torch.channels_last)
     with progress() as bar:
         if init.get("kind") == "none":
+            # every rank estimates on the same images in the same order, so the statistics agree everywhere
             train_set = ImageRecords(listing.root, listing.splits["train"], spec)
             loader = _loader(train_set, config.batch_size, config.workers, True, config.seed)
             with console.status("estimating BatchNorm statistics of the randomly initialised backbone"):
                 init["batchnorm_statistics_from_images"] = estimate_batchnorm_statistics(
                     model, loader, trainer.device, BN_ESTIMATE_IMAGES
                 )
-        if config.epochs_head:
-            start = time.perf_counter()
-            if feature_cache:
-                model.eval()
-                cached = {}
-                for split in ("train", "val"):
-                    cached[split] = trainer.extract_features(model, split, bar)
-                extract_seconds = time.perf_counter() - start
-                listing.drop(trainer.failures)
-                trainer.failures.clear()
-                trainer.train_head(model, cached, bar)
-                head_seconds = time.perf_counter() - start - extract_seconds
-                trainer.throughput["stage1"] = {
-                    "feature_cache": True,
-                    "feature_extraction_seconds": round(extract_seconds, 2),
-                    "feature_images_per_s": round(sum(len(v[1]) for v in cached.values()) / extract_seconds, 1),
-                    "head_seconds": round(head_seconds, 2),
-                }
-            else:
-                trainer.train_head_uncached(model, bar)
-                trainer.throughput["stage1"] = {"feature_cache": False}
-            stage1_seconds = time.perf_counter() - start
-            epochs_run = sum(1 for h in trainer.history if h["stage"] == 1)
-            trainer.throughput["stage1"].update(
-                {
-                    "seconds": round(stage1_seconds, 2),
-                    "epochs": epochs_run,
-                    "images_per_s": round(epochs_run * len(listing.splits["train"]) / stage1_seconds, 1),
-                }
-            )
-            model.load_state_dict(trainer.best_state)
-        if config.epochs_finetune and config.unfreeze:
-            start = time.perf_counter()
-            trainer.finetune_top(model, bar)
-            stage2 = [h for h in trainer.history if h["stage"] == 2]
-            trainer.throughput["stage2"] = {
-                "seconds": round(time.perf_counter() - start, 2),
-                "epochs": len(stage2),
-                "images_per_s": round(float(np.median([h["train_images_per_s"] for h in stage2])), 1),
-            }
-        listing.drop(trainer.failures)
-        model.load_state_dict(trainer.best_state)
+        trainer.throughput = run_stages(trainer, model, config, listing, feature_cache, bar,
+                                        lambda: model.load_state_dict(trainer.best_state))
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(True)
@@ -547,27 +536,33 @@ def train(
         decode_failures=dict(trainer.failures),
         best=trainer.best_where,
         throughput=trainer.throughput,
-        device=device_info(trainer.device),
+        device=device_info(trainer.device, trainer.world),
         init=init,
     )
 
 
-def evaluate(model: Backbone, config: FinetuneConfig, listing: data.DatasetListing, spec: dict, split: str) -> dict:
-    """Top-1, per-class accuracy and confusion matrix of a split, for the manifest."""
-    trainer = Trainer(config, listing, spec)
-    trainer.device = torch.device("cpu")
+def evaluate(model: Backbone, config: FinetuneConfig, listing: data.DatasetListing, spec: dict, split: str,
+             world: TorchWorld | None = None) -> dict:
+    """Top-1, per-class accuracy and confusion matrix of a split (each rank its shard, summed), for the manifest.
+
+    fp32 on the training device: the figures describe the saved weights, not a mixed-precision forward.
+    """
+    trainer = Trainer(config, listing, spec, world)
     trainer.amp = False
+    model.to(trainer.device)
     labels, predicted, _ = trainer.predict(model, split)
+    model.cpu()
     classes = listing.classes
-    confusion = np.zeros((len(classes), len(classes)), dtype=np.int64)
-    np.add.at(confusion, (labels, predicted), 1)
+    confusion = torch.zeros((len(classes), len(classes)), dtype=torch.int64)
+    np.add.at(confusion.numpy(), (labels, predicted), 1)
+    confusion = trainer.world.sum_array(confusion).numpy()
     per_class = {
         name: round(float(confusion[i, i] / confusion[i].sum()), 5) if confusion[i].sum() else None
         for i, name in enumerate(classes)
     }
     return {
-        "top1": round(float(np.mean(labels == predicted)), 5),
-        "images": int(len(labels)),
+        "top1": round(float(np.trace(confusion) / max(1, confusion.sum())), 5),
+        "images": int(confusion.sum()),
         "decode_failures": dict(trainer.failures),
         "per_class_top1": per_class,
         "confusion_matrix": confusion.tolist(),

@@ -1,0 +1,37 @@
+"""What each process that torchrun starts for `edgetl finetune --devices N` runs.
+
+The launching process hands over the resolved config as JSON (every field, including ones the CLI does
+not expose), so workers train exactly what was asked; errors end the worker as the CLI would (one line,
+exit 2), and torchrun passes the status back to the launcher.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from edgetl.config import FinetuneConfig
+from edgetl.errors import UserError
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    feature_cache = "--no-feature-cache" not in args
+    config_file, run_dir = [a for a in args if not a.startswith("--")]
+    from edgetl.finetune import run_finetune
+
+    config = FinetuneConfig(**json.loads(Path(config_file).read_text()))
+    try:
+        run_finetune(config, Path(run_dir), feature_cache=feature_cache)
+    except UserError as error:
+        if os.environ.get("EDGETL_DEBUG") == "1":
+            raise
+        print(f"edgetl: error (rank {os.environ.get('RANK', '0')}): {error}", file=sys.stderr)
+        return error.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
