@@ -52,6 +52,42 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "export" / "recipes"
 # Measured on the demo model (benchmarks/export_figures.py, docs/BENCHMARKS.md): beyond ~256 images
 # the int8 top-1 no longer moves, while calibration time keeps growing linearly.
 DEFAULT_CALIB = 256
+PRUNE_KINDS = ("channels", "magnitude")
+# Short fine-tunes of the torch backend (docs/BENCHMARKS.md, "Compression (torch)"): epochs over the training
+# split after channel pruning / while magnitude pruning, and of quantization-aware training.
+RECOVERY_EPOCHS = {"channels": 6, "magnitude": 4}
+QAT_EPOCHS = 2
+
+
+def parse_prune(value: object) -> tuple[str, float] | None:
+    """`"channels:0.5"` → ("channels", 0.5); `"magnitude:0.5"`, a bare `0.5` (the keras meaning) → magnitude."""
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    kind, sep, number = text.partition(":")
+    if not sep:
+        kind, number = "magnitude", text
+    valid = "channels:R (fraction of channels removed) or magnitude:S (fraction of weights zeroed), 0 < R, S < 1"
+    if kind not in PRUNE_KINDS:
+        raise UserError(f"--prune {value!s} has an unknown form; valid: {valid}")
+    try:
+        ratio = float(number)
+    except ValueError:
+        raise UserError(f"--prune {value!s} has an unknown form; valid: {valid}") from None
+    if not 0 < ratio < 1:
+        raise UserError(f"--prune {value!s}: {ratio:g} is not a usable fraction; valid: {valid}")
+    return kind, ratio
+
+
+def variant_tag(prune: object, qat: bool, quant: str) -> str:
+    """File-name suffix of a compressed variant: `-ch50` (channels removed), `-pruned50` (weights zeroed, as the
+    keras backend names it), then `-qat` on int8 files that quantization-aware training made."""
+    spec = parse_prune(prune)
+    tag = ""
+    if spec is not None:
+        percent = f"{100 * spec[1]:g}".replace(".", "p")
+        tag = f"-ch{percent}" if spec[0] == "channels" else f"-pruned{percent}"
+    return tag + ("-qat" if qat and quant == "int8" else "")
 
 
 @dataclass(frozen=True)
@@ -66,8 +102,13 @@ class ExportConfig:
     fuse_clamp: bool = True
     seed: int = 0
     threads: int | None = None
-    prune: float | None = None  # keras only: tfmot magnitude pruning to this sparsity before conversion
-    qat: bool = False  # keras only: tfmot quantization-aware training before the int8 conversion
+    # "channels:R" (torch: remove a fraction R of channels) or "magnitude:S" (zero a fraction S of weights);
+    # a bare number is magnitude sparsity (the keras backend's original meaning; keras has magnitude only).
+    prune: str | float | None = None
+    qat: bool = False  # quantization-aware training before the int8 export (torch: PT2E QAT; keras: tfmot)
+    recovery_epochs: int | None = None  # torch: fine-tune epochs of pruning (None: RECOVERY_EPOCHS of its kind)
+    qat_epochs: int = QAT_EPOCHS  # torch: epochs of quantization-aware training
+    tune_images: int | None = None  # training images the short fine-tunes use (None: the whole training split)
     recipe: str | None = None
 
     def validate(self) -> ExportConfig:
@@ -84,15 +125,29 @@ class ExportConfig:
         for value in quant:
             if value not in QUANTS + KERAS_QUANTS:
                 raise UserError(one_of(value, QUANTS + KERAS_QUANTS, "quantization"))
-        if self.prune is not None and not 0 < self.prune < 1:
-            raise UserError(f"--prune {self.prune:g} is not usable; valid: a sparsity between 0 and 1 (e.g. 0.5)")
+        prune = self.prune
+        spec = parse_prune(prune)
+        if spec is not None:  # canonical: a float stays a float (keras meaning); a spec string "kind:R"
+            prune = spec[1] if isinstance(prune, float | int) or ":" not in str(prune) else f"{spec[0]}:{spec[1]:g}"
+        if self.qat and "int8" not in quant:
+            raise UserError(f"--qat trains for int8 but --quant is {','.join(quant)}; add int8 to --quant")
+        if self.recovery_epochs is not None and not 0 <= self.recovery_epochs <= 1000:
+            raise UserError(f"recovery_epochs {self.recovery_epochs} is not usable; valid: 0 to 1000")
+        if not 1 <= self.qat_epochs <= 1000:
+            raise UserError(f"qat_epochs {self.qat_epochs} is not usable; valid: 1 to 1000")
+        if self.tune_images is not None and self.tune_images < 1:
+            raise UserError(f"tune_images {self.tune_images} is not usable; valid: 1 or more training images")
         if "int8" in quant and not 1 <= self.calib <= 100_000:
             raise UserError(f"--calib {self.calib} is not usable; valid: 1 or more training images")
         if not 0 <= self.max_drop <= 100:
             raise UserError(f"--max-drop {self.max_drop:g} is not usable; valid: 0 to 100 points of top-1")
         if self.threads is not None and self.threads < 1:
             raise UserError(f"--threads {self.threads} is not usable; valid: 1 or more")
-        return replace(self, formats=formats, quant=quant)
+        return replace(self, formats=formats, quant=quant, prune=prune)
+
+    @property
+    def prune_spec(self) -> tuple[str, float] | None:
+        return parse_prune(self.prune)
 
     def to_json(self) -> dict:
         payload = asdict(self)
@@ -146,11 +201,11 @@ def resolve_config(recipe: str | None = None, **overrides: object) -> ExportConf
     return ExportConfig(recipe=recipe, **values).validate()
 
 
-def artifact_name(manifest: dict, quant: str, fmt: str) -> str:
-    """`efficientnet_lite0-128-int8.pte`: the file name records backbone, width, input size and precision."""
+def artifact_name(manifest: dict, quant: str, fmt: str, tag: str = "") -> str:
+    """`efficientnet_lite0-128-int8-ch50-qat.pte`: backbone, width, input size, precision, then `variant_tag`."""
     model = manifest["model"]
     width = "" if float(model["width"]) == 1.0 else f"-w{float(model['width']):g}"
-    return f"{model['backbone']}{width}-{model['image_size']}-{quant}.{fmt}"
+    return f"{model['backbone']}{width}-{model['image_size']}-{quant}{tag}.{fmt}"
 
 
 def _backend():
@@ -165,9 +220,12 @@ def _backend():
 
 def _check_framework_options(config: ExportConfig, framework: str) -> None:
     """Options that only one backend has are refused with the checkpoint's framework named."""
+    spec = config.prune_spec
+    if framework == "keras" and spec is not None and spec[0] == "channels":
+        raise UserError(f"--prune {config.prune}: channel pruning is torch-only; this checkpoint's framework is "
+                        f"keras (tfmot prunes by magnitude: use --prune magnitude:{spec[1]:g})")
     if framework == "torch":
         used = [f"--quant {q}" for q in config.quant if q in KERAS_QUANTS]
-        used += ["--prune"] * (config.prune is not None) + ["--qat"] * config.qat
         if used:
             raise UserError(f"{', '.join(used)}: keras-only; this checkpoint's framework is torch "
                             f"(fine-tune with --framework keras to use them)")
@@ -231,9 +289,14 @@ def run_export(checkpoint: Path, config: ExportConfig, out: Path | None = None) 
     ensure_writable_dir(out.parent, "output folder")
     if out.exists() and not out.is_dir():
         raise UserError(f"output {str(out)!r} exists and is not a folder; choose a folder path")
+    spec_prune = config.prune_spec
     if framework == "keras":
+        if spec_prune is not None and not isinstance(config.prune, float):
+            config = replace(config, prune=spec_prune[1])  # the keras backend takes the sparsity as a number
         return _keras_backend().export_checkpoint(checkpoint, manifest, config, out)
     listing = load_listing(checkpoint, manifest)
+    if spec_prune is not None or config.qat:
+        _check_training_data(listing, "--prune" if spec_prune is not None else "--qat")
     with quiet_native():  # torchao prints harmless "Failed to load ... mxfp8" lines on import
         backend = _backend()
 
@@ -251,25 +314,37 @@ def run_export(checkpoint: Path, config: ExportConfig, out: Path | None = None) 
 
     console.print(f"export: {checkpoint} → {out} ({', '.join(config.formats)} × {', '.join(config.quant)})")
     started = time.perf_counter()
-    if want_int8:
+    compress, pruned, pruning = None, None, None
+    if spec_prune is not None or config.qat:
+        with quiet_native():
+            from edgetl.backends.torch import compress
+    if spec_prune is not None:  # the pruned float model is what every file below is made from
+        with quiet_native():
+            pruned, pruning = compress.prune_model(checkpoint, manifest, listing, spec_prune, config)
+    if want_int8 and not config.qat:
         console.print(f"int8: PT2E post-training quantization on {len(calibration)} calibration images…")
     int8_error = None
     with quiet_native():
         try:
-            graphs = backend.build_graphs(
-                checkpoint, manifest, calibration, want_int8, config.bias_correction, config.fuse_clamp
-            )
+            if config.qat:
+                graphs = compress.qat_graphs(checkpoint, manifest, listing, pruned, config)
+            else:
+                graphs = backend.build_graphs(
+                    checkpoint, manifest, calibration, want_int8, config.bias_correction, config.fuse_clamp,
+                    model=pruned,
+                )
         except Exception as error:  # int8 failing must not cost the fp32 files
             if not want_int8:
                 raise
             int8_error = f"{type(error).__name__}: {error}".splitlines()[0][:300]
-            graphs = backend.build_graphs(checkpoint, manifest, calibration, False)
+            graphs = backend.build_graphs(checkpoint, manifest, calibration, False, model=pruned)
         reference = backend.logits(graphs.float_model, x_test)
     float_top1 = float((reference.argmax(axis=1) == y_test).mean())
     if int8_error:
         console.print(f"[red]int8: quantization failed[/] — {int8_error}")
     elif want_int8:
         console.print(f"int8: quantized in {graphs.quantization['seconds']:.0f} s")
+    tag = {quant: variant_tag(config.prune, config.qat, quant) for quant in config.quant}
 
     parent = {
         "checkpoint": str(checkpoint.resolve()),
@@ -282,13 +357,16 @@ def run_export(checkpoint: Path, config: ExportConfig, out: Path | None = None) 
         write_labels(tmp / "labels.txt", manifest["labels"])
         np.savez(tmp / TEST_INPUTS, x=x_test, y=y_test)
         np.savez(tmp / FLOAT_REFERENCE, logits=reference, labels=y_test)
+        if pruning is not None:
+            pruning["model_file"] = compress.save_pruned(pruned, tmp, pruning)
         for quant in config.quant:
             for fmt in config.formats:
                 if quant == "int8" and int8_error:
-                    artifacts.append({"file": artifact_name(manifest, quant, fmt), "format": fmt, "quant": quant,
-                                      "status": "failed", "error": f"quantization: {int8_error}"})
+                    artifacts.append({"file": artifact_name(manifest, quant, fmt, tag[quant]), "format": fmt,
+                                      "quant": quant, "status": "failed", "error": f"quantization: {int8_error}"})
                     continue
-                artifacts.append(_export_one(backend, graphs, manifest, quant, fmt, tmp, parent, versions, spec))
+                artifacts.append(_export_one(backend, graphs, manifest, quant, fmt, tmp, parent, versions, spec,
+                                             tag[quant], pruning))
         record = verify_artifacts(tmp, [a for a in artifacts if a["status"] == "ok"], config.threads)
         record["float_top1_manifest"] = manifest["metrics"]["test"]["top1"]
         for row in record["rows"]:
@@ -307,8 +385,10 @@ def run_export(checkpoint: Path, config: ExportConfig, out: Path | None = None) 
                 "config": config.to_json(),
                 "test_inputs": {"file": TEST_INPUTS, "images": int(len(y_test)), "layout": "NHWC",
                                 "dtype": "float32", "skipped": skipped},
-                "float_reference": {"file": FLOAT_REFERENCE, "top1": float_top1},
+                "float_reference": {"file": FLOAT_REFERENCE, "top1": float_top1,
+                                    "model": f"pruned ({pruning['method']})" if pruning else "checkpoint"},
                 "quantization": graphs.quantization or None,
+                "pruning": pruning,
                 "artifacts": artifacts,
                 "verification": record,
                 "seconds": round(time.perf_counter() - started, 1),
@@ -316,6 +396,8 @@ def run_export(checkpoint: Path, config: ExportConfig, out: Path | None = None) 
             },
         )
     print_record(record)
+    if pruning is not None:
+        console.print(compress.summary(pruning))
     failed = [a for a in artifacts if a["status"] != "ok"] + [r for r in record["rows"] if r["status"] != "ok"]
     console.print(f"export folder: {out}")
     if failed:
@@ -333,11 +415,20 @@ class ExportFailed(UserError):
     exit_code = 1
 
 
+def _check_training_data(listing: DatasetListing, option: str) -> None:
+    """Pruning and QAT train on the checkpoint's training split: it must be listed and on disk."""
+    train = listing.splits.get("train") or []
+    if not train or not any((listing.root / rel).is_file() for rel, _ in train[:16]):
+        raise UserError(f"{option} needs the checkpoint's training images, and none is reachable under "
+                        f"{str(listing.root)!r} ({len(train)} listed); restore the data folder or drop {option}")
+
+
 def _export_one(
-    backend, graphs, manifest: dict, quant: str, fmt: str, folder: Path, parent: dict, versions: dict, spec: dict
+    backend, graphs, manifest: dict, quant: str, fmt: str, folder: Path, parent: dict, versions: dict, spec: dict,
+    tag: str = "", pruning: dict | None = None,
 ) -> dict:
     """One file and its sidecar manifest; any exception becomes a recorded failure, not a lost run."""
-    name = artifact_name(manifest, quant, fmt)
+    name = artifact_name(manifest, quant, fmt, tag)
     entry = {"file": name, "format": fmt, "quant": quant, "status": "failed"}
     started = time.perf_counter()
     console.print(f"{name}: {'lowering to ExecuTorch (XNNPACK)' if fmt == 'pte' else 'converting with litert-torch'}…")
@@ -352,15 +443,19 @@ def _export_one(
         atomic_write_bytes(folder / name, payload)
         seconds = round(time.perf_counter() - started, 1)
         sidecar = _sidecar(manifest, quant, fmt, name, folder, parent, versions, spec, graphs, delegation, seconds)
+        sidecar["gzip_bytes"] = gzip_size(payload)
+        if pruning is not None:
+            sidecar["pruning"] = pruning
         write_json(folder / f"{name}.json", sidecar)
     except Exception as error:  # isolate this format: record why, keep going with the others
         (folder / name).unlink(missing_ok=True)  # a file without its manifest is not a finished artifact
         entry["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
         console.print(f"[red]{name}: failed[/] — {entry['error']}")
         return entry
-    entry.update(status="ok", bytes=sidecar["bytes"], sha256=sidecar["sha256"], export_seconds=seconds,
-                 manifest=f"{name}.json")
-    console.print(f"{name}: {sidecar['bytes'] / 1e6:.2f} MB in {seconds:.0f} s")
+    entry.update(status="ok", bytes=sidecar["bytes"], gzip_bytes=sidecar["gzip_bytes"], sha256=sidecar["sha256"],
+                 export_seconds=seconds, manifest=f"{name}.json")
+    console.print(f"{name}: {sidecar['bytes'] / 1e6:.2f} MB (gzip {sidecar['gzip_bytes'] / 1e6:.2f} MB) "
+                  f"in {seconds:.0f} s")
     if fmt == "tflite" and not sidecar["delegation"].get("whole_graph_delegated", True):
         console.print(f"[yellow]warning: {name}: LiteRT's XNNPACK delegate did not take the whole graph[/]")
     if delegation and delegation["compute_ops_outside"]:
@@ -412,6 +507,13 @@ def _sidecar(manifest, quant, fmt, name, folder, parent, versions, spec, graphs,
         **extra,
         "versions": versions,
     }
+
+
+def gzip_size(payload: bytes) -> int:
+    """Bytes after gzip -9: what zeroed weights save in a download (the file itself stays dense)."""
+    import gzip
+
+    return len(gzip.compress(payload, compresslevel=9, mtime=0))
 
 
 def _tflite_io(path: Path) -> dict:
