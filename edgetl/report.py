@@ -28,7 +28,7 @@ TIE = {"arm": 0.01, "host": 0.05}
 # beyond this band: exact counts on ARM, the host's timing noise on the host.
 NOISE = {"arm": 0.0, "host": 0.05}
 RULE = ("On each target the recommended file is the cheapest among those within the accuracy budget (top-1 "
-        "drop from the float checkpoint ≤ {budget:g} points): fewest guest instructions per invoke on an "
+        "drop from the float checkpoint ≤ {budget:.1f} points): fewest guest instructions per invoke on an "
         "emulated ARM64 target, lowest p50 latency ({threads} thread{s}) on the host. Files within {arm:.0%} "
         "(ARM) or {host:.0%} (host) of the cheapest count as tied; among tied files the smaller file wins, "
         "then the higher top-1. When no file is within the budget, the most accurate one is named instead.")
@@ -108,7 +108,7 @@ def describe_cost(row: dict[str, Any], value: float | None = None) -> str:
         return "–"
     if row["emulated"]:
         return f"{value / 1e6:.2f} M instr/invoke"
-    return f"{value:.2f} ms p50"
+    return f"{value:.3g} ms p50"
 
 
 def recommend(rows: list[dict[str, Any]], target: str, budget: float, reference: float,
@@ -122,17 +122,17 @@ def recommend(rows: list[dict[str, Any]], target: str, budget: float, reference:
         best = max(candidates, key=lambda r: (r["top1"], -r["size_bytes"]))
         return {"target": target, "id": best["id"], "artifact": best["artifact"], "variant": best["variant"],
                 "within_budget": False, "cost": cost(best),
-                "reason": f"no file is within the {budget:g}-point budget on {target} "
+                "reason": f"no file is within the {budget:.1f}-point budget on {target} "
                           f"({len(candidates)} measured); the most accurate is named: top-1 {best['top1']:.3f} "
-                          f"({drop(best, reference):+.1f} points), {describe_cost(best)}"}
+                          f"(drop {drop(best, reference):.1f} points), {describe_cost(best)}"}
     cheapest = min(cost(r) for r in within)
     tied = [r for r in within if cost(r) <= cheapest * (1 + TIE[kind(within[0])])]
     pick = min(tied, key=lambda r: (r["size_bytes"], -r["top1"], r["id"]))
     what = "fewest guest instructions per invoke" if pick["emulated"] else f"lowest host p50 latency ({threads} " \
         f"thread{'s' if threads > 1 else ''})"
     reason = (f"{what} on {target}: {describe_cost(pick)} among the {len(within)} of {len(candidates)} files "
-              f"within the {budget:g}-point budget; top-1 {pick['top1']:.3f} ({drop(pick, reference):+.1f} points "
-              f"from float), {pick['size_bytes'] / 1e6:.2f} MB")
+              f"within the {budget:.1f}-point budget; top-1 {pick['top1']:.3f} "
+              f"(drop {drop(pick, reference):.1f} points from float), {pick['size_bytes'] / 1e6:.2f} MB")
     fp32 = _twin(pick, rows, variant="fp32")
     if fp32 is not None and pick["variant"] != "fp32":
         reason += f"; {cost(pick) / cost(fp32):.2f}× the fp32 {pick['format']} file's cost"
@@ -156,7 +156,7 @@ def alarms(rows: list[dict[str, Any]], budget: float, reference: float, threads:
         if drop(r, reference) > budget:
             found.append({"kind": "accuracy", "id": r["id"], "target": None,
                           "message": f"{r['id']}: top-1 {r['top1']:.3f} is {drop(r, reference):.1f} points below "
-                                     f"the float checkpoint ({reference:.3f}); budget {budget:g}"})
+                                     f"the float checkpoint ({reference:.3f}); budget {budget:.1f}"})
     for r in ranked_rows(rows, threads):
         band = NOISE[kind(r)]
         if r["quant"] == "int8":
@@ -168,7 +168,7 @@ def alarms(rows: list[dict[str, Any]], budget: float, reference: float, threads:
                                          f"({cost(r) / cost(fp32):.2f}×)"})
         if str(r.get("prune") or "").startswith("channels"):  # channel pruning is meant to be faster everywhere
             dense = _twin(r, rows, quant=r["quant"], qat=r.get("qat"), prune=None)
-            if dense is not None and cost(r) > cost(dense) * (1 - band):
+            if dense is not None and cost(r) >= cost(dense) * (1 - band):
                 noise = f" (host noise band {band:.0%})" if band else ""
                 found.append({"kind": "pruned-not-faster", "id": r["id"], "target": r["target"],
                               "message": f"{r['id']} ({r['prune']}) is not faster than its unpruned twin "
@@ -218,7 +218,7 @@ def plots(document: dict[str, Any]) -> dict[str, bytes]:
     legend = [Line2D([], [], color=colours(i % 10), marker="o", linestyle="", label=v) for i, v in enumerate(variants)]
     legend += [Line2D([], [], color="grey", marker=m, linestyle="", label=f".{f}") for f, m in markers.items()]
     legend += [Line2D([], [], color="black", linestyle="--", marker="o", markerfacecolor="none", label="Pareto front"),
-               Line2D([], [], color="red", linestyle=":", label=f"budget: float − {budget:g} points")]
+               Line2D([], [], color="red", linestyle=":", label=f"budget: float − {budget:.1f} points")]
 
     def panel(axis, points: list[dict[str, Any]], x_of, front_ids: list[str], xlabel: str, title: str) -> None:
         for r in points:
@@ -235,8 +235,10 @@ def plots(document: dict[str, Any]) -> dict[str, bytes]:
         axis.grid(True, alpha=0.3)
 
     def finish(fig) -> bytes:
-        fig.legend(handles=legend, loc="lower center", ncol=min(len(legend), 5), fontsize=8, frameon=False)
-        fig.tight_layout(rect=(0, 0.06 + 0.03 * (len(legend) // 5), 1, 1))
+        columns = max(2, min(len(legend), int(fig.get_figwidth() // 2.3)))
+        lines = -(-len(legend) // columns)
+        fig.legend(handles=legend, loc="lower center", ncol=columns, fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, min(0.4, 0.3 * lines / fig.get_figheight() + 0.02), 1, 1))
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=100)
         plt.close(fig)
@@ -247,7 +249,8 @@ def plots(document: dict[str, Any]) -> dict[str, bytes]:
     if arm_targets:
         columns = min(3, len(arm_targets))
         lines = -(-len(arm_targets) // columns)
-        fig, axes = plt.subplots(lines, columns, figsize=(5.2 * columns, 4.2 * lines + 1), squeeze=False)
+        fig, axes = plt.subplots(lines, columns, figsize=(max(8.0, 5.2 * columns), 4.2 * lines + 1.2),
+                                 squeeze=False)
         for axis, target in zip(axes.flat, arm_targets, strict=False):
             panel(axis, [r for r in usable if r["target"] == target], lambda r: r["instructions_per_invoke"] / 1e6,
                   analysis["pareto"].get(target, []), "guest instructions per invoke, M (qemu TCG count)",
@@ -257,12 +260,12 @@ def plots(document: dict[str, Any]) -> dict[str, bytes]:
         figures["top1_vs_arm_instructions"] = finish(fig)
     host = [r for r in usable if not r["emulated"]]
     if host:
-        fig, axis = plt.subplots(figsize=(7, 5))
+        fig, axis = plt.subplots(figsize=(8, 5.6))
         panel(axis, host, lambda r: r["p50_ms"], analysis["pareto"].get("host", []),
               f"host p50 latency, ms ({threads} thread{'s' if threads > 1 else ''})", "host CPU (real time)")
         figures["top1_vs_host_latency"] = finish(fig)
     sized = list({r["id"]: r for r in rows if r.get("top1") is not None}.values())
-    fig, axis = plt.subplots(figsize=(7, 5))
+    fig, axis = plt.subplots(figsize=(8, 5.6))
     panel(axis, sized, lambda r: r["size_bytes"] / 1e6, analysis["pareto"]["file size"], "file size, MB",
           "file size")
     figures["top1_vs_file_size"] = finish(fig)
@@ -294,7 +297,7 @@ def sections(document: dict[str, Any]) -> list[Block]:
     blocks.append(("p", f"Accuracy reference: float top-1 {ref_top1:.3f} on {reference.get('images')} test images "
                         f"({reference['source']}). Each file's top-1 is measured in its own runtime (LiteRT for "
                         f".tflite, ExecuTorch for .pte) on the host over the same test split; budget: a drop of "
-                        f"at most {budget:g} points."))
+                        f"at most {budget:.1f} points."))
     cpu = conditions.get("host_cpu") or {}
     load = conditions.get("load_average_before"), conditions.get("load_average_after")
     blocks.append(("h2", "Conditions"))
@@ -334,12 +337,12 @@ def sections(document: dict[str, Any]) -> list[Block]:
     for file_id in dict.fromkeys(r["id"] for r in rows):
         first = next(r for r in rows if r["id"] == file_id)
         line = [file_id, _mb(first["size_bytes"]) + (" ★" if file_id in fronts_by["file size"] else ""),
-                f"{first['top1']:.3f}", f"{drop(first, ref_top1):+.1f}",
+                f"{first['top1']:.3f}", f"{drop(first, ref_top1):.1f}",
                 "all" if first["fully_delegated"] else "partial"]
         for target in targets:
             found = _row(rows, file_id, target, threads)
             value = cost(found) if found else None
-            text = "–" if value is None else (f"{value / 1e6:.2f}" if found["emulated"] else f"{value:.2f}")
+            text = "–" if value is None else (f"{value / 1e6:.3f}" if found["emulated"] else f"{value:.3g}")
             line.append(text + (" ★" if file_id in fronts_by.get(target, []) else ""))
         table.append(line)
     blocks.append(("table", headers, table))

@@ -446,6 +446,7 @@ def conditions(out: Path, variants: list[dict[str, Any]], config: SweepConfig,
                 if target["emulated"] and found["qemu"] is None:
                     found["qemu"] = run.get("emulation", {}).get("qemu")
     found["runtimes"] = sorted(runtimes)
+    found["targets"] = {name: found["targets"][name] for name in config.targets if name in found["targets"]}
     return found
 
 
