@@ -250,3 +250,99 @@ def augment(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     brightness = rng.uniform(-0.1, 0.1) * 255
     pixels = (pixels - pixels.mean()) * contrast + pixels.mean() + brightness
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+# ---------------------------------------------------------------- streaming decode (framework-free)
+
+
+def decode_records(
+    root: Path, records: list[tuple[str, int]], spec: dict, indices: list[int] | np.ndarray,
+    augment_seed: int | None = None, epoch: int = 0,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Decode, augment and preprocess `records[indices]` into one batch (layout from `spec`).
+
+    Each image is resized once. A file that fails yields zeros and its error text, so one bad file is
+    skipped and recorded instead of ending the run; augmentation is keyed by (seed, epoch, index) so it
+    does not depend on which process decodes it.
+    """
+    size = spec["resize"]
+    shape = (3, size["height"], size["width"]) if spec["layout"] == "NCHW" else (size["height"], size["width"], 3)
+    batch = np.zeros((len(indices), *shape), np.float32)
+    labels = np.zeros(len(indices), np.int64)
+    errors = []
+    for row, index in enumerate(indices):
+        rel, label = records[int(index)]
+        labels[row] = label
+        try:
+            image = load_rgb(root / rel)
+        except Exception as error:  # Pillow raises OSError, ValueError, SyntaxError, DecompressionBombError...
+            errors.append(f"{type(error).__name__}: {error}"[:200] or "decode failed")
+            continue
+        if augment_seed is not None:
+            image = augment(image, np.random.default_rng([augment_seed, epoch, int(index)]))
+        batch[row] = to_array(image, spec)
+        errors.append("")
+    return batch, labels, errors
+
+
+_STREAM_STATE: dict = {}
+
+
+def _stream_init(root: Path, records: list[tuple[str, int]], spec: dict) -> None:
+    _STREAM_STATE.update(root=root, records=records, spec=spec)
+
+
+def _stream_task(task: tuple[np.ndarray, int | None, int]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    indices, augment_seed, epoch = task
+    state = _STREAM_STATE
+    return decode_records(state["root"], state["records"], state["spec"], indices, augment_seed, epoch)
+
+
+class BatchStream:
+    """Batches decoded in worker processes, in order, with at most 2 × workers batches in flight.
+
+    For backends without a data loader of their own (keras). Only file names travel to the workers and
+    only the batches in flight are held in memory, whatever the size of the folder. Workers are spawned
+    (never forked from a process that runs TensorFlow) and live as long as the stream.
+    """
+
+    def __init__(self, root: Path, records: list[tuple[str, int]], spec: dict, workers: int) -> None:
+        self.root, self.records, self.spec, self.workers = root, records, spec, workers
+        self.pool = None
+        if workers > 0:
+            import multiprocessing
+
+            self.pool = multiprocessing.get_context("spawn").Pool(workers, _stream_init, (root, records, spec))
+
+    def batches(self, index_batches: list[np.ndarray], augment_seed: int | None = None, epoch: int = 0):
+        """Yield (indices, x, y, errors) for each list of indices, in the order given."""
+        if self.pool is None:
+            for indices in index_batches:
+                yield (indices, *decode_records(self.root, self.records, self.spec, indices, augment_seed, epoch))
+            return
+        from collections import deque
+
+        pending: deque = deque()
+        queue = iter(index_batches)
+        for indices in queue:
+            pending.append((indices, self.pool.apply_async(_stream_task, ((indices, augment_seed, epoch),))))
+            if len(pending) >= 2 * self.workers:
+                break
+        while pending:
+            indices, result = pending.popleft()
+            following = next(queue, None)
+            if following is not None:
+                pending.append((following, self.pool.apply_async(_stream_task, ((following, augment_seed, epoch),))))
+            yield (indices, *result.get())
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+
+    def __enter__(self) -> BatchStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

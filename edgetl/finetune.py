@@ -7,6 +7,7 @@ renamed to RUN/checkpoint only when everything is there.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -145,6 +146,10 @@ def run_finetune(config: FinetuneConfig, run_dir: Path | None = None, feature_ca
         checkpoint = run_dir / "checkpoint"
         if world.is_main:
             _write_checkpoint(checkpoint, backend, config, listing, preprocess, result, metrics, train_seconds)
+        elif getattr(world, "save_on_every_worker", False):
+            # tf.distribute reads mirrored variables with collectives: every worker saves, the others elsewhere
+            with tempfile.TemporaryDirectory(prefix="edgetl-worker-") as scratch:
+                backend.save_weights(result.model, Path(scratch) / backend.WEIGHTS_FILE)
         world.barrier()  # no rank returns before the checkpoint exists
     return checkpoint
 

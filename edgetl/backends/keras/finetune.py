@@ -20,8 +20,10 @@ import tf_keras as keras
 
 from edgetl import data
 from edgetl.backends.keras import models
+from edgetl.backends.keras.distributed import KerasWorld
+from edgetl.backends.keras.distributed import session as session  # the stage opens it around the whole run
 from edgetl.config import FinetuneConfig
-from edgetl.errors import UserError
+from edgetl.finetune import run_stages
 from edgetl.ui import console, progress
 
 WEIGHTS_FILE = "model.weights.h5"
@@ -56,23 +58,12 @@ class Result:
     init: dict = field(default_factory=dict)
 
 
-def pick_device(requested: str) -> str:
-    """auto → a TensorFlow GPU when there is one, else CPU; an explicit request that cannot be met is a user error."""
-    gpus = tf.config.list_physical_devices("GPU")
-    if requested == "auto":
-        return "gpu" if gpus else "cpu"
-    if requested == "cpu":
-        return "cpu"
-    if not gpus:
-        raise UserError(f"--device {requested} is not available to TensorFlow on this machine; valid here: auto, cpu")
-    return "gpu"
-
-
-def device_info(device: str) -> dict:
+def device_info(world: KerasWorld) -> dict:
     return {
-        "type": device,
+        "type": world.device,
         "mixed_precision": False,
         "tf_intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+        "distributed": world.describe(),
     }
 
 
@@ -95,54 +86,43 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
         return {"peak": self.peak, "total_steps": self.total, "warmup_fraction": self.warmup / self.total}
 
 
-def decode_batch(
-    root: Path, records: list[tuple[str, int]], spec: dict, augment_seed: int | None = None, epoch: int = 0,
-    indices: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Decode and preprocess records (NHWC); a file that fails yields zeros and its error text."""
-    size = spec["resize"]
-    indices = np.arange(len(records)) if indices is None else indices
-    batch = np.zeros((len(indices), size["height"], size["width"], 3), np.float32)
-    labels = np.zeros(len(indices), np.int64)
-    errors = []
-    for row, index in enumerate(indices):
-        rel, label = records[int(index)]
-        labels[row] = label
-        try:
-            image = data.load_rgb(root / rel)
-        except Exception as error:  # Pillow raises OSError, ValueError, SyntaxError, DecompressionBombError...
-            errors.append(f"{type(error).__name__}: {error}"[:200] or "decode failed")
-            continue
-        if augment_seed is not None:
-            image = data.augment(image, np.random.default_rng([augment_seed, epoch, int(index)]))
-        batch[row] = data.to_array(image, spec)
-        errors.append("")
-    return batch, labels, errors
-
-
 def build_initial_model(config: FinetuneConfig) -> tuple[keras.Model, dict]:
     """The no-top backbone with its initial weights (the head is added in `train`, once classes are known).
 
-    Called before the data is listed, so a weights file that does not fit fails before any work.
+    Called before the data is listed (inside the strategy's scope, so its variables are mirrored), so a
+    weights file that does not fit fails before any work.
     """
     return models.initial_backbone(config.backbone, config.width, config.image_size, config.weights, config.seed)
 
 
+def launch_if_needed(config: FinetuneConfig, run_dir: Path, feature_cache: bool) -> Path | None:
+    """TensorFlow runs one process per machine: nothing to launch (other machines start from TF_CONFIG)."""
+    return None
+
+
 def _smoothed_loss(labels: np.ndarray, probs: np.ndarray, smoothing: float) -> float:
+    """Summed label-smoothed cross-entropy of softmax outputs (callers divide by the global count)."""
     log_probs = np.log(np.clip(probs, 1e-12, 1.0))
     nll = -log_probs[np.arange(len(labels)), labels]
-    return float(np.mean((1 - smoothing) * nll - smoothing * log_probs.mean(1)))
+    return float(np.sum((1 - smoothing) * nll - smoothing * log_probs.mean(1)))
 
 
 class Trainer:
-    """Runs the recipe for one config; keeps the best weights seen on validation across both stages."""
+    """Runs the recipe for one config on this worker; keeps the best weights seen on validation across both stages.
 
-    def __init__(self, config: FinetuneConfig, listing: data.DatasetListing, spec: dict) -> None:
+    With several workers every epoch walks one seeded permutation; worker w decodes rows w, w+W, ... of each
+    global batch (in worker processes with --workers) and the replicas all-reduce the gradients.
+    """
+
+    def __init__(self, config: FinetuneConfig, listing: data.DatasetListing, spec: dict,
+                 world: KerasWorld | None = None) -> None:
         self.config = config
         self.listing = listing
         self.spec = spec
+        self.world = world or KerasWorld(tf.distribute.get_strategy())
         self.num_classes = len(listing.classes)
-        self.loss = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config.label_smoothing)
+        self.loss = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config.label_smoothing,
+                                                         reduction=keras.losses.Reduction.NONE)
         self.history: list[dict] = []
         self.best_top1 = -1.0
         self.best_weights: list[np.ndarray] | None = None
@@ -158,20 +138,30 @@ class Trainer:
             return True
         return False
 
-    def _step_fn(self, model: keras.Model, optimizer: keras.optimizers.Optimizer, shape: tuple[int, ...]):
-        """One compiled training step for `model`'s current trainable variables."""
-        signature = [tf.TensorSpec((None, *shape), tf.float32), tf.TensorSpec((None,), tf.int64)]
+    def _step_fn(self, model: keras.Model, optimizer: keras.optimizers.Optimizer):
+        """One compiled training step on the strategy: mean loss over the global batch, gradients summed."""
+        strategy, num_classes = self.world.strategy, self.num_classes
 
-        @tf.function(input_signature=signature)
-        def step(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        def replica_step(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+            count = tf.distribute.get_replica_context().all_reduce("sum", tf.cast(tf.shape(y)[0], tf.float32))
             with tf.GradientTape() as tape:
                 logits = model(x, training=True)
-                loss = self.loss(tf.one_hot(y, self.num_classes), logits)
+                per_sample = self.loss(tf.one_hot(y, num_classes), logits)
+                loss = tf.reduce_sum(per_sample) / tf.maximum(count, 1.0)
             variables = model.trainable_variables
             optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables, strict=True))
-            return loss, tf.argmax(logits, axis=1)
+            correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=1), y), tf.float32))
+            return tf.reduce_sum(per_sample), correct, tf.cast(tf.shape(y)[0], tf.float32)
 
-        return step
+        @tf.function(reduce_retracing=True)
+        def step(x, y) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+            results = strategy.run(replica_step, args=(x, y))
+            return tuple(strategy.reduce("SUM", value, axis=None) for value in results)
+
+        def run(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+            return tuple(float(v) for v in step(*self.world.distribute(x, y)))
+
+        return run
 
     def _optimizer(self, peak: float, total_steps: int) -> keras.optimizers.Optimizer:
         schedule = WarmupCosine(peak, total_steps, self.config.warmup_fraction)
@@ -179,56 +169,70 @@ class Trainer:
         optimizer.schedule = schedule  # logged per epoch: the rate of the next step, as torch's get_last_lr()
         return optimizer
 
+    def _stream(self) -> data.BatchStream:
+        return data.BatchStream(self.listing.root, self.listing.splits["train"], self.spec, self.config.workers)
+
+    def _shard_batches(self, count: int) -> list[np.ndarray]:
+        shard = self.world.shard(count)
+        return [shard[i : i + self.config.batch_size] for i in range(0, len(shard), self.config.batch_size)]
+
+    def _record(self, records: list[tuple[str, int]], indices: np.ndarray, errors: list[str]) -> np.ndarray:
+        for index, error in zip(indices, errors, strict=True):
+            if error:
+                self.failures[records[int(index)][0]] = error
+        return np.asarray([not e for e in errors], bool)
+
     # ------------------------------------------------------------ stage 1
 
     def extract_features(self, model: keras.Model, split: str, bar) -> tuple[np.ndarray, np.ndarray]:
-        """One decode + backbone forward per image of a split; failed files are dropped and recorded."""
+        """One decode + backbone forward per image, each worker on its shard; every worker gets the whole cache."""
         records = self.listing.splits[split]
         features_of = models.inference_fn(models.feature_model(model))
         task = bar.add_task(f"features ({split})", total=len(records), status="")
-        features, labels, keep = [], [], []
-        for start in range(0, len(records), self.config.batch_size):
-            indices = np.arange(start, min(start + self.config.batch_size, len(records)))
-            x, y, errors = decode_batch(self.listing.root, records, self.spec, indices=indices)
-            features.append(features_of(x).numpy())
-            labels.append(y)
-            for index, error in zip(indices, errors, strict=True):
-                if error:
-                    self.failures[records[int(index)][0]] = error
-                keep.append(not error)
-            bar.advance(task, len(indices))
+        features, keep = [], []
+        stream = data.BatchStream(self.listing.root, records, self.spec, self.config.workers)
+        with stream:
+            for indices, x, _, errors in stream.batches(self._shard_batches(len(records))):
+                features.append(features_of(x).numpy())
+                keep.append(self._record(records, indices, errors))
+                bar.advance(task, len(indices) * self.world.size)
         bar.remove_task(task)
-        mask = np.asarray(keep, bool)
-        return np.concatenate(features)[mask], np.concatenate(labels)[mask]
+        dim = int(model.get_layer("pool").output.shape[-1])
+        local = np.concatenate(features) if features else np.zeros((0, dim), np.float32)
+        cache = self.world.gather_strided(local, len(records))
+        mask = self.world.gather_strided(np.concatenate(keep) if keep else np.zeros(0, bool), len(records))
+        self.failures = self.world.merge(self.failures)
+        labels = np.asarray([label for _, label in records], np.int64)
+        return cache[mask], labels[mask]
 
     def train_head(self, model: keras.Model, cached: dict[str, tuple[np.ndarray, np.ndarray]], bar) -> None:
-        config = self.config
+        config, world = self.config, self.world
         head = models.head_model(model)
         features, labels = cached["train"]
         val_features, val_labels = cached["val"]
         steps_per_epoch = math.ceil(len(labels) / config.batch_size)
         optimizer = self._optimizer(config.lr_head, steps_per_epoch * config.epochs_head)
-        step = self._step_fn(head, optimizer, features.shape[1:])
+        step = self._step_fn(head, optimizer)
         rng = np.random.default_rng(config.seed)
         task = bar.add_task("stage 1: head", total=config.epochs_head, status="")
         stale = 0
         for epoch in range(1, config.epochs_head + 1):
             start = time.perf_counter()
             order = rng.permutation(len(labels))
-            loss_sum, correct = 0.0, 0
+            loss_sum, correct, seen = 0.0, 0.0, 0.0
             for index in range(steps_per_epoch):
-                chosen = order[index * config.batch_size : (index + 1) * config.batch_size]
-                loss, predicted = step(features[chosen], labels[chosen])
-                loss_sum += float(loss) * len(chosen)
-                correct += int(np.sum(predicted.numpy() == labels[chosen]))
-            probs = tf.nn.softmax(head(val_features, training=False)).numpy()
-            val_loss = _smoothed_loss(val_labels, probs, config.label_smoothing)
+                chosen = order[index * config.batch_size : (index + 1) * config.batch_size][world.rank :: world.size]
+                batch_loss, batch_correct, batch_seen = step(features[chosen], labels[chosen])
+                loss_sum, correct, seen = loss_sum + batch_loss, correct + batch_correct, seen + batch_seen
+            # every worker holds the whole val cache: the same figures everywhere
+            probs = tf.nn.softmax(models.inference_fn(head)(val_features)).numpy()
+            val_loss = _smoothed_loss(val_labels, probs, config.label_smoothing) / max(1, len(val_labels))
             val_top1 = float(np.mean(probs.argmax(1) == val_labels))
             improved = self._remember(model, val_top1, 1, epoch)
             stale = 0 if improved else stale + 1
             lr = float(optimizer.schedule(optimizer.iterations))
-            self._log(1, epoch, loss_sum / len(labels), correct / len(labels), val_loss, val_top1, lr,
-                      time.perf_counter() - start, len(labels))
+            self._log(1, epoch, loss_sum / max(1.0, seen), correct / max(1.0, seen), val_loss, val_top1, lr,
+                      time.perf_counter() - start, int(seen))
             bar.update(task, advance=1, status=f"val top-1 {val_top1:.3f}")
             if stale >= config.patience:
                 console.print(f"stage 1: early stop after epoch {epoch} (no val gain for {stale} epochs)")
@@ -257,69 +261,66 @@ class Trainer:
 
     def _run_epochs(self, model: keras.Model, optimizer, stage: int, epochs: int, augment_seed: int | None,
                     title: str, bar, early_stop: bool = True) -> None:
-        """Full-model epochs over decoded images (stage 2, or stage 1 without the cache)."""
-        config = self.config
+        """Full-model epochs over images streamed from disk (stage 2, or stage 1 without the cache)."""
+        config, world = self.config, self.world
         records = self.listing.splits["train"]
-        step = self._step_fn(model, optimizer, tuple(model.input.shape[1:]))
+        step = self._step_fn(model, optimizer)
         rng = np.random.default_rng(config.seed + stage - 1)
         task = bar.add_task(title, total=epochs, status="")
         stale = 0
-        for epoch in range(1, epochs + 1):
-            start = time.perf_counter()
-            order = rng.permutation(len(records))
-            batches = bar.add_task(f"  epoch {epoch}", total=len(records), status="")
-            seen, loss_sum, correct = 0, 0.0, 0
-            for first in range(0, len(records), config.batch_size):
-                indices = order[first : first + config.batch_size]
-                x, y, errors = decode_batch(self.listing.root, records, self.spec, augment_seed, epoch, indices)
-                ok = np.asarray([not e for e in errors], bool)
-                for index, error in zip(indices, errors, strict=True):
-                    if error:
-                        self.failures[records[int(index)][0]] = error
-                if ok.any():
-                    loss, predicted = step(x[ok], y[ok])
-                    seen += int(ok.sum())
-                    loss_sum += float(loss) * int(ok.sum())
-                    correct += int(np.sum(predicted.numpy() == y[ok]))
-                    bar.update(batches, advance=len(indices), status=f"loss {float(loss):.3f}")
-            bar.remove_task(batches)
-            train_seconds = time.perf_counter() - start
-            val_loss, val_top1 = self.evaluate_split(model, "val")
-            improved = self._remember(model, val_top1, stage, epoch)
-            stale = 0 if improved else stale + 1
-            lr = float(optimizer.schedule(optimizer.iterations))
-            self._log(stage, epoch, loss_sum / max(1, seen), correct / max(1, seen), val_loss, val_top1, lr,
-                      time.perf_counter() - start, seen, train_seconds)
-            bar.update(task, advance=1, status=f"val top-1 {val_top1:.3f}")
-            if early_stop and stale >= config.patience:
-                console.print(f"stage {stage}: early stop after epoch {epoch} (no val gain for {stale} epochs)")
-                break
+        with self._stream() as stream:
+            for epoch in range(1, epochs + 1):
+                start = time.perf_counter()
+                order = rng.permutation(len(records))
+                mine = [order[first : first + config.batch_size][world.rank :: world.size]
+                        for first in range(0, len(records), config.batch_size)]
+                batches = bar.add_task(f"  epoch {epoch}", total=len(records), status="")
+                seen, loss_sum, correct = 0.0, 0.0, 0.0
+                for indices, x, y, errors in stream.batches(mine, augment_seed, epoch):
+                    ok = self._record(records, indices, errors)
+                    batch_loss, batch_correct, batch_seen = step(x[ok], y[ok])
+                    seen, loss_sum, correct = seen + batch_seen, loss_sum + batch_loss, correct + batch_correct
+                    bar.update(batches, advance=len(indices) * world.size,
+                               status=f"loss {batch_loss / max(1.0, batch_seen):.3f}")
+                bar.remove_task(batches)
+                train_seconds = time.perf_counter() - start
+                self.failures = world.merge(self.failures)
+                val_loss, val_top1 = self.evaluate_split(model, "val")
+                improved = self._remember(model, val_top1, stage, epoch)
+                stale = 0 if improved else stale + 1
+                lr = float(optimizer.schedule(optimizer.iterations))
+                self._log(stage, epoch, loss_sum / max(1.0, seen), correct / max(1.0, seen), val_loss, val_top1, lr,
+                          time.perf_counter() - start, int(seen), train_seconds)
+                bar.update(task, advance=1, status=f"val top-1 {val_top1:.3f}")
+                if early_stop and stale >= config.patience:
+                    console.print(f"stage {stage}: early stop after epoch {epoch} (no val gain for {stale} epochs)")
+                    break
         bar.remove_task(task)
 
     # ------------------------------------------------------------ evaluation
 
     def predict(self, model: keras.Model, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Labels, predicted labels and softmax probabilities of a split (full model, no augmentation)."""
+        """This worker's labels, predicted labels and softmax probabilities of a split (no augmentation)."""
         records = self.listing.splits[split]
         forward = models.inference_fn(model)
         labels, probabilities = [], []
-        for start in range(0, len(records), self.config.batch_size):
-            indices = np.arange(start, min(start + self.config.batch_size, len(records)))
-            x, y, errors = decode_batch(self.listing.root, records, self.spec, indices=indices)
-            ok = np.asarray([not e for e in errors], bool)
-            for index, error in zip(indices, errors, strict=True):
-                if error:
-                    self.failures[records[int(index)][0]] = error
-            if ok.any():
-                probabilities.append(tf.nn.softmax(forward(x[ok])).numpy())
-                labels.append(y[ok])
+        with data.BatchStream(self.listing.root, records, self.spec, self.config.workers) as stream:
+            for indices, x, y, errors in stream.batches(self._shard_batches(len(records))):
+                ok = self._record(records, indices, errors)
+                if ok.any():
+                    probabilities.append(tf.nn.softmax(forward(x[ok])).numpy())
+                    labels.append(y[ok])
+        self.failures = self.world.merge(self.failures)
         probs = np.concatenate(probabilities) if probabilities else np.zeros((0, self.num_classes), np.float32)
         labels_all = np.concatenate(labels) if labels else np.zeros(0, np.int64)
         return labels_all, probs.argmax(1), probs
 
     def evaluate_split(self, model: keras.Model, split: str) -> tuple[float, float]:
+        """Loss and top-1 over the whole split (summed over workers)."""
         labels, predicted, probs = self.predict(model, split)
-        return _smoothed_loss(labels, probs, self.config.label_smoothing), float(np.mean(predicted == labels))
+        loss_sum, correct, count = self.world.sum([_smoothed_loss(labels, probs, self.config.label_smoothing),
+                                                   float(np.sum(predicted == labels)), float(len(labels))])
+        return loss_sum / max(1.0, count), correct / max(1.0, count)
 
     def _log(self, stage: int, epoch: int, loss: float, top1: float, val_loss: float, val_top1: float, lr: float,
              seconds: float, images: int, train_seconds: float | None = None) -> None:
@@ -347,52 +348,18 @@ def train(
     spec: dict,
     initial: tuple[keras.Model, dict],
     feature_cache: bool = True,
+    world: KerasWorld | None = None,
 ) -> Result:
     """Run both stages from `build_initial_model`'s output; returns the best validation weights and figures."""
     backbone, init = initial
-    device = pick_device(config.device)
+    world = world or KerasWorld(tf.distribute.get_strategy())
     _seed_everything(config.seed)
-    with tf.device("/GPU:0" if device == "gpu" else "/CPU:0"):
-        model = models.add_head(backbone, len(listing.classes), config.seed)
-        models.set_trainable(model, 0)
-        trainer = Trainer(config, listing, spec)
-        with progress() as bar:
-            if config.epochs_head:
-                start = time.perf_counter()
-                if feature_cache:
-                    cached = {split: trainer.extract_features(model, split, bar) for split in ("train", "val")}
-                    extract_seconds = time.perf_counter() - start
-                    listing.drop(trainer.failures)
-                    trainer.failures.clear()
-                    trainer.train_head(model, cached, bar)
-                    trainer.throughput["stage1"] = {
-                        "feature_cache": True,
-                        "feature_extraction_seconds": round(extract_seconds, 2),
-                        "feature_images_per_s": round(sum(len(v[1]) for v in cached.values()) / extract_seconds, 1),
-                        "head_seconds": round(time.perf_counter() - start - extract_seconds, 2),
-                    }
-                else:
-                    trainer.train_head_uncached(model, bar)
-                    trainer.throughput["stage1"] = {"feature_cache": False}
-                stage1_seconds = time.perf_counter() - start
-                epochs_run = sum(1 for h in trainer.history if h["stage"] == 1)
-                trainer.throughput["stage1"].update({
-                    "seconds": round(stage1_seconds, 2),
-                    "epochs": epochs_run,
-                    "images_per_s": round(epochs_run * len(listing.splits["train"]) / stage1_seconds, 1),
-                })
-                model.set_weights(trainer.best_weights)
-            if config.epochs_finetune and config.unfreeze:
-                start = time.perf_counter()
-                trainer.finetune_top(model, bar)
-                stage2 = [h for h in trainer.history if h["stage"] == 2]
-                trainer.throughput["stage2"] = {
-                    "seconds": round(time.perf_counter() - start, 2),
-                    "epochs": len(stage2),
-                    "images_per_s": round(float(np.median([h["train_images_per_s"] for h in stage2])), 1),
-                }
-            listing.drop(trainer.failures)
-            model.set_weights(trainer.best_weights)
+    model = models.add_head(backbone, len(listing.classes), config.seed)
+    models.set_trainable(model, 0)
+    trainer = Trainer(config, listing, spec, world)
+    with progress() as bar:
+        trainer.throughput = run_stages(trainer, model, config, listing, feature_cache, bar,
+                                        lambda: model.set_weights(trainer.best_weights))
     for layer in model.layers:
         layer.trainable = True
     return Result(
@@ -401,25 +368,27 @@ def train(
         decode_failures=dict(trainer.failures),
         best=trainer.best_where,
         throughput=trainer.throughput,
-        device=device_info(device),
+        device=device_info(world),
         init=init,
     )
 
 
-def evaluate(model: keras.Model, config: FinetuneConfig, listing: data.DatasetListing, spec: dict, split: str) -> dict:
-    """Top-1, per-class accuracy and confusion matrix of a split, for the manifest."""
-    trainer = Trainer(config, listing, spec)
+def evaluate(model: keras.Model, config: FinetuneConfig, listing: data.DatasetListing, spec: dict, split: str,
+             world: KerasWorld | None = None) -> dict:
+    """Top-1, per-class accuracy and confusion matrix of a split (each worker its shard, summed), for the manifest."""
+    trainer = Trainer(config, listing, spec, world)
     labels, predicted, _ = trainer.predict(model, split)
     classes = listing.classes
     confusion = np.zeros((len(classes), len(classes)), dtype=np.int64)
     np.add.at(confusion, (labels, predicted), 1)
+    confusion = trainer.world.sum_array(confusion.astype(np.float64)).astype(np.int64)
     per_class = {
         name: round(float(confusion[i, i] / confusion[i].sum()), 5) if confusion[i].sum() else None
         for i, name in enumerate(classes)
     }
     return {
-        "top1": round(float(np.mean(labels == predicted)), 5),
-        "images": int(len(labels)),
+        "top1": round(float(np.trace(confusion) / max(1, confusion.sum())), 5),
+        "images": int(confusion.sum()),
         "decode_failures": dict(trainer.failures),
         "per_class_top1": per_class,
         "confusion_matrix": confusion.tolist(),
