@@ -1,0 +1,55 @@
+"""Keras scale-out: two MultiWorkerMirroredStrategy workers from TF_CONFIG on localhost CPU train one model,
+reduce their metrics, and only the chief writes the checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.test_distributed import free_port, make_folder
+
+pytestmark = pytest.mark.keras
+pytest.importorskip("tf_keras")
+
+
+def test_two_tf_config_workers_train_together_and_the_chief_writes(tmp_path: Path) -> None:
+    data = make_folder(tmp_path / "data")
+    ports = [free_port(), free_port()]
+    cluster = {"worker": [f"localhost:{p}" for p in ports]}
+    out = tmp_path / "run"
+    args = ["finetune", "--framework", "keras", "--data", str(data), "--out", str(out), "--backbone", "mobilenet_v2",
+            "--width", "0.35", "--image-size", "32", "--weights", "none", "--epochs-head", "2", "--epochs-finetune",
+            "1", "--unfreeze", "1", "--batch-size", "16", "--device", "cpu"]
+    workers = [
+        subprocess.Popen([sys.executable, "-m", "edgetl.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env={**os.environ, "TF_CONFIG": json.dumps(
+                             {"cluster": cluster, "task": {"type": "worker", "index": index}})})
+        for index in (0, 1)
+    ]
+    results = [worker.communicate(timeout=600) for worker in workers]
+    for worker, (_, stderr) in zip(workers, results, strict=True):
+        assert worker.returncode == 0, stderr[-3000:]
+    assert "fine-tuned mobilenet_v2" in results[0][0] and results[1][0] == ""  # the chief reports, worker 1 is quiet
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint"]
+    manifest = json.loads((out / "checkpoint" / "manifest.json").read_text())
+    assert manifest["training"]["device"]["distributed"] == {"strategy": "CollectiveAllReduceStrategy",
+                                                             "workers": 2, "replicas": 2}
+    assert manifest["metrics"]["test"]["images"] == 4  # both workers' shards, summed
+    assert sum(map(sum, manifest["metrics"]["test"]["confusion_matrix"])) == 4
+    history = json.loads((out / "checkpoint" / "history.json").read_text())
+    assert [h["stage"] for h in history] == [1, 1, 2]
+    assert all(h["train_images_per_s"] > 0 for h in history)
+    assert history[-1]["train_top1"] * 32 == pytest.approx(round(history[-1]["train_top1"] * 32), abs=1e-3)
+
+
+def test_keras_devices_beyond_the_gpus_present_exit_2(tmp_path: Path) -> None:
+    done = run_cli("finetune", "--framework", "keras", "--data", "builtin:shapes", "--out", str(tmp_path / "r"),
+                   "--backbone", "mobilenet_v2", "--width", "0.35", "--image-size", "32", "--weights", "none",
+                   "--devices", "2")
+    assert done.returncode == 2 and "--devices 2 asks for 2 GPUs but TensorFlow sees none" in done.stderr, done.stderr
