@@ -134,7 +134,7 @@ class Trainer:
         if top1 > self.best_top1:
             self.best_top1 = top1
             self.best_weights = [w.copy() for w in model.get_weights()]
-            self.best_where = {"stage": stage, "epoch": epoch, "val_top1": top1}
+            self.best_where = {"stage": stage, "epoch": epoch, "val_top1": round(top1, 5)}  # as in history
             return True
         return False
 

@@ -238,7 +238,7 @@ class Trainer:
         if top1 > self.best_top1:
             self.best_top1 = top1
             self.best_state = copy.deepcopy(model.state_dict())
-            self.best_where = {"stage": stage, "epoch": epoch, "val_top1": top1}
+            self.best_where = {"stage": stage, "epoch": epoch, "val_top1": round(top1, 5)}  # as in history
             return True
         return False
 
@@ -281,25 +281,27 @@ class Trainer:
         """One decode + backbone forward per image, each rank on its shard; every rank gets the whole cache."""
         records = self.listing.splits[split]
         task = bar.add_task(f"features ({split})", total=len(records), status="")
-        features, keep, rows = [], [], []
+        shard = self.world.shard(len(records))
+        local = torch.empty((len(shard), model.feature_dim))  # filled in place: the cache is held once
+        keep = torch.ones(len(shard), dtype=torch.bool)
+        row = 0
         for images, _, indices, errors in self._shard_loader(records):
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with self._autocast():
-                features.append(model.forward_features(images.to(self.device)).float().cpu())
-            for index, error in zip(indices.tolist(), errors, strict=True):
+                local[row : row + len(indices)] = model.forward_features(images.to(self.device)).float().cpu()
+            for offset, (index, error) in enumerate(zip(indices.tolist(), errors, strict=True)):
                 if error:
                     self.failures[records[index][0]] = error
-                keep.append(not error)
-            rows += indices.tolist()
+                    keep[row + offset] = False
+            row += len(indices)
             bar.advance(task, len(indices) * self.world.size)
         bar.remove_task(task)
-        local = torch.cat(features) if features else torch.zeros((0, model.feature_dim))
         cache = self.world.gather_strided(local, len(records))
-        mask = self.world.gather_strided(torch.tensor(keep, dtype=torch.bool), len(records))
+        mask = self.world.gather_strided(keep, len(records))
         self._merge_failures()
         labels = torch.tensor([label for _, label in records], dtype=torch.long)
-        return cache[mask], labels[mask]
+        return (cache, labels) if bool(mask.all()) else (cache[mask], labels[mask])
 
     def train_head(self, model: Backbone, cached: dict[str, tuple[torch.Tensor, torch.Tensor]], bar) -> None:
         config, world = self.config, self.world
