@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         if os.environ.get("EDGETL_DEBUG") == "1":
             raise
-        print(f"edgetl: error (rank {os.environ.get('RANK', '0')}): {error}", file=sys.stderr)
+        if not getattr(error, "reported_by_main", False):
+            print(f"edgetl: error (rank {os.environ.get('RANK', '0')}): {error}", file=sys.stderr)
         return error.exit_code
     return 0
 

@@ -83,7 +83,7 @@ def launch(config: FinetuneConfig, run_dir: Path, feature_cache: bool) -> Path:
         args.append("--standalone")
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // config.devices)))
     if os.environ.get("EDGETL_DEBUG") != "1":
-        logging.getLogger("torch.distributed").setLevel(logging.ERROR)
+        logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)  # we report failures
     with tempfile.TemporaryDirectory(prefix="edgetl-launch-") as tmp:
         config_file = Path(tmp) / "config.json"
         config_file.write_text(json.dumps(config.to_json()))
@@ -183,7 +183,9 @@ class TorchWorld:
         dist.broadcast_object_list(box, src=0)
         kind, value = box[0]
         if kind == "error":
-            raise UserError(value)
+            error = UserError(value)
+            error.reported_by_main = not self.is_main  # rank 0 prints it; the others need not repeat it
+            raise error
         return value
 
     def wrap(self, module: nn.Module) -> nn.Module:
