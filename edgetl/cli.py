@@ -203,6 +203,9 @@ def sweep(
     arm_iters: Annotated[int | None, typer.Option(help="Counted invokes per emulated target.")] = None,
     arm_samples: Annotated[int | None, typer.Option(help="Top-1 on the first N samples per emulated target.")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Sweep folder (default: RUN/sweep).")] = None,
+    reuse: Annotated[Path | None, typer.Option(
+        help="Export folder of this checkpoint (e.g. RUN/export): variants with the same settings take its "
+        "verified files instead of exporting again.")] = None,
 ) -> None:
     """Export, verify and benchmark a grid of compressed variants; write report.md and report.html."""
     from edgetl.sweep import resolve_config, run_sweep
@@ -210,7 +213,7 @@ def sweep(
     config = resolve_config(recipe, variants=variants, targets=target, threads=threads, formats=formats,
                             max_drop=max_drop, calib=calib, iters=iters, arm_iters=arm_iters,
                             arm_samples=arm_samples)
-    run_sweep(checkpoint, config, out)
+    run_sweep(checkpoint, config, out, reuse)
 
 
 @app.command()

@@ -329,14 +329,16 @@ def sections(document: dict[str, Any]) -> list[Block]:
     blocks.append(("h2", "Results"))
     targets = list(dict.fromkeys(r["target"] for r in rows))
     fronts_by = analysis["pareto"]
-    headers = ["file", "size MB", "top-1", "drop", "XNNPACK"]
+    headers = ["file", "size MB", "M MACs", "top-1", "drop", "XNNPACK"]
     for target in targets:
         emulated = next(r["emulated"] for r in rows if r["target"] == target)
         headers.append(f"{target} M instr" if emulated else f"{target} p50 ms ({threads}t)")
     table = []
     for file_id in dict.fromkeys(r["id"] for r in rows):
         first = next(r for r in rows if r["id"] == file_id)
+        macs = next((r.get("macs") for r in rows if r["id"] == file_id and r.get("macs")), None)
         line = [file_id, _mb(first["size_bytes"]) + (" ★" if file_id in fronts_by["file size"] else ""),
+                "–" if macs is None else f"{macs / 1e6:.2f}",
                 f"{first['top1']:.3f}", f"{drop(first, ref_top1):.1f}",
                 "all" if first["fully_delegated"] else "partial"]
         for target in targets:

@@ -207,8 +207,12 @@ def resolve_config(recipe: str | None = None, **overrides: object) -> SweepConfi
 # ------------------------------------------------------------------------------------------ the stage
 
 
-def run_sweep(checkpoint: Path, config: SweepConfig, out: Path | None = None) -> Path:
-    """Export, verify and bench every variant, then write sweep.json, report.md and report.html."""
+def run_sweep(checkpoint: Path, config: SweepConfig, out: Path | None = None, reuse: Path | None = None) -> Path:
+    """Export, verify and bench every variant, then write sweep.json, report.md and report.html.
+
+    `reuse`: an export folder of this checkpoint (e.g. RUN/export) whose files a variant may take instead of
+    exporting them again, when its settings are the same (see `reusable`).
+    """
     from edgetl.manifest import read_checkpoint_manifest
     from edgetl.paths import ensure_writable_dir
 
@@ -224,6 +228,8 @@ def run_sweep(checkpoint: Path, config: SweepConfig, out: Path | None = None) ->
     if out.exists() and not out.is_dir():
         raise UserError(f"sweep output {str(out)!r} exists and is not a folder; choose a folder path")
     ensure_writable_dir(out, "sweep folder")
+    if reuse is not None and not (Path(reuse) / "manifest.json").is_file():
+        raise UserError(f"--reuse {str(reuse)!r} is not an export folder (no manifest.json); give RUN/export")
 
     from edgetl.bench import setup_userland
     from edgetl.ui import console
@@ -237,7 +243,7 @@ def run_sweep(checkpoint: Path, config: SweepConfig, out: Path | None = None) ->
     for index, name in enumerate(config.variants, 1):
         variant = config.known()[name]
         console.rule(f"sweep {index}/{len(config.variants)}: {name} — {variant.description or 'custom variant'}")
-        variants.append(run_variant(checkpoint, config, name, out / "variants" / name))
+        variants.append(run_variant(checkpoint, config, name, out / "variants" / name, reuse))
         status = variants[-1]["status"]
         elapsed = time.perf_counter() - started
         console.print(f"sweep: {name} {status} in {variants[-1]['seconds']:.0f} s "
@@ -276,7 +282,8 @@ def _check_variant_configs(config: SweepConfig) -> None:
             continue
 
 
-def run_variant(checkpoint: Path, config: SweepConfig, name: str, folder: Path) -> dict[str, Any]:
+def run_variant(checkpoint: Path, config: SweepConfig, name: str, folder: Path,
+                reuse: Path | None = None) -> dict[str, Any]:
     """Export (+ verify) then bench one variant; every failure is recorded, never raised."""
     from edgetl.bench import BenchOptions, run_bench
     from edgetl.export import ExportFailed, run_export
@@ -291,7 +298,14 @@ def run_variant(checkpoint: Path, config: SweepConfig, name: str, folder: Path) 
     try:
         export_config = config.export_config(name)
         entry["export_config"] = export_config.to_json()
-        run_export(checkpoint, export_config, folder / "export")
+        taken = reusable(Path(reuse), checkpoint, export_config) if reuse is not None else None
+        if taken:
+            take_export(Path(reuse), taken, folder / "export")
+            entry["reused_from"] = str(Path(reuse).resolve())
+            console.print(f"sweep: {name}: the same settings were exported and verified in {reuse}; "
+                          f"taking {', '.join(taken)} from there")
+        else:
+            run_export(checkpoint, export_config, folder / "export")
     except (QualityError, ExportFailed) as error:  # written; the report judges accuracy and lists failures
         entry["export_note"] = str(error)
     except KeyboardInterrupt:
@@ -313,6 +327,65 @@ def run_variant(checkpoint: Path, config: SweepConfig, name: str, folder: Path) 
         console.print(f"[red]sweep: variant {name} failed[/] — {entry['error']}")
     entry["seconds"] = round(time.perf_counter() - started, 1)
     return entry
+
+
+REUSE_MUST_MATCH = ("calib", "bias_correction", "fuse_clamp", "seed", "prune", "qat")
+
+
+def reusable(export: Path, checkpoint: Path, config: Any) -> list[str] | None:
+    """The files of `export` that are exactly what `config` would make, or None.
+
+    Same parent checkpoint (manifest and weights hashes), same settings that shape a file, every requested
+    format × precision present, exported and verified: then exporting again would only repeat the work.
+    """
+    from edgetl.export import artifact_name
+    from edgetl.manifest import sha256_file
+
+    path = export / "manifest.json"
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    parent = manifest.get("parent", {})
+    if parent.get("manifest_sha256") != sha256_file(checkpoint / "manifest.json"):
+        return None
+    made = manifest.get("config", {})
+    wanted = config.validate().to_json()
+    if wanted.get("prune") or wanted.get("qat"):  # trained variants: their settings are many; always made anew
+        return None
+    if any(made.get(key) != wanted.get(key) for key in REUSE_MUST_MATCH):
+        return None
+    verified = {r["file"] for r in manifest.get("verification", {}).get("rows", []) if r.get("status") == "ok"}
+    exported = {a["file"] for a in manifest.get("artifacts", []) if a.get("status") == "ok"}
+    names = [artifact_name(manifest, quant, fmt) for quant in config.quant for fmt in config.formats]
+    if not all(name in verified and name in exported and (export / name).is_file() for name in names):
+        return None
+    return names
+
+
+def take_export(source: Path, names: list[str], folder: Path) -> None:
+    """A variant's export folder made of another export's files (hard links where possible) and a manifest
+    that lists only them, with their verification rows; written atomically like an export."""
+    import shutil
+
+    from edgetl.manifest import write_json
+    from edgetl.paths import atomic_dir
+
+    manifest = json.loads((source / "manifest.json").read_text())
+    shared = [n for n in ("labels.txt", "test_inputs.npz", "float_reference.npz") if (source / n).is_file()]
+    with atomic_dir(folder) as tmp:
+        for name in [*names, *(f"{n}.json" for n in names), *shared]:
+            try:
+                os.link(source / name, tmp / name)
+            except OSError:
+                shutil.copy2(source / name, tmp / name)
+        manifest["artifacts"] = [a for a in manifest["artifacts"] if a["file"] in names]
+        record = manifest["verification"]
+        record["rows"] = [r for r in record["rows"] if r["file"] in names]
+        record["cross_format_agreement"] = [p for p in record.get("cross_format_agreement", [])
+                                            if set(p["files"]) <= set(names)]
+        manifest["reused_from"] = str(source.resolve())
+        write_json(tmp / "manifest.json", manifest)
+        write_json(tmp / "verification.json", record)
 
 
 def _one_line(error: BaseException) -> str:
