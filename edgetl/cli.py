@@ -200,8 +200,11 @@ def sweep(
         help="Accuracy budget: top-1 points a file may lose against the float checkpoint (default 1.0).")] = None,
     calib: Annotated[int | None, typer.Option(help="Training images for int8 calibration.")] = None,
     iters: Annotated[int | None, typer.Option(help="Timed invokes on the host.")] = None,
+    samples: Annotated[int | None, typer.Option(
+        help="Bench top-1 cross-check on the first N test images on the host (default 100).")] = None,
     arm_iters: Annotated[int | None, typer.Option(help="Counted invokes per emulated target.")] = None,
-    arm_samples: Annotated[int | None, typer.Option(help="Top-1 on the first N samples per emulated target.")] = None,
+    arm_samples: Annotated[int | None, typer.Option(
+        help="Top-1 cross-check on the first N samples per emulated target (default 5).")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Sweep folder (default: RUN/sweep).")] = None,
     reuse: Annotated[Path | None, typer.Option(
         help="Export folder of this checkpoint (e.g. RUN/export): variants with the same settings take its "
@@ -211,7 +214,7 @@ def sweep(
     from edgetl.sweep import resolve_config, run_sweep
 
     config = resolve_config(recipe, variants=variants, targets=target, threads=threads, formats=formats,
-                            max_drop=max_drop, calib=calib, iters=iters, arm_iters=arm_iters,
+                            max_drop=max_drop, calib=calib, iters=iters, samples=samples, arm_iters=arm_iters,
                             arm_samples=arm_samples)
     run_sweep(checkpoint, config, out, reuse)
 

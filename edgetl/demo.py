@@ -49,7 +49,7 @@ FAST_EXPORT = ExportConfig(calib=64)
 DEMO_SWEEP_PRUNED = Variant("pruned30-int8", {"quant": ("int8",), "prune": "channels:0.3", "recovery_epochs": 2},
                             "30% of prunable channels removed (torch-pruning), 2 recovery epochs, then int8 PTQ")
 DEMO_SWEEP = SweepConfig(variants=("fp32", "int8-ptq", "pruned30-int8"), targets=("host", "arm64-a76"),
-                         threads=(1,), iters=30, arm_iters=3, arm_samples=20,
+                         threads=(1,), iters=30, samples=100, arm_iters=3, arm_samples=5,
                          custom={"pruned30-int8": DEMO_SWEEP_PRUNED}, recipe="demo")
 FAST_SWEEP = replace(DEMO_SWEEP, calib=64, custom={"pruned30-int8": Variant(
     "pruned30-int8", {**DEMO_SWEEP_PRUNED.overrides, "recovery_epochs": 1, "tune_images": 512},

@@ -308,7 +308,8 @@ def sections(document: dict[str, Any]) -> list[Block]:
         f"{'s' if threads > 1 else ''}. Load average (1, 5, 15 min) before {load[0]}, after {load[1]}: "
         "host latencies are this run's, on a machine that may be shared.",
         f"Emulated ARM64: {conditions.get('qemu') or 'qemu-user'}, 1 thread, {conditions['arm_iters']} counted "
-        f"invokes, bench top-1 on the first {conditions['arm_samples']} test images. The cost figure is guest "
+        f"invokes, bench top-1 cross-check on the first {conditions['arm_samples']} test images (host: "
+        f"{conditions.get('host_samples')}). The cost figure is guest "
         "instructions per invoke (TCG plugin). Emulated wall time is not phone latency and is not used.",
         "Runtimes: " + (", ".join(conditions.get("runtimes") or []) or "none measured") + ".",
         *[f"{name}: {t['description']}" + (f" — qemu -cpu {t['qemu_cpu']}" if t.get("emulated") else "")

@@ -71,8 +71,11 @@ class SweepConfig:
     calib: int | None = None  # None: export's default
     iters: int = 30
     warmup: int = 5
+    # Bench top-1 is only a cross-check here (accuracy comes from verification over the whole test split),
+    # and under qemu every scored image costs as much as a counted invoke: few images.
+    samples: int = 100
     arm_iters: int = 3
-    arm_samples: int = 20
+    arm_samples: int = 5
     custom: dict[str, Variant] = field(default_factory=dict)
     recipe: str | None = None
 
@@ -97,7 +100,7 @@ class SweepConfig:
         threads = _threads(self.threads)
         if not 0 <= self.max_drop <= 100:
             raise UserError(f"--max-drop {self.max_drop:g} is not usable; valid: 0 to 100 points of top-1")
-        for name in ("iters", "arm_iters", "arm_samples"):
+        for name in ("iters", "samples", "arm_iters", "arm_samples"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} is not usable; valid: 1 or more")
         if self.warmup < 0:
@@ -316,8 +319,8 @@ def run_variant(checkpoint: Path, config: SweepConfig, name: str, folder: Path,
         try:
             run_bench(folder / "export", BenchOptions(
                 targets=",".join(config.targets), threads=",".join(str(t) for t in config.threads),
-                out=folder / "bench", iters=config.iters, warmup=config.warmup, arm_iters=config.arm_iters,
-                arm_samples=config.arm_samples))
+                out=folder / "bench", iters=config.iters, warmup=config.warmup, samples=config.samples,
+                arm_iters=config.arm_iters, arm_samples=config.arm_samples))
             entry["status"] = "ok"
         except KeyboardInterrupt:
             raise
@@ -492,7 +495,8 @@ def conditions(out: Path, variants: list[dict[str, Any]], config: SweepConfig,
                load_before: list[float] | None) -> dict[str, Any]:
     """How the figures were measured: threads, iterations, runtimes, CPUs, qemu, the host's load."""
     found: dict[str, Any] = {"host_threads": list(config.threads), "host_iters": config.iters,
-                             "host_warmup": config.warmup, "arm_threads": 1, "arm_iters": config.arm_iters,
+                             "host_warmup": config.warmup, "host_samples": config.samples, "arm_threads": 1,
+                             "arm_iters": config.arm_iters,
                              "arm_samples": config.arm_samples, "load_average_before": load_before,
                              "load_average_after": _loadavg(), "runtimes": [], "host_cpu": None, "qemu": None,
                              "targets": {}, "versions": {}}
