@@ -5,7 +5,11 @@ Synthetic folders of 32 px PNGs (10 classes) are generated under --tmp. Each run
 subprocess; its memory is sampled from /proc every 0.1 s over the whole process tree (loader workers and
 torchrun workers included). Results: benchmarks/results/scaleout.json.
 
-    .venv/bin/python benchmarks/scaleout_figures.py [--tmp /tmp/edgetl-scaleout]
+    .venv/bin/python benchmarks/scaleout_figures.py [--tmp /tmp/edgetl-scaleout] [--threads 1]
+        [--parts memory,workers,processes]
+
+--threads sets OMP_NUM_THREADS for every run (torchrun's workers get 1 each anyway): on a machine shared with
+other jobs, torch's default of one intra-op thread per core oversubscribes the cores and measured 7x slower.
 """
 
 from __future__ import annotations
@@ -66,11 +70,15 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
+THREADS: dict[str, str] = {}
+
+
 def run_cli(args: list[str]) -> dict:
     """Run `edgetl finetune ARGS`; wall time, exit code, peak RSS of the main process and of the tree."""
     start = time.perf_counter()
     process = subprocess.Popen([sys.executable, "-m", "edgetl.cli", "finetune", *args], cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, **THREADS})
     peak_main = peak_tree = 0.0
     while process.poll() is None:
         peak_main = max(peak_main, _rss_mb(process.pid))
@@ -94,31 +102,54 @@ def throughput(run_dir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tmp", type=Path, default=Path("/tmp/edgetl-scaleout"))
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every run")
+    parser.add_argument("--parts", default="memory,workers,processes")
     args = parser.parse_args()
-    results: dict = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                                 "load_average_at_start": os.getloadavg()}, "recipe": RECIPE}
+    parts = set(args.parts.split(","))
+    if args.threads:
+        THREADS["OMP_NUM_THREADS"] = str(args.threads)
+    target = REPO / "benchmarks" / "results" / "scaleout.json"
+    previous = json.loads(target.read_text()) if target.exists() else {}
+    key = f"threads_{args.threads}" if args.threads else "threads_default"
+    results: dict = previous.get(key, {})
+    results.update({"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                                "load_average_at_start": os.getloadavg()}, "recipe": RECIPE,
+                    "omp_num_threads": args.threads})
+    for count in (2000, 20000):
+        make_folder(args.tmp / f"data{count}", count)
 
     memory = {}
-    for count in (2000, 20000):
+    for count in (2000, 20000) if "memory" in parts else ():
         data = make_folder(args.tmp / f"data{count}", count)
         out = args.tmp / f"mem{count}"
         memory[count] = {**run_cli(["--data", str(data), "--out", str(out), "--device", "cpu", *RECIPE]),
                          **throughput(out)}
         print(count, memory[count], flush=True)
-    results["memory"] = memory
+    if memory:
+        results["memory"] = memory
 
     small = args.tmp / "data2000"
     workers = {}
-    for count in (1, 2, 4):
+    for count in (0, 1, 2, 4) if "workers" in parts else ():
         out = args.tmp / f"workers{count}"
         workers[count] = {**run_cli(["--data", str(small), "--out", str(out), "--device", "cpu", "--workers",
                                      str(count), *RECIPE]), **throughput(out)}
         print("workers", count, workers[count], flush=True)
-    results["workers"] = workers
+    if workers:
+        results["workers"] = workers
+    if "processes" in parts:
+        results["processes"] = compare_processes(args.tmp, small)
+    results["machine"]["load_average_at_end"] = os.getloadavg()
+    target.write_text(json.dumps({**previous, key: results}, indent=2) + "\n")
+    print(f"wrote {target}")
 
+
+def compare_processes(tmp: Path, small: Path) -> dict:
+    """1 vs 2 gloo processes on the same data, seed and global batch: weights and per-epoch figures."""
     import torch
 
-    processes = {}
+    args = argparse.Namespace(tmp=tmp)
+    processes: dict = {}
     for count in (1, 2):
         out = args.tmp / f"procs{count}"
         processes[count] = {**run_cli(["--data", str(small), "--out", str(out), "--device", "cpu", "--devices",
@@ -130,11 +161,7 @@ def main() -> None:
     processes["val_top1"] = [[h["val_top1"] for h in history] for history in histories]
     processes["train_loss"] = [[h["train_loss"] for h in history] for history in histories]
     print("processes", processes, flush=True)
-    results["processes"] = processes
-    results["machine"]["load_average_at_end"] = os.getloadavg()
-    target = REPO / "benchmarks" / "results" / "scaleout.json"
-    target.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {target}")
+    return processes
 
 
 if __name__ == "__main__":
