@@ -243,3 +243,12 @@ def test_batch_stream_decodes_in_worker_processes_in_order(tmp_path: Path) -> No
         np.testing.assert_array_equal(x1, x2)  # augmentation keyed by (seed, epoch, index), not by process
         assert x1.shape[1:] == (16, 16, 3)
     assert sum(1 for _, _, _, errors in got for e in errors if e) == 1  # the missing file, recorded not fatal
+
+
+def test_a_worker_stopping_on_bad_input_ends_the_launch_with_exit_2_and_one_line(tmp_path: Path) -> None:
+    done = run_cli("finetune", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "run"), *TINY,
+                   "--device", "cpu", "--devices", "2")
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("edgetl: error")]
+    assert len(errors) == 1 and "does not exist" in errors[0], done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "run" / "checkpoint").exists()

@@ -53,3 +53,46 @@ def test_keras_devices_beyond_the_gpus_present_exit_2(tmp_path: Path) -> None:
                    "--backbone", "mobilenet_v2", "--width", "0.35", "--image-size", "32", "--weights", "none",
                    "--devices", "2")
     assert done.returncode == 2 and "--devices 2 asks for 2 GPUs but TensorFlow sees none" in done.stderr, done.stderr
+
+
+MIRRORED_STEP = """
+import json, sys
+import numpy as np
+import edgetl.backends.keras  # noqa: F401 - legacy Keras switch before TensorFlow loads
+import tensorflow as tf
+import tf_keras as keras
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from edgetl.backends.keras.distributed import KerasWorld
+from edgetl.backends.keras.finetune import Trainer
+from edgetl.config import FinetuneConfig
+from edgetl.data import DatasetListing
+
+config = FinetuneConfig(data="x", framework="keras", batch_size=10, label_smoothing=0.1)
+listing = DatasetListing(root=None, source="x", classes=["a", "b", "c"], splits={}, split_origin="")
+rng = np.random.default_rng(0)
+x, y = rng.normal(size=(10, 6)).astype(np.float32), rng.integers(0, 3, 10)
+weights = []
+for strategy in (tf.distribute.OneDeviceStrategy("/cpu:0"), tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])):
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3, kernel_initializer="ones")])
+        trainer = Trainer(config, listing, {}, KerasWorld(strategy))
+        step = trainer._step_fn(model, trainer._optimizer(0.1, 10))
+        loss_sum, correct, seen = step(x, y)
+        weights.append([w.tolist() for w in model.get_weights()])
+print(json.dumps({"replicas": strategy.num_replicas_in_sync, "seen": seen, "weights": weights}))
+"""
+
+
+def test_mirrored_replicas_take_the_single_device_step() -> None:
+    """MirroredStrategy over 2 logical CPUs splits the batch over replicas; the step equals one device's."""
+    import numpy as np
+
+    done = subprocess.run([sys.executable, "-c", MIRRORED_STEP], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["replicas"] == 2 and result["seen"] == 10
+    one, two = result["weights"]
+    for a, b in zip(one, two, strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(np.asarray(one[0]), 1.0)  # the step did move the weights
