@@ -19,7 +19,7 @@ from torch import nn
 
 from edgetl import data
 from edgetl.backends.torch.finetune import ImageRecords, _loader, freeze_batchnorm, warmup_cosine
-from edgetl.ui import progress
+from edgetl.ui import console, progress
 
 
 @dataclass(frozen=True)
@@ -143,6 +143,9 @@ def fit(
                             "train_top1": round(correct / max(1, seen), 5),
                             "val_top1": None if val is None else round(val, 5),
                             "seconds": round(time.perf_counter() - began, 1)})
+            shown = "" if val is None else f", val top-1 {val:.3f}"
+            console.print(f"{what}: epoch {epoch}/{tune.epochs}, loss {loss_sum / max(1, seen):.3f}{shown} "
+                          f"({history[-1]['seconds']:.0f} s)")
     if not _is_graph(model):
         model.eval()
     return {**tune.to_json(), "train_images": len(records) - len(failed), "undecodable": len(failed),
