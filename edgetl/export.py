@@ -319,19 +319,22 @@ def run_export(checkpoint: Path, config: ExportConfig, out: Path | None = None) 
         with quiet_native():
             from edgetl.backends.torch import compress
     if spec_prune is not None:  # the pruned float model is what every file below is made from
-        with quiet_native():
-            pruned, pruning = compress.prune_model(checkpoint, manifest, listing, spec_prune, config)
+        # not inside quiet_native: the fine-tune reports its epochs (it runs for minutes)
+        pruned, pruning = compress.prune_model(checkpoint, manifest, listing, spec_prune, config)
     if want_int8 and not config.qat:
         console.print(f"int8: PT2E post-training quantization on {len(calibration)} calibration images…")
-    int8_error = None
+    int8_error, graphs = None, None
+    if config.qat:  # outside quiet_native too, for the same reason
+        try:
+            graphs = compress.qat_graphs(checkpoint, manifest, listing, pruned, config)
+        except Exception as error:  # int8 failing must not cost the fp32 files
+            int8_error = f"{type(error).__name__}: {error}".splitlines()[0][:300]
     with quiet_native():
         try:
-            if config.qat:
-                graphs = compress.qat_graphs(checkpoint, manifest, listing, pruned, config)
-            else:
+            if graphs is None:  # PTQ, or only the float graph when QAT failed
                 graphs = backend.build_graphs(
-                    checkpoint, manifest, calibration, want_int8, config.bias_correction, config.fuse_clamp,
-                    model=pruned,
+                    checkpoint, manifest, calibration, want_int8 and not int8_error, config.bias_correction,
+                    config.fuse_clamp, model=pruned,
                 )
         except Exception as error:  # int8 failing must not cost the fp32 files
             if not want_int8:
