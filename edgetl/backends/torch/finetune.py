@@ -5,6 +5,8 @@ one forward per image) and every head epoch runs on the cached tensors, which is
 fine-tuning practical. Stage 2 unfreezes the top K blocks at a lower learning rate with BatchNorm
 statistics frozen (small data would wreck them) and light augmentation. Both stages use AdamW, linear
 warm-up then cosine decay, label smoothing, early stopping on validation top-1, and keep the best weights.
+Images are streamed from disk (DataLoader workers decode them); with several processes
+(`backends/torch/distributed.py`) each rank decodes and extracts its shard and DDP averages gradients.
 """
 
 from __future__ import annotations
