@@ -131,10 +131,6 @@ def export(
     bias_correction: Annotated[
         bool | None, typer.Option("--bias-correction/--no-bias-correction", help="Correct int8 weight-rounding bias.")
     ] = None,
-    float_fallback: Annotated[bool | None, typer.Option(
-        "--float-fallback/--no-float-fallback",
-        help="Torch PTQ: keep the few most weight-sensitive layers float (measured, within 8% of the MACs).")
-    ] = None,
     recipe: Annotated[
         str | None, typer.Option(help="Named recipe from export/recipes (e.g. android-litert-int8) or a .toml path.")
     ] = None,
@@ -148,7 +144,7 @@ def export(
 
     config = resolve_config(
         recipe, formats=formats, quant=quant, calib=calib, max_drop=max_drop, bias_correction=bias_correction,
-        float_fallback=float_fallback, prune=prune, qat=qat, recovery_epochs=recovery_epochs, qat_epochs=qat_epochs,
+        prune=prune, qat=qat, recovery_epochs=recovery_epochs, qat_epochs=qat_epochs,
         threads=threads,
     )
     run_export(checkpoint, config, out)

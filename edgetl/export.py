@@ -100,7 +100,6 @@ class ExportConfig:
     max_drop: float = 1.0
     bias_correction: bool = True
     fuse_clamp: bool = True
-    float_fallback: bool = False  # torch PTQ: keep the few most weight-sensitive layers float (quantize.py)
     seed: int = 0
     threads: int | None = None
     # "channels:R" (torch: remove a fraction R of channels) or "magnitude:S" (zero a fraction S of weights);
@@ -230,9 +229,9 @@ def _check_framework_options(config: ExportConfig, framework: str) -> None:
         if used:
             raise UserError(f"{', '.join(used)}: keras-only; this checkpoint's framework is torch "
                             f"(fine-tune with --framework keras to use them)")
-    elif not (config.bias_correction and config.fuse_clamp) or config.float_fallback:
-        raise UserError("--no-bias-correction / --float-fallback / fuse_clamp=false: torch-only (PT2E); "
-                        "this checkpoint's framework is keras (TFLiteConverter quantizes it)")
+    elif not (config.bias_correction and config.fuse_clamp):
+        raise UserError("--no-bias-correction / fuse_clamp=false: torch-only (PT2E); this checkpoint's framework "
+                        "is keras (TFLiteConverter quantizes it)")
 
 
 def _keras_backend():
@@ -335,7 +334,7 @@ def run_export(checkpoint: Path, config: ExportConfig, out: Path | None = None) 
             if graphs is None:  # PTQ, or only the float graph when QAT failed
                 graphs = backend.build_graphs(
                     checkpoint, manifest, calibration, want_int8 and not int8_error, config.bias_correction,
-                    config.fuse_clamp, model=pruned, float_fallback=config.float_fallback,
+                    config.fuse_clamp, model=pruned,
                 )
         except Exception as error:  # int8 failing must not cost the fp32 files
             if not want_int8:

@@ -143,7 +143,6 @@ def test_int8_export_runs_in_both_runtimes(tiny_checkpoint: Path, tmp_path: Path
     assert result.returncode == 0, result.stderr[-3000:]
     assert "int8: .tflite and .pte agree" in result.stdout
     record = _check_export(out, ("int8",))
-    assert json.loads((out / "manifest.json").read_text())["quantization"]["float_fallback"]["float_layers"] == []
     assert {row["file"] for row in record["rows"]} == {PREFIX + "int8.tflite", PREFIX + "int8.pte"}
 
 
@@ -159,32 +158,3 @@ def test_full_export_fp32_matches_the_checkpoint_exactly(tiny_checkpoint: Path, 
             assert row["agreement"] == 1.0 and row["max_prob_diff"] < 1e-4
     sizes = {row["file"]: (out / row["file"]).stat().st_size for row in record["rows"]}
     assert sizes[PREFIX + "int8.pte"] < 0.35 * sizes[PREFIX + "fp32.pte"]
-
-
-def test_float_fallback_picks_the_most_sensitive_layers_within_the_mac_budget() -> None:
-    from edgetl.backends.torch.quantize import choose_float_layers
-
-    sensitivity = {"stem": 0.2, "dw0": 0.12, "pw0": 0.06, "big": 0.07, "a": 0.01, "b": 0.01, "c": 0.012, "fc": 0.3}
-    macs = {"stem": 3, "dw0": 1, "pw0": 2, "big": 50, "a": 10, "b": 10, "c": 10, "fc": 14}  # forward order
-    # median 0.07, × 0.8 → 0.056: dw0, big and pw0 qualify; big alone is half the MACs (over the budget);
-    # stem and fc qualify too but are the model's first and last layers, which stay int8 (int8 model I/O)
-    assert choose_float_layers(sensitivity, macs, factor=0.8, mac_budget=0.08) == ["dw0", "pw0"]
-    assert choose_float_layers(sensitivity, macs, factor=3.0, mac_budget=0.0) == []
-    assert choose_float_layers({k: 0.01 for k in macs}, macs) == []  # nothing stands out: all int8
-
-
-def test_float_fallback_layers_stay_float_and_the_rest_is_int8() -> None:
-    from edgetl.backends.torch.quantize import layer_macs, weight_sensitivity
-
-    torch.manual_seed(0)
-    model = fold_batchnorm(Tiny().eval(), torch.zeros(1, 3, 16, 16))
-    x = torch.randn(32, 3, 16, 16)
-    sensitivity = weight_sensitivity(model, x)
-    assert set(sensitivity) == {"conv", "dw", "fc"} and all(v > 0 for v in sensitivity.values())
-    assert layer_macs(model, x[:1]) == {"conv": 16 * 16 * 8 * 27, "dw": 16 * 16 * 8 * 9, "fc": 24}
-    graph = quantize_ptq(model, torch.zeros(1, 3, 16, 16), [x], keep_float=("dw",))
-    convs = [n for n in graph.graph.nodes if n.op == "call_function" and "conv2d" in str(n.target)]
-    weight_is_int8 = ["dequantize" in str(conv.args[1].target) for conv in convs]
-    assert weight_is_int8 == [True, False]  # conv int8, depthwise kept float
-    with torch.no_grad():
-        assert (graph(x) - model(x)).abs().max() < 0.5

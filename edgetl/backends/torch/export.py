@@ -21,14 +21,7 @@ import torch
 from torch import nn
 
 from edgetl.backends.torch.models import build_model
-from edgetl.backends.torch.quantize import (
-    bias_correct,
-    choose_float_layers,
-    fold_batchnorm,
-    layer_macs,
-    quantize_ptq,
-    weight_sensitivity,
-)
+from edgetl.backends.torch.quantize import bias_correct, fold_batchnorm, quantize_ptq
 
 # Nodes that move, view or re-stride data only; anything else left outside the XNNPACK delegate runs on
 # slow portable kernels. (EfficientNet's pooled [1, C, 1, 1] → [1, C] re-stride lands outside: C floats.)
@@ -83,7 +76,6 @@ def build_graphs(
     bias_correction: bool = True,
     fuse_clamp: bool = True,
     model: nn.Module | None = None,
-    float_fallback: bool = False,
 ) -> Graphs:
     """Float NHWC model and, when asked, its PT2E int8 version calibrated on `calibration` (NHWC).
 
@@ -99,11 +91,9 @@ def build_graphs(
     started = time.perf_counter()
     calib = torch.from_numpy(np.ascontiguousarray(calibration))
     prepared = fold_batchnorm(model, example)
-    fallback = sensitive_layers(prepared, example, calib) if float_fallback else {"float_layers": []}
-    keep_float = tuple(fallback["float_layers"])
     if bias_correction:
-        prepared = bias_correct(prepared, calib, keep_float)
-    graphs.int8 = quantize_ptq(prepared, example, torch.split(calib, 64), fuse_clamp=fuse_clamp, keep_float=keep_float)
+        prepared = bias_correct(prepared, calib)
+    graphs.int8 = quantize_ptq(prepared, example, torch.split(calib, 64), fuse_clamp=fuse_clamp)
     graphs.quantization = {
         "method": "pt2e-ptq",
         "quantizer": "XNNPACKQuantizer (executorch), ReLU6 outputs observed after the clamp" if fuse_clamp
@@ -113,32 +103,10 @@ def build_graphs(
         "calibration_images": int(len(calibration)),
         "bias_correction": bool(bias_correction),
         "fuse_clamp": bool(fuse_clamp),
-        "float_fallback": fallback,
         "seconds": round(time.perf_counter() - started, 1),
         "input_quantization": _first_input_qparams(graphs.int8),
     }
     return graphs
-
-
-SENSITIVITY_IMAGES = 64
-
-
-def sensitive_layers(folded: nn.Module, example: torch.Tensor, calibration: torch.Tensor) -> dict:
-    """Which layers stay float (see quantize.py), with the measurements that chose them, for the manifest."""
-    sensitivity = weight_sensitivity(folded, calibration[:SENSITIVITY_IMAGES])
-    macs = layer_macs(folded, example)
-    chosen = choose_float_layers(sensitivity, macs)
-    total = sum(macs.values()) or 1
-    ranked = sorted(sensitivity.items(), key=lambda item: -item[1])
-    return {
-        "rule": "weights-only int8 sensitivity (mean |Δlogit| on calibration images) ≥ 3× the median, "
-                "most sensitive first, within 8% of the multiply-accumulates",
-        "images": int(min(len(calibration), SENSITIVITY_IMAGES)),
-        "float_layers": chosen,
-        "float_mac_fraction": round(sum(macs.get(name, 0) for name in chosen) / total, 4),
-        "most_sensitive": [{"layer": name, "mean_abs_dlogit": round(score, 5), "macs": macs.get(name, 0)}
-                           for name, score in ranked[:8]],
-    }
 
 
 def _first_input_qparams(graph: torch.fx.GraphModule) -> dict | None:

@@ -6,13 +6,6 @@ output quantization. The conv output spans e.g. [-30, 25], so the [0, 6] that su
 ~30 of the 256 levels. `ClampFusingQuantizer` observes the ReLU6 output instead (range [0, 6], all 256
 levels) — which is also what XNNPACK and TFLite execute, since both fuse the clamp into the conv.
 Optional bias correction (Nagel et al. 2019) removes the mean output shift caused by weight rounding.
-
-Sensitivity-guided float fallback: on a fine-tuned EfficientNet-Lite0 the int8 loss came almost all from
-rounding *weights* (weights-only fake quant lost 1.1 of the 1.2 points), and most of that from a few early,
-cheap layers (the stem alone 0.9 points, block 0's depthwise conv 1.2 points, each on its own). Those
-layers are found per model, without labels, by rounding one layer's weights at a time and measuring how far
-the logits move on calibration images; the worst ones stay float (XNNPACK runs them as fp32 ops) within a
-small budget of the model's multiply-accumulates.
 """
 
 from __future__ import annotations
@@ -56,15 +49,10 @@ class ClampFusingQuantizer(XNNPACKQuantizer):
         return model
 
 
-def make_quantizer(fuse_clamp: bool = True, keep_float: Iterable[str] = ()) -> XNNPACKQuantizer:
-    """Symmetric per-channel int8 weights, per-tensor int8 activations (histogram observers); the modules
-    named in `keep_float` are left unannotated, so they stay float in both runtimes."""
+def make_quantizer(fuse_clamp: bool = True) -> XNNPACKQuantizer:
+    """Symmetric per-channel int8 weights, per-tensor int8 activations (histogram observers)."""
     quantizer = ClampFusingQuantizer() if fuse_clamp else XNNPACKQuantizer()
-    quantizer.set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
-    for name in keep_float:
-        # `set_module_name` refuses None; a None entry is how the quantizer skips a module's patterns.
-        quantizer.module_name_config[name] = None
-    return quantizer
+    return quantizer.set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
 
 
 def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> nn.Module:
@@ -107,70 +95,7 @@ def _fake_quant_per_channel(weight: torch.Tensor) -> torch.Tensor:
     return (weight / scale).round().clamp(-127, 127) * scale
 
 
-def layer_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
-    """Multiply-accumulates per conv/linear for one image, from the shapes seen in one forward pass."""
-    macs: dict[str, int] = {}
-    hooks = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d):
-            per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
-            hooks.append(module.register_forward_hook(
-                lambda m, i, o, name=name, k=per_output: macs.__setitem__(name, int(o[0].numel()) * k)))
-        elif isinstance(module, nn.Linear):
-            hooks.append(module.register_forward_hook(
-                lambda m, i, o, name=name: macs.__setitem__(name, m.in_features * m.out_features)))
-    with torch.no_grad():
-        model(example)
-    for hook in hooks:
-        hook.remove()
-    return macs
-
-
-def weight_sensitivity(model: nn.Module, calibration: torch.Tensor) -> dict[str, float]:
-    """Mean |Δlogit| when only that layer's weights are rounded to int8 (label-free, on calibration images).
-
-    `model` must already have BatchNorm folded, so the weights measured are the ones PT2E will quantize.
-    """
-    model = copy.deepcopy(model).eval()
-    with torch.no_grad():
-        reference = model(calibration)
-        scores: dict[str, float] = {}
-        for name, module in model.named_modules():
-            if not isinstance(module, nn.Conv2d | nn.Linear):
-                continue
-            original = module.weight.detach().clone()
-            module.weight.data = _fake_quant_per_channel(original)
-            scores[name] = float((model(calibration) - reference).abs().mean())
-            module.weight.data = original
-    return scores
-
-
-def choose_float_layers(
-    sensitivity: dict[str, float], macs: dict[str, int], factor: float = 3.0, mac_budget: float = 0.08
-) -> list[str]:
-    """Most sensitive layers first, while each is ≥ `factor` × the median sensitivity and all of them
-    together stay within `mac_budget` of the model's multiply-accumulates (float ops cost ~2-3× int8)."""
-    if not sensitivity:
-        return []
-    median = float(sorted(sensitivity.values())[len(sensitivity) // 2])
-    total = sum(macs.values()) or 1
-    # The first and last layers (in forward order) stay int8: a float one there makes LiteRT's model input
-    # or output float32, and apps and `bench` rely on int8 input/output tensors.
-    ends = {next(iter(macs)), next(reversed(macs))} if macs else set()
-    chosen, used = [], 0
-    for name, score in sorted(sensitivity.items(), key=lambda item: -item[1]):
-        if name in ends:
-            continue
-        if score < factor * median:
-            break
-        if used + macs.get(name, 0) > mac_budget * total:
-            continue
-        chosen.append(name)
-        used += macs.get(name, 0)
-    return chosen
-
-
-def bias_correct(model: nn.Module, calibration: torch.Tensor, keep_float: tuple[str, ...] = ()) -> nn.Module:
+def bias_correct(model: nn.Module, calibration: torch.Tensor) -> nn.Module:
     """Quantize weights in place of PT2E and fold the mean output error of each layer into its bias.
 
     One forward pass over the whole calibration batch: each layer sees the input produced by the already
@@ -199,8 +124,8 @@ def bias_correct(model: nn.Module, calibration: torch.Tensor, keep_float: tuple[
         return output + shift.view(view)
 
     hooks = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d | nn.Linear) and name not in keep_float:
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
             originals[module] = module.weight.detach().clone()
             module.weight.data = _fake_quant_per_channel(module.weight.detach())
             hooks.append(module.register_forward_hook(correct))
@@ -216,7 +141,6 @@ def quantize_ptq(
     example: torch.Tensor,
     calibration: Iterable[torch.Tensor],
     fuse_clamp: bool = True,
-    keep_float: Iterable[str] = (),
 ) -> torch.fx.GraphModule:
     """PT2E PTQ: export with a dynamic batch, observe the calibration batches, convert to Q/DQ form.
 
@@ -226,7 +150,7 @@ def quantize_ptq(
     batch = torch.export.Dim("batch", min=1, max=4096)
     sample = torch.cat([example, example]) if example.shape[0] == 1 else example
     graph = torch.export.export(model, (sample,), dynamic_shapes=({0: batch},)).module()
-    quantizer = make_quantizer(fuse_clamp, keep_float)
+    quantizer = make_quantizer(fuse_clamp)
     prepared = prepare_pt2e(graph, quantizer)
     with torch.no_grad():
         for chunk in calibration:
