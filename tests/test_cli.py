@@ -15,7 +15,7 @@ from tests.conftest import run_cli
 def test_help_lists_the_verbs_and_imports_no_framework() -> None:
     result = run_cli("--help")
     assert result.returncode == 0
-    for verb in ("finetune", "export", "bench", "bundle", "demo"):
+    for verb in ("finetune", "export", "bench", "sweep", "bundle", "demo"):
         assert verb in result.stdout
     probe = subprocess.run(
         [sys.executable, "-c", "import sys, edgetl, edgetl.cli; "
