@@ -163,7 +163,7 @@ def test_unwritable_output(tmp_path: Path) -> None:
 def fake_backend(fail: set[str]) -> types.SimpleNamespace:
     """Stands in for edgetl.backends.torch.export: bytes instead of graphs, chosen formats raise."""
 
-    def build_graphs(checkpoint, manifest, calibration, want_int8, bias_correction=True, fuse_clamp=True):
+    def build_graphs(checkpoint, manifest, calibration, want_int8, bias_correction=True, fuse_clamp=True, model=None):
         if want_int8 and "quantize" in fail:
             raise RuntimeError("observer exploded")
         quantization = {"calibration_images": len(calibration), "seconds": 0.0} if want_int8 else {}
@@ -249,9 +249,9 @@ def test_calibration_draws_from_training_images_only(tmp_path: Path, monkeypatch
     backend = fake_backend(set())
     original = backend.build_graphs
 
-    def spy(checkpoint, manifest, calibration, want_int8, *args):
+    def spy(checkpoint, manifest, calibration, want_int8, *args, **kwargs):
         seen["calibration"] = calibration
-        return original(checkpoint, manifest, calibration, want_int8, *args)
+        return original(checkpoint, manifest, calibration, want_int8, *args, **kwargs)
 
     backend.build_graphs = spy
     monkeypatch.setattr(export_stage, "_backend", lambda: backend)
