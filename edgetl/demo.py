@@ -17,6 +17,7 @@ from edgetl.export import ExportConfig, run_export
 from edgetl.finetune import run_finetune
 from edgetl.sweep import SweepConfig, run_sweep
 from edgetl.ui import console, stdout
+from edgetl.verify import QualityError
 
 DEMO_CONFIG = FinetuneConfig(
     data="builtin:fashion-mnist-mini",
@@ -37,6 +38,11 @@ FAST_CONFIG = FinetuneConfig(
     unfreeze=1,
 )
 
+
+# When int8 PTQ misses the budget, the demo makes its int8 files by QAT. Measured on the second demo
+# checkpoint: two epochs took the drop from 0.9/1.1 to 0.5 points, and validation top-1 of the int8 graph was
+# highest after the first (89.0% vs 88.3%), so the demo spends one (docs/BENCHMARKS.md, Compression).
+DEMO_QAT_EPOCHS = 1
 
 # The fast run calibrates on fewer images: it is a smoke run, and PTQ time grows with the image count.
 FAST_EXPORT = ExportConfig(calib=64)
@@ -96,13 +102,11 @@ def run_demo(run_dir: Path, fast: bool = False, framework: str = "torch") -> dic
     manifest = json.loads((checkpoint / "manifest.json").read_text())
     top1 = manifest["metrics"]["test"]["top1"]
     stdout.print(f"demo: test top-1 {100 * top1:.1f}% on {manifest['metrics']['test']['images']} held-out images")
-    from edgetl.verify import QualityError
-
     export_dir, over_budget = Path(run_dir) / "export", None
     try:
         run_export(checkpoint, FAST_EXPORT if fast else ExportConfig(), export_dir)
     except QualityError as error:  # written and verified: the sweep's report shows the drop beside the rest
-        over_budget = error
+        over_budget = _recover_with_qat(checkpoint, Path(run_dir), error, fast)
     manifest["export"] = json.loads((export_dir / "manifest.json").read_text())
     sweep_dir = run_sweep(checkpoint, FAST_SWEEP if fast else DEMO_SWEEP, Path(run_dir) / "sweep", reuse=export_dir)
     manifest["sweep"] = json.loads((sweep_dir / "sweep.json").read_text())
@@ -111,6 +115,24 @@ def run_demo(run_dir: Path, fast: bool = False, framework: str = "torch") -> dic
     if over_budget is not None:
         raise over_budget
     return manifest
+
+
+def _recover_with_qat(checkpoint: Path, run_dir: Path, error: Exception, fast: bool) -> Exception | None:
+    """What the over-budget message advises, done: int8 by quantization-aware training into RUN/export-qat.
+
+    PTQ's loss on the demo model is weight rounding in two early layers (docs/BENCHMARKS.md), which
+    calibration cannot fix; one QAT epoch trains the weights around their int8 grid. Returns the error that
+    still stands (None when the QAT files are within the budget).
+    """
+    console.print(f"[yellow]demo: {error}[/]")
+    console.print("demo: int8 PTQ is over the budget; making the int8 files by quantization-aware training instead")
+    config = replace(FAST_EXPORT if fast else ExportConfig(), quant=("int8",), qat=True, qat_epochs=DEMO_QAT_EPOCHS)
+    try:
+        run_export(checkpoint, config, run_dir / "export-qat")
+    except QualityError as still:
+        return still
+    stdout.print(f"demo: int8 by QAT is within the budget: {run_dir / 'export-qat'}")
+    return None
 
 
 def _run_keras_demo(run_dir: Path, fast: bool) -> dict:
