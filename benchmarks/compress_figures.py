@@ -129,6 +129,7 @@ def main() -> None:
     parser.add_argument("--no-bench", action="store_true")
     parser.add_argument("--recovery-epochs", type=int, help="pruning fine-tune epochs (default: export's)")
     parser.add_argument("--qat-epochs", type=int, help="QAT epochs (default: export's)")
+    parser.add_argument("--qat-lr", type=float, help="QAT learning rate (default: export's)")
     parser.add_argument("--tune-images", type=int, help="training images of the fine-tunes (default: all)")
     args = parser.parse_args()
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
@@ -153,6 +154,8 @@ def main() -> None:
                 overrides["recovery_epochs"] = args.recovery_epochs
             if overrides.get("qat") and args.qat_epochs is not None:
                 overrides["qat_epochs"] = args.qat_epochs
+            if overrides.get("qat") and args.qat_lr is not None:
+                overrides["qat_lr"] = args.qat_lr
             if ("prune" in overrides or overrides.get("qat")) and args.tune_images is not None:
                 overrides["tune_images"] = args.tune_images
             results["variants"][name] = export_variant(args.checkpoint, name, overrides, args.work, formats)

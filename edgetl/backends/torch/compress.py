@@ -32,12 +32,13 @@ def tune_for(manifest: dict, config, kind: str) -> Tune:
 
     trained = manifest.get("config", {})
     if kind == "qat":
-        epochs = int(config.qat_epochs)
+        epochs, lr = int(config.qat_epochs), config.qat_lr
     else:
         epochs = RECOVERY_EPOCHS[kind] if config.recovery_epochs is None else int(config.recovery_epochs)
+        lr = config.recovery_lr
     return Tune(
         epochs=epochs,
-        lr=LR[kind],
+        lr=LR[kind] if lr is None else float(lr),
         batch_size=int(trained.get("batch_size", 64)),
         images=config.tune_images,
         seed=int(trained.get("seed", config.seed)),
