@@ -40,8 +40,8 @@ FAST_CONFIG = FinetuneConfig(
 
 
 # When int8 PTQ misses the budget, the demo makes its int8 files by QAT. Measured on the second demo
-# checkpoint: two epochs took the drop from 0.9/1.1 to 0.5 points, and validation top-1 of the int8 graph was
-# highest after the first (89.0% vs 88.3%), so the demo spends one (docs/BENCHMARKS.md, Compression).
+# checkpoint (PTQ drop 0.9 .tflite / 1.1 .pte): one epoch left 0.7 (.tflite), two left 0.5 in both formats
+# (docs/BENCHMARKS.md, Compression). One epoch is within the demo's 1-point budget at half the time.
 DEMO_QAT_EPOCHS = 1
 
 # The fast run calibrates on fewer images: it is a smoke run, and PTQ time grows with the image count.
