@@ -281,3 +281,15 @@ def test_quantization_failing_keeps_the_fp32_files(tmp_path: Path, patched) -> N
     manifest = json.loads((out / "manifest.json").read_text())
     errors = {a["file"]: a.get("error") for a in manifest["artifacts"] if a["status"] == "failed"}
     assert errors["mobilenet_v3_small-32-int8.tflite"] == "quantization: RuntimeError: observer exploded"
+
+
+@pytest.mark.torch
+def test_damaged_weights_file_exits_2_with_one_line(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    folder = make_checkpoint(tmp_path)  # model.pt holds placeholder bytes
+    for flags in ([], ["--prune", "channels:0.5"]):
+        result = run_cli("export", str(folder), "--out", str(tmp_path / "e"), *flags)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("edgetl: error")]
+        assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert "model.pt" in errors[0] and "cannot be loaded into a mobilenet_v3_small (UnpicklingError)" in errors[0]
+    assert not (tmp_path / "e").exists()

@@ -12,6 +12,7 @@ import copy
 import io
 import logging
 import os
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from torch import nn
 
 from edgetl.backends.torch.models import build_model
 from edgetl.backends.torch.quantize import bias_correct, fold_batchnorm, quantize_ptq
+from edgetl.errors import UserError
 
 # Nodes that move, view or re-stride data only; anything else left outside the XNNPACK delegate runs on
 # slow portable kernels. (EfficientNet's pooled [1, C, 1, 1] → [1, C] re-stride lands outside: C floats.)
@@ -44,8 +46,13 @@ def load_model(checkpoint: Path, manifest: dict) -> nn.Module:
     """The fine-tuned float model in eval mode, from the checkpoint's own weights file."""
     spec = manifest["model"]
     model = build_model(spec["backbone"], spec["width"], spec["num_classes"])
-    state = torch.load(Path(checkpoint) / manifest["weights_file"], map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
+    path = Path(checkpoint) / manifest["weights_file"]
+    try:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:  # damaged or foreign file
+        raise UserError(f"checkpoint weights {str(path)!r} cannot be loaded into a {spec['backbone']} "
+                        f"({type(error).__name__}); valid: the weights file edgetl finetune wrote beside this "
+                        f"manifest") from None
     return model.eval()
 
 
