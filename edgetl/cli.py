@@ -121,7 +121,7 @@ def export(
     ] = None,
     recovery_epochs: Annotated[int | None, typer.Option(
         help="Fine-tune epochs of --prune on torch (default: 3 for channels, 4 for magnitude).")] = None,
-    qat_epochs: Annotated[int | None, typer.Option(help="Epochs of --qat on torch (default 1).")] = None,
+    qat_epochs: Annotated[int | None, typer.Option(help="Epochs of --qat on torch (default 2).")] = None,
     calib: Annotated[
         int | None, typer.Option(help="Training images for int8 calibration (default 256, chosen by measurement).")
     ] = None,
