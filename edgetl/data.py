@@ -285,6 +285,14 @@ def decode_records(
     return batch, labels, errors
 
 
+def decode_kept(root: Path, records: list[tuple[str, int]], spec: dict) -> tuple[np.ndarray, np.ndarray]:
+    """All of `records` decoded without augmentation, files that fail to decode left out (fine-tuning
+    already recorded them): the arrays that calibration, QAT and recovery read once and keep."""
+    batch, labels, errors = decode_records(root, records, spec, np.arange(len(records)))
+    kept = np.array([not error for error in errors], dtype=bool)
+    return batch[kept], labels[kept]
+
+
 _STREAM_STATE: dict = {}
 
 

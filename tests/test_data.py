@@ -166,3 +166,15 @@ def test_shapes_builtin_is_generated_deterministically() -> None:
     listing = scan_folder(root, seed=0)
     assert listing.classes == ["circle", "square", "triangle"]
     assert sum(len(v) for v in listing.splits.values()) == 120
+
+
+def test_decode_kept_leaves_out_files_that_fail_and_keeps_labels_aligned(tmp_path: Path) -> None:
+    from edgetl.data import decode_kept, preprocess_spec
+
+    Image.new("RGB", (20, 10), (255, 0, 0)).save(tmp_path / "a.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    Image.new("L", (8, 8), 0).save(tmp_path / "c.png")
+    spec = preprocess_spec(16, [0.5] * 3, [0.5] * 3, layout="NHWC")
+    x, y = decode_kept(tmp_path, [("a.png", 3), ("broken.png", 1), ("c.png", 2)], spec)
+    assert x.shape == (2, 16, 16, 3) and x.dtype == np.float32 and y.tolist() == [3, 2]
+    assert np.allclose(x[0, ..., 0], 1.0) and np.allclose(x[1], -1.0)  # red → +1 in R; black → -1

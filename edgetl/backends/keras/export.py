@@ -86,16 +86,10 @@ def training_set(checkpoint: Path, manifest: dict, tune: Tune) -> tuple[np.ndarr
         order = np.random.default_rng(tune.seed).permutation(len(records))[: tune.images]
         records = [records[i] for i in sorted(order)]
     spec = dict(manifest["preprocess"], layout="NHWC")
-    arrays, labels = [], []
-    for rel, label in records:
-        try:
-            arrays.append(data.to_array(data.load_rgb(listing.root / rel), spec))
-        except Exception:  # Pillow raises many types; fine-tuning already recorded these files
-            continue
-        labels.append(label)
-    if not arrays:
+    x, y = data.decode_kept(listing.root, records, spec)
+    if not len(x):
         raise UserError(f"no training image of the checkpoint could be decoded under {str(listing.root)!r}")
-    return np.stack(arrays).astype(np.float32), np.asarray(labels, np.int64)
+    return x, y
 
 
 def _freeze_batchnorm(model: keras.Model) -> None:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
-
 from edgetl import data
 from edgetl.backbones import get_backbone
 from edgetl.backends.keras import models
@@ -30,14 +28,7 @@ def train_backbone_from_scratch(config: FinetuneConfig, epochs: int, path: Path,
     config = config.validate()
     listing = load_listing(config)
     spec = data.preprocess_spec(config.image_size, MEAN, STD, layout="NHWC")
-    arrays, labels = [], []
-    for rel, label in listing.splits["train"]:
-        try:
-            arrays.append(data.to_array(data.load_rgb(listing.root / rel), spec))
-        except Exception:  # Pillow raises many types; fine-tuning records these files later
-            continue
-        labels.append(label)
-    x = np.stack(arrays)
+    x, labels = data.decode_kept(listing.root, listing.splits["train"], spec)
     y = keras.utils.to_categorical(labels, len(listing.classes))
     keras.utils.set_random_seed(config.seed)
     backbone = models.build_backbone(get_backbone(config.backbone), config.width, config.image_size)

@@ -49,16 +49,10 @@ def training_records(listing: data.DatasetListing, tune: Tune) -> list[tuple[str
 
 def val_arrays(listing: data.DatasetListing, spec: dict, limit: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
     """The validation split decoded once (NCHW, as `spec` says); empty tensors when there is none."""
-    arrays, labels = [], []
-    for rel, label in listing.splits.get("val", [])[:limit]:
-        try:
-            arrays.append(data.to_array(data.load_rgb(listing.root / rel), spec))
-        except Exception:  # Pillow raises many types; fine-tuning already recorded these files
-            continue
-        labels.append(label)
-    if not arrays:
+    x, y = data.decode_kept(listing.root, listing.splits.get("val", [])[:limit], spec)
+    if not len(x):
         return torch.zeros(0), torch.zeros(0, dtype=torch.long)
-    return torch.from_numpy(np.stack(arrays)), torch.tensor(labels)
+    return torch.from_numpy(x), torch.from_numpy(y)
 
 
 def _is_graph(model: nn.Module) -> bool:
