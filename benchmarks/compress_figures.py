@@ -23,6 +23,7 @@ VARIANTS = {
     "dense-int8": {},
     "qat-int8": {"qat": True},
     "ch50-int8": {"prune": "channels:0.5"},
+    "ch30-int8": {"prune": "channels:0.3"},
 }
 MAGNITUDE = {"sp50": {"prune": "magnitude:0.5", "quant": ("fp32", "int8")}}
 

@@ -51,9 +51,11 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("int8-ptq", {"quant": ("int8",)}, "int8 post-training quantization (PT2E, calibrated)"),
     Variant("int8-qat", {"quant": ("int8",), "qat": True}, "int8 quantization-aware training (PT2E QAT)"),
     Variant("pruned30-int8", {"quant": ("int8",), "prune": "channels:0.3"},
-            "30% of prunable channels removed (torch-pruning, short recovery fine-tune), then int8 PTQ"),
+            "30% of prunable channels removed (torch-pruning, recovery fine-tune distilled from the "
+            "dense model), then int8 PTQ"),
     Variant("pruned50-int8", {"quant": ("int8",), "prune": "channels:0.5"},
-            "50% of prunable channels removed (torch-pruning, short recovery fine-tune), then int8 PTQ"),
+            "50% of prunable channels removed (torch-pruning, recovery fine-tune distilled from the "
+            "dense model), then int8 PTQ"),
 )}
 # ExportConfig fields a variant may not set: the sweep sets them alike for every variant.
 SWEEP_LEVEL_FIELDS = ("formats", "max_drop", "threads", "recipe")

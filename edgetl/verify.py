@@ -217,10 +217,11 @@ def _cross_agreement(rows: list[dict], predictions: dict[str, np.ndarray]) -> li
 
 
 def render_table(record: dict, title: str = "verification") -> Table:
+    reference = record.get("reference", "float checkpoint")  # a pruned export compares with its pruned float model
     table = Table(
-        title=f"{title}: {record['images']} test images, float checkpoint top-1 {100 * record['float_top1']:.1f}%",
+        title=f"{title}: {record['images']} test images, {reference} top-1 {100 * record['float_top1']:.1f}%",
         box=box.SIMPLE_HEAD,
-        caption=".tflite runs in LiteRT, .pte in ExecuTorch; drop and agreement are against the float checkpoint",
+        caption=f".tflite runs in LiteRT, .pte in ExecuTorch; drop and agreement are against the {reference}",
     )
     table.add_column("file", no_wrap=True)
     for column in ("top-1", "drop", "agree", "max Δp", "s"):

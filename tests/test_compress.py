@@ -58,6 +58,10 @@ def test_qat_without_int8_and_channels_on_keras_are_refused() -> None:
     with pytest.raises(UserError, match="channel pruning is torch-only.*magnitude:0.5"):
         _check_framework_options(resolve_config(None, prune="channels:0.5"), "keras")
     _check_framework_options(resolve_config(None, prune="magnitude:0.5", qat=True), "torch")  # accepted
+    with pytest.raises(UserError, match=r"--distill 1.5 is not usable; valid: 0 \(labels only\) to 1"):
+        resolve_config(None, prune="channels:0.5", distill=1.5)
+    with pytest.raises(UserError, match="--distill 0.5: torch-only"):
+        _check_framework_options(resolve_config(None, prune="magnitude:0.5", distill=0.5), "keras")
 
 
 def test_bad_specs_on_the_command_line_exit_2_with_one_line(tmp_path: Path) -> None:
@@ -138,6 +142,38 @@ def test_channel_pruning_removes_params_and_macs_and_keeps_depthwise_coupling(ba
 
 
 @torch_only
+def test_distillation_loss_is_hintons_and_replaces_the_labels_when_weighted_1(tiny_checkpoint: Path) -> None:
+    import torch
+
+    from edgetl.backends.torch.export import load_model
+    from edgetl.backends.torch.recovery import Tune, distillation_loss, fit
+
+    teacher_logits = torch.tensor([[4.0, 0.0, -2.0], [0.5, 0.5, 3.0]])
+    student_logits = torch.tensor([[0.0, 1.0, 0.0], [2.0, -1.0, 0.0]], requires_grad=True)
+    teacher = torch.nn.Identity()  # the "teacher" of these logits: returns them as they are
+    loss = distillation_loss(student_logits, teacher, teacher_logits, 4.0)
+    p = torch.softmax(teacher_logits / 4, 1)
+    expected = (p * (p.log() - torch.log_softmax(student_logits / 4, 1))).sum(1).mean() * 16
+    torch.testing.assert_close(loss, expected)
+    assert float(distillation_loss(teacher_logits, teacher, teacher_logits, 4.0)) == pytest.approx(0.0, abs=1e-6)
+    loss.backward()  # one gradient step moves the student's distribution towards the teacher's
+    with torch.no_grad():
+        stepped = student_logits - 0.5 * student_logits.grad
+        assert float(distillation_loss(stepped, teacher, teacher_logits, 4.0)) < float(loss)
+
+    # In training: with weight 1 the loss is the distance to the teacher alone. A teacher identical to the
+    # student leaves almost nothing to learn (dropout aside), where the labels' cross-entropy is large.
+    manifest, listing, spec = _listing_and_spec(tiny_checkpoint)
+    losses = {}
+    for weight in (0.0, 1.0):
+        student, twin = load_model(tiny_checkpoint, manifest), load_model(tiny_checkpoint, manifest)
+        record = fit(student, listing, spec, Tune(epochs=1, lr=1e-9, batch_size=32, distill=weight), "kd", teacher=twin)
+        losses[weight] = record["history"][0]["train_loss"]
+        assert record["distill"] == weight and record["temperature"] == 4.0
+    assert losses[0.0] > 0.5 and losses[1.0] < 0.1 * losses[0.0]
+
+
+@torch_only
 def test_magnitude_pruning_reaches_its_sparsity_per_layer_while_training(tiny_checkpoint: Path) -> None:
     import torch
     from torch import nn
@@ -202,12 +238,15 @@ def test_channel_pruned_qat_int8_exports_verified_in_both_runtimes(tiny_checkpoi
     names = [f"{PREFIX}int8-ch50-qat.tflite", f"{PREFIX}int8-ch50-qat.pte"]
     sidecars = _check_verified(out, names)
     assert "int8: .tflite and .pte agree" in result.stdout
+    assert "pruned float model" in result.stdout  # what the drops are measured against, named
     manifest = _manifest(out)
     pruning, quantization = manifest["pruning"], manifest["quantization"]
     assert manifest["config"]["prune"] == "channels:0.5" and manifest["config"]["qat"] is True
     assert pruning["method"] == "channels" and pruning["macs_after"] < 0.5 * pruning["macs_before"]
     assert pruning["params_after"] < 0.5 * pruning["params_before"]
     assert len(pruning["recovery"]["history"]) == 2 and manifest["float_reference"]["model"].startswith("pruned")
+    assert pruning["recovery"]["distill"] == 0.9 and pruning["recovery"]["temperature"] == 4.0  # the default
+    assert quantization["qat"]["distill"] == 0.0
     assert quantization["method"] == "pt2e-qat" and quantization["qat"]["epochs"] == 1
     assert quantization["qat"]["train_images"] == 96 and quantization["qat"]["seconds"] > 0
     tflite = sidecars[names[0]]

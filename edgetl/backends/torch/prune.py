@@ -87,9 +87,12 @@ def _estimate_bn(model: nn.Module, listing: data.DatasetListing, spec: dict, tun
 
 
 def prune_channels(
-    model: nn.Module, ratio: float, num_classes: int, listing: data.DatasetListing, spec: dict, tune: Tune
+    model: nn.Module, ratio: float, num_classes: int, listing: data.DatasetListing, spec: dict, tune: Tune,
+    teacher: nn.Module | None = None,
 ) -> tuple[nn.Module, dict]:
-    """Remove a fraction `ratio` of the channels of every prunable group, re-estimate BN, recover; in place."""
+    """Remove a fraction `ratio` of the channels of every prunable group, re-estimate BN, recover; in place.
+
+    `teacher` (the dense model) supplies soft targets to the recovery when `tune.distill` > 0."""
     size = spec["resize"]["height"]
     example = torch.zeros(1, 3, size, size)
     model.eval()
@@ -111,7 +114,10 @@ def prune_channels(
         raise RuntimeError(f"channel pruning broke the model: output {tuple(out.shape)}, expected (1, {num_classes})")
     bn_images = _estimate_bn(model, listing, spec, tune)
     console.print(f"channels: {ratio:.0%} pruned in {prune_seconds:.1f} s; recovery fine-tune ({tune.epochs} epochs)…")
-    recovery = fit(model, listing, spec, tune, "recovery fine-tune (channels)") if tune.epochs else None
+    recovery = (fit(model, listing, spec, tune, "recovery fine-tune (channels)", teacher=teacher)
+                if tune.epochs else None)
+    if recovery is not None and tune.train_batchnorm:  # batch-mode training leaves lagging running statistics
+        recovery["batchnorm_statistics_from_images"] = _estimate_bn(model, listing, spec, tune)
     after_blocks, after = block_costs(model, example), _totals(model, example)
     blocks = []
     for name, cost in before_blocks.items():
@@ -173,7 +179,8 @@ def polynomial_sparsity(target: float, step: int, end: int) -> float:
 
 
 def prune_magnitude(
-    model: nn.Module, sparsity: float, listing: data.DatasetListing, spec: dict, tune: Tune
+    model: nn.Module, sparsity: float, listing: data.DatasetListing, spec: dict, tune: Tune,
+    teacher: nn.Module | None = None,
 ) -> tuple[nn.Module, dict]:
     """Zero the smallest weights of each prunable layer on a cubic schedule while fine-tuning; in place."""
     layers = prunable_layers(model)
@@ -206,7 +213,8 @@ def prune_magnitude(
     started = time.perf_counter()
     if tune.epochs:
         console.print(f"magnitude: pruning to {sparsity:.0%} during a {tune.epochs}-epoch fine-tune…")
-        recovery = fit(model, listing, spec, tune, "fine-tune with magnitude pruning", after_step=after_step)
+        recovery = fit(model, listing, spec, tune, "fine-tune with magnitude pruning", after_step=after_step,
+                       teacher=teacher)
     else:
         recovery = None
     if state["current"] < sparsity:  # no training asked (or too few steps): prune once, without recovery

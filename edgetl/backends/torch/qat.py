@@ -31,7 +31,7 @@ def make_qat_quantizer(fuse_clamp: bool = True) -> XNNPACKQuantizer:
 
 def quantize_qat(
     model: nn.Module, example: torch.Tensor, listing: data.DatasetListing, spec: dict, tune: Tune,
-    fuse_clamp: bool = True,
+    fuse_clamp: bool = True, teacher: nn.Module | None = None,
 ) -> tuple[torch.fx.GraphModule, dict]:
     """QAT of an NHWC float model; returns the converted int8 (Q/DQ) graph and what the manifest records."""
     started = time.perf_counter()
@@ -42,7 +42,7 @@ def quantize_qat(
     prepared = prepare_qat_pt2e(graph, make_qat_quantizer(fuse_clamp))
     x_val, y_val = val_arrays(listing, spec)
     console.print(f"int8: PT2E quantization-aware training ({tune.epochs} epochs, lr {tune.lr:g})…")
-    training = fit(prepared, listing, spec, tune, "quantization-aware training", nhwc=True)
+    training = fit(prepared, listing, spec, tune, "quantization-aware training", nhwc=True, teacher=teacher)
     with torch.no_grad():
         converted = convert_pt2e(prepared, fold_quantize=False)
     val = top1(converted, x_val, y_val, nhwc=True)

@@ -33,6 +33,11 @@ class Tune:
     seed: int = 0
     label_smoothing: float = 0.1
     weight_decay: float = 1e-4
+    distill: float = 0.0  # weight of the teacher's soft targets in the loss (0: labels only)
+    temperature: float = 4.0
+    # BatchNorm: frozen (running statistics as they are; right for a network that already works on small
+    # data) or trained in batch mode (a network rebuilt after channel pruning: its statistics move every step).
+    train_batchnorm: bool = False
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -74,6 +79,18 @@ def top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, nhwc: bool = False,
     return correct / len(y)
 
 
+def distillation_loss(logits: torch.Tensor, teacher: nn.Module, x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton's soft-target loss: KL(teacher ‖ student) at `temperature`, scaled by T² to keep gradients comparable.
+
+    A pruned or quantized student learns from the dense model's whole output distribution (which classes look
+    alike), not only the one-hot label: far more signal per image on a small training split.
+    """
+    with torch.no_grad():
+        soft_targets = nn.functional.softmax(teacher(x) / temperature, dim=1)
+    log_student = nn.functional.log_softmax(logits / temperature, dim=1)
+    return nn.functional.kl_div(log_student, soft_targets, reduction="batchmean") * temperature**2
+
+
 def fit(
     model: nn.Module,
     listing: data.DatasetListing,
@@ -82,6 +99,7 @@ def fit(
     what: str,
     nhwc: bool = False,
     after_step: Callable[[int, int], None] | None = None,
+    teacher: nn.Module | None = None,
 ) -> dict:
     """Train every parameter of `model` in place for `tune.epochs` epochs; BatchNorm statistics stay frozen.
 
@@ -100,6 +118,9 @@ def fit(
     total = max(1, math.ceil(len(records) / tune.batch_size) * tune.epochs)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, 0.1))
     criterion = nn.CrossEntropyLoss(label_smoothing=tune.label_smoothing)
+    distilling = teacher is not None and tune.distill > 0
+    if distilling and not _is_graph(teacher):
+        teacher.eval()
     history, step, failed = [], 0, set()
     started = time.perf_counter()
     with progress() as bar:
@@ -109,7 +130,8 @@ def fit(
             dataset.epoch = epoch
             if not _is_graph(model):
                 model.train()
-                freeze_batchnorm(model)
+                if not tune.train_batchnorm:
+                    freeze_batchnorm(model)
             seen, loss_sum, correct = 0, 0.0, 0
             for images, targets, indices, errors in loader:
                 ok = torch.tensor([not e for e in errors])
@@ -121,6 +143,9 @@ def fit(
                     x = x.permute(0, 2, 3, 1).contiguous()
                 logits = model(x)
                 loss = criterion(logits, y)
+                if distilling:
+                    loss = (1 - tune.distill) * loss + tune.distill * distillation_loss(logits, teacher, x,
+                                                                                         tune.temperature)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
