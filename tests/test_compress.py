@@ -69,6 +69,8 @@ def test_bad_specs_on_the_command_line_exit_2_with_one_line(tmp_path: Path) -> N
     for spec, needles in (("1.0", ("--prune 1.0", "channels:R")), ("channels:0", ("channels:0", "0 < R")),
                           ("rows:0.5", ("rows:0.5", "unknown form", "magnitude:S"))):
         _assert_one_line_error(run_cli("export", str(checkpoint), "--prune", spec), *needles)
+    _assert_one_line_error(run_cli("export", str(checkpoint), "--prune", "channels:0.5", "--distill", "2"),
+                           "--distill 2", "valid: 0 (labels only) to 1")
 
 
 def test_qat_or_pruning_without_reachable_training_images_exit_2(tmp_path: Path) -> None:
@@ -126,7 +128,11 @@ def test_channel_pruning_removes_params_and_macs_and_keeps_depthwise_coupling(ba
     manifest, listing, spec = _listing_and_spec(tiny_checkpoint)
     torch.manual_seed(0)
     model = build_model(backbone, 1.0, 3).eval()
+    first = [m.out_channels for stage in model.stages()[:2] for m in stage.modules() if isinstance(m, nn.Conv2d)]
     pruned, info = prune_channels(model, 0.5, 3, listing, spec, Tune(epochs=1, lr=1e-3, batch_size=32))
+    # the stem and the first block keep every channel; the rest lose half
+    assert [m.out_channels for stage in pruned.stages()[:2] for m in stage.modules()
+            if isinstance(m, nn.Conv2d)] == first
     assert info["params_after"] < 0.4 * info["params_before"]
     assert info["macs_after"] < 0.45 * info["macs_before"]  # both sides of most convs halve: ~4x, never < 2x
     assert sum(b["macs_after"] for b in info["blocks"]) < sum(b["macs_before"] for b in info["blocks"])
