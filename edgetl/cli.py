@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from edgetl.errors import UserError
+from edgetl.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UserError, exit_status
 
 app = typer.Typer(
     add_completion=False,
@@ -261,27 +261,76 @@ def demo(
     run_demo(run_dir, fast=fast, framework=framework)
 
 
-def main() -> None:
-    """Entry point: user mistakes become one line and exit 2; EDGETL_DEBUG=1 shows the traceback."""
+def _usage_error_types() -> tuple[type[BaseException], ...]:
+    """Usage errors come from typer's own copy of click (typer >= 0.29) or from click itself (older typer)."""
+    found: list[type[BaseException]] = []
     try:
-        app(standalone_mode=False)
-    except UserError as error:
-        if os.environ.get("EDGETL_DEBUG") == "1":
-            raise
-        typer.echo(f"edgetl: error: {error}", err=True)
-        sys.exit(error.exit_code)
-    except typer.Exit as done:
-        sys.exit(done.exit_code)
-    except KeyboardInterrupt:
-        typer.echo("edgetl: interrupted", err=True)
-        sys.exit(130)
-    except Exception as click_error:  # click's own usage errors (bad option values, unknown verbs)
+        from typer._click import exceptions as bundled
+
+        found.append(bundled.ClickException)
+    except ImportError:
+        pass
+    try:
         import click
 
-        if isinstance(click_error, click.ClickException):
-            click_error.show()
-            sys.exit(2)
+        found.append(click.ClickException)
+    except ImportError:
+        pass
+    return tuple(found)
+
+
+def _given_value(error: BaseException, argv: list[str]) -> str | None:
+    """The text the user gave for the option a BadParameter is about (some typer releases do not repeat it)."""
+    param = getattr(error, "param", None)
+    names = [name for name in getattr(param, "opts", []) if name.startswith("-")]
+    for index, arg in enumerate(argv):
+        for name in names:
+            if arg == name and index + 1 < len(argv):
+                return argv[index + 1]
+            if arg.startswith(name + "="):
+                return arg[len(name) + 1:]
+    return None
+
+
+def _usage_line(error: BaseException, argv: list[str]) -> str:
+    """click's several-line usage message as one line that names the value given and says where the help is."""
+    message = " ".join(str(error.format_message()).split())  # type: ignore[attr-defined]
+    value = _given_value(error, argv)
+    if value is not None and repr(value) not in message:
+        message = message.rstrip(".") + f" (got {value!r})"
+    context = getattr(error, "ctx", None)
+    command = getattr(context, "command_path", None) or "edgetl"
+    return f"{message} (see: {command} --help)"
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the command line and return its exit status (see edgetl.errors for what each one means)."""
+    debug = os.environ.get("EDGETL_DEBUG") == "1"
+    try:
+        status = app(args=argv, prog_name="edgetl", standalone_mode=False)
+    except SystemExit:
         raise
+    except BaseException as error:
+        usage = _usage_error_types()
+        if usage and isinstance(error, usage) and not debug:
+            if type(error).__name__ == "NoArgsIsHelpError":  # plain `edgetl`: its help is the answer
+                typer.echo(error.format_message())  # type: ignore[attr-defined]
+                return EXIT_OK
+            typer.echo(f"edgetl: error: {_usage_line(error, sys.argv[1:] if argv is None else argv)}", err=True)
+            return EXIT_USAGE
+        known = exit_status(error)
+        if known is None or (debug and known[0] != EXIT_INTERRUPTED):
+            raise
+        typer.echo(f"edgetl: {'error: ' if known[0] != EXIT_INTERRUPTED else ''}{known[1]}", err=True)
+        return known[0]
+    if status == EXIT_INTERRUPTED:  # typer >= 0.29 turns Ctrl-C into Exit(130) and returns the code
+        typer.echo(f"edgetl: {exit_status(KeyboardInterrupt())[1]}", err=True)  # type: ignore[index]
+    return status if isinstance(status, int) else EXIT_OK
+
+
+def main() -> None:
+    """Entry point: every error edgetl knows is one line and its exit status; EDGETL_DEBUG=1 shows tracebacks."""
+    sys.exit(run())
 
 
 if __name__ == "__main__":

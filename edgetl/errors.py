@@ -1,18 +1,88 @@
-"""The one exception type that means "the user gave us something we cannot use".
+"""Exit statuses and the exceptions that carry them: the one place where an error becomes a status.
 
-The CLI turns it into a single line on stderr and exit code 2; anything else is a bug and keeps its
-traceback. Messages name the value received and what would be valid.
+Every edgetl process (the CLI, the workers of a multi-process fine-tune) ends through `exit_status`, so
+the same failure gives the same status and the same single line everywhere:
+
+- 0: done; 1: a stage ran and failed (`StageFailed`: every export failed, the disk filled up);
+- 2: bad input (`UserError`: a path, a flag value, a file that is not what it should be);
+- 3: the quality gate (`QualityFailed`: an int8 file lost more top-1 than allowed, after writing it);
+- 130: interrupted (Ctrl-C), after the stage removed its temporary folders.
+
+Anything else is a bug and keeps its traceback. Messages name the value received and what would be valid.
 """
 
 from __future__ import annotations
+
+import errno
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_QUALITY = 3
+EXIT_INTERRUPTED = 130
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 class UserError(Exception):
     """Bad input: a path, a flag value, a file that is not what it should be."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
+
+
+class StageFailed(UserError):
+    """The input was fine but the stage could not make its output; the previous output is unchanged."""
+
+    exit_code = EXIT_FAILED
+
+
+class QualityFailed(UserError):
+    """Everything was written, but a measured figure missed the limit the user set."""
+
+    exit_code = EXIT_QUALITY
 
 
 def one_of(value: object, valid: list[str] | tuple[str, ...], what: str) -> str:
     """Message for an unknown choice, listing the valid ones."""
     return f"unknown {what} {value!r}; valid: {', '.join(valid)}"
+
+
+def _interrupted(error: BaseException) -> bool:
+    """Ctrl-C itself, or a CLI library's Abort raised while handling it."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__  # type: ignore[assignment]
+    return False
+
+
+def disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS
+
+
+def exit_status(error: BaseException) -> tuple[int, str] | None:
+    """(exit status, one line) for an error edgetl reports itself; None for a bug (keep the traceback)."""
+    if isinstance(error, UserError):
+        return error.exit_code, " ".join(str(error).split()) or type(error).__name__
+    if _interrupted(error):
+        return EXIT_INTERRUPTED, "interrupted; the running stage published nothing and its previous output is unchanged"
+    if disk_full(error):
+        where = f" writing {error.filename!r}" if getattr(error, "filename", None) else ""
+        return EXIT_FAILED, (f"no space left on device{where} ({error.strerror}); the running stage published "
+                             "nothing and its previous output is unchanged; free some space and run again")
+    return None
+
+
+def combined_status(codes: list[int]) -> int:
+    """One exit status for several processes that failed (a launcher's workers): the one a user acts on first.
+
+    Interrupted beats bad input, which beats the quality gate, which beats a failed stage; a worker killed by
+    a signal (negative code) counts as interrupted for SIGINT, else as failed.
+    """
+    statuses = {EXIT_INTERRUPTED if code in (EXIT_INTERRUPTED, -2) else code if code > 0 else EXIT_FAILED
+                for code in codes if code != EXIT_OK}
+    for status in (EXIT_INTERRUPTED, EXIT_USAGE, EXIT_QUALITY, EXIT_FAILED):
+        if status in statuses:
+            return status
+    return max(statuses, default=EXIT_OK)

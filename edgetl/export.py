@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from edgetl.data import DatasetListing, load_rgb, to_array
-from edgetl.errors import UserError, one_of
+from edgetl.errors import StageFailed, UserError, one_of
 from edgetl.manifest import (
     SCHEMA_VERSION,
     library_versions,
@@ -432,10 +432,8 @@ def run_export(checkpoint: Path, config: ExportConfig, out: Path | None = None) 
     return out
 
 
-class ExportFailed(UserError):
-    """At least one format failed; the others were written."""
-
-    exit_code = 1
+class ExportFailed(StageFailed):
+    """At least one format failed; the others were written (exit 1)."""
 
 
 def _check_training_data(listing: DatasetListing, option: str) -> None:

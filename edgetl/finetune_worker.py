@@ -1,8 +1,8 @@
 """What each process that torchrun starts for `edgetl finetune --devices N` runs.
 
 The launching process hands over the resolved config as JSON (every field, including ones the CLI does
-not expose), so workers train exactly what was asked; errors end the worker as the CLI would (one line,
-exit 2), and torchrun passes the status back to the launcher.
+not expose), so workers train exactly what was asked; errors end the worker as the CLI would (one line
+and the status edgetl.errors gives it), and torchrun passes the status back to the launcher.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from edgetl.config import FinetuneConfig
-from edgetl.errors import UserError
+from edgetl.errors import EXIT_INTERRUPTED, EXIT_OK, exit_status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,14 +25,16 @@ def main(argv: list[str] | None = None) -> int:
     config = FinetuneConfig(**json.loads(Path(config_file).read_text()))
     try:
         run_finetune(config, Path(run_dir), feature_cache=feature_cache)
-    except UserError as error:
-        if os.environ.get("EDGETL_DEBUG") == "1":
+    except SystemExit:
+        raise
+    except BaseException as error:
+        known = exit_status(error)
+        if known is None or (os.environ.get("EDGETL_DEBUG") == "1" and known[0] != EXIT_INTERRUPTED):
             raise
         if not getattr(error, "reported_by_main", False):
-            print(f"edgetl: error (rank {os.environ.get('RANK', '0')}): {error}", file=sys.stderr)
-        return error.exit_code
-    return 0
-
+            print(f"edgetl: error (rank {os.environ.get('RANK', '0')}): {known[1]}", file=sys.stderr)
+        return known[0]
+    return EXIT_OK
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -24,7 +24,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from edgetl.errors import UserError
+from edgetl.errors import QualityFailed, UserError
 from edgetl.manifest import now_utc, write_json
 from edgetl.ui import stdout
 
@@ -61,10 +61,8 @@ def quiet_native() -> Iterator[None]:
             os.close(saved[1])
 
 
-class QualityError(UserError):
-    """An int8 file lost more top-1 than allowed; everything is written, the run still fails."""
-
-    exit_code = 3
+class QualityError(QualityFailed):
+    """An int8 file lost more top-1 than allowed; everything is written, the run still fails (exit 3)."""
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

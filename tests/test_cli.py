@@ -99,3 +99,78 @@ def test_debug_env_shows_the_traceback() -> None:
     result = run_cli("finetune", "--data", "builtin:nope", env={"EDGETL_DEBUG": "1"})
     assert result.returncode != 0
     assert "Traceback" in result.stderr and "UserError" in result.stderr
+
+
+# ---------------------------------------------------------------- usage errors and exit statuses
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["finetune", "--data", "builtin:shapes", "--image-size", "abc"], ["--image-size", "abc", "integer"]),
+        (["finetune", "--data", "builtin:shapes", "--width", "abc"], ["--width", "abc"]),
+        (["finetune", "--data", "builtin:shapes", "--no-such-option"], ["--no-such-option"]),
+        (["no-such-verb"], ["no-such-verb"]),
+        (["finetune"], ["--data"]),
+        (["export"], ["CHECKPOINT"]),
+        (["bench", "x", "--iters", "many"], ["--iters", "many"]),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2(args: list[str], needles: list[str]) -> None:
+    """click's own usage errors, whichever click raised them (typer >= 0.29 bundles its own copy)."""
+    result = run_cli(*args)
+    _assert_one_line_error(result, "--help")
+    line = result.stderr.strip().splitlines()[0]
+    assert line.startswith("edgetl: error:"), line
+    for needle in needles:
+        assert needle.lower() in line.lower(), line
+
+
+def test_no_arguments_prints_the_help_and_exits_0() -> None:
+    result = run_cli()
+    assert result.returncode == 0, result.stderr
+    assert "finetune" in result.stdout and "Traceback" not in result.stderr
+
+
+def test_one_mapping_from_errors_to_exit_statuses() -> None:
+    import errno
+
+    import click
+
+    from edgetl import errors
+    from edgetl.export import ExportFailed
+    from edgetl.verify import QualityError
+
+    assert errors.exit_status(errors.UserError("bad"))[0] == 2
+    assert errors.exit_status(ExportFailed("all failed"))[0] == 1
+    assert errors.exit_status(QualityError("dropped"))[0] == 3
+    assert errors.exit_status(KeyboardInterrupt())[0] == 130
+    try:  # older typer: click turns Ctrl-C into Abort, raised while handling the KeyboardInterrupt
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise click.Abort() from None
+    except click.Abort as abort:
+        abort.__context__ = KeyboardInterrupt()
+        assert errors.exit_status(abort)[0] == 130
+    full = OSError(errno.ENOSPC, "No space left on device", "/x/model.pte")
+    status, line = errors.exit_status(full)
+    assert status == 1 and "no space left" in line and "/x/model.pte" in line
+    assert errors.exit_status(ValueError("a bug")) is None
+    # a launcher's workers: the status a user acts on first
+    assert errors.combined_status([1, 2, 3]) == 2 and errors.combined_status([3, 1]) == 3
+    assert errors.combined_status([-2, 2]) == 130 and errors.combined_status([-9]) == 1
+    assert errors.combined_status([0, 0]) == 0
+
+
+def test_worker_ends_with_the_cli_status_and_one_line(tmp_path: Path) -> None:
+    """The multi-process fine-tune's worker maps errors through the same function as the CLI."""
+    import json
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"data": str(tmp_path / "missing")}))
+    done = subprocess.run([sys.executable, "-m", "edgetl.finetune_worker", str(config), str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "edgetl: error (rank 0):" in lines[0] and "does not exist" in lines[0], done.stderr

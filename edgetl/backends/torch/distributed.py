@@ -27,7 +27,7 @@ from torch import nn
 
 from edgetl.config import FinetuneConfig
 from edgetl.distributed import WorldEnv, check_port_free, check_world, parse_master, wait_for_master, world_from_env
-from edgetl.errors import UserError
+from edgetl.errors import EXIT_FAILED, UserError, combined_status
 from edgetl.ui import console
 
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)  # evaluation and checkpoint writing keep ranks apart a while
@@ -97,7 +97,7 @@ def launch(config: FinetuneConfig, run_dir: Path, feature_cache: bool) -> Path:
         except ChildFailedError as failed:
             codes = sorted({f.exitcode for f in failed.failures.values()} - {0})
             console.print(f"[red]worker(s) failed (exit {', '.join(map(str, codes))}); their messages are above[/]")
-            raise SystemExit(2 if 2 in codes else (codes[0] if codes and codes[0] > 0 else 1)) from None
+            raise SystemExit(combined_status(codes) or EXIT_FAILED) from None
     return Path(run_dir) / "checkpoint"
 
 
