@@ -491,10 +491,11 @@ def run_bench(export: Path, options: BenchOptions) -> Path:
     if inputs is not None and not Path(inputs).is_file():
         raise UserError(f"inputs {str(inputs)!r} does not exist; give an .npz with x and y")
     script = device_bench_script()
-    out = Path(options.out) if options.out else default_out(export)
-    from edgetl.paths import ensure_writable_dir
+    from edgetl.paths import atomic_dir, claim_output, ensure_writable_dir
 
-    ensure_writable_dir(out, "bench folder")
+    out = claim_output(Path(options.out) if options.out else default_out(export), BENCH_KIND,
+                       [export, Path(inputs) if inputs else None])
+    ensure_writable_dir(out.parent, "bench folder")
     if any(t.emulated for t in targets):
         from edgetl import arm64
 
@@ -504,7 +505,7 @@ def run_bench(export: Path, options: BenchOptions) -> Path:
         setup_userland("arm64")
     started = time.perf_counter()
     results: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="edgetl-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="edgetl-bench-") as tmp, atomic_dir(out) as folder_out:
         workdir = Path(tmp)
         for artifact in artifacts:
             inspect(artifact, script, emulated=any(t.emulated for t in targets))
@@ -524,34 +525,35 @@ def run_bench(export: Path, options: BenchOptions) -> Path:
                     if "failed" in result:
                         console.print(f"[red]bench: {what} failed: {result['failed']}[/]")
                 results.extend(target_runs)
-                _write(out / f"{artifact.name}@{target.name}.json",
+                _write(folder_out / f"{artifact.name}@{target.name}.json",
                        {"schema_version": SCHEMA_VERSION, "kind": "edgetl.bench.result", "artifact": artifact.name,
                         "target": target_record(target), "runs": target_runs})
-    rows = [row(r) for r in results]
-    found_ratios = ratios(rows)
-    print_table(rows, found_ratios)
-    figure = plot(rows, out / "bench.png")
-    from edgetl import arm64
-    from edgetl.manifest import library_versions, now_utc, sha256_file
+        rows = [row(r) for r in results]
+        found_ratios = ratios(rows)
+        print_table(rows, found_ratios)
+        figure = plot(rows, folder_out / "bench.png")
+        from edgetl import arm64
+        from edgetl.manifest import library_versions, now_utc, sha256_file
 
-    manifest = {
-        "schema_version": SCHEMA_VERSION, "kind": BENCH_KIND, "created": now_utc(), "edgetl": __version__,
-        "source": {"path": str(folder.resolve()),
-                   "artifacts": {a.name: sha256_file(a.path) for a in artifacts},
-                   "inputs": str(Path(inputs).resolve()) if inputs else None},
-        "conditions": {"targets": [t.name for t in targets], "host_threads": thread_counts,
-                       "arm_threads": 1, "iters": options.iters, "warmup": options.warmup,
-                       "samples": options.samples, "arm_iters": options.arm_iters,
-                       "arm_warmup": options.arm_warmup, "arm_samples": options.arm_samples},
-        "files": sorted(p.name for p in out.glob("*@*.json")), "plot": figure.name if figure else None,
-        "rows": rows, "int8_fp32_instruction_ratios": found_ratios,
-        "arm64_setup": arm64.status() if any(t.emulated for t in targets) else None,
-        "versions": library_versions(("numpy", "ai-edge-litert", "executorch", "matplotlib")),
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    _write(out / "manifest.json", manifest)
+        manifest = {
+            "schema_version": SCHEMA_VERSION, "kind": BENCH_KIND, "created": now_utc(), "edgetl": __version__,
+            "source": {"path": str(folder.resolve()),
+                       "artifacts": {a.name: sha256_file(a.path) for a in artifacts},
+                       "inputs": str(Path(inputs).resolve()) if inputs else None},
+            "conditions": {"targets": [t.name for t in targets], "host_threads": thread_counts,
+                           "arm_threads": 1, "iters": options.iters, "warmup": options.warmup,
+                           "samples": options.samples, "arm_iters": options.arm_iters,
+                           "arm_warmup": options.arm_warmup, "arm_samples": options.arm_samples},
+            "files": sorted(p.name for p in folder_out.glob("*@*.json")), "plot": figure.name if figure else None,
+            "rows": rows, "int8_fp32_instruction_ratios": found_ratios,
+            "arm64_setup": arm64.status() if any(t.emulated for t in targets) else None,
+            "versions": library_versions(("numpy", "ai-edge-litert", "executorch", "matplotlib")),
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        _write(folder_out / "manifest.json", manifest)
     report = _add_to_report(out, rows, found_ratios)
-    console.print(f"bench: results in {out}" + (f"; plot {figure}" if figure else "; no plot (no top-1: no inputs)")
+    console.print(f"bench: results in {out}" + (f"; plot {out / figure.name}" if figure else
+                                               "; no plot (no top-1: no inputs)")
                   + (f"; rows added to {report}" if report else ""))
     return out
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from edgetl.errors import UserError, one_of
 from edgetl.manifest import SCHEMA_VERSION, now_utc, sha256_file, write_json
-from edgetl.paths import atomic_dir, ensure_writable_dir
+from edgetl.paths import atomic_dir, claim_output, ensure_writable_dir
 from edgetl.ui import console
 
 PLATFORMS = ("android", "ios")
@@ -110,6 +110,7 @@ def run_bundle(export_dir: Path, options: BundleOptions) -> Path:
     if not inputs.is_file():
         raise UserError(f"{str(export_dir)!r} has no test_inputs.npz; the golden images are drawn from it")
     out = Path(options.out) if options.out else export_dir.parent / "bundle" / artifact.stem
+    claim_output(out, BUNDLE_KIND, [export_dir, artifact], manifest="bundle.json")
     ensure_writable_dir(out.parent, "output folder")
     started = time.perf_counter()
     console.print(f"bundle: {artifact} → {out} ({', '.join(platforms)})")

@@ -29,7 +29,7 @@ from edgetl.manifest import (
     write_json,
     write_labels,
 )
-from edgetl.paths import atomic_dir, atomic_write_bytes, ensure_writable_dir
+from edgetl.paths import atomic_dir, atomic_write_bytes, claim_output, ensure_writable_dir
 from edgetl.ui import console, progress
 from edgetl.verify import (
     FLOAT_REFERENCE,
@@ -294,6 +294,25 @@ def load_listing(checkpoint: Path, manifest: dict) -> DatasetListing:
     return listing
 
 
+def publishable(out: Path):
+    """atomic_dir's last check: an export in which no file was both written and verified publishes nothing,
+    so a failed export leaves the previous folder at `out` exactly as it was."""
+
+    def check(folder: Path) -> None:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        verified = {row["file"] for row in manifest["verification"]["rows"] if row["status"] == "ok"}
+        good = [a for a in manifest["artifacts"] if a["status"] == "ok" and a["file"] in verified
+                and (folder / a["file"]).is_file()]
+        if good:
+            return
+        errors = [a.get("error") for a in manifest["artifacts"] if a.get("error")]
+        errors += [row.get("error") for row in manifest["verification"]["rows"] if row.get("error")]
+        raise ExportFailed(f"every export failed ({errors[0] if errors else 'none verified'}); nothing was "
+                           f"published" + (f" and {str(out)!r} is as it was" if out.exists() else ""))
+
+    return check
+
+
 def run_export(checkpoint: Path, config: ExportConfig, out: Path | None = None) -> Path:
     """Export and verify; returns the export folder. Raises QualityError (after writing) on a big int8 drop."""
     checkpoint = Path(checkpoint)
@@ -303,10 +322,8 @@ def run_export(checkpoint: Path, config: ExportConfig, out: Path | None = None) 
         raise UserError(f"checkpoint framework {framework!r} has no export backend; valid: torch, keras")
     config = config.validate()
     _check_framework_options(config, framework)
-    out = Path(out) if out is not None else checkpoint.parent / "export"
+    out = claim_output(Path(out) if out is not None else checkpoint.parent / "export", EXPORT_KIND, [checkpoint])
     ensure_writable_dir(out.parent, "output folder")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output {str(out)!r} exists and is not a folder; choose a folder path")
     spec_prune = config.prune_spec
     if framework == "keras":
         if spec_prune is not None and not isinstance(config.prune, float):
@@ -374,7 +391,7 @@ def run_export(checkpoint: Path, config: ExportConfig, out: Path | None = None) 
     }
     versions = library_versions(EXPORT_LIBRARIES)
     artifacts: list[dict] = []
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, check=publishable(out)) as tmp:
         write_labels(tmp / "labels.txt", manifest["labels"])
         np.savez(tmp / TEST_INPUTS, x=x_test, y=y_test)
         np.savez(tmp / FLOAT_REFERENCE, logits=reference, labels=y_test)

@@ -27,7 +27,7 @@ from edgetl.manifest import (
     write_json,
     write_labels,
 )
-from edgetl.paths import atomic_dir, ensure_writable_dir
+from edgetl.paths import atomic_dir, claim_output, ensure_writable_dir
 from edgetl.ui import console, stdout
 
 
@@ -125,6 +125,10 @@ def run_finetune(config: FinetuneConfig, run_dir: Path | None = None, feature_ca
     """
     config = config.validate()
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / config.backbone
+    data = None if is_builtin(config.data) else Path(config.data).expanduser()
+    weights = None if config.weights in ("imagenet", "none") else Path(config.weights).expanduser()
+    claim_output(run_dir / "checkpoint", CHECKPOINT_KIND, [data, weights], option="checkpoint folder",
+                 keep_out_of=[data])
     ensure_writable_dir(run_dir, "output folder")
     backend = finetune_backend(config.framework)
     launched = backend.launch_if_needed(config, run_dir, feature_cache)

@@ -1,11 +1,29 @@
-"""Where edgetl keeps things between runs, and how it writes folders so nothing is ever half-written."""
+"""Where edgetl keeps things between runs, and how a stage writes its folder so the user's data is safe.
+
+The rules every stage follows (README, "Your data is safe"):
+
+- `claim_output`: a stage replaces only a folder that edgetl made for that same stage (its manifest says
+  so), never its own input or a folder that holds it; anything else is refused with one line.
+- `atomic_dir`: the new folder is built under a hidden temporary name beside the final one and takes its
+  place in one step (Linux: an atomic exchange of the two names) only when complete, so a failed or
+  interrupted stage leaves the previous output exactly as it was and no final name ever holds a partial
+  folder. A run killed outright (SIGKILL, power loss) leaves its hidden temporary folder behind; the next
+  run of that stage for the same folder removes it (`clean_stale`), and only folders whose owner process
+  is gone.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import json
 import os
+import re
 import shutil
+import socket
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,34 +51,184 @@ def ensure_writable_dir(path: Path, what: str) -> Path:
     return path
 
 
-@contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces `final` in one rename.
+# ------------------------------------------------------------------------------ which folders a stage may replace
 
-    On any exception the temporary folder is removed and `final` (if it existed) is left as it was,
-    so an interrupted stage never leaves a folder that looks complete.
+
+def manifest_kind(path: Path) -> str | None:
+    """The `kind` an edgetl manifest declares, or None when the file is missing or not an edgetl manifest."""
+    try:
+        payload = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    kind = payload.get("kind") if isinstance(payload, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
+def claim_output(out: Path, kind: str, inputs: Iterable[Path | None] = (), manifest: str = "manifest.json",
+                 option: str = "--out", keep_out_of: Iterable[Path | None] = ()) -> Path:
+    """Check, before any work, that a stage may write `out`; returns it.
+
+    `out` may be missing, an empty folder, or a folder whose `manifest` declares `kind` (edgetl made it for
+    this stage). It may never be one of `inputs` or a folder above one (replacing it would delete the input),
+    nor lie inside a folder of `keep_out_of` (a data folder: the output would become part of the data).
+    """
+    out = Path(out)
+    target = out.resolve()
+    for source in inputs:
+        if source is None:
+            continue
+        held = Path(source).resolve()
+        if held == target or target in held.parents:
+            relation = "is" if held == target else "holds"
+            raise UserError(f"{option} {str(out)!r} {relation} this stage's input {str(source)!r}; replacing it "
+                            "would delete that input: choose another folder")
+    for folder in keep_out_of:
+        if folder is not None and Path(folder).resolve() in (target, *target.parents):
+            raise UserError(f"{option} {str(out)!r} is inside the data folder {str(folder)!r}; the output would "
+                            "become part of the data: choose a folder outside it")
+    if out.is_symlink():
+        raise UserError(f"{option} {str(out)!r} is a symbolic link; give the folder itself")
+    if not out.exists():
+        return out
+    if not out.is_dir():
+        raise UserError(f"{option} {str(out)!r} exists and is not a folder; choose a folder path")
+    if not any(out.iterdir()):
+        return out
+    found = manifest_kind(out / manifest)
+    if found == kind:
+        return out
+    why = f"no edgetl {manifest}" if found is None else f"its {manifest} is an {found!r} folder"
+    raise UserError(f"{option} {str(out)!r} holds files that edgetl did not make for this stage ({why}); edgetl "
+                    f"replaces only a folder it made ({kind}): choose a new or empty folder")
+
+
+# ---------------------------------------------------------------------------------------- temporary folders
+
+
+def _process_start(pid: int) -> str:
+    """When the process started (clock ticks since boot, /proc), to tell a live owner from a reused pid."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return fields[19]
+    except (OSError, IndexError):
+        return "0"
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:64] or "host"
+
+
+def _owner_tag() -> str:
+    """pid, start time and host of this process, as written into the names of its temporary folders."""
+    return f"{os.getpid()}-{_process_start(os.getpid())}@{_host()}"
+
+
+def _stale_pattern(final: Path) -> re.Pattern[str]:
+    name = re.escape(final.name)
+    return re.compile(rf"^\.{name}\.(?P<what>tmp|old)-(?P<pid>\d+)-(?P<start>\d+)@(?P<host>.+)-[A-Za-z0-9_]{{8}}$")
+
+
+def _owner_alive(pid: int, start: str, host: str) -> bool:
+    if host != _host():
+        return True  # another machine's (a shared file system): not ours to judge
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return start == "0" or _process_start(pid) in (start, "0")
+
+
+def clean_stale(final: Path) -> list[str]:
+    """Remove what killed runs left beside `final`: temporary folders and files named for it whose owner
+    process is gone. A killed swap (the previous folder moved aside, the new one not yet in place) is undone:
+    the previous folder goes back under its name. Returns the names removed or restored."""
+    final = Path(final)
+    pattern = _stale_pattern(final)
+    done: list[str] = []
+    try:
+        entries = sorted(final.parent.iterdir())
+    except OSError:
+        return done
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if not match or _owner_alive(int(match["pid"]), match["start"], match["host"]):
+            continue
+        if match["what"] == "old" and not final.exists():
+            entry.rename(final)
+        elif entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        done.append(entry.name)
+    return done
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two names in one atomic step (Linux renameat2); False where the system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(second))
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Put the finished `tmp` under the name `final`; the previous folder (if any) is removed afterwards."""
+    if not final.exists():
+        tmp.rename(final)
+        return
+    if _exchange(tmp, final):
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now names the previous folder
+        return
+    old = final.parent / f".{final.name}.old-{_owner_tag()}-{tmp.name[-8:]}"
+    final.rename(old)
+    try:
+        tmp.rename(final)  # a kill between the two renames is undone by the next run's clean_stale
+    except BaseException:
+        old.rename(final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def atomic_dir(final: Path, check: Callable[[Path], None] | None = None) -> Iterator[Path]:
+    """Yield a temporary sibling folder; when the block ends without error it replaces `final` in one step.
+
+    `check(tmp)` runs before that step and may raise to publish nothing (a stage whose every file failed).
+    On any exception (Ctrl-C included) the temporary folder is removed and `final` is left exactly as it
+    was. Stale temporary folders that killed runs left for `final` are removed first.
     """
     final = Path(final)
     ensure_writable_dir(final.parent, "output folder")
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    clean_stale(final)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-{_owner_tag()}-"))
     try:
         yield tmp
+        if check is not None:
+            check(tmp)
+        _publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        final.rename(old)
-    tmp.rename(final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
     """Write a file under a temporary name, then rename it into place."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-{_owner_tag()}-")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)

@@ -219,7 +219,8 @@ def run_sweep(checkpoint: Path, config: SweepConfig, out: Path | None = None, re
     exporting them again, when its settings are the same (see `reusable`).
     """
     from edgetl.manifest import read_checkpoint_manifest
-    from edgetl.paths import ensure_writable_dir
+    from edgetl.paths import atomic_dir, claim_output, ensure_writable_dir
+    from edgetl.report import SWEEP_JSON
 
     checkpoint = Path(checkpoint)
     manifest = read_checkpoint_manifest(checkpoint)
@@ -229,10 +230,9 @@ def run_sweep(checkpoint: Path, config: SweepConfig, out: Path | None = None, re
                         "edgetl sweep supports torch checkpoints (valid: a checkpoint from edgetl finetune "
                         "--framework torch)")
     _check_variant_configs(config)
-    out = Path(out) if out is not None else checkpoint.parent / "sweep"
-    if out.exists() and not out.is_dir():
-        raise UserError(f"sweep output {str(out)!r} exists and is not a folder; choose a folder path")
-    ensure_writable_dir(out, "sweep folder")
+    out = claim_output(Path(out) if out is not None else checkpoint.parent / "sweep", SWEEP_KIND,
+                       [checkpoint, reuse], manifest=SWEEP_JSON)
+    ensure_writable_dir(out.parent, "sweep folder")
     if reuse is not None and not (Path(reuse) / "manifest.json").is_file():
         raise UserError(f"--reuse {str(reuse)!r} is not an export folder (no manifest.json); give RUN/export")
 
@@ -244,32 +244,56 @@ def run_sweep(checkpoint: Path, config: SweepConfig, out: Path | None = None, re
         setup_userland("arm64")
     started = time.perf_counter()
     load_before = _loadavg()
-    variants = []
-    for index, name in enumerate(config.variants, 1):
-        variant = config.known()[name]
-        console.rule(f"sweep {index}/{len(config.variants)}: {name} — {variant.description or 'custom variant'}")
-        variants.append(run_variant(checkpoint, config, name, out / "variants" / name, reuse))
-        status = variants[-1]["status"]
-        elapsed = time.perf_counter() - started
-        console.print(f"sweep: {name} {status} in {variants[-1]['seconds']:.0f} s "
-                      f"({index}/{len(config.variants)} done, {elapsed / 60:.1f} min so far)")
-    rows, failures = collect(out, variants)
-    document = {
-        "kind": SWEEP_KIND, "schema_version": SCHEMA_VERSION, "created": _now(),
-        "checkpoint": {"path": str(checkpoint.resolve()), "model": manifest["model"],
-                       "test_top1_at_finetune": manifest.get("metrics", {}).get("test", {}).get("top1")},
-        "config": config.to_json(),
-        "variants": variants,
-        "reference": reference_top1(variants, manifest),
-        "conditions": conditions(out, variants, config, load_before),
-        "rows": rows, "failures": failures,
-        "seconds": round(time.perf_counter() - started, 1),
-    }
     from edgetl.report import print_summary, write_report
 
-    document = write_report(out, document)
+    with atomic_dir(out) as work:  # the whole sweep, or nothing: a stopped sweep leaves the previous one as it was
+        variants = []
+        for index, name in enumerate(config.variants, 1):
+            variant = config.known()[name]
+            console.rule(f"sweep {index}/{len(config.variants)}: {name} — {variant.description or 'custom variant'}")
+            variants.append(run_variant(checkpoint, config, name, work / "variants" / name, reuse))
+            status = variants[-1]["status"]
+            elapsed = time.perf_counter() - started
+            console.print(f"sweep: {name} {status} in {variants[-1]['seconds']:.0f} s "
+                          f"({index}/{len(config.variants)} done, {elapsed / 60:.1f} min so far)")
+        rows, failures = collect(work, variants)
+        document = {
+            "kind": SWEEP_KIND, "schema_version": SCHEMA_VERSION, "created": _now(),
+            "checkpoint": {"path": str(checkpoint.resolve()), "model": manifest["model"],
+                           "test_top1_at_finetune": manifest.get("metrics", {}).get("test", {}).get("top1")},
+            "config": config.to_json(),
+            "variants": variants,
+            "reference": reference_top1(variants, manifest),
+            "conditions": conditions(work, variants, config, load_before),
+            "rows": rows, "failures": failures,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        _repoint(work, out, variants)
+        document = write_report(work, document)
+    document["report"] = {key: str(out / Path(path).name) for key, path in document["report"].items()}
     print_summary(document)
     return out
+
+
+def _repoint(work: Path, out: Path, variants: list[dict[str, Any]]) -> None:
+    """Paths recorded while the sweep ran in its temporary folder, made to name the final one.
+
+    Rewritten files get a new inode (atomic_write_bytes), so files hard-linked from a --reuse export are
+    never changed through the link."""
+    from edgetl.paths import atomic_write_bytes
+
+    pairs = [(str(work.resolve()), str(out.resolve())), (str(work), str(out))]
+    for variant in variants:
+        for key in ("export", "bench"):
+            for old, new in pairs:
+                variant[key] = variant[key].replace(old, new)
+    for path in [*work.glob("variants/*/bench/*.json"), *work.glob("variants/*/report.json")]:
+        text = path.read_text()
+        changed = text
+        for old, new in pairs:
+            changed = changed.replace(json.dumps(old)[1:-1], json.dumps(new)[1:-1])
+        if changed != text:
+            atomic_write_bytes(path, changed.encode())
 
 
 def _check_variant_configs(config: SweepConfig) -> None:

@@ -32,3 +32,11 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
         [sys.executable, "-m", "edgetl.cli", *args], capture_output=True, text=True, env=full_env, cwd=cwd,
         timeout=900,
     )
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """Every file under `folder` (hidden ones too) with its sha256: equal digests mean an untouched folder."""
+    import hashlib
+
+    return {path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(Path(folder).rglob("*")) if path.is_file()}

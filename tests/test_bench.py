@@ -108,3 +108,24 @@ def test_importing_the_stage_imports_no_framework() -> None:
                             "('torch', 'tensorflow', 'executorch', 'ai_edge_litert') if m in sys.modules))"],
                            capture_output=True, text=True, check=True)
     assert probe.stdout.strip() == "[]"
+
+
+def _export_copy(tiny_models: Path, tmp_path: Path) -> Path:  # noqa: F811
+    export = tmp_path / "run" / "export"
+    shutil.copytree(tiny_models, export, ignore=shutil.ignore_patterns("bench"))
+    return export
+
+
+def test_bench_replaces_only_its_own_results(tiny_models: Path, tmp_path: Path) -> None:  # noqa: F811
+    export = _export_copy(tiny_models, tmp_path)
+    _one_line_error(run_cli("bench", str(export), "--out", str(export)), "is this stage's input")
+    _one_line_error(run_cli("bench", str(export / "tiny.tflite"), "--out", str(tmp_path)), "holds this stage's input")
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "results.txt").write_text("my own figures")
+    _one_line_error(run_cli("bench", str(export), "--out", str(mine)), str(mine), "did not make")
+    assert (mine / "results.txt").read_text() == "my own figures"
+    for _ in range(2):  # the second run replaces the first one's folder, in one step
+        done = run_cli("bench", str(export / "tiny.tflite"), "--iters", "2", "--threads", "1")
+        assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["bench", "export", "report.json"]

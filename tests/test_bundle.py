@@ -491,3 +491,22 @@ def _pixels_to_x(picture: np.ndarray, pre: dict) -> np.ndarray:
     from edgetl.data import to_array
 
     return to_array(Image.fromarray(picture), dict(pre, layout="NHWC"))
+
+
+def test_bundle_replaces_only_a_bundle_and_never_its_input(export_dir: Path, tmp_path: Path) -> None:
+    from tests.conftest import tree_digest
+
+    before = tree_digest(export_dir)
+    args = ["bundle", str(export_dir), "--artifact", "tiny-32-fp32.tflite", "--no-metadata", "--golden", "2"]
+    _one_line_error(run_cli(*args, "--out", str(export_dir)), "is this stage's input")
+    _one_line_error(run_cli(*args, "--out", str(export_dir.parent)), "holds this stage's input")
+    mine = tmp_path / "MyApp"
+    mine.mkdir()
+    (mine / "MainActivity.kt").write_text("the user's app")
+    _one_line_error(run_cli(*args, "--out", str(mine)), str(mine), "did not make")
+    assert (mine / "MainActivity.kt").read_text() == "the user's app"
+    assert tree_digest(export_dir) == before
+    for _ in range(2):  # a bundle folder edgetl made is replaced, in one step
+        done = run_cli(*args, "--out", str(tmp_path / "bundle"))
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["MyApp", "bundle"]

@@ -174,3 +174,19 @@ def test_worker_ends_with_the_cli_status_and_one_line(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "edgetl: error (rank 0):" in lines[0] and "does not exist" in lines[0], done.stderr
+
+
+def test_finetune_never_writes_into_its_data_or_over_a_folder_it_did_not_make(tmp_path: Path) -> None:
+    from tests.conftest import tree_digest
+
+    data = _folder(tmp_path / "photos", {"cats": 5, "dogs": 5})
+    before = tree_digest(data)
+    _assert_one_line_error(run_cli("finetune", "--data", str(data), "--out", str(data)),
+                           "inside the data folder", str(data))
+    run = tmp_path / "run"
+    (run / "checkpoint").mkdir(parents=True)
+    (run / "checkpoint" / "thesis.pdf").write_bytes(b"the user's")
+    _assert_one_line_error(run_cli("finetune", "--data", str(data), "--out", str(run)),
+                           str(run / "checkpoint"), "did not make")
+    assert (run / "checkpoint" / "thesis.pdf").read_bytes() == b"the user's"
+    assert tree_digest(data) == before

@@ -20,7 +20,7 @@ from edgetl import export as export_stage
 from edgetl.errors import UserError
 from edgetl.export import ExportConfig, ExportFailed, artifact_name, load_recipe, recipe_names, resolve_config
 from edgetl.verify import QualityError
-from tests.conftest import run_cli
+from tests.conftest import run_cli, tree_digest
 
 LABELS = ["circle", "square"]
 
@@ -293,3 +293,107 @@ def test_damaged_weights_file_exits_2_with_one_line(tmp_path: Path) -> None:
         assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
         assert "model.pt" in errors[0] and "cannot be loaded into a mobilenet_v3_small (UnpicklingError)" in errors[0]
     assert not (tmp_path / "e").exists()
+
+
+# ---------------------------------------------------------------- the user's data is safe
+
+
+def test_out_set_to_the_run_folder_is_refused_and_the_checkpoint_kept(tmp_path: Path) -> None:
+    """finetune's --out is the run folder, so `export RUN/checkpoint --out RUN` is a natural mistake."""
+    folder = make_checkpoint(tmp_path)
+    before = tree_digest(tmp_path)
+    line = _one_error_line(run_cli("export", str(folder), "--out", str(tmp_path)))
+    assert str(tmp_path) in line and "holds this stage's input" in line
+    line = _one_error_line(run_cli("export", str(folder), "--out", str(folder)))
+    assert "is this stage's input" in line
+    assert tree_digest(tmp_path) == before
+
+
+def test_out_holding_other_files_is_refused(tmp_path: Path) -> None:
+    folder = make_checkpoint(tmp_path)
+    mine = tmp_path / "my-models"
+    mine.mkdir()
+    (mine / "keep.tflite").write_bytes(b"the user's own model")
+    line = _one_error_line(run_cli("export", str(folder), "--out", str(mine)))
+    assert str(mine) in line and "did not make" in line
+    assert (mine / "keep.tflite").read_bytes() == b"the user's own model"
+
+
+def test_a_previous_export_is_replaced_by_a_good_one(tmp_path: Path, patched) -> None:
+    patched()
+    folder, out = make_checkpoint(tmp_path), tmp_path / "export"
+    export_stage.run_export(folder, ExportConfig(calib=4, quant=("fp32",)), out)
+    first = json.loads((out / "manifest.json").read_text())["created"]
+    export_stage.run_export(folder, ExportConfig(calib=4, quant=("int8",)), out)
+    assert sorted(p.name for p in out.glob("*.pte")) == ["mobilenet_v3_small-32-int8.pte"]
+    assert json.loads((out / "manifest.json").read_text())["created"] >= first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "data", "export"]
+
+
+def test_an_export_where_every_file_fails_publishes_nothing(tmp_path: Path, patched) -> None:
+    patched(fail={"tflite", "pte"})
+    folder, out = make_checkpoint(tmp_path), tmp_path / "export"
+    with pytest.raises(ExportFailed, match="every export failed.*conversion exploded|every export failed"):
+        export_stage.run_export(folder, ExportConfig(calib=4), out)
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "data"]  # no temporary leftovers
+
+
+def test_a_failed_export_leaves_the_previous_one_exactly_as_it_was(tmp_path: Path, monkeypatch, patched) -> None:
+    patched()
+    folder, out = make_checkpoint(tmp_path), tmp_path / "export"
+    export_stage.run_export(folder, ExportConfig(calib=4), out)
+    before = tree_digest(tmp_path)
+    patched(fail={"tflite", "pte"})  # every file fails
+    with pytest.raises(ExportFailed, match="nothing was published") as caught:
+        export_stage.run_export(folder, ExportConfig(calib=4), out)
+    assert caught.value.exit_code == 1 and str(out) in str(caught.value)
+    assert tree_digest(tmp_path) == before
+    patched()
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("verifier crashed")
+
+    monkeypatch.setattr(export_stage, "verify_artifacts", crash)  # any exception midway
+    with pytest.raises(RuntimeError):
+        export_stage.run_export(folder, ExportConfig(calib=4), out)
+    assert tree_digest(tmp_path) == before
+
+
+@pytest.mark.parametrize("step", range(9))
+def test_a_failure_at_any_write_leaves_the_previous_export(tmp_path: Path, monkeypatch, patched, step: int) -> None:
+    """Fault injection in process: the k-th file written by the export raises (a disk error, a crash)."""
+    patched()
+    folder, out = make_checkpoint(tmp_path), tmp_path / "export"
+    export_stage.run_export(folder, ExportConfig(calib=4, formats=("pte",)), out)
+    before = tree_digest(tmp_path)
+    calls = {"n": 0}
+
+    def failing(original):
+        def write(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == step + 1:
+                raise OSError(5, "Input/output error (injected)")
+            return original(*args, **kwargs)
+
+        return write
+
+    for name in ("write_json", "write_labels", "atomic_write_bytes", "store"):
+        monkeypatch.setattr(export_stage, name, failing(getattr(export_stage, name)))
+    monkeypatch.setattr(export_stage.np, "savez", failing(np.savez))
+    try:
+        export_stage.run_export(folder, ExportConfig(calib=4, formats=("pte",)), out)
+    except OSError:  # anything but a recorded per-file failure: nothing published
+        assert tree_digest(tmp_path) == before, f"write {step + 1} changed the previous export"
+        return
+    except ExportFailed:  # one file failed and was recorded, the other is good: the new folder is published
+        pass
+    else:
+        assert calls["n"] <= step, "every write succeeded, so the export must have run to the end"
+    manifest = json.loads((out / "manifest.json").read_text())
+    present = {p.name for p in out.glob("*.pte")}
+    assert present == {a["file"] for a in manifest["artifacts"] if a["status"] == "ok"}
+    for name in present:  # nothing half-written under a final name
+        assert json.loads((out / f"{name}.json").read_text())["sha256"] == export_stage.sha256_file(out / name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "data", "export"]
+

@@ -187,3 +187,66 @@ def test_sweep_on_an_emulated_arm64_target(tiny_checkpoint: Path, tmp_path: Path
     assert "qemu-aarch64 version 7.2" in (sweep / "report.md").read_text()
     rec = next(r for r in document["analysis"]["recommendations"] if r["target"] == "arm64-a76")
     assert "fewest guest instructions per invoke" in rec["reason"]
+
+
+def test_sweep_out_never_replaces_its_checkpoint_or_a_folder_it_did_not_make(tmp_path: Path) -> None:
+    from tests.conftest import tree_digest
+    from tests.test_export import make_checkpoint
+
+    checkpoint = make_checkpoint(tmp_path)
+    before = tree_digest(tmp_path)
+    _one_line_error(run_cli("sweep", str(checkpoint), "--out", str(tmp_path)), "holds this stage's input")
+    _one_line_error(run_cli("sweep", str(checkpoint), "--out", str(tmp_path / "data")), "did not make")
+    _one_line_error(run_cli("sweep", str(checkpoint), "--reuse", str(tmp_path / "old"), "--out",
+                            str(tmp_path / "old")), "is this stage's input")
+    assert tree_digest(tmp_path) == before
+
+
+def test_a_stopped_sweep_leaves_the_previous_sweep_exactly_as_it_was(tmp_path: Path, monkeypatch) -> None:
+    from edgetl import sweep
+    from tests.conftest import tree_digest
+    from tests.test_export import make_checkpoint
+
+    checkpoint = make_checkpoint(tmp_path)
+    previous = tmp_path / "sweep"
+    (previous / "variants" / "fp32").mkdir(parents=True)
+    (previous / "sweep.json").write_text(json.dumps({"kind": "edgetl.sweep"}))
+    (previous / "report.md").write_text("the previous report")
+    before = tree_digest(tmp_path)
+    calls = []
+
+    def variant(checkpoint, config, name, folder, reuse=None):
+        calls.append(folder)
+        folder.mkdir(parents=True)
+        (folder / "half-done.txt").write_text("partial")
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return {"name": name, "status": "ok", "seconds": 0.0, "export": str(folder / "export"),
+                "bench": str(folder / "bench")}
+
+    monkeypatch.setattr(sweep, "run_variant", variant)
+    config = resolve_config(None, variants="fp32,int8-ptq", targets="host")
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(checkpoint, config, previous)
+    assert len(calls) == 2 and calls[0].parents[1] != previous  # the variants ran in a temporary folder
+    assert tree_digest(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "data", "sweep"]
+
+
+def test_paths_recorded_in_the_temporary_folder_name_the_final_one(tmp_path: Path) -> None:
+    import os
+
+    from edgetl.sweep import _repoint
+
+    work, out = tmp_path / ".sweep.tmp-1", tmp_path / "sweep"
+    bench = work / "variants" / "fp32" / "bench"
+    bench.mkdir(parents=True)
+    (bench / "manifest.json").write_text(json.dumps({"source": {"path": str(work / "variants/fp32/export")}}))
+    shared = tmp_path / "reused.json"  # a --reuse export's file, hard-linked into the variant
+    shared.write_text(json.dumps({"note": str(work)}))
+    os.link(shared, bench / "linked@host.json")
+    variants = [{"export": str(work / "variants/fp32/export"), "bench": str(bench)}]
+    _repoint(work, out, variants)
+    assert variants == [{"export": str(out / "variants/fp32/export"), "bench": str(out / "variants/fp32/bench")}]
+    assert json.loads((bench / "manifest.json").read_text())["source"]["path"] == str(out / "variants/fp32/export")
+    assert json.loads(shared.read_text())["note"] == str(work)  # the linked original is untouched

@@ -344,7 +344,7 @@ def export_checkpoint(checkpoint: Path, manifest: dict, config, out: Path) -> Pa
               "weights_sha256": manifest["weights_sha256"]}
     versions = library_versions(LIBRARIES)
     artifacts: list[dict] = []
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, check=stage.publishable(out)) as tmp:
         write_labels(tmp / "labels.txt", manifest["labels"])
         np.savez(tmp / TEST_INPUTS, x=x_test, y=y_test)
         np.savez(tmp / FLOAT_REFERENCE, logits=reference, labels=y_test)

@@ -1,0 +1,150 @@
+"""Output folders: which ones a stage may replace, one-step publication, stale temporary folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from edgetl import paths
+from edgetl.errors import UserError
+from edgetl.paths import atomic_dir, claim_output, clean_stale
+from tests.conftest import REPO, tree_digest
+
+
+def _made_by_edgetl(folder: Path, kind: str, manifest: str = "manifest.json") -> Path:
+    folder.mkdir(parents=True)
+    (folder / manifest).write_text(json.dumps({"kind": kind}))
+    (folder / "model.tflite").write_bytes(b"old model")
+    return folder
+
+
+def test_a_missing_or_empty_folder_or_one_of_the_same_kind_may_be_replaced(tmp_path: Path) -> None:
+    assert claim_output(tmp_path / "new", "edgetl.export") == tmp_path / "new"
+    (tmp_path / "empty").mkdir()
+    claim_output(tmp_path / "empty", "edgetl.export")
+    claim_output(_made_by_edgetl(tmp_path / "export", "edgetl.export"), "edgetl.export")
+    bundle = _made_by_edgetl(tmp_path / "b", "edgetl.bundle", "bundle.json")
+    claim_output(bundle, "edgetl.bundle", manifest="bundle.json")
+
+
+@pytest.mark.parametrize(
+    ("setup", "fragment"),
+    [
+        (lambda root: (root / "photos").mkdir() or (root / "photos" / "cat.jpg").write_bytes(b"x"), "did not make"),
+        (lambda root: _made_by_edgetl(root / "photos", "edgetl.checkpoint"), "'edgetl.checkpoint' folder"),
+        (lambda root: (root / "photos").mkdir() or (root / "photos" / "manifest.json").write_text("[1]"),
+         "no edgetl manifest.json"),
+        (lambda root: (root / "photos").write_text("a file"), "not a folder"),
+    ],
+)
+def test_anything_else_is_refused_with_one_line_naming_it(tmp_path: Path, setup, fragment: str) -> None:
+    setup(tmp_path)
+    before = tree_digest(tmp_path)
+    with pytest.raises(UserError, match=fragment) as caught:
+        claim_output(tmp_path / "photos", "edgetl.export")
+    assert str(tmp_path / "photos") in str(caught.value) and "\n" not in str(caught.value)
+    assert tree_digest(tmp_path) == before
+
+
+def test_never_the_input_or_a_folder_that_holds_it(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    checkpoint = _made_by_edgetl(run / "checkpoint", "edgetl.export")  # even when the kind would match
+    with pytest.raises(UserError, match="holds this stage's input"):
+        claim_output(run, "edgetl.export", [checkpoint])
+    with pytest.raises(UserError, match="is this stage's input"):
+        claim_output(checkpoint, "edgetl.export", [checkpoint])
+    with pytest.raises(UserError, match="is this stage's input"):  # the same folder under another spelling
+        claim_output(tmp_path / "run" / ".." / "run" / "checkpoint", "edgetl.export", [checkpoint])
+    with pytest.raises(UserError, match="inside the data folder"):
+        claim_output(tmp_path / "data" / "checkpoint", "edgetl.checkpoint", keep_out_of=[tmp_path / "data"])
+    link = tmp_path / "link"
+    link.symlink_to(checkpoint)
+    with pytest.raises(UserError, match="symbolic link"):
+        claim_output(link, "edgetl.export")
+
+
+def test_publication_replaces_the_folder_in_one_step_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    final = _made_by_edgetl(tmp_path / "export", "edgetl.export")
+    with atomic_dir(final) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".export.tmp-")
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_a_failure_or_ctrl_c_leaves_the_previous_folder_exactly_as_it_was(tmp_path: Path, error) -> None:
+    final = _made_by_edgetl(tmp_path / "export", "edgetl.export")
+    before = tree_digest(tmp_path)
+    with pytest.raises(type(error)), atomic_dir(final) as tmp:
+        (tmp / "half.bin").write_bytes(b"half")
+        raise error
+    assert tree_digest(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_a_check_that_fails_publishes_nothing(tmp_path: Path) -> None:
+    final = _made_by_edgetl(tmp_path / "export", "edgetl.export")
+    before = tree_digest(tmp_path)
+
+    def refuse(folder: Path) -> None:
+        assert (folder / "empty-result.json").is_file()
+        raise UserError("nothing worth publishing")
+
+    with pytest.raises(UserError), atomic_dir(final, check=refuse) as tmp:
+        (tmp / "empty-result.json").write_text("{}")
+    assert tree_digest(tmp_path) == before
+
+
+def test_without_an_atomic_exchange_the_two_renames_still_end_in_one_folder(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(paths, "_exchange", lambda a, b: False)  # macOS, old kernels, some file systems
+    final = _made_by_edgetl(tmp_path / "export", "edgetl.export")
+    with atomic_dir(final) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"] and (final / "new.txt").is_file()
+
+
+_KILLED = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    from edgetl.paths import atomic_dir
+    with atomic_dir(Path(sys.argv[1])) as tmp:
+        (tmp / "partial.bin").write_bytes(b"x" * 1000)
+        print(tmp, flush=True)
+        time.sleep(60)
+""")
+
+
+def test_the_next_run_removes_what_a_killed_run_left_and_nothing_else(tmp_path: Path) -> None:
+    final = _made_by_edgetl(tmp_path / "export", "edgetl.export")
+    before = tree_digest(final)
+    child = subprocess.Popen([sys.executable, "-c", _KILLED, str(final)], stdout=subprocess.PIPE, text=True,
+                             cwd=REPO)
+    leftover = Path(child.stdout.readline().strip())
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+    assert leftover.is_dir() and tree_digest(final) == before  # killed: its temporary folder stays for now
+    alive = tmp_path / f".export.tmp-{os.getpid()}-{paths._process_start(os.getpid())}@{paths._host()}-abcdefgh"
+    alive.mkdir()  # a live run's temporary folder
+    other = tmp_path / ".photos.tmp-1-1@elsewhere-abcdefgh"
+    other.mkdir()  # another folder's, another machine's
+    (tmp_path / ".export.notes").write_text("the user's")
+    assert clean_stale(final) == [leftover.name]
+    assert not leftover.exists() and alive.is_dir() and other.is_dir() and (tmp_path / ".export.notes").is_file()
+    assert tree_digest(final) == before
+
+
+def test_a_swap_killed_between_its_two_renames_is_undone(tmp_path: Path) -> None:
+    """Without renameat2 the previous folder is moved aside first; if the run dies right there, the next run
+    puts it back under its name."""
+    moved = tmp_path / f".export.old-999999-1@{paths._host()}-abcdefgh"
+    _made_by_edgetl(moved, "edgetl.export")
+    before = tree_digest(moved)
+    clean_stale(tmp_path / "export")
+    assert tree_digest(tmp_path / "export") == before and not moved.exists()
