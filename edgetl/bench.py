@@ -45,6 +45,7 @@ class BenchOptions:
     arm_iters: int = 5
     arm_warmup: int = 2
     arm_samples: int = 50
+    allow_modified: bool = False  # benchmark a file whose sha256 no longer matches its export manifest
 
 
 @dataclass
@@ -54,6 +55,8 @@ class Artifact:
     path: Path
     manifest: dict[str, Any] = field(default_factory=dict)
     spec: dict[str, Any] = field(default_factory=dict)  # device_bench --inspect: input, output, macs
+    sha256: str = ""
+    modified: bool = False  # its sha256 differs from the one its export manifest recorded
 
     @property
     def name(self) -> str:
@@ -112,6 +115,25 @@ def find_artifacts(export: Path) -> list[Artifact]:
                 raise UserError(f"{str(sidecar)!r} is not valid JSON ({error.msg})") from None
         artifacts.append(Artifact(path.resolve(), manifest))
     return artifacts
+
+
+def check_unmodified(artifacts: list[Artifact], allow_modified: bool) -> None:
+    """A file that changed after export is not the file that export verified: refuse it, or mark it."""
+    from edgetl.manifest import sha256_file
+    from edgetl.ui import console
+
+    for artifact in artifacts:
+        artifact.sha256 = sha256_file(artifact.path)
+        recorded = artifact.manifest.get("sha256") if isinstance(artifact.manifest, dict) else None
+        if not isinstance(recorded, str) or recorded == artifact.sha256:
+            continue
+        artifact.modified = True
+        if not allow_modified:
+            raise UserError(f"{artifact.name} does not match the sha256 in {artifact.name}.json (the file changed "
+                            "after export, so it is not the file export verified): export it again, or pass "
+                            "--allow-modified to benchmark it as it is")
+        console.print(f"[yellow]bench: {artifact.name} changed after export (sha256 differs from its manifest); "
+                      "benchmarked as it is, marked modified in the results[/]")
 
 
 def default_out(export: Path) -> Path:
@@ -330,6 +352,7 @@ def row(result: dict[str, Any]) -> dict[str, Any]:
         "instructions_per_mac": emulation["instructions_per_mac"] if emulation else None,
         "size_bytes": result["model"]["size_bytes"], "peak_rss_kb": result["memory"]["peak_rss_kb"],
         "model_rss_kb": result["memory"].get("peak_rss_before_inputs_kb") or result["memory"]["peak_rss_kb"],
+        **({"modified_since_export": True} if result["model"].get("modified_since_export") else {}),
     }
 
 
@@ -491,6 +514,7 @@ def run_bench(export: Path, options: BenchOptions) -> Path:
     if inputs is not None and not Path(inputs).is_file():
         raise UserError(f"inputs {str(inputs)!r} does not exist; give an .npz with x and y")
     script = device_bench_script()
+    check_unmodified(artifacts, options.allow_modified)
     from edgetl.paths import atomic_dir, claim_output, ensure_writable_dir
 
     out = claim_output(Path(options.out) if options.out else default_out(export), BENCH_KIND,
@@ -521,6 +545,8 @@ def run_bench(export: Path, options: BenchOptions) -> Path:
                     console.print(f"bench: {what} ...")
                     result = run_one(artifact, target, threads, arm_inputs if target.emulated else model_inputs,
                                      options, script, workdir)
+                    if artifact.modified and "model" in result:
+                        result["model"]["modified_since_export"] = True
                     target_runs.append(result)
                     if "failed" in result:
                         console.print(f"[red]bench: {what} failed: {result['failed']}[/]")
@@ -533,12 +559,13 @@ def run_bench(export: Path, options: BenchOptions) -> Path:
         print_table(rows, found_ratios)
         figure = plot(rows, folder_out / "bench.png")
         from edgetl import arm64
-        from edgetl.manifest import library_versions, now_utc, sha256_file
+        from edgetl.manifest import library_versions, now_utc
 
         manifest = {
             "schema_version": SCHEMA_VERSION, "kind": BENCH_KIND, "created": now_utc(), "edgetl": __version__,
             "source": {"path": str(folder.resolve()),
-                       "artifacts": {a.name: sha256_file(a.path) for a in artifacts},
+                       "artifacts": {a.name: a.sha256 for a in artifacts},
+                       "modified_since_export": sorted(a.name for a in artifacts if a.modified),
                        "inputs": str(Path(inputs).resolve()) if inputs else None},
             "conditions": {"targets": [t.name for t in targets], "host_threads": thread_counts,
                            "arm_threads": 1, "iters": options.iters, "warmup": options.warmup,

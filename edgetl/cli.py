@@ -172,6 +172,9 @@ def bench(
     arm_samples: Annotated[int, typer.Option(help="Top-1 on the first N samples per emulated target.")] = 50,
     setup: Annotated[str | None, typer.Option(
         "--setup", help="Provision an emulated userland (arm64); exits after it when no EXPORT_DIR is given.")] = None,
+    allow_modified: Annotated[bool, typer.Option(
+        "--allow-modified", help="Benchmark a file whose sha256 no longer matches its export manifest (marked "
+        "modified in the results) instead of refusing it.")] = False,
 ) -> None:
     """Benchmark exported files on the host CPU and on emulated ARM64 phone CPUs."""
     from edgetl.bench import BenchOptions, run_bench, setup_userland
@@ -183,7 +186,7 @@ def bench(
             raise UserError("give an EXPORT_DIR to benchmark (or --setup arm64 to provision the ARM64 userland)")
         return
     options = BenchOptions(targets=target, threads=threads, inputs=inputs, out=out, iters=iters, warmup=warmup,
-                           samples=samples, arm_iters=arm_iters, arm_samples=arm_samples)
+                           samples=samples, arm_iters=arm_iters, arm_samples=arm_samples, allow_modified=allow_modified)
     run_bench(export_dir, options)
 
 

@@ -116,6 +116,22 @@ def _export_copy(tiny_models: Path, tmp_path: Path) -> Path:  # noqa: F811
     return export
 
 
+def test_a_model_changed_after_export_is_refused_unless_allowed(tiny_models: Path, tmp_path: Path) -> None:  # noqa: F811
+    export = _export_copy(tiny_models, tmp_path)
+    (export / "tiny.tflite.json").write_text(json.dumps({"kind": "edgetl.artifact", "file": "tiny.tflite",
+                                                         "sha256": "0" * 64}))
+    _one_line_error(run_cli("bench", str(export), "--iters", "2", "--threads", "1"),
+                    "tiny.tflite", "sha256", "--allow-modified")
+    assert not (tmp_path / "run" / "bench").exists()
+    allowed = run_cli("bench", str(export), "--iters", "2", "--threads", "1", "--allow-modified")
+    assert allowed.returncode == 0, allowed.stderr
+    assert "changed after export" in allowed.stdout + allowed.stderr
+    manifest = json.loads((tmp_path / "run" / "bench" / "manifest.json").read_text())
+    assert manifest["source"]["modified_since_export"] == ["tiny.tflite"]
+    flags = {r["artifact"]: r.get("modified_since_export", False) for r in manifest["rows"]}
+    assert flags == {"tiny.tflite": True, "tiny.pte": False}
+
+
 def test_bench_replaces_only_its_own_results(tiny_models: Path, tmp_path: Path) -> None:  # noqa: F811
     export = _export_copy(tiny_models, tmp_path)
     _one_line_error(run_cli("bench", str(export), "--out", str(export)), "is this stage's input")
