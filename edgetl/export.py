@@ -25,6 +25,7 @@ from edgetl.manifest import (
     library_versions,
     now_utc,
     read_checkpoint_manifest,
+    read_splits,
     sha256_file,
     write_json,
     write_labels,
@@ -283,7 +284,7 @@ def _load_split(
 
 def load_listing(checkpoint: Path, manifest: dict) -> DatasetListing:
     """The checkpoint's own splits; the data must still be where fine-tuning found it."""
-    listing = DatasetListing.from_json(json.loads((checkpoint / manifest["data"]["splits_file"]).read_text()))
+    listing = DatasetListing.from_json(read_splits(checkpoint / manifest["data"]["splits_file"], manifest["labels"]))
     if not listing.root.is_dir():
         raise UserError(
             f"the checkpoint's data folder {str(listing.root)!r} is gone; export needs its test split and "
@@ -292,6 +293,15 @@ def load_listing(checkpoint: Path, manifest: dict) -> DatasetListing:
     if not listing.splits.get("test"):
         raise UserError(f"checkpoint {str(checkpoint)!r} has an empty test split; nothing to verify against")
     return listing
+
+
+def check_labels_match_outputs(checkpoint: Path, manifest: dict) -> None:
+    """One label per model output, or the apps would show the wrong names (or fail deep in a metadata tool)."""
+    labels, outputs = manifest["labels"], manifest["model"]["num_classes"]
+    if len(labels) != outputs:
+        raise UserError(f"checkpoint {str(checkpoint)!r} lists {len(labels)} labels but its model has {outputs} "
+                        "outputs (model.num_classes); they must match one to one: fine-tune again or fix its "
+                        "manifest.json")
 
 
 def publishable(out: Path):
@@ -322,6 +332,7 @@ def run_export(checkpoint: Path, config: ExportConfig, out: Path | None = None) 
         raise UserError(f"checkpoint framework {framework!r} has no export backend; valid: torch, keras")
     config = config.validate()
     _check_framework_options(config, framework)
+    check_labels_match_outputs(checkpoint, manifest)
     out = claim_output(Path(out) if out is not None else checkpoint.parent / "export", EXPORT_KIND, [checkpoint])
     ensure_writable_dir(out.parent, "output folder")
     spec_prune = config.prune_spec

@@ -397,3 +397,64 @@ def test_a_failure_at_any_write_leaves_the_previous_export(tmp_path: Path, monke
         assert json.loads((out / f"{name}.json").read_text())["sha256"] == export_stage.sha256_file(out / name)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "data", "export"]
 
+
+def test_labels_that_do_not_match_the_outputs_are_refused(tmp_path: Path) -> None:
+    folder = make_checkpoint(tmp_path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["labels"] = ["circle", "square", "triangle", "star"]  # 4 labels, 2 outputs
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    line = _one_error_line(run_cli("export", str(folder), "--out", str(tmp_path / "e")))
+    assert "4 labels" in line and "2 outputs" in line
+    assert not (tmp_path / "e").exists()
+
+
+def _damage(folder: Path, change) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps(change(manifest)))
+
+
+@pytest.mark.parametrize(
+    ("change", "needles"),
+    [
+        (lambda m: {k: v for k, v in m.items() if k != "weights_file"}, ["weights_file is missing"]),
+        (lambda m: [m], ["holds a JSON list, not an object"]),
+        (lambda m: {**m, "model": {**m["model"], "backbone": "resnet50"}}, ["model.backbone", "resnet50",
+                                                                               "mobilenet_v2"]),
+        (lambda m: {**m, "model": {**m["model"], "image_size": "32"}}, ["model.image_size", '"32"']),
+        (lambda m: {**m, "model": None}, ["model is null"]),
+        (lambda m: {**m, "preprocess": {**m["preprocess"], "mean": [0.5]}}, ["preprocess.mean", "3 numbers"]),
+        (lambda m: {**m, "weights_file": "../../etc/passwd"}, ["weights_file", "a file name"]),
+        (lambda m: {**m, "labels": ["circle", "a\nb"]}, ["label 'a\\nb'", "control character"]),
+        (lambda m: {**m, "metrics": {}}, ["metrics.test.top1 is missing"]),
+    ],
+)
+def test_a_damaged_checkpoint_manifest_is_one_line(tmp_path: Path, change, needles: list[str]) -> None:
+    folder = make_checkpoint(tmp_path)
+    _damage(folder, change)
+    line = _one_error_line(run_cli("export", str(folder), "--out", str(tmp_path / "e")))
+    for needle in needles:
+        assert needle in line, line
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize(
+    ("splits", "needle"),
+    [
+        ("[]", "holds a JSON list"),
+        ("{broken", "is not valid JSON"),
+        (json.dumps({"root": "/x", "source": "/x", "split_origin": "s", "classes": ["a", "b"],
+                     "splits": {"train": [], "val": [], "test": []}}), "classes is"),
+        (json.dumps({"root": "/x", "source": "/x", "split_origin": "s", "classes": LABELS,
+                     "splits": {"train": [["../../secret.png", 0]], "val": [], "test": []}}),
+         "splits.train: path"),
+        (json.dumps({"root": "/x", "source": "/x", "split_origin": "s", "classes": LABELS,
+                     "splits": {"train": [["a.png", 7]], "val": [], "test": []}}), "label 7"),
+        (json.dumps({"root": "/x", "source": "/x", "split_origin": "s", "classes": LABELS,
+                     "splits": {"train": []}}), "train, val and test"),
+    ],
+)
+def test_a_damaged_splits_file_is_one_line(tmp_path: Path, splits: str, needle: str) -> None:
+    folder = make_checkpoint(tmp_path)
+    (folder / "splits.json").write_text(splits)
+    line = _one_error_line(run_cli("export", str(folder), "--out", str(tmp_path / "e")))
+    assert "splits" in line and needle in line, line

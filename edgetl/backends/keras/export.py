@@ -13,7 +13,6 @@ verification are the torch backend's (edgetl.export, edgetl.verify); only the gr
 from __future__ import annotations
 
 import gzip
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,7 +78,9 @@ def logits(model: keras.Model, x: np.ndarray, batch: int = 100) -> np.ndarray:
 
 def training_set(checkpoint: Path, manifest: dict, tune: Tune) -> tuple[np.ndarray, np.ndarray]:
     """The checkpoint's training split, decoded with its own preprocessing (undecodable files skipped)."""
-    splits = json.loads((Path(checkpoint) / manifest["data"]["splits_file"]).read_text())
+    from edgetl.manifest import read_splits
+
+    splits = read_splits(Path(checkpoint) / manifest["data"]["splits_file"], manifest["labels"])
     listing = data.DatasetListing.from_json(splits)
     records = listing.splits["train"]
     if tune.images is not None and tune.images < len(records):
