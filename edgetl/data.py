@@ -6,6 +6,9 @@ preprocessing that the checkpoint manifest describes.
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 from edgetl.errors import UserError
+from edgetl.labels import check_labels
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 SPLITS = ("train", "val", "test")
@@ -31,7 +35,8 @@ class DatasetListing:
     classes: list[str]
     splits: dict[str, list[tuple[str, int]]]
     split_origin: str  # "folders" when train/val/test trees were given, else how the split was made
-    skipped: list[dict[str, str]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)  # files that could have been images, and why not
+    ignored: list[dict[str, str]] = field(default_factory=list)  # hidden entries, empty class folders, stray files
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Images per class per split, for the manifest."""
@@ -72,10 +77,12 @@ class DatasetListing:
 
 
 def load_rgb(path: Path) -> Image.Image:
-    """Decode any supported file to an upright RGB image.
+    """Decode any supported file to an upright 8-bit RGB image, as a photo viewer shows it.
 
-    First frame of animations, EXIF orientation applied, alpha composited on white (what a photo
-    viewer shows), palette/grayscale/CMYK converted. Raises OSError/ValueError for unreadable files.
+    First frame of animations, EXIF orientation applied, alpha (and palette or colour-key transparency)
+    composited on white, palette/grayscale/CMYK/YCbCr/LAB converted. 16-bit, 32-bit integer and float
+    grayscale are scaled to 8 bits by their own range (Pillow's convert("RGB") would clip them to 0/255).
+    Raises OSError/ValueError for unreadable files.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Pillow warns on odd EXIF / palette transparency; not our user's problem
@@ -83,7 +90,11 @@ def load_rgb(path: Path) -> Image.Image:
             image.seek(0)
             image.load()
             image = ImageOps.exif_transpose(image)
-            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            if image.mode.startswith("I") or image.mode == "F":
+                image = _gray_to_8bit(image)
+            if image.mode == "La":  # premultiplied alpha: Pillow converts it only to LA
+                image = image.convert("LA")
+            if "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info:
                 rgba = image.convert("RGBA")
                 canvas = Image.new("RGB", rgba.size, (255, 255, 255))
                 canvas.paste(rgba, mask=rgba.getchannel("A"))
@@ -91,31 +102,146 @@ def load_rgb(path: Path) -> Image.Image:
             return image.convert("RGB")
 
 
-def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+def _tag(image: Image.Image, number: int) -> float | None:
+    """A numeric TIFF tag (BitsPerSample 258, SampleFormat 339, SMin/SMaxSampleValue 340/341), if the file has it."""
+    value = (getattr(image, "tag_v2", None) or {}).get(number)
+    if isinstance(value, tuple):
+        value = value[0] if value else None
+    return float(value) if isinstance(value, int | float) else None
 
 
-def _class_dirs(root: Path) -> list[Path]:
-    return sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name)
+def _gray_to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer or float grayscale as 8-bit L, keeping each pixel's place in the file's range.
+
+    Integers are scaled by their bit depth (the file's BitsPerSample; 16 when an untagged image fits it),
+    signed ones shifted first. Floats use the file's SMin/SMaxSampleValue, else [0, 1] when every value lies
+    there (the usual float convention), else they are taken as 0-255 values; NaN becomes black.
+    """
+    values = np.asarray(image)
+    if image.mode.startswith("I;16"):
+        scaled = values.astype(np.float64) / 257.0
+    elif image.mode == "I":
+        bits = int(_tag(image, 258) or (16 if values.size and values.min() >= 0 and values.max() <= 65535 else 32))
+        if _tag(image, 339) == 2:  # signed integers
+            wide = values.astype(np.float64) + float(1 << (bits - 1))
+        elif bits == 32:  # Pillow holds unsigned 32-bit samples in int32
+            wide = values.astype(np.int32).view(np.uint32).astype(np.float64)
+        else:
+            wide = values.astype(np.float64)
+        scaled = wide / float((1 << bits) - 1) * 255.0
+    else:  # "F"
+        values = values.astype(np.float64)
+        finite = values[np.isfinite(values)]
+        low, high = _tag(image, 340), _tag(image, 341)
+        if low is not None and high is not None and high > low:
+            scaled = (values - low) / (high - low) * 255.0
+        elif finite.size and finite.min() >= 0.0 and finite.max() <= 1.0:
+            scaled = values * 255.0
+        else:
+            scaled = values
+        scaled = np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0)
+    return Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8))
 
 
-def _list_tree(root: Path, base: Path, classes: list[str]) -> tuple[list[tuple[str, int]], list[dict[str, str]]]:
-    """(relative path, label) for every image under root/<class>/, plus files that are not images."""
+def _relative(path: Path, base: Path) -> str:
+    return path.relative_to(base).as_posix()
+
+
+def _read_folder(folder: Path, base: Path, listing: _Found) -> tuple[list[Path], list[Path]]:
+    """One level of `folder`: its sub-folders and regular files, symlinks followed.
+
+    Hidden entries (a leading dot) are ignored and listed; dangling or looping symlinks, unreadable entries
+    and special files (fifos, devices) are skipped and listed with the reason.
+    """
+    folders: list[Path] = []
+    files: list[Path] = []
+    try:
+        entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+    except OSError as error:
+        listing.skip(folder, base, f"folder cannot be read ({error.strerror})")
+        return folders, files
+    for entry in entries:
+        path = Path(entry.path)
+        if entry.name.startswith("."):
+            hidden_dir = entry.is_dir() and not entry.is_symlink()
+            listing.ignore(path, base, "hidden folder" if hidden_dir else "hidden file")
+            continue
+        try:
+            info = path.stat()
+        except OSError as error:
+            if not entry.is_symlink():
+                listing.skip(path, base, f"cannot be read ({error.strerror})")
+            elif error.errno == errno.ELOOP:
+                listing.skip(path, base, "symlink loop (it resolves to itself)")
+            else:
+                listing.skip(path, base, f"dangling symlink (its target {os.readlink(path)!r} does not exist)")
+            continue
+        if stat.S_ISDIR(info.st_mode):
+            folders.append(path)
+        elif stat.S_ISREG(info.st_mode):
+            files.append(path)
+        else:
+            listing.skip(path, base, "not a regular file (a fifo, socket or device)")
+    return folders, files
+
+
+@dataclass
+class _Found:
+    """What a walk of the data folder found besides images: skipped and ignored entries, with reasons."""
+
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    ignored: list[dict[str, str]] = field(default_factory=list)
+
+    def skip(self, path: Path, base: Path, reason: str) -> None:
+        self.skipped.append({"path": _relative(path, base), "reason": reason})
+
+    def ignore(self, path: Path, base: Path, reason: str) -> None:
+        self.ignored.append({"path": _relative(path, base), "reason": reason})
+
+
+def _images_under(folder: Path, base: Path, found: _Found, above: frozenset[tuple[int, int]] = frozenset()
+                  ) -> list[Path]:
+    """Every image file under `folder` at any depth (hidden entries ignored, symlinked folders followed once
+    per path: a link back to a folder that holds it is a loop, skipped and listed)."""
+    info = folder.stat()
+    here = above | {(info.st_dev, info.st_ino)}
+    folders, files = _read_folder(folder, base, found)
+    images: list[Path] = []
+    for path in files:
+        if path.suffix.lower() in IMAGE_EXTENSIONS:
+            images.append(path)
+        else:
+            found.skip(path, base, f"not an image extension ({path.suffix or 'none'})")
+    for sub in folders:
+        sub_info = sub.stat()
+        if (sub_info.st_dev, sub_info.st_ino) in here:
+            found.skip(sub, base, "symlink loop (it points back to a folder that holds it)")
+            continue
+        images += _images_under(sub, base, found, here)
+    return images
+
+
+def _class_dirs(root: Path, base: Path, found: _Found) -> list[Path]:
+    """The class folders of `root` (hidden ones ignored); files lying beside them are ignored and listed."""
+    folders, files = _read_folder(root, base, found)
+    for path in files:
+        found.ignore(path, base, "not inside a class folder")
+    return folders
+
+
+def _list_tree(root: Path, base: Path, classes: list[str], found: _Found) -> list[tuple[str, int]]:
+    """(relative path, label) for every image under root/<class>/, at any depth."""
     records: list[tuple[str, int]] = []
-    skipped: list[dict[str, str]] = []
     for label, name in enumerate(classes):
         folder = root / name
-        if not folder.is_dir():
-            continue
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            rel = path.relative_to(base).as_posix()
-            if path.name.startswith("."):
-                continue
-            if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                skipped.append({"path": rel, "reason": f"not an image extension ({path.suffix or 'none'})"})
-                continue
-            records.append((rel, label))
-    return records, skipped
+        if folder.is_dir():
+            records += [(_relative(path, base), label) for path in _images_under(folder, base, found)]
+    return records
+
+
+def _check_class_names(names: list[str], where: Path) -> None:
+    check_labels(names, f"data folder {str(where)!r}",
+                 "the class folder names are the labels: rename that folder")
 
 
 def _probe(base: Path, records: list[tuple[str, int]]) -> tuple[list[tuple[str, int]], list[dict[str, str]]]:
@@ -158,26 +284,51 @@ def scan_folder(
         raise UserError(f"data folder {str(root)!r} does not exist; give a folder with one sub-folder per class")
     if not root.is_dir():
         raise UserError(f"data path {str(root)!r} is not a folder; give a folder with one sub-folder per class")
+    found = _Found()
     given = {s: root / s for s in SPLITS if (root / s).is_dir()}
     if given and "train" not in given:
         raise UserError(f"{str(root)!r} has {', '.join(given)} but no train/ folder; add train/ or use one tree")
     train_root = given.get("train", root)
-    classes = [d.name for d in _class_dirs(train_root)]
-    if not classes:
+    if given:
+        folders, files = _read_folder(root, root, found)
+        for path in files:
+            found.ignore(path, root, "not inside train/, val/ or test/")
+        for path in folders:
+            if path.name not in SPLITS:
+                found.ignore(path, root, "not a train/, val/ or test/ folder")
+    candidates = {path.name: path for path in _class_dirs(train_root, root, found)}
+    if not candidates:
         raise UserError(f"data folder {str(train_root)!r} has no class sub-folders; expected one folder per class")
+    images = {name: _images_under(path, root, found) for name, path in candidates.items()}
+    classes = [name for name in candidates if images[name]]
+    for name in candidates:
+        if not images[name]:  # an empty folder is not a class
+            found.ignore(candidates[name], root, "empty class folder (no image files): not a class")
+    _check_class_names(classes, train_root)
+    if not classes:
+        raise UserError(f"data folder {str(train_root)!r} holds no readable images: no class folder has image files "
+                        f"({', '.join(IMAGE_EXTENSIONS)}); expected one folder of images per class")
     if len(classes) < 2:
         raise UserError(f"data folder {str(train_root)!r} has a single class ({classes[0]!r}); need at least 2")
     for split, folder in given.items():
-        extra = sorted({d.name for d in _class_dirs(folder)} - set(classes))
+        if split == "train":
+            continue
+        present = {path.name: path for path in _class_dirs(folder, root, found)}
+        extra = sorted(set(present) - set(candidates))
         if extra:
             raise UserError(f"{split}/ has classes not in train/: {', '.join(extra)}; valid: {', '.join(classes)}")
+        for name in sorted(set(present) - set(classes)):
+            found.ignore(present[name], root, f"class {name!r} has no images in train/: not a class")
 
-    skipped: list[dict[str, str]] = []
     listed: dict[str, list[tuple[str, int]]] = {}
+    skipped = found.skipped
     for split in list(given) or ["train"]:
-        records, not_images = _list_tree(given.get(split, root), root, classes)
+        if split == "train":
+            records = [(_relative(path, root), classes.index(name)) for name in classes for path in images[name]]
+        else:
+            records = _list_tree(given[split], root, classes, found)
         records, unreadable = _probe(root, records)
-        skipped += not_images + unreadable
+        skipped += unreadable
         listed[split] = records
 
     counts = {name: sum(1 for _, y in listed["train"] if y == i) for i, name in enumerate(classes)}
@@ -204,7 +355,8 @@ def scan_folder(
             origin = f"folders; val carved from train (stratified, seed {seed})"
     listed["train"] = train
     return DatasetListing(root=root, source=source or str(root), classes=classes,
-                          splits={s: listed[s] for s in SPLITS}, split_origin=origin, skipped=skipped)
+                          splits={s: listed[s] for s in SPLITS}, split_origin=origin, skipped=skipped,
+                          ignored=found.ignored)
 
 
 # ---------------------------------------------------------------- preprocessing

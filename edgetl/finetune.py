@@ -66,7 +66,11 @@ def _print_data(listing: DatasetListing) -> None:
     sizes = ", ".join(f"{split} {sum(per.values())}" for split, per in counts.items())
     console.print(f"data: {listing.source} — {len(listing.classes)} classes; {sizes}; split: {listing.split_origin}")
     if listing.skipped:
-        console.print(f"[yellow]skipped {len(listing.skipped)} unreadable file(s)[/] (listed in the manifest)")
+        console.print(f"[yellow]skipped {len(listing.skipped)} file(s) while listing[/] (unreadable, not images, "
+                      "broken symlinks; listed in the manifest)")
+    if listing.ignored:
+        console.print(f"ignored {len(listing.ignored)} entr{'y' if len(listing.ignored) == 1 else 'ies'} (hidden, "
+                      "empty class folders, files outside the class folders; listed in the manifest)")
 
 
 def run_stages(trainer, model, config: FinetuneConfig, listing: DatasetListing, feature_cache: bool, bar,
@@ -190,6 +194,8 @@ def _write_checkpoint(checkpoint: Path, backend, config: FinetuneConfig, listing
                 "counts": listing.counts(),
                 "skipped_count": len(listing.skipped),
                 "skipped": listing.skipped,
+                "ignored_count": len(listing.ignored),
+                "ignored": listing.ignored,
             },
             "config": config.to_json(),
             "training": {
@@ -218,3 +224,6 @@ def _print_summary(manifest: dict, checkpoint: Path) -> None:
         f"best weights: stage {best.get('stage')} epoch {best.get('epoch')}; trained in {training['seconds']:.0f} s "
         f"on {training['device']['type']}; checkpoint: {checkpoint}"
     )
+    skipped = manifest["data"]["skipped_count"]  # listing and decoding together: the manifest's own count
+    if skipped:
+        stdout.print(f"skipped {skipped} file(s) in all (listed in manifest.json → data.skipped)")

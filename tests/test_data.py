@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -178,3 +179,139 @@ def test_decode_kept_leaves_out_files_that_fail_and_keeps_labels_aligned(tmp_pat
     x, y = decode_kept(tmp_path, [("a.png", 3), ("broken.png", 1), ("c.png", 2)], spec)
     assert x.shape == (2, 16, 16, 3) and x.dtype == np.float32 and y.tolist() == [3, 2]
     assert np.allclose(x[0, ..., 0], 1.0) and np.allclose(x[1], -1.0)  # red → +1 in R; black → -1
+
+
+# ---------------------------------------------------------------- every Pillow mode to its true 8-bit value
+
+
+def _save(image: Image.Image, path: Path, **kwargs) -> Path:
+    image.save(path, **kwargs)
+    return path
+
+
+def _mode_files(folder: Path) -> dict[str, tuple[Path, float]]:
+    """One file per high-depth or alpha mode, and the mean its pixels have on an 8-bit screen."""
+    import tifffile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ramp16 = np.linspace(0, 65535, 64 * 48).reshape(48, 64).astype(np.uint16) // 2  # 0..32767: mean 63.75 / 8-bit
+    true16 = float(np.mean(ramp16 / 257.0))
+    files: dict[str, tuple[Path, float]] = {}
+    little = Image.frombytes("I;16", (64, 48), ramp16.astype("<u2").tobytes())
+    files["I;16 png"] = (_save(little, folder / "gray16.png"), true16)
+    files["I;16 tiff"] = (_save(little, folder / "gray16.tif"), true16)
+    big = Image.frombytes("I;16B", (64, 48), ramp16.astype(">u2").tobytes())
+    files["I;16B tiff"] = (_save(big, folder / "gray16b.tif"), true16)
+    u32 = (ramp16.astype(np.uint64) * 65537 * 2).astype(np.uint32)  # the same picture at 32 bits per sample
+    tifffile.imwrite(folder / "gray32u.tif", u32)
+    files["I uint32 tiff"] = (folder / "gray32u.tif", float(np.mean(u32 / (2**32 - 1) * 255)))
+    i32 = (u32.astype(np.int64) - 2**31).astype(np.int32)
+    tifffile.imwrite(folder / "gray32s.tif", i32)
+    files["I int32 tiff"] = (folder / "gray32s.tif", float(np.mean(u32 / (2**32 - 1) * 255)))
+    unit = (ramp16 / 65535.0).astype(np.float32)
+    tifffile.imwrite(folder / "float01.tif", unit)
+    files["F [0,1] tiff"] = (folder / "float01.tif", float(np.mean(unit * 255)))
+    tifffile.imwrite(folder / "float255.tif", (unit * 400).astype(np.float32))  # beyond 1: 0-255 values, clipped
+    files["F 0-255 tiff"] = (folder / "float255.tif", float(np.mean(np.clip(unit * 400, 0, 255))))
+    gray = Image.new("L", (64, 48), 100)
+    half = Image.new("L", (64, 48), 128)
+    files["LA"] = (_save(Image.merge("LA", (gray, half)), folder / "la.png"), 100 * 128 / 255 + 255 * 127 / 255)
+    palette = Image.new("P", (64, 48), 1)
+    palette.putpalette([0, 0, 0, 100, 100, 100] + [0] * 762)
+    files["PA"] = (_save(Image.merge("PA", (palette, half)).convert("RGBA"), folder / "pa.png"),
+                   100 * 128 / 255 + 255 * 127 / 255)
+    keyed = Image.new("P", (64, 48), 1)
+    keyed.putpalette([0, 0, 0, 100, 100, 100] + [0] * 762)
+    keyed.paste(0, (0, 0, 32, 48))  # left half index 0, the transparent one
+    files["P transparency"] = (_save(keyed, folder / "keyed.png", transparency=0), (255 + 100) / 2)
+    files["1"] = (_save(Image.new("1", (64, 48), 1), folder / "bw.png"), 255.0)
+    files["CMYK tiff"] = (_save(Image.new("RGB", (64, 48), (100, 100, 100)).convert("CMYK"), folder / "cmyk.tif"),
+                          100.0)
+    return files
+
+
+def test_high_depth_and_alpha_modes_decode_to_their_true_8bit_values(tmp_path: Path) -> None:
+    """16-bit PNG/TIFF (I;16, I;16B), 32-bit int TIFF (unsigned, signed), float TIFF, LA, PA, P with a
+    transparent index, 1 and CMYK: Pillow's convert("RGB") clips the first ones to 0/255."""
+    for name, (path, true_mean) in _mode_files(tmp_path).items():
+        image = load_rgb(path)
+        assert image.mode == "RGB" and image.size == (64, 48), name
+        pixels = np.asarray(image, dtype=np.float64)
+        assert abs(pixels.mean() - true_mean) < 1.0, (name, pixels.mean(), true_mean)
+        assert np.allclose(pixels[..., 0], pixels[..., 1]), name  # gray stays gray
+
+
+def test_a_16bit_png_is_not_clipped_to_black_and_white(tmp_path: Path) -> None:
+    """The reported case: a 16-bit grayscale PNG whose true 8-bit mean is 81.5 decoded to only 0 and 255."""
+    values = np.tile(np.array([0, 163 * 257], dtype=np.uint16), (32, 16))  # 8-bit 0 and 163: mean 81.5
+    path = _save(Image.frombytes("I;16", (32, 32), values.astype("<u2").tobytes()), tmp_path / "scan.png")
+    pixels = np.asarray(load_rgb(path), dtype=np.float64)
+    assert pixels.mean() == pytest.approx(81.5, abs=0.01) and set(np.unique(pixels)) == {0.0, 163.0}
+
+
+# ---------------------------------------------------------------- what a listing takes, ignores and skips
+
+
+def test_hidden_files_and_folders_at_any_depth_are_ignored_and_listed(tmp_path: Path) -> None:
+    _tree(tmp_path, {"cat": 5, "dog": 5, "cat/.ipynb_checkpoints": 3, "dog/sub/.cache": 2, ".git/objects": 2})
+    Image.new("RGB", (8, 8)).save(tmp_path / "cat" / "._resource_fork.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "dog" / "sub" / "deep.png")
+    listing = scan_folder(tmp_path)
+    listed = {p for records in listing.splits.values() for p, _ in records}
+    assert listing.classes == ["cat", "dog"] and len(listed) == 11 and "dog/sub/deep.png" in listed
+    assert not any("/." in p or p.startswith(".") for p in listed)
+    ignored = {entry["path"]: entry["reason"] for entry in listing.ignored}
+    assert ignored == {".git": "hidden folder", "cat/.ipynb_checkpoints": "hidden folder",
+                       "cat/._resource_fork.png": "hidden file", "dog/sub/.cache": "hidden folder"}
+
+
+def test_an_empty_class_folder_is_not_a_class_and_is_listed(tmp_path: Path) -> None:
+    _tree(tmp_path, {"cat": 5, "dog": 5})
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("no images here")
+    (tmp_path / "labels.csv").write_text("stray file beside the class folders")
+    listing = scan_folder(tmp_path)
+    assert listing.classes == ["cat", "dog"]
+    reasons = {entry["path"]: entry["reason"] for entry in listing.ignored}
+    assert reasons["empty"].startswith("empty class folder") and reasons["notes"].startswith("empty class folder")
+    assert reasons["labels.csv"] == "not inside a class folder"
+    _tree(tmp_path, {"bird": 1})  # some images but too few for the split: still an error, before training
+    with pytest.raises(UserError, match="'bird' has 1 readable"):
+        scan_folder(tmp_path)
+
+
+def test_dangling_and_looping_symlinks_are_skipped_with_the_reason(tmp_path: Path) -> None:
+    _tree(tmp_path, {"cat": 5, "dog": 5})
+    (tmp_path / "cat" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (tmp_path / "cat" / "self.png").symlink_to(tmp_path / "cat" / "self.png")
+    (tmp_path / "dog" / "loop").symlink_to(tmp_path / "dog")
+    (tmp_path / "dog" / "also.png").symlink_to(tmp_path / "dog" / "000.png")  # a good link is followed
+    listing = scan_folder(tmp_path)
+    reasons = {entry["path"]: entry["reason"] for entry in listing.skipped}
+    assert reasons["cat/gone.png"].startswith("dangling symlink") and "nowhere.png" in reasons["cat/gone.png"]
+    assert reasons["cat/self.png"].startswith("symlink loop")
+    assert reasons["dog/loop"].startswith("symlink loop")
+    listed = {p for records in listing.splits.values() for p, _ in records}
+    assert "dog/also.png" in listed and len(listed) == 11
+
+
+@pytest.mark.parametrize(
+    ("name", "needle"),
+    [("a\nb", "control character"), ("tab\there", "control character"), ("back\\slash", "path separator"),
+     (b"caf\xe9".decode("utf-8", "surrogateescape"), "not valid UTF-8"), ("   ", "only spaces"),
+     ("bell\x07", "control character"), ("line\u2028sep", "control character")],
+)
+def test_a_class_folder_name_that_cannot_be_a_label_is_refused_before_training(
+    tmp_path: Path, name: str, needle: str
+) -> None:
+    _tree(tmp_path, {"cat": 5})
+    folder = tmp_path / name  # a non-UTF-8 name arrives as surrogate escapes, as os.listdir gives it
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "x.png")
+    assert os.fsencode(name) in os.listdir(os.fsencode(tmp_path))
+    with pytest.raises(UserError, match=needle) as caught:
+        scan_folder(tmp_path)
+    message = str(caught.value)
+    assert "\n" not in message and "rename that folder" in message
+    message.encode("utf-8")  # printable in one line, even for non-UTF-8 bytes

@@ -144,3 +144,28 @@ def test_random_init_backbone_gets_batchnorm_statistics_from_the_data(tmp_path: 
     with torch.inference_mode():
         features = model.forward_features(images)
     assert float(features.std(0).mean()) > 1e-3  # features differ between images
+
+
+def test_the_console_skipped_count_is_the_manifests(tmp_path: Path) -> None:
+    """Files that fail only at full decode (a truncated PNG passes the header check) are added to the
+    listing's skips during training; the closing line counts them all, as the manifest does."""
+    import re
+
+    from tests.conftest import run_cli
+
+    data = tmp_path / "shapes"
+    shutil.copytree(resolve_builtin("builtin:shapes"), data)
+    (data / "circle" / "broken.png").write_bytes(b"\x89PNG not really")
+    good = (data / "square" / "0001.png").read_bytes()
+    (data / "square" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (data / "triangle" / ".DS_Store").write_bytes(b"finder")
+    result = run_cli("finetune", "--data", str(data), "--backbone", "mobilenet_v2", "--width", "0.35",
+                     "--weights", "none", "--image-size", "32", "--epochs-head", "1", "--epochs-finetune", "0",
+                     "--out", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((tmp_path / "run" / "checkpoint" / "manifest.json").read_text())
+    reasons = {entry["path"]: entry["reason"] for entry in manifest["data"]["skipped"]}
+    assert set(reasons) == {"circle/broken.png", "square/truncated.png"}
+    assert manifest["data"]["ignored"] == [{"path": "triangle/.DS_Store", "reason": "hidden file"}]
+    said = re.findall(r"skipped (\d+) file\(s\) in all", result.stdout + result.stderr)
+    assert said == [str(manifest["data"]["skipped_count"])] == ["2"]
