@@ -11,14 +11,19 @@ prove on a device that nothing was lost on the way. Framework-free until a runti
 from __future__ import annotations
 
 import json
+import math
+import re
 import shutil
 import time
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
+from xml.sax.saxutils import escape as xml_escape
 
 import numpy as np
 
 from edgetl.errors import UserError, one_of
+from edgetl.labels import check_labels, shown
 from edgetl.manifest import SCHEMA_VERSION, now_utc, sha256_file, write_json
 from edgetl.paths import atomic_dir, claim_output, ensure_writable_dir
 from edgetl.ui import console
@@ -87,11 +92,118 @@ def find_artifact(export_dir: Path, name: str | None) -> tuple[Path, dict]:
         sidecar = json.loads(sidecar_path.read_text())
         for key in ("format", "quant", "preprocess", "model", "labels", "input", "output", "sha256"):
             sidecar[key]  # noqa: B018 - presence check
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
         raise UserError(f"manifest {str(sidecar_path)!r} is not an edgetl artifact manifest ({error})") from None
+    check_code_values(path, sidecar, sidecar_path)
     if sha256_file(path) != sidecar["sha256"]:
         raise UserError(f"{path.name!r} does not match its manifest's sha256; the file changed after export")
     return path, sidecar
+
+
+# ------------------------------------------------------------------ values that enter generated source code
+
+# File names that go into Kotlin, Swift, Ruby and Gradle: edgetl's own names always fit; anything else is refused.
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+SAFE_VERSION = re.compile(r"^[0-9]+(\.[0-9]+){0,3}([.+-][A-Za-z0-9]+){0,3}$")
+SAFE_WORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+DTYPES = ("float32", "int8", "uint8")
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_code_values(path: Path, sidecar: dict, sidecar_path: Path) -> None:
+    """Every sidecar value that the generated Kotlin, Swift, podspec, Gradle file or README uses, checked
+    before anything is written: names against a conservative character set, numbers for being numbers.
+    They are escaped for each language as well (`escape`); this makes a hostile file fail with one line."""
+    where = f"manifest {str(sidecar_path)!r}"
+    if not SAFE_NAME.match(path.name):
+        raise UserError(f"artifact file name {shown(path.name)} has characters that edgetl does not put into app "
+                        "code; valid: letters, digits, '.', '_' and '-' (rename the file, its .json and the 'file' "
+                        "value inside it)")
+    if sidecar.get("file") != path.name:
+        raise UserError(f"{where} describes {shown(str(sidecar.get('file')))}, not {path.name!r}: it is not this "
+                        "file's manifest; re-export it with `edgetl export`")
+    if sidecar["format"] != FORMATS.get(path.suffix):
+        raise UserError(f"{where} says format {sidecar['format']!r} for a {path.suffix} file")
+    sha = sidecar["sha256"]
+    if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+        raise UserError(f"{where}: sha256 {shown(str(sha))} is not 64 hex digits")
+    check_labels(sidecar["labels"], where, "export again from a checkpoint with usable labels")
+    model = sidecar["model"]
+    words = {"quant": sidecar["quant"], "model.backbone": model.get("backbone") if isinstance(model, dict) else None}
+    for key, value in words.items():
+        if not (isinstance(value, str) and SAFE_WORD.match(value)):
+            raise UserError(f"{where}: {key} {shown(str(value))} is not a plain name (letters, digits, . _ -)")
+    if not (isinstance(model.get("image_size"), int) and 1 <= model["image_size"] <= 4096):
+        raise UserError(f"{where}: model.image_size {model.get('image_size')!r} is not a size in pixels")
+    pre = sidecar["preprocess"]
+    try:
+        numbers = [pre["scale"], pre["resize"]["width"], pre["resize"]["height"], *pre["mean"], *pre["std"]]
+    except (KeyError, TypeError):
+        raise UserError(f"{where}: preprocess lacks scale, resize, mean or std") from None
+    if not all(_finite(v) for v in numbers) or len(pre["mean"]) != 3 or len(pre["std"]) != 3 or 0 in pre["std"]:
+        raise UserError(f"{where}: preprocess {shown(json.dumps(pre))[:200]} holds a value that is not a usable "
+                        "number (scale, resize, 3 means, 3 non-zero stds)")
+    for side in ("input", "output"):
+        tensor = sidecar[side]
+        if not isinstance(tensor, dict) or tensor.get("dtype") not in DTYPES:
+            dtype = tensor.get("dtype") if isinstance(tensor, dict) else tensor
+            raise UserError(f"{where}: {side} dtype {shown(str(dtype))} is not one of {', '.join(DTYPES)}")
+        quant = tensor.get("quantization")
+        if quant is not None and not (isinstance(quant, dict) and _finite(quant.get("scale"))
+                                      and isinstance(quant.get("zero_point"), int)):
+            raise UserError(f"{where}: {side} quantization {shown(json.dumps(quant))} is not a scale and a zero point")
+    version = (sidecar.get("versions") or {}).get("executorch")
+    if version is not None and not (isinstance(version, str) and SAFE_VERSION.match(version)):
+        raise UserError(f"{where}: versions.executorch {shown(str(version))} is not a version number")
+
+
+def _escape_c_like(value: str, extra: dict[str, str], unicode_escape) -> str:
+    table = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t", **extra}
+    out = []
+    for char in value:
+        if char in table:
+            out.append(table[char])
+        elif unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp", "Cs"):
+            out.append(unicode_escape(char))
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def escape(value: str, language: str) -> str:
+    """`value` made safe inside a double-quoted string literal (and so inside a comment) of `language`.
+
+    kotlin (also Gradle's Kotlin DSL): backslash, quote, `$` (templates), control characters;
+    swift: backslash (so no `\\(...)` interpolation), quote, control characters; ruby: backslash, quote,
+    `#` (no `#{...}` interpolation), control characters; xml: the five entities.
+    """
+    if language in ("kotlin", "gradle"):
+        return _escape_c_like(value, {"$": "\\$"}, _utf16_escape)
+    if language == "swift":
+        return _escape_c_like(value, {"\0": "\\0"}, lambda c: f"\\u{{{ord(c):x}}}")
+    if language == "ruby":
+        return _escape_c_like(value, {"#": "\\#"}, lambda c: f"\\u{{{ord(c):x}}}")
+    if language == "xml":
+        return xml_escape(value, {'"': "&quot;", "'": "&apos;"})
+    raise ValueError(f"no escaping for {language!r}")
+
+
+def _utf16_escape(char: str) -> str:
+    """Kotlin's \\uXXXX escapes are UTF-16 code units: characters beyond the BMP take two."""
+    units = char.encode("utf-16-be", "surrogatepass")
+    return "".join(f"\\u{int.from_bytes(units[i:i + 2], 'big'):04x}" for i in range(0, len(units), 2))
+
+
+LANGUAGES = {".kt": "kotlin", ".kts": "gradle", ".swift": "swift", ".podspec": "ruby", ".xml": "xml"}
+
+
+def markdown(value: object) -> str:
+    """A value from a file as literal Markdown text: one line, no markup, no HTML."""
+    text = " ".join(str(value).split()).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return re.sub(r"([\\`*_{}\[\]#|!~])", r"\\\1", text)
 
 
 def run_bundle(export_dir: Path, options: BundleOptions) -> Path:
@@ -336,7 +448,7 @@ def _golden(export_dir: Path, artifact: Path, sidecar: dict, model: Path, spec: 
     images = []
     labels = sidecar["labels"]
     for n, i in enumerate(chosen):
-        name = f"golden_{n:02d}_{labels[int(truth[i])]}.png"
+        name = f"golden_{n:02d}_{_file_label(labels[int(truth[i])])}.png"
         Image.fromarray(pictures[i]).save(folder / name)
         top = np.argsort(-probs[i])[: options.top_k]
         images.append({"file": name, "true_label": labels[int(truth[i])], "true_index": int(truth[i]),
@@ -352,6 +464,11 @@ def _golden(export_dir: Path, artifact: Path, sidecar: dict, model: Path, spec: 
     write_json(folder / "expected.json", expected)
     np.savez(folder / "golden.npz", x=app[chosen], y=np.asarray([im["top_k"][0]["index"] for im in images]))
     return expected
+
+
+def _file_label(label: str) -> str:
+    """A label as part of a file name: letters, digits, '_' and '-' only (the label itself is in expected.json)."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", label).strip("_")[:40] or "label"
 
 
 def _mediapipe_check(model: Path, folder: Path, golden: dict) -> dict:
@@ -374,27 +491,44 @@ def _constants(sidecar: dict, files: dict) -> dict[str, str]:
     q_in = spec["input"]["quantization"] or {"scale": 1.0, "zero_point": 0}
     q_out = spec["output"]["quantization"] or {"scale": 1.0, "zero_point": 0}
     model = files["model"]
+    mean = [_float_literal(v) for v in spec["pixel_mean"]]
+    std = [_float_literal(v) for v in spec["pixel_std"]]
     return {
         "ARTIFACT": sidecar["file"], "ARTIFACT_SHA": sidecar["sha256"], "MODEL_FILE": model.name,
         "MODEL_STEM": model.stem, "MODEL_EXT": model.suffix[1:],
-        "INPUT_WIDTH": str(size["width"]), "INPUT_HEIGHT": str(size["height"]), "NUM_CLASSES": str(spec["num_classes"]),
-        "PIXEL_MEAN": ", ".join(f"{v!r}f" for v in spec["pixel_mean"]),
-        "PIXEL_STD": ", ".join(f"{v!r}f" for v in spec["pixel_std"]),
-        "PIXEL_MEAN_SWIFT": ", ".join(repr(v) for v in spec["pixel_mean"]),
-        "PIXEL_STD_SWIFT": ", ".join(repr(v) for v in spec["pixel_std"]),
-        "INPUT_DTYPE": spec["input"]["dtype"], "INPUT_SCALE": repr(float(q_in["scale"])),
+        "INPUT_WIDTH": str(int(size["width"])), "INPUT_HEIGHT": str(int(size["height"])),
+        "NUM_CLASSES": str(int(spec["num_classes"])),
+        "PIXEL_MEAN": ", ".join(f"{v}f" for v in mean), "PIXEL_STD": ", ".join(f"{v}f" for v in std),
+        "PIXEL_MEAN_SWIFT": ", ".join(mean), "PIXEL_STD_SWIFT": ", ".join(std),
+        "INPUT_DTYPE": _one_of(spec["input"]["dtype"], DTYPES), "INPUT_SCALE": _float_literal(q_in["scale"]),
         "INPUT_ZERO_POINT": str(int(q_in["zero_point"])),
-        "OUTPUT_DTYPE": spec["output"]["dtype"], "OUTPUT_SCALE": repr(float(q_out["scale"])),
+        "OUTPUT_DTYPE": _one_of(spec["output"]["dtype"], DTYPES), "OUTPUT_SCALE": _float_literal(q_out["scale"]),
         "OUTPUT_ZERO_POINT": str(int(q_out["zero_point"])),
-        "OUTPUT_KIND": spec["output"]["kind"],
+        "OUTPUT_KIND": _one_of(spec["output"]["kind"], ("logits", "probabilities")),
         "EXECUTORCH_VERSION": str(sidecar.get("versions", {}).get("executorch") or "1.5.1"),
     }
 
 
+def _float_literal(value: object) -> str:
+    """A finite number as a literal every target language reads the same (1.0, 0.0078125, 1e-05)."""
+    number = float(value)  # type: ignore[arg-type]
+    if not math.isfinite(number):
+        raise UserError(f"a preprocessing or quantization constant is {number}; the app code needs finite numbers")
+    return repr(number)
+
+
+def _one_of(value: object, valid: tuple[str, ...]) -> str:
+    if value not in valid:
+        raise UserError(one_of(value, valid, "value for the generated code"))
+    return str(value)
+
+
 def _fill(template: Path, target: Path, values: dict[str, str]) -> None:
+    """Fill `{{KEY}}` placeholders, each value escaped for the template's language."""
+    language = LANGUAGES[template.suffix]
     text = template.read_text()
     for key, value in values.items():
-        text = text.replace("{{" + key + "}}", value)
+        text = text.replace("{{" + key + "}}", escape(value, language))
     if "{{" in text:
         raise RuntimeError(f"template {template} has an unfilled placeholder")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -468,9 +602,9 @@ def _readme(record: dict, sidecar: dict) -> str:
         f"{len(sidecar['labels'])} classes), from `{sidecar['file']}` (sha256 `{sidecar['sha256'][:16]}…`).",
     ]
     verification = sidecar.get("verification") or {}
-    if verification.get("top1") is not None:
-        lines.append(f"Verified by edgetl on {verification.get('images')} held-out images: top-1 "
-                     f"{100 * verification['top1']:.1f}% in {sidecar['runtime']}.")
+    if _finite(verification.get("top1")):
+        lines.append(f"Verified by edgetl on {markdown(verification.get('images'))} held-out images: top-1 "
+                     f"{100 * verification['top1']:.1f}% in {markdown(sidecar['runtime'])}.")
     lines += [
         "",
         "Preprocessing (also in `preprocess.json` and as constants in `ModelSpec`): RGB, bilinear resize to "

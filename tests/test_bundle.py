@@ -510,3 +510,123 @@ def test_bundle_replaces_only_a_bundle_and_never_its_input(export_dir: Path, tmp
         done = run_cli(*args, "--out", str(tmp_path / "bundle"))
         assert done.returncode == 0, done.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["MyApp", "bundle"]
+
+
+# ------------------------------------------------------------------- hostile names never become code
+
+HOSTILE = 'm"+evil()+"#{`id`}$x\\(y)\n fun pwned() {}'
+
+
+def _hostile_copy(export_dir: Path, tmp_path: Path, name: str = "tiny-32-fp32.tflite", **changes) -> Path:
+    """A copy of the export whose fp32 artifact is renamed to `name` and whose sidecar gets `changes`."""
+    folder = tmp_path / "export"
+    folder.mkdir()
+    for item in ("labels.txt", "test_inputs.npz"):
+        shutil.copy2(export_dir / item, folder / item)
+    shutil.copy2(export_dir / "tiny-32-fp32.tflite", folder / name)
+    sidecar = {**_sidecar(export_dir, "tiny-32-fp32.tflite"), "file": name, **changes}
+    (folder / f"{name}.json").write_text(json.dumps(sidecar))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("name", "changes", "needles"),
+    [
+        ('m"+evil()+"#{`id`}.tflite', {}, ["artifact file name", "letters, digits"]),
+        ("tiny-32-fp32.tflite", {"file": "tiny.tflite\nfun evil() {}"}, ["describes", "not this file's manifest"]),
+        ("tiny-32-fp32.tflite", {"labels": ["circle", "../../evil", "triangle"]}, ["'../../evil'", "path separator"]),
+        ("tiny-32-fp32.tflite", {"labels": ["circle", "sq\nuare", "triangle"]}, ["control character"]),
+        ("tiny-32-fp32.tflite", {"quant": 'fp32", evil="'}, ["quant", "not a plain name"]),
+        ("tiny-32-fp32.tflite", {"versions": {"executorch": '1.5.1"), .package(url: "evil'}},
+         ["versions.executorch", "not a version"]),
+        ("tiny-32-fp32.tflite", {"input": {"dtype": "float32\";evil()"}}, ["input dtype"]),
+    ],
+)
+def test_hostile_names_and_labels_are_refused_with_one_line(export_dir: Path, tmp_path: Path, name: str,
+                                                            changes: dict, needles: list[str]) -> None:
+    folder = _hostile_copy(export_dir, tmp_path, name, **changes)
+    result = run_cli("bundle", str(folder), "--artifact", name, "--no-metadata", "--out", str(tmp_path / "b"))
+    _one_line_error(result, *needles)
+    assert not (tmp_path / "b").exists()
+
+
+def _decode_literal(text: str, language: str) -> str:
+    """Read one escaped string literal body back as the language's compiler would; fails on an unescaped
+    quote, newline or interpolation (what would end the string or run code)."""
+    out, i = [], 0
+    simple = {"\\": "\\", '"': '"', "n": "\n", "r": "\r", "t": "\t", "$": "$", "#": "#", "0": "\0"}
+    while i < len(text):
+        char = text[i]
+        assert char not in '"\n\r', (language, text)
+        assert not (language == "kotlin" and char == "$"), text
+        assert not (language == "ruby" and text.startswith("#{", i)), text
+        if char != "\\":
+            out.append(char)
+            i += 1
+            continue
+        follow = text[i + 1]
+        if follow == "u" and text[i + 2] == "{":
+            end = text.index("}", i)
+            out.append(chr(int(text[i + 3:end], 16)))
+            i = end + 1
+        elif follow == "u":
+            out.append(chr(int(text[i + 2:i + 6], 16)))
+            i += 6
+        else:
+            out.append(simple[follow])
+            i += 2
+    return "".join(out).encode("utf-16", "surrogatepass").decode("utf-16")
+
+
+def test_every_value_is_escaped_for_its_language() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from edgetl.bundle import escape
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.text(alphabet=st.characters(codec="utf-8"), max_size=40) | st.just(HOSTILE))
+    def check(value: str) -> None:
+        for language in ("kotlin", "swift", "ruby"):
+            escaped = escape(value, language)
+            assert _decode_literal(escaped, language) == value, (language, value, escaped)
+        xml = escape(value, "xml")
+        assert not any(c in xml for c in '<>"\'') and "&" not in xml.replace("&amp;", "").replace(
+            "&lt;", "").replace("&gt;", "").replace("&quot;", "").replace("&apos;", "")
+
+    check()
+
+
+def test_generated_sources_hold_each_value_as_one_escaped_literal(export_dir: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the name check switched off, the escaping alone keeps a hostile file name a plain string in
+    ModelSpec.kt, ModelSpec.swift, the podspec and build.gradle.kts (defence in depth)."""
+    from edgetl import bundle
+
+    name = HOSTILE.replace("\n", " ") + ".tflite"
+    folder = _hostile_copy(export_dir, tmp_path, name, runtime="LiteRT <script>alert(1)</script> *bold*")
+    monkeypatch.setattr(bundle, "check_code_values", lambda *args: None)
+    out = bundle.run_bundle(folder, bundle.BundleOptions(artifact=name, metadata=False, golden=2,
+                                                         out=tmp_path / "b"))
+    kotlin = (out / KOTLIN_DIR / "ModelSpec.kt").read_text()
+    (literal,) = re.findall(r'^    const val MODEL_FILE = "(.*)"$', kotlin, flags=re.M)
+    assert _decode_literal(literal, "kotlin") == name
+    assert "fun pwned" not in kotlin.replace(literal, "")
+    swift = (out / SWIFT_DIR / "ModelSpec.swift").read_text()
+    (literal,) = re.findall(r'^    public static let modelName = "(.*)"$', swift, flags=re.M)
+    assert _decode_literal(literal, "swift") == Path(name).stem
+    podspec = (out / "ios/EdgeTLClassifier/EdgeTLClassifier.podspec").read_text()
+    (literal,) = re.findall(r'^  s.summary      = "(.*)"$', podspec, flags=re.M)
+    assert _decode_literal(literal, "ruby") == f"Image classifier exported by edgetl ({name})."
+    templates = REPO / "export"
+    for made, template in [
+        (out / KOTLIN_DIR / "ModelSpec.kt", templates / "android/src/main/kotlin/ai/edgetl/classifier/ModelSpec.kt"),
+        (out / SWIFT_DIR / "ModelSpec.swift", templates / "ios/Sources/EdgeTLClassifier/ModelSpec.swift"),
+        (out / "ios/EdgeTLClassifier/EdgeTLClassifier.podspec", templates / "ios/EdgeTLClassifier.podspec"),
+        (out / "android/edgetl-classifier/build.gradle.kts", templates / "android/build.gradle.kts"),
+    ]:  # no value added a line (a newline in a name would start a new declaration)
+        assert len(made.read_text().splitlines()) == len(template.read_text().splitlines()), made
+    readme = (out / "README.md").read_text()
+    assert "<script>" not in readme and "&lt;script&gt;" in readme and "\\*bold\\*" in readme
+    expected = json.loads((out / "golden/expected.json").read_text())
+    assert all(re.fullmatch(r"golden_\d\d_[A-Za-z0-9_-]+\.png", im["file"]) for im in expected["images"])
