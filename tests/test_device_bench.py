@@ -217,3 +217,33 @@ def test_statistics_are_the_usual_ones() -> None:
 def test_usage_mistakes_are_one_line() -> None:
     _one_line_exit_2(run_bench("model.tflite", "--threads", "0"), "--threads must be >= 1, got 0")
     _one_line_exit_2(run_bench(), "the following arguments are required: model")
+
+
+_BIG_PARENT = textwrap.dedent("""
+    import json, resource, subprocess, sys
+    ballast = bytearray(1 << 30)  # 1 GiB, touched page by page so it is resident
+    for i in range(0, len(ballast), 4096):
+        ballast[i] = 1
+    child = [sys.executable, "-c", "import resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"]
+    inherited = int(subprocess.run(child, capture_output=True, text=True, check=True).stdout)
+    done = subprocess.run([sys.executable, *sys.argv[1:]], capture_output=True, text=True)
+    print(json.dumps({"returncode": done.returncode, "stderr": done.stderr[-2000:], "inherited_kb": inherited}))
+""")
+
+
+def test_peak_memory_is_the_benchmarked_process_own_not_its_parents(tiny_models: Path, tmp_path: Path) -> None:
+    """Started from a parent holding 1 GiB, device_bench must report its own peak (tens of MB for a tiny
+    model), where getrusage's ru_maxrss reports the parent's 1 GiB on Linux."""
+    out = tmp_path / "result.json"
+    done = subprocess.run([sys.executable, "-c", _BIG_PARENT, str(SCRIPT), str(tiny_models / "tiny.tflite"),
+                           "--inputs", str(tiny_models / "test_inputs.npz"), "--iters", "3", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["returncode"] == 0, report["stderr"]
+    if sys.platform.startswith("linux"):
+        assert report["inherited_kb"] > 1_000_000  # the trap is real here: ru_maxrss carries the parent's peak
+    memory = json.loads(out.read_text())["memory"]
+    assert memory["source"] == "VmHWM in /proc/self/status"
+    assert 10_000 < memory["peak_rss_kb"] < 400_000, memory
+    assert memory["peak_rss_before_inputs_kb"] <= memory["peak_rss_kb"]

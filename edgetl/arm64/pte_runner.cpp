@@ -90,6 +90,20 @@ std::vector<float> as_float(const executorch::aten::Tensor& t) {
 
 }  // namespace
 
+// This process's own peak resident memory in kB: VmHWM from /proc/self/status. Not getrusage's ru_maxrss,
+// which on Linux survives fork and exec (a runner started by a 3 GB parent would report 3 GB). Under
+// qemu-user the file is the emulator's own. Falls back to ru_maxrss where there is no /proc.
+static long peak_rss_kb() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind("VmHWM:", 0) == 0) return std::strtol(line.c_str() + 6, nullptr, 10);
+  }
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return usage.ru_maxrss;
+}
+
 int main(int argc, char** argv) {
   if (argc != 2 && argc != 9) {
     fail("usage: edgetl_pte_runner MODEL.pte [INPUTS.bin SAMPLES WARMUP ITERS THREADS MARKERS OUTPUTS.bin]");
@@ -202,8 +216,7 @@ int main(int argc, char** argv) {
   }
   out_file.close();
 
-  rusage usage{};
-  getrusage(RUSAGE_SELF, &usage);
+  const long peak_kb = peak_rss_kb();
   std::printf("{\"runner\": \"edgetl_pte_runner\", \"version\": 1, \"executorch_version\": \"%s\", ",
               EDGETL_EXECUTORCH_VERSION);
   std::printf("\"load_ms\": %.6f, \"first_invoke_ms\": %.6f, \"threads\": %ld, ", load_ms, first_ms, threads);
@@ -212,7 +225,7 @@ int main(int argc, char** argv) {
   std::printf("]}, \"output\": {\"dtype\": \"%s\", \"shape\": [", out_dtype.c_str());
   for (size_t i = 0; i < out_shape.size(); ++i) std::printf("%s%ld", i ? ", " : "", out_shape[i]);
   std::printf("]}, \"hwcap\": %lu, \"hwcap2\": %lu, \"max_rss_kb\": %ld, \"times_ms\": [",
-              getauxval(AT_HWCAP), getauxval(AT_HWCAP2), usage.ru_maxrss);
+              getauxval(AT_HWCAP), getauxval(AT_HWCAP2), peak_kb);
   for (size_t i = 0; i < times.size(); ++i) std::printf("%s%.6f", i ? ", " : "", times[i]);
   std::printf("]}\n");
   return 0;
