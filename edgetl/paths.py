@@ -203,6 +203,12 @@ def _publish(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_dir(final: Path, check: Callable[[Path], None] | None = None) -> Iterator[Path]:
     """Yield a temporary sibling folder; when the block ends without error it replaces `final` in one step.
@@ -216,6 +222,7 @@ def atomic_dir(final: Path, check: Callable[[Path], None] | None = None) -> Iter
     clean_stale(final)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-{_owner_tag()}-"))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the published folder gets the usual mode
         yield tmp
         if check is not None:
             check(tmp)
@@ -230,6 +237,7 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-{_owner_tag()}-")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; the file gets the mode open() would give
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
         os.replace(tmp, path)

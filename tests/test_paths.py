@@ -148,3 +148,17 @@ def test_a_swap_killed_between_its_two_renames_is_undone(tmp_path: Path) -> None
     before = tree_digest(moved)
     clean_stale(tmp_path / "export")
     assert tree_digest(tmp_path / "export") == before and not moved.exists()
+
+
+def test_published_folders_and_files_get_the_usual_permissions(tmp_path: Path) -> None:
+    """mkdtemp/mkstemp make 0700/0600 entries; a published export must be readable like any other folder."""
+    from edgetl.paths import atomic_write_bytes
+
+    mask = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "export") as tmp:
+            atomic_write_bytes(tmp / "model.tflite", b"bytes")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "export").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "export" / "model.tflite").stat().st_mode & 0o777 == 0o644
