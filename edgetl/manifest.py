@@ -79,7 +79,7 @@ def _numbers(count: int, positive: bool = False):
 def _backbone(value: object) -> bool:
     from edgetl.backbones import BACKBONES
 
-    return value in BACKBONES
+    return isinstance(value, str) and value in BACKBONES
 
 
 # (dotted field, test, what would be valid): what every reader of a checkpoint relies on.
@@ -166,8 +166,8 @@ def read_checkpoint_manifest(folder: Path) -> dict:
         raise UserError(f"{str(folder)!r} holds a {manifest.get('kind')!r} manifest, not an edgetl checkpoint")
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise UserError(
-            f"checkpoint manifest schema_version {manifest.get('schema_version')!r} is not supported by edgetl "
-            f"{__version__}; supported: {SCHEMA_VERSION}"
+            f"checkpoint manifest {str(folder / 'manifest.json')!r}: schema_version "
+            f"{manifest.get('schema_version')!r} is not supported by edgetl {__version__}; supported: {SCHEMA_VERSION}"
         )
     problems = schema_problems(manifest, CHECKPOINT_FIELDS)
     if problems:
