@@ -89,9 +89,9 @@ def load_rgb(path: Path) -> Image.Image:
         with Image.open(path) as image:
             image.seek(0)
             image.load()
-            image = ImageOps.exif_transpose(image)
-            if image.mode.startswith("I") or image.mode == "F":
+            if image.mode.startswith("I") or image.mode == "F":  # before exif_transpose: its copy has no TIFF tags
                 image = _gray_to_8bit(image)
+            image = ImageOps.exif_transpose(image)
             if image.mode == "La":  # premultiplied alpha: Pillow converts it only to LA
                 image = image.convert("LA")
             if "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info:

@@ -205,9 +205,9 @@ def _mode_files(folder: Path) -> dict[str, tuple[Path, float]]:
     u32 = (ramp16.astype(np.uint64) * 65537 * 2).astype(np.uint32)  # the same picture at 32 bits per sample
     tifffile.imwrite(folder / "gray32u.tif", u32)
     files["I uint32 tiff"] = (folder / "gray32u.tif", float(np.mean(u32 / (2**32 - 1) * 255)))
-    i32 = (u32.astype(np.int64) - 2**31).astype(np.int32)
-    tifffile.imwrite(folder / "gray32s.tif", i32)
-    files["I int32 tiff"] = (folder / "gray32s.tif", float(np.mean(u32 / (2**32 - 1) * 255)))
+    half = u32 // 2  # the lower half of the range: a wrong signedness would move its mean by 127.5
+    tifffile.imwrite(folder / "gray32s.tif", (half.astype(np.int64) - 2**31).astype(np.int32))
+    files["I int32 tiff"] = (folder / "gray32s.tif", float(np.mean(half / (2**32 - 1) * 255)))
     unit = (ramp16 / 65535.0).astype(np.float32)
     tifffile.imwrite(folder / "float01.tif", unit)
     files["F [0,1] tiff"] = (folder / "float01.tif", float(np.mean(unit * 255)))
