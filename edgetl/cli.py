@@ -13,7 +13,16 @@ from typing import Annotated
 
 import typer
 
-from edgetl.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UserError, exit_status
+from edgetl.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    UserError,
+    exit_status,
+    forget_interrupt,
+    interrupt_requested,
+    watch_interrupts,
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -309,6 +318,7 @@ def _usage_line(error: BaseException, argv: list[str]) -> str:
 def run(argv: list[str] | None = None) -> int:
     """Run the command line and return its exit status (see edgetl.errors for what each one means)."""
     debug = os.environ.get("EDGETL_DEBUG") == "1"
+    watch_interrupts()
     try:
         status = app(args=argv, prog_name="edgetl", standalone_mode=False)
     except SystemExit:
@@ -325,9 +335,16 @@ def run(argv: list[str] | None = None) -> int:
         if known is None or (debug and known[0] != EXIT_INTERRUPTED):
             raise
         typer.echo(f"edgetl: {'error: ' if known[0] != EXIT_INTERRUPTED else ''}{known[1]}", err=True)
+        if known[0] == EXIT_INTERRUPTED:
+            forget_interrupt()
         return known[0]
     if status == EXIT_INTERRUPTED:  # typer >= 0.29 turns Ctrl-C into Exit(130) and returns the code
         typer.echo(f"edgetl: {exit_status(KeyboardInterrupt())[1]}", err=True)  # type: ignore[index]
+        forget_interrupt()
+    elif interrupt_requested():  # pressed, but swallowed by a library after the last folder was published
+        typer.echo("edgetl: interrupted after the stage had published its output (complete)", err=True)
+        forget_interrupt()
+        status = EXIT_INTERRUPTED
     return status if isinstance(status, int) else EXIT_OK
 
 

@@ -13,7 +13,11 @@ Anything else is a bug and keeps its traceback. Messages name the value received
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
+import signal
+import threading
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -86,3 +90,37 @@ def combined_status(codes: list[int]) -> int:
         if status in statuses:
             return status
     return max(statuses, default=EXIT_OK)
+
+
+def forget_interrupt() -> None:
+    """Let a handled Ctrl-C end with status 130 under `python -m` too.
+
+    CPython 3.11 marks a KeyboardInterrupt that passed through Python code a C extension ran with
+    PyRun_String (pybind11's py::exec does) as unhandled, and at exit a `python -m` process then kills itself
+    with SIGINT (status -2) even after edgetl handled the interrupt and asked for 130. Where the mark exists
+    it is cleared; elsewhere this does nothing.
+    """
+    with contextlib.suppress(AttributeError, ValueError, OSError):
+        ctypes.c_int.in_dll(ctypes.pythonapi, "_Py_UnhandledKeyboardInterrupt").value = 0
+
+
+_interrupts = {"count": 0}
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    _interrupts["count"] += 1
+    signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt, as Python's own handler does
+
+
+def watch_interrupts() -> None:
+    """Count Ctrl-C presses as well as raising KeyboardInterrupt, so a press is never lost.
+
+    A KeyboardInterrupt raised while Python runs a finaliser, or caught by a library's bare `except:`, would
+    vanish and the stage would publish as if nothing happened; atomic_dir and the CLI check the count too.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _on_sigint)
+
+
+def interrupt_requested() -> bool:
+    return _interrupts["count"] > 0

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from edgetl.config import FinetuneConfig
-from edgetl.errors import EXIT_INTERRUPTED, EXIT_OK, exit_status
+from edgetl.errors import EXIT_INTERRUPTED, EXIT_OK, exit_status, forget_interrupt, watch_interrupts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     from edgetl.finetune import run_finetune
 
     config = FinetuneConfig(**json.loads(Path(config_file).read_text()))
+    watch_interrupts()
     try:
         run_finetune(config, Path(run_dir), feature_cache=feature_cache)
     except SystemExit:
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if not getattr(error, "reported_by_main", False):
             print(f"edgetl: error (rank {os.environ.get('RANK', '0')}): {known[1]}", file=sys.stderr)
+        if known[0] == EXIT_INTERRUPTED:
+            forget_interrupt()
         return known[0]
     return EXIT_OK
 

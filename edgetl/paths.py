@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from edgetl.errors import UserError
+from edgetl.errors import UserError, interrupt_requested
 
 
 def cache_dir() -> Path:
@@ -224,6 +224,8 @@ def atomic_dir(final: Path, check: Callable[[Path], None] | None = None) -> Iter
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the published folder gets the usual mode
         yield tmp
+        if interrupt_requested():  # a Ctrl-C that some library swallowed still stops the publication
+            raise KeyboardInterrupt
         if check is not None:
             check(tmp)
         _publish(tmp, final)

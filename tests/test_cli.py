@@ -190,3 +190,29 @@ def test_finetune_never_writes_into_its_data_or_over_a_folder_it_did_not_make(tm
                            str(run / "checkpoint"), "did not make")
     assert (run / "checkpoint" / "thesis.pdf").read_bytes() == b"the user's"
     assert tree_digest(data) == before
+
+
+_RUN_STRING_INTERRUPT = """
+import ctypes, sys
+from edgetl.errors import forget_interrupt
+run = ctypes.pythonapi.PyRun_String
+run.restype, run.argtypes = ctypes.py_object, [ctypes.c_char_p, ctypes.c_int, ctypes.py_object, ctypes.py_object]
+try:  # Ctrl-C arriving in Python code that a C extension runs (pybind11's py::exec does this)
+    run(b"raise KeyboardInterrupt", 257, {}, {})
+except KeyboardInterrupt:
+    if sys.argv[1:] == ["forget"]:
+        forget_interrupt()
+sys.exit(130)
+"""
+
+
+def test_a_handled_interrupt_exits_130_under_python_m(tmp_path: Path) -> None:
+    """CPython 3.11 would end such a `python -m` process by SIGINT (-2) despite sys.exit(130)."""
+    import os
+
+    (tmp_path / "interrupted_module.py").write_text(_RUN_STRING_INTERRUPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).resolve().parents[1])])}
+    forgotten = subprocess.run([sys.executable, "-m", "interrupted_module", "forget"], env=env, timeout=60)
+    assert forgotten.returncode == 130
+    plain = subprocess.run([sys.executable, "-m", "interrupted_module"], env=env, timeout=60)
+    assert plain.returncode in (130, -2)  # -2 where the interpreter has the flaw (3.11 here)

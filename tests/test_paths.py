@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,28 @@ def test_published_folders_and_files_get_the_usual_permissions(tmp_path: Path) -
         os.umask(mask)
     assert (tmp_path / "export").stat().st_mode & 0o777 == 0o755
     assert (tmp_path / "export" / "model.tflite").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_ctrl_c_that_a_library_swallowed_still_stops_the_publication(tmp_path: Path) -> None:
+    """A KeyboardInterrupt raised inside a finaliser or caught by a bare `except:` vanishes; the press is
+    counted all the same, and atomic_dir publishes nothing."""
+    import signal as signals
+
+    from edgetl import errors
+
+    final = _made_by_edgetl(tmp_path / "export", "edgetl.export")
+    before = tree_digest(tmp_path)
+    previous = signals.getsignal(signals.SIGINT)
+    errors.watch_interrupts()
+    try:
+        with pytest.raises(KeyboardInterrupt), atomic_dir(final) as tmp:
+            (tmp / "new.bin").write_bytes(b"new")
+            try:
+                os.kill(os.getpid(), signals.SIGINT)
+                time.sleep(0.5)
+            except BaseException:  # noqa: BLE001 - what a careless library does
+                pass
+    finally:
+        signals.signal(signals.SIGINT, previous)
+        errors._interrupts["count"] = 0
+    assert tree_digest(tmp_path) == before

@@ -411,15 +411,18 @@ def test_export_killed_at_random_points_leaves_the_previous_output_or_a_complete
     kills = int(os.environ.get("EDGETL_FAULT_KILLS", "1"))  # random moments, plus one near the end
     delays = sorted(rng.uniform(1.0, seconds) for _ in range(kills)) + [seconds * 0.95]
     before = tree_digest(out)
+    created = json.loads((out / "manifest.json").read_text())["created"]
     for delay in delays:
         child = _start_export(tiny_export, out)
         time.sleep(delay)
         child.send_signal(signal.SIGKILL)
         child.communicate(timeout=120)
         _assert_complete(out)
-        if child.returncode == 0:  # it finished first: the new export is the previous output from now on
-            before = tree_digest(out)
-        assert tree_digest(out) == before, f"killed after {delay:.1f} s: the previous export changed"
+        now = tree_digest(out)
+        if now != before:  # the new folder had taken the old one's place before the kill (or the run finished)
+            assert json.loads((out / "manifest.json").read_text())["created"] != created, (
+                f"killed after {delay:.1f} s: the previous export changed but is not a new complete one")
+            before, created = now, json.loads((out / "manifest.json").read_text())["created"]
     done = run_cli("export", str(tiny_export["checkpoint"]), *EXPORT_ARGS, "--out", str(out),
                    env=tiny_export["env"])
     assert done.returncode == 0, done.stderr[-2000:]
