@@ -339,9 +339,10 @@ def _fuzz(models: Path, scratch: Path, suffix: str, count: int, seed: int) -> li
 
 
 def test_device_bench_on_mutated_models_exits_0_or_2_with_one_line(tiny_models: Path, tmp_path: Path) -> None:  # noqa: F811
-    """A bounded fuzz: 20 damaged .tflite and 4 damaged .pte files; never a crash, a hang or a traceback."""
-    outcomes = _fuzz(tiny_models, tmp_path, ".tflite", 20, seed=15)
-    outcomes += _fuzz(tiny_models, tmp_path, ".pte", 4, seed=15)
+    """A bounded fuzz: 16 damaged .tflite and 3 damaged .pte files (each mutation kind 4 times on .tflite);
+    never a crash, a hang or a traceback. The long one is behind `slow`."""
+    outcomes = _fuzz(tiny_models, tmp_path, ".tflite", 16, seed=15)
+    outcomes += _fuzz(tiny_models, tmp_path, ".pte", 3, seed=15)
     assert any(code == 2 for _, code in outcomes)  # the mutations did damage something
 
 
