@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgetl import runtimes
 from edgetl.errors import UserError, one_of
 from edgetl.manifest import SCHEMA_VERSION, now_utc, sha256_file, write_json
 from edgetl.paths import atomic_dir, ensure_writable_dir
@@ -186,7 +187,8 @@ def _bundled_model(artifact: Path, sidecar: dict, labels_file: Path, work: Path,
 def _io(model: Path, sidecar: dict) -> dict:
     """Input/output tensors of the bundled file (its own, after any wrapper), in the sidecar's format."""
     if sidecar["format"] == "tflite":
-        return tflite_tensors(model)
+        described = runtimes.describe(model, "tflite")
+        return {"input": described["inputs"][0], "output": described["outputs"][0]}
     keep = ("name", "dtype", "shape", "quantization")
     return {"input": {k: sidecar["input"].get(k) for k in keep}, "output": {k: sidecar["output"].get(k) for k in keep}}
 
@@ -227,64 +229,6 @@ def preprocess_json(sidecar: dict, model_file: str, io: dict, in_graph: dict | N
 # ----------------------------------------------------------------------------------------- the golden set
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
-
-
-def _interpreter(model: Path):
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError as error:
-        raise UserError(f"ai-edge-litert is not installed ({error}); pip install 'edgetl[torch]'") from None
-    interpreter = Interpreter(model_path=str(model))
-    interpreter.allocate_tensors()
-    return interpreter
-
-
-def tflite_tensors(model: Path) -> dict:
-    """Input and output tensor of a .tflite: name, dtype, shape, quantization (None for float)."""
-    interpreter = _interpreter(model)
-
-    def describe(detail: dict) -> dict:
-        scale, zero_point = detail["quantization"]
-        return {"name": detail["name"], "dtype": np.dtype(detail["dtype"]).name,
-                "shape": [int(v) for v in detail["shape"]],
-                "quantization": {"scale": float(scale), "zero_point": int(zero_point)} if scale else None}
-
-    return {"input": describe(interpreter.get_input_details()[0]),
-            "output": describe(interpreter.get_output_details()[0])}
-
-
-def run_model(model: Path, fmt: str, x: np.ndarray) -> np.ndarray:
-    """Float logits for NHWC float inputs, in the file's own runtime; int8 tensors (de)quantized as an app does."""
-    if fmt == "pte":
-        import torch
-        from executorch.runtime import Runtime
-
-        method = Runtime.get().load_program(str(model)).load_method("forward")
-        return np.stack([method.execute([torch.from_numpy(np.ascontiguousarray(image[None]))])[0].numpy().reshape(-1)
-                         for image in x]).astype(np.float32)
-    interpreter = _interpreter(model)
-    source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-    rows = []
-    for image in x:
-        batch = image[None]
-        dtype = np.dtype(source["dtype"])
-        if dtype.kind in "iu":
-            scale, zero = source["quantization"]
-            info = np.iinfo(dtype)
-            batch = np.clip(np.round(batch / scale) + zero, info.min, info.max)
-        interpreter.set_tensor(source["index"], np.ascontiguousarray(batch.astype(dtype)))
-        interpreter.invoke()
-        out = interpreter.get_tensor(target["index"]).reshape(-1).astype(np.float32)
-        if np.dtype(target["dtype"]).kind in "iu":
-            scale, zero = target["quantization"]
-            out = (out - zero) * scale
-        rows.append(out)
-    return np.stack(rows)
-
-
 def _pixels(x: np.ndarray, pre: dict) -> np.ndarray:
     """Undo normalisation: the uint8 RGB picture (at the model's size) that preprocesses back to `x`."""
     mean, std = np.asarray(pre["mean"], np.float64), np.asarray(pre["std"], np.float64)
@@ -312,8 +256,8 @@ def _golden(export_dir: Path, artifact: Path, sidecar: dict, model: Path, spec: 
     app = np.stack(pictures).astype(np.float32)
     app = ((app - np.asarray(spec["pixel_mean"], np.float32)) / np.asarray(spec["pixel_std"], np.float32))
     fmt = sidecar["format"]
-    raw = run_model(model, fmt, app)
-    probs = raw if spec["output"]["kind"] == "probabilities" else softmax(raw)
+    raw = runtimes.run(model, app, fmt=fmt)
+    probs = raw if spec["output"]["kind"] == "probabilities" else runtimes.softmax(raw)
     tolerance = TOLERANCE.get(sidecar["quant"], 0.05)
     ordered = np.sort(probs, axis=1)
     margin = ordered[:, -1] - ordered[:, -2]
@@ -326,7 +270,7 @@ def _golden(export_dir: Path, artifact: Path, sidecar: dict, model: Path, spec: 
     for i in np.argsort(-margin):  # then the clearest of the rest
         if len(chosen) < options.golden and int(i) not in chosen:
             chosen.append(int(i))
-    source = softmax(run_model(artifact, fmt, xs[chosen]))
+    source = runtimes.softmax(runtimes.run(artifact, xs[chosen], fmt=fmt))
     mismatch = [i for i, j in enumerate(chosen) if source[i].argmax() != probs[j].argmax()]
     if mismatch:
         raise UserError(f"the bundled model disagrees with {artifact.name} on golden image(s) {mismatch}; "

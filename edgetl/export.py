@@ -30,16 +30,8 @@ from edgetl.manifest import (
     write_labels,
 )
 from edgetl.paths import atomic_dir, atomic_write_bytes, ensure_writable_dir
-from edgetl.ui import console, progress
-from edgetl.verify import (
-    FLOAT_REFERENCE,
-    TEST_INPUTS,
-    check_drop,
-    print_record,
-    quiet_native,
-    store,
-    verify_artifacts,
-)
+from edgetl.ui import console, progress, quiet_native
+from edgetl.verify import FLOAT_REFERENCE, TEST_INPUTS, check_drop, print_record, store, verify_artifacts
 
 FORMATS = ("tflite", "pte")
 QUANTS = ("fp32", "int8")
@@ -540,9 +532,9 @@ def gzip_size(payload: bytes) -> int:
 
 
 def _tflite_io(path: Path) -> dict:
-    from edgetl.verify import tflite_io
+    from edgetl import runtimes
 
-    return tflite_io(path)
+    return runtimes.describe(path, "tflite")
 
 
 def _attach_verification(folder: Path, row: dict) -> None:

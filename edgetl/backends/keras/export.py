@@ -24,8 +24,10 @@ import tensorflow_model_optimization as tfmot
 import tf_keras as keras
 
 from edgetl import data
-from edgetl.backends.keras import models, quiet_native
+from edgetl.backends.keras import models
 from edgetl.errors import UserError
+from edgetl.runtimes import tflite as litert
+from edgetl.ui import quiet_native
 
 QUANTS = ("fp32", "fp16", "dynamic", "int8")
 LIBRARIES = ("tensorflow", "tf-keras", "tensorflow-model-optimization", "ai-edge-litert", "numpy", "pillow")
@@ -266,34 +268,6 @@ def gzip_size(payload: bytes) -> int:
     return len(gzip.compress(payload, compresslevel=9, mtime=0))
 
 
-def tflite_weight_sparsity(path: Path) -> dict:
-    """Exact-zero fraction of the weight tensors of conv / fully-connected ops in a .tflite, per op type."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    with quiet_native():
-        interpreter = Interpreter(model_path=str(path))
-        interpreter.allocate_tensors()
-    ops = interpreter._get_ops_details()
-    producers = {out: op for op in ops for out in op["outputs"]}
-    totals: dict[str, list[int]] = {}
-    for op in ops:
-        if op["op_name"] not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED") or len(op["inputs"]) < 2:
-            continue
-        index = int(op["inputs"][1])
-        source = producers.get(index)
-        if source is not None and source["op_name"] == "DEQUANTIZE":  # fp16 weights are dequantized at load
-            index = int(source["inputs"][0])
-        try:
-            values = interpreter.get_tensor(index)
-        except ValueError:
-            continue
-        entry = totals.setdefault(op["op_name"], [0, 0])
-        entry[0] += int(values.size)
-        entry[1] += int(np.sum(values == 0))
-    return {name: {"weights": n, "zeros": z, "sparsity": round(z / n, 4) if n else 0.0}
-            for name, (n, z) in sorted(totals.items())}
-
-
 # ---------------------------------------------------------------- the export folder
 
 
@@ -432,10 +406,8 @@ def _sidecar(manifest: dict, quant: str, name: str, folder: Path, parent: dict, 
     """What an app, `edgetl bench` or a person needs to use this one file (as the torch path writes it)."""
     from edgetl import export as stage
     from edgetl.manifest import SCHEMA_VERSION, now_utc, sha256_file
-    from edgetl.verify import tflite_io
-
     path = folder / name
-    io_info = tflite_io(path)
+    io_info = litert.describe(path)
     for tensor in io_info["inputs"]:
         tensor["layout"] = "NHWC"
     for tensor in io_info["outputs"]:
@@ -461,7 +433,7 @@ def _sidecar(manifest: dict, quant: str, name: str, folder: Path, parent: dict, 
         "output": io_info["outputs"][0],
         "quantization": graphs.quantization if quant == "int8" else None,
         "pruning": graphs.pruning,
-        "weight_sparsity": tflite_weight_sparsity(path),
+        "weight_sparsity": litert.weight_sparsity(path),
         "parent": parent,
         "export_seconds": seconds,
         "ops": io_info["ops"],

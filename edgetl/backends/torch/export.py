@@ -7,10 +7,7 @@ frames are on a phone) and, for int8, the one PT2E-quantized version of it.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
-import logging
 import os
 import pickle
 import time
@@ -24,6 +21,7 @@ from torch import nn
 from edgetl.backends.torch.models import build_model
 from edgetl.backends.torch.quantize import bias_correct, fold_batchnorm, quantize_ptq
 from edgetl.errors import UserError
+from edgetl.ui import quiet_native
 
 # Nodes that move, view or re-stride data only; anything else left outside the XNNPACK delegate runs on
 # slow portable kernels. (EfficientNet's pooled [1, C, 1, 1] → [1, C] re-stride lands outside: C floats.)
@@ -129,22 +127,6 @@ def _first_input_qparams(graph: torch.fx.GraphModule) -> dict | None:
     return None
 
 
-@contextlib.contextmanager
-def _quiet():
-    """litert-torch and executorch print progress lines and warnings; keep edgetl's own output readable."""
-    if os.environ.get("EDGETL_DEBUG") == "1":
-        yield
-        return
-    sink = io.StringIO()
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            yield
-    finally:
-        logging.disable(previous)
-
-
 def lower_pte(module: nn.Module, example: torch.Tensor) -> tuple[bytes, dict]:
     """ExecuTorch program with everything XNNPACK takes delegated; returns bytes and delegation counts."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -153,7 +135,7 @@ def lower_pte(module: nn.Module, example: torch.Tensor) -> tuple[bytes, dict]:
 
     if isinstance(module, torch.fx.GraphModule):
         module = _fold_weight_quantization(module)
-    with _quiet():
+    with quiet_native():
         program = torch.export.export(module, (example,))
         edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
         info = get_delegation_info(edge.exported_program().graph_module)
@@ -202,7 +184,7 @@ def convert_tflite(module: nn.Module, example: torch.Tensor, quantized: bool) ->
         # Only tells the converter the Q/DQ pairs are static int8; the graph is already quantized.
         static = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)
         quant_config = QuantConfig(pt2e_quantizer=PT2EQuantizer().set_global(static))
-    with _quiet():
+    with quiet_native():
         edge_model = litert_torch.convert(module, (example,), quant_config=quant_config)
         path = Path(os.environ.get("TMPDIR", "/tmp")) / f"edgetl-{os.getpid()}-{time.monotonic_ns()}.tflite"
         try:
