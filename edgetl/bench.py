@@ -71,9 +71,13 @@ class Artifact:
 
 
 def device_bench_script() -> Path:
-    """device_bench.py: beside the edgetl package in a checkout, or where EDGETL_DEVICE_BENCH says."""
+    """device_bench.py as shipped with edgetl, or where EDGETL_DEVICE_BENCH says."""
     env = os.environ.get("EDGETL_DEVICE_BENCH")
-    script = Path(env) if env else Path(__file__).resolve().parent.parent / "device_bench" / "device_bench.py"
+    if not env:
+        from edgetl import assets
+
+        return assets.file("device_bench", "device_bench.py")
+    script = Path(env)
     if not script.is_file():
         raise UserError(f"device_bench script not found at {script}; set EDGETL_DEVICE_BENCH to device_bench.py")
     return script

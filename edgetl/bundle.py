@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgetl import runtimes
+from edgetl import assets, runtimes
 from edgetl.errors import UserError, one_of
 from edgetl.manifest import SCHEMA_VERSION, now_utc, sha256_file, write_json
 from edgetl.paths import atomic_dir, ensure_writable_dir
@@ -27,9 +27,7 @@ from edgetl.ui import console
 PLATFORMS = ("android", "ios")
 FORMATS = {".tflite": "tflite", ".pte": "pte"}
 BUNDLE_KIND = "edgetl.bundle"
-REPO_ROOT = Path(__file__).resolve().parent.parent
-TEMPLATES = REPO_ROOT / "export"
-DEVICE_BENCH = REPO_ROOT / "device_bench"
+TEMPLATES = assets.folder("export")  # android/, ios/ and golden_check.py, shipped inside the package
 ANDROID_MODULE = "edgetl-classifier"
 IOS_PACKAGE = "EdgeTLClassifier"
 KOTLIN_PACKAGE = Path("ai/edgetl/classifier")
@@ -100,8 +98,8 @@ def run_bundle(export_dir: Path, options: BundleOptions) -> Path:
     export_dir = Path(export_dir)
     platforms = parse_platforms(options.platforms)
     if not (TEMPLATES / "android").is_dir() or not (TEMPLATES / "ios").is_dir():
-        raise UserError(f"the app templates are missing ({TEMPLATES}/android, ios); edgetl bundle runs from a "
-                        f"source checkout (pip install -e .)")
+        raise UserError(f"the app templates are missing ({TEMPLATES}/android, ios) from this installation; "
+                        f"reinstall edgetl")
     if not 1 <= options.golden <= 50:
         raise UserError(f"--golden {options.golden} is not usable; valid: 1 to 50 images")
     artifact, sidecar = find_artifact(export_dir, options.artifact)
@@ -136,9 +134,9 @@ def run_bundle(export_dir: Path, options: BundleOptions) -> Path:
             _android(tmp / "android" / ANDROID_MODULE, sidecar, files, tmp / "golden")
         if "ios" in platforms:
             _ios(tmp / "ios" / IOS_PACKAGE, sidecar, files, tmp / "golden")
-        shutil.copytree(DEVICE_BENCH, tmp / "device_bench", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        assets.copy_folder("device_bench", tmp / "device_bench")
         shutil.copy2(model, tmp / "device_bench" / model.name)
-        (tmp / "device_bench" / "golden_check.py").write_text((TEMPLATES / "golden_check.py").read_text())
+        shutil.copy2(assets.file("export", "golden_check.py"), tmp / "device_bench" / "golden_check.py")
         shutil.copy2(tmp / "golden" / "golden.npz", tmp / "device_bench" / "golden.npz")
         shutil.copy2(tmp / "golden" / "expected.json", tmp / "device_bench" / "expected.json")
         record = {

@@ -40,7 +40,6 @@ EXPORT_KIND = "edgetl.export"
 ARTIFACT_KIND = "edgetl.artifact"
 RUNTIMES = {"tflite": "LiteRT (ai-edge-litert Interpreter)", "pte": "ExecuTorch (XNNPACK delegate)"}
 EXPORT_LIBRARIES = ("torch", "torchao", "executorch", "litert-torch", "ai-edge-litert", "numpy", "pillow")
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "export" / "recipes"
 # Measured on the demo model (benchmarks/export_figures.py, docs/BENCHMARKS.md): beyond ~256 images
 # the int8 top-1 no longer moves, while calibration time keeps growing linearly.
 DEFAULT_CALIB = 256
@@ -169,14 +168,20 @@ def _as_list(value: object) -> list[str]:
 
 
 def recipe_names() -> list[str]:
-    return sorted(path.stem for path in RECIPES_DIR.glob("*.toml"))
+    return sorted(path.stem for path in _recipes_dir().glob("*.toml"))
+
+
+def _recipes_dir() -> Path:
+    from edgetl import assets
+
+    return assets.folder("export") / "recipes"
 
 
 def load_recipe(name: str) -> dict:
     """A recipe by name (export/recipes/NAME.toml) or by path; returns the ExportConfig fields it sets."""
     path = Path(name)
     if path.suffix != ".toml":
-        path = RECIPES_DIR / f"{name}.toml"
+        path = _recipes_dir() / f"{name}.toml"
     if not path.is_file():
         raise UserError(one_of(name, recipe_names(), "recipe"))
     try:

@@ -25,7 +25,6 @@ from edgetl.errors import UserError, one_of
 
 SWEEP_KIND = "edgetl.sweep"
 SCHEMA_VERSION = 1
-SWEEPS_DIR = Path(__file__).resolve().parent.parent / "export" / "sweeps"
 DEFAULT_RECIPE = "default"
 FORMATS = ("tflite", "pte")  # as export.FORMATS; repeated so that parsing a recipe imports no numpy
 
@@ -155,7 +154,13 @@ def variant_keys() -> list[str]:
 
 
 def recipe_names() -> list[str]:
-    return sorted(path.stem for path in SWEEPS_DIR.glob("*.toml"))
+    return sorted(path.stem for path in _sweeps_dir().glob("*.toml"))
+
+
+def _sweeps_dir() -> Path:
+    from edgetl import assets
+
+    return assets.folder("export") / "sweeps"
 
 
 def load_recipe(name: str) -> dict[str, Any]:
@@ -166,7 +171,7 @@ def load_recipe(name: str) -> dict[str, Any]:
     """
     path = Path(name)
     if path.suffix != ".toml":
-        path = SWEEPS_DIR / f"{name}.toml"
+        path = _sweeps_dir() / f"{name}.toml"
     if not path.is_file():
         raise UserError(one_of(name, recipe_names(), "sweep recipe") + " (or a path to a .toml file)")
     try:
@@ -199,7 +204,7 @@ def load_recipe(name: str) -> dict[str, Any]:
 def resolve_config(recipe: str | None = None, **overrides: object) -> SweepConfig:
     """Defaults ← recipe (the default one when none is named) ← flags that were given (None: not given)."""
     name = recipe or DEFAULT_RECIPE
-    values: dict[str, Any] = load_recipe(name) if recipe or (SWEEPS_DIR / f"{name}.toml").is_file() else {}
+    values: dict[str, Any] = load_recipe(name) if recipe or (_sweeps_dir() / f"{name}.toml").is_file() else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
     for key in ("variants", "targets", "formats"):
         if key in values:

@@ -93,20 +93,6 @@ def test_qat_or_pruning_without_reachable_training_images_exit_2(tmp_path: Path)
 torch_only = pytest.mark.torch
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> Path:
-    pytest.importorskip("torch_pruning")
-    import os
-
-    from edgetl.config import FinetuneConfig
-    from edgetl.finetune import run_finetune
-
-    os.environ["EDGETL_CACHE"] = str(shared_cache)
-    config = FinetuneConfig(data="builtin:shapes", backbone="mobilenet_v2", width=0.35, weights="none",
-                            image_size=32, epochs_head=3, epochs_finetune=0, seed=0)
-    return run_finetune(config, tmp_path_factory.mktemp("compress-run"))
-
-
 def _listing_and_spec(checkpoint: Path) -> tuple:
     from edgetl.export import load_listing
 
