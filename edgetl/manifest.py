@@ -14,10 +14,9 @@ from importlib import metadata
 from pathlib import Path
 
 from edgetl import __version__
+from edgetl.contracts import CHECKPOINT_KIND, SCHEMA_VERSION, CheckpointManifest
 from edgetl.errors import UserError
 
-SCHEMA_VERSION = 1
-CHECKPOINT_KIND = "edgetl.checkpoint"
 CHECKPOINT_FILES = ("manifest.json", "labels.txt", "history.json", "splits.json")
 
 
@@ -79,3 +78,10 @@ def read_checkpoint_manifest(folder: Path) -> dict:
     if not weights.is_file():
         raise UserError(f"checkpoint folder {str(folder)!r} is incomplete: missing {manifest['weights_file']}")
     return manifest
+
+
+def read_checkpoint(folder: Path) -> CheckpointManifest:
+    """The checkpoint folder's manifest as the typed contract the later stages read: the checks above, then
+    every field (each problem one UserError line naming the file and the field)."""
+    payload = read_checkpoint_manifest(folder)
+    return CheckpointManifest.from_json(payload, repr(str(Path(folder) / "manifest.json")))
