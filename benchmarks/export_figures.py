@@ -40,18 +40,18 @@ def study(checkpoint: Path, sizes: list[int], ablation_calib: int, seed: int) ->
     from edgetl.backends.torch.export import ChannelsLastInput, load_model, logits
     from edgetl.backends.torch.quantize import bias_correct, fold_batchnorm, quantize_ptq
     from edgetl.export import _load_split, load_listing
-    from edgetl.manifest import read_checkpoint_manifest
+    from edgetl.manifest import read_checkpoint
 
-    manifest = read_checkpoint_manifest(checkpoint)
+    manifest = read_checkpoint(checkpoint)
     listing = load_listing(checkpoint, manifest)
-    spec = dict(manifest["preprocess"], layout="NHWC")
+    spec = manifest.preprocess.with_layout("NHWC")
     x_test, y_test, _ = _load_split(listing, listing.splits["test"], spec, "test images")
     train = listing.splits["train"]
     order = np.random.default_rng(seed).permutation(len(train))[: max(sizes + [ablation_calib])]
     x_calib, _, _ = _load_split(listing, [train[i] for i in order], spec, "calibration images")
 
     model = ChannelsLastInput(load_model(checkpoint, manifest)).eval()
-    size = manifest["model"]["image_size"]
+    size = manifest.model.image_size
     example = torch.zeros(1, size, size, 3)
     reference = logits(model, x_test)
     predicted = reference.argmax(1)

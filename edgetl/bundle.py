@@ -10,23 +10,20 @@ prove on a device that nothing was lost on the way. Framework-free until a runti
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from edgetl import assets, runtimes
-from edgetl.errors import UserError, one_of
-from edgetl.manifest import SCHEMA_VERSION, now_utc, sha256_file, write_json
+from edgetl.config import BundleOptions
+from edgetl.contracts import BUNDLE_KIND, SCHEMA_VERSION, ArtifactSidecar, read
+from edgetl.errors import UserError
+from edgetl.manifest import now_utc, sha256_file, write_json
 from edgetl.paths import atomic_dir, ensure_writable_dir
 from edgetl.ui import console
 
-PLATFORMS = ("android", "ios")
-FORMATS = {".tflite": "tflite", ".pte": "pte"}
-BUNDLE_KIND = "edgetl.bundle"
 TEMPLATES = assets.folder("export")  # android/, ios/ and golden_check.py, shipped inside the package
 ANDROID_MODULE = "edgetl-classifier"
 IOS_PACKAGE = "EdgeTLClassifier"
@@ -37,36 +34,12 @@ LITERT_ANDROID = "com.google.ai.edge.litert:litert:2.3.0"
 TOLERANCE = {"fp32": 0.01, "int8": 0.05}
 
 
-@dataclass(frozen=True)
-class BundleOptions:
-    """What `edgetl bundle` was asked; defaults are what an app developer wants."""
-
-    artifact: str | None = None
-    platforms: tuple[str, ...] = PLATFORMS
-    out: Path | None = None
-    golden: int = 5
-    top_k: int = 3
-    metadata: bool = True
-    int8_io: bool = False
-
-
-def parse_platforms(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    items = value.split(",") if isinstance(value, str) else list(value)
-    chosen = tuple(dict.fromkeys(item.strip().lower() for item in items if item.strip()))
-    if not chosen:
-        raise UserError(f"--platform is empty; valid: {', '.join(PLATFORMS)}")
-    for item in chosen:
-        if item not in PLATFORMS:
-            raise UserError(one_of(item, PLATFORMS, "platform"))
-    return chosen
-
-
 def find_artifact(export_dir: Path, name: str | None) -> tuple[Path, dict]:
     """The artifact file and its sidecar manifest; every miss is one line naming what is there."""
     export_dir = Path(export_dir)
     if not export_dir.is_dir():
         raise UserError(f"export folder {str(export_dir)!r} does not exist; give the folder `edgetl export` wrote")
-    present = sorted(p.name for p in export_dir.iterdir() if p.suffix in FORMATS and p.is_file())
+    present = sorted(p.name for p in export_dir.iterdir() if p.suffix in runtimes.FORMATS and p.is_file())
     if not present:
         raise UserError(f"{str(export_dir)!r} holds no .tflite or .pte file; run `edgetl export` first")
     if name is None:
@@ -82,12 +55,7 @@ def find_artifact(export_dir: Path, name: str | None) -> tuple[Path, dict]:
     if not sidecar_path.is_file():
         raise UserError(f"artifact {path.name!r} has no manifest ({sidecar_path.name} is missing in "
                         f"{str(export_dir)!r}); re-export it with `edgetl export`")
-    try:
-        sidecar = json.loads(sidecar_path.read_text())
-        for key in ("format", "quant", "preprocess", "model", "labels", "input", "output", "sha256"):
-            sidecar[key]  # noqa: B018 - presence check
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise UserError(f"manifest {str(sidecar_path)!r} is not an edgetl artifact manifest ({error})") from None
+    sidecar = read(sidecar_path, ArtifactSidecar).to_json()  # every field checked, each problem one line
     if sha256_file(path) != sidecar["sha256"]:
         raise UserError(f"{path.name!r} does not match its manifest's sha256; the file changed after export")
     return path, sidecar
@@ -96,12 +64,11 @@ def find_artifact(export_dir: Path, name: str | None) -> tuple[Path, dict]:
 def run_bundle(export_dir: Path, options: BundleOptions) -> Path:
     """Build the bundle folder (all or nothing) and return it."""
     export_dir = Path(export_dir)
-    platforms = parse_platforms(options.platforms)
+    options = options.validate()
+    platforms = options.platforms
     if not (TEMPLATES / "android").is_dir() or not (TEMPLATES / "ios").is_dir():
         raise UserError(f"the app templates are missing ({TEMPLATES}/android, ios) from this installation; "
                         f"reinstall edgetl")
-    if not 1 <= options.golden <= 50:
-        raise UserError(f"--golden {options.golden} is not usable; valid: 1 to 50 images")
     artifact, sidecar = find_artifact(export_dir, options.artifact)
     if not 1 <= options.top_k <= len(sidecar["labels"]):
         raise UserError(f"--top-k {options.top_k} is not usable; valid: 1 to {len(sidecar['labels'])}")

@@ -11,11 +11,11 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from edgetl.config import FinetuneConfig
+from edgetl.config import ExportConfig, FinetuneConfig, SweepConfig
 from edgetl.errors import UserError, one_of
-from edgetl.export import ExportConfig, run_export
+from edgetl.export import run_export
 from edgetl.finetune import run_finetune
-from edgetl.sweep import SweepConfig, run_sweep
+from edgetl.sweep import run_sweep
 from edgetl.ui import console, stdout
 from edgetl.verify import QualityError
 
@@ -85,10 +85,13 @@ def keras_initial_weights(config: FinetuneConfig, run_dir: Path, fast: bool) -> 
         f"[yellow]keras demo: no ImageNet weights in the Keras cache ({home / 'models' / source.filename}); "
         f"NOT starting from ImageNet: --weights none, backbone trained from scratch on the training split first[/]"
     )
-    from edgetl.backends.keras.pretrain import train_backbone_from_scratch
+    from edgetl import backends
+    from edgetl.finetune import load_listing
 
     path = Path(run_dir) / "scratch" / "backbone.weights.h5"
-    info = train_backbone_from_scratch(replace(config, weights="none"), KERAS_SCRATCH_EPOCHS[fast], path)
+    scratch = replace(config, weights="none").validate()
+    info = backends.load("keras").train_backbone_from_scratch(scratch, load_listing(scratch),
+                                                               KERAS_SCRATCH_EPOCHS[fast], path)
     return replace(config, weights=str(path)), info
 
 

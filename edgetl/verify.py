@@ -10,7 +10,6 @@ training code.
 from __future__ import annotations
 
 import io
-import json
 import time
 from pathlib import Path
 
@@ -146,10 +145,11 @@ def check_drop(record: dict, max_drop: float) -> None:
 
 def verify_export(folder: Path, threads: int | None = None) -> dict:
     """Re-verify an export folder from its manifest alone (no checkpoint needed)."""
+    from edgetl.contracts import ExportManifest, read
+
     folder = Path(folder)
     manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
         raise UserError(f"{str(folder)!r} is not an export folder (no manifest.json)")
-    manifest = json.loads(manifest_path.read_text())
-    artifacts = [a for a in manifest.get("artifacts", []) if a.get("status") == "ok"]
-    return verify_artifacts(folder, artifacts, threads)
+    manifest = read(manifest_path, ExportManifest)
+    return verify_artifacts(folder, [a.to_json() for a in manifest.artifacts if a.ok], threads)

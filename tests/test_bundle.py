@@ -425,9 +425,10 @@ program = to_edge_transform_and_lower(torch.export.export(net, (torch.from_numpy
 (folder / "t-16-fp32.pte").write_bytes(program.buffer)
 np.savez(folder / "test_inputs.npz", x=x, y=np.arange(20) % 3)
 (folder / "labels.txt").write_text("a\\nb\\nc\\n")
-sidecar = {"file": "t-16-fp32.pte", "format": "pte", "quant": "fp32", "runtime": "ExecuTorch (XNNPACK delegate)",
-           "sha256": sha256_file(folder / "t-16-fp32.pte"), "labels": ["a", "b", "c"],
-           "model": {"backbone": "t", "image_size": 16, "num_classes": 3},
+sidecar = {"kind": "edgetl.artifact", "schema_version": 1, "file": "t-16-fp32.pte", "format": "pte",
+           "quant": "fp32", "runtime": "ExecuTorch (XNNPACK delegate)",
+           "bytes": (folder / "t-16-fp32.pte").stat().st_size, "sha256": sha256_file(folder / "t-16-fp32.pte"),
+           "labels": ["a", "b", "c"], "model": {"backbone": "t", "width": 1.0, "image_size": 16, "num_classes": 3},
            "preprocess": preprocess_spec(16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), layout="NHWC"),
            "input": {"name": "x", "dtype": "float32", "shape": [1, 16, 16, 3], "quantization": None},
            "output": {"name": "logits", "dtype": "float32", "shape": [1, 3], "quantization": None},
