@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from edgetl.errors import UserError
-from edgetl.runtimes import tensor_info
+from edgetl.runtimes.tensors import tensor_info
 
 # ExecuTorch ScalarType codes (c10 numbering) of the dtypes an image classifier takes or gives.
 DTYPES = {0: "uint8", 1: "int8", 3: "int32", 4: "int64", 6: "float32"}

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from edgetl.errors import UserError
-from edgetl.runtimes import dequantize, quantize, tensor_info
+from edgetl.runtimes.tensors import dequantize, quantize, tensor_info
 from edgetl.ui import quiet_native
 
 
