@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -22,11 +23,17 @@ pytestmark = pytest.mark.torch
 REPO = Path(__file__).resolve().parents[1]
 
 
+# Built from a copy of the source without build outputs: setuptools keeps a build/ folder whose stale modules
+# would otherwise go into the wheel.
+NOT_SOURCE = (".git", ".venv", "build", "dist", "runs", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache")
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    dist = tmp_path_factory.mktemp("dist")
+    source, dist = tmp_path_factory.mktemp("source") / "edgetl", tmp_path_factory.mktemp("dist")
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(*NOT_SOURCE))
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                           "-w", str(dist), str(REPO)], capture_output=True, text=True, timeout=600)
+                           "-w", str(dist), str(source)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     (built,) = dist.glob("edgetl-*.whl")
     return built
