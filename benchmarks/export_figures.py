@@ -1,4 +1,4 @@
-"""Measure the export figures of issue 3 on one checkpoint (the demo model: efficientnet_lite0, 128 px).
+"""Measure the export figures of docs/BENCHMARKS.md on one checkpoint (the demo model: efficientnet_lite0, 128 px).
 
 Two parts:
   1. int8 recipe study on the quantized torch graph (the graph both runtimes receive; they agree with it
@@ -83,7 +83,8 @@ def study(checkpoint: Path, sizes: list[int], ablation_calib: int, seed: int) ->
 
 def full_export(checkpoint: Path, out: Path) -> dict:
     """A real export of everything, timed per artifact, read back from its manifests."""
-    from edgetl.export import ExportConfig, run_export
+    from edgetl.config import ExportConfig
+    from edgetl.export import run_export
 
     started = time.perf_counter()
     folder = run_export(checkpoint, ExportConfig(), out)

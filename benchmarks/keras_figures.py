@@ -1,4 +1,4 @@
-"""Measure issue #5's Keras figures on builtin:fashion-mnist-mini with mobilenet_v2 (not a timed test).
+"""Measure the Keras figures of docs/BENCHMARKS.md on builtin:fashion-mnist-mini with mobilenet_v2 (not a timed test).
 
     .venv/bin/python benchmarks/keras_figures.py [--out benchmarks/results/keras.json] [--work DIR]
 

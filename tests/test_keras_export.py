@@ -97,7 +97,7 @@ def test_prune_preserving_qat_keeps_sparsity_in_int8(keras_checkpoint: Path, tmp
 
 
 def test_keras_only_options_on_a_torch_checkpoint_name_its_framework(tmp_path: Path) -> None:
-    folder = make_checkpoint(tmp_path)  # --prune and --qat are torch options too since issue 6
+    folder = make_checkpoint(tmp_path)  # --prune and --qat are torch options too
     for flags, fragment in ((["--quant", "fp16"], "fp16"), (["--quant", "dynamic"], "dynamic")):
         result = run_cli("export", str(folder), *flags)
         lines = [line for line in result.stderr.splitlines() if line.strip()]
