@@ -24,6 +24,7 @@ from edgetl.contracts import (
 from edgetl.data import preprocess_spec
 from edgetl.errors import UserError
 from tests.conftest import run_cli
+from tests.test_cli import _assert_one_line_error
 from tests.test_export import make_checkpoint
 
 SHA = "ab" * 32
@@ -115,21 +116,13 @@ def test_one_schema_version_and_the_kinds_stages_write() -> None:
     assert [Path(n).name for n in names] == ["contracts.py"]
 
 
-def _one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
-    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
 def test_stages_read_their_inputs_through_the_contracts(tmp_path: Path) -> None:
     folder = tmp_path / "export"
     folder.mkdir()
     (folder / "m-32-int8.tflite").write_bytes(b"\x00\x00\x00\x00TFL3")
     (folder / "m-32-int8.tflite.json").write_text(json.dumps({**sidecar_json(), "input": {"name": "x"}}))
     for verb in (["bundle", str(folder)], ["bench", str(folder)]):
-        _one_line_error(run_cli(*verb), "m-32-int8.tflite.json", "field 'input.dtype' is missing")
+        _assert_one_line_error(run_cli(*verb), "m-32-int8.tflite.json", "field 'input.dtype' is missing")
     (folder / "manifest.json").write_text(json.dumps({"kind": "edgetl.export", "schema_version": 1}))
     from edgetl.verify import verify_export
 
