@@ -1,4 +1,4 @@
-"""Measure the compression figures of issue 6 on one checkpoint (the demo model: efficientnet_lite0, 128 px).
+"""Measure the compression figures of docs/BENCHMARKS.md on one checkpoint (the demo model: efficientnet_lite0, 128 px).
 
 Three real `edgetl export` runs of the same checkpoint — dense int8 (PT2E PTQ), int8 with QAT, and 50% of the
 channels removed (recovery fine-tune, then PTQ) — each verified in its runtime, then `edgetl bench` on the
@@ -41,7 +41,8 @@ def load() -> list[float]:
 
 
 def export_variant(checkpoint: Path, name: str, overrides: dict, folder: Path, formats: tuple[str, ...]) -> dict:
-    from edgetl.export import ExportConfig, run_export
+    from edgetl.config import ExportConfig
+    from edgetl.export import run_export
 
     settings = {"quant": ("int8",), "formats": formats, "max_drop": 100.0, **overrides}
     started, before = time.perf_counter(), load()
@@ -67,7 +68,8 @@ def export_variant(checkpoint: Path, name: str, overrides: dict, folder: Path, f
 
 
 def bench_variant(export_dir: Path, target: str) -> dict:
-    from edgetl.bench import BenchOptions, run_bench
+    from edgetl.bench import run_bench
+    from edgetl.config import BenchOptions
 
     started, before = time.perf_counter(), load()
     out = run_bench(export_dir, BenchOptions(targets=target, threads="1", arm_iters=2, arm_warmup=1, arm_samples=5,

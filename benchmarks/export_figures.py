@@ -1,4 +1,4 @@
-"""Measure the export figures of issue 3 on one checkpoint (the demo model: efficientnet_lite0, 128 px).
+"""Measure the export figures of docs/BENCHMARKS.md on one checkpoint (the demo model: efficientnet_lite0, 128 px).
 
 Two parts:
   1. int8 recipe study on the quantized torch graph (the graph both runtimes receive; they agree with it
@@ -40,18 +40,18 @@ def study(checkpoint: Path, sizes: list[int], ablation_calib: int, seed: int) ->
     from edgetl.backends.torch.export import ChannelsLastInput, load_model, logits
     from edgetl.backends.torch.quantize import bias_correct, fold_batchnorm, quantize_ptq
     from edgetl.export import _load_split, load_listing
-    from edgetl.manifest import read_checkpoint_manifest
+    from edgetl.manifest import read_checkpoint
 
-    manifest = read_checkpoint_manifest(checkpoint)
+    manifest = read_checkpoint(checkpoint)
     listing = load_listing(checkpoint, manifest)
-    spec = dict(manifest["preprocess"], layout="NHWC")
+    spec = manifest.preprocess.with_layout("NHWC")
     x_test, y_test, _ = _load_split(listing, listing.splits["test"], spec, "test images")
     train = listing.splits["train"]
     order = np.random.default_rng(seed).permutation(len(train))[: max(sizes + [ablation_calib])]
     x_calib, _, _ = _load_split(listing, [train[i] for i in order], spec, "calibration images")
 
     model = ChannelsLastInput(load_model(checkpoint, manifest)).eval()
-    size = manifest["model"]["image_size"]
+    size = manifest.model.image_size
     example = torch.zeros(1, size, size, 3)
     reference = logits(model, x_test)
     predicted = reference.argmax(1)
@@ -83,7 +83,8 @@ def study(checkpoint: Path, sizes: list[int], ablation_calib: int, seed: int) ->
 
 def full_export(checkpoint: Path, out: Path) -> dict:
     """A real export of everything, timed per artifact, read back from its manifests."""
-    from edgetl.export import ExportConfig, run_export
+    from edgetl.config import ExportConfig
+    from edgetl.export import run_export
 
     started = time.perf_counter()
     folder = run_export(checkpoint, ExportConfig(), out)

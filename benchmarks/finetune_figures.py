@@ -1,4 +1,4 @@
-"""Measure issue #2's fine-tuning figures on builtin:fashion-mnist-mini (not a timed test).
+"""Measure the fine-tuning figures of docs/BENCHMARKS.md on builtin:fashion-mnist-mini (not a timed test).
 
     .venv/bin/python benchmarks/finetune_figures.py [--out benchmarks/results/finetune.json]
 

@@ -1,4 +1,4 @@
-"""Measure issue #5's Keras figures on builtin:fashion-mnist-mini with mobilenet_v2 (not a timed test).
+"""Measure the Keras figures of docs/BENCHMARKS.md on builtin:fashion-mnist-mini with mobilenet_v2 (not a timed test).
 
     .venv/bin/python benchmarks/keras_figures.py [--out benchmarks/results/keras.json] [--work DIR]
 
@@ -19,40 +19,20 @@ import json
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
-from edgetl.config import FinetuneConfig
+from edgetl.config import ExportConfig, FinetuneConfig
 from edgetl.finetune import run_finetune
 
 BACKBONE, WIDTH, SIZE = "mobilenet_v2", 1.0, 32
 
 
-@dataclass
-class Options:
-    """The export options the keras path reads (the fields of edgetl.export.ExportConfig it uses)."""
-
-    formats: tuple = ("tflite",)
-    quant: tuple = ("fp32", "int8")
-    calib: int = 256
-    max_drop: float = 100.0
-    seed: int = 0
-    threads: int | None = None
-    prune: float | None = None
-    qat: bool = False
-    tune_epochs: int | None = None  # None: the backend's default (6 epochs with pruning, 2 for QAT alone)
-    tune_images: int | None = None
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-
-def export(checkpoint: Path, out: Path, options: Options) -> dict:
-    from edgetl.backends.keras.export import export_checkpoint
-    from edgetl.manifest import read_checkpoint_manifest
+def export(checkpoint: Path, out: Path, config: ExportConfig) -> dict:
+    from edgetl.export import run_export
 
     started = time.perf_counter()
-    export_checkpoint(checkpoint, read_checkpoint_manifest(checkpoint), options, out)
+    run_export(checkpoint, config, out)
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["wall_seconds"] = round(time.perf_counter() - started, 1)
     return manifest
@@ -60,12 +40,15 @@ def export(checkpoint: Path, out: Path, options: Options) -> dict:
 
 def make_checkpoint(args: argparse.Namespace, results: dict) -> Path:
     """Steps 1-2: backbone trained from scratch on the training split, then edgetl's keras recipe."""
-    from edgetl.backends.keras.pretrain import train_backbone_from_scratch
+    from edgetl import backends
+    from edgetl.finetune import load_listing
 
     config = FinetuneConfig(data="builtin:fashion-mnist-mini", framework="keras", backbone=BACKBONE, width=WIDTH,
-                            image_size=SIZE, weights="none", epochs_head=10, epochs_finetune=4, unfreeze=3)
+                            image_size=SIZE, weights="none", epochs_head=10, epochs_finetune=4,
+                            unfreeze=3).validate()
     weights = args.work / "scratch_backbone.weights.h5"
-    results["pretrain"] = train_backbone_from_scratch(config, args.pretrain_epochs, weights)
+    results["pretrain"] = backends.load("keras").train_backbone_from_scratch(config, load_listing(config),
+                                                                             args.pretrain_epochs, weights)
     config = replace(config, weights=str(weights))
     started = time.perf_counter()
     checkpoint = run_finetune(config, args.work)
@@ -85,10 +68,11 @@ def main() -> None:
                                  "load_average_at_start": os.getloadavg()}}
     checkpoint = args.checkpoint or make_checkpoint(args, results)
     results["checkpoint"] = json.loads((checkpoint / "manifest.json").read_text())["metrics"]["test"]
+    common = {"formats": ("tflite",), "calib": 256, "max_drop": 100.0}
     runs = {
-        "A_ptq": Options(quant=("fp32", "fp16", "dynamic", "int8")),
-        "B_qat": Options(quant=("int8",), qat=True),
-        "C_prune50_pqat": Options(quant=("fp32", "int8"), prune=0.5, qat=True),
+        "A_ptq": ExportConfig(quant=("fp32", "fp16", "dynamic", "int8"), **common),
+        "B_qat": ExportConfig(quant=("int8",), qat=True, **common),
+        "C_prune50_pqat": ExportConfig(quant=("fp32", "int8"), prune=0.5, qat=True, **common),
     }
     for key, options in runs.items():
         results[key] = export(checkpoint, args.work / f"export-{key}", options)

@@ -1,5 +1,5 @@
-"""Issue 8 figures: peak memory of `edgetl finetune` on 2,000 vs 20,000 images, images/s with 1/2/4 loader
-workers, and 1 vs 2 gloo processes on CPU (agreement of the weights, not speed).
+"""Scale-out figures of docs/BENCHMARKS.md: peak memory of `edgetl finetune` on 2,000 vs 20,000 images, images/s
+with 1/2/4 loader workers, and 1 vs 2 gloo processes on CPU (agreement of the weights, not speed).
 
 Synthetic folders of 32 px PNGs (10 classes) are generated under --tmp. Each run is the real CLI in a
 subprocess; its memory is sampled from /proc every 0.1 s over the whole process tree (loader workers and

@@ -22,41 +22,32 @@ from pathlib import Path
 from typing import Any
 
 from edgetl import __version__
+from edgetl.config import BenchOptions
+from edgetl.contracts import (
+    BENCH_KIND,
+    BENCH_RESULT_KIND,
+    SCHEMA_VERSION,
+    ArtifactSidecar,
+    BenchManifest,
+    BenchRow,
+    read,
+)
 from edgetl.errors import UserError
 
-SCHEMA_VERSION = 1
-BENCH_KIND = "edgetl.bench"
 EMULATED_LABEL = "emulated, not phone latency"
 MODEL_SUFFIXES = (".tflite", ".pte")
 DEFAULT_INPUTS = "test_inputs.npz"
 
 
-@dataclass(frozen=True)
-class BenchOptions:
-    """What to measure and how; every field ends up in the results."""
-
-    targets: str = "host"
-    threads: str = "1,2"
-    inputs: Path | None = None
-    out: Path | None = None
-    iters: int = 50
-    warmup: int = 5
-    samples: int | None = None
-    arm_iters: int = 5
-    arm_warmup: int = 2
-    arm_samples: int = 50
-    allow_modified: bool = False  # benchmark a file whose sha256 no longer matches its export manifest
-
-
 @dataclass
 class Artifact:
-    """One model file and what the export stage said about it."""
+    """One model file and what the export stage said about it (its sidecar, when there is one)."""
 
     path: Path
-    manifest: dict[str, Any] = field(default_factory=dict)
+    sidecar: ArtifactSidecar | None = None
     spec: dict[str, Any] = field(default_factory=dict)  # device_bench --inspect: input, output, macs
     sha256: str = ""
-    modified: bool = False  # its sha256 differs from the one its export manifest recorded
+    modified: bool = False  # its sha256 differs from the one its sidecar recorded at export
 
     @property
     def name(self) -> str:
@@ -64,7 +55,8 @@ class Artifact:
 
     @property
     def macs(self) -> int | None:
-        for source in (self.spec.get("macs"), self.manifest.get("macs"), self.manifest.get("model", {}).get("macs")):
+        said = (self.sidecar.extra.get("macs"), self.sidecar.model.extra.get("macs")) if self.sidecar else ()
+        for source in (self.spec.get("macs"), *said):
             if isinstance(source, int) and source > 0:
                 return source
         return None
@@ -74,22 +66,16 @@ class Artifact:
 
 
 def device_bench_script() -> Path:
-    """device_bench.py: beside the edgetl package in a checkout, or where EDGETL_DEVICE_BENCH says."""
+    """device_bench.py as shipped with edgetl, or where EDGETL_DEVICE_BENCH says."""
     env = os.environ.get("EDGETL_DEVICE_BENCH")
-    script = Path(env) if env else Path(__file__).resolve().parent.parent / "device_bench" / "device_bench.py"
+    if not env:
+        from edgetl import assets
+
+        return assets.file("device_bench", "device_bench.py")
+    script = Path(env)
     if not script.is_file():
         raise UserError(f"device_bench script not found at {script}; set EDGETL_DEVICE_BENCH to device_bench.py")
     return script
-
-
-def _positive_ints(text: str, what: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or any(v < 1 for v in values):
-        raise UserError(f"{what} {text!r} is not a comma-separated list of positive integers (e.g. 1,2)")
-    return list(dict.fromkeys(values))
 
 
 def find_artifacts(export: Path) -> list[Artifact]:
@@ -106,14 +92,9 @@ def find_artifacts(export: Path) -> list[Artifact]:
         raise UserError(f"no .tflite or .pte files in {str(export)!r}; run `edgetl export` first")
     artifacts = []
     for path in paths:
-        manifest: dict[str, Any] = {}
         sidecar = path.with_name(path.name + ".json")
-        if sidecar.is_file():
-            try:
-                manifest = json.loads(sidecar.read_text())
-            except json.JSONDecodeError as error:
-                raise UserError(f"{str(sidecar)!r} is not valid JSON ({error.msg})") from None
-        artifacts.append(Artifact(path.resolve(), manifest))
+        described = read(sidecar, ArtifactSidecar) if sidecar.is_file() else None
+        artifacts.append(Artifact(path.resolve(), described))
     return artifacts
 
 
@@ -124,8 +105,8 @@ def check_unmodified(artifacts: list[Artifact], allow_modified: bool) -> None:
 
     for artifact in artifacts:
         artifact.sha256 = sha256_file(artifact.path)
-        recorded = artifact.manifest.get("sha256") if isinstance(artifact.manifest, dict) else None
-        if not isinstance(recorded, str) or recorded == artifact.sha256:
+        recorded = artifact.sidecar.sha256 if artifact.sidecar is not None else None
+        if recorded is None or recorded == artifact.sha256:
             continue
         artifact.modified = True
         if not allow_modified:
@@ -334,26 +315,26 @@ def _fill_pte_macs(artifacts: list[Artifact]) -> None:
 
 
 def row(result: dict[str, Any]) -> dict[str, Any]:
-    """The flat line of the table and of the report for one result."""
+    """The flat line of the table and of the report for one result (a contracts.BenchRow, as JSON)."""
     target = result["target"]
     if "failed" in result:
-        return {"artifact": result["artifact"], "target": target["name"], "threads": result["conditions"]["threads"],
-                "failed": result["failed"]}
+        return BenchRow(artifact=result["artifact"], target=target["name"], threads=result["conditions"]["threads"],
+                        failed=result["failed"]).to_json()
     timing, accuracy, emulation = result["timing_ms"], result.get("accuracy"), result.get("emulation")
-    return {
-        "artifact": result["model"]["file"], "target": target["name"], "emulated": target["emulated"],
-        "threads": result["conditions"]["threads"],
-        "runtime": f"{result['runtime']['name']} {result['runtime']['version']}",
-        "p50_ms": timing["p50"], "p90_ms": timing["p90"], "load_ms": timing["load"],
-        "latency_label": EMULATED_LABEL if target["emulated"] else "host wall time",
-        "top1": accuracy["top1"] if accuracy else None, "top1_samples": accuracy["samples"] if accuracy else None,
-        "instructions_per_invoke": emulation["instructions_per_invoke"] if emulation else None,
-        "macs": result["model"].get("macs"),
-        "instructions_per_mac": emulation["instructions_per_mac"] if emulation else None,
-        "size_bytes": result["model"]["size_bytes"], "peak_rss_kb": result["memory"]["peak_rss_kb"],
-        "model_rss_kb": result["memory"].get("peak_rss_before_inputs_kb") or result["memory"]["peak_rss_kb"],
-        **({"modified_since_export": True} if result["model"].get("modified_since_export") else {}),
-    }
+    return BenchRow(
+        artifact=result["model"]["file"], target=target["name"], emulated=target["emulated"],
+        threads=result["conditions"]["threads"],
+        runtime=f"{result['runtime']['name']} {result['runtime']['version']}",
+        p50_ms=timing["p50"], p90_ms=timing["p90"], load_ms=timing["load"],
+        latency_label=EMULATED_LABEL if target["emulated"] else "host wall time",
+        top1=accuracy["top1"] if accuracy else None, top1_samples=accuracy["samples"] if accuracy else None,
+        instructions_per_invoke=emulation["instructions_per_invoke"] if emulation else None,
+        macs=result["model"].get("macs"),
+        instructions_per_mac=emulation["instructions_per_mac"] if emulation else None,
+        size_bytes=result["model"]["size_bytes"], peak_rss_kb=result["memory"]["peak_rss_kb"],
+        model_rss_kb=result["memory"].get("peak_rss_before_inputs_kb") or result["memory"]["peak_rss_kb"],
+        modified_since_export=bool(result["model"].get("modified_since_export")),
+    ).to_json()
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -497,14 +478,9 @@ def setup_userland(kind: str) -> dict[str, Any]:
 
 def run_bench(export: Path, options: BenchOptions) -> Path:
     """Measure every artifact on every target; write bench/*.json, the manifest, the plot; print the table."""
-    from edgetl.arm64 import parse_targets
     from edgetl.ui import console
 
-    targets = parse_targets(options.targets)
-    thread_counts = _positive_ints(options.threads, "--threads")
-    for name in ("iters", "arm_iters"):
-        if getattr(options, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(options, name)}")
+    targets, thread_counts = options.validate()
     export = Path(export)
     artifacts = find_artifacts(export)
     inputs = options.inputs
@@ -552,7 +528,7 @@ def run_bench(export: Path, options: BenchOptions) -> Path:
                         console.print(f"[red]bench: {what} failed: {result['failed']}[/]")
                 results.extend(target_runs)
                 _write(folder_out / f"{artifact.name}@{target.name}.json",
-                       {"schema_version": SCHEMA_VERSION, "kind": "edgetl.bench.result", "artifact": artifact.name,
+                       {"schema_version": SCHEMA_VERSION, "kind": BENCH_RESULT_KIND, "artifact": artifact.name,
                         "target": target_record(target), "runs": target_runs})
         rows = [row(r) for r in results]
         found_ratios = ratios(rows)
@@ -561,22 +537,21 @@ def run_bench(export: Path, options: BenchOptions) -> Path:
         from edgetl import arm64
         from edgetl.manifest import library_versions, now_utc
 
-        manifest = {
-            "schema_version": SCHEMA_VERSION, "kind": BENCH_KIND, "created": now_utc(), "edgetl": __version__,
-            "source": {"path": str(folder.resolve()),
-                       "artifacts": {a.name: a.sha256 for a in artifacts},
-                       "modified_since_export": sorted(a.name for a in artifacts if a.modified),
-                       "inputs": str(Path(inputs).resolve()) if inputs else None},
-            "conditions": {"targets": [t.name for t in targets], "host_threads": thread_counts,
-                           "arm_threads": 1, "iters": options.iters, "warmup": options.warmup,
-                           "samples": options.samples, "arm_iters": options.arm_iters,
-                           "arm_warmup": options.arm_warmup, "arm_samples": options.arm_samples},
-            "files": sorted(p.name for p in folder_out.glob("*@*.json")), "plot": figure.name if figure else None,
-            "rows": rows, "int8_fp32_instruction_ratios": found_ratios,
-            "arm64_setup": arm64.status() if any(t.emulated for t in targets) else None,
-            "versions": library_versions(("numpy", "ai-edge-litert", "executorch", "matplotlib")),
-            "seconds": round(time.perf_counter() - started, 1),
-        }
+        manifest = BenchManifest(
+            created=now_utc(), edgetl=__version__,
+            source={"path": str(folder.resolve()), "artifacts": {a.name: a.sha256 for a in artifacts},
+                    "modified_since_export": sorted(a.name for a in artifacts if a.modified),
+                    "inputs": str(Path(inputs).resolve()) if inputs else None},
+            conditions={"targets": [t.name for t in targets], "host_threads": thread_counts,
+                        "arm_threads": 1, "iters": options.iters, "warmup": options.warmup,
+                        "samples": options.samples, "arm_iters": options.arm_iters,
+                        "arm_warmup": options.arm_warmup, "arm_samples": options.arm_samples},
+            files=sorted(p.name for p in folder_out.glob("*@*.json")), plot=figure.name if figure else None,
+            rows=tuple(BenchRow.from_json(r, "bench rows") for r in rows), int8_fp32_instruction_ratios=found_ratios,
+            arm64_setup=arm64.status() if any(t.emulated for t in targets) else None,
+            versions=library_versions(("numpy", "ai-edge-litert", "executorch", "matplotlib")),
+            seconds=round(time.perf_counter() - started, 1),
+        ).to_json()
         _write(folder_out / "manifest.json", manifest)
     report = _add_to_report(out, rows, found_ratios)
     console.print(f"bench: results in {out}" + (f"; plot {out / figure.name}" if figure else
@@ -585,4 +560,4 @@ def run_bench(export: Path, options: BenchOptions) -> Path:
     return out
 
 
-__all__ = ["BenchOptions", "run_bench", "setup_userland"]
+__all__ = ["BenchOptions", "run_bench", "setup_userland"]  # BenchOptions is config.BenchOptions

@@ -10,30 +10,26 @@ prove on a device that nothing was lost on the way. Framework-free until a runti
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import shutil
 import time
 import unicodedata
-from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape as xml_escape
 
 import numpy as np
 
+from edgetl import assets, runtimes
+from edgetl.config import BundleOptions
+from edgetl.contracts import BUNDLE_KIND, SCHEMA_VERSION, ArtifactSidecar, read
 from edgetl.errors import UserError, one_of
 from edgetl.labels import check_labels, shown
-from edgetl.manifest import SCHEMA_VERSION, now_utc, sha256_file, write_json
+from edgetl.manifest import now_utc, sha256_file, write_json
 from edgetl.paths import atomic_dir, claim_output, ensure_writable_dir
 from edgetl.ui import console
 
-PLATFORMS = ("android", "ios")
-FORMATS = {".tflite": "tflite", ".pte": "pte"}
-BUNDLE_KIND = "edgetl.bundle"
-REPO_ROOT = Path(__file__).resolve().parent.parent
-TEMPLATES = REPO_ROOT / "export"
-DEVICE_BENCH = REPO_ROOT / "device_bench"
+TEMPLATES = assets.folder("export")  # android/, ios/ and golden_check.py, shipped inside the package
 ANDROID_MODULE = "edgetl-classifier"
 IOS_PACKAGE = "EdgeTLClassifier"
 KOTLIN_PACKAGE = Path("ai/edgetl/classifier")
@@ -43,36 +39,12 @@ LITERT_ANDROID = "com.google.ai.edge.litert:litert:2.3.0"
 TOLERANCE = {"fp32": 0.01, "int8": 0.05}
 
 
-@dataclass(frozen=True)
-class BundleOptions:
-    """What `edgetl bundle` was asked; defaults are what an app developer wants."""
-
-    artifact: str | None = None
-    platforms: tuple[str, ...] = PLATFORMS
-    out: Path | None = None
-    golden: int = 5
-    top_k: int = 3
-    metadata: bool = True
-    int8_io: bool = False
-
-
-def parse_platforms(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    items = value.split(",") if isinstance(value, str) else list(value)
-    chosen = tuple(dict.fromkeys(item.strip().lower() for item in items if item.strip()))
-    if not chosen:
-        raise UserError(f"--platform is empty; valid: {', '.join(PLATFORMS)}")
-    for item in chosen:
-        if item not in PLATFORMS:
-            raise UserError(one_of(item, PLATFORMS, "platform"))
-    return chosen
-
-
 def find_artifact(export_dir: Path, name: str | None) -> tuple[Path, dict]:
     """The artifact file and its sidecar manifest; every miss is one line naming what is there."""
     export_dir = Path(export_dir)
     if not export_dir.is_dir():
         raise UserError(f"export folder {str(export_dir)!r} does not exist; give the folder `edgetl export` wrote")
-    present = sorted(p.name for p in export_dir.iterdir() if p.suffix in FORMATS and p.is_file())
+    present = sorted(p.name for p in export_dir.iterdir() if p.suffix in runtimes.FORMATS and p.is_file())
     if not present:
         raise UserError(f"{str(export_dir)!r} holds no .tflite or .pte file; run `edgetl export` first")
     if name is None:
@@ -88,12 +60,7 @@ def find_artifact(export_dir: Path, name: str | None) -> tuple[Path, dict]:
     if not sidecar_path.is_file():
         raise UserError(f"artifact {path.name!r} has no manifest ({sidecar_path.name} is missing in "
                         f"{str(export_dir)!r}); re-export it with `edgetl export`")
-    try:
-        sidecar = json.loads(sidecar_path.read_text())
-        for key in ("format", "quant", "preprocess", "model", "labels", "input", "output", "sha256"):
-            sidecar[key]  # noqa: B018 - presence check
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
-        raise UserError(f"manifest {str(sidecar_path)!r} is not an edgetl artifact manifest ({error})") from None
+    sidecar = read(sidecar_path, ArtifactSidecar).to_json()  # every field checked, each problem one line
     check_code_values(path, sidecar, sidecar_path)
     if sha256_file(path) != sidecar["sha256"]:
         raise UserError(f"{path.name!r} does not match its manifest's sha256; the file changed after export")
@@ -115,8 +82,9 @@ def _finite(value: object) -> bool:
 
 def check_code_values(path: Path, sidecar: dict, sidecar_path: Path) -> None:
     """Every sidecar value that the generated Kotlin, Swift, podspec, Gradle file or README uses, checked
-    before anything is written: names against a conservative character set, numbers for being numbers.
-    They are escaped for each language as well (`escape`); this makes a hostile file fail with one line."""
+    before anything is written against a conservative character set (that numbers are finite numbers and
+    the sha256 64 hex digits, contracts.ArtifactSidecar has checked already). They are escaped for each
+    language as well (`escape`); this makes a hostile file fail with one line."""
     where = f"manifest {str(sidecar_path)!r}"
     if not SAFE_NAME.match(path.name):
         raise UserError(f"artifact file name {shown(path.name)} has characters that edgetl does not put into app "
@@ -125,36 +93,19 @@ def check_code_values(path: Path, sidecar: dict, sidecar_path: Path) -> None:
     if sidecar.get("file") != path.name:
         raise UserError(f"{where} describes {shown(str(sidecar.get('file')))}, not {path.name!r}: it is not this "
                         "file's manifest; re-export it with `edgetl export`")
-    if sidecar["format"] != FORMATS.get(path.suffix):
+    if sidecar["format"] != runtimes.FORMATS.get(path.suffix):
         raise UserError(f"{where} says format {sidecar['format']!r} for a {path.suffix} file")
-    sha = sidecar["sha256"]
-    if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
-        raise UserError(f"{where}: sha256 {shown(str(sha))} is not 64 hex digits")
     check_labels(sidecar["labels"], where, "export again from a checkpoint with usable labels")
-    model = sidecar["model"]
-    words = {"quant": sidecar["quant"], "model.backbone": model.get("backbone") if isinstance(model, dict) else None}
+    words = {"quant": sidecar["quant"], "model.backbone": sidecar["model"]["backbone"]}
     for key, value in words.items():
-        if not (isinstance(value, str) and SAFE_WORD.match(value)):
-            raise UserError(f"{where}: {key} {shown(str(value))} is not a plain name (letters, digits, . _ -)")
-    if not (isinstance(model.get("image_size"), int) and 1 <= model["image_size"] <= 4096):
-        raise UserError(f"{where}: model.image_size {model.get('image_size')!r} is not a size in pixels")
-    pre = sidecar["preprocess"]
-    try:
-        numbers = [pre["scale"], pre["resize"]["width"], pre["resize"]["height"], *pre["mean"], *pre["std"]]
-    except (KeyError, TypeError):
-        raise UserError(f"{where}: preprocess lacks scale, resize, mean or std") from None
-    if not all(_finite(v) for v in numbers) or len(pre["mean"]) != 3 or len(pre["std"]) != 3 or 0 in pre["std"]:
-        raise UserError(f"{where}: preprocess {shown(json.dumps(pre))[:200]} holds a value that is not a usable "
-                        "number (scale, resize, 3 means, 3 non-zero stds)")
+        if not SAFE_WORD.match(value):
+            raise UserError(f"{where}: {key} {shown(value)} is not a plain name (letters, digits, . _ -)")
+    if sidecar["model"]["image_size"] > 4096:
+        raise UserError(f"{where}: model.image_size {sidecar['model']['image_size']} is not a size in pixels "
+                        "(valid: 8 to 4096)")
     for side in ("input", "output"):
-        tensor = sidecar[side]
-        if not isinstance(tensor, dict) or tensor.get("dtype") not in DTYPES:
-            dtype = tensor.get("dtype") if isinstance(tensor, dict) else tensor
-            raise UserError(f"{where}: {side} dtype {shown(str(dtype))} is not one of {', '.join(DTYPES)}")
-        quant = tensor.get("quantization")
-        if quant is not None and not (isinstance(quant, dict) and _finite(quant.get("scale"))
-                                      and isinstance(quant.get("zero_point"), int)):
-            raise UserError(f"{where}: {side} quantization {shown(json.dumps(quant))} is not a scale and a zero point")
+        if sidecar[side]["dtype"] not in DTYPES:
+            raise UserError(f"{where}: {side} dtype {shown(sidecar[side]['dtype'])} is not one of {', '.join(DTYPES)}")
     version = (sidecar.get("versions") or {}).get("executorch")
     if version is not None and not (isinstance(version, str) and SAFE_VERSION.match(version)):
         raise UserError(f"{where}: versions.executorch {shown(str(version))} is not a version number")
@@ -209,12 +160,11 @@ def markdown(value: object) -> str:
 def run_bundle(export_dir: Path, options: BundleOptions) -> Path:
     """Build the bundle folder (all or nothing) and return it."""
     export_dir = Path(export_dir)
-    platforms = parse_platforms(options.platforms)
+    options = options.validate()
+    platforms = options.platforms
     if not (TEMPLATES / "android").is_dir() or not (TEMPLATES / "ios").is_dir():
-        raise UserError(f"the app templates are missing ({TEMPLATES}/android, ios); edgetl bundle runs from a "
-                        f"source checkout (pip install -e .)")
-    if not 1 <= options.golden <= 50:
-        raise UserError(f"--golden {options.golden} is not usable; valid: 1 to 50 images")
+        raise UserError(f"the app templates are missing ({TEMPLATES}/android, ios) from this installation; "
+                        f"reinstall edgetl")
     artifact, sidecar = find_artifact(export_dir, options.artifact)
     if not 1 <= options.top_k <= len(sidecar["labels"]):
         raise UserError(f"--top-k {options.top_k} is not usable; valid: 1 to {len(sidecar['labels'])}")
@@ -248,9 +198,9 @@ def run_bundle(export_dir: Path, options: BundleOptions) -> Path:
             _android(tmp / "android" / ANDROID_MODULE, sidecar, files, tmp / "golden")
         if "ios" in platforms:
             _ios(tmp / "ios" / IOS_PACKAGE, sidecar, files, tmp / "golden")
-        shutil.copytree(DEVICE_BENCH, tmp / "device_bench", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        assets.copy_folder("device_bench", tmp / "device_bench")
         shutil.copy2(model, tmp / "device_bench" / model.name)
-        (tmp / "device_bench" / "golden_check.py").write_text((TEMPLATES / "golden_check.py").read_text())
+        shutil.copy2(assets.file("export", "golden_check.py"), tmp / "device_bench" / "golden_check.py")
         shutil.copy2(tmp / "golden" / "golden.npz", tmp / "device_bench" / "golden.npz")
         shutil.copy2(tmp / "golden" / "expected.json", tmp / "device_bench" / "expected.json")
         record = {
@@ -299,7 +249,8 @@ def _bundled_model(artifact: Path, sidecar: dict, labels_file: Path, work: Path,
 def _io(model: Path, sidecar: dict) -> dict:
     """Input/output tensors of the bundled file (its own, after any wrapper), in the sidecar's format."""
     if sidecar["format"] == "tflite":
-        return tflite_tensors(model)
+        described = runtimes.describe(model, "tflite")
+        return {"input": described["inputs"][0], "output": described["outputs"][0]}
     keep = ("name", "dtype", "shape", "quantization")
     return {"input": {k: sidecar["input"].get(k) for k in keep}, "output": {k: sidecar["output"].get(k) for k in keep}}
 
@@ -340,64 +291,6 @@ def preprocess_json(sidecar: dict, model_file: str, io: dict, in_graph: dict | N
 # ----------------------------------------------------------------------------------------- the golden set
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
-
-
-def _interpreter(model: Path):
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError as error:
-        raise UserError(f"ai-edge-litert is not installed ({error}); pip install 'edgetl[torch]'") from None
-    interpreter = Interpreter(model_path=str(model))
-    interpreter.allocate_tensors()
-    return interpreter
-
-
-def tflite_tensors(model: Path) -> dict:
-    """Input and output tensor of a .tflite: name, dtype, shape, quantization (None for float)."""
-    interpreter = _interpreter(model)
-
-    def describe(detail: dict) -> dict:
-        scale, zero_point = detail["quantization"]
-        return {"name": detail["name"], "dtype": np.dtype(detail["dtype"]).name,
-                "shape": [int(v) for v in detail["shape"]],
-                "quantization": {"scale": float(scale), "zero_point": int(zero_point)} if scale else None}
-
-    return {"input": describe(interpreter.get_input_details()[0]),
-            "output": describe(interpreter.get_output_details()[0])}
-
-
-def run_model(model: Path, fmt: str, x: np.ndarray) -> np.ndarray:
-    """Float logits for NHWC float inputs, in the file's own runtime; int8 tensors (de)quantized as an app does."""
-    if fmt == "pte":
-        import torch
-        from executorch.runtime import Runtime
-
-        method = Runtime.get().load_program(str(model)).load_method("forward")
-        return np.stack([method.execute([torch.from_numpy(np.ascontiguousarray(image[None]))])[0].numpy().reshape(-1)
-                         for image in x]).astype(np.float32)
-    interpreter = _interpreter(model)
-    source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-    rows = []
-    for image in x:
-        batch = image[None]
-        dtype = np.dtype(source["dtype"])
-        if dtype.kind in "iu":
-            scale, zero = source["quantization"]
-            info = np.iinfo(dtype)
-            batch = np.clip(np.round(batch / scale) + zero, info.min, info.max)
-        interpreter.set_tensor(source["index"], np.ascontiguousarray(batch.astype(dtype)))
-        interpreter.invoke()
-        out = interpreter.get_tensor(target["index"]).reshape(-1).astype(np.float32)
-        if np.dtype(target["dtype"]).kind in "iu":
-            scale, zero = target["quantization"]
-            out = (out - zero) * scale
-        rows.append(out)
-    return np.stack(rows)
-
-
 def _pixels(x: np.ndarray, pre: dict) -> np.ndarray:
     """Undo normalisation: the uint8 RGB picture (at the model's size) that preprocesses back to `x`."""
     mean, std = np.asarray(pre["mean"], np.float64), np.asarray(pre["std"], np.float64)
@@ -425,8 +318,8 @@ def _golden(export_dir: Path, artifact: Path, sidecar: dict, model: Path, spec: 
     app = np.stack(pictures).astype(np.float32)
     app = ((app - np.asarray(spec["pixel_mean"], np.float32)) / np.asarray(spec["pixel_std"], np.float32))
     fmt = sidecar["format"]
-    raw = run_model(model, fmt, app)
-    probs = raw if spec["output"]["kind"] == "probabilities" else softmax(raw)
+    raw = runtimes.run(model, app, fmt=fmt)
+    probs = raw if spec["output"]["kind"] == "probabilities" else runtimes.softmax(raw)
     tolerance = TOLERANCE.get(sidecar["quant"], 0.05)
     ordered = np.sort(probs, axis=1)
     margin = ordered[:, -1] - ordered[:, -2]
@@ -439,7 +332,7 @@ def _golden(export_dir: Path, artifact: Path, sidecar: dict, model: Path, spec: 
     for i in np.argsort(-margin):  # then the clearest of the rest
         if len(chosen) < options.golden and int(i) not in chosen:
             chosen.append(int(i))
-    source = softmax(run_model(artifact, fmt, xs[chosen]))
+    source = runtimes.softmax(runtimes.run(artifact, xs[chosen], fmt=fmt))
     mismatch = [i for i, j in enumerate(chosen) if source[i].argmax() != probs[j].argmax()]
     if mismatch:
         raise UserError(f"the bundled model disagrees with {artifact.name} on golden image(s) {mismatch}; "

@@ -31,11 +31,6 @@ app = typer.Typer(
 )
 
 
-def _not_yet(verb: str, issue: int) -> None:
-    typer.echo(f"edgetl {verb}: not implemented yet (planned in issue #{issue}).", err=True)
-    raise typer.Exit(1)
-
-
 @app.command()
 def finetune(
     data: Annotated[
@@ -129,8 +124,9 @@ def export(
                       "with --prune).")
     ] = None,
     recovery_epochs: Annotated[int | None, typer.Option(
-        help="Fine-tune epochs of --prune on torch (default: 8 for channels, 4 for magnitude).")] = None,
-    qat_epochs: Annotated[int | None, typer.Option(help="Epochs of --qat on torch (default 2).")] = None,
+        help="Fine-tune epochs of --prune (default: torch 8 for channels, 4 for magnitude; keras 6).")] = None,
+    qat_epochs: Annotated[int | None, typer.Option(
+        help="Epochs of --qat (default 2; keras after --prune: 6).")] = None,
     distill: Annotated[float | None, typer.Option(
         help="Weight, 0 to 1, of the dense model's soft targets (distillation) in the --prune fine-tune and --qat "
              "on torch (default: 0.9 for channels, 0 otherwise).")] = None,
@@ -186,7 +182,8 @@ def bench(
         "modified in the results) instead of refusing it.")] = False,
 ) -> None:
     """Benchmark exported files on the host CPU and on emulated ARM64 phone CPUs."""
-    from edgetl.bench import BenchOptions, run_bench, setup_userland
+    from edgetl.bench import run_bench, setup_userland
+    from edgetl.config import BenchOptions
 
     if setup is not None:
         setup_userland(setup)
@@ -250,7 +247,8 @@ def bundle(
         help="Keep an int8 .tflite's int8 input/output (apps quantize; MediaPipe then refuses it).")] = False,
 ) -> None:
     """Bundle an exported file into an Android module and an iOS package, with a golden self-test."""
-    from edgetl.bundle import BundleOptions, parse_platforms, run_bundle
+    from edgetl.bundle import run_bundle
+    from edgetl.config import BundleOptions, parse_platforms
 
     options = BundleOptions(artifact=artifact, platforms=parse_platforms(platform), out=out, golden=golden,
                             top_k=top_k, metadata=metadata, int8_io=int8_io)

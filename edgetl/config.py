@@ -1,15 +1,21 @@
-"""Resolved configuration of each stage, as frozen dataclasses.
+"""Resolved configuration of every stage, as frozen dataclasses, and the one recipe loader.
 
-The CLI builds them from flags; `validate()` turns every bad value into one clear UserError before any
-heavy import, and the resolved dict is stored in the manifest so a run can be repeated exactly.
+The CLI builds them from flags and recipes (`export/recipes/*.toml`, `export/sweeps/*.toml`); `validate()`
+turns every bad value into one clear UserError before any heavy import, `ExportConfig.for_backend` refuses
+what the checkpoint's backend cannot do (read from `backends/base.CAPABILITIES`), and the resolved dict is
+stored in the manifest so a run can be repeated exactly.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
+from edgetl.arm64.targets import TARGETS, parse_targets
 from edgetl.backbones import check_image_size, get_backbone
+from edgetl.backends.base import CAPABILITIES, capabilities
 from edgetl.errors import UserError, one_of
 
 FRAMEWORKS = ("torch", "keras")
@@ -113,3 +119,448 @@ class FinetuneConfig:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def _as_list(value: object, lower: bool = True) -> list[str]:
+    """'pte,tflite', ['pte', 'tflite'] or ('pte',) → ['pte', 'tflite'] (no blanks; lower-case unless asked)."""
+    items = value.split(",") if isinstance(value, str) else list(value)  # type: ignore[arg-type]
+    cleaned = [str(item).strip() for item in items if str(item).strip()]
+    return [item.lower() for item in cleaned] if lower else cleaned
+
+
+def _union(attribute: str) -> tuple[str, ...]:
+    """Every value of one capability over all backends, in table order (what some backend can do)."""
+    return tuple(dict.fromkeys(v for caps in CAPABILITIES.values() for v in getattr(caps, attribute)))
+
+
+def _owners(attribute: str, value: str) -> str:
+    return "/".join(name for name, caps in CAPABILITIES.items() if value in getattr(caps, attribute)) or "no backend"
+
+
+# ------------------------------------------------------------------------------------------- export
+
+FORMATS = _union("formats")
+QUANTS = _union("quants")
+PRUNE_KINDS = _union("prune_kinds")
+PRUNE_NAMES = {"channels": "channel pruning", "magnitude": "magnitude pruning"}
+# Measured on the demo model (benchmarks/export_figures.py, docs/BENCHMARKS.md): beyond ~256 images the int8
+# top-1 no longer moves, while calibration time keeps growing linearly.
+DEFAULT_CALIB = 256
+
+
+def parse_prune(value: object) -> tuple[str, float] | None:
+    """`"channels:0.5"` → ("channels", 0.5); `"magnitude:0.5"`, a bare `0.5` (the keras meaning) → magnitude."""
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    kind, sep, number = text.partition(":")
+    if not sep:
+        kind, number = "magnitude", text
+    valid = "channels:R (fraction of channels removed) or magnitude:S (fraction of weights zeroed), 0 < R, S < 1"
+    if kind not in PRUNE_KINDS:
+        raise UserError(f"--prune {value!s} has an unknown form; valid: {valid}")
+    try:
+        ratio = float(number)
+    except ValueError:
+        raise UserError(f"--prune {value!s} has an unknown form; valid: {valid}") from None
+    if not 0 < ratio < 1:
+        raise UserError(f"--prune {value!s}: {ratio:g} is not a usable fraction; valid: {valid}")
+    return kind, ratio
+
+
+def variant_tag(prune: object, qat: bool, quant: str) -> str:
+    """File-name suffix of a compressed variant: `-ch50` (channels removed), `-pruned50` (weights zeroed), then
+    `-qat` on int8 files that quantization-aware training made. Never rounded: 0.333 is `-pruned33p3`, so two
+    sparsities never share a name."""
+    spec = parse_prune(prune)
+    tag = ""
+    if spec is not None:
+        percent = f"{100 * spec[1]:g}".replace(".", "p")
+        tag = f"-ch{percent}" if spec[0] == "channels" else f"-pruned{percent}"
+    return tag + ("-qat" if qat and quant == "int8" else "")
+
+
+def artifact_name(model: Any, quant: str, fmt: str, tag: str = "") -> str:
+    """`efficientnet_lite0-128-int8-ch50-qat.pte`: backbone, width, input size, precision, then `variant_tag`.
+
+    `model` is a checkpoint's model description: a contracts.ModelInfo, or its JSON form."""
+    described = model if isinstance(model, dict) else model.to_json()
+    width = "" if float(described["width"]) == 1.0 else f"-w{float(described['width']):g}"
+    return f"{described['backbone']}{width}-{described['image_size']}-{quant}{tag}.{fmt}"
+
+
+# Flags as a user types them, for the options that are not plain `--name VALUE`.
+_FLAG_TEXT = {"bias_correction": "--no-bias-correction", "fuse_clamp": "fuse_clamp = false"}
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Everything that decides an export; a recipe sets any field, CLI flags override it."""
+
+    formats: tuple[str, ...] = ("tflite", "pte")
+    quant: tuple[str, ...] = ("fp32", "int8")
+    calib: int = DEFAULT_CALIB
+    max_drop: float = 1.0
+    bias_correction: bool = True  # torch: PT2E bias correction of rounded weights
+    fuse_clamp: bool = True  # torch: ReLU6 outputs observed after the clamp
+    seed: int = 0
+    threads: int | None = None
+    # "channels:R" (torch: remove a fraction R of channels) or "magnitude:S" (zero a fraction S of weights);
+    # a bare number is magnitude sparsity (keras has magnitude only).
+    prune: str | float | None = None
+    qat: bool = False  # quantization-aware training before the int8 export (torch: PT2E QAT; keras: tfmot)
+    recovery_epochs: int | None = None  # fine-tune epochs of pruning (None: the backend's measured default)
+    qat_epochs: int | None = None  # epochs of quantization-aware training (None: the backend's default)
+    tune_images: int | None = None  # training images the short fine-tunes use (None: the whole training split)
+    recovery_lr: float | None = None  # learning rate of the pruning fine-tune (None: measured default)
+    qat_lr: float | None = None  # learning rate of QAT (None: measured default)
+    # torch: weight of the dense float model's soft targets (knowledge distillation) in the pruning fine-tune
+    # and in QAT, 0 to 1 (None: the measured default of each)
+    distill: float | None = None
+    recipe: str | None = None
+
+    def validate(self) -> ExportConfig:
+        """Every bad value becomes one UserError line before any framework import."""
+        formats = tuple(dict.fromkeys(_as_list(self.formats)))
+        quant = tuple(dict.fromkeys(_as_list(self.quant)))
+        if not formats:
+            raise UserError(f"--formats is empty; valid: {', '.join(FORMATS)}")
+        if not quant:
+            raise UserError(f"--quant is empty; valid: {', '.join(QUANTS)}")
+        for value in formats:
+            if value not in FORMATS:
+                raise UserError(one_of(value, FORMATS, "format"))
+        for value in quant:
+            if value not in QUANTS:
+                raise UserError(one_of(value, QUANTS, "quantization"))
+        prune = self.prune
+        spec = parse_prune(prune)
+        if spec is not None:  # canonical: a float stays a float (keras meaning); a spec string "kind:R"
+            prune = spec[1] if isinstance(prune, float | int) or ":" not in str(prune) else f"{spec[0]}:{spec[1]:g}"
+        if self.qat and "int8" not in quant:
+            raise UserError(f"--qat trains for int8 but --quant is {','.join(quant)}; add int8 to --quant")
+        if self.recovery_epochs is not None and not 0 <= self.recovery_epochs <= 1000:
+            raise UserError(f"recovery_epochs {self.recovery_epochs} is not usable; valid: 0 to 1000")
+        if self.qat_epochs is not None and not 1 <= self.qat_epochs <= 1000:
+            raise UserError(f"qat_epochs {self.qat_epochs} is not usable; valid: 1 to 1000")
+        for name in ("recovery_lr", "qat_lr"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < 1:
+                raise UserError(f"{name} {value:g} is not usable; valid: a learning rate between 0 and 1")
+        if self.distill is not None and not 0 <= self.distill <= 1:
+            raise UserError(f"--distill {self.distill:g} is not usable; valid: 0 (labels only) to 1 (teacher only)")
+        if self.tune_images is not None and self.tune_images < 1:
+            raise UserError(f"tune_images {self.tune_images} is not usable; valid: 1 or more training images")
+        if "int8" in quant and not 1 <= self.calib <= 100_000:
+            raise UserError(f"--calib {self.calib} is not usable; valid: 1 or more training images")
+        if not 0 <= self.max_drop <= 100:
+            raise UserError(f"--max-drop {self.max_drop:g} is not usable; valid: 0 to 100 points of top-1")
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"--threads {self.threads} is not usable; valid: 1 or more")
+        return replace(self, formats=formats, quant=quant, prune=prune)
+
+    def for_backend(self, framework: object) -> ExportConfig:
+        """This config as the checkpoint's backend can honour it, or one UserError line naming what it lacks.
+
+        Formats it cannot make are dropped while at least one requested format remains (the default asks for
+        both); precisions, pruning kinds and knobs it lacks are refused rather than ignored."""
+        config = self.validate()
+        caps = capabilities(framework)
+        where = f"this checkpoint's framework is {caps.framework}"
+        formats = tuple(f for f in config.formats if f in caps.formats)
+        if not formats:
+            raise UserError(f"--formats {','.join(config.formats)}: a {caps.framework} checkpoint exports to "
+                            f"{', '.join('.' + f for f in caps.formats)} only; use --formats "
+                            f"{','.join(caps.formats)}, or {caps.hint}")
+        missing = [q for q in config.quant if q not in caps.quants]
+        if missing:
+            owners = _owners("quants", missing[0])
+            raise UserError(f"{', '.join(f'--quant {q}' for q in missing)}: {owners}-only; {where} ({caps.hint})")
+        spec = config.prune_spec
+        if spec is not None and spec[0] not in caps.prune_kinds:
+            valid = " or ".join(f"--prune {kind}:{spec[1]:g}" for kind in caps.prune_kinds)
+            raise UserError(f"--prune {config.prune}: {PRUNE_NAMES[spec[0]]} is {_owners('prune_kinds', spec[0])}"
+                            f"-only; {where} (valid here: {valid})")
+        defaults = {f.name: f.default for f in fields(ExportConfig)}
+        for name, value in asdict(config).items():
+            if caps.honours(name) or value == defaults[name]:
+                continue
+            flag = _FLAG_TEXT.get(name) or f"--{name.replace('_', '-')} {value:g}"
+            owners = "/".join(n for n, c in CAPABILITIES.items() if c.honours(name))
+            raise UserError(f"{flag}: {owners}-only; {where} ({caps.hint})")
+        return replace(config, formats=formats)
+
+    @property
+    def prune_spec(self) -> tuple[str, float] | None:
+        return parse_prune(self.prune)
+
+    def to_json(self) -> dict:
+        payload = asdict(self)
+        payload["formats"], payload["quant"] = list(self.formats), list(self.quant)
+        return payload
+
+
+# ------------------------------------------------------------------------------------------- sweep
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One point of a sweep's grid: ExportConfig fields that differ from the sweep's base export config."""
+
+    name: str
+    overrides: dict[str, Any]
+    description: str = ""
+
+    @property
+    def quant(self) -> str:
+        return tuple(self.overrides.get("quant", ("fp32",)))[0]
+
+
+# The built-in grid. int8-qat and the pruned rows need QAT and channel pruning (torch); export refuses them
+# where the backend lacks them and the sweep records that variant as failed.
+VARIANTS: dict[str, Variant] = {v.name: v for v in (
+    Variant("fp32", {"quant": ("fp32",)}, "float32, no compression"),
+    Variant("int8-ptq", {"quant": ("int8",)}, "int8 post-training quantization (PT2E, calibrated)"),
+    Variant("int8-qat", {"quant": ("int8",), "qat": True}, "int8 quantization-aware training (PT2E QAT)"),
+    Variant("pruned30-int8", {"quant": ("int8",), "prune": "channels:0.3"},
+            "30% of prunable channels removed (torch-pruning, recovery fine-tune distilled from the "
+            "dense model), then int8 PTQ"),
+    Variant("pruned50-int8", {"quant": ("int8",), "prune": "channels:0.5"},
+            "50% of prunable channels removed (torch-pruning, recovery fine-tune distilled from the "
+            "dense model), then int8 PTQ"),
+)}
+# ExportConfig fields a variant may not set: the sweep sets them alike for every variant.
+SWEEP_LEVEL_FIELDS = ("formats", "max_drop", "threads", "recipe")
+
+
+def _threads(value: object) -> tuple[int, ...]:
+    try:
+        threads = tuple(dict.fromkeys(int(v) for v in _as_list(value)))
+    except ValueError:
+        threads = ()
+    if not threads or any(t < 1 for t in threads):
+        raise UserError(f"--threads {value!r} is not a comma-separated list of positive integers (e.g. 1 or 1,2)")
+    return threads
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """What a sweep makes and measures; a recipe sets any field, CLI flags override it."""
+
+    variants: tuple[str, ...] = tuple(VARIANTS)
+    targets: tuple[str, ...] = tuple(TARGETS)
+    threads: tuple[int, ...] = (1,)
+    formats: tuple[str, ...] = FORMATS
+    max_drop: float = 1.0
+    calib: int | None = None  # None: export's default
+    iters: int = 30
+    warmup: int = 5
+    # Bench top-1 is only a cross-check here (accuracy comes from verification over the whole test split),
+    # and under qemu every scored image costs as much as a counted invoke: few images.
+    samples: int = 100
+    arm_iters: int = 3
+    arm_samples: int = 5
+    custom: dict[str, Variant] = field(default_factory=dict)
+    recipe: str | None = None
+
+    def known(self) -> dict[str, Variant]:
+        return {**VARIANTS, **self.custom}
+
+    def validate(self) -> SweepConfig:
+        """Every bad value becomes one UserError line before anything runs."""
+        variants = tuple(dict.fromkeys(_as_list(self.variants, lower=False)))
+        if not variants:
+            raise UserError(f"--variants is empty; valid: {', '.join(self.known())}")
+        for name in variants:
+            if name not in self.known():
+                raise UserError(one_of(name, list(self.known()), "variant"))
+        targets = tuple(t.name for t in parse_targets(",".join(_as_list(self.targets, lower=False))))
+        formats = tuple(dict.fromkeys(_as_list(self.formats)))
+        if not formats:
+            raise UserError(f"--formats is empty; valid: {', '.join(FORMATS)}")
+        for value in formats:
+            if value not in FORMATS:
+                raise UserError(one_of(value, FORMATS, "format"))
+        threads = _threads(self.threads)
+        if not 0 <= self.max_drop <= 100:
+            raise UserError(f"--max-drop {self.max_drop:g} is not usable; valid: 0 to 100 points of top-1")
+        for name in ("iters", "samples", "arm_iters", "arm_samples"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} is not usable; valid: 1 or more")
+        if self.warmup < 0:
+            raise UserError(f"warmup {self.warmup} is not usable; valid: 0 or more")
+        return replace(self, variants=variants, targets=targets, formats=formats, threads=threads)
+
+    def export_config(self, name: str) -> ExportConfig:
+        """The ExportConfig of one variant: the sweep's base settings, then the variant's overrides."""
+        base: dict[str, Any] = {"formats": self.formats, "max_drop": self.max_drop}
+        if self.calib is not None:
+            base["calib"] = self.calib
+        overrides = dict(self.known()[name].overrides)
+        if "quant" in overrides:
+            overrides["quant"] = tuple(_as_list(overrides["quant"]))
+        return ExportConfig(**{**base, **overrides})
+
+    def to_json(self) -> dict:
+        payload = asdict(self)
+        payload["custom"] = {name: asdict(v) for name, v in self.custom.items()}
+        for key in ("variants", "targets", "threads", "formats"):
+            payload[key] = list(getattr(self, key))
+        return payload
+
+
+def variant_keys() -> list[str]:
+    """What a `[variant.NAME]` table may set: ExportConfig's fields, less those the sweep sets for all."""
+    return [f.name for f in fields(ExportConfig) if f.name not in SWEEP_LEVEL_FIELDS]
+
+
+# ------------------------------------------------------------------------------------ bench and bundle
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What `edgetl bench` measures and how; every field ends up in the results."""
+
+    targets: str = "host"
+    threads: str = "1,2"
+    inputs: Path | None = None
+    out: Path | None = None
+    iters: int = 50
+    warmup: int = 5
+    samples: int | None = None
+    arm_iters: int = 5
+    arm_warmup: int = 2
+    arm_samples: int = 50
+    allow_modified: bool = False  # benchmark a file whose sha256 no longer matches its export manifest
+
+    def validate(self) -> tuple[list, list[int]]:
+        """The targets and host thread counts, parsed; every bad value is one UserError line."""
+        targets = parse_targets(self.targets)
+        try:
+            threads = [int(v) for v in self.threads.split(",") if v.strip()]
+        except ValueError:
+            threads = []
+        if not threads or any(v < 1 for v in threads):
+            raise UserError(f"--threads {self.threads!r} is not a comma-separated list of positive integers (e.g. 1,2)")
+        for name in ("iters", "arm_iters"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        return targets, list(dict.fromkeys(threads))
+
+
+PLATFORMS = ("android", "ios")
+
+
+def parse_platforms(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    chosen = tuple(dict.fromkeys(_as_list(value)))
+    if not chosen:
+        raise UserError(f"--platform is empty; valid: {', '.join(PLATFORMS)}")
+    for item in chosen:
+        if item not in PLATFORMS:
+            raise UserError(one_of(item, PLATFORMS, "platform"))
+    return chosen
+
+
+@dataclass(frozen=True)
+class BundleOptions:
+    """What `edgetl bundle` was asked; defaults are what an app developer wants."""
+
+    artifact: str | None = None
+    platforms: tuple[str, ...] = PLATFORMS
+    out: Path | None = None
+    golden: int = 5
+    top_k: int = 3
+    metadata: bool = True
+    int8_io: bool = False
+
+    def validate(self) -> BundleOptions:
+        if not 1 <= self.golden <= 50:
+            raise UserError(f"--golden {self.golden} is not usable; valid: 1 to 50 images")
+        return replace(self, platforms=parse_platforms(self.platforms))
+
+
+# --------------------------------------------------------------------------------------- recipes
+
+# kind → (folder under export/, what a user calls it, the config it sets, the recipe used when none is named)
+RECIPES: dict[str, tuple[str, str, type, str | None]] = {
+    "export": ("recipes", "recipe", ExportConfig, None),
+    "sweep": ("sweeps", "sweep recipe", SweepConfig, "default"),
+}
+
+
+def _recipe_folder(kind: str) -> Path:
+    from edgetl import assets
+
+    return assets.folder("export") / RECIPES[kind][0]
+
+
+def recipe_names(kind: str = "export") -> list[str]:
+    return sorted(path.stem for path in _recipe_folder(kind).glob("*.toml"))
+
+
+def load_recipe(name: str, kind: str = "export") -> dict[str, Any]:
+    """A recipe by name (export/recipes/NAME.toml, export/sweeps/NAME.toml) or path → the fields it sets.
+
+    A sweep recipe's `[variant.NAME]` tables define variants beyond the built-in grid (ExportConfig
+    overrides plus a description); its `variants` list may then name them.
+    """
+    _, what, config_type, _ = RECIPES[kind]
+    path = Path(name)
+    if path.suffix != ".toml":
+        path = _recipe_folder(kind) / f"{name}.toml"
+    if not path.is_file():
+        raise UserError(one_of(name, recipe_names(kind), what) + " (or a path to a .toml file)")
+    try:
+        payload = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise UserError(f"{what} {str(path)!r} is not valid TOML ({error})") from None
+    payload.pop("description", None)
+    custom = _custom_variants(payload.pop("variant", {}), path) if kind == "sweep" else {}
+    known = {f.name for f in fields(config_type)} - {"recipe", "custom"}
+    unknown = sorted(set(payload) - known)
+    if unknown:
+        raise UserError(f"{what} {str(path)!r} sets unknown key(s) {', '.join(unknown)}; valid: "
+                        f"{', '.join(sorted(known))}" + (", [variant.NAME] tables" if kind == "sweep" else ""))
+    if custom:
+        payload["custom"] = custom
+    return _normalise(payload, kind)
+
+
+def _normalise(values: dict[str, Any], kind: str) -> dict[str, Any]:
+    """Lists (from TOML or comma-separated flags) as the tuples the configs hold."""
+    for key in ("formats", "quant"):
+        if key in values:
+            values[key] = tuple(_as_list(values[key]))
+    for key in ("variants", "targets"):
+        if key in values:
+            values[key] = tuple(_as_list(values[key], lower=False))
+    if "threads" in values and kind == "sweep":
+        values["threads"] = _threads(values["threads"])
+    return values
+
+
+def _custom_variants(tables: object, path: Path) -> dict[str, Variant]:
+    custom: dict[str, Variant] = {}
+    for variant_name, table in dict(tables).items():  # type: ignore[call-overload]
+        if not isinstance(table, dict):
+            raise UserError(f"sweep recipe {str(path)!r}: [variant.{variant_name}] must be a table")
+        table = dict(table)
+        description = str(table.pop("description", ""))
+        allowed = variant_keys()
+        unknown = sorted(set(table) - set(allowed))
+        if unknown:
+            raise UserError(f"sweep recipe {str(path)!r}: variant {variant_name!r} sets unknown key(s) "
+                            f"{', '.join(unknown)}; valid: {', '.join(allowed)}")
+        custom[variant_name] = Variant(variant_name, table, description)
+    return custom
+
+
+def resolve(kind: str, recipe: str | None = None, **flags: object) -> Any:
+    """Defaults ← recipe (the kind's default recipe when none is named) ← flags that were given (None: not given)."""
+    _, _, config_type, default = RECIPES[kind]
+    name = recipe or default
+    values: dict[str, Any] = {}
+    if recipe or (default and (_recipe_folder(kind) / f"{default}.toml").is_file()):
+        values = load_recipe(name, kind)
+    values.update({k: v for k, v in flags.items() if v is not None})
+    return config_type(recipe=name, **_normalise(values, kind)).validate()

@@ -11,11 +11,11 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from edgetl.config import FinetuneConfig
+from edgetl.config import ExportConfig, FinetuneConfig, SweepConfig
 from edgetl.errors import UserError, one_of
-from edgetl.export import ExportConfig, run_export
+from edgetl.export import run_export
 from edgetl.finetune import run_finetune
-from edgetl.sweep import SweepConfig, run_sweep
+from edgetl.sweep import run_sweep
 from edgetl.ui import console, stdout
 from edgetl.verify import QualityError
 
@@ -41,18 +41,18 @@ FAST_CONFIG = FinetuneConfig(
 
 # When int8 PTQ misses the budget, the demo makes its int8 files by QAT (2 epochs at lr 1e-4, export's
 # defaults). Measured on a fresh-clone demo checkpoint (float 85.9%, PTQ 84.8%): one epoch left 84.8%, two gave
-# 86.9% in both formats; on checkpoint B two gave 88.9% (docs/BENCHMARKS.md, Compression and Fine-tuning).
+# 86.9% in both formats; on the 87.7% checkpoint two gave 88.9% (docs/BENCHMARKS.md, Compression and Fine-tuning).
 DEMO_QAT_EPOCHS = 2
 
 # The fast run calibrates on fewer images: it is a smoke run, and PTQ time grows with the image count.
 FAST_EXPORT = ExportConfig(calib=64)
 
 
-# The sweep the demo ends with (issue 6): the 128 px model as fp32 and int8 PTQ, both formats, measured on the
-# host and an emulated Cortex-A76, with the report (Pareto front, recommendation per target, alarms). Both
-# variants are taken from RUN/export (same settings, already verified), so the sweep only benchmarks. Pruned
-# and QAT variants are left to `edgetl sweep`: measured on the demo checkpoint, a 30%-channel-pruned variant
-# with the 2-epoch recovery fine-tune that fits a demo took 29 min here and lost 15 points (docs/BENCHMARKS.md).
+# The sweep the demo ends with: the 128 px model as fp32 and int8 PTQ, both formats, measured on the host and an
+# emulated Cortex-A76, with the report (Pareto front, recommendation per target, alarms). Both variants are taken
+# from RUN/export (same settings, already verified), so the sweep only benchmarks. Pruned and QAT variants are
+# left to `edgetl sweep`: a 30%-channel-pruned variant with a 2-epoch recovery fine-tune took 29 min here and lost
+# 15 points (docs/BENCHMARKS.md, "An earlier sweep").
 DEMO_SWEEP = SweepConfig(variants=("fp32", "int8-ptq"), targets=("host", "arm64-a76"),
                          threads=(1,), iters=30, samples=100, arm_iters=3, arm_samples=5, recipe="demo")
 FAST_SWEEP = replace(DEMO_SWEEP, calib=64)
@@ -85,10 +85,13 @@ def keras_initial_weights(config: FinetuneConfig, run_dir: Path, fast: bool) -> 
         f"[yellow]keras demo: no ImageNet weights in the Keras cache ({home / 'models' / source.filename}); "
         f"NOT starting from ImageNet: --weights none, backbone trained from scratch on the training split first[/]"
     )
-    from edgetl.backends.keras.pretrain import train_backbone_from_scratch
+    from edgetl import backends
+    from edgetl.finetune import load_listing
 
     path = Path(run_dir) / "scratch" / "backbone.weights.h5"
-    info = train_backbone_from_scratch(replace(config, weights="none"), KERAS_SCRATCH_EPOCHS[fast], path)
+    scratch = replace(config, weights="none").validate()
+    info = backends.load("keras").train_backbone_from_scratch(scratch, load_listing(scratch),
+                                                               KERAS_SCRATCH_EPOCHS[fast], path)
     return replace(config, weights=str(path)), info
 
 
@@ -121,7 +124,7 @@ def _recover_with_qat(checkpoint: Path, run_dir: Path, error: Exception, fast: b
     """What the over-budget message advises, done: int8 by quantization-aware training into RUN/export-qat.
 
     PTQ's loss on the demo model is weight rounding in two early layers (docs/BENCHMARKS.md), which
-    calibration cannot fix; one QAT epoch trains the weights around their int8 grid. Returns the error that
+    calibration cannot fix; two QAT epochs train the weights around their int8 grid. Returns the error that
     still stands (None when the QAT files are within the budget).
     """
     console.print(f"[yellow]demo: {error}[/]")

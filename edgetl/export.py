@@ -1,266 +1,70 @@
-"""The export stage: one checkpoint in, verified .tflite / .pte files (fp32 and int8) out.
+"""The export stage: one checkpoint in, verified .tflite / .pte files out, whichever backend made it.
 
-Framework-free orchestration. It checks the checkpoint and every option before importing torch,
-preprocesses the test split and the calibration images with the checkpoint's own spec, asks the torch
-backend for one float graph and one PT2E int8 graph, turns each into every requested format (a failure
-in one is recorded and the others go on), verifies every file in its real runtime, and only then moves
-the finished folder into place. An int8 file that lost more than `max_drop` points fails the run after
-everything is written.
+One orchestration for every backend (`edgetl.backends.base`): the checkpoint and every option are checked
+before any framework is imported (an option the checkpoint's backend lacks is refused in one line); the test
+split and the calibration images are preprocessed with the checkpoint's own spec; the backend makes the float
+model (pruned when asked) and the int8 one (QAT or post-training, its policy), and converts each requested
+format × precision. A failure in one file is recorded and the others go on; every file is verified in its own
+runtime, and only then does the finished folder move into place. An int8 file that lost more than `max_drop`
+points fails the run after everything is written.
+
+The user's data is safe (edgetl.paths): the output folder is claimed before any work (only a folder edgetl made
+for an export is replaced, never the checkpoint or a folder that holds it), and an export in which no file was
+both written and verified publishes nothing, so the previous folder stays exactly as it was; so does Ctrl-C.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import time
-import tomllib
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from edgetl import backends, runtimes
+from edgetl.backends.base import Backend, Graphs, one_line
+from edgetl.config import ExportConfig, artifact_name, resolve, variant_tag
+from edgetl.contracts import (
+    EXPORT_KIND,
+    ArtifactEntry,
+    ArtifactSidecar,
+    CheckpointManifest,
+    ExportManifest,
+    PreprocessSpec,
+    TensorInfo,
+    read,
+)
 from edgetl.data import DatasetListing, load_rgb, to_array
-from edgetl.errors import StageFailed, UserError, one_of
+from edgetl.errors import StageFailed, UserError
 from edgetl.manifest import (
-    SCHEMA_VERSION,
     library_versions,
     now_utc,
-    read_checkpoint_manifest,
+    read_checkpoint,
     read_splits,
     sha256_file,
     write_json,
     write_labels,
 )
 from edgetl.paths import atomic_dir, atomic_write_bytes, claim_output, ensure_writable_dir
-from edgetl.ui import console, progress
-from edgetl.verify import (
-    FLOAT_REFERENCE,
-    TEST_INPUTS,
-    check_drop,
-    print_record,
-    quiet_native,
-    store,
-    verify_artifacts,
-)
+from edgetl.ui import console, progress, quiet_native
+from edgetl.verify import FLOAT_REFERENCE, TEST_INPUTS, check_drop, print_record, store, verify_artifacts
 
-FORMATS = ("tflite", "pte")
-QUANTS = ("fp32", "int8")
-KERAS_QUANTS = ("fp16", "dynamic")  # TFLiteConverter variants, keras checkpoints only (issue #5)
-EXPORT_KIND = "edgetl.export"
-ARTIFACT_KIND = "edgetl.artifact"
-RUNTIMES = {"tflite": "LiteRT (ai-edge-litert Interpreter)", "pte": "ExecuTorch (XNNPACK delegate)"}
-EXPORT_LIBRARIES = ("torch", "torchao", "executorch", "litert-torch", "ai-edge-litert", "numpy", "pillow")
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "export" / "recipes"
-# Measured on the demo model (benchmarks/export_figures.py, docs/BENCHMARKS.md): beyond ~256 images
-# the int8 top-1 no longer moves, while calibration time keeps growing linearly.
-DEFAULT_CALIB = 256
-PRUNE_KINDS = ("channels", "magnitude")
-# Short fine-tunes of the torch backend (docs/BENCHMARKS.md, "Compression (torch)"): epochs over the training
-# split after channel pruning / while magnitude pruning, and of quantization-aware training.
-# Measured on the demo model: channels:0.5 leaves the network at chance; 3 epochs on labels alone recovered val
-# top-1 to 76.3%; 8 epochs distilled from the dense model with BatchNorm trained reach 86.0% test top-1 in float
-# (dense float 86.5%; ~1 min per epoch on an idle 2-core host). QAT 2 epochs at 1e-4 took checkpoint B's int8
-# from 0.9 point below float to 1.2 above (1 epoch at 2e-5 recovered 22%).
-RECOVERY_EPOCHS = {"channels": 8, "magnitude": 4}
-QAT_EPOCHS = 2
+LABELS_FILE = "labels.txt"
+OUTPUT_MEANING = "logits (apply softmax for probabilities), one per label in labels.txt"
 
 
-def parse_prune(value: object) -> tuple[str, float] | None:
-    """`"channels:0.5"` → ("channels", 0.5); `"magnitude:0.5"`, a bare `0.5` (the keras meaning) → magnitude."""
-    if value is None:
-        return None
-    text = str(value).strip().lower()
-    kind, sep, number = text.partition(":")
-    if not sep:
-        kind, number = "magnitude", text
-    valid = "channels:R (fraction of channels removed) or magnitude:S (fraction of weights zeroed), 0 < R, S < 1"
-    if kind not in PRUNE_KINDS:
-        raise UserError(f"--prune {value!s} has an unknown form; valid: {valid}")
-    try:
-        ratio = float(number)
-    except ValueError:
-        raise UserError(f"--prune {value!s} has an unknown form; valid: {valid}") from None
-    if not 0 < ratio < 1:
-        raise UserError(f"--prune {value!s}: {ratio:g} is not a usable fraction; valid: {valid}")
-    return kind, ratio
+class ExportFailed(StageFailed):
+    """At least one format failed; the others were written (exit 1)."""
 
 
-def variant_tag(prune: object, qat: bool, quant: str) -> str:
-    """File-name suffix of a compressed variant: `-ch50` (channels removed), `-pruned50` (weights zeroed, as the
-    keras backend names it), then `-qat` on int8 files that quantization-aware training made."""
-    spec = parse_prune(prune)
-    tag = ""
-    if spec is not None:
-        percent = f"{100 * spec[1]:g}".replace(".", "p")
-        tag = f"-ch{percent}" if spec[0] == "channels" else f"-pruned{percent}"
-    return tag + ("-qat" if qat and quant == "int8" else "")
+def resolve_config(recipe: str | None = None, **flags: object) -> ExportConfig:
+    """Defaults ← recipe (export/recipes/NAME.toml or a path) ← flags that were given (None: not given)."""
+    return resolve("export", recipe, **flags)
 
 
-@dataclass(frozen=True)
-class ExportConfig:
-    """Everything that decides an export; a recipe sets any field, CLI flags override it."""
-
-    formats: tuple[str, ...] = FORMATS
-    quant: tuple[str, ...] = QUANTS
-    calib: int = DEFAULT_CALIB
-    max_drop: float = 1.0
-    bias_correction: bool = True
-    fuse_clamp: bool = True
-    seed: int = 0
-    threads: int | None = None
-    # "channels:R" (torch: remove a fraction R of channels) or "magnitude:S" (zero a fraction S of weights);
-    # a bare number is magnitude sparsity (the keras backend's original meaning; keras has magnitude only).
-    prune: str | float | None = None
-    qat: bool = False  # quantization-aware training before the int8 export (torch: PT2E QAT; keras: tfmot)
-    recovery_epochs: int | None = None  # torch: fine-tune epochs of pruning (None: RECOVERY_EPOCHS of its kind)
-    qat_epochs: int = QAT_EPOCHS  # torch: epochs of quantization-aware training
-    tune_images: int | None = None  # training images the short fine-tunes use (None: the whole training split)
-    recovery_lr: float | None = None  # torch: learning rate of the pruning fine-tune (None: measured default)
-    qat_lr: float | None = None  # torch: learning rate of QAT (None: measured default)
-    # torch: weight of the dense float model's soft targets (knowledge distillation) in the pruning fine-tune
-    # and in QAT, 0 to 1 (None: the measured default of each, backends/torch/compress.DISTILL)
-    distill: float | None = None
-    recipe: str | None = None
-
-    def validate(self) -> ExportConfig:
-        """Every bad value becomes one UserError line before any framework import."""
-        formats = tuple(dict.fromkeys(_as_list(self.formats)))
-        quant = tuple(dict.fromkeys(_as_list(self.quant)))
-        if not formats:
-            raise UserError(f"--formats is empty; valid: {', '.join(FORMATS)}")
-        if not quant:
-            raise UserError(f"--quant is empty; valid: {', '.join(QUANTS)}")
-        for value in formats:
-            if value not in FORMATS:
-                raise UserError(one_of(value, FORMATS, "format"))
-        for value in quant:
-            if value not in QUANTS + KERAS_QUANTS:
-                raise UserError(one_of(value, QUANTS + KERAS_QUANTS, "quantization"))
-        prune = self.prune
-        spec = parse_prune(prune)
-        if spec is not None:  # canonical: a float stays a float (keras meaning); a spec string "kind:R"
-            prune = spec[1] if isinstance(prune, float | int) or ":" not in str(prune) else f"{spec[0]}:{spec[1]:g}"
-        if self.qat and "int8" not in quant:
-            raise UserError(f"--qat trains for int8 but --quant is {','.join(quant)}; add int8 to --quant")
-        if self.recovery_epochs is not None and not 0 <= self.recovery_epochs <= 1000:
-            raise UserError(f"recovery_epochs {self.recovery_epochs} is not usable; valid: 0 to 1000")
-        if not 1 <= self.qat_epochs <= 1000:
-            raise UserError(f"qat_epochs {self.qat_epochs} is not usable; valid: 1 to 1000")
-        for name in ("recovery_lr", "qat_lr"):
-            value = getattr(self, name)
-            if value is not None and not 0 < value < 1:
-                raise UserError(f"{name} {value:g} is not usable; valid: a learning rate between 0 and 1")
-        if self.distill is not None and not 0 <= self.distill <= 1:
-            raise UserError(f"--distill {self.distill:g} is not usable; valid: 0 (labels only) to 1 (teacher only)")
-        if self.tune_images is not None and self.tune_images < 1:
-            raise UserError(f"tune_images {self.tune_images} is not usable; valid: 1 or more training images")
-        if "int8" in quant and not 1 <= self.calib <= 100_000:
-            raise UserError(f"--calib {self.calib} is not usable; valid: 1 or more training images")
-        if not 0 <= self.max_drop <= 100:
-            raise UserError(f"--max-drop {self.max_drop:g} is not usable; valid: 0 to 100 points of top-1")
-        if self.threads is not None and self.threads < 1:
-            raise UserError(f"--threads {self.threads} is not usable; valid: 1 or more")
-        return replace(self, formats=formats, quant=quant, prune=prune)
-
-    @property
-    def prune_spec(self) -> tuple[str, float] | None:
-        return parse_prune(self.prune)
-
-    def to_json(self) -> dict:
-        payload = asdict(self)
-        payload["formats"], payload["quant"] = list(self.formats), list(self.quant)
-        return payload
-
-
-def _as_list(value: object) -> list[str]:
-    """'pte,tflite', ['pte', 'tflite'] or ('pte',) → ['pte', 'tflite'] (lower-case, no blanks)."""
-    items = value.split(",") if isinstance(value, str) else list(value)  # type: ignore[arg-type]
-    return [str(item).strip().lower() for item in items if str(item).strip()]
-
-
-def recipe_names() -> list[str]:
-    return sorted(path.stem for path in RECIPES_DIR.glob("*.toml"))
-
-
-def load_recipe(name: str) -> dict:
-    """A recipe by name (export/recipes/NAME.toml) or by path; returns the ExportConfig fields it sets."""
-    path = Path(name)
-    if path.suffix != ".toml":
-        path = RECIPES_DIR / f"{name}.toml"
-    if not path.is_file():
-        raise UserError(one_of(name, recipe_names(), "recipe"))
-    try:
-        payload = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as error:
-        raise UserError(f"recipe {str(path)!r} is not valid TOML ({error})") from None
-    payload.pop("description", None)
-    known = {f.name for f in fields(ExportConfig)} - {"recipe"}
-    unknown = sorted(set(payload) - known)
-    if unknown:
-        raise UserError(
-            f"recipe {str(path)!r} sets unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
-        )
-    if "formats" in payload:
-        payload["formats"] = tuple(_as_list(payload["formats"]))
-    if "quant" in payload:
-        payload["quant"] = tuple(_as_list(payload["quant"]))
-    return payload
-
-
-def resolve_config(recipe: str | None = None, **overrides: object) -> ExportConfig:
-    """Defaults ← recipe ← flags that were given (None means 'not given')."""
-    values: dict = load_recipe(recipe) if recipe else {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    if "formats" in values:
-        values["formats"] = tuple(_as_list(values["formats"]))
-    if "quant" in values:
-        values["quant"] = tuple(_as_list(values["quant"]))
-    return ExportConfig(recipe=recipe, **values).validate()
-
-
-def artifact_name(manifest: dict, quant: str, fmt: str, tag: str = "") -> str:
-    """`efficientnet_lite0-128-int8-ch50-qat.pte`: backbone, width, input size, precision, then `variant_tag`."""
-    model = manifest["model"]
-    width = "" if float(model["width"]) == 1.0 else f"-w{float(model['width']):g}"
-    return f"{model['backbone']}{width}-{model['image_size']}-{quant}{tag}.{fmt}"
-
-
-def _backend():
-    try:
-        from edgetl.backends.torch import export as backend
-    except ImportError as error:
-        raise UserError(
-            f"the torch export backend cannot be imported ({error}); install it with: pip install 'edgetl[torch]'"
-        ) from None
-    return backend
-
-
-def _check_framework_options(config: ExportConfig, framework: str) -> None:
-    """Options that only one backend has are refused with the checkpoint's framework named."""
-    spec = config.prune_spec
-    if framework == "keras" and spec is not None and spec[0] == "channels":
-        raise UserError(f"--prune {config.prune}: channel pruning is torch-only; this checkpoint's framework is "
-                        f"keras (tfmot prunes by magnitude: use --prune magnitude:{spec[1]:g})")
-    if framework == "torch":
-        used = [f"--quant {q}" for q in config.quant if q in KERAS_QUANTS]
-        if used:
-            raise UserError(f"{', '.join(used)}: keras-only; this checkpoint's framework is torch "
-                            f"(fine-tune with --framework keras to use them)")
-    elif config.distill is not None:
-        raise UserError(f"--distill {config.distill:g}: torch-only (distillation in the pruning fine-tune and "
-                        f"QAT); this checkpoint's framework is keras")
-    elif not (config.bias_correction and config.fuse_clamp):
-        raise UserError("--no-bias-correction / fuse_clamp=false: torch-only (PT2E); this checkpoint's framework "
-                        "is keras (TFLiteConverter quantizes it)")
-
-
-def _keras_backend():
-    try:
-        from edgetl.backends.keras import export as backend
-    except ImportError as error:
-        raise UserError(
-            f"the keras export backend cannot be imported ({error}); install it with: pip install 'edgetl[keras]'"
-        ) from None
-    return backend
+# ------------------------------------------------------------------------------------------- inputs
 
 
 def _load_split(
@@ -282,9 +86,9 @@ def _load_split(
     return np.stack(arrays).astype(np.float32), np.asarray(labels, dtype=np.int64), skipped
 
 
-def load_listing(checkpoint: Path, manifest: dict) -> DatasetListing:
+def load_listing(checkpoint: Path, manifest: CheckpointManifest) -> DatasetListing:
     """The checkpoint's own splits; the data must still be where fine-tuning found it."""
-    listing = DatasetListing.from_json(read_splits(checkpoint / manifest["data"]["splits_file"], manifest["labels"]))
+    listing = DatasetListing.from_json(read_splits(checkpoint / manifest.splits_file, manifest.labels))
     if not listing.root.is_dir():
         raise UserError(
             f"the checkpoint's data folder {str(listing.root)!r} is gone; export needs its test split and "
@@ -295,175 +99,6 @@ def load_listing(checkpoint: Path, manifest: dict) -> DatasetListing:
     return listing
 
 
-def check_labels_match_outputs(checkpoint: Path, manifest: dict) -> None:
-    """One label per model output, or the apps would show the wrong names (or fail deep in a metadata tool)."""
-    labels, outputs = manifest["labels"], manifest["model"]["num_classes"]
-    if len(labels) != outputs:
-        raise UserError(f"checkpoint {str(checkpoint)!r} lists {len(labels)} labels but its model has {outputs} "
-                        "outputs (model.num_classes); they must match one to one: fine-tune again or fix its "
-                        "manifest.json")
-
-
-def publishable(out: Path):
-    """atomic_dir's last check: an export in which no file was both written and verified publishes nothing,
-    so a failed export leaves the previous folder at `out` exactly as it was."""
-
-    def check(folder: Path) -> None:
-        manifest = json.loads((folder / "manifest.json").read_text())
-        verified = {row["file"] for row in manifest["verification"]["rows"] if row["status"] == "ok"}
-        good = [a for a in manifest["artifacts"] if a["status"] == "ok" and a["file"] in verified
-                and (folder / a["file"]).is_file()]
-        if good:
-            return
-        errors = [a.get("error") for a in manifest["artifacts"] if a.get("error")]
-        errors += [row.get("error") for row in manifest["verification"]["rows"] if row.get("error")]
-        raise ExportFailed(f"every export failed ({errors[0] if errors else 'none verified'}); nothing was "
-                           f"published" + (f" and {str(out)!r} is as it was" if out.exists() else ""))
-
-    return check
-
-
-def run_export(checkpoint: Path, config: ExportConfig, out: Path | None = None) -> Path:
-    """Export and verify; returns the export folder. Raises QualityError (after writing) on a big int8 drop."""
-    checkpoint = Path(checkpoint)
-    manifest = read_checkpoint_manifest(checkpoint)
-    framework = manifest.get("framework")
-    if framework not in ("torch", "keras"):
-        raise UserError(f"checkpoint framework {framework!r} has no export backend; valid: torch, keras")
-    config = config.validate()
-    _check_framework_options(config, framework)
-    check_labels_match_outputs(checkpoint, manifest)
-    out = claim_output(Path(out) if out is not None else checkpoint.parent / "export", EXPORT_KIND, [checkpoint])
-    ensure_writable_dir(out.parent, "output folder")
-    spec_prune = config.prune_spec
-    if framework == "keras":
-        if spec_prune is not None and not isinstance(config.prune, float):
-            config = replace(config, prune=spec_prune[1])  # the keras backend takes the sparsity as a number
-        return _keras_backend().export_checkpoint(checkpoint, manifest, config, out)
-    listing = load_listing(checkpoint, manifest)
-    if spec_prune is not None or config.qat:
-        _check_training_data(listing, "--prune" if spec_prune is not None else "--qat")
-    with quiet_native():  # torchao prints harmless "Failed to load ... mxfp8" lines on import
-        backend = _backend()
-
-    spec = dict(manifest["preprocess"], layout="NHWC")
-    x_test, y_test, skipped = _load_split(listing, listing.splits["test"], spec, "test images")
-    want_int8 = "int8" in config.quant
-    calibration = np.zeros((0, *x_test.shape[1:]), np.float32)
-    if want_int8 and not config.qat:  # QAT learns its ranges in training: no calibration set
-        train = listing.splits["train"]
-        order = np.random.default_rng(config.seed).permutation(len(train))[: config.calib]
-        calibration, _, bad = _load_split(listing, [train[i] for i in order], spec, "calibration images")
-        skipped += bad
-        if len(train) < config.calib:
-            console.print(f"[yellow]--calib {config.calib}: only {len(train)} training images; using them all[/]")
-
-    console.print(f"export: {checkpoint} → {out} ({', '.join(config.formats)} × {', '.join(config.quant)})")
-    started = time.perf_counter()
-    compress, pruned, pruning = None, None, None
-    if spec_prune is not None or config.qat:
-        with quiet_native():
-            from edgetl.backends.torch import compress
-    if spec_prune is not None:  # the pruned float model is what every file below is made from
-        # not inside quiet_native: the fine-tune reports its epochs (it runs for minutes)
-        pruned, pruning = compress.prune_model(checkpoint, manifest, listing, spec_prune, config)
-    if want_int8 and not config.qat:
-        console.print(f"int8: PT2E post-training quantization on {len(calibration)} calibration images…")
-    int8_error, graphs = None, None
-    if config.qat:  # outside quiet_native too, for the same reason
-        try:
-            graphs = compress.qat_graphs(checkpoint, manifest, listing, pruned, config)
-        except Exception as error:  # int8 failing must not cost the fp32 files
-            int8_error = f"{type(error).__name__}: {error}".splitlines()[0][:300]
-    with quiet_native():
-        try:
-            if graphs is None:  # PTQ, or only the float graph when QAT failed
-                graphs = backend.build_graphs(
-                    checkpoint, manifest, calibration, want_int8 and not int8_error, config.bias_correction,
-                    config.fuse_clamp, model=pruned,
-                )
-        except Exception as error:  # int8 failing must not cost the fp32 files
-            if not want_int8:
-                raise
-            int8_error = f"{type(error).__name__}: {error}".splitlines()[0][:300]
-            graphs = backend.build_graphs(checkpoint, manifest, calibration, False, model=pruned)
-        reference = backend.logits(graphs.float_model, x_test)
-    float_top1 = float((reference.argmax(axis=1) == y_test).mean())
-    if int8_error:
-        console.print(f"[red]int8: quantization failed[/] — {int8_error}")
-    elif want_int8:
-        console.print(f"int8: quantized in {graphs.quantization['seconds']:.0f} s")
-    tag = {quant: variant_tag(config.prune, config.qat, quant) for quant in config.quant}
-
-    parent = {
-        "checkpoint": str(checkpoint.resolve()),
-        "manifest_sha256": sha256_file(checkpoint / "manifest.json"),
-        "weights_sha256": manifest["weights_sha256"],
-    }
-    versions = library_versions(EXPORT_LIBRARIES)
-    artifacts: list[dict] = []
-    with atomic_dir(out, check=publishable(out)) as tmp:
-        write_labels(tmp / "labels.txt", manifest["labels"])
-        np.savez(tmp / TEST_INPUTS, x=x_test, y=y_test)
-        np.savez(tmp / FLOAT_REFERENCE, logits=reference, labels=y_test)
-        if pruning is not None:
-            pruning["model_file"] = compress.save_pruned(pruned, tmp, pruning)
-        for quant in config.quant:
-            for fmt in config.formats:
-                if quant == "int8" and int8_error:
-                    artifacts.append({"file": artifact_name(manifest, quant, fmt, tag[quant]), "format": fmt,
-                                      "quant": quant, "status": "failed", "error": f"quantization: {int8_error}"})
-                    continue
-                artifacts.append(_export_one(backend, graphs, manifest, quant, fmt, tmp, parent, versions, spec,
-                                             tag[quant], pruning))
-        record = verify_artifacts(tmp, [a for a in artifacts if a["status"] == "ok"], config.threads)
-        record["float_top1_manifest"] = manifest["metrics"]["test"]["top1"]
-        if pruning is not None:
-            record["reference"] = f"pruned float model ({pruning['spec']})"
-        for row in record["rows"]:
-            _attach_verification(tmp, row)
-        store(tmp, record)
-        write_json(
-            tmp / "manifest.json",
-            {
-                "kind": EXPORT_KIND,
-                "schema_version": SCHEMA_VERSION,
-                "created": now_utc(),
-                "parent": parent,
-                "model": manifest["model"],
-                "labels": manifest["labels"],
-                "preprocess": spec,
-                "config": config.to_json(),
-                "test_inputs": {"file": TEST_INPUTS, "images": int(len(y_test)), "layout": "NHWC",
-                                "dtype": "float32", "skipped": skipped},
-                "float_reference": {"file": FLOAT_REFERENCE, "top1": float_top1,
-                                    "model": f"pruned ({pruning['method']})" if pruning else "checkpoint"},
-                "quantization": graphs.quantization or None,
-                "pruning": pruning,
-                "artifacts": artifacts,
-                "verification": record,
-                "seconds": round(time.perf_counter() - started, 1),
-                "versions": versions,
-            },
-        )
-    print_record(record)
-    if pruning is not None:
-        console.print(compress.summary(pruning))
-    failed = [a for a in artifacts if a["status"] != "ok"] + [r for r in record["rows"] if r["status"] != "ok"]
-    console.print(f"export folder: {out}")
-    if failed:
-        names = ", ".join(sorted({f["file"] for f in failed}))
-        raise ExportFailed(
-            f"{len(failed)} export(s) failed: {names}; the others are in {str(out)!r} (see manifest.json)"
-        )
-    check_drop(record, config.max_drop)
-    return out
-
-
-class ExportFailed(StageFailed):
-    """At least one format failed; the others were written (exit 1)."""
-
-
 def _check_training_data(listing: DatasetListing, option: str) -> None:
     """Pruning and QAT train on the checkpoint's training split: it must be listed and on disk."""
     train = listing.splits.get("train") or []
@@ -472,110 +107,260 @@ def _check_training_data(listing: DatasetListing, option: str) -> None:
                         f"{str(listing.root)!r} ({len(train)} listed); restore the data folder or drop {option}")
 
 
-def _export_one(
-    backend, graphs, manifest: dict, quant: str, fmt: str, folder: Path, parent: dict, versions: dict, spec: dict,
-    tag: str = "", pruning: dict | None = None,
-) -> dict:
-    """One file and its sidecar manifest; any exception becomes a recorded failure, not a lost run."""
-    name = artifact_name(manifest, quant, fmt, tag)
-    entry = {"file": name, "format": fmt, "quant": quant, "status": "failed"}
+@dataclass
+class Inputs:
+    """The arrays an export is made and verified with, all preprocessed as the checkpoint says (NHWC)."""
+
+    spec: dict
+    x_test: np.ndarray
+    y_test: np.ndarray
+    calibration: np.ndarray
+    skipped: list[dict]
+
+
+def load_inputs(listing: DatasetListing, manifest: CheckpointManifest, config: ExportConfig,
+                calibrate: bool) -> Inputs:
+    """The test split, and with `calibrate` a seeded draw of `config.calib` training images (never test ones)."""
+    spec = manifest.preprocess.with_layout("NHWC")
+    x_test, y_test, skipped = _load_split(listing, listing.splits["test"], spec, "test images")
+    calibration = np.zeros((0, *x_test.shape[1:]), np.float32)
+    if calibrate:
+        train = listing.splits["train"]
+        order = np.random.default_rng(config.seed).permutation(len(train))[: config.calib]
+        calibration, _, bad = _load_split(listing, [train[i] for i in order], spec, "calibration images")
+        skipped += bad
+        if len(train) < config.calib:
+            console.print(f"[yellow]--calib {config.calib}: only {len(train)} training images; using them all[/]")
+    return Inputs(spec, x_test, y_test, calibration, skipped)
+
+
+# ------------------------------------------------------------------------------------------ the stage
+
+
+def run_export(checkpoint: Path, config: ExportConfig, out: Path | None = None) -> Path:
+    """Export and verify; returns the export folder. Raises QualityError (after writing) on a big int8 drop,
+    ExportFailed (after writing the others) when a file could not be made or verified, and (publishing
+    nothing) when none could."""
+    checkpoint = Path(checkpoint)
+    manifest = read_checkpoint(checkpoint)  # every field checked, labels against the model's outputs too
+    asked = config.validate()
+    config = asked.for_backend(manifest.framework)
+    out = _output_folder(checkpoint, out)
+    listing = load_listing(checkpoint, manifest)
+    if config.prune_spec is not None or config.qat:
+        _check_training_data(listing, "--prune" if config.prune_spec is not None else "--qat")
+    backend = backends.load(manifest.framework)
+    for fmt in (f for f in asked.formats if f not in config.formats):
+        console.print(f"[yellow].{fmt} skipped: this checkpoint's framework is {manifest.framework}, which exports "
+                      f"{', '.join('.' + f for f in config.formats)} only[/]")
+    inputs = load_inputs(listing, manifest, config, "int8" in config.quant and backend.needs_calibration(config))
+    console.print(f"export ({manifest.framework}): {checkpoint} → {out} "
+                  f"({', '.join(config.formats)} × {', '.join(config.quant)})")
     started = time.perf_counter()
-    console.print(f"{name}: {'lowering to ExecuTorch (XNNPACK)' if fmt == 'pte' else 'converting with litert-torch'}…")
+    graphs = _make_graphs(backend, checkpoint, manifest, listing, inputs, config)
+    with quiet_native():
+        reference = backend.logits(graphs.float_model, inputs.x_test)
+    context = _Context(manifest, config, graphs, inputs.spec, _parent(checkpoint, manifest),
+                       library_versions(backend.capabilities.libraries))
+    with atomic_dir(out, check=publishable(out)) as tmp:
+        write_labels(tmp / LABELS_FILE, list(manifest.labels))
+        np.savez(tmp / TEST_INPUTS, x=inputs.x_test, y=inputs.y_test)
+        np.savez(tmp / FLOAT_REFERENCE, logits=reference, labels=inputs.y_test)
+        backend.save_extras(graphs, tmp)
+        artifacts = [_export_one(backend, context, quant, fmt, tmp) for quant in config.quant for fmt in config.formats]
+        record = _verify(tmp, artifacts, context)
+        write_json(tmp / "manifest.json", _export_manifest(context, inputs, reference, artifacts, record,
+                                                           time.perf_counter() - started).to_json())
+    print_record(record)
+    if graphs.pruning is not None:
+        console.print(backend.pruning_summary(graphs.pruning))
+    console.print(f"export folder: {out}")
+    _raise_failures(artifacts, record, out)
+    check_drop(record, config.max_drop)
+    return out
+
+
+def _output_folder(checkpoint: Path, out: Path | None) -> Path:
+    """RUN/export unless `out` says otherwise, claimed before any work: missing, empty or an export edgetl made,
+    never the checkpoint or a folder that holds it."""
+    out = claim_output(Path(out) if out is not None else checkpoint.parent / "export", EXPORT_KIND, [checkpoint])
+    ensure_writable_dir(out.parent, "output folder")
+    return out
+
+
+def publishable(out: Path):
+    """atomic_dir's last check: an export in which no file was both written and verified publishes nothing,
+    so a failed export leaves the previous folder at `out` exactly as it was."""
+
+    def check(folder: Path) -> None:
+        manifest = read(folder / "manifest.json", ExportManifest)
+        verified = manifest.verified()
+        if any(name in verified and (folder / name).is_file() for name in manifest.made()):
+            return
+        errors = [a.error for a in manifest.artifacts if a.error]
+        errors += [row["error"] for row in manifest.verification["rows"] if row.get("error")]
+        raise ExportFailed(f"every export failed ({errors[0] if errors else 'none verified'}); nothing was "
+                           f"published" + (f" and {str(out)!r} is as it was" if out.exists() else ""))
+
+    return check
+
+
+def _make_graphs(backend: Backend, checkpoint: Path, manifest: CheckpointManifest, listing: DatasetListing,
+                 inputs: Inputs, config: ExportConfig) -> Graphs:
+    """The backend's float model, then its int8 one. int8 failing must not cost the float files: the error is
+    recorded and every int8 file is listed as failed with it. A UserError (an option this model cannot take)
+    still stops the run."""
+    graphs = backend.load_float(checkpoint, manifest, listing, config)
+    if "int8" not in config.quant:
+        return graphs
     try:
-        module = graphs.int8 if quant == "int8" else graphs.float_model
-        delegation = None
+        backend.quantize(graphs, checkpoint, manifest, listing, inputs.calibration, config)
+    except UserError:
+        raise
+    except Exception as error:
+        graphs.int8, graphs.int8_error = None, one_line(error)
+        console.print(f"[red]int8: quantization failed[/] — {graphs.int8_error}")
+        return graphs
+    if graphs.quantization.get("seconds") is not None:
+        console.print(f"int8: quantized in {graphs.quantization['seconds']:.0f} s")
+    return graphs
+
+
+@dataclass
+class _Context:
+    """What every file of one export shares."""
+
+    manifest: CheckpointManifest
+    config: ExportConfig
+    graphs: Graphs
+    spec: dict
+    parent: dict
+    versions: dict
+
+
+def _parent(checkpoint: Path, manifest: CheckpointManifest) -> dict:
+    return {"checkpoint": str(checkpoint.resolve()), "manifest_sha256": sha256_file(checkpoint / "manifest.json"),
+            "weights_sha256": manifest.weights_sha256}
+
+
+def _export_one(backend: Backend, context: _Context, quant: str, fmt: str, folder: Path) -> ArtifactEntry:
+    """One file and its sidecar manifest; any exception but a UserError becomes a recorded failure."""
+    config, graphs = context.config, context.graphs
+    name = artifact_name(context.manifest.model, quant, fmt, variant_tag(config.prune, config.qat, quant))
+    if quant == "int8" and graphs.int8_error:
+        return ArtifactEntry(file=name, format=fmt, quant=quant, status="failed",
+                             error=f"quantization: {graphs.int8_error}")
+    converter = backend.capabilities.converters[fmt]
+    console.print(f"{name}: converting with {converter}…")
+    started = time.perf_counter()
+    try:
         with quiet_native():
-            if fmt == "pte":
-                payload, delegation = backend.lower_pte(module, graphs.example)
-            else:
-                payload = backend.convert_tflite(module, graphs.example, quantized=quant == "int8")
-        atomic_write_bytes(folder / name, payload)
+            converted = backend.convert(graphs, quant, fmt)
+        atomic_write_bytes(folder / name, converted.payload)
         seconds = round(time.perf_counter() - started, 1)
-        sidecar = _sidecar(manifest, quant, fmt, name, folder, parent, versions, spec, graphs, delegation, seconds)
-        sidecar["gzip_bytes"] = gzip_size(payload)
-        if pruning is not None:
-            sidecar["pruning"] = pruning
-        write_json(folder / f"{name}.json", sidecar)
-    except Exception as error:  # isolate this format: record why, keep going with the others
+        sidecar = _sidecar(context, name, fmt, quant, folder / name, converter, converted.details, seconds,
+                           gzip_size(converted.payload))
+        write_json(folder / f"{name}.json", sidecar.to_json())
+    except Exception as error:  # isolate this file: record why, keep going with the others
         (folder / name).unlink(missing_ok=True)  # a file without its manifest is not a finished artifact
-        entry["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
-        console.print(f"[red]{name}: failed[/] — {entry['error']}")
+        if isinstance(error, UserError):
+            raise
+        entry = ArtifactEntry(file=name, format=fmt, quant=quant, status="failed", error=one_line(error))
+        console.print(f"[red]{name}: failed[/] — {entry.error}")
         return entry
-    entry.update(status="ok", bytes=sidecar["bytes"], gzip_bytes=sidecar["gzip_bytes"], sha256=sidecar["sha256"],
-                 export_seconds=seconds, manifest=f"{name}.json")
-    console.print(f"{name}: {sidecar['bytes'] / 1e6:.2f} MB (gzip {sidecar['gzip_bytes'] / 1e6:.2f} MB) "
-                  f"in {seconds:.0f} s")
-    if fmt == "tflite" and not sidecar["delegation"].get("whole_graph_delegated", True):
+    console.print(f"{name}: {sidecar.bytes / 1e6:.2f} MB (gzip {sidecar.gzip_bytes / 1e6:.2f} MB) in {seconds:.0f} s")
+    _warn_delegation(name, sidecar.delegation or {})
+    return ArtifactEntry(file=name, format=fmt, quant=quant, status="ok", bytes=sidecar.bytes,
+                         gzip_bytes=sidecar.gzip_bytes, sha256=sidecar.sha256, export_seconds=seconds,
+                         manifest=f"{name}.json")
+
+
+def _warn_delegation(name: str, delegation: dict) -> None:
+    if not delegation.get("whole_graph_delegated", True):
         console.print(f"[yellow]warning: {name}: LiteRT's XNNPACK delegate did not take the whole graph[/]")
-    if delegation and delegation["compute_ops_outside"]:
-        console.print(
-            f"[yellow]warning: {name}: compute ops outside the XNNPACK delegate: "
-            f"{', '.join(delegation['compute_ops_outside'])}[/] (they run on slower portable kernels)"
-        )
-    return entry
+    if delegation.get("compute_ops_outside"):
+        console.print(f"[yellow]warning: {name}: compute ops outside the XNNPACK delegate: "
+                      f"{', '.join(delegation['compute_ops_outside'])}[/] (they run on slower portable kernels)")
 
 
-def _sidecar(manifest, quant, fmt, name, folder, parent, versions, spec, graphs, delegation, seconds) -> dict:
-    """What an app, `edgetl bench` or a person needs to use this one file correctly."""
-    path = folder / name
-    size = manifest["model"]["image_size"]
-    classes = manifest["model"]["num_classes"]
+def _describe(path: Path, fmt: str) -> dict:
+    """What the file itself says about its tensors (and, for .tflite, its ops and weight sparsity)."""
+    described = runtimes.describe(path, fmt)
     if fmt == "tflite":
-        io_info = _tflite_io(path)
-        inputs, outputs = io_info["inputs"], io_info["outputs"]
-        extra = {"ops": io_info["ops"], "delegation": io_info["delegation"]}
-    else:
-        internal = graphs.quantization.get("input_quantization") if quant == "int8" else None
-        inputs = [{"name": "x", "dtype": "float32", "shape": [1, size, size, 3], "quantization": None,
-                   "quantized_inside": internal}]
-        outputs = [{"name": "logits", "dtype": "float32", "shape": [1, classes], "quantization": None}]
-        extra = {"delegation": delegation}
-    for tensor in inputs:
-        tensor["layout"] = "NHWC"
-    for tensor in outputs:
-        tensor["meaning"] = "logits (apply softmax for probabilities), one per label in labels.txt"
-    return {
-        "kind": ARTIFACT_KIND,
-        "schema_version": SCHEMA_VERSION,
-        "created": now_utc(),
-        "file": name,
-        "format": fmt,
-        "runtime": RUNTIMES[fmt],
-        "quant": quant,
-        "bytes": path.stat().st_size,
-        "sha256": sha256_file(path),
-        "labels_file": "labels.txt",
-        "labels": manifest["labels"],
-        "model": manifest["model"],
-        "preprocess": spec,
-        "input": inputs[0],
-        "output": outputs[0],
-        "quantization": graphs.quantization if quant == "int8" else None,
-        "parent": parent,
-        "export_seconds": seconds,
-        **extra,
-        "versions": versions,
-    }
+        from edgetl.runtimes import tflite
+
+        described["weight_sparsity"] = tflite.weight_sparsity(path)
+    return described
+
+
+def _sidecar(context: _Context, name: str, fmt: str, quant: str, path: Path, converter: str, details: dict,
+             seconds: float, gzip_bytes: int) -> ArtifactSidecar:
+    """What an app, `edgetl bench` or a person needs to use this one file correctly."""
+    described = _describe(path, fmt)
+    graphs, source = context.graphs, repr(str(path))
+    quantized_inside = graphs.quantization.get("input_quantization") if quant == "int8" and fmt == "pte" else None
+    extra_in = {"layout": "NHWC", **({"quantized_inside": quantized_inside} if fmt == "pte" else {})}
+    tensor_in = TensorInfo.from_json({**described["inputs"][0], **extra_in}, source, "input.")
+    tensor_out = TensorInfo.from_json({**described["outputs"][0], "meaning": OUTPUT_MEANING}, source, "output.")
+    return ArtifactSidecar(
+        created=now_utc(), file=name, format=fmt, runtime=runtimes.NAMES[fmt], framework=context.manifest.framework,
+        quant=quant, converter=converter, bytes=path.stat().st_size, gzip_bytes=gzip_bytes,
+        sha256=sha256_file(path), labels_file=LABELS_FILE, labels=context.manifest.labels,
+        model=context.manifest.model, preprocess=PreprocessSpec.from_json(context.spec), input=tensor_in,
+        output=tensor_out, quantization=graphs.quantization if quant == "int8" else None, pruning=graphs.pruning,
+        parent=context.parent, export_seconds=seconds, ops=described.get("ops"),
+        delegation=details.get("delegation", described.get("delegation")),
+        weight_sparsity=described.get("weight_sparsity"), versions=context.versions,
+    )
 
 
 def gzip_size(payload: bytes) -> int:
     """Bytes after gzip -9: what zeroed weights save in a download (the file itself stays dense)."""
-    import gzip
-
     return len(gzip.compress(payload, compresslevel=9, mtime=0))
 
 
-def _tflite_io(path: Path) -> dict:
-    from edgetl.verify import tflite_io
-
-    return tflite_io(path)
+def _verify(folder: Path, artifacts: list[ArtifactEntry], context: _Context) -> dict:
+    """Every file made, run in its runtime; the figures also go into each file's sidecar."""
+    record = verify_artifacts(folder, [a.to_json() for a in artifacts if a.ok], context.config.threads)
+    record["float_top1_manifest"] = context.manifest.test_top1
+    if context.graphs.pruning is not None:  # a pruned export is measured against its own pruned float model
+        kind, ratio = context.config.prune_spec
+        record["reference"] = f"pruned float model ({kind}:{ratio:g})"
+    for row in record["rows"]:
+        _attach_verification(folder, row)
+    store(folder, record)
+    return record
 
 
 def _attach_verification(folder: Path, row: dict) -> None:
     """Copy a file's verification figures into its sidecar manifest."""
-    sidecar = folder / f"{row['file']}.json"
-    if not sidecar.is_file():
+    path = folder / f"{row['file']}.json"
+    if not path.is_file():
         return
-    payload = json.loads(sidecar.read_text())
-    payload["verification"] = {k: v for k, v in row.items() if k not in ("file", "format", "quant")}
-    write_json(sidecar, payload)
+    sidecar = ArtifactSidecar.from_json(json.loads(path.read_text()), repr(str(path)))
+    figures = {k: v for k, v in row.items() if k not in ("file", "format", "quant")}
+    write_json(path, {**sidecar.to_json(), "verification": figures})
+
+
+def _export_manifest(context: _Context, inputs: Inputs, reference: np.ndarray, artifacts: list[ArtifactEntry],
+                     record: dict, seconds: float) -> ExportManifest:
+    graphs = context.graphs
+    return ExportManifest(
+        created=now_utc(), framework=context.manifest.framework, parent=context.parent,
+        model=context.manifest.model, labels=context.manifest.labels,
+        preprocess=PreprocessSpec.from_json(context.spec), config=context.config.to_json(),
+        test_inputs={"file": TEST_INPUTS, "images": int(len(inputs.y_test)), "layout": "NHWC", "dtype": "float32",
+                     "skipped": inputs.skipped},
+        float_reference={"file": FLOAT_REFERENCE, "top1": float((reference.argmax(axis=1) == inputs.y_test).mean()),
+                         "model": graphs.float_label},
+        quantization=graphs.quantization or None, pruning=graphs.pruning, artifacts=tuple(artifacts),
+        verification=record, seconds=round(seconds, 1), versions=context.versions,
+    )
+
+
+def _raise_failures(artifacts: list[ArtifactEntry], record: dict, out: Path) -> None:
+    failed = {a.file for a in artifacts if not a.ok} | {r["file"] for r in record["rows"] if r["status"] != "ok"}
+    if failed:
+        count = sum(not a.ok for a in artifacts) + sum(r["status"] != "ok" for r in record["rows"])
+        raise ExportFailed(f"{count} export(s) failed: {', '.join(sorted(failed))}; the others are in "
+                           f"{str(out)!r} (see manifest.json)")

@@ -6,8 +6,9 @@ runtime) and the same bench on the same targets, and `report.py` compares what c
 only orchestrates: `export.run_export` and `bench.run_bench` do the work, one variant at a time, into
 `SWEEP/variants/<name>/{export,bench}`; a variant that fails is recorded and the others go on.
 
-The grid is data: a variant is a name plus ExportConfig overrides (`VARIANTS`); a sweep recipe
-(`export/sweeps/*.toml`) picks variants, targets and bench settings, and may define variants of its own.
+The grid is data: a variant is a name plus ExportConfig overrides (`config.VARIANTS`); a sweep recipe
+(`export/sweeps/*.toml`, read by `config.load_recipe`) picks variants, targets and bench settings, and may
+define variants of its own.
 """
 
 from __future__ import annotations
@@ -15,198 +16,20 @@ from __future__ import annotations
 import json
 import os
 import time
-import tomllib
-from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from edgetl.arm64.targets import TARGETS, parse_targets
-from edgetl.errors import UserError, one_of
+from edgetl.arm64.targets import parse_targets
+from edgetl.config import VARIANTS, SweepConfig, Variant, resolve
+from edgetl.contracts import SCHEMA_VERSION, SWEEP_KIND, ArtifactSidecar, BenchManifest, ExportManifest, read
+from edgetl.errors import UserError
 
-SWEEP_KIND = "edgetl.sweep"
-SCHEMA_VERSION = 1
-SWEEPS_DIR = Path(__file__).resolve().parent.parent / "export" / "sweeps"
 DEFAULT_RECIPE = "default"
-FORMATS = ("tflite", "pte")  # as export.FORMATS; repeated so that parsing a recipe imports no numpy
 
 
-@dataclass(frozen=True)
-class Variant:
-    """One point of the grid: ExportConfig fields that differ from the sweep's base export config."""
-
-    name: str
-    overrides: dict[str, Any]
-    description: str = ""
-
-    @property
-    def quant(self) -> str:
-        return tuple(self.overrides.get("quant", ("fp32",)))[0]
-
-
-# The built-in grid. int8-qat and the pruned rows need the torch backend's QAT and channel pruning
-# (ExportConfig.qat / ExportConfig.prune = "channels:R"); export refuses them where they are missing and the
-# sweep records that variant as failed.
-VARIANTS: dict[str, Variant] = {v.name: v for v in (
-    Variant("fp32", {"quant": ("fp32",)}, "float32, no compression"),
-    Variant("int8-ptq", {"quant": ("int8",)}, "int8 post-training quantization (PT2E, calibrated)"),
-    Variant("int8-qat", {"quant": ("int8",), "qat": True}, "int8 quantization-aware training (PT2E QAT)"),
-    Variant("pruned30-int8", {"quant": ("int8",), "prune": "channels:0.3"},
-            "30% of prunable channels removed (torch-pruning, recovery fine-tune distilled from the "
-            "dense model), then int8 PTQ"),
-    Variant("pruned50-int8", {"quant": ("int8",), "prune": "channels:0.5"},
-            "50% of prunable channels removed (torch-pruning, recovery fine-tune distilled from the "
-            "dense model), then int8 PTQ"),
-)}
-# ExportConfig fields a variant may not set: the sweep sets them alike for every variant.
-SWEEP_LEVEL_FIELDS = ("formats", "max_drop", "threads", "recipe")
-
-
-@dataclass(frozen=True)
-class SweepConfig:
-    """What a sweep makes and measures; a recipe sets any field, CLI flags override it."""
-
-    variants: tuple[str, ...] = tuple(VARIANTS)
-    targets: tuple[str, ...] = tuple(TARGETS)
-    threads: tuple[int, ...] = (1,)
-    formats: tuple[str, ...] = FORMATS
-    max_drop: float = 1.0
-    calib: int | None = None  # None: export's default
-    iters: int = 30
-    warmup: int = 5
-    # Bench top-1 is only a cross-check here (accuracy comes from verification over the whole test split),
-    # and under qemu every scored image costs as much as a counted invoke: few images.
-    samples: int = 100
-    arm_iters: int = 3
-    arm_samples: int = 5
-    custom: dict[str, Variant] = field(default_factory=dict)
-    recipe: str | None = None
-
-    def known(self) -> dict[str, Variant]:
-        return {**VARIANTS, **self.custom}
-
-    def validate(self) -> SweepConfig:
-        """Every bad value becomes one UserError line before anything runs."""
-        variants = tuple(dict.fromkeys(_as_list(self.variants)))
-        if not variants:
-            raise UserError(f"--variants is empty; valid: {', '.join(self.known())}")
-        for name in variants:
-            if name not in self.known():
-                raise UserError(one_of(name, list(self.known()), "variant"))
-        targets = tuple(t.name for t in parse_targets(",".join(_as_list(self.targets))))
-        formats = tuple(dict.fromkeys(_as_list(self.formats)))
-        if not formats:
-            raise UserError(f"--formats is empty; valid: {', '.join(FORMATS)}")
-        for value in formats:
-            if value not in FORMATS:
-                raise UserError(one_of(value, FORMATS, "format"))
-        threads = _threads(self.threads)
-        if not 0 <= self.max_drop <= 100:
-            raise UserError(f"--max-drop {self.max_drop:g} is not usable; valid: 0 to 100 points of top-1")
-        for name in ("iters", "samples", "arm_iters", "arm_samples"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} is not usable; valid: 1 or more")
-        if self.warmup < 0:
-            raise UserError(f"warmup {self.warmup} is not usable; valid: 0 or more")
-        return replace(self, variants=variants, targets=targets, formats=formats, threads=threads)
-
-    def export_config(self, name: str):
-        """The ExportConfig of one variant: the sweep's base settings, then the variant's overrides."""
-        from edgetl.export import ExportConfig
-
-        base: dict[str, Any] = {"formats": self.formats, "max_drop": self.max_drop}
-        if self.calib is not None:
-            base["calib"] = self.calib
-        overrides = dict(self.known()[name].overrides)
-        if "quant" in overrides:
-            overrides["quant"] = tuple(_as_list(overrides["quant"]))
-        return ExportConfig(**{**base, **overrides})
-
-    def to_json(self) -> dict:
-        payload = asdict(self)
-        payload["custom"] = {name: asdict(v) for name, v in self.custom.items()}
-        for key in ("variants", "targets", "threads", "formats"):
-            payload[key] = list(getattr(self, key))
-        return payload
-
-
-def _as_list(value: object) -> list[str]:
-    items = value.split(",") if isinstance(value, str) else list(value)  # type: ignore[arg-type]
-    return [str(item).strip() for item in items if str(item).strip()]
-
-
-def _threads(value: object) -> tuple[int, ...]:
-    try:
-        threads = tuple(dict.fromkeys(int(v) for v in _as_list(value)))
-    except ValueError:
-        threads = ()
-    if not threads or any(t < 1 for t in threads):
-        raise UserError(f"--threads {value!r} is not a comma-separated list of positive integers (e.g. 1 or 1,2)")
-    return threads
-
-
-# ------------------------------------------------------------------------------------------- recipes
-
-
-def variant_keys() -> list[str]:
-    """What a `[variant.NAME]` table may set: ExportConfig's fields, less those the sweep sets for all."""
-    from edgetl.export import ExportConfig
-
-    return [f.name for f in fields(ExportConfig) if f.name not in SWEEP_LEVEL_FIELDS]
-
-
-def recipe_names() -> list[str]:
-    return sorted(path.stem for path in SWEEPS_DIR.glob("*.toml"))
-
-
-def load_recipe(name: str) -> dict[str, Any]:
-    """A sweep recipe by name (export/sweeps/NAME.toml) or path → the SweepConfig fields it sets.
-
-    `[variant.NAME]` tables define variants beyond the built-in grid (ExportConfig overrides plus a
-    description); the recipe's `variants` list may then name them.
-    """
-    path = Path(name)
-    if path.suffix != ".toml":
-        path = SWEEPS_DIR / f"{name}.toml"
-    if not path.is_file():
-        raise UserError(one_of(name, recipe_names(), "sweep recipe") + " (or a path to a .toml file)")
-    try:
-        payload = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as error:
-        raise UserError(f"sweep recipe {str(path)!r} is not valid TOML ({error})") from None
-    payload.pop("description", None)
-    custom: dict[str, Variant] = {}
-    for variant_name, table in payload.pop("variant", {}).items():
-        if not isinstance(table, dict):
-            raise UserError(f"sweep recipe {str(path)!r}: [variant.{variant_name}] must be a table")
-        table = dict(table)
-        description = str(table.pop("description", ""))
-        allowed = variant_keys()
-        unknown = sorted(set(table) - set(allowed))
-        if unknown:
-            raise UserError(f"sweep recipe {str(path)!r}: variant {variant_name!r} sets unknown key(s) "
-                            f"{', '.join(unknown)}; valid: {', '.join(allowed)}")
-        custom[variant_name] = Variant(variant_name, table, description)
-    known = {f.name for f in fields(SweepConfig)} - {"recipe", "custom"}
-    unknown = sorted(set(payload) - known)
-    if unknown:
-        raise UserError(f"sweep recipe {str(path)!r} sets unknown key(s) {', '.join(unknown)}; "
-                        f"valid: {', '.join(sorted(known))}, [variant.NAME] tables")
-    if custom:
-        payload["custom"] = custom
-    return payload
-
-
-def resolve_config(recipe: str | None = None, **overrides: object) -> SweepConfig:
-    """Defaults ← recipe (the default one when none is named) ← flags that were given (None: not given)."""
-    name = recipe or DEFAULT_RECIPE
-    values: dict[str, Any] = load_recipe(name) if recipe or (SWEEPS_DIR / f"{name}.toml").is_file() else {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    for key in ("variants", "targets", "formats"):
-        if key in values:
-            values[key] = tuple(_as_list(values[key]))
-    if "threads" in values:
-        values["threads"] = _threads(values["threads"])
-    return SweepConfig(recipe=name, **values).validate()
+def resolve_config(recipe: str | None = None, **flags: object) -> SweepConfig:
+    """Defaults ← recipe (export/sweeps/NAME.toml, `default` when none is named) ← flags that were given."""
+    return resolve("sweep", recipe, **flags)
 
 
 # ------------------------------------------------------------------------------------------ the stage
@@ -218,18 +41,18 @@ def run_sweep(checkpoint: Path, config: SweepConfig, out: Path | None = None, re
     `reuse`: an export folder of this checkpoint (e.g. RUN/export) whose files a variant may take instead of
     exporting them again, when its settings are the same (see `reusable`).
     """
-    from edgetl.manifest import read_checkpoint_manifest
+    from edgetl.manifest import read_checkpoint
     from edgetl.paths import atomic_dir, claim_output, ensure_writable_dir
     from edgetl.report import SWEEP_JSON
 
     checkpoint = Path(checkpoint)
-    manifest = read_checkpoint_manifest(checkpoint)
+    manifest = read_checkpoint(checkpoint)
     config = config.validate()
-    if manifest.get("framework", "torch") != "torch":
-        raise UserError(f"checkpoint {str(checkpoint)!r} is a {manifest.get('framework')!r} checkpoint; "
+    if manifest.framework != "torch":
+        raise UserError(f"checkpoint {str(checkpoint)!r} is a {manifest.framework!r} checkpoint; "
                         "edgetl sweep supports torch checkpoints (valid: a checkpoint from edgetl finetune "
                         "--framework torch)")
-    _check_variant_configs(config)
+    _check_variant_configs(config, manifest.framework)
     out = claim_output(Path(out) if out is not None else checkpoint.parent / "sweep", SWEEP_KIND,
                        [checkpoint, reuse], manifest=SWEEP_JSON)
     ensure_writable_dir(out.parent, "sweep folder")
@@ -259,8 +82,8 @@ def run_sweep(checkpoint: Path, config: SweepConfig, out: Path | None = None, re
         rows, failures = collect(work, variants)
         document = {
             "kind": SWEEP_KIND, "schema_version": SCHEMA_VERSION, "created": _now(),
-            "checkpoint": {"path": str(checkpoint.resolve()), "model": manifest["model"],
-                           "test_top1_at_finetune": manifest.get("metrics", {}).get("test", {}).get("top1")},
+            "checkpoint": {"path": str(checkpoint.resolve()), "model": manifest.model.to_json(),
+                           "test_top1_at_finetune": manifest.test_top1},
             "config": config.to_json(),
             "variants": variants,
             "reference": reference_top1(variants, manifest),
@@ -296,15 +119,16 @@ def _repoint(work: Path, out: Path, variants: list[dict[str, Any]]) -> None:
             atomic_write_bytes(path, changed.encode())
 
 
-def _check_variant_configs(config: SweepConfig) -> None:
-    """A variant whose settings export would refuse is a user error, named, before any work.
+def _check_variant_configs(config: SweepConfig, framework: str) -> None:
+    """A variant whose settings export would refuse (also for the checkpoint's backend) is a user error, named,
+    before any work.
 
     Anything else (an option the installed export does not know yet) is left to the run, where that
     variant is recorded as failed and the others go on.
     """
     for name in config.variants:
         try:
-            config.export_config(name).validate()
+            config.export_config(name).for_backend(framework)
         except UserError as error:
             raise UserError(f"sweep variant {name!r}: {error}") from None
         except Exception:  # noqa: BLE001, S112 - recorded per variant by run_variant
@@ -367,25 +191,23 @@ def reusable(export: Path, checkpoint: Path, config: Any) -> list[str] | None:
     Same parent checkpoint (manifest and weights hashes), same settings that shape a file, every requested
     format × precision present, exported and verified: then exporting again would only repeat the work.
     """
-    from edgetl.export import artifact_name
+    from edgetl.config import artifact_name
     from edgetl.manifest import sha256_file
 
     path = export / "manifest.json"
     if not path.is_file():
         return None
-    manifest = json.loads(path.read_text())
-    parent = manifest.get("parent", {})
-    if parent.get("manifest_sha256") != sha256_file(checkpoint / "manifest.json"):
+    manifest = read(path, ExportManifest)
+    if manifest.parent.get("manifest_sha256") != sha256_file(checkpoint / "manifest.json"):
         return None
-    made = manifest.get("config", {})
+    made = manifest.config
     wanted = config.validate().to_json()
     if wanted.get("prune") or wanted.get("qat"):  # trained variants: their settings are many; always made anew
         return None
     if any(made.get(key) != wanted.get(key) for key in REUSE_MUST_MATCH):
         return None
-    verified = {r["file"] for r in manifest.get("verification", {}).get("rows", []) if r.get("status") == "ok"}
-    exported = {a["file"] for a in manifest.get("artifacts", []) if a.get("status") == "ok"}
-    names = [artifact_name(manifest, quant, fmt) for quant in config.quant for fmt in config.formats]
+    verified, exported = manifest.verified(), manifest.made()
+    names = [artifact_name(manifest.model, quant, fmt) for quant in config.quant for fmt in config.formats]
     if not all(name in verified and name in exported and (export / name).is_file() for name in names):
         return None
     return names
@@ -399,7 +221,7 @@ def take_export(source: Path, names: list[str], folder: Path) -> None:
     from edgetl.manifest import write_json
     from edgetl.paths import atomic_dir
 
-    manifest = json.loads((source / "manifest.json").read_text())
+    manifest = read(source / "manifest.json", ExportManifest).to_json()
     shared = [n for n in ("labels.txt", "test_inputs.npz", "float_reference.npz") if (source / n).is_file()]
     with atomic_dir(folder) as tmp:
         for name in [*names, *(f"{n}.json" for n in names), *shared]:
@@ -444,30 +266,30 @@ def collect(out: Path, variants: list[dict[str, Any]]) -> tuple[list[dict[str, A
             failures.append({"variant": variant["name"], "artifact": None, "stage": "export",
                              "error": variant.get("error", "no export manifest")})
             continue
-        manifest = json.loads(manifest_path.read_text())
-        config = manifest.get("config", {})
-        verified = {r["file"]: r for r in manifest.get("verification", {}).get("rows", [])}
+        manifest = read(manifest_path, ExportManifest)
+        config = manifest.config
+        verified = {r["file"]: r for r in manifest.verification["rows"]}
         bench_rows: dict[str, list[dict[str, Any]]] = {}
         bench_manifest = Path(variant["bench"]) / "manifest.json"
         if bench_manifest.is_file() and variant["status"] == "ok":
-            for row in json.loads(bench_manifest.read_text())["rows"]:
-                bench_rows.setdefault(row["artifact"], []).append(row)
+            for row in read(bench_manifest, BenchManifest).rows:
+                bench_rows.setdefault(row.artifact, []).append(row.to_json())
         elif variant.get("error"):
             failures.append({"variant": variant["name"], "artifact": None, "stage": "bench",
                              "error": variant["error"]})
-        for artifact in manifest.get("artifacts", []):
-            name = artifact["file"]
+        for artifact in manifest.artifacts:
+            name = artifact.file
             check = verified.get(name, {})
-            if artifact.get("status") != "ok" or check.get("status") != "ok":
+            if not artifact.ok or check.get("status") != "ok":
                 failures.append({"variant": variant["name"], "artifact": name,
-                                 "stage": "export" if artifact.get("status") != "ok" else "verify",
-                                 "error": artifact.get("error") or check.get("error") or "not verified"})
+                                 "stage": "export" if not artifact.ok else "verify",
+                                 "error": artifact.error or check.get("error") or "not verified"})
                 continue
-            sidecar = json.loads((export / f"{name}.json").read_text())
+            sidecar = read(export / f"{name}.json", ArtifactSidecar)
             base = {
                 "id": f"{variant['name']}/{name}", "variant": variant["name"], "artifact": name,
-                "format": artifact["format"], "quant": artifact["quant"], "prune": config.get("prune"),
-                "qat": bool(config.get("qat")), "size_bytes": sidecar["bytes"], "top1": check["top1"],
+                "format": artifact.format, "quant": artifact.quant, "prune": config.get("prune"),
+                "qat": bool(config.get("qat")), "size_bytes": sidecar.bytes, "top1": check["top1"],
                 "top1_images": check["images"], "agreement": check.get("agreement"),
                 **delegation(sidecar),
             }
@@ -484,10 +306,10 @@ def collect(out: Path, variants: list[dict[str, Any]]) -> tuple[list[dict[str, A
     return rows, failures
 
 
-def delegation(sidecar: dict[str, Any]) -> dict[str, Any]:
+def delegation(sidecar: ArtifactSidecar) -> dict[str, Any]:
     """What ran outside XNNPACK: compute ops left to portable kernels (.pte), or LiteRT ops not delegated."""
-    info = sidecar.get("delegation") or {}
-    if sidecar.get("format") == "pte":
+    info = sidecar.delegation or {}
+    if sidecar.format == "pte":
         outside = list(info.get("compute_ops_outside") or [])
         return {"ops_outside": outside, "fully_delegated": not outside}
     whole = bool(info.get("whole_graph_delegated", True))
@@ -496,7 +318,7 @@ def delegation(sidecar: dict[str, Any]) -> dict[str, Any]:
     return {"ops_outside": outside, "fully_delegated": whole}
 
 
-def reference_top1(variants: list[dict[str, Any]], manifest: dict[str, Any]) -> dict[str, Any]:
+def reference_top1(variants: list[dict[str, Any]], manifest: Any) -> dict[str, Any]:
     """The float checkpoint's top-1 that drops are measured from: the one export computed in this run.
 
     Taken from a variant that neither prunes nor trains (its float reference is the checkpoint itself);
@@ -507,12 +329,12 @@ def reference_top1(variants: list[dict[str, Any]], manifest: dict[str, Any]) -> 
         path = Path(variant["export"]) / "manifest.json"
         if overrides.get("prune") or overrides.get("qat") or not path.is_file():
             continue
-        export = json.loads(path.read_text())
-        record = export.get("verification", {})
-        return {"top1": record.get("float_top1", export["float_reference"]["top1"]),
+        export = read(path, ExportManifest)
+        record = export.verification
+        return {"top1": record.get("float_top1", (export.float_reference or {}).get("top1")),
                 "images": record.get("images"), "source": f"float checkpoint in torch, measured by the "
                 f"{variant['name']} export of this sweep on the test split"}
-    test = manifest.get("metrics", {}).get("test", {})
+    test = manifest.metrics.get("test", {})
     return {"top1": test.get("top1"), "images": test.get("images"),
             "source": "float checkpoint's test top-1 from its fine-tuning manifest (no unpruned export succeeded)"}
 
@@ -532,9 +354,9 @@ def conditions(out: Path, variants: list[dict[str, Any]], config: SweepConfig,
         manifest_path = bench / "manifest.json"
         if not manifest_path.is_file():
             continue
-        manifest = json.loads(manifest_path.read_text())
-        found["versions"] = manifest.get("versions", {})
-        runtimes.update(r["runtime"] for r in manifest["rows"] if "runtime" in r)
+        manifest = read(manifest_path, BenchManifest)
+        found["versions"] = manifest.versions
+        runtimes.update(r.runtime for r in manifest.rows if r.runtime)
         for result_file in sorted(bench.glob("*@*.json")):
             result = json.loads(result_file.read_text())
             target = result["target"]
@@ -566,4 +388,4 @@ def _now() -> str:
     return now_utc()
 
 
-__all__ = ["VARIANTS", "SweepConfig", "Variant", "load_recipe", "resolve_config", "run_sweep"]
+__all__ = ["VARIANTS", "SweepConfig", "Variant", "resolve_config", "run_sweep"]

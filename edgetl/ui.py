@@ -1,6 +1,15 @@
-"""Console output shared by the stages: one rich console (stderr for progress, stdout for tables)."""
+"""Console output shared by the stages: one rich console (stderr for progress, stdout for tables), and the one
+way to keep native libraries quiet while they work."""
 
 from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -21,3 +30,34 @@ def progress() -> Progress:
         console=console,
         transient=True,
     )
+
+
+@contextlib.contextmanager
+def quiet_native(fds: tuple[int, ...] = (1, 2)) -> Iterator[None]:
+    """Silence what libraries print while they work: C++ output on file descriptors 1/2 (TensorFlow, absl,
+    LiteRT's delegate banner, cpuinfo), and Python prints, warnings and log records below ERROR.
+
+    edgetl prints one-line errors and tables, which that chatter would break; exceptions still propagate
+    unchanged, so callers print before and after. EDGETL_DEBUG=1 lets everything through.
+    """
+    if os.environ.get("EDGETL_DEBUG") == "1":
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in fds}
+    previous = logging.root.manager.disable
+    sink = io.StringIO()
+    try:
+        with open(os.devnull, "w") as devnull, warnings.catch_warnings(), contextlib.redirect_stdout(sink), \
+                contextlib.redirect_stderr(sink):
+            warnings.simplefilter("ignore")
+            logging.disable(logging.WARNING)
+            for fd in fds:
+                os.dup2(devnull.fileno(), fd)
+            yield
+    finally:
+        logging.disable(previous)
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)

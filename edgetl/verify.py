@@ -1,7 +1,7 @@
 """Verification: run each exported file in its real runtime over the held-out test split.
 
-ai-edge-litert's Interpreter runs .tflite, the ExecuTorch runtime runs .pte; inputs are the test split
-preprocessed exactly as the checkpoint says (stored as `test_inputs.npz`). Each file is compared with the
+Each file runs in its own runtime (`edgetl.runtimes`: LiteRT for .tflite, ExecuTorch for .pte); inputs are the
+test split preprocessed exactly as the checkpoint says (stored as `test_inputs.npz`). Each file is compared with the
 float checkpoint: top-1, agreement of predictions, largest difference of any class probability. The
 table is printed and stored, so a later `verify_export(folder)` gives the same answer without torch
 training code.
@@ -9,14 +9,8 @@ training code.
 
 from __future__ import annotations
 
-import contextlib
 import io
-import json
-import os
-import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +18,10 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from edgetl import runtimes
 from edgetl.errors import QualityFailed, UserError
 from edgetl.manifest import now_utc, write_json
-from edgetl.ui import stdout
+from edgetl.ui import quiet_native, stdout
 
 TEST_INPUTS = "test_inputs.npz"
 FLOAT_REFERENCE = "float_reference.npz"
@@ -34,127 +29,8 @@ VERIFICATION_JSON = "verification.json"
 VERIFICATION_TXT = "verification.txt"
 
 
-@contextlib.contextmanager
-def quiet_native() -> Iterator[None]:
-    """Silence what C++ libraries print on fds 1/2 (absl, oneDNN, LiteRT's delegate banner, cpuinfo).
-
-    Python-level output inside is swallowed too, so callers print before and after. EDGETL_DEBUG=1
-    shows everything.
-    """
-    if os.environ.get("EDGETL_DEBUG") == "1":
-        yield
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = (os.dup(1), os.dup(2))
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 1)
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
-
-
 class QualityError(QualityFailed):
     """An int8 file lost more top-1 than allowed; everything is written, the run still fails (exit 3)."""
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
-
-
-def quantize_input(x: np.ndarray, scale: float, zero_point: int, dtype: np.dtype) -> np.ndarray:
-    """Float → int tensor with a tensor's (scale, zero_point), as an app would feed an int8 model."""
-    info = np.iinfo(dtype)
-    return np.clip(np.round(x / scale) + zero_point, info.min, info.max).astype(dtype)
-
-
-def run_tflite(path: Path, x: np.ndarray, threads: int | None = None) -> np.ndarray:
-    """Run a .tflite (batch 1) on each image; int8 inputs/outputs are (de)quantized with their params."""
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError as error:
-        raise UserError(f"ai-edge-litert is not installed ({error}); pip install 'edgetl[torch]'") from None
-    interpreter = Interpreter(model_path=str(path), num_threads=threads)
-    interpreter.allocate_tensors()
-    source = interpreter.get_input_details()[0]
-    target = interpreter.get_output_details()[0]
-    in_scale, in_zero = source["quantization"]
-    out_scale, out_zero = target["quantization"]
-    in_dtype = np.dtype(source["dtype"])
-    outputs = []
-    for index in range(len(x)):
-        image = x[index : index + 1]
-        if in_dtype.kind == "i":
-            image = quantize_input(image, in_scale, int(in_zero), in_dtype)
-        interpreter.set_tensor(source["index"], np.ascontiguousarray(image.astype(in_dtype, copy=False)))
-        interpreter.invoke()
-        result = interpreter.get_tensor(target["index"]).reshape(-1)
-        if np.dtype(target["dtype"]).kind == "i":
-            result = (result.astype(np.float32) - out_zero) * out_scale
-        outputs.append(result.astype(np.float32))
-    return np.stack(outputs)
-
-
-def tflite_io(path: Path) -> dict:
-    """Input/output tensors of a .tflite as the sidecar manifest records them (dtype, shape, quant)."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    with quiet_native():
-        interpreter = Interpreter(model_path=str(path))
-        interpreter.allocate_tensors()
-
-    def describe(detail: dict) -> dict:
-        scale, zero_point = detail["quantization"]
-        return {
-            "name": detail["name"],
-            "dtype": np.dtype(detail["dtype"]).name,
-            "shape": [int(v) for v in detail["shape"]],
-            "quantization": {"scale": float(scale), "zero_point": int(zero_point)} if scale else None,
-        }
-
-    ops: dict[str, int] = {}
-    details = interpreter._get_ops_details()
-    for op in details:
-        ops[op["op_name"]] = ops.get(op["op_name"], 0) + 1
-    # LiteRT applies its XNNPACK delegate when the interpreter is built: the nodes it takes are replaced by
-    # DELEGATE nodes. One DELEGATE from the model's input to its output means the whole graph runs in XNNPACK.
-    inputs = {int(d["index"]) for d in interpreter.get_input_details()}
-    outputs = {int(d["index"]) for d in interpreter.get_output_details()}
-    delegates = [op for op in details if op["op_name"] == "DELEGATE"]
-    whole = len(delegates) == 1 and inputs <= {int(i) for i in delegates[0]["inputs"]} and outputs == {
-        int(i) for i in delegates[0]["outputs"]
-    }
-    return {
-        "inputs": [describe(d) for d in interpreter.get_input_details()],
-        "outputs": [describe(d) for d in interpreter.get_output_details()],
-        "ops": dict(sorted(ops.items())),
-        "delegation": {
-            "delegate": "XNNPACK (LiteRT default CPU delegate)",
-            "delegate_nodes": len(delegates),
-            "graph_ops": len(details) - len(delegates),
-            "whole_graph_delegated": bool(whole),
-        },
-    }
-
-
-def run_artifact(path: Path, fmt: str, x: np.ndarray, threads: int | None = None) -> np.ndarray:
-    """Logits of one exported file over `x` (NHWC float32), in the file's own runtime."""
-    if fmt == "tflite":
-        return run_tflite(path, x, threads)
-    if fmt == "pte":
-        from edgetl.backends.torch.runtime import run_pte
-
-        return run_pte(path, x, threads)
-    raise UserError(f"cannot verify {str(path)!r}: unknown format {fmt!r}")
 
 
 def compare(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> dict:
@@ -164,7 +40,7 @@ def compare(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> di
         "images": int(len(labels)),
         "top1": float((predicted == labels).mean()),
         "agreement": float((predicted == reference.argmax(axis=1)).mean()),
-        "max_prob_diff": float(np.abs(softmax(logits) - softmax(reference)).max()),
+        "max_prob_diff": float(np.abs(runtimes.softmax(logits) - runtimes.softmax(reference)).max()),
     }
 
 
@@ -182,7 +58,7 @@ def verify_artifacts(folder: Path, artifacts: list[dict], threads: int | None = 
         started = time.perf_counter()
         try:
             with quiet_native():
-                out = run_artifact(folder / artifact["file"], artifact["format"], x, threads)
+                out = runtimes.run(folder / artifact["file"], x, threads, fmt=artifact["format"])
         except Exception as error:  # a file that does not run is a verification result, not a crash
             row.update(status="failed", error=f"{type(error).__name__}: {error}"[:300])
             rows.append(row)
@@ -267,10 +143,11 @@ def check_drop(record: dict, max_drop: float) -> None:
 
 def verify_export(folder: Path, threads: int | None = None) -> dict:
     """Re-verify an export folder from its manifest alone (no checkpoint needed)."""
+    from edgetl.contracts import ExportManifest, read
+
     folder = Path(folder)
     manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
         raise UserError(f"{str(folder)!r} is not an export folder (no manifest.json)")
-    manifest = json.loads(manifest_path.read_text())
-    artifacts = [a for a in manifest.get("artifacts", []) if a.get("status") == "ok"]
-    return verify_artifacts(folder, artifacts, threads)
+    manifest = read(manifest_path, ExportManifest)
+    return verify_artifacts(folder, [a.to_json() for a in manifest.artifacts if a.ok], threads)

@@ -45,7 +45,7 @@ def build_export(folder: Path, quants: tuple[str, ...] = ("int8",)) -> Path:
     from litert_torch.quantize.quant_config import QuantConfig
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    from edgetl.bundle import run_model, tflite_tensors
+    from edgetl import runtimes
     from edgetl.data import preprocess_spec
 
     torch.manual_seed(0)
@@ -87,8 +87,9 @@ def build_export(folder: Path, quants: tuple[str, ...] = ("int8",)) -> Path:
             converted = litert_torch.convert(model, example)
         name = f"tiny-{SIZE}-{quant}.tflite"
         converted.export(str(folder / name))
-        io = tflite_tensors(folder / name)
-        logits = run_model(folder / name, "tflite", x[test])
+        described = runtimes.describe(folder / name)
+        io = {"input": described["inputs"][0], "output": described["outputs"][0]}
+        logits = runtimes.run(folder / name, x[test])
         sidecar = {
             "kind": "edgetl.artifact", "schema_version": 1, "file": name, "format": "tflite",
             "runtime": "LiteRT (ai-edge-litert Interpreter)", "quant": quant,

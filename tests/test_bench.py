@@ -118,8 +118,9 @@ def _export_copy(tiny_models: Path, tmp_path: Path) -> Path:  # noqa: F811
 
 def test_a_model_changed_after_export_is_refused_unless_allowed(tiny_models: Path, tmp_path: Path) -> None:  # noqa: F811
     export = _export_copy(tiny_models, tmp_path)
-    (export / "tiny.tflite.json").write_text(json.dumps({"kind": "edgetl.artifact", "file": "tiny.tflite",
-                                                         "sha256": "0" * 64}))
+    from tests.test_contracts import sidecar_json  # a sidecar that reads as one, but names another sha256
+
+    (export / "tiny.tflite.json").write_text(json.dumps({**sidecar_json(), "file": "tiny.tflite", "sha256": "0" * 64}))
     _one_line_error(run_cli("bench", str(export), "--iters", "2", "--threads", "1"),
                     "tiny.tflite", "sha256", "--allow-modified")
     assert not (tmp_path / "run" / "bench").exists()

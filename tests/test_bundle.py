@@ -192,7 +192,7 @@ def test_kotlin_constants_quantize_exactly_as_the_manifest_says(bundles: dict[st
 def test_constants_and_bundled_graph_together_equal_the_manifest(bundles: dict[str, Path], export_dir: Path) -> None:
     """Per-channel mean/std move into the graph (MediaPipe rejects them as metadata): what the generated
     code feeds, through the bundled model, must give what the exported artifact gives on manifest inputs."""
-    from edgetl.bundle import run_model, softmax
+    from edgetl.runtimes import run, softmax
 
     for variant, name in (("int8", "tiny-32-int8.tflite"), ("fp32", "tiny-32-fp32.tflite")):
         root = bundles[variant]
@@ -201,9 +201,9 @@ def test_constants_and_bundled_graph_together_equal_the_manifest(bundles: dict[s
         pictures = _golden_pictures(root)
         implied = ((pictures - np.asarray(spec["PIXEL_MEAN"])) / np.asarray(spec["PIXEL_STD"])).astype(np.float32)
         assert spec["OUTPUT_KIND"] == "probabilities"  # SOFTMAX appended to the bundled graph
-        bundled = run_model(root / "device_bench" / name, "tflite", implied)
+        bundled = run(root / "device_bench" / name, implied)
         assert np.allclose(bundled.sum(axis=1), 1.0, atol=1e-5)
-        source = softmax(run_model(export_dir / name, "tflite", _manifest_input(export_dir, name, pictures)))
+        source = softmax(run(export_dir / name, _manifest_input(export_dir, name, pictures)))
         assert (bundled.argmax(1) == source.argmax(1)).all()
         assert np.abs(bundled - source).max() < (0.02 if variant == "int8" else 1e-4)
         record = json.loads((root / "bundle.json").read_text())
@@ -232,7 +232,7 @@ def test_tflite_metadata_reads_back(bundles: dict[str, Path], export_dir: Path) 
 
 def test_mediapipe_image_classifier_takes_the_bundled_tflite(bundles: dict[str, Path], export_dir: Path) -> None:
     """MediaPipe Tasks (its own venv) gives the same top-1 as edgetl's verification runtime on the artifact."""
-    from edgetl.bundle import run_model
+    from edgetl.runtimes import run
     from edgetl.tflite_metadata import mediapipe_classify
 
     for variant, name in (("int8", "tiny-32-int8.tflite"), ("fp32", "tiny-32-fp32.tflite")):
@@ -241,7 +241,7 @@ def test_mediapipe_image_classifier_takes_the_bundled_tflite(bundles: dict[str, 
         files = [root / "golden" / im["file"] for im in expected["images"]]
         results = mediapipe_classify(root / "device_bench" / name, files, top_k=3)
         pictures = _golden_pictures(root)
-        host = run_model(export_dir / name, "tflite", _manifest_input(export_dir, name, pictures)).argmax(1)
+        host = run(export_dir / name, _manifest_input(export_dir, name, pictures)).argmax(1)
         labels = (export_dir / "labels.txt").read_text().split()
         assert [r[0]["index"] for r in results] == host.tolist()
         assert [r[0]["label"] for r in results] == [labels[i] for i in host]
@@ -425,9 +425,10 @@ program = to_edge_transform_and_lower(torch.export.export(net, (torch.from_numpy
 (folder / "t-16-fp32.pte").write_bytes(program.buffer)
 np.savez(folder / "test_inputs.npz", x=x, y=np.arange(20) % 3)
 (folder / "labels.txt").write_text("a\\nb\\nc\\n")
-sidecar = {"file": "t-16-fp32.pte", "format": "pte", "quant": "fp32", "runtime": "ExecuTorch (XNNPACK delegate)",
-           "sha256": sha256_file(folder / "t-16-fp32.pte"), "labels": ["a", "b", "c"],
-           "model": {"backbone": "t", "image_size": 16, "num_classes": 3},
+sidecar = {"kind": "edgetl.artifact", "schema_version": 1, "file": "t-16-fp32.pte", "format": "pte",
+           "quant": "fp32", "runtime": "ExecuTorch (XNNPACK delegate)",
+           "bytes": (folder / "t-16-fp32.pte").stat().st_size, "sha256": sha256_file(folder / "t-16-fp32.pte"),
+           "labels": ["a", "b", "c"], "model": {"backbone": "t", "width": 1.0, "image_size": 16, "num_classes": 3},
            "preprocess": preprocess_spec(16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), layout="NHWC"),
            "input": {"name": "x", "dtype": "float32", "shape": [1, 16, 16, 3], "quantization": None},
            "output": {"name": "logits", "dtype": "float32", "shape": [1, 3], "quantization": None},
@@ -460,8 +461,8 @@ def test_real_export_bundles_and_mediapipe_agrees_with_edgetl_verification(tmp_p
     """End to end on the real stages: fine-tune (builtin:shapes, 32 px), export an int8 .tflite, bundle it;
     MediaPipe Tasks on the bundled file gives the top-1 that edgetl's verification runtime gives on the
     exported artifact for every golden image."""
+    from edgetl import runtimes
     from edgetl.tflite_metadata import mediapipe_classify
-    from edgetl.verify import run_artifact
 
     run = tmp_path / "run"
     steps = [["finetune", "--data", "builtin:shapes", "--image-size", "32", "--epochs-head", "2",
@@ -478,7 +479,7 @@ def test_real_export_bundles_and_mediapipe_agrees_with_edgetl_verification(tmp_p
     expected = record["golden"]
     sidecar = json.loads(artifact.with_name(artifact.name + ".json").read_text())
     pictures = _golden_pictures(root)
-    host = run_artifact(artifact, "tflite", np.stack([_pixels_to_x(p, sidecar["preprocess"]) for p in pictures]))
+    host = runtimes.run(artifact, np.stack([_pixels_to_x(p, sidecar["preprocess"]) for p in pictures]))
     os.environ["EDGETL_MEDIAPIPE_VENV"] = str(_tool_venv())
     results = mediapipe_classify(root / "device_bench" / artifact.name,
                                  [root / "golden" / im["file"] for im in expected["images"]])
@@ -518,13 +519,17 @@ HOSTILE = 'm"+evil()+"#{`id`}$x\\(y)\n fun pwned() {}'
 
 
 def _hostile_copy(export_dir: Path, tmp_path: Path, name: str = "tiny-32-fp32.tflite", **changes) -> Path:
-    """A copy of the export whose fp32 artifact is renamed to `name` and whose sidecar gets `changes`."""
+    """A copy of the export whose fp32 artifact is renamed to `name` and whose sidecar gets `changes` (an object
+    is merged into the sidecar's one, so the rest of it still reads as a sidecar)."""
     folder = tmp_path / "export"
     folder.mkdir()
     for item in ("labels.txt", "test_inputs.npz"):
         shutil.copy2(export_dir / item, folder / item)
     shutil.copy2(export_dir / "tiny-32-fp32.tflite", folder / name)
-    sidecar = {**_sidecar(export_dir, "tiny-32-fp32.tflite"), "file": name, **changes}
+    sidecar = {**_sidecar(export_dir, "tiny-32-fp32.tflite"), "file": name}
+    for key, value in changes.items():
+        merge = isinstance(value, dict) and isinstance(sidecar.get(key), dict)
+        sidecar[key] = {**sidecar[key], **value} if merge else value
     (folder / f"{name}.json").write_text(json.dumps(sidecar))
     return folder
 

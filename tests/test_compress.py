@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgetl.config import ExportConfig, parse_prune, variant_tag
 from edgetl.errors import UserError
-from edgetl.export import ExportConfig, _check_framework_options, parse_prune, resolve_config, variant_tag
+from edgetl.export import resolve_config
 from tests.conftest import run_cli
 from tests.test_cli import _assert_one_line_error
 from tests.test_export import make_checkpoint
@@ -56,12 +57,29 @@ def test_qat_without_int8_and_channels_on_keras_are_refused() -> None:
     with pytest.raises(UserError, match="add int8"):
         resolve_config(None, quant="fp32", qat=True)
     with pytest.raises(UserError, match="channel pruning is torch-only.*magnitude:0.5"):
-        _check_framework_options(resolve_config(None, prune="channels:0.5"), "keras")
-    _check_framework_options(resolve_config(None, prune="magnitude:0.5", qat=True), "torch")  # accepted
+        resolve_config(None, prune="channels:0.5").for_backend("keras")
+    resolve_config(None, prune="magnitude:0.5", qat=True).for_backend("torch")  # accepted
     with pytest.raises(UserError, match=r"--distill 1.5 is not usable; valid: 0 \(labels only\) to 1"):
         resolve_config(None, prune="channels:0.5", distill=1.5)
     with pytest.raises(UserError, match="--distill 0.5: torch-only"):
-        _check_framework_options(resolve_config(None, prune="magnitude:0.5", distill=0.5), "keras")
+        resolve_config(None, prune="magnitude:0.5", distill=0.5).for_backend("keras")
+
+
+def test_the_capability_table_decides_what_each_backend_is_asked() -> None:
+    """Options a backend lacks are refused in one line naming it; the ones it has pass untouched."""
+    keras = ExportConfig(prune=0.5, qat=True, quant=("fp32", "int8"), recovery_epochs=3, qat_epochs=4,
+                         recovery_lr=1e-3, qat_lr=2e-4, tune_images=100).for_backend("keras")
+    assert keras.formats == ("tflite",) and (keras.recovery_epochs, keras.qat_epochs) == (3, 4)  # .pte dropped
+    for options, needle in (({"fuse_clamp": False}, "fuse_clamp = false: torch-only"),
+                            ({"formats": ("pte",)}, "--formats pte: a keras checkpoint exports to .tflite only"),
+                            ({"quant": ("int8",), "bias_correction": False}, "--no-bias-correction: torch-only")):
+        with pytest.raises(UserError, match=needle):
+            ExportConfig(**options).for_backend("keras")
+    with pytest.raises(UserError, match="--quant fp16, --quant dynamic: keras-only; this checkpoint's framework is "
+                                        "torch"):
+        ExportConfig(quant=("fp16", "int8", "dynamic")).for_backend("torch")
+    with pytest.raises(UserError, match="checkpoint framework 'onnx' has no export backend; valid: torch, keras"):
+        ExportConfig().for_backend("onnx")
 
 
 def test_bad_specs_on_the_command_line_exit_2_with_one_line(tmp_path: Path) -> None:
@@ -93,25 +111,12 @@ def test_qat_or_pruning_without_reachable_training_images_exit_2(tmp_path: Path)
 torch_only = pytest.mark.torch
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> Path:
-    pytest.importorskip("torch_pruning")
-    import os
-
-    from edgetl.config import FinetuneConfig
-    from edgetl.finetune import run_finetune
-
-    os.environ["EDGETL_CACHE"] = str(shared_cache)
-    config = FinetuneConfig(data="builtin:shapes", backbone="mobilenet_v2", width=0.35, weights="none",
-                            image_size=32, epochs_head=3, epochs_finetune=0, seed=0)
-    return run_finetune(config, tmp_path_factory.mktemp("compress-run"))
-
-
 def _listing_and_spec(checkpoint: Path) -> tuple:
     from edgetl.export import load_listing
+    from edgetl.manifest import read_checkpoint
 
-    manifest = json.loads((checkpoint / "manifest.json").read_text())
-    return manifest, load_listing(checkpoint, manifest), dict(manifest["preprocess"], layout="NCHW")
+    manifest = read_checkpoint(checkpoint)
+    return manifest, load_listing(checkpoint, manifest), manifest.preprocess.with_layout("NCHW")
 
 
 @torch_only

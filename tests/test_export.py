@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +16,11 @@ import pytest
 from PIL import Image
 
 from edgetl import export as export_stage
+from edgetl.backends.base import CAPABILITIES, Backend, Converted, Graphs
+from edgetl.config import ExportConfig, artifact_name, load_recipe, recipe_names
+from edgetl.contracts import ModelInfo
 from edgetl.errors import UserError
-from edgetl.export import ExportConfig, ExportFailed, artifact_name, load_recipe, recipe_names, resolve_config
+from edgetl.export import ExportFailed, resolve_config
 from edgetl.verify import QualityError
 from tests.conftest import run_cli, tree_digest
 
@@ -102,10 +104,10 @@ def test_unknown_recipe_lists_the_known_ones(tmp_path: Path) -> None:
 
 
 def test_file_names_record_the_choices() -> None:
-    manifest = {"model": {"backbone": "efficientnet_lite0", "width": 1.0, "image_size": 224}}
-    assert artifact_name(manifest, "int8", "pte") == "efficientnet_lite0-224-int8.pte"
-    manifest = {"model": {"backbone": "mobilenet_v2", "width": 0.5, "image_size": 96}}
-    assert artifact_name(manifest, "fp32", "tflite") == "mobilenet_v2-w0.5-96-fp32.tflite"
+    model = ModelInfo(backbone="efficientnet_lite0", width=1.0, image_size=224, num_classes=10)
+    assert artifact_name(model, "int8", "pte") == "efficientnet_lite0-224-int8.pte"
+    model = ModelInfo(backbone="mobilenet_v2", width=0.5, image_size=96, num_classes=10)
+    assert artifact_name(model, "fp32", "tflite") == "mobilenet_v2-w0.5-96-fp32.tflite"
 
 
 def test_stage_modules_import_no_framework() -> None:
@@ -160,31 +162,42 @@ def test_unwritable_output(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- orchestration with a fake backend
 
 
-def fake_backend(fail: set[str]) -> types.SimpleNamespace:
-    """Stands in for edgetl.backends.torch.export: bytes instead of graphs, chosen formats raise."""
+class FakeBackend(Backend):
+    """The backend contract with bytes instead of graphs; the steps named in `fail` raise."""
 
-    def build_graphs(checkpoint, manifest, calibration, want_int8, bias_correction=True, fuse_clamp=True, model=None):
-        if want_int8 and "quantize" in fail:
+    capabilities = CAPABILITIES["torch"]
+
+    def __init__(self, fail: set[str]) -> None:
+        self.fail = fail
+        self.calibration = None
+
+    def needs_calibration(self, config) -> bool:
+        return not config.qat
+
+    def load_float(self, checkpoint, manifest, listing, config) -> Graphs:
+        return Graphs(float_model="f", example=None)
+
+    def quantize(self, graphs, checkpoint, manifest, listing, calibration, config) -> None:
+        self.calibration = calibration
+        if "quantize" in self.fail:
             raise RuntimeError("observer exploded")
-        quantization = {"calibration_images": len(calibration), "seconds": 0.0} if want_int8 else {}
-        return types.SimpleNamespace(float_model="f", int8="q" if want_int8 else None, example=None,
-                                     quantization=quantization)
+        graphs.int8, graphs.quantization = "q", {"calibration_images": len(calibration), "seconds": 0.0}
 
-    def logits(module, x):
+    def logits(self, model, x):
         return np.tile(np.array([[2.0, 0.0]], np.float32), (len(x), 1))
 
-    def lower_pte(module, example):
-        if "pte" in fail:
-            raise RuntimeError("lowering exploded\nsecond line")
-        return b"pte-bytes", {"delegated_nodes": 1, "compute_ops_outside": []}
+    def convert(self, graphs, quant, fmt) -> Converted:
+        if fmt in self.fail:
+            raise RuntimeError({"pte": "lowering exploded\nsecond line", "tflite": "conversion exploded"}[fmt])
+        return Converted(f"{fmt}-bytes".encode(), {"delegation": {"compute_ops_outside": []}} if fmt == "pte" else {})
 
-    def convert_tflite(module, example, quantized):
-        if "tflite" in fail:
-            raise RuntimeError("conversion exploded")
-        return b"tflite-bytes"
 
-    return types.SimpleNamespace(build_graphs=build_graphs, logits=logits, lower_pte=lower_pte,
-                                 convert_tflite=convert_tflite)
+def fake_describe(path: Path, fmt: str) -> dict:
+    """What the runtimes would say about a real file of this tiny model (NHWC float input, two logits)."""
+    tensor = {"dtype": "float32", "quantization": None}
+    return {"inputs": [{"name": "x", "shape": [1, 32, 32, 3], **tensor}],
+            "outputs": [{"name": "logits", "shape": [1, 2], **tensor}],
+            "ops": {}, "delegation": {"whole_graph_delegated": True}}
 
 
 def fake_verify(drop: float):
@@ -199,11 +212,12 @@ def fake_verify(drop: float):
 
 @pytest.fixture()
 def patched(monkeypatch: pytest.MonkeyPatch):
-    def apply(fail: set[str] = frozenset(), drop: float = 0.0) -> None:
-        monkeypatch.setattr(export_stage, "_backend", lambda: fake_backend(set(fail)))
+    def apply(fail: set[str] = frozenset(), drop: float = 0.0) -> FakeBackend:
+        backend = FakeBackend(set(fail))
+        monkeypatch.setattr(export_stage.backends, "load", lambda framework: backend)
         monkeypatch.setattr(export_stage, "verify_artifacts", fake_verify(drop))
-        monkeypatch.setattr(export_stage, "_tflite_io", lambda path: {"inputs": [{}], "outputs": [{}], "ops": {},
-                                                                     "delegation": {"whole_graph_delegated": True}})
+        monkeypatch.setattr(export_stage, "_describe", fake_describe)
+        return backend
 
     return apply
 
@@ -242,30 +256,21 @@ def test_int8_drop_over_the_limit_fails_after_writing(tmp_path: Path, patched) -
     export_stage.run_export(folder, ExportConfig(calib=4, max_drop=3.0), out)  # a looser gate passes
 
 
-def test_calibration_draws_from_training_images_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                     patched) -> None:
-    patched()
-    seen = {}
-    backend = fake_backend(set())
-    original = backend.build_graphs
-
-    def spy(checkpoint, manifest, calibration, want_int8, *args, **kwargs):
-        seen["calibration"] = calibration
-        return original(checkpoint, manifest, calibration, want_int8, *args, **kwargs)
-
-    backend.build_graphs = spy
-    monkeypatch.setattr(export_stage, "_backend", lambda: backend)
+def test_calibration_draws_from_training_images_only(tmp_path: Path, patched) -> None:
+    backend = patched()
     export_stage.run_export(make_checkpoint(tmp_path), ExportConfig(calib=100, quant=("int8",)), tmp_path / "e")
-    assert len(seen["calibration"]) == 6  # all six training images, never more than exist
+    assert len(backend.calibration) == 6  # all six training images, never more than exist
 
 
 def test_a_file_whose_manifest_cannot_be_made_is_not_left_behind(tmp_path: Path, monkeypatch, patched) -> None:
     patched()
 
-    def unreadable(path: Path) -> dict:
-        raise ValueError("flatbuffer unreadable")
+    def unreadable(path: Path, fmt: str) -> dict:
+        if fmt == "tflite":
+            raise ValueError("flatbuffer unreadable")
+        return fake_describe(path, fmt)
 
-    monkeypatch.setattr(export_stage, "_tflite_io", unreadable)
+    monkeypatch.setattr(export_stage, "_describe", unreadable)
     out = tmp_path / "export"
     with pytest.raises(ExportFailed):
         export_stage.run_export(make_checkpoint(tmp_path), ExportConfig(calib=4, quant=("int8",)), out)
@@ -358,6 +363,30 @@ def test_a_failed_export_leaves_the_previous_one_exactly_as_it_was(tmp_path: Pat
     with pytest.raises(RuntimeError):
         export_stage.run_export(folder, ExportConfig(calib=4), out)
     assert tree_digest(tmp_path) == before
+
+
+class FakeKerasBackend(FakeBackend):
+    capabilities = CAPABILITIES["keras"]
+
+
+def test_a_keras_export_where_every_file_fails_publishes_nothing(tmp_path: Path, monkeypatch, patched) -> None:
+    """One orchestration for every backend: a keras checkpoint's export is claimed, published and refused
+    exactly as a torch one's."""
+    patched()
+    folder, out = make_checkpoint(tmp_path), tmp_path / "export"
+    _damage(folder, lambda m: {**m, "framework": "keras"})
+    backend = FakeKerasBackend(set())
+    monkeypatch.setattr(export_stage.backends, "load", lambda framework: {"keras": backend}[framework])
+    export_stage.run_export(folder, ExportConfig(calib=4), out)
+    assert sorted(p.name for p in out.glob("*.tflite")) == ["mobilenet_v3_small-32-fp32.tflite",
+                                                           "mobilenet_v3_small-32-int8.tflite"]
+    before = tree_digest(tmp_path)
+    backend.fail = {"tflite"}
+    with pytest.raises(ExportFailed, match="every export failed.*conversion exploded.*nothing was published"):
+        export_stage.run_export(folder, ExportConfig(calib=4), out)
+    assert tree_digest(tmp_path) == before
+    line = _one_error_line(run_cli("export", str(folder), "--out", str(folder)))
+    assert "is this stage's input" in line and tree_digest(tmp_path) == before
 
 
 @pytest.mark.parametrize("step", range(9))

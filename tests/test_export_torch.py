@@ -21,8 +21,6 @@ pytest.importorskip("ai_edge_litert")
 from torch import nn  # noqa: E402
 
 from edgetl.backends.torch.quantize import bias_correct, fold_batchnorm, quantize_ptq  # noqa: E402
-from edgetl.config import FinetuneConfig  # noqa: E402
-from edgetl.finetune import run_finetune  # noqa: E402
 from tests.conftest import run_cli  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -95,18 +93,6 @@ def test_relu6_outputs_are_quantized_after_the_clamp() -> None:
         assert "quantize_per_tensor" in str(user.target)
         scale, zero_point = user.args[1], user.args[2]
         assert zero_point == -128 and scale <= 6.0 / 255 + 1e-6  # the int8 range covers [0, 6] at most
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> Path:
-    import os
-
-    os.environ["EDGETL_CACHE"] = str(shared_cache)
-    run = tmp_path_factory.mktemp("run")
-    # The narrowest MobileNetV2 has the simplest graph of our backbones, so lowering is quickest.
-    config = FinetuneConfig(data="builtin:shapes", backbone="mobilenet_v2", width=0.35, weights="none",
-                            image_size=32, epochs_head=3, epochs_finetune=0, seed=0)
-    return run_finetune(config, run)
 
 
 def _check_export(out: Path, quants: tuple[str, ...]) -> dict:

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgetl.config import FinetuneConfig
+from edgetl.config import ExportConfig, FinetuneConfig
 from edgetl.errors import UserError
-from edgetl.export import ExportConfig, resolve_config, run_export
+from edgetl.export import resolve_config, run_export
 from edgetl.finetune import run_finetune
 from tests.conftest import run_cli
 from tests.test_export import make_checkpoint
@@ -59,8 +59,20 @@ def test_pruned_fp32_and_int8_tflite_verified_with_sparsity_and_gzip(keras_check
     rows = {row["file"]: row for row in manifest["verification"]["rows"]}
     assert rows[names[0]]["agreement"] == 1.0 and rows[names[0]]["max_prob_diff"] < 1e-4  # fp32 = keras float
     assert manifest["float_reference"]["model"] == "pruned and stripped"
+    assert pruning["fine_tune"]["epochs"] == 6 and pruning["fine_tune"]["lr"] == 1e-4  # the measured defaults
     assert (out / "labels.txt").read_text().split() == ["circle", "square", "triangle"]
     assert np.load(out / "test_inputs.npz")["x"].shape[1:] == (32, 32, 3)
+
+
+def test_pruning_fine_tune_knobs_are_honoured_not_ignored(keras_checkpoint: Path, tmp_path: Path) -> None:
+    out = run_export(keras_checkpoint, ExportConfig(formats=("tflite",), quant=("fp32",), prune="magnitude:0.3",
+                                                    recovery_epochs=1, recovery_lr=5e-4, tune_images=24,
+                                                    max_drop=100), tmp_path / "export")
+    manifest = json.loads((out / "manifest.json").read_text())
+    tune = manifest["pruning"]["fine_tune"]
+    assert (tune["epochs"], tune["lr"], tune["images"], tune["train_images"]) == (1, 5e-4, 24, 24)
+    assert len(tune["history"]) == 1 and manifest["config"]["recovery_epochs"] == 1
+    assert [p.name for p in out.glob("*.tflite")] == ["mobilenet_v2-w0.35-32-fp32-pruned30.tflite"]
 
 
 @pytest.mark.slow
@@ -85,7 +97,7 @@ def test_prune_preserving_qat_keeps_sparsity_in_int8(keras_checkpoint: Path, tmp
 
 
 def test_keras_only_options_on_a_torch_checkpoint_name_its_framework(tmp_path: Path) -> None:
-    folder = make_checkpoint(tmp_path)  # --prune and --qat are torch options too since issue 6
+    folder = make_checkpoint(tmp_path)  # --prune and --qat are torch options too
     for flags, fragment in ((["--quant", "fp16"], "fp16"), (["--quant", "dynamic"], "dynamic")):
         result = run_cli("export", str(folder), *flags)
         lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -96,6 +108,9 @@ def test_keras_only_options_on_a_torch_checkpoint_name_its_framework(tmp_path: P
 def test_torch_only_options_and_pte_on_a_keras_checkpoint(keras_checkpoint: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="framework is keras"):
         run_export(keras_checkpoint, ExportConfig(bias_correction=False), tmp_path / "a")
+    with pytest.raises(UserError, match=r"^--distill 0.5: torch-only; this checkpoint's framework is keras"):
+        run_export(keras_checkpoint, ExportConfig(prune=0.5, distill=0.5), tmp_path / "a")
+    assert not (tmp_path / "a").exists()
     result = run_cli("export", str(keras_checkpoint), "--formats", "pte", "--out", str(tmp_path / "b"))
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1 and "keras checkpoint exports to .tflite only" in lines[0]

@@ -70,22 +70,6 @@ def test_bad_sweep_arguments_are_one_line(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ real sweeps (torch)
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> Path:
-    pytest.importorskip("torch")
-    pytest.importorskip("executorch")
-    pytest.importorskip("litert_torch")
-    import os
-
-    from edgetl.config import FinetuneConfig
-    from edgetl.finetune import run_finetune
-
-    os.environ["EDGETL_CACHE"] = str(shared_cache)
-    config = FinetuneConfig(data="builtin:shapes", backbone="mobilenet_v2", width=0.35, weights="none",
-                            image_size=32, epochs_head=3, epochs_finetune=0, seed=0)
-    return run_finetune(config, tmp_path_factory.mktemp("run"))
-
-
 @pytest.mark.torch
 def test_bad_output_folder_and_variant_settings_are_one_line(tiny_checkpoint: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"

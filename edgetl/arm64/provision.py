@@ -30,6 +30,7 @@ from typing import Any
 
 from edgetl.arm64 import apt
 from edgetl.arm64.targets import TARGETS
+from edgetl.arm64.userland import Userland, host_env
 from edgetl.errors import UserError
 from edgetl.paths import cache_dir
 
@@ -110,16 +111,6 @@ def _fresh(path: Path) -> Path:
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     path.mkdir(parents=True)
     return path
-
-
-def host_env(root: Path) -> dict[str, str]:
-    """Environment for the unpacked host programs (qemu, the cross compiler): their libraries first."""
-    host = root / "host"
-    multiarch = {"amd64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu"}.get(apt.host_arch(), "x86_64-linux-gnu")
-    libs = [host / "usr/lib" / multiarch, host / "lib" / multiarch, host / "usr/lib"]
-    env = dict(os.environ)
-    env["LD_LIBRARY_PATH"] = os.pathsep.join([str(p) for p in libs] + [env.get("LD_LIBRARY_PATH", "")]).rstrip(":")
-    return env
 
 
 def _host_packages(root: Path, packages: list[str], log: Log) -> dict[str, Any]:
@@ -278,8 +269,6 @@ def _runner(root: Path, log: Log) -> dict[str, Any]:
 
 def _smoke(root: Path, log: Log) -> dict[str, Any]:
     """Start the guest python with the plugin loaded and import the runtime: proof the chain works."""
-    from edgetl.arm64 import Userland
-
     userland = Userland(root)
     out = root / "plugin" / "smoke.json"
     cmd = [*userland.qemu_command(TARGETS["arm64-a76"], out), str(userland.guest_python), "-c",

@@ -7,14 +7,12 @@ Optional steps before conversion, each a short fine-tune on the checkpoint's tra
 - `qat`: quantization-aware training (tfmot's default 8-bit scheme) before the int8 conversion; after
   pruning, the prune-preserving scheme, since the plain scheme would re-densify the pruned kernels.
 BatchNorm stays frozen in both, as in stage 2 of fine-tuning. The export folder, file names, sidecars and
-verification are the torch backend's (edgetl.export, edgetl.verify); only the graphs differ.
+verification are the stage's (edgetl.export); `backend.KerasBackend` calls these functions.
 """
 
 from __future__ import annotations
 
-import gzip
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,47 +21,24 @@ import tensorflow_model_optimization as tfmot
 import tf_keras as keras
 
 from edgetl import data
-from edgetl.backends.keras import models, quiet_native
+from edgetl.backends.base import Tune
+from edgetl.backends.keras import models
 from edgetl.errors import UserError
+from edgetl.ui import quiet_native
 
-QUANTS = ("fp32", "fp16", "dynamic", "int8")
-LIBRARIES = ("tensorflow", "tf-keras", "tensorflow-model-optimization", "ai-edge-litert", "numpy", "pillow")
 PRUNABLE = (keras.layers.Conv2D, keras.layers.Dense)  # what tfmot's registry prunes in these models
 NOT_PRUNED_NOTE = (
     "tfmot prunes Conv2D and Dense kernels only; DepthwiseConv2D kernels (and BatchNorm, biases) stay dense"
 )
 
 
-@dataclass(frozen=True)
-class Tune:
-    """The short fine-tune that pruning and QAT run on the training split."""
-
-    epochs: int = 2
-    lr: float = 1e-4
-    batch_size: int = 64
-    images: int | None = None  # None: the whole training split
-    seed: int = 0
-    label_smoothing: float = 0.1
-
-
-@dataclass
-class Graphs:
-    """The Keras models one export converts, plus what was measured making them."""
-
-    float_model: keras.Model
-    example: np.ndarray  # representative images for int8 (NHWC, preprocessed)
-    int8: keras.Model | None = None  # the QAT model when asked, else None (post-training quantization)
-    quantization: dict = field(default_factory=dict)
-    pruning: dict | None = None
-
-
-def load_model(checkpoint: Path, manifest: dict) -> keras.Model:
-    """Rebuild the checkpoint's architecture from its manifest and load the saved weights."""
-    spec = manifest["model"]
-    model = models.build_classifier(spec["backbone"], float(spec["width"]), int(spec["image_size"]),
-                                    int(spec["num_classes"]))
+def load_model(checkpoint: Path, manifest) -> keras.Model:
+    """Rebuild the checkpoint's architecture from its manifest (a contracts.CheckpointManifest) and load the
+    saved weights."""
+    spec = manifest.model
+    model = models.build_classifier(spec.backbone, float(spec.width), int(spec.image_size), int(spec.num_classes))
     try:
-        model.load_weights(str(Path(checkpoint) / manifest["weights_file"]))
+        model.load_weights(str(Path(checkpoint) / manifest.weights_file))
     except Exception as error:  # h5py / layer-count errors: the folder does not hold what its manifest says
         raise UserError(f"checkpoint weights do not match its manifest ({type(error).__name__}: "
                         f"{str(error).splitlines()[0][:160]})") from None
@@ -76,18 +51,14 @@ def logits(model: keras.Model, x: np.ndarray, batch: int = 100) -> np.ndarray:
     return np.concatenate(outputs).astype(np.float32)
 
 
-def training_set(checkpoint: Path, manifest: dict, tune: Tune) -> tuple[np.ndarray, np.ndarray]:
-    """The checkpoint's training split, decoded with its own preprocessing (undecodable files skipped)."""
-    from edgetl.manifest import read_splits
-
-    splits = read_splits(Path(checkpoint) / manifest["data"]["splits_file"], manifest["labels"])
-    listing = data.DatasetListing.from_json(splits)
+def training_set(listing: data.DatasetListing, manifest, tune: Tune) -> tuple[np.ndarray, np.ndarray]:
+    """The checkpoint's training split (or a seeded subset of `tune.images`), decoded with its own
+    preprocessing (undecodable files skipped)."""
     records = listing.splits["train"]
     if tune.images is not None and tune.images < len(records):
         order = np.random.default_rng(tune.seed).permutation(len(records))[: tune.images]
         records = [records[i] for i in sorted(order)]
-    spec = dict(manifest["preprocess"], layout="NHWC")
-    x, y = data.decode_kept(listing.root, records, spec)
+    x, y = data.decode_kept(listing.root, records, manifest.preprocess.with_layout("NHWC"))
     if not len(x):
         raise UserError(f"no training image of the checkpoint could be decoded under {str(listing.root)!r}")
     return x, y
@@ -140,7 +111,7 @@ def prune(model: keras.Model, sparsity: float, x: np.ndarray, y: np.ndarray, tun
         "target_sparsity": sparsity,
         "schedule": {"initial_sparsity": 0.0, "final_sparsity": sparsity, "begin_step": 0, "end_step": end,
                      "frequency": frequency, "total_steps": steps},
-        "fine_tune": {**tune.__dict__, "train_images": int(len(x)), "history": history},
+        "fine_tune": {**tune.to_json(), "train_images": int(len(x)), "history": history},
         "seconds": round(time.perf_counter() - started, 1),
         "note": NOT_PRUNED_NOTE,
         **layer_sparsity(stripped),
@@ -203,40 +174,10 @@ def quantization_aware(model: keras.Model, x: np.ndarray, y: np.ndarray, tune: T
     info = {
         "method": "tfmot QAT, " + ("Default8BitPrunePreserveQuantizeScheme (sparsity kept)" if preserve_sparsity
                                    else "default 8-bit scheme"),
-        "fine_tune": {**tune.__dict__, "train_images": int(len(x)), "history": history},
+        "fine_tune": {**tune.to_json(), "train_images": int(len(x)), "history": history},
         "seconds": round(time.perf_counter() - started, 1),
     }
     return quantized, info
-
-
-def build_graphs(checkpoint: Path, manifest: dict, calibration: np.ndarray, want_int8: bool,
-                 prune_to: float | None = None, qat: bool = False, tune: Tune | None = None) -> Graphs:
-    """The float model (pruned and stripped when asked) and, with `qat`, its quantization-aware twin."""
-    tune = tune or Tune(seed=int(manifest.get("config", {}).get("seed", 0)),
-                        label_smoothing=float(manifest.get("config", {}).get("label_smoothing", 0.1)))
-    keras.utils.set_random_seed(tune.seed)
-    model = load_model(checkpoint, manifest)
-    graphs = Graphs(float_model=model, example=calibration)
-    x = y = None
-    if prune_to is not None or (qat and want_int8):
-        x, y = training_set(checkpoint, manifest, tune)
-    if prune_to is not None:
-        graphs.float_model, graphs.pruning = prune(model, prune_to, x, y, tune)
-    if want_int8:
-        if qat:
-            preserve = prune_to is not None
-            graphs.int8, info = quantization_aware(graphs.float_model, x, y, tune, preserve_sparsity=preserve)
-            graphs.quantization = {**info, "weights": "int8, symmetric, per output channel",
-                                   "activations": "int8, per tensor, affine (ranges learnt in QAT)"}
-        else:
-            graphs.quantization = {
-                "method": "TFLiteConverter post-training full-integer quantization",
-                "weights": "int8, symmetric, per output channel",
-                "activations": "int8, per tensor, affine (ranges from the representative dataset)",
-                "calibration_images": int(len(calibration)),
-            }
-        graphs.quantization["io"] = "int8 input and output tensors (quantize with the tensor's scale/zero-point)"
-    return graphs
 
 
 def convert_tflite(model: keras.Model, quant: str, representative: np.ndarray | None = None) -> bytes:
@@ -257,214 +198,6 @@ def convert_tflite(model: keras.Model, quant: str, representative: np.ndarray | 
         converter.inference_input_type = tf.int8
         converter.inference_output_type = tf.int8
     elif quant != "fp32":
-        raise UserError(f"unknown quantization {quant!r}; valid: {', '.join(QUANTS)}")
+        raise ValueError(f"unknown quantization {quant!r}; valid: fp32, fp16, dynamic, int8")
     with quiet_native((1, 2)):
         return converter.convert()
-
-
-def gzip_size(payload: bytes) -> int:
-    """Size after gzip -9: what sparsity saves in a download (the .tflite itself stays dense)."""
-    return len(gzip.compress(payload, compresslevel=9, mtime=0))
-
-
-def tflite_weight_sparsity(path: Path) -> dict:
-    """Exact-zero fraction of the weight tensors of conv / fully-connected ops in a .tflite, per op type."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    with quiet_native():
-        interpreter = Interpreter(model_path=str(path))
-        interpreter.allocate_tensors()
-    ops = interpreter._get_ops_details()
-    producers = {out: op for op in ops for out in op["outputs"]}
-    totals: dict[str, list[int]] = {}
-    for op in ops:
-        if op["op_name"] not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED") or len(op["inputs"]) < 2:
-            continue
-        index = int(op["inputs"][1])
-        source = producers.get(index)
-        if source is not None and source["op_name"] == "DEQUANTIZE":  # fp16 weights are dequantized at load
-            index = int(source["inputs"][0])
-        try:
-            values = interpreter.get_tensor(index)
-        except ValueError:
-            continue
-        entry = totals.setdefault(op["op_name"], [0, 0])
-        entry[0] += int(values.size)
-        entry[1] += int(np.sum(values == 0))
-    return {name: {"weights": n, "zeros": z, "sparsity": round(z / n, 4) if n else 0.0}
-            for name, (n, z) in sorted(totals.items())}
-
-
-# ---------------------------------------------------------------- the export folder
-
-
-def variant_name(manifest: dict, quant: str, prune_to: float | None, qat: bool) -> str:
-    """edgetl.export's file name, with `-pruned50` / `-qat` when those steps shaped the file."""
-    from edgetl.export import artifact_name
-
-    tag = quant + (f"-pruned{round(100 * prune_to)}" if prune_to is not None else "")
-    tag += "-qat" if qat and quant == "int8" else ""
-    return artifact_name(manifest, tag, "tflite")
-
-
-def export_checkpoint(checkpoint: Path, manifest: dict, config, out: Path) -> Path:
-    """The keras path of `edgetl export`: same folder, sidecars and verification as the torch path."""
-    from edgetl import export as stage
-    from edgetl.manifest import SCHEMA_VERSION, library_versions, now_utc, sha256_file, write_json, write_labels
-    from edgetl.paths import atomic_dir, atomic_write_bytes
-    from edgetl.ui import console
-    from edgetl.verify import FLOAT_REFERENCE, TEST_INPUTS, check_drop, print_record, store, verify_artifacts
-
-    checkpoint = Path(checkpoint)
-    prune_to, qat = getattr(config, "prune", None), bool(getattr(config, "qat", False))
-    if "tflite" not in config.formats:
-        raise UserError(
-            "--formats pte: a keras checkpoint exports to .tflite only (ExecuTorch needs a torch model; edgetl "
-            "does not port keras weights into torch); use --formats tflite, or fine-tune with --framework torch"
-        )
-    if "pte" in config.formats:
-        console.print("[yellow].pte skipped: this checkpoint's framework is keras, which exports .tflite only[/]")
-    listing = stage.load_listing(checkpoint, manifest)
-    spec = dict(manifest["preprocess"], layout="NHWC")
-    x_test, y_test, skipped = stage._load_split(listing, listing.splits["test"], spec, "test images")
-    want_int8 = "int8" in config.quant
-    calibration = None
-    if want_int8:
-        train = listing.splits["train"]
-        order = np.random.default_rng(config.seed).permutation(len(train))[: config.calib]
-        calibration, _, bad = stage._load_split(listing, [train[i] for i in order], spec, "calibration images")
-        skipped += bad
-    console.print(f"export (keras): {checkpoint} → {out} (tflite × {', '.join(config.quant)}"
-                  + (f", pruned to {prune_to:.0%}" if prune_to is not None else "") + (", QAT" if qat else "") + ")")
-    started = time.perf_counter()
-    graphs = build_graphs(checkpoint, manifest, calibration, want_int8, prune_to, qat,
-                          tune=_tune(manifest, config))
-    reference = logits(graphs.float_model, x_test)
-    parent = {"checkpoint": str(Path(checkpoint).resolve()),
-              "manifest_sha256": sha256_file(checkpoint / "manifest.json"),
-              "weights_sha256": manifest["weights_sha256"]}
-    versions = library_versions(LIBRARIES)
-    artifacts: list[dict] = []
-    with atomic_dir(out, check=stage.publishable(out)) as tmp:
-        write_labels(tmp / "labels.txt", manifest["labels"])
-        np.savez(tmp / TEST_INPUTS, x=x_test, y=y_test)
-        np.savez(tmp / FLOAT_REFERENCE, logits=reference, labels=y_test)
-        for quant in config.quant:
-            name = variant_name(manifest, quant, prune_to, qat)
-            entry = {"file": name, "format": "tflite", "quant": quant, "status": "failed"}
-            began = time.perf_counter()
-            with console.status(f"{name}: converting with TFLiteConverter"):
-                try:
-                    source = graphs.int8 if quant == "int8" and graphs.int8 is not None else graphs.float_model
-                    payload = convert_tflite(source, quant, graphs.example)
-                    atomic_write_bytes(tmp / name, payload)
-                except UserError:
-                    raise
-                except Exception as error:  # isolate this variant: record why, keep going with the others
-                    entry["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
-                    console.print(f"[red]{name}: failed[/] — {entry['error']}")
-                    artifacts.append(entry)
-                    continue
-            seconds = round(time.perf_counter() - began, 1)
-            sidecar = _sidecar(manifest, quant, name, tmp, parent, versions, spec, graphs, seconds, payload)
-            write_json(tmp / f"{name}.json", sidecar)
-            entry.update(status="ok", bytes=sidecar["bytes"], gzip_bytes=sidecar["gzip_bytes"],
-                         sha256=sidecar["sha256"], export_seconds=seconds, manifest=f"{name}.json")
-            console.print(f"{name}: {sidecar['bytes'] / 1e6:.2f} MB (gzip {sidecar['gzip_bytes'] / 1e6:.2f} MB) "
-                          f"in {seconds:.0f} s")
-            artifacts.append(entry)
-        record = verify_artifacts(tmp, [a for a in artifacts if a["status"] == "ok"], config.threads)
-        record["float_top1_manifest"] = manifest["metrics"]["test"]["top1"]
-        for row in record["rows"]:
-            stage._attach_verification(tmp, row)
-        store(tmp, record)
-        write_json(tmp / "manifest.json", {
-            "kind": stage.EXPORT_KIND,
-            "schema_version": SCHEMA_VERSION,
-            "created": now_utc(),
-            "framework": "keras",
-            "parent": parent,
-            "model": manifest["model"],
-            "labels": manifest["labels"],
-            "preprocess": spec,
-            "config": config.to_json(),
-            "test_inputs": {"file": TEST_INPUTS, "images": int(len(y_test)), "layout": "NHWC", "dtype": "float32",
-                            "skipped": skipped},
-            "float_reference": {"file": FLOAT_REFERENCE, "top1": float((reference.argmax(1) == y_test).mean()),
-                                "model": "pruned and stripped" if prune_to is not None else "checkpoint"},
-            "quantization": graphs.quantization or None,
-            "pruning": graphs.pruning,
-            "artifacts": artifacts,
-            "verification": record,
-            "seconds": round(time.perf_counter() - started, 1),
-            "versions": versions,
-        })
-    print_record(record)
-    if graphs.pruning:
-        console.print(f"pruning: {graphs.pruning['sparsity_prunable_kernels']:.1%} of Conv2D/Dense weights are zero "
-                      f"({graphs.pruning['sparsity_all_kernels']:.1%} of all kernels); {NOT_PRUNED_NOTE}")
-    console.print(f"export folder: {out}")
-    failed = [a for a in artifacts if a["status"] != "ok"] + [r for r in record["rows"] if r["status"] != "ok"]
-    if failed:
-        names = ", ".join(sorted({f["file"] for f in failed}))
-        raise stage.ExportFailed(f"{len(failed)} export(s) failed: {names}; the others are in {str(out)!r}")
-    check_drop(record, config.max_drop)
-    return out
-
-
-PRUNE_EPOCHS = 6  # measured (docs/BENCHMARKS.md): 2 epochs cost 8.6 points at 50% sparsity, 6 epochs 1.4
-
-
-def _tune(manifest: dict, config) -> Tune:
-    """The short fine-tune: 6 epochs when pruning (the schedule needs time to recover), else 2 (QAT alone)."""
-    trained = manifest.get("config", {})
-    default = PRUNE_EPOCHS if getattr(config, "prune", None) is not None else Tune.epochs
-    return Tune(
-        epochs=int(getattr(config, "tune_epochs", None) or default),
-        batch_size=int(trained.get("batch_size", Tune.batch_size)),
-        images=getattr(config, "tune_images", None),
-        seed=int(trained.get("seed", 0)),
-        label_smoothing=float(trained.get("label_smoothing", 0.1)),
-    )
-
-
-def _sidecar(manifest: dict, quant: str, name: str, folder: Path, parent: dict, versions: dict, spec: dict,
-             graphs: Graphs, seconds: float, payload: bytes) -> dict:
-    """What an app, `edgetl bench` or a person needs to use this one file (as the torch path writes it)."""
-    from edgetl import export as stage
-    from edgetl.manifest import SCHEMA_VERSION, now_utc, sha256_file
-    from edgetl.verify import tflite_io
-
-    path = folder / name
-    io_info = tflite_io(path)
-    for tensor in io_info["inputs"]:
-        tensor["layout"] = "NHWC"
-    for tensor in io_info["outputs"]:
-        tensor["meaning"] = "logits (apply softmax for probabilities), one per label in labels.txt"
-    return {
-        "kind": stage.ARTIFACT_KIND,
-        "schema_version": SCHEMA_VERSION,
-        "created": now_utc(),
-        "file": name,
-        "format": "tflite",
-        "runtime": stage.RUNTIMES["tflite"],
-        "framework": "keras",
-        "quant": quant,
-        "converter": "tf.lite.TFLiteConverter.from_keras_model",
-        "bytes": path.stat().st_size,
-        "gzip_bytes": gzip_size(payload),
-        "sha256": sha256_file(path),
-        "labels_file": "labels.txt",
-        "labels": manifest["labels"],
-        "model": manifest["model"],
-        "preprocess": spec,
-        "input": io_info["inputs"][0],
-        "output": io_info["outputs"][0],
-        "quantization": graphs.quantization if quant == "int8" else None,
-        "pruning": graphs.pruning,
-        "weight_sparsity": tflite_weight_sparsity(path),
-        "parent": parent,
-        "export_seconds": seconds,
-        "ops": io_info["ops"],
-        "versions": versions,
-    }

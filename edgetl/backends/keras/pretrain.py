@@ -17,16 +17,16 @@ from edgetl.backbones import get_backbone
 from edgetl.backends.keras import models
 from edgetl.backends.keras.finetune import MEAN, STD
 from edgetl.config import FinetuneConfig
-from edgetl.finetune import load_listing
 from edgetl.ui import console
 
 keras = models.keras
 
 
-def train_backbone_from_scratch(config: FinetuneConfig, epochs: int, path: Path, lr: float = 1e-3) -> dict:
-    """Whole-network training on `config`'s training split; writes the no-top weights to `path`."""
+def train_backbone_from_scratch(config: FinetuneConfig, listing: data.DatasetListing, epochs: int, path: Path,
+                                lr: float = 1e-3) -> dict:
+    """Whole-network training on the training split of `listing` (the run's, as `config` lists it); writes the
+    no-top weights to `path`."""
     config = config.validate()
-    listing = load_listing(config)
     spec = data.preprocess_spec(config.image_size, MEAN, STD, layout="NHWC")
     x, labels = data.decode_kept(listing.root, listing.splits["train"], spec)
     y = keras.utils.to_categorical(labels, len(listing.classes))

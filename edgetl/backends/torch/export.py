@@ -1,20 +1,16 @@
-"""Torch side of `edgetl export`: float and PT2E int8 graphs, lowered to ExecuTorch and to TFLite.
+"""Torch graphs for `edgetl export`: the float model behind an NHWC input, its PT2E int8 graph, and the two
+converters (ExecuTorch with the XNNPACK delegate, litert-torch to TFLite).
 
-The only module (with `quantize.py` and `runtime.py`) that imports torchao, executorch and litert-torch.
-Both formats start from one graph per precision: the float model behind an NHWC input (what camera
-frames are on a phone) and, for int8, the one PT2E-quantized version of it.
+Both formats start from one graph per precision: the float model behind an NHWC input (what camera frames
+are on a phone) and, for int8, the one PT2E-quantized version of it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
-import logging
 import os
 import pickle
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +20,7 @@ from torch import nn
 from edgetl.backends.torch.models import build_model
 from edgetl.backends.torch.quantize import bias_correct, fold_batchnorm, quantize_ptq
 from edgetl.errors import UserError
+from edgetl.ui import quiet_native
 
 # Nodes that move, view or re-stride data only; anything else left outside the XNNPACK delegate runs on
 # slow portable kernels. (EfficientNet's pooled [1, C, 1, 1] → [1, C] re-stride lands outside: C floats.)
@@ -42,15 +39,16 @@ class ChannelsLastInput(nn.Module):
         return self.model(x.permute(0, 3, 1, 2))
 
 
-def load_model(checkpoint: Path, manifest: dict) -> nn.Module:
-    """The fine-tuned float model in eval mode, from the checkpoint's own weights file."""
-    spec = manifest["model"]
-    model = build_model(spec["backbone"], spec["width"], spec["num_classes"])
-    path = Path(checkpoint) / manifest["weights_file"]
+def load_model(checkpoint: Path, manifest) -> nn.Module:
+    """The fine-tuned float model in eval mode, from the checkpoint's own weights file (`manifest`: a
+    contracts.CheckpointManifest)."""
+    spec = manifest.model
+    model = build_model(spec.backbone, spec.width, spec.num_classes)
+    path = Path(checkpoint) / manifest.weights_file
     try:
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:  # damaged or foreign file
-        raise UserError(f"checkpoint weights {str(path)!r} cannot be loaded into a {spec['backbone']} "
+        raise UserError(f"checkpoint weights {str(path)!r} cannot be loaded into a {spec.backbone} "
                         f"({type(error).__name__}); valid: the weights file edgetl finetune wrote beside this "
                         f"manifest") from None
     return model.eval()
@@ -65,43 +63,17 @@ def logits(module: nn.Module, x: np.ndarray, batch: int = 100) -> np.ndarray:
     return torch.cat(outputs).numpy()
 
 
-@dataclass
-class Graphs:
-    """The graphs one export turns into files, plus what was measured making them."""
-
-    float_model: nn.Module
-    example: torch.Tensor
-    int8: torch.fx.GraphModule | None = None
-    quantization: dict = field(default_factory=dict)
-
-
-def build_graphs(
-    checkpoint: Path,
-    manifest: dict,
-    calibration: np.ndarray,
-    want_int8: bool,
-    bias_correction: bool = True,
-    fuse_clamp: bool = True,
-    model: nn.Module | None = None,
-) -> Graphs:
-    """Float NHWC model and, when asked, its PT2E int8 version calibrated on `calibration` (NHWC).
-
-    `model`: an NCHW model to use instead of the checkpoint's (a pruned one, which `build_model` cannot rebuild).
-    """
-    torch.manual_seed(0)
-    model = ChannelsLastInput(copy.deepcopy(model) if model is not None else load_model(checkpoint, manifest)).eval()
-    size = manifest["model"]["image_size"]
-    example = torch.zeros(1, size, size, 3)
-    graphs = Graphs(float_model=model, example=example)
-    if not want_int8:
-        return graphs
+def quantize_ptq_graph(float_model: nn.Module, example: torch.Tensor, calibration: np.ndarray,
+                       bias_correction: bool = True, fuse_clamp: bool = True) -> tuple[torch.fx.GraphModule, dict]:
+    """The PT2E int8 (Q/DQ) graph of the NHWC `float_model`, calibrated on `calibration` (NHWC), and what the
+    manifest records about it."""
     started = time.perf_counter()
     calib = torch.from_numpy(np.ascontiguousarray(calibration))
-    prepared = fold_batchnorm(model, example)
+    prepared = fold_batchnorm(float_model, example)
     if bias_correction:
         prepared = bias_correct(prepared, calib)
-    graphs.int8 = quantize_ptq(prepared, example, torch.split(calib, 64), fuse_clamp=fuse_clamp)
-    graphs.quantization = {
+    graph = quantize_ptq(prepared, example, torch.split(calib, 64), fuse_clamp=fuse_clamp)
+    info = {
         "method": "pt2e-ptq",
         "quantizer": "XNNPACKQuantizer (executorch), ReLU6 outputs observed after the clamp" if fuse_clamp
         else "XNNPACKQuantizer (executorch)",
@@ -111,12 +83,12 @@ def build_graphs(
         "bias_correction": bool(bias_correction),
         "fuse_clamp": bool(fuse_clamp),
         "seconds": round(time.perf_counter() - started, 1),
-        "input_quantization": _first_input_qparams(graphs.int8),
+        "input_quantization": first_input_qparams(graph),
     }
-    return graphs
+    return graph, info
 
 
-def _first_input_qparams(graph: torch.fx.GraphModule) -> dict | None:
+def first_input_qparams(graph: torch.fx.GraphModule) -> dict | None:
     """Scale/zero-point the int8 graph applies to its float input (the .pte quantizes inside XNNPACK)."""
     for node in graph.graph.nodes:
         if node.op == "call_function" and "quantize_per_tensor" in str(node.target) and "dequant" not in str(
@@ -129,22 +101,6 @@ def _first_input_qparams(graph: torch.fx.GraphModule) -> dict | None:
     return None
 
 
-@contextlib.contextmanager
-def _quiet():
-    """litert-torch and executorch print progress lines and warnings; keep edgetl's own output readable."""
-    if os.environ.get("EDGETL_DEBUG") == "1":
-        yield
-        return
-    sink = io.StringIO()
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            yield
-    finally:
-        logging.disable(previous)
-
-
 def lower_pte(module: nn.Module, example: torch.Tensor) -> tuple[bytes, dict]:
     """ExecuTorch program with everything XNNPACK takes delegated; returns bytes and delegation counts."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -153,7 +109,7 @@ def lower_pte(module: nn.Module, example: torch.Tensor) -> tuple[bytes, dict]:
 
     if isinstance(module, torch.fx.GraphModule):
         module = _fold_weight_quantization(module)
-    with _quiet():
+    with quiet_native():
         program = torch.export.export(module, (example,))
         edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
         info = get_delegation_info(edge.exported_program().graph_module)
@@ -202,7 +158,7 @@ def convert_tflite(module: nn.Module, example: torch.Tensor, quantized: bool) ->
         # Only tells the converter the Q/DQ pairs are static int8; the graph is already quantized.
         static = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)
         quant_config = QuantConfig(pt2e_quantizer=PT2EQuantizer().set_global(static))
-    with _quiet():
+    with quiet_native():
         edge_model = litert_torch.convert(module, (example,), quant_config=quant_config)
         path = Path(os.environ.get("TMPDIR", "/tmp")) / f"edgetl-{os.getpid()}-{time.monotonic_ns()}.tflite"
         try:

@@ -11,36 +11,15 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
 from edgetl import data
+from edgetl.backends.base import Tune
 from edgetl.backends.torch.finetune import ImageRecords, _loader, freeze_batchnorm, warmup_cosine
 from edgetl.ui import console, progress
-
-
-@dataclass(frozen=True)
-class Tune:
-    """One short training run: AdamW, warm-up then cosine decay, label smoothing."""
-
-    epochs: int
-    lr: float
-    batch_size: int = 64
-    images: int | None = None  # None: the whole training split
-    seed: int = 0
-    label_smoothing: float = 0.1
-    weight_decay: float = 1e-4
-    distill: float = 0.0  # weight of the teacher's soft targets in the loss (0: labels only)
-    temperature: float = 4.0
-    # BatchNorm: frozen (running statistics as they are; right for a network that already works on small
-    # data) or trained in batch mode (a network rebuilt after channel pruning: its statistics move every step).
-    train_batchnorm: bool = False
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 def training_records(listing: data.DatasetListing, tune: Tune) -> list[tuple[str, int]]:

@@ -1,0 +1,213 @@
+"""The contract every backend implements, and what each one can do.
+
+`CAPABILITIES` is read before any framework is imported: config validation refuses, in one line, an option
+the checkpoint's backend lacks instead of letting it be ignored. `Backend` is the handful of steps that
+differ by framework (`edgetl.backends.load` gives a framework's); `edgetl.export.run_export` is the one
+orchestration around them (listing, calibration, the atomic folder, file names, sidecars, verification,
+the manifest). A backend imports this module and its own framework, never a stage.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# Export options every backend honours: which files, how many calibration images, the quality gate, the
+# seed, verification threads, the recipe's name.
+COMMON_KNOBS = frozenset({"formats", "quant", "calib", "max_drop", "seed", "threads", "recipe", "prune", "qat"})
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What one backend can make: the table that config validation reads."""
+
+    framework: str
+    formats: tuple[str, ...]
+    quants: tuple[str, ...]
+    prune_kinds: tuple[str, ...]
+    knobs: frozenset[str]  # ExportConfig fields beyond COMMON_KNOBS that this backend honours
+    converters: dict[str, str]  # format → what makes the file (console lines and sidecars)
+    libraries: tuple[str, ...]  # whose versions the manifests record
+    hint: str = ""  # what to do instead, appended when an option is refused
+    from_scratch: bool = False  # implements Backend.train_backbone_from_scratch
+
+    def honours(self, knob: str) -> bool:
+        return knob in COMMON_KNOBS or knob in self.knobs
+
+
+CAPABILITIES: dict[str, Capabilities] = {
+    "torch": Capabilities(
+        framework="torch",
+        formats=("tflite", "pte"),
+        quants=("fp32", "int8"),
+        prune_kinds=("channels", "magnitude"),
+        knobs=frozenset({"bias_correction", "fuse_clamp", "distill", "recovery_epochs", "recovery_lr", "qat_epochs",
+                         "qat_lr", "tune_images"}),
+        converters={"pte": "ExecuTorch to_edge_transform_and_lower (XnnpackPartitioner)",
+                    "tflite": "litert-torch"},
+        libraries=("torch", "torchao", "executorch", "litert-torch", "ai-edge-litert", "numpy", "pillow"),
+        hint="fine-tune with --framework keras to use them",
+    ),
+    "keras": Capabilities(
+        framework="keras",
+        formats=("tflite",),
+        quants=("fp32", "fp16", "dynamic", "int8"),
+        prune_kinds=("magnitude",),
+        knobs=frozenset({"recovery_epochs", "recovery_lr", "qat_epochs", "qat_lr", "tune_images"}),
+        converters={"tflite": "tf.lite.TFLiteConverter.from_keras_model"},
+        libraries=("tensorflow", "tf-keras", "tensorflow-model-optimization", "ai-edge-litert", "numpy", "pillow"),
+        hint="fine-tune with --framework torch to use them",
+        from_scratch=True,
+    ),
+}
+
+
+def capabilities(framework: object) -> Capabilities:
+    from edgetl.errors import UserError
+
+    if framework not in CAPABILITIES:
+        raise UserError(f"checkpoint framework {framework!r} has no export backend; valid: {', '.join(CAPABILITIES)}")
+    return CAPABILITIES[str(framework)]
+
+
+@dataclass(frozen=True)
+class Tune:
+    """One short training run of compression: pruning recovery or quantization-aware training.
+
+    Each backend reads the fields it implements; what it does not (keras: distillation, weight decay) stays at
+    the value that says so, so the manifest records what was really done."""
+
+    epochs: int
+    lr: float
+    batch_size: int = 64
+    images: int | None = None  # None: the whole training split
+    seed: int = 0
+    label_smoothing: float = 0.1
+    weight_decay: float = 1e-4
+    distill: float = 0.0  # weight of the dense model's soft targets in the loss (0: labels only)
+    temperature: float = 4.0
+    # BatchNorm: frozen (running statistics as they are; right for a network that already works on small
+    # data) or trained in batch mode (a network rebuilt after channel pruning: its statistics move every step).
+    train_batchnorm: bool = False
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TuneDefaults:
+    """A backend's measured defaults for its short fine-tunes, by kind ("channels", "magnitude", "qat")."""
+
+    epochs: dict[str, int]
+    lr: dict[str, float]
+    distill: dict[str, float] = field(default_factory=dict)
+    weight_decay: float = 1e-4
+
+
+def tune_for(trained: dict, config: Any, kind: str, defaults: TuneDefaults, epochs: int | None = None) -> Tune:
+    """The fine-tune of `kind`: the checkpoint's own batch size, seed and label smoothing (`trained` is its
+    resolved fine-tuning config), epochs, learning rate, distillation and images from the export config, the
+    backend's defaults where it leaves them unset. `epochs` overrides the default epochs of `kind`."""
+    if kind == "qat":
+        chosen_epochs, lr = config.qat_epochs, config.qat_lr
+    else:
+        chosen_epochs, lr = config.recovery_epochs, config.recovery_lr
+    if chosen_epochs is None:
+        chosen_epochs = defaults.epochs[kind] if epochs is None else epochs
+    distill = getattr(config, "distill", None)
+    return Tune(
+        epochs=int(chosen_epochs),
+        lr=defaults.lr[kind] if lr is None else float(lr),
+        distill=defaults.distill.get(kind, 0.0) if distill is None else float(distill),
+        weight_decay=defaults.weight_decay,
+        train_batchnorm=kind == "channels",  # a network rebuilt by channel pruning: its BN statistics must follow
+        batch_size=int(trained.get("batch_size", 64)),
+        images=config.tune_images,
+        seed=int(trained.get("seed", config.seed)),
+        label_smoothing=float(trained.get("label_smoothing", 0.1)),
+    )
+
+
+@dataclass
+class Graphs:
+    """The models one export turns into files, and what was measured making them.
+
+    `float_model` is the reference every file is verified against (the pruned model when pruning ran);
+    `int8` is the quantized model when the backend makes one before conversion (PT2E, QAT), else None
+    (the converter quantizes); `int8_error` says why int8 failed, when it did: the float files still go on.
+    """
+
+    float_model: Any
+    example: Any
+    int8: Any = None
+    quantization: dict = field(default_factory=dict)
+    pruning: dict | None = None
+    int8_error: str | None = None
+    float_label: str = "checkpoint"  # what the float reference is, for the manifest
+
+
+@dataclass
+class Converted:
+    """One converted file's bytes and what its converter reported about it (e.g. XNNPACK delegation)."""
+
+    payload: bytes
+    details: dict = field(default_factory=dict)
+
+
+class Backend(ABC):
+    """What a framework backend does for the stages: the steps of `edgetl export`, in the order the stage calls
+    them, and the optional training entries (`train_backbone_from_scratch`).
+
+    `manifest` is a contracts.CheckpointManifest, `listing` the checkpoint's data.DatasetListing, `config`
+    an ExportConfig already checked against `capabilities`. Which int8 method runs (QAT or post-training) and
+    what pruning precedes it is each backend's policy; the stage only isolates failures.
+    """
+
+    capabilities: Capabilities
+
+    @abstractmethod
+    def needs_calibration(self, config: Any) -> bool:
+        """Whether int8 needs calibration images (post-training quantization) for this config."""
+
+    @abstractmethod
+    def load_float(self, checkpoint: Path, manifest: Any, listing: Any, config: Any) -> Graphs:
+        """The float model every file is made from: the checkpoint's, or pruned and fine-tuned when asked."""
+
+    @abstractmethod
+    def quantize(self, graphs: Graphs, checkpoint: Path, manifest: Any, listing: Any, calibration: np.ndarray,
+                 config: Any) -> None:
+        """Fill `graphs.int8` and `graphs.quantization` (QAT or post-training, by the backend's policy). May
+        raise: the stage then records the error and still makes the float files."""
+
+    @abstractmethod
+    def logits(self, model: Any, x: np.ndarray) -> np.ndarray:
+        """Float32 logits of `model` over NHWC float32 images: the reference the files are verified against."""
+
+    @abstractmethod
+    def convert(self, graphs: Graphs, quant: str, fmt: str) -> Converted:
+        """One file of format `fmt` at precision `quant`."""
+
+    def save_extras(self, graphs: Graphs, folder: Path) -> None:  # noqa: B027 - optional step
+        """Write what the export folder should keep besides the model files (a pruned float model)."""
+
+    def pruning_summary(self, pruning: dict) -> str:
+        """One console line about what pruning did."""
+        return f"pruning: {pruning.get('method', 'done')}"
+
+    def train_backbone_from_scratch(self, config: Any, listing: Any, epochs: int, path: Path) -> dict:
+        """Train the whole network from random initialisation on the training split of `listing` and write the
+        no-top backbone weights to `path` (a start where no ImageNet file can be had); returns the record."""
+        from edgetl.errors import UserError
+
+        raise UserError(f"the {self.capabilities.framework} backend has no from-scratch pretraining; valid: "
+                        f"{', '.join(n for n, c in CAPABILITIES.items() if c.from_scratch) or 'none'}")
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as one short line for a manifest: type, then the first line of its message."""
+    return f"{type(error).__name__}: {error}".splitlines()[0][:300]

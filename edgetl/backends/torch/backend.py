@@ -1,0 +1,72 @@
+"""The torch export backend: own model definitions, torch-pruning, PT2E int8 (PTQ or QAT), ExecuTorch and
+litert-torch. Its policy: prune first when asked (the pruned float model is what every file is made from),
+then int8 by QAT when asked (it learns its ranges in training, so no calibration set), else by post-training
+quantization on the calibration images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgetl.backends.base import CAPABILITIES, Backend, Converted, Graphs
+from edgetl.backends.torch import export as graphs_of
+from edgetl.ui import console, quiet_native
+
+
+class TorchBackend(Backend):
+    capabilities = CAPABILITIES["torch"]
+
+    def needs_calibration(self, config) -> bool:
+        return "int8" in config.quant and not config.qat
+
+    def load_float(self, checkpoint: Path, manifest, listing, config) -> Graphs:
+        size = manifest.model.image_size
+        example = torch.zeros(1, size, size, 3)
+        if config.prune_spec is None:
+            with quiet_native():
+                model = graphs_of.load_model(checkpoint, manifest)
+            return Graphs(float_model=graphs_of.ChannelsLastInput(model).eval(), example=example)
+        from edgetl.backends.torch import compress
+
+        # not silenced: the recovery fine-tune reports its epochs (it runs for minutes)
+        pruned, pruning = compress.prune_model(checkpoint, manifest, listing, config.prune_spec, config)
+        return Graphs(float_model=graphs_of.ChannelsLastInput(pruned).eval(), example=example, pruning=pruning,
+                      float_label=f"pruned ({pruning['method']})")
+
+    def quantize(self, graphs: Graphs, checkpoint: Path, manifest, listing, calibration: np.ndarray, config) -> None:
+        if config.qat:
+            from edgetl.backends.torch import compress
+
+            graphs.int8, graphs.quantization = compress.qat_int8(checkpoint, manifest, listing, graphs.float_model,
+                                                                 graphs.example, config)
+            return
+        console.print(f"int8: PT2E post-training quantization on {len(calibration)} calibration images…")
+        with quiet_native():
+            graphs.int8, graphs.quantization = graphs_of.quantize_ptq_graph(
+                graphs.float_model, graphs.example, calibration, config.bias_correction, config.fuse_clamp)
+
+    def logits(self, model, x: np.ndarray) -> np.ndarray:
+        return graphs_of.logits(model, x)
+
+    def convert(self, graphs: Graphs, quant: str, fmt: str) -> Converted:
+        module = graphs.int8 if quant == "int8" else graphs.float_model
+        if fmt == "pte":
+            payload, delegation = graphs_of.lower_pte(module, graphs.example)
+            return Converted(payload, {"delegation": delegation})
+        return Converted(graphs_of.convert_tflite(module, graphs.example, quantized=quant == "int8"))
+
+    def save_extras(self, graphs: Graphs, folder: Path) -> None:
+        if graphs.pruning is not None:
+            from edgetl.backends.torch import compress
+
+            graphs.pruning["model_file"] = compress.save(graphs.float_model.model, folder)
+
+    def pruning_summary(self, pruning: dict) -> str:
+        from edgetl.backends.torch import compress
+
+        return compress.summary(pruning)
+
+
+Backend = TorchBackend

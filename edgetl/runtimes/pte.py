@@ -1,0 +1,49 @@
+"""The ExecuTorch runtime for .pte files (its Python bindings take torch tensors, so torch is imported here,
+only when a .pte is run or described)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgetl.errors import UserError
+from edgetl.runtimes.tensors import tensor_info
+
+# ExecuTorch ScalarType codes (c10 numbering) of the dtypes an image classifier takes or gives.
+DTYPES = {0: "uint8", 1: "int8", 3: "int32", 4: "int64", 6: "float32"}
+
+
+def _program(path: Path):
+    try:
+        from executorch.runtime import Runtime
+    except ImportError as error:
+        raise UserError(f"the ExecuTorch runtime is not installed ({error}); pip install 'edgetl[torch]'") from None
+    return Runtime.get().load_program(Path(path))
+
+
+def run(path: Path, x: np.ndarray, threads: int | None = None) -> np.ndarray:
+    import torch
+
+    if threads:
+        from executorch.extension.pybindings import portable_lib
+
+        portable_lib._unsafe_reset_threadpool(threads)
+    method = _program(path).load_method("forward")
+    outputs = []
+    for index in range(len(x)):
+        result = method.execute([torch.from_numpy(np.ascontiguousarray(x[index : index + 1]))])
+        outputs.append(result[0].detach().numpy().reshape(-1))
+    return np.stack(outputs).astype(np.float32)
+
+
+def describe(path: Path) -> dict:
+    """Input and output tensors of `forward`, as the program's own metadata gives them (no names in a .pte)."""
+    meta = _program(path).metadata("forward")
+
+    def tensor(info, name: str) -> dict:
+        code = int(info.dtype())
+        return tensor_info(name, DTYPES.get(code, f"scalar type {code}"), list(info.sizes()))
+
+    return {"inputs": [tensor(meta.input_tensor_meta(i), f"input {i}") for i in range(meta.num_inputs())],
+            "outputs": [tensor(meta.output_tensor_meta(i), f"output {i}") for i in range(meta.num_outputs())]}
