@@ -316,18 +316,23 @@ class CheckpointManifest(Record):
     config: dict = _field(optional(OBJECT), dict)
     extra: dict = field(default_factory=dict)
 
+    @classmethod
+    def parse(cls, payload: object, prefix: str = "") -> tuple[Any, list[str]]:
+        """ModelInfo's rules, and a backbone edgetl can rebuild to load the weights into (a sidecar's model may
+        be any network; a checkpoint's must be one of edgetl's)."""
+        record, problems = super().parse(payload, prefix)
+        backbone = _lookup(payload, "model.backbone")
+        if isinstance(backbone, str) and backbone not in BACKBONES:
+            problems.append(_problem(f"{prefix}model.backbone", backbone,
+                                     f"a backbone edgetl knows ({', '.join(BACKBONES)})"))
+        return (None if problems else record), problems
+
     def inconsistencies(self, prefix: str = "") -> list[str]:
-        """A backbone edgetl can rebuild to load the weights into; one label per model output, or the apps
-        would show the wrong names (or fail deep in a metadata tool)."""
-        found = []
-        if self.model.backbone not in BACKBONES:
-            found.append(_problem(f"{prefix}model.backbone", self.model.backbone,
-                                  f"a backbone edgetl knows ({', '.join(BACKBONES)})"))
-        if len(self.labels) != self.model.num_classes:
-            found.append(f"{prefix}labels lists {len(self.labels)} labels but the model has "
-                         f"{self.model.num_classes} outputs ({prefix}model.num_classes); they must match one to one: "
-                         "fine-tune again or fix the manifest")
-        return found
+        """One label per model output, or the apps would show the wrong names (or fail deep in a metadata tool)."""
+        if len(self.labels) == self.model.num_classes:
+            return []
+        return [f"{prefix}labels lists {len(self.labels)} labels but the model has {self.model.num_classes} outputs "
+                f"({prefix}model.num_classes); they must match one to one: fine-tune again or fix the manifest"]
 
     @property
     def splits_file(self) -> str:

@@ -100,6 +100,20 @@ def test_every_damaged_field_is_named_in_the_one_line() -> None:
         assert needle in message, message
 
 
+def test_a_checkpoint_manifest_names_every_damaged_field_and_its_own_rules(tmp_path: Path) -> None:
+    raw = json.loads((make_checkpoint(tmp_path) / "manifest.json").read_text())
+    damaged = {**raw, "model": {**raw["model"], "backbone": "resnet50", "image_size": "32"}, "metrics": {}}
+    with pytest.raises(UserError) as caught:
+        CheckpointManifest.from_json(damaged, "'/x/manifest.json'")
+    message = str(caught.value)
+    for needle in ('model.image_size is "32"', "metrics.test.top1 is missing", 'model.backbone is "resnet50"'):
+        assert needle in message, message
+    with pytest.raises(UserError, match="labels lists 3 labels but the model has 2 outputs"):
+        CheckpointManifest.from_json({**raw, "labels": ["a", "b", "c"]})
+    sidecar = ArtifactSidecar.from_json({**sidecar_json(), "model": {**MODEL, "backbone": "tiny"}})
+    assert sidecar.model.backbone == "tiny"  # a sidecar may describe any network
+
+
 def test_a_missing_field_and_a_file_that_is_not_json(tmp_path: Path) -> None:
     payload = sidecar_json()
     del payload["output"]
