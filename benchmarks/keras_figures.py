@@ -44,8 +44,7 @@ def make_checkpoint(args: argparse.Namespace, results: dict) -> Path:
     from edgetl.finetune import load_listing
 
     config = FinetuneConfig(data="builtin:fashion-mnist-mini", framework="keras", backbone=BACKBONE, width=WIDTH,
-                            image_size=SIZE, weights="none", epochs_head=10, epochs_finetune=4,
-                            unfreeze=3).validate()
+                            image_size=SIZE, weights="none", epochs_finetune=4, unfreeze=3)
     weights = args.work / "scratch_backbone.weights.h5"
     results["pretrain"] = backends.load("keras").train_backbone_from_scratch(config, load_listing(config),
                                                                              args.pretrain_epochs, weights)

@@ -28,7 +28,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = ["--backbone", "mobilenet_v2", "--width", "0.35", "--image-size", "32", "--weights", "none",
-          "--epochs-head", "1", "--epochs-finetune", "1", "--unfreeze", "1", "--batch-size", "64", "--seed", "0"]
+          "--epochs-finetune", "1", "--unfreeze", "1", "--batch-size", "64", "--seed", "0"]
 
 
 def make_folder(root: Path, count: int, classes: int = 10, size: int = 32) -> Path:

@@ -47,20 +47,27 @@ def finetune(
         str, typer.Option(help="mobilenet_v2, mobilenet_v3_small, mobilenet_v3_large, efficientnet_lite0.")
     ] = "efficientnet_lite0",
     width: Annotated[float, typer.Option(help="Width multiplier (mobilenet_v2: 0.35, 0.5, 0.75, 1.0).")] = 1.0,
-    image_size: Annotated[
-        int | None, typer.Option(help="Square input size in pixels; default: the backbone's.")
+    image_size: Annotated[int | None, typer.Option(
+        help="Square input size in pixels; default: from the images (128 when they are small, else the backbone's).")
     ] = None,
     weights: Annotated[
         str, typer.Option(help="imagenet (torch hub / Keras cache), none (random init), or a PATH (torch state "
                           "dict; keras: no-top .h5).")
     ] = "imagenet",
-    epochs_head: Annotated[int, typer.Option(help="Stage 1 epochs (new head on cached features).")] = 30,
-    epochs_finetune: Annotated[int, typer.Option(help="Stage 2 epochs (top blocks unfrozen).")] = 4,
-    unfreeze: Annotated[int, typer.Option(help="Top blocks unfrozen in stage 2 (0 skips stage 2).")] = 3,
-    batch_size: Annotated[int, typer.Option(help="Mini-batch size.")] = 64,
-    lr_head: Annotated[float, typer.Option(help="Peak learning rate of stage 1.")] = 3e-3,
+    epochs_finetune: Annotated[int | None, typer.Option(
+        help="Stage 2 epochs (0: the stage-1 probe alone); default: at least 200 optimizer steps and 4 epochs.")
+    ] = None,
+    unfreeze: Annotated[int | None, typer.Option(
+        help="Top blocks unfrozen in stage 2 (-1: all, the default; 0 skips stage 2).")] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        help="Mini-batch size (global); default: 8 to 64, from the number of training images.")] = None,
+    class_weights: Annotated[str, typer.Option(
+        help="auto (balanced when the largest class has 1.5x the images of the smallest), balanced, none.")
+    ] = "auto",
     lr_finetune: Annotated[float, typer.Option(help="Peak learning rate of stage 2.")] = 3e-4,
-    patience: Annotated[int, typer.Option(help="Early-stopping patience in epochs (validation top-1).")] = 6,
+    patience: Annotated[int, typer.Option(
+        help="Stage-2 early-stopping patience in epochs (only when the validation split is large enough to rank "
+             "epochs by top-1).")] = 6,
     seed: Annotated[int, typer.Option(help="Seed for the split, initialisation, shuffling and augmentation.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     workers: Annotated[int, typer.Option(help="Image-decoding worker processes.")] = 0,
@@ -89,11 +96,10 @@ def finetune(
         width=width,
         image_size=image_size,
         weights=weights,
-        epochs_head=epochs_head,
         epochs_finetune=epochs_finetune,
         unfreeze=unfreeze,
         batch_size=batch_size,
-        lr_head=lr_head,
+        class_weights=class_weights,
         lr_finetune=lr_finetune,
         patience=patience,
         seed=seed,

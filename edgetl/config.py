@@ -20,22 +20,27 @@ from edgetl.errors import UserError, one_of
 
 FRAMEWORKS = ("torch", "keras")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+CLASS_WEIGHTS = ("auto", "balanced", "none")
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """Everything that decides a fine-tuning run (with `seed`, it is reproducible on CPU)."""
+    """Everything that decides a fine-tuning run (with `seed`, it is reproducible on CPU).
+
+    None means "decide from the folder" (`edgetl.recipe.plan`): the input size, the batch size, the
+    stage-2 epochs and the blocks it unfreezes (-1: all); `class_weights` "auto" weights classes when they
+    are unbalanced. The plan's resolved copy is what trains and what the manifest stores.
+    """
 
     data: str
     backbone: str = "efficientnet_lite0"
     width: float = 1.0
     image_size: int | None = None
     weights: str = "imagenet"
-    epochs_head: int = 30
-    epochs_finetune: int = 4
-    unfreeze: int = 3
-    batch_size: int = 64
-    lr_head: float = 3e-3
+    epochs_finetune: int | None = None
+    unfreeze: int | None = None
+    batch_size: int | None = None
+    class_weights: str = "auto"
     lr_finetune: float = 3e-4
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
@@ -62,25 +67,28 @@ class FinetuneConfig:
         spec.check_framework(self.framework)
         if self.device not in DEVICES:
             raise UserError(one_of(self.device, DEVICES, "--device"))
-        size = check_image_size(self.image_size if self.image_size is not None else spec.default_image_size)
+        size = check_image_size(self.image_size) if self.image_size is not None else None
         if self.weights not in ("imagenet", "none"):
             path = Path(self.weights)
             if not path.is_file():
                 raise UserError(f"--weights {self.weights!r} is neither 'imagenet', 'none' nor an existing file")
         if self.weights == "imagenet" and self.framework == "keras":
-            spec.keras_weight_source(self.width, size)
+            spec.keras_weight_source(self.width, size or spec.default_image_size)
         elif self.weights == "imagenet":
             spec.torch_weight_source(self.width)
-        for name in ("epochs_head", "epochs_finetune", "unfreeze", "patience", "workers"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} is negative; valid: 0 or more")
-        if self.epochs_head == 0 and self.epochs_finetune == 0:
-            raise UserError("--epochs-head 0 and --epochs-finetune 0 train nothing; give at least one epoch")
-        if self.batch_size < 1:
+        for name in ("epochs_finetune", "patience", "workers"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise UserError(f"--{name.replace('_', '-')} {value} is negative; valid: 0 or more")
+        if self.unfreeze is not None and self.unfreeze < -1:
+            raise UserError(f"--unfreeze {self.unfreeze} is not usable; valid: -1 (every block), 0 (no stage 2) or "
+                            f"a number of top blocks")
+        if self.batch_size is not None and self.batch_size < 1:
             raise UserError(f"--batch-size {self.batch_size} is not usable; valid: 1 or more")
-        for name in ("lr_head", "lr_finetune"):
-            if not 0 < getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} is not usable; valid: 0 < lr < 1")
+        if self.class_weights not in CLASS_WEIGHTS:
+            raise UserError(one_of(self.class_weights, CLASS_WEIGHTS, "--class-weights"))
+        if not 0 < self.lr_finetune < 1:
+            raise UserError(f"--lr-finetune {self.lr_finetune} is not usable; valid: 0 < lr < 1")
         if not (0 < self.val_fraction < 0.5 and 0 < self.test_fraction < 0.5):
             raise UserError("validation and test fractions must each be between 0 and 0.5")
         self._validate_scale_out()
@@ -110,7 +118,7 @@ class FinetuneConfig:
             raise UserError(f"--master-timeout {self.master_timeout} is not usable; valid: seconds > 0")
         if self.device == "mps" and self.devices > 1:
             raise UserError(f"--devices {self.devices} with --device mps: Apple GPUs are one device; valid: 1")
-        if self.batch_size % self.world_size:
+        if self.batch_size is not None and self.batch_size % self.world_size:
             raise UserError(
                 f"--batch-size {self.batch_size} is the global batch and must divide evenly over "
                 f"{self.world_size} processes (--devices {self.devices} × --nnodes {self.nnodes}); "

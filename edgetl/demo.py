@@ -19,21 +19,13 @@ from edgetl.sweep import run_sweep
 from edgetl.ui import console, stdout
 from edgetl.verify import QualityError
 
-DEMO_CONFIG = FinetuneConfig(
-    data="builtin:fashion-mnist-mini",
-    backbone="efficientnet_lite0",
-    image_size=128,
-    weights="imagenet",
-    epochs_head=30,
-    epochs_finetune=4,
-    unfreeze=3,
-)
+# The demo takes edgetl's defaults: the 28 px images make the recipe choose 128 px, every block in stage 2.
+DEMO_CONFIG = FinetuneConfig(data="builtin:fashion-mnist-mini", backbone="efficientnet_lite0", weights="imagenet")
 FAST_CONFIG = FinetuneConfig(
     data="builtin:fashion-mnist-mini",
     backbone="efficientnet_lite0",
     image_size=64,
     weights="imagenet",
-    epochs_head=8,
     epochs_finetune=1,
     unfreeze=1,
 )
@@ -61,9 +53,9 @@ FAST_SWEEP = replace(DEMO_SWEEP, calib=64)
 # --framework keras: tf_keras mobilenet_v2 at Fashion-MNIST's own scale (32 px), exported to .tflite only.
 KERAS_CONFIG = FinetuneConfig(
     data="builtin:fashion-mnist-mini", framework="keras", backbone="mobilenet_v2", width=1.0, image_size=32,
-    weights="imagenet", epochs_head=10, epochs_finetune=4, unfreeze=3,
+    weights="imagenet", epochs_finetune=4, unfreeze=3,
 )
-KERAS_FAST_CONFIG = replace(KERAS_CONFIG, width=0.35, epochs_head=4, epochs_finetune=1, unfreeze=1)
+KERAS_FAST_CONFIG = replace(KERAS_CONFIG, width=0.35, epochs_finetune=1, unfreeze=1)
 KERAS_SCRATCH_EPOCHS = {False: 15, True: 3}
 KERAS_EXPORT = ExportConfig(formats=("tflite",), quant=("fp32", "int8"))
 

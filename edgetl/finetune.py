@@ -1,15 +1,16 @@
 """The fine-tuning stage: data folder in, complete checkpoint folder out (or nothing at all).
 
-Framework-free orchestration: validate the config, list and split the data, hand the training to the
-backend, then write weights, labels, history, splits and the manifest into a temporary folder that is
-renamed to RUN/checkpoint only when everything is there.
+Framework-free orchestration: validate the config, list and split the data, fit the open settings to the
+folder (`edgetl.recipe`), run the recipe's two stages on the backend's trainer (stage 1 the converged
+probe of `edgetl.probe`, stage 2 the fine-tune, `edgetl.selection` choosing the kept weights), then write
+weights, labels, history, splits and the manifest into a temporary folder that is renamed to
+RUN/checkpoint only when everything is there.
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from rich.table import Table
@@ -28,7 +29,12 @@ from edgetl.manifest import (
     write_labels,
 )
 from edgetl.paths import atomic_dir, claim_output, ensure_writable_dir
-from edgetl.ui import console, stdout
+from edgetl.probe import fit_probe
+from edgetl.recipe import Plan
+from edgetl.recipe import plan as plan_recipe
+from edgetl.selection import Selector
+from edgetl.stats import wilson_interval
+from edgetl.ui import console, progress, stdout
 
 
 def load_listing(config: FinetuneConfig) -> DatasetListing:
@@ -41,11 +47,12 @@ def finetune_backend(framework: str):
     """The framework's fine-tuning module, imported only now.
 
     Each backend module provides: WEIGHTS_FILE, LIBRARIES, preprocess_spec(config),
-    launch_if_needed(config, run_dir, feature_cache) (starts the processes of a multi-process run and
-    returns its checkpoint, or None to train here), session(config) (a context manager yielding this
-    process's world: is_main, size, from_main(fn), barrier()), build_initial_model(config),
-    train(config, listing, preprocess, initial, feature_cache, world),
-    evaluate(model, config, listing, preprocess, split, world), save_weights(model, path), describe(model).
+    launch_if_needed(config, run_dir) (starts the processes of a multi-process run and returns its
+    checkpoint, or None to train here), session(config) (a context manager yielding this process's world:
+    is_main, size, from_main(fn), barrier()), build_initial_model(config), a `Trainer(config, listing,
+    spec, initial, world)` with the recipe's steps (extract_features, set_head, finetune, evaluate_split,
+    snapshot/restore, batchnorm_buffers, log, result, history, failures), evaluate(model, config, listing,
+    spec, split, world) → confusion matrix, save_weights(model, path) and describe(model).
     """
     try:
         if framework == "torch":
@@ -73,55 +80,81 @@ def _print_data(listing: DatasetListing) -> None:
                       "empty class folders, files outside the class folders; listed in the manifest)")
 
 
-def run_stages(trainer, model, config: FinetuneConfig, listing: DatasetListing, feature_cache: bool, bar,
-               restore_best: Callable[[], object]) -> dict:
-    """The recipe's order and its throughput figures, shared by both backends (their trainers do the work).
+def _print_plan(plan: Plan) -> None:
+    """The settings the run uses, each with where it came from, before any training."""
+    table = Table(title="recipe", show_header=True)
+    for column in ("setting", "value", "why"):
+        table.add_column(column)
+    for name, choice in plan.choices.items():
+        why = choice.why if choice.source == "auto" else f"given ({choice.why})"
+        table.add_row(name.replace("_", "-"), str(choice.value), why)
+    console.print(table)
+    for note in plan.warnings:
+        console.print(f"[yellow]warning: {note}[/]")
 
-    `trainer` provides extract_features, train_head, train_head_uncached, finetune_top, history and failures
-    (already merged over ranks); `restore_best` loads the best validation weights into `model`.
+
+def run_recipe(trainer, plan: Plan, listing: DatasetListing, bar) -> dict:
+    """The two stages in order, on any backend's trainer; returns what the manifest says about training.
+
+    Stage 1: eval-mode features of train and val once, the converged probe fitted on the training ones
+    (on rank 0, shared with every rank), the head set from it. Stage 2 (when it has epochs and blocks to
+    unfreeze) offers its model to the selector after every epoch; the selector's choice is loaded last.
     """
-    throughput: dict = {}
-    if config.epochs_head:
-        start = time.perf_counter()
-        if feature_cache:
-            cached = {split: trainer.extract_features(model, split, bar) for split in ("train", "val")}
-            extract_seconds = time.perf_counter() - start
-            listing.drop(trainer.failures)
-            trainer.failures.clear()
-            trainer.train_head(model, cached, bar)
-            throughput["stage1"] = {
-                "feature_cache": True,
-                "feature_extraction_seconds": round(extract_seconds, 2),
-                "feature_images_per_s": round(sum(len(v[1]) for v in cached.values()) / extract_seconds, 1),
-                "head_seconds": round(time.perf_counter() - start - extract_seconds, 2),
-            }
-            del cached
-        else:
-            trainer.train_head_uncached(model, bar)
-            throughput["stage1"] = {"feature_cache": False}
-        stage1_seconds = time.perf_counter() - start
-        epochs_run = sum(1 for h in trainer.history if h["stage"] == 1)
-        throughput["stage1"].update({
-            "seconds": round(stage1_seconds, 2),
-            "epochs": epochs_run,
-            "images_per_s": round(epochs_run * len(listing.splits["train"]) / stage1_seconds, 1),
-        })
-        restore_best()
+    config = plan.config
+    selector = Selector(len(listing.splits["val"]))
+    start = time.perf_counter()
+    cached = {split: trainer.extract_features(split, bar) for split in ("train", "val")}
+    extract_seconds = time.perf_counter() - start
+    listing.drop(trainer.failures)
+    trainer.failures.clear()
+    (x_train, y_train), (x_val, y_val) = cached["train"], cached["val"]
+    balance = config.class_weights == "balanced"
+    with console.status(f"stage 1: linear probe on {len(y_train)} cached features"):
+        head = trainer.world.from_main(
+            lambda: fit_probe(x_train, y_train, len(listing.classes), config.seed, balance=balance))
+    trainer.set_head(head.weight, head.bias)
+    val_loss, val_top1 = _probe_scores(head, x_val, y_val)
+    selector.offer(1, 1, val_loss, val_top1, trainer.snapshot)
+    trainer.log(1, 1, head.record["train_log_loss"], head.record["train_top1"], val_loss, val_top1, 0.0,
+                time.perf_counter() - start, len(y_train))
+    console.print(f"stage 1: probe C={head.record['C']:.3g} ({head.record['rule'].split(':')[0]}), "
+                  f"{head.record['iterations']} L-BFGS iterations; train top-1 {head.record['train_top1']:.3f}, "
+                  f"val top-1 {val_top1:.3f}")
+    throughput = {"stage1": {
+        "feature_extraction_seconds": round(extract_seconds, 2),
+        "feature_images_per_s": round((len(y_train) + len(y_val)) / max(1e-9, extract_seconds), 1),
+        "probe_seconds": head.record["seconds"],
+        "seconds": round(time.perf_counter() - start, 2),
+    }}
+    del cached  # the features are not needed past stage 1
+    unfrozen = 0
     if config.epochs_finetune and config.unfreeze:
         start = time.perf_counter()
-        trainer.finetune_top(model, bar)
+        unfrozen = trainer.finetune(bar, selector)
         stage2 = [h["train_images_per_s"] for h in trainer.history if h["stage"] == 2]
-        throughput["stage2"] = {
-            "seconds": round(time.perf_counter() - start, 2),
-            "epochs": len(stage2),
-            "images_per_s": round(sorted(stage2)[len(stage2) // 2], 1),
-        }
+        throughput["stage2"] = {"seconds": round(time.perf_counter() - start, 2), "epochs": len(stage2),
+                                "units_unfrozen": unfrozen,
+                                "images_per_s": round(sorted(stage2)[len(stage2) // 2], 1) if stage2 else None}
     listing.drop(trainer.failures)
-    restore_best()
-    return throughput
+    chosen = selector.chosen()
+    trainer.restore(chosen.state)
+    return {"stage1": head.record, "selection": selector.record(), "throughput": throughput}
 
 
-def run_finetune(config: FinetuneConfig, run_dir: Path | None = None, feature_cache: bool = True) -> Path:
+def _probe_scores(head, features, labels) -> tuple[float, float]:
+    """Validation cross-entropy and top-1 of the probe, computed as the trainers compute them."""
+    import numpy as np
+
+    if not len(labels):
+        return 0.0, 0.0
+    logits = head.logits(features).astype(np.float64)
+    logits -= logits.max(1, keepdims=True)
+    log_probs = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    loss = float(-log_probs[np.arange(len(labels)), labels].mean())
+    return loss, float((logits.argmax(1) == labels).mean())
+
+
+def run_finetune(config: FinetuneConfig, run_dir: Path | None = None) -> Path:
     """Fine-tune and write RUN/checkpoint; returns the checkpoint folder.
 
     With --devices/--nnodes (and no launcher around us) the backend starts the worker processes and this
@@ -135,25 +168,32 @@ def run_finetune(config: FinetuneConfig, run_dir: Path | None = None, feature_ca
                  keep_out_of=[data])
     ensure_writable_dir(run_dir, "output folder")
     backend = finetune_backend(config.framework)
-    launched = backend.launch_if_needed(config, run_dir, feature_cache)
+    launched = backend.launch_if_needed(config, run_dir)
     if launched is not None:
         return launched
     with backend.session(config) as world:
-        initial = backend.build_initial_model(config)
-        listing = world.from_main(lambda: load_listing(config))  # one listing, the same on every rank
+        listing, recipe = world.from_main(lambda: _listing_and_plan(config, world.size))  # same on every rank
+        config = recipe.config
+        initial = backend.build_initial_model(config)  # a weights file that does not fit stops here
         _print_data(listing)
+        _print_plan(recipe)
         preprocess = backend.preprocess_spec(config)
 
         started = time.perf_counter()
-        result = backend.train(config, listing, preprocess, initial, feature_cache=feature_cache, world=world)
+        trainer = backend.Trainer(config, listing, preprocess, initial, world)
+        with progress() as bar:
+            training = run_recipe(trainer, recipe, listing, bar)
+        result = trainer.result()
         train_seconds = time.perf_counter() - started
-        metrics = {split: backend.evaluate(result.model, config, listing, preprocess, split, world=world)
-                   for split in ("val", "test")}
-        for split_metrics in metrics.values():
-            listing.drop(split_metrics.pop("decode_failures"))
+        metrics = {}
+        for split in ("val", "test"):
+            found = backend.evaluate(result.model, config, listing, preprocess, split, world=world)
+            listing.drop(found["decode_failures"])
+            metrics[split] = split_metrics(found["confusion_matrix"], listing.classes)
         checkpoint = run_dir / "checkpoint"
         if world.is_main:
-            _write_checkpoint(checkpoint, backend, config, listing, preprocess, result, metrics, train_seconds)
+            _write_checkpoint(checkpoint, backend, config, listing, preprocess, result, training, recipe, metrics,
+                              train_seconds)
         elif getattr(world, "save_on_every_worker", False):
             # tf.distribute reads mirrored variables with collectives: every worker saves, the others elsewhere
             with tempfile.TemporaryDirectory(prefix="edgetl-worker-") as scratch:
@@ -162,8 +202,31 @@ def run_finetune(config: FinetuneConfig, run_dir: Path | None = None, feature_ca
     return checkpoint
 
 
+def _listing_and_plan(config: FinetuneConfig, processes: int) -> tuple[DatasetListing, Plan]:
+    listing = load_listing(config)
+    return listing, plan_recipe(config, listing, processes)
+
+
+def split_metrics(confusion: list[list[int]], classes: list[str]) -> dict:
+    """Top-1 with its 95% Wilson interval, per-class and balanced accuracy, from a confusion matrix."""
+    correct = sum(confusion[i][i] for i in range(len(classes)))
+    total = sum(map(sum, confusion))
+    per_class = {name: round(confusion[i][i] / sum(confusion[i]), 5) if sum(confusion[i]) else None
+                 for i, name in enumerate(classes)}
+    present = [v for v in per_class.values() if v is not None]
+    low, high = wilson_interval(correct, total)
+    return {
+        "top1": round(correct / max(1, total), 5),
+        "top1_ci95": [round(low, 5), round(high, 5)],
+        "images": int(total),
+        "balanced_top1": round(sum(present) / len(present), 5) if present else None,
+        "per_class_top1": per_class,
+        "confusion_matrix": confusion,
+    }
+
+
 def _write_checkpoint(checkpoint: Path, backend, config: FinetuneConfig, listing: DatasetListing, preprocess: dict,
-                      result, metrics: dict, train_seconds: float) -> None:
+                      result, training: dict, recipe: Plan, metrics: dict, train_seconds: float) -> None:
     with atomic_dir(checkpoint) as tmp:
         backend.save_weights(result.model, tmp / backend.WEIGHTS_FILE)
         write_labels(tmp / "labels.txt", listing.classes)
@@ -198,10 +261,12 @@ def _write_checkpoint(checkpoint: Path, backend, config: FinetuneConfig, listing
                 "ignored": listing.ignored,
             },
             "config": config.to_json(),
+            "recipe": recipe.to_json(),
             "training": {
                 "device": result.device,
-                "best": result.best,
-                "throughput": result.throughput,
+                "stage1": training["stage1"],
+                "best": training["selection"],
+                "throughput": training["throughput"],
                 "seconds": round(train_seconds, 1),
             },
             "metrics": metrics,
@@ -213,17 +278,19 @@ def _write_checkpoint(checkpoint: Path, backend, config: FinetuneConfig, listing
 
 def _print_summary(manifest: dict, checkpoint: Path) -> None:
     table = Table(title=f"fine-tuned {manifest['model']['backbone']} @ {manifest['model']['image_size']} px")
-    for column in ("split", "images", "top-1"):
+    for column in ("split", "images", "top-1", "95% interval", "balanced top-1"):
         table.add_column(column, justify="right" if column != "split" else "left")
     for split, figures in manifest["metrics"].items():
-        table.add_row(split, str(figures["images"]), f"{100 * figures['top1']:.1f}%")
+        low, high = figures["top1_ci95"]
+        balanced = figures["balanced_top1"]
+        table.add_row(split, str(figures["images"]), f"{100 * figures['top1']:.1f}%",
+                      f"{100 * low:.1f}–{100 * high:.1f}%", "" if balanced is None else f"{100 * balanced:.1f}%")
     stdout.print(table)
     training = manifest["training"]
     best = training["best"]
-    stdout.print(
-        f"best weights: stage {best.get('stage')} epoch {best.get('epoch')}; trained in {training['seconds']:.0f} s "
-        f"on {training['device']['type']}; checkpoint: {checkpoint}"
-    )
+    kept = "the stage-1 probe" if best["stage"] == 1 else f"stage 2 epoch {best['epoch']}"
+    stdout.print(f"kept weights: {kept} (rule: {best['rule']}); trained in {training['seconds']:.0f} s "
+                 f"on {training['device']['type']}; checkpoint: {checkpoint}")
     skipped = manifest["data"]["skipped_count"]  # listing and decoding together: the manifest's own count
     if skipped:
         stdout.print(f"skipped {skipped} file(s) in all (listed in manifest.json → data.skipped)")

@@ -18,14 +18,13 @@ from edgetl.errors import EXIT_INTERRUPTED, EXIT_OK, exit_status, forget_interru
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    feature_cache = "--no-feature-cache" not in args
     config_file, run_dir = [a for a in args if not a.startswith("--")]
     from edgetl.finetune import run_finetune
 
     config = FinetuneConfig(**json.loads(Path(config_file).read_text()))
     watch_interrupts()
     try:
-        run_finetune(config, Path(run_dir), feature_cache=feature_cache)
+        run_finetune(config, Path(run_dir))
     except SystemExit:
         raise
     except BaseException as error:

@@ -45,7 +45,7 @@ def tree_digest(folder: Path) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> Path:
     """A torch checkpoint small enough to export in seconds: the narrowest MobileNetV2 (the simplest graph of
-    our backbones, so lowering is quickest) at 32 px on builtin:shapes, 3 head epochs from random init.
+    our backbones, so lowering is quickest) at 32 px on builtin:shapes, the stage-1 probe only, from random init.
     Shared by every test that exports: none of them writes into it."""
     pytest.importorskip("torch")
     from edgetl.config import FinetuneConfig
@@ -53,5 +53,5 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path
 
     os.environ["EDGETL_CACHE"] = str(shared_cache)
     config = FinetuneConfig(data="builtin:shapes", backbone="mobilenet_v2", width=0.35, weights="none",
-                            image_size=32, epochs_head=3, epochs_finetune=0, seed=0)
+                            image_size=32, epochs_finetune=0, seed=0)
     return run_finetune(config, tmp_path_factory.mktemp("tiny-run"))

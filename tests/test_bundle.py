@@ -465,8 +465,8 @@ def test_real_export_bundles_and_mediapipe_agrees_with_edgetl_verification(tmp_p
     from edgetl.tflite_metadata import mediapipe_classify
 
     run = tmp_path / "run"
-    steps = [["finetune", "--data", "builtin:shapes", "--image-size", "32", "--epochs-head", "2",
-              "--epochs-finetune", "0", "--batch-size", "32", "--out", str(run)],
+    steps = [["finetune", "--data", "builtin:shapes", "--image-size", "32", "--epochs-finetune", "0",
+              "--batch-size", "32", "--out", str(run)],
              ["export", str(run / "checkpoint"), "--formats", "tflite", "--quant", "int8", "--calib", "32",
               "--max-drop", "100"],
              ["bundle", str(run / "export"), "--platform", "android"]]

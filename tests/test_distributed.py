@@ -172,12 +172,11 @@ def test_two_gloo_processes_match_one_process_and_only_rank_0_writes(tmp_path: P
     from edgetl.finetune import run_finetune
 
     data = make_folder(tmp_path / "data")  # 2 × 20 images: 32 train, so one global batch of 32 = one step per stage
-    flags = {"backbone": "mobilenet_v2", "width": 0.35, "image_size": 32, "weights": "none", "epochs_head": 1,
-             "epochs_finetune": 1, "unfreeze": 1, "batch_size": 32, "seed": 3, "device": "cpu"}
+    flags = {"backbone": "mobilenet_v2", "width": 0.35, "image_size": 32, "weights": "none", "epochs_finetune": 1,
+             "unfreeze": 1, "batch_size": 32, "seed": 3, "device": "cpu"}
     single = run_finetune(FinetuneConfig(data=str(data), **flags), tmp_path / "one")
-    done = run_cli("finetune", "--data", str(data), "--out", str(tmp_path / "two"), *TINY, "--epochs-head", "1",
-                   "--epochs-finetune", "1", "--unfreeze", "1", "--batch-size", "32", "--seed", "3", "--device", "cpu",
-                   "--devices", "2")
+    done = run_cli("finetune", "--data", str(data), "--out", str(tmp_path / "two"), *TINY, "--epochs-finetune", "1",
+                   "--unfreeze", "1", "--batch-size", "32", "--seed", "3", "--device", "cpu", "--devices", "2")
     assert done.returncode == 0, done.stderr[-3000:]
     double = tmp_path / "two" / "checkpoint"
     manifest = json.loads((double / "manifest.json").read_text())
@@ -187,8 +186,10 @@ def test_two_gloo_processes_match_one_process_and_only_rank_0_writes(tmp_path: P
 
     first, second = torch.load(single / "model.pt"), torch.load(double / "model.pt")
     assert first.keys() == second.keys()
+    # the probe is solved in float64 from features the two processes computed in other batches (equal to float32
+    # rounding); Adam's normalised first step turns that rounding into ~1e-4 on weights whose gradient is ~0
     for key in first:
-        torch.testing.assert_close(second[key].float(), first[key].float(), rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(second[key].float(), first[key].float(), rtol=1e-3, atol=3e-4, msg=key)
     histories = [json.loads((c / "history.json").read_text()) for c in (single, double)]
     assert [h["stage"] for h in histories[0]] == [1, 2]
     for one, two in zip(*histories, strict=True):  # per-step figures reduced over ranks equal the single run's

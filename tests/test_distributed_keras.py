@@ -24,7 +24,7 @@ def test_two_tf_config_workers_train_together_and_the_chief_writes(tmp_path: Pat
     cluster = {"worker": [f"localhost:{p}" for p in ports]}
     out = tmp_path / "run"
     args = ["finetune", "--framework", "keras", "--data", str(data), "--out", str(out), "--backbone", "mobilenet_v2",
-            "--width", "0.35", "--image-size", "32", "--weights", "none", "--epochs-head", "2", "--epochs-finetune",
+            "--width", "0.35", "--image-size", "32", "--weights", "none", "--epochs-finetune",
             "1", "--unfreeze", "1", "--batch-size", "16", "--device", "cpu"]
     workers = [
         subprocess.Popen([sys.executable, "-m", "edgetl.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.keras
 pytest.importorskip("tf_keras")
 
 TINY = {"framework": "keras", "backbone": "mobilenet_v2", "width": 0.35, "image_size": 32, "weights": "none",
-        "epochs_head": 2, "epochs_finetune": 0, "batch_size": 32}
+        "epochs_finetune": 0, "batch_size": 32}
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ def strategy_for(config: FinetuneConfig) -> tuple[tf.distribute.Strategy, int, i
         raise UserError(f"--devices {config.devices} but this machine has {len(gpus)} GPU(s); valid: 1 to {len(gpus)}")
     if cluster is not None:
         workers, index = cluster
-        if config.batch_size % workers:
+        if config.batch_size is not None and config.batch_size % workers:
             raise UserError(f"--batch-size {config.batch_size} is the global batch and must divide evenly over "
                             f"the {workers} workers of TF_CONFIG; valid: a multiple of {workers}")
         if not use_gpu:

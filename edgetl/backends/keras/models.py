@@ -140,13 +140,14 @@ def stages(model: keras.Model) -> list[list[keras.layers.Layer]]:
 
 
 def set_trainable(model: keras.Model, unfreeze: int) -> int:
-    """Freeze everything but the head and the top `unfreeze` stages; BatchNorm stays frozen everywhere.
+    """Freeze everything but the head and the top `unfreeze` stages (all when negative); BatchNorm stays frozen.
 
     In Keras 2 a BatchNormalization layer with trainable=False also runs in inference mode, so its
     running statistics are kept as they are. Returns how many stages were unfrozen.
     """
     groups = stages(model)
-    top = groups[len(groups) - min(unfreeze, len(groups)):] if unfreeze else []
+    count = len(groups) if unfreeze < 0 else min(unfreeze, len(groups))
+    top = groups[len(groups) - count:] if count else []
     chosen = {id(layer) for group in top for layer in group}
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):

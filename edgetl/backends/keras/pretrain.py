@@ -40,7 +40,7 @@ def train_backbone_from_scratch(config: FinetuneConfig, listing: data.DatasetLis
     model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss, metrics=["accuracy"])
     console.print(f"from scratch: training {config.backbone} on {len(x)} training images for {epochs} epochs")
     started = time.perf_counter()
-    history = model.fit(x, y, batch_size=config.batch_size, epochs=epochs, shuffle=True, verbose=0)
+    history = model.fit(x, y, batch_size=config.batch_size or 64, epochs=epochs, shuffle=True, verbose=0)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Never a half-written file under `path`; the temporary name keeps the suffix, which picks Keras's format.
     partial = path.with_name(f".partial-{path.name}")

@@ -61,7 +61,7 @@ def needs_launch(config: FinetuneConfig, world: WorldEnv) -> bool:
     return config.world_size > 1 and not world.launched
 
 
-def launch(config: FinetuneConfig, run_dir: Path, feature_cache: bool) -> Path:
+def launch(config: FinetuneConfig, run_dir: Path) -> Path:
     """Run torchrun (torch.distributed.run) here: one worker per device on this machine, joined across nodes.
 
     Workers run `python -m edgetl.finetune_worker CONFIG RUN_DIR`; their exit status becomes ours.
@@ -88,8 +88,6 @@ def launch(config: FinetuneConfig, run_dir: Path, feature_cache: bool) -> Path:
         config_file = Path(tmp) / "config.json"
         config_file.write_text(json.dumps(config.to_json()))
         worker = ["--module", "edgetl.finetune_worker", str(config_file), str(Path(run_dir).resolve())]
-        if not feature_cache:
-            worker.append("--no-feature-cache")
         console.print(f"launching {config.devices} process(es) on this machine through torchrun "
                       f"(node {config.node_rank} of {config.nnodes})")
         try:
@@ -205,7 +203,7 @@ def session(config: FinetuneConfig) -> Iterator[TorchWorld]:
     if not env.launched or env.size == 1:
         yield TorchWorld(env, _device(device_type, env))
         return
-    if config.batch_size % env.size:
+    if config.batch_size is not None and config.batch_size % env.size:
         raise UserError(f"--batch-size {config.batch_size} is the global batch and must divide evenly over "
                         f"WORLD_SIZE={env.size} processes; valid: a multiple of {env.size}")
     if env.rank != 0:

@@ -1,10 +1,10 @@
-"""The two-stage transfer-learning recipe on torch.
+"""The torch side of the transfer-learning recipe: the steps `edgetl.finetune` orders.
 
-Stage 1 trains a new head on the frozen backbone: backbone features are computed once (one decode and
-one forward per image) and every head epoch runs on the cached tensors, which is what makes CPU
-fine-tuning practical. Stage 2 unfreezes the top K blocks at a lower learning rate with BatchNorm
-statistics frozen (small data would wreck them) and light augmentation. Both stages use AdamW, linear
-warm-up then cosine decay, label smoothing, early stopping on validation top-1, and keep the best weights.
+Stage 1's features are computed once with the whole backbone in eval mode (BatchNorm uses its ImageNet
+statistics, so an image's feature does not depend on the images beside it in a batch and no running
+statistic moves); the stage fits the linear probe on them and hands the head back. Stage 2 unfreezes the
+top K blocks (all by default) with BatchNorm statistics frozen, light augmentation, AdamW, linear warm-up
+then cosine decay and label smoothing, and offers the model to the stage's selector after every epoch.
 Images are streamed from disk (DataLoader workers decode them); with several processes
 (`backends/torch/distributed.py`) each rank decodes and extracts its shard and DDP averages gradients.
 """
@@ -31,8 +31,7 @@ from edgetl.backends.torch.weights import apply_weights
 from edgetl.config import FinetuneConfig
 from edgetl.distributed import WorldEnv, world_from_env
 from edgetl.errors import UserError
-from edgetl.finetune import run_stages
-from edgetl.ui import console, progress
+from edgetl.ui import console
 
 WEIGHTS_FILE = "model.pt"
 BN_ESTIMATE_IMAGES = 1024  # enough for stable per-channel means/variances; one pass, no gradients
@@ -87,8 +86,6 @@ class Result:
     model: Backbone
     history: list[dict] = field(default_factory=list)
     decode_failures: dict[str, str] = field(default_factory=dict)
-    best: dict = field(default_factory=dict)
-    throughput: dict = field(default_factory=dict)
     device: dict = field(default_factory=dict)
     init: dict = field(default_factory=dict)
 
@@ -190,15 +187,15 @@ def _loader(dataset: Dataset, batch_size: int, workers: int, shuffle: bool, seed
     )
 
 
-def launch_if_needed(config: FinetuneConfig, run_dir: Path, feature_cache: bool) -> Path | None:
+def launch_if_needed(config: FinetuneConfig, run_dir: Path) -> Path | None:
     """Start torchrun's workers when several processes are asked for and none launched us; their checkpoint."""
-    return launch(config, run_dir, feature_cache) if needs_launch(config, world_from_env()) else None
+    return launch(config, run_dir) if needs_launch(config, world_from_env()) else None
 
 
 def build_initial_model(config: FinetuneConfig) -> tuple[Backbone, dict]:
-    """The backbone with its initial weights and the published 1000-class head (replaced in `train`).
+    """The backbone with its initial weights and the published 1000-class head (replaced by the trainer).
 
-    Called before the data is listed, so a weights file that does not fit fails before any work.
+    Called right after the data is listed, so a weights file that does not fit fails before any work.
     """
     spec = get_backbone(config.backbone)
     torch.manual_seed(config.seed)
@@ -207,8 +204,15 @@ def build_initial_model(config: FinetuneConfig) -> tuple[Backbone, dict]:
     return model, init
 
 
+def batchnorm_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every BatchNorm running statistic (and batch counter), copied: what "frozen" must leave unchanged."""
+    return {f"{name}.{key}": value.detach().clone()
+            for name, module in model.named_modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)
+            for key, value in module.named_buffers(recurse=False)}
+
+
 class Trainer:
-    """Runs the recipe for one config on this rank; keeps the best weights seen on validation across both stages.
+    """The recipe's steps on this rank, for one model, one config and one listing.
 
     With several ranks every epoch walks one seeded permutation of the training split; rank r takes rows
     r, r+W, ... of each global batch, scales its summed loss by W / (global batch count) and DDP averages
@@ -216,7 +220,7 @@ class Trainer:
     """
 
     def __init__(self, config: FinetuneConfig, listing: data.DatasetListing, spec: dict,
-                 world: TorchWorld | None = None) -> None:
+                 initial: tuple[Backbone, dict] | None = None, world: TorchWorld | None = None) -> None:
         self.config = config
         self.listing = listing
         self.spec = spec
@@ -225,27 +229,47 @@ class Trainer:
         settings = precision_settings(self.device)
         self.amp = settings["mixed_precision"]
         self.channels_last = settings["channels_last"]
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing, reduction="sum")
+        weights = getattr(config, "class_weights", "none")
+        self.class_weight: torch.Tensor | None = None
+        if weights == "balanced":
+            counts = np.bincount([label for _, label in listing.splits["train"]], minlength=len(listing.classes))
+            self.class_weight = torch.tensor(len(listing.splits["train"]) / (len(counts) * np.maximum(counts, 1)),
+                                             dtype=torch.float32, device=self.device)
+        self.criterion = nn.CrossEntropyLoss(weight=self.class_weight, label_smoothing=config.label_smoothing,
+                                             reduction="sum")
         self.history: list[dict] = []
-        self.best_top1 = -1.0
-        self.best_state: dict | None = None
-        self.best_where: dict = {}
         self.failures: dict[str, str] = {}
-        self.throughput: dict = {}
+        self.model: Backbone | None = None
+        self.init: dict = {}
+        if initial is not None:
+            self._prepare(*initial)
+
+    def _prepare(self, model: Backbone, init: dict) -> None:
+        """New head for this folder's classes, on the device; from-scratch BN statistics estimated."""
+        config = self.config
+        torch.manual_seed(config.seed)
+        model.reset_head(len(self.listing.classes))
+        np.random.seed(config.seed % (2**32))
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        model.to(self.device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if init.get("kind") == "none":
+            # every rank estimates on the same images in the same order, so the statistics agree everywhere
+            train_set = ImageRecords(self.listing.root, self.listing.splits["train"], self.spec)
+            loader = _loader(train_set, config.batch_size, config.workers, True, config.seed)
+            with console.status("estimating BatchNorm statistics of the randomly initialised backbone"):
+                init["batchnorm_statistics_from_images"] = estimate_batchnorm_statistics(
+                    model, loader, self.device, BN_ESTIMATE_IMAGES
+                )
+        model.eval()
+        self.model, self.init = model, init
 
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp)
 
-    def _remember(self, model: nn.Module, top1: float, stage: int, epoch: int) -> bool:
-        if top1 > self.best_top1:
-            self.best_top1 = top1
-            self.best_state = copy.deepcopy(model.state_dict())
-            self.best_where = {"stage": stage, "epoch": epoch, "val_top1": round(top1, 5)}  # as in history
-            return True
-        return False
-
     def _optimizer(self, params: list[nn.Parameter], lr: float, total_steps: int):
-        """AdamW with linear warm-up then cosine decay, stepped once per global batch (all three loops)."""
+        """AdamW with linear warm-up then cosine decay, stepped once per global batch."""
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=self.config.weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, self.config.warmup_fraction))
         return optimizer, schedule
@@ -276,11 +300,24 @@ class Trainer:
     def _merge_failures(self) -> None:
         self.failures = self.world.merge(self.failures)
 
+    # ------------------------------------------------------------ weights
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return copy.deepcopy(self.model.state_dict())
+
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state)
+
+    def batchnorm_buffers(self) -> dict[str, torch.Tensor]:
+        return batchnorm_buffers(self.model)
+
     # ------------------------------------------------------------ stage 1
 
     @torch.inference_mode()
-    def extract_features(self, model: Backbone, split: str, bar) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decode + backbone forward per image, each rank on its shard; every rank gets the whole cache."""
+    def extract_features(self, split: str, bar) -> tuple[np.ndarray, np.ndarray]:
+        """One decode + eval-mode backbone forward per image, each rank on its shard; every rank gets it all."""
+        model = self.model
+        model.eval()
         records = self.listing.splits[split]
         task = bar.add_task(f"features ({split})", total=len(records), status="")
         shard = self.world.shard(len(records))
@@ -303,98 +340,46 @@ class Trainer:
         mask = self.world.gather_strided(keep, len(records))
         self._merge_failures()
         labels = torch.tensor([label for _, label in records], dtype=torch.long)
-        return (cache, labels) if bool(mask.all()) else (cache[mask], labels[mask])
+        return cache[mask].numpy(), labels[mask].numpy()
 
-    def train_head(self, model: Backbone, cached: dict[str, tuple[torch.Tensor, torch.Tensor]], bar) -> None:
-        config, world = self.config, self.world
-        head = model.head.to(self.device)
-        features, labels = cached["train"]
-        val_features, val_labels = (t.to(self.device) for t in cached["val"])
-        steps_per_epoch = math.ceil(len(labels) / config.batch_size)
-        optimizer, schedule = self._optimizer(list(head.parameters()), config.lr_head,
-                                              steps_per_epoch * config.epochs_head)
-        generator = torch.Generator().manual_seed(config.seed)
-        trained = world.wrap(head)
-        task = bar.add_task("stage 1: head", total=config.epochs_head, status="")
-        stale = 0
-        with shared_dropout(head, config.seed, world) as dropout:
-            for epoch in range(1, config.epochs_head + 1):
-                start = time.perf_counter()
-                head.train()
-                order = torch.randperm(len(labels), generator=generator)
-                loss_sum, correct, seen = 0.0, 0, 0
-                for step in range(steps_per_epoch):
-                    batch = order[step * config.batch_size : (step + 1) * config.batch_size]
-                    index = batch[world.rank :: world.size]
-                    dropout.global_rows = len(batch)
-                    x, y = features[index].to(self.device), labels[index].to(self.device)
-                    logits = trained(x)
-                    loss = self._global_loss(logits, y)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    schedule.step()
-                    loss_sum += float(self.criterion(logits.detach().float(), y))
-                    correct += int((logits.argmax(1) == y).sum())
-                    seen += len(y)
-                train_loss, train_top1, seen = self._reduce_epoch(loss_sum, correct, seen)
-                head.eval()
-                with torch.inference_mode():  # every rank holds the whole val cache: same figures everywhere
-                    val_logits = head(val_features)
-                    val_loss = float(self.criterion(val_logits, val_labels)) / max(1, len(val_labels))
-                    val_top1 = (val_logits.argmax(1) == val_labels).float().mean().item()
-                improved = self._remember(model, val_top1, 1, epoch)
-                stale = 0 if improved else stale + 1
-                self._log(1, epoch, train_loss, train_top1, val_loss, val_top1, schedule.get_last_lr()[0],
-                          time.perf_counter() - start, seen)
-                bar.update(task, advance=1, status=f"val top-1 {val_top1:.3f}")
-                if stale >= config.patience:
-                    console.print(f"stage 1: early stop after epoch {epoch} (no val gain for {stale} epochs)")
-                    break
-        bar.remove_task(task)
-
-    def train_head_uncached(self, model: Backbone, bar) -> None:
-        """Stage 1 without the feature cache (decode + backbone forward every epoch), for the benchmark."""
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
-        head = model.head
-        for parameter in head.parameters():
-            parameter.requires_grad_(True)
-
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                features = model.forward_features(x)
-            return trained(features)
-
-        trained = self.world.wrap(head)
-        self._image_epochs(model, head, forward, 1, self.config.epochs_head, self.config.lr_head, None,
-                           "stage 1: head (no cache)", bar, early_stop=False)
+    def set_head(self, weight: np.ndarray, bias: np.ndarray) -> None:
+        """Load the probe's weights into the head's final Linear layer."""
+        linear = [m for m in self.model.head.modules() if isinstance(m, nn.Linear)][-1]
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy(weight))
+            linear.bias.copy_(torch.from_numpy(bias))
 
     # ------------------------------------------------------------ stage 2
 
-    def finetune_top(self, model: Backbone, bar) -> None:
+    def finetune(self, bar, selector) -> int:
+        """Stage 2: the top K units (K < 0: all) and the head train; returns the number of units unfrozen."""
+        model = self.model
         stages = model.stages()
-        k = min(self.config.unfreeze, len(stages))
+        k = len(stages) if self.config.unfreeze < 0 else min(self.config.unfreeze, len(stages))
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        for unit in [*stages[-k:], model.head]:
+        for unit in [*stages[len(stages) - k :], model.head]:
             for parameter in unit.parameters():
                 parameter.requires_grad_(True)
         trained = self.world.wrap(model)
-        self._image_epochs(model, model, trained, 2, self.config.epochs_finetune, self.config.lr_finetune,
-                           self.config.seed, f"stage 2: top {k} blocks", bar)
+        title = "stage 2: all blocks" if k == len(stages) else f"stage 2: top {k} blocks"
+        self._image_epochs(trained, 2, self.config.epochs_finetune, self.config.lr_finetune, self.config.seed,
+                           title, bar, selector)
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+        return k
 
-    def _image_epochs(self, model: Backbone, trainable: nn.Module, forward, stage: int, epochs: int, lr: float,
-                      augment_seed: int | None, title: str, bar, early_stop: bool = True) -> None:
-        """Epochs over decoded images (stage 2, or stage 1 without the cache), streamed from disk."""
-        config = self.config
+    def _image_epochs(self, forward, stage: int, epochs: int, lr: float, augment_seed: int | None, title: str,
+                      bar, selector) -> None:
+        """Epochs over decoded images streamed from disk; the model is offered to `selector` after each."""
+        config, model = self.config, self.model
         train_set = ImageRecords(self.listing.root, self.listing.splits["train"], self.spec, augment_seed=augment_seed)
         loader, sampler = self._train_loader(train_set, config.seed + stage - 1)
-        params = [p for p in trainable.parameters() if p.requires_grad]
+        params = [p for p in model.parameters() if p.requires_grad]
         optimizer, schedule = self._optimizer(params, lr, len(loader) * epochs)
         scaler = torch.amp.GradScaler("cuda", enabled=precision_settings(self.device)["grad_scaler"])
         task = bar.add_task(title, total=epochs, status="")
-        stale = 0
+        stale, best = 0, -1.0
         with shared_dropout(model, config.seed + stage, self.world) as dropout:
             for epoch in range(1, epochs + 1):
                 start = time.perf_counter()
@@ -430,22 +415,25 @@ class Trainer:
                 train_seconds = time.perf_counter() - start
                 self._merge_failures()
                 train_loss, train_top1, seen = self._reduce_epoch(loss_sum, correct, seen)
-                val_loss, val_top1 = self.evaluate_split(model, "val")
-                improved = self._remember(model, val_top1, stage, epoch)
-                stale = 0 if improved else stale + 1
-                self._log(stage, epoch, train_loss, train_top1, val_loss, val_top1, schedule.get_last_lr()[0],
-                          time.perf_counter() - start, seen, train_seconds)
+                val_loss, val_top1 = self.evaluate_split("val")
+                selector.offer(stage, epoch, val_loss, val_top1, self.snapshot)
+                self.log(stage, epoch, train_loss, train_top1, val_loss, val_top1, schedule.get_last_lr()[0],
+                         time.perf_counter() - start, seen, train_seconds)
                 bar.update(task, advance=1, status=f"val top-1 {val_top1:.3f}")
-                if early_stop and stale >= config.patience:
+                stale = 0 if val_top1 > best else stale + 1
+                best = max(best, val_top1)
+                if selector.rule == "val_top1" and stale >= config.patience:
                     console.print(f"stage {stage}: early stop after epoch {epoch} (no val gain for {stale} epochs)")
                     break
+        model.eval()
         bar.remove_task(task)
 
     # ------------------------------------------------------------ evaluation
 
     @torch.inference_mode()
-    def predict(self, model: Backbone, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def predict(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """This rank's labels, predicted labels and softmax probabilities of a split (no augmentation)."""
+        model = self.model
         model.eval()
         records = self.listing.splits[split]
         labels, probabilities = [], [np.zeros((0, len(self.listing.classes)), np.float32)]
@@ -463,30 +451,17 @@ class Trainer:
         labels_all = np.concatenate(labels) if labels else np.zeros(0, np.int64)
         return labels_all, probs.argmax(1), probs
 
-    def evaluate_split(self, model: Backbone, split: str) -> tuple[float, float]:
-        """Loss and top-1 over the whole split (summed over ranks)."""
-        labels, predicted, probs = self.predict(model, split)
-        smoothing = self.config.label_smoothing
-        log_probs = np.log(np.clip(probs, 1e-12, 1.0))
-        nll = -log_probs[np.arange(len(labels)), labels]
-        loss_sum = float(np.sum((1 - smoothing) * nll - smoothing * log_probs.mean(1)))
-        loss_sum, correct, count = self.world.sum([loss_sum, float(np.sum(predicted == labels)), float(len(labels))])
+    def evaluate_split(self, split: str) -> tuple[float, float]:
+        """Cross-entropy (no smoothing, no class weights) and top-1 over the whole split, summed over ranks."""
+        labels, predicted, probs = self.predict(split)
+        nll = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0))
+        loss_sum, correct, count = self.world.sum([float(nll.sum()), float(np.sum(predicted == labels)),
+                                                   float(len(labels))])
         return loss_sum / max(1.0, count), correct / max(1.0, count)
 
-    def _log(
-        self,
-        stage: int,
-        epoch: int,
-        loss: float,
-        top1: float,
-        val_loss: float,
-        val_top1: float,
-        lr: float,
-        seconds: float,
-        images: int,
-        train_seconds: float | None = None,
-    ) -> None:
-        entry = {
+    def log(self, stage: int, epoch: int, loss: float, top1: float, val_loss: float, val_top1: float, lr: float,
+            seconds: float, images: int, train_seconds: float | None = None) -> None:
+        self.history.append({
             "stage": stage,
             "epoch": epoch,
             "train_loss": round(loss, 5),
@@ -495,54 +470,17 @@ class Trainer:
             "val_top1": round(val_top1, 5),
             "lr": lr,
             "seconds": round(seconds, 3),
-            "train_images_per_s": round(images / (train_seconds or seconds), 1),
-        }
-        self.history.append(entry)
+            "train_images_per_s": round(images / max(1e-9, train_seconds or seconds), 1),
+        })
 
-
-def train(
-    config: FinetuneConfig,
-    listing: data.DatasetListing,
-    spec: dict,
-    initial: tuple[Backbone, dict],
-    feature_cache: bool = True,
-    world: TorchWorld | None = None,
-) -> Result:
-    """Run both stages from `build_initial_model`'s output; returns the best validation weights and figures."""
-    model, init = initial
-    torch.manual_seed(config.seed)
-    model.reset_head(len(listing.classes))
-    np.random.seed(config.seed % (2**32))
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    trainer = Trainer(config, listing, spec, world)
-    if trainer.world.size > 1 and not feature_cache:
-        raise UserError("stage 1 without the feature cache runs in one process only; drop --devices/--nnodes")
-    model.to(trainer.device)
-    if trainer.channels_last:
-        model.to(memory_format=torch.channels_last)
-    with progress() as bar:
-        if init.get("kind") == "none":
-            # every rank estimates on the same images in the same order, so the statistics agree everywhere
-            train_set = ImageRecords(listing.root, listing.splits["train"], spec)
-            loader = _loader(train_set, config.batch_size, config.workers, True, config.seed)
-            with console.status("estimating BatchNorm statistics of the randomly initialised backbone"):
-                init["batchnorm_statistics_from_images"] = estimate_batchnorm_statistics(
-                    model, loader, trainer.device, BN_ESTIMATE_IMAGES
-                )
-        trainer.throughput = run_stages(trainer, model, config, listing, feature_cache, bar,
-                                        lambda: model.load_state_dict(trainer.best_state))
-    model.eval()
-    for parameter in model.parameters():
-        parameter.requires_grad_(True)
-    return Result(
-        model=model.cpu(),
-        history=trainer.history,
-        decode_failures=dict(trainer.failures),
-        best=trainer.best_where,
-        throughput=trainer.throughput,
-        device=device_info(trainer.device, trainer.world),
-        init=init,
-    )
+    def result(self) -> Result:
+        """The model (on the CPU, trainable again) and the figures the stage writes."""
+        model = self.model
+        model.eval()
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+        return Result(model=model.cpu(), history=self.history, decode_failures=dict(self.failures),
+                      device=device_info(self.device, self.world), init=self.init)
 
 
 def evaluate(model: Backbone, config: FinetuneConfig, listing: data.DatasetListing, spec: dict, split: str,
@@ -551,26 +489,16 @@ def evaluate(model: Backbone, config: FinetuneConfig, listing: data.DatasetListi
 
     fp32 on the training device: the figures describe the saved weights, not a mixed-precision forward.
     """
-    trainer = Trainer(config, listing, spec, world)
+    trainer = Trainer(config, listing, spec, world=world)
     trainer.amp = False
-    model.to(trainer.device)
-    labels, predicted, _ = trainer.predict(model, split)
+    trainer.model = model.to(trainer.device)
+    labels, predicted, _ = trainer.predict(split)
     model.cpu()
     classes = listing.classes
     confusion = torch.zeros((len(classes), len(classes)), dtype=torch.int64)
     np.add.at(confusion.numpy(), (labels, predicted), 1)
     confusion = trainer.world.sum_array(confusion).numpy()
-    per_class = {
-        name: round(float(confusion[i, i] / confusion[i].sum()), 5) if confusion[i].sum() else None
-        for i, name in enumerate(classes)
-    }
-    return {
-        "top1": round(float(np.trace(confusion) / max(1, confusion.sum())), 5),
-        "images": int(confusion.sum()),
-        "decode_failures": dict(trainer.failures),
-        "per_class_top1": per_class,
-        "confusion_matrix": confusion.tolist(),
-    }
+    return {"confusion_matrix": confusion.tolist(), "decode_failures": dict(trainer.failures)}
 
 
 def save_weights(model: Backbone, path: Path) -> None:

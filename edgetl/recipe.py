@@ -1,0 +1,172 @@
+"""The recipe's settings, fitted to the folder: what a flag leaves open is decided from the data.
+
+Framework-free and decided before any training, from the listing and the image headers: the input size
+(from the images' own size), the batch size and the stage-2 budget (in optimizer steps, so a folder of
+fifty images trains as long as it needs and a folder of fifty thousand does not train for days), how many
+blocks stage 2 unfreezes, whether classes are weighted, and which rule picks the kept weights. Every
+choice is printed and stored with its reason; the constants below are the measured defaults
+(docs/BENCHMARKS.md, "Transfer learning on small folders").
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from PIL import Image
+
+from edgetl.backbones import check_image_size, get_backbone
+from edgetl.config import FinetuneConfig
+from edgetl.data import DatasetListing
+from edgetl.selection import LARGE_VALIDATION
+from edgetl.stats import half_width
+
+HEADER_SAMPLE = 256  # training images whose size is read to describe the folder
+# Source images whose median short side is at most SMALL_SOURCE pixels are upsampled to SMALL_SOURCE_SIZE
+# instead of the backbone's own input: the pretrained features are as good there and the network costs
+# a third of the 224 px compute in training, export and on the phone.
+SMALL_SOURCE = 64
+SMALL_SOURCE_SIZE = 128
+MAX_BATCH = 64
+MIN_BATCH = 8
+# Stage 2 takes at least this many optimizer steps (and at least STAGE2_EPOCHS epochs), at most
+# MAX_STAGE2_EPOCHS epochs: a 150-image folder would otherwise get a dozen steps.
+MIN_STAGE2_STEPS = 200
+STAGE2_EPOCHS = 4
+MAX_STAGE2_EPOCHS = 100
+UNFREEZE_ALL = -1  # config value meaning every block
+# Classes are weighted by inverse frequency when the largest training class holds this many times the
+# images of the smallest.
+IMBALANCE_RATIO = 1.5
+SMALL_TEST = 200  # below this many test images a warning says how wide the 95% interval is
+
+
+@dataclass(frozen=True)
+class Choice:
+    value: object
+    source: str  # "flag" (the user's) or "auto" (decided here)
+    why: str
+
+    def to_json(self) -> dict:
+        return {"value": self.value, "source": self.source, "why": self.why}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The resolved config the backends train with, and why each open setting is what it is."""
+
+    config: FinetuneConfig
+    choices: dict[str, Choice] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+    folder: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"choices": {k: c.to_json() for k, c in self.choices.items()}, "warnings": list(self.warnings),
+                "folder": self.folder}
+
+
+def describe_folder(listing: DatasetListing, seed: int = 0) -> dict:
+    """Counts per split and class, and the size of the training images (read from a sample of headers)."""
+    train = listing.splits["train"]
+    rng = np.random.default_rng(seed)
+    picks = rng.permutation(len(train))[:HEADER_SAMPLE]
+    sides, widths, heights = [], [], []
+    for index in picks:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with Image.open(listing.root / train[int(index)][0]) as image:
+                    width, height = image.size
+        except Exception:  # a file that fails here is skipped at decode time and listed then
+            continue
+        sides.append(min(width, height))
+        widths.append(width)
+        heights.append(height)
+    per_class = np.bincount([label for _, label in train], minlength=len(listing.classes))
+    return {
+        "classes": len(listing.classes),
+        "images": {split: len(records) for split, records in listing.splits.items()},
+        "train_per_class": {"min": int(per_class.min()), "max": int(per_class.max()),
+                            "median": float(np.median(per_class))},
+        "source_size": {"median_short_side": int(np.median(sides)) if sides else None,
+                        "median_width": int(np.median(widths)) if widths else None,
+                        "median_height": int(np.median(heights)) if heights else None,
+                        "sampled": len(sides)},
+    }
+
+
+def plan(config: FinetuneConfig, listing: DatasetListing, processes: int = 1) -> Plan:
+    """Fill every setting the user left open (None in `config`, "auto" class weights) from the folder.
+
+    `processes` is the number of training processes (the global batch must divide over them).
+    """
+    folder = describe_folder(listing, config.seed)
+    choices: dict[str, Choice] = {}
+    spec = get_backbone(config.backbone)
+
+    side = folder["source_size"]["median_short_side"]
+    if config.image_size is not None:
+        size = Choice(config.image_size, "flag", "--image-size")
+    elif side is not None and side <= SMALL_SOURCE:
+        size = Choice(min(SMALL_SOURCE_SIZE, spec.default_image_size), "auto",
+                      f"training images are small (median short side {side} px <= {SMALL_SOURCE}): "
+                      f"{SMALL_SOURCE_SIZE} px keeps the pretrained features at a third of the 224 px compute")
+    else:
+        size = Choice(spec.default_image_size, "auto",
+                      f"the backbone's own input ({spec.default_image_size} px; median short side {side} px)")
+    choices["image_size"] = Choice(check_image_size(int(size.value)), size.source, size.why)
+
+    n_train = len(listing.splits["train"])
+    world = max(1, processes)
+    if config.batch_size is not None:
+        choices["batch_size"] = Choice(config.batch_size, "flag", "--batch-size")
+    else:
+        batch = max(MIN_BATCH, min(MAX_BATCH, 2 ** int(math.log2(max(1, n_train // 4)))))
+        batch = max(world, batch // world * world)  # the global batch divides over the processes
+        choices["batch_size"] = Choice(batch, "auto", f"{n_train} training images: about four batches an epoch at "
+                                                      f"least, {MIN_BATCH} to {MAX_BATCH} images each")
+    batch = int(choices["batch_size"].value)
+
+    steps_per_epoch = math.ceil(n_train / batch)
+    if config.epochs_finetune is not None:
+        choices["epochs_finetune"] = Choice(config.epochs_finetune, "flag", "--epochs-finetune")
+    else:
+        epochs = min(MAX_STAGE2_EPOCHS, max(STAGE2_EPOCHS, math.ceil(MIN_STAGE2_STEPS / steps_per_epoch)))
+        choices["epochs_finetune"] = Choice(
+            epochs, "auto", f"at least {MIN_STAGE2_STEPS} optimizer steps and {STAGE2_EPOCHS} epochs "
+                            f"({steps_per_epoch} steps an epoch), at most {MAX_STAGE2_EPOCHS} epochs: "
+                            f"{epochs * steps_per_epoch} steps")
+
+    if config.unfreeze is not None:
+        choices["unfreeze"] = Choice(config.unfreeze, "flag", "--unfreeze")
+    else:
+        choices["unfreeze"] = Choice(UNFREEZE_ALL, "auto", "every block (BatchNorm statistics stay frozen)")
+
+    counts = folder["train_per_class"]
+    ratio = counts["max"] / max(1, counts["min"])
+    if config.class_weights != "auto":
+        choices["class_weights"] = Choice(config.class_weights, "flag", "--class-weights")
+    elif ratio >= IMBALANCE_RATIO:
+        choices["class_weights"] = Choice("balanced", "auto", f"unbalanced classes (largest/smallest training class "
+                                                              f"{counts['max']}/{counts['min']} >= {IMBALANCE_RATIO})")
+    else:
+        choices["class_weights"] = Choice("none", "auto", f"balanced classes ({counts['max']}/{counts['min']} "
+                                                          f"< {IMBALANCE_RATIO})")
+
+    n_val = len(listing.splits["val"])
+    choices["selection"] = Choice("val_top1" if n_val >= LARGE_VALIDATION else "end_of_schedule", "auto",
+                                  f"{n_val} validation images ({'>=' if n_val >= LARGE_VALIDATION else '<'} "
+                                  f"{LARGE_VALIDATION})")
+
+    notes = []
+    n_test = len(listing.splits["test"])
+    if n_test < SMALL_TEST:
+        notes.append(f"the test split has {n_test} images: its top-1 is known to about ±{100 * half_width(n_test):.0f} "
+                     f"points (95% interval at 50%), so results a few points apart cannot be told apart")
+    resolved = replace(config, image_size=int(choices["image_size"].value), batch_size=batch,
+                       epochs_finetune=int(choices["epochs_finetune"].value),
+                       unfreeze=int(choices["unfreeze"].value),
+                       class_weights=str(choices["class_weights"].value))
+    return Plan(resolved.validate(), choices, tuple(notes), folder)

@@ -1,0 +1,290 @@
+"""The transfer-learning recipe's parts: the converged probe, frozen BatchNorm, batch-independent features,
+the model-selection rule, the settings fitted to the folder, and the confidence interval of top-1."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgetl.config import FinetuneConfig
+from edgetl.data import DatasetListing, scan_folder
+from edgetl.probe import fit_probe
+from edgetl.recipe import IMBALANCE_RATIO, MIN_STAGE2_STEPS, SMALL_SOURCE_SIZE, plan
+from edgetl.selection import LARGE_VALIDATION, Selector
+from edgetl.stats import half_width, wilson_interval
+
+# ------------------------------------------------------------ Wilson interval
+
+
+def test_wilson_interval_matches_published_values() -> None:
+    low, high = wilson_interval(8, 10)  # Newcombe (1998), table I: 0.4902 to 0.9433
+    assert (round(low, 4), round(high, 4)) == (0.4902, 0.9433)
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0 and round(high, 4) == 0.2775
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    assert half_width(1000) < 0.032 < half_width(100)
+
+
+# ------------------------------------------------------------ the probe
+
+
+def _blobs(n_per_class: int, classes: int, dim: int = 20, seed: int = 0, spread: float = 1.0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 3, (classes, dim))
+    y = np.repeat(np.arange(classes), n_per_class)
+    x = centres[y] + rng.normal(0, spread, (len(y), dim)) + 5.0  # offset: the folding of the standardisation matters
+    return x.astype(np.float32) * rng.uniform(0.1, 10, dim).astype(np.float32), y
+
+
+def test_probe_folds_standardisation_into_the_head_and_matches_sklearn() -> None:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = _blobs(30, 4, spread=3.0)
+    head = fit_probe(x, y, 4, seed=0)
+    assert head.record["converged"] and head.record["folds"] == 5
+    scaler = StandardScaler().fit(x.astype(np.float64))
+    reference = LogisticRegression(C=head.record["C"], tol=1e-8, max_iter=5000).fit(scaler.transform(x), y)
+    logits = head.logits(x.astype(np.float64))
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    np.testing.assert_allclose(probs, reference.predict_proba(scaler.transform(x)), atol=2e-3)
+
+
+def test_probe_two_classes_gives_a_softmax_head_equal_to_the_sigmoid() -> None:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = _blobs(25, 2, spread=4.0, seed=3)
+    head = fit_probe(x, y, 2)
+    assert head.weight.shape == (2, x.shape[1])
+    scaler = StandardScaler().fit(x.astype(np.float64))
+    reference = LogisticRegression(C=head.record["C"], tol=1e-8, max_iter=5000).fit(scaler.transform(x), y)
+    logits = head.logits(x.astype(np.float64))
+    p1 = 1 / (1 + np.exp(logits[:, 0] - logits[:, 1]))
+    np.testing.assert_allclose(p1, reference.predict_proba(scaler.transform(x))[:, 1], atol=2e-3)
+
+
+def test_probe_choice_of_penalty_uses_the_training_data_only() -> None:
+    x, y = _blobs(40, 3, spread=6.0, seed=1)
+    first = fit_probe(x, y, 3, seed=0)
+    assert first.record["rule"].startswith("5-fold stratified cross-validation on the training features")
+    assert len(first.record["cv_log_loss"]) == len(first.record["grid"]) and first.record["C"] in first.record["grid"]
+    # a noisier problem needs a stronger penalty than a clean one
+    clean = fit_probe(*_blobs(40, 3, spread=0.5, seed=1), 3, seed=0)
+    assert first.record["C"] <= clean.record["C"]
+
+
+def test_probe_with_a_single_image_class_still_fits_and_says_why() -> None:
+    x, y = _blobs(6, 3, seed=2)
+    keep = np.concatenate([np.flatnonzero(y != 2), np.flatnonzero(y == 2)[:1]])
+    head = fit_probe(x[keep], y[keep], 3)
+    assert head.record["folds"] == 0 and "single training image" in head.record["rule"]
+    assert (head.logits(x[keep]).argmax(1) == y[keep]).mean() >= 0.9
+
+
+def test_balanced_probe_weights_the_small_class() -> None:
+    x, y = _blobs(60, 2, spread=5.0, seed=4)
+    keep = np.concatenate([np.flatnonzero(y == 0), np.flatnonzero(y == 1)[:8]])
+    plain = fit_probe(x[keep], y[keep], 2)
+    balanced = fit_probe(x[keep], y[keep], 2, balance=True)
+    # the minority class gets more of the decision region: recall on fresh minority images does not drop
+    fresh, fresh_y = _blobs(60, 2, spread=5.0, seed=4)
+    minority = fresh[fresh_y == 1]
+    assert (balanced.logits(minority).argmax(1) == 1).mean() >= (plain.logits(minority).argmax(1) == 1).mean()
+    assert balanced.record["balanced_class_weights"] is True
+
+
+# ------------------------------------------------------------ the selection rule
+
+
+def test_small_validation_keeps_the_end_of_schedule_over_an_earlier_tie_or_noise() -> None:
+    selector = Selector(val_images=16)
+    selector.offer(1, 1, 0.40, 0.9375, lambda: "probe")
+    selector.offer(2, 1, 0.35, 1.0, lambda: "epoch 1")
+    selector.offer(2, 2, 0.30, 0.9375, lambda: "epoch 2")
+    chosen = selector.chosen()
+    assert (chosen.stage, chosen.epoch, chosen.state) == (2, 2, "epoch 2")
+    record = selector.record()
+    assert record["rule"] == "end_of_schedule" and "16 images" in record["why"] and len(record["candidates"]) == 3
+
+
+def test_small_validation_keeps_the_probe_only_when_it_wins_on_loss_and_top1() -> None:
+    selector = Selector(val_images=20)
+    selector.offer(1, 1, 0.30, 0.95, lambda: "probe")
+    selector.offer(2, 4, 0.50, 0.95, lambda: "stage 2")
+    assert selector.chosen().state == "stage 2"  # a tie on top-1 never keeps the earlier model
+    selector = Selector(val_images=20)
+    selector.offer(1, 1, 0.30, 0.95, lambda: "probe")
+    selector.offer(2, 4, 0.90, 0.70, lambda: "stage 2")
+    assert selector.chosen().state == "probe"
+
+
+def test_large_validation_takes_the_best_top1_ties_to_lower_loss_then_later() -> None:
+    selector = Selector(val_images=LARGE_VALIDATION)
+    selector.offer(1, 1, 0.50, 0.86, lambda: "probe")
+    selector.offer(2, 1, 0.45, 0.88, lambda: "e1")
+    selector.offer(2, 2, 0.40, 0.88, lambda: "e2")
+    selector.offer(2, 3, 0.40, 0.88, lambda: "e3")
+    selector.offer(2, 4, 0.30, 0.87, lambda: "e4")
+    assert selector.chosen().state == "e3" and selector.record()["rule"] == "val_top1"
+
+
+# ------------------------------------------------------------ the settings fitted to the folder
+
+
+def _folder(root: Path, per_class: dict[str, int], size: int = 24) -> DatasetListing:
+    for index, (name, count) in enumerate(per_class.items()):
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (size, size), (40 * index, i % 255, 90)).save(root / name / f"{i}.png")
+    return scan_folder(root)
+
+
+def test_plan_for_small_images_and_few_of_them(tmp_path: Path) -> None:
+    listing = _folder(tmp_path / "d", {"a": 12, "b": 12}, size=25)
+    result = plan(FinetuneConfig(data=str(tmp_path / "d")), listing)
+    chosen = result.config
+    assert chosen.image_size == SMALL_SOURCE_SIZE and result.choices["image_size"].source == "auto"
+    assert "25 px" in result.choices["image_size"].why
+    n_train = len(listing.splits["train"])
+    assert chosen.batch_size == 8 and chosen.unfreeze == -1
+    assert chosen.epochs_finetune * math.ceil(n_train / chosen.batch_size) >= MIN_STAGE2_STEPS
+    assert chosen.class_weights == "none" and result.choices["selection"].value == "end_of_schedule"
+    assert any("test split has" in note for note in result.warnings)
+    stored = json.loads(json.dumps(result.to_json()))
+    assert stored["choices"]["image_size"]["value"] == SMALL_SOURCE_SIZE
+    assert stored["folder"]["source_size"]["median_short_side"] == 25
+
+
+def test_plan_keeps_flags_and_uses_the_backbone_input_for_photos(tmp_path: Path) -> None:
+    listing = _folder(tmp_path / "d", {"a": 10, "b": 10}, size=300)
+    auto = plan(FinetuneConfig(data=str(tmp_path / "d")), listing)
+    assert auto.config.image_size == 224
+    given = plan(FinetuneConfig(data=str(tmp_path / "d"), image_size=96, batch_size=4, epochs_finetune=2, unfreeze=3,
+                                class_weights="balanced"), listing)
+    assert (given.config.image_size, given.config.batch_size, given.config.epochs_finetune, given.config.unfreeze,
+            given.config.class_weights) == (96, 4, 2, 3, "balanced")
+    assert all(given.choices[k].source == "flag" for k in ("image_size", "batch_size", "epochs_finetune", "unfreeze"))
+
+
+def test_plan_weights_unbalanced_classes_and_divides_the_batch_over_processes(tmp_path: Path) -> None:
+    listing = _folder(tmp_path / "d", {"a": 60, "b": 12})
+    counts = listing.counts()["train"]
+    assert counts["a"] / counts["b"] >= IMBALANCE_RATIO
+    result = plan(FinetuneConfig(data=str(tmp_path / "d")), listing, processes=3)
+    assert result.config.class_weights == "balanced" and "unbalanced" in result.choices["class_weights"].why
+    assert result.config.batch_size % 3 == 0
+
+
+# ------------------------------------------------------------ frozen BatchNorm and batch-independent features
+
+
+@pytest.fixture(scope="module")
+def tiny_trainer(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path):
+    import os
+
+    os.environ["EDGETL_CACHE"] = str(shared_cache)
+    os.environ["TORCH_HOME"] = str(tmp_path_factory.mktemp("torch-home"))
+    from edgetl.backends.torch import finetune as backend
+    from edgetl.datasets import resolve_builtin
+
+    listing = scan_folder(resolve_builtin("builtin:shapes"))
+    config = FinetuneConfig(data="builtin:shapes", image_size=32, batch_size=16, epochs_finetune=1,
+                            unfreeze=-1).validate()
+    spec = backend.preprocess_spec(config)
+    trainer = backend.Trainer(config, listing, spec, backend.build_initial_model(config))
+    return backend, trainer
+
+
+def test_cached_feature_does_not_depend_on_the_rest_of_its_batch(tiny_trainer) -> None:
+    from rich.progress import Progress
+
+    _, trainer = tiny_trainer
+    with Progress(disable=True) as bar:
+        features, labels = trainer.extract_features("val", bar)
+        records = trainer.listing.splits["val"]
+        trainer.listing.splits["val"] = records[::-1]  # other neighbours, other batch boundaries
+        trainer.config = trainer.config.__class__(**{**trainer.config.to_json(), "batch_size": 5})
+        reversed_features, reversed_labels = trainer.extract_features("val", bar)
+        trainer.listing.splits["val"] = records
+    np.testing.assert_array_equal(reversed_labels[::-1], labels)
+    np.testing.assert_allclose(reversed_features[::-1], features, rtol=1e-5, atol=1e-5)
+
+
+def test_batchnorm_statistics_are_bit_identical_through_both_stages(tmp_path: Path) -> None:
+    import torch
+
+    from edgetl.backends.torch import finetune as backend
+    from edgetl.finetune import run_finetune
+
+    config = FinetuneConfig(data="builtin:shapes", image_size=32, epochs_finetune=2, unfreeze=-1)
+    pretrained, _ = backend.build_initial_model(config.validate())
+    before = backend.batchnorm_buffers(pretrained)
+    checkpoint = run_finetune(config, tmp_path / "run")
+    saved = torch.load(checkpoint / "model.pt")
+    assert before and {k for k in before} <= set(saved)
+    for key, value in before.items():
+        assert torch.equal(saved[key], value), key
+    history = json.loads((checkpoint / "history.json").read_text())
+    assert [h["stage"] for h in history] == [1, 2, 2]  # both stages ran
+
+
+# ------------------------------------------------------------ stage 1 is a converged linear probe
+
+
+@pytest.mark.slow
+def test_stage1_alone_matches_a_converged_logistic_regression_on_builtin_data(tmp_path: Path) -> None:
+    _stage1_against_reference(tmp_path, image_size=64)
+
+
+def test_stage1_alone_matches_a_converged_logistic_regression_small(tmp_path: Path) -> None:
+    _stage1_against_reference(tmp_path, image_size=32)
+
+
+def _stage1_against_reference(tmp_path: Path, image_size: int) -> None:
+    """--epochs-finetune 0 on builtin:fashion-mnist-mini is at least a full-batch L-BFGS logistic regression on
+    the same cached features (best of a penalty grid, chosen on the test split: an oracle), within one point."""
+    import torch
+    from rich.progress import Progress
+
+    from edgetl.backends.torch import finetune as backend
+    from edgetl.finetune import run_finetune
+
+    checkpoint = run_finetune(FinetuneConfig(data="builtin:fashion-mnist-mini", image_size=image_size,
+                                             epochs_finetune=0), tmp_path / "run")
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    top1 = manifest["metrics"]["test"]["top1"]
+    assert manifest["training"]["best"]["stage"] == 1 and manifest["training"]["stage1"]["converged"]
+
+    listing = DatasetListing.from_json(json.loads((checkpoint / "splits.json").read_text()))
+    config = FinetuneConfig(**manifest["config"])
+    trainer = backend.Trainer(config, listing, manifest["preprocess"], backend.build_initial_model(config))
+    with Progress(disable=True) as bar:
+        x_train, y_train = trainer.extract_features("train", bar)
+        x_test, y_test = trainer.extract_features("test", bar)
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    a, b = torch.from_numpy((x_train - mean) / std), torch.from_numpy((x_test - mean) / std)
+    ya = torch.from_numpy(y_train)
+    best = 0.0
+    for l2 in (1e-2, 3e-2, 1e-1):  # per image; the probe's grid spans 1/(0.3 n) to 1/(300 n)
+        weight = torch.zeros(a.shape[1], 10, requires_grad=True)
+        bias = torch.zeros(10, requires_grad=True)
+        optimizer = torch.optim.LBFGS([weight, bias], max_iter=300, tolerance_grad=1e-7, tolerance_change=1e-10,
+                                      history_size=20, line_search_fn="strong_wolfe")
+
+        def closure(weight=weight, bias=bias, optimizer=optimizer, l2=l2):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(a @ weight + bias, ya) + 0.5 * l2 * (weight * weight).sum()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        with torch.no_grad():
+            best = max(best, float(((b @ weight + bias).argmax(1).numpy() == y_test).mean()))
+    assert top1 >= best - 0.01, (top1, best)
