@@ -161,7 +161,7 @@ def test_the_console_skipped_count_is_the_manifests(tmp_path: Path) -> None:
     (data / "square" / "truncated.png").write_bytes(good[: len(good) // 2])
     (data / "triangle" / ".DS_Store").write_bytes(b"finder")
     result = run_cli("finetune", "--data", str(data), "--backbone", "mobilenet_v2", "--width", "0.35",
-                     "--weights", "none", "--image-size", "32", "--epochs-head", "1", "--epochs-finetune", "0",
+                     "--weights", "none", "--image-size", "32", "--epochs-finetune", "0",
                      "--out", str(tmp_path / "run"))
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((tmp_path / "run" / "checkpoint" / "manifest.json").read_text())

@@ -17,10 +17,6 @@ PACKAGE = Path(__file__).resolve().parents[1] / "edgetl"
 STAGES = {"edgetl.cli", "edgetl.finetune", "edgetl.finetune_worker", "edgetl.export", "edgetl.verify",
           "edgetl.bench", "edgetl.sweep", "edgetl.report", "edgetl.bundle", "edgetl.demo"}
 BASE = "edgetl.backends.base"
-# TEMPORARY: the fine-tuning backends still take `run_stages` from the fine-tuning stage; that recipe is being
-# rewritten, and the rewrite moves the shared loop below the backends. Exactly these two edges, nothing else.
-ALLOWED_UPWARD = {("edgetl.backends.torch.finetune", "edgetl.finetune"),
-                  ("edgetl.backends.keras.finetune", "edgetl.finetune")}
 # Third-party packages that only some of edgetl may import (the layout rule of DESIGN.md): the torch stack
 # in the torch backend (the ExecuTorch runtime, which needs torch, in runtimes/pte.py), TensorFlow in the
 # keras backend.
@@ -104,8 +100,6 @@ def test_no_module_imports_upward() -> None:
     upward = []
     for module, targets in GRAPH.items():
         for target in targets:
-            if (module, target) in ALLOWED_UPWARD:
-                continue
             layer, target_layer = _layer(module), _layer(target)
             if target_layer == "stage" and layer != "stage":
                 upward.append(f"{module} ({layer}) imports the stage {target}")
@@ -119,13 +113,8 @@ def test_no_module_imports_upward() -> None:
     assert upward == []
 
 
-def test_the_allowance_is_only_what_it_says() -> None:
-    for module, target in ALLOWED_UPWARD:
-        assert target in GRAPH[module], f"{module} no longer imports {target}: remove the allowance"
-
-
 def test_no_import_cycle() -> None:
-    graph = {m: {t for t in targets if (m, t) not in ALLOWED_UPWARD} for m, targets in GRAPH.items()}
+    graph = GRAPH
     state: dict[str, int] = {}
     cycles: list[list[str]] = []
 

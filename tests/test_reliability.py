@@ -365,7 +365,7 @@ def tiny_export(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) ->
     run = tmp_path_factory.mktemp("run")
     env = {"EDGETL_CACHE": str(shared_cache)}
     done = run_cli("finetune", "--data", "builtin:shapes", "--backbone", "mobilenet_v2", "--width", "0.35",
-                   "--weights", "none", "--image-size", "32", "--epochs-head", "2", "--epochs-finetune", "0",
+                   "--weights", "none", "--image-size", "32", "--epochs-finetune", "0",
                    "--out", str(run), env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     started = time.monotonic()
@@ -456,7 +456,7 @@ def test_ctrl_c_during_finetune_exits_130_with_one_line(tmp_path: Path, shared_c
     pytest.importorskip("torch")
     child = subprocess.Popen([sys.executable, "-m", "edgetl.cli", "finetune", "--data", "builtin:shapes",
                               "--backbone", "mobilenet_v2", "--width", "0.35", "--weights", "none", "--image-size",
-                              "32", "--epochs-head", "1", "--epochs-finetune", "100", "--unfreeze", "2",
+                              "32", "--epochs-finetune", "100", "--unfreeze", "2",
                               "--patience", "200",
                               "--out", str(tmp_path / "run")],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
