@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from rich.table import Table
@@ -30,12 +31,13 @@ from edgetl.manifest import (
 )
 from edgetl.paths import atomic_dir, claim_output, ensure_writable_dir
 from edgetl.probe import fit_probe
-from edgetl.recipe import Plan
+from edgetl.recipe import Plan, describe_folder, search_sample, size_candidates
 from edgetl.recipe import plan as plan_recipe
 from edgetl.selection import Selector
 from edgetl.stats import wilson_interval
 from edgetl.ui import console, progress, stdout
 
+SEARCH_BATCH = 32  # images per forward while measuring input sizes, when --batch-size is open
 
 def load_listing(config: FinetuneConfig) -> DatasetListing:
     """Resolve `--data` (a folder or builtin:NAME) and list it with the run's seed."""
@@ -172,10 +174,19 @@ def run_finetune(config: FinetuneConfig, run_dir: Path | None = None) -> Path:
     if launched is not None:
         return launched
     with backend.session(config) as world:
-        listing, recipe = world.from_main(lambda: _listing_and_plan(config, world.size))  # same on every rank
-        config = recipe.config
-        initial = backend.build_initial_model(config)  # a weights file that does not fit stops here
+        listing, folder = world.from_main(lambda: _listing_and_folder(config))  # the same on every rank
         _print_data(listing)
+        candidates = size_candidates(config, folder, getattr(backend, "FEATURES_AT_ANY_SIZE", False))
+        measured = None
+        if candidates:  # a model that takes any input size measures the candidates with the initial weights
+            initial = backend.build_initial_model(config)  # a weights file that does not fit stops here
+            measured = measure_sizes(backend, config, listing, candidates, initial, world)
+            folder["size_search"] = measured
+        recipe = world.from_main(lambda: plan_recipe(config, listing, world.size,
+                                                     measured and measured["cv_log_loss"], folder))
+        config = recipe.config
+        if not candidates:
+            initial = backend.build_initial_model(config)
         _print_plan(recipe)
         preprocess = backend.preprocess_spec(config)
 
@@ -202,9 +213,33 @@ def run_finetune(config: FinetuneConfig, run_dir: Path | None = None) -> Path:
     return checkpoint
 
 
-def _listing_and_plan(config: FinetuneConfig, processes: int) -> tuple[DatasetListing, Plan]:
+def _listing_and_folder(config: FinetuneConfig) -> tuple[DatasetListing, dict]:
     listing = load_listing(config)
-    return listing, plan_recipe(config, listing, processes)
+    return listing, describe_folder(listing, config.seed)
+
+
+def measure_sizes(backend, config: FinetuneConfig, listing: DatasetListing, sizes: tuple[int, ...], initial,
+                  world) -> dict | None:
+    """The probe's cross-validated log loss (and its standard error) at each input size, on a sample.
+
+    Every rank extracts its shard of the sample's features; rank 0 fits the probes. None when the sample
+    cannot be cross-validated (a class with a single image).
+    """
+    sample = search_sample(listing, config.seed)
+    started = time.perf_counter()
+    losses: dict[int, tuple[float, float]] = {}
+    with progress() as bar:
+        for size in sizes:
+            sized = replace(config, image_size=size, batch_size=config.batch_size or SEARCH_BATCH)
+            trainer = backend.Trainer(sized, sample, backend.preprocess_spec(sized), initial, world)
+            x, y = trainer.extract_features("train", bar)
+            with console.status(f"input size {size} px: probe on {len(y)} sampled training images"):
+                record = world.from_main(lambda x=x, y=y: fit_probe(x, y, len(listing.classes), config.seed).record)
+            if record["cv_best_log_loss"] is None:
+                return None
+            losses[size] = (record["cv_best_log_loss"], record["cv_best_log_loss_se"])
+    return {"cv_log_loss": losses, "sample_images": len(sample.splits["train"]),
+            "seconds": round(time.perf_counter() - started, 1)}
 
 
 def split_metrics(confusion: list[list[int]], classes: list[str]) -> dict:

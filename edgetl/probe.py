@@ -100,6 +100,7 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, seed: 
         cv_rows = np.sort(rng.choice(cv_rows, CV_IMAGES, replace=False))
     folds = _folds(labels[cv_rows], seed)
     losses: list[float] = []
+    best_loss = best_error = None
     if folds is None:
         chosen = grid[len(grid) // 2]
         rule = "a class has a single training image: no cross-validation; middle of the grid"
@@ -117,6 +118,7 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, seed: 
         # one-standard-error rule: the strongest penalty whose loss is within one standard error of the best
         chosen = grid[int(np.flatnonzero(mean <= mean[best] + error[best])[0])]
         losses = mean.tolist()
+        best_loss, best_error = float(mean[best]), float(error[best])
         rule = (f"{len(folds)}-fold stratified cross-validation on the training features: the strongest L2 penalty "
                 f"within one standard error of the lowest log loss")
 
@@ -141,6 +143,8 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, seed: 
         "l2_per_image": round(1.0 / (chosen * len(labels)), 6),
         "grid": grid,
         "cv_log_loss": [round(v, 5) for v in losses],
+        "cv_best_log_loss": None if best_loss is None else round(best_loss, 5),
+        "cv_best_log_loss_se": None if best_error is None else round(best_error, 5),
         "rule": rule,
         "folds": 0 if folds is None else len(folds),
         "cv_images": int(len(cv_rows)),

@@ -20,15 +20,18 @@ from PIL import Image
 from edgetl.backbones import check_image_size, get_backbone
 from edgetl.config import FinetuneConfig
 from edgetl.data import DatasetListing
-from edgetl.selection import LARGE_VALIDATION
+from edgetl.selection import LARGE_VALIDATION, SMALL_VALIDATION
 from edgetl.stats import half_width
 
 HEADER_SAMPLE = 256  # training images whose size is read to describe the folder
-# Source images whose median short side is at most SMALL_SOURCE pixels are upsampled to SMALL_SOURCE_SIZE
-# instead of the backbone's own input: the pretrained features are as good there and the network costs
-# a third of the 224 px compute in training, export and on the phone.
-SMALL_SOURCE = 64
-SMALL_SOURCE_SIZE = 128
+# When the training images are smaller than the backbone's input and the features are pretrained, the
+# input size is measured: the probe's cross-validated log loss on a stratified sample of the training
+# split at each candidate size; the smallest size within one standard error of the best wins (a smaller
+# input costs less to train, to export and on the phone). Measured on the benchmark folders
+# (docs/BENCHMARKS.md), no single size is best: icons gain up to 224 px, Fashion-MNIST peaks near 128.
+SIZE_CANDIDATES = (128, 160, 224)
+SEARCH_PER_CLASS = 40
+SEARCH_IMAGES = 600
 MAX_BATCH = 64
 MIN_BATCH = 8
 # Stage 2 takes at least this many optimizer steps (and at least STAGE2_EPOCHS epochs), at most
@@ -97,22 +100,62 @@ def describe_folder(listing: DatasetListing, seed: int = 0) -> dict:
     }
 
 
-def plan(config: FinetuneConfig, listing: DatasetListing, processes: int = 1) -> Plan:
+def size_candidates(config: FinetuneConfig, folder: dict, any_size_features: bool) -> tuple[int, ...]:
+    """The input sizes worth measuring for this run; empty when there is nothing to measure.
+
+    Nothing is measured when the size is given, when the network starts from random weights (its
+    features rank nothing), when the backend cannot run one model at several sizes, or when the images
+    are already at least the backbone's own input.
+    """
+    if config.image_size is not None or config.weights == "none" or not any_size_features:
+        return ()
+    default = get_backbone(config.backbone).default_image_size
+    side = folder["source_size"]["median_short_side"]
+    if side is None or side >= default:
+        return ()
+    return tuple(size for size in SIZE_CANDIDATES if size <= default)
+
+
+def search_sample(listing: DatasetListing, seed: int) -> DatasetListing:
+    """A stratified sample of the training split (at most SEARCH_PER_CLASS a class, SEARCH_IMAGES in all)."""
+    rng = np.random.default_rng(seed)
+    train = listing.splits["train"]
+    per_class = max(2, min(SEARCH_PER_CLASS, SEARCH_IMAGES // max(1, len(listing.classes))))
+    picked: list[tuple[str, int]] = []
+    for label in range(len(listing.classes)):
+        rows = [record for record in train if record[1] == label]
+        picked += [rows[int(i)] for i in sorted(rng.permutation(len(rows))[:per_class])]
+    return replace(listing, splits={"train": picked, "val": [], "test": []}, skipped=[], ignored=[])
+
+
+def pick_size(measured: dict[int, tuple[float, float]]) -> int:
+    """The smallest size whose cross-validated loss is within one standard error of the lowest."""
+    best = min(measured, key=lambda size: measured[size][0])
+    loss, error = measured[best]
+    return min(size for size, (other, _) in measured.items() if other <= loss + error)
+
+
+def plan(config: FinetuneConfig, listing: DatasetListing, processes: int = 1,
+         measured_sizes: dict[int, tuple[float, float]] | None = None, folder: dict | None = None) -> Plan:
     """Fill every setting the user left open (None in `config`, "auto" class weights) from the folder.
 
-    `processes` is the number of training processes (the global batch must divide over them).
+    `processes` is the number of training processes (the global batch must divide over them);
+    `measured_sizes` maps each candidate input size to the probe's cross-validated log loss and its
+    standard error there (see `size_candidates`), when they were measured.
     """
-    folder = describe_folder(listing, config.seed)
+    folder = dict(folder) if folder is not None else describe_folder(listing, config.seed)
     choices: dict[str, Choice] = {}
     spec = get_backbone(config.backbone)
 
     side = folder["source_size"]["median_short_side"]
     if config.image_size is not None:
         size = Choice(config.image_size, "flag", "--image-size")
-    elif side is not None and side <= SMALL_SOURCE:
-        size = Choice(min(SMALL_SOURCE_SIZE, spec.default_image_size), "auto",
-                      f"training images are small (median short side {side} px <= {SMALL_SOURCE}): "
-                      f"{SMALL_SOURCE_SIZE} px keeps the pretrained features at a third of the 224 px compute")
+    elif measured_sizes:
+        chosen = pick_size(measured_sizes)
+        shown = ", ".join(f"{s} px {loss:.3f}±{error:.3f}" for s, (loss, error) in sorted(measured_sizes.items()))
+        size = Choice(chosen, "auto", f"training images are {side} px: the probe's cross-validated log loss on a "
+                                      f"sample of the training split was {shown}; the smallest size within one "
+                                      f"standard error of the lowest")
     else:
         size = Choice(spec.default_image_size, "auto",
                       f"the backbone's own input ({spec.default_image_size} px; median short side {side} px)")
@@ -156,9 +199,14 @@ def plan(config: FinetuneConfig, listing: DatasetListing, processes: int = 1) ->
                                                           f"< {IMBALANCE_RATIO})")
 
     n_val = len(listing.splits["val"])
-    choices["selection"] = Choice("val_top1" if n_val >= LARGE_VALIDATION else "end_of_schedule", "auto",
-                                  f"{n_val} validation images ({'>=' if n_val >= LARGE_VALIDATION else '<'} "
-                                  f"{LARGE_VALIDATION})")
+    if n_val >= LARGE_VALIDATION:
+        selection = Choice("val_top1", "auto", f"{n_val} validation images (>= {LARGE_VALIDATION})")
+    elif n_val >= SMALL_VALIDATION:
+        selection = Choice("end_of_schedule", "auto",
+                           f"{n_val} validation images ({SMALL_VALIDATION} to {LARGE_VALIDATION - 1})")
+    else:
+        selection = Choice("end_of_schedule_only", "auto", f"{n_val} validation images (< {SMALL_VALIDATION})")
+    choices["selection"] = selection
 
     notes = []
     n_test = len(listing.splits["test"])

@@ -4,7 +4,8 @@ Framework-free. The candidates are the stage-1 probe and the stage-2 model at ea
 large validation split the best validation top-1 wins (ties go to the lower validation loss, then to
 the later candidate). On a small one top-1 moves in steps of several points and ties all the time, so
 picking its maximum picks noise: there the rule keeps the end of the stage-2 schedule (the model that
-was fitted for the whole budget) unless the probe beats it on validation loss and top-1 both.
+was fitted for the whole budget) unless the probe beats it on validation loss and top-1 both; on a tiny
+one (a few dozen images) not even that: the end of the schedule is kept.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from dataclasses import dataclass, field
 # Below this many validation images one image is worth more than a third of a point of top-1 and the
 # 95% interval is wider than ±5.7 points at 50% accuracy: too coarse to rank epochs by their maximum.
 LARGE_VALIDATION = 300
+# Below this many, a loss and a top-1 both "better" are a coin toss (two images of a two-class folder
+# decided it on the benchmark): the probe is kept only when there is no stage 2.
+SMALL_VALIDATION = 30
 
 
 @dataclass
@@ -38,7 +42,9 @@ class Selector:
 
     @property
     def rule(self) -> str:
-        return "val_top1" if self.val_images >= LARGE_VALIDATION else "end_of_schedule"
+        if self.val_images >= LARGE_VALIDATION:
+            return "val_top1"
+        return "end_of_schedule" if self.val_images >= SMALL_VALIDATION else "end_of_schedule_only"
 
     def offer(self, stage: int, epoch: int, val_loss: float, val_top1: float, snapshot: Callable[[], object]) -> None:
         """Consider the model as it is now; `snapshot()` is called only when it may be kept."""
@@ -65,8 +71,8 @@ class Selector:
         if self.last is None or self.last.stage == 1:
             assert self.probe is not None
             return self.probe
-        if self.probe is not None and self.probe.val_loss < self.last.val_loss and \
-                self.probe.val_top1 > self.last.val_top1:
+        if self.rule == "end_of_schedule" and self.probe is not None and self.probe.val_loss < self.last.val_loss \
+                and self.probe.val_top1 > self.last.val_top1:
             return self.probe
         return self.last
 
@@ -77,10 +83,13 @@ class Selector:
             why = (f"validation split of {self.val_images} images (>= {LARGE_VALIDATION}): the highest validation "
                    f"top-1 over the probe and every stage-2 evaluation, ties to the lower validation loss, then the "
                    f"later model")
-        else:
+        elif self.rule == "end_of_schedule":
             why = (f"validation split of only {self.val_images} images (< {LARGE_VALIDATION}): one image moves "
                    f"top-1 by {100 / max(1, self.val_images):.1f} points, so the maximum is noise; kept the model "
                    f"at the end of the stage-2 schedule unless the probe beat it on validation loss and top-1 both")
+        else:
+            why = (f"validation split of only {self.val_images} images (< {SMALL_VALIDATION}): too few to rank "
+                   f"even the probe against stage 2; kept the model at the end of the stage-2 schedule")
         return {"rule": self.rule, "why": why, "stage": chosen.stage, "epoch": chosen.epoch,
                 "val_loss": round(chosen.val_loss, 5), "val_top1": round(chosen.val_top1, 5),
                 "candidates": self.candidates}

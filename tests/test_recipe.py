@@ -14,8 +14,17 @@ from PIL import Image
 from edgetl.config import FinetuneConfig
 from edgetl.data import DatasetListing, scan_folder
 from edgetl.probe import fit_probe
-from edgetl.recipe import IMBALANCE_RATIO, MIN_STAGE2_STEPS, SMALL_SOURCE_SIZE, plan
-from edgetl.selection import LARGE_VALIDATION, Selector
+from edgetl.recipe import (
+    IMBALANCE_RATIO,
+    MIN_STAGE2_STEPS,
+    SEARCH_PER_CLASS,
+    SIZE_CANDIDATES,
+    pick_size,
+    plan,
+    search_sample,
+    size_candidates,
+)
+from edgetl.selection import LARGE_VALIDATION, SMALL_VALIDATION, Selector
 from edgetl.stats import half_width, wilson_interval
 
 # ------------------------------------------------------------ Wilson interval
@@ -104,25 +113,40 @@ def test_balanced_probe_weights_the_small_class() -> None:
 
 
 def test_small_validation_keeps_the_end_of_schedule_over_an_earlier_tie_or_noise() -> None:
-    selector = Selector(val_images=16)
+    selector = Selector(val_images=SMALL_VALIDATION + 6)
     selector.offer(1, 1, 0.40, 0.9375, lambda: "probe")
     selector.offer(2, 1, 0.35, 1.0, lambda: "epoch 1")
     selector.offer(2, 2, 0.30, 0.9375, lambda: "epoch 2")
     chosen = selector.chosen()
     assert (chosen.stage, chosen.epoch, chosen.state) == (2, 2, "epoch 2")
     record = selector.record()
-    assert record["rule"] == "end_of_schedule" and "16 images" in record["why"] and len(record["candidates"]) == 3
+    assert record["rule"] == "end_of_schedule" and f"{SMALL_VALIDATION + 6} images" in record["why"]
+    assert len(record["candidates"]) == 3
 
 
 def test_small_validation_keeps_the_probe_only_when_it_wins_on_loss_and_top1() -> None:
-    selector = Selector(val_images=20)
+    selector = Selector(val_images=SMALL_VALIDATION + 10)
     selector.offer(1, 1, 0.30, 0.95, lambda: "probe")
     selector.offer(2, 4, 0.50, 0.95, lambda: "stage 2")
     assert selector.chosen().state == "stage 2"  # a tie on top-1 never keeps the earlier model
-    selector = Selector(val_images=20)
+    selector = Selector(val_images=SMALL_VALIDATION + 10)
     selector.offer(1, 1, 0.30, 0.95, lambda: "probe")
     selector.offer(2, 4, 0.90, 0.70, lambda: "stage 2")
     assert selector.chosen().state == "probe"
+
+
+def test_tiny_validation_never_ranks_the_probe_above_stage_2() -> None:
+    """Two validation images decided a two-class folder's run for the probe; below a few dozen only the
+    schedule decides, and the probe is kept only when stage 2 did not run."""
+    selector = Selector(val_images=2)
+    selector.offer(1, 1, 0.10, 1.0, lambda: "probe")
+    selector.offer(2, 9, 0.90, 0.5, lambda: "stage 2")
+    assert selector.chosen().state == "stage 2"
+    record = selector.record()
+    assert record["rule"] == "end_of_schedule_only" and "2 images" in record["why"]
+    alone = Selector(val_images=2)
+    alone.offer(1, 1, 0.10, 1.0, lambda: "probe")
+    assert alone.chosen().state == "probe"
 
 
 def test_large_validation_takes_the_best_top1_ties_to_lower_loss_then_later() -> None:
@@ -148,18 +172,47 @@ def _folder(root: Path, per_class: dict[str, int], size: int = 24) -> DatasetLis
 
 def test_plan_for_small_images_and_few_of_them(tmp_path: Path) -> None:
     listing = _folder(tmp_path / "d", {"a": 12, "b": 12}, size=25)
-    result = plan(FinetuneConfig(data=str(tmp_path / "d")), listing)
+    config = FinetuneConfig(data=str(tmp_path / "d"))
+    folder = plan(config, listing).folder
+    assert size_candidates(config, folder, any_size_features=True) == SIZE_CANDIDATES
+    measured = {128: (0.60, 0.05), 160: (0.50, 0.04), 224: (0.47, 0.05)}
+    result = plan(config, listing, measured_sizes=measured, folder=folder)
     chosen = result.config
-    assert chosen.image_size == SMALL_SOURCE_SIZE and result.choices["image_size"].source == "auto"
-    assert "25 px" in result.choices["image_size"].why
+    # 160 px is within one standard error of 224 px's loss: the smaller input wins
+    assert chosen.image_size == 160 and result.choices["image_size"].source == "auto"
+    assert "25 px" in result.choices["image_size"].why and "224 px 0.470" in result.choices["image_size"].why
     n_train = len(listing.splits["train"])
     assert chosen.batch_size == 8 and chosen.unfreeze == -1
     assert chosen.epochs_finetune * math.ceil(n_train / chosen.batch_size) >= MIN_STAGE2_STEPS
-    assert chosen.class_weights == "none" and result.choices["selection"].value == "end_of_schedule"
+    assert chosen.class_weights == "none" and result.choices["selection"].value == "end_of_schedule_only"
     assert any("test split has" in note for note in result.warnings)
     stored = json.loads(json.dumps(result.to_json()))
-    assert stored["choices"]["image_size"]["value"] == SMALL_SOURCE_SIZE
+    assert stored["choices"]["image_size"]["value"] == 160
     assert stored["folder"]["source_size"]["median_short_side"] == 25
+    unmeasured = plan(config, listing)  # a sample that cannot be cross-validated: the backbone's own input
+    assert unmeasured.config.image_size == 224
+
+
+def test_input_size_is_measured_only_where_it_can_be(tmp_path: Path) -> None:
+    listing = _folder(tmp_path / "d", {"a": 12, "b": 12}, size=25)
+    folder = plan(FinetuneConfig(data=str(tmp_path / "d")), listing).folder
+    for config, any_size in ((FinetuneConfig(data="x", image_size=96), True), (FinetuneConfig(data="x"), False),
+                             (FinetuneConfig(data="x", weights="none"), True)):
+        assert size_candidates(config, folder, any_size) == ()
+    photos = _folder(tmp_path / "p", {"a": 3, "b": 3}, size=300)
+    assert size_candidates(FinetuneConfig(data="x"), plan(FinetuneConfig(data="x"), photos).folder, True) == ()
+    assert pick_size({128: (0.3, 0.01), 224: (0.5, 0.01)}) == 128
+    assert pick_size({128: (0.9, 0.01), 160: (0.6, 0.01), 224: (0.5, 0.2)}) == 160
+
+
+def test_the_size_search_sample_is_stratified_and_bounded(tmp_path: Path) -> None:
+    listing = _folder(tmp_path / "d", {"a": 120, "b": 9})
+    sample = search_sample(listing, seed=0)
+    labels = [label for _, label in sample.splits["train"]]
+    counts = listing.counts()["train"]
+    assert labels.count(0) == SEARCH_PER_CLASS and labels.count(1) == counts["b"]
+    assert set(sample.splits["train"]) <= set(listing.splits["train"])
+    assert sample.splits["val"] == [] and search_sample(listing, seed=0).splits == sample.splits
 
 
 def test_plan_keeps_flags_and_uses_the_backbone_input_for_photos(tmp_path: Path) -> None:
@@ -288,3 +341,32 @@ def _stage1_against_reference(tmp_path: Path, image_size: int) -> None:
         with torch.no_grad():
             best = max(best, float(((b @ weight + bias).argmax(1).numpy() == y_test).mean()))
     assert top1 >= best - 0.01, (top1, best)
+
+
+@pytest.mark.torch
+def test_finetune_measures_the_input_size_of_small_images(tmp_path: Path, shared_cache: Path) -> None:
+    """Tiny images and pretrained features (here a weights file): the run measures every candidate size on
+    a sample, keeps the one the rule picks, says so in the plan and stores the measurement."""
+    import os
+
+    import torch
+
+    from edgetl.backends.torch.models import build_model
+    from edgetl.finetune import run_finetune
+
+    os.environ["EDGETL_CACHE"] = str(shared_cache)
+    weights = tmp_path / "backbone.pth"
+    torch.manual_seed(0)
+    torch.save(build_model("mobilenet_v2", 0.35, num_classes=1000).state_dict(), weights)
+    _folder(tmp_path / "d", {"a": 10, "b": 10}, size=20)
+    config = FinetuneConfig(data=str(tmp_path / "d"), backbone="mobilenet_v2", width=0.35, weights=str(weights),
+                            epochs_finetune=0, seed=0)
+    manifest = json.loads((run_finetune(config, tmp_path / "run") / "manifest.json").read_text())
+    search = manifest["recipe"]["folder"]["size_search"]
+    measured = {int(size): tuple(pair) for size, pair in search["cv_log_loss"].items()}
+    assert sorted(measured) == list(SIZE_CANDIDATES)
+    assert search["sample_images"] == manifest["data"]["counts"]["train"]["a"] * 2  # fewer than the sample bound
+    chosen = pick_size(measured)
+    assert manifest["model"]["image_size"] == chosen == manifest["config"]["image_size"]
+    assert manifest["recipe"]["choices"]["image_size"]["source"] == "auto"
+    assert manifest["preprocess"]["resize"]["height"] == manifest["preprocess"]["resize"]["width"] == chosen

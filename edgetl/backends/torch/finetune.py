@@ -36,6 +36,8 @@ from edgetl.ui import console
 WEIGHTS_FILE = "model.pt"
 BN_ESTIMATE_IMAGES = 1024  # enough for stable per-channel means/variances; one pass, no gradients
 LIBRARIES = ("torch", "torchao", "executorch", "numpy", "pillow")
+# The backbones end in global pooling: one model computes features at any input size (the recipe measures sizes).
+FEATURES_AT_ANY_SIZE = True
 
 
 def preprocess_spec(config: FinetuneConfig) -> dict:
