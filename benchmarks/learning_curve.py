@@ -271,6 +271,7 @@ def plot(results: dict, out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
 
     grouped = _grouped(results)
     names = sorted(grouped)
@@ -299,13 +300,21 @@ def plot(results: dict, out: Path) -> None:
         if chance:
             ax.axhline(chance, color="grey", linewidth=0.8, linestyle=":", label="chance")
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(FixedLocator([2, 5, 10, 25, 50, 100, 300, 1000]))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(folder)
         ax.set_xlabel("training images per class (mean over classes)")
         ax.set_ylabel("test top-1 (%)")
         ax.grid(True, which="both", alpha=0.3)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
+    legend: dict = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    order = [LABELS[c] for c in COLUMNS if LABELS[c] in legend] + [k for k in legend if k not in LABELS.values()]
+    handles, labels = [legend[k] for k in order], order
     figure.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), frameon=False)
     figure.tight_layout(rect=(0, 0.06, 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -327,7 +336,7 @@ def main() -> None:
     run.add_argument("--pixel-size", type=int, default=32, help="lr-pixels resize")
     run.add_argument("--scratch-steps", type=int, default=150)
     run.add_argument("--scratch-max-per-class", type=int, default=0, help="run scratch only up to this size (0: all)")
-    run.add_argument("--threads", type=int, default=2, help="torch threads here and OMP_NUM_THREADS for edgetl")
+    run.add_argument("--threads", type=int, default=1, help="torch threads here and OMP_NUM_THREADS for edgetl")
     run.add_argument("--timeout", type=float, default=None, help="seconds an edgetl run may take")
     run.add_argument("--work", type=Path, default=folders.default_cache().parent / "learning-curve",
                      help="subsets and edgetl run folders (default: %(default)s)")
