@@ -34,6 +34,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -48,12 +49,14 @@ import numpy as np
 from PIL import Image
 
 import edgetl.datasets
+from edgetl.data import load_rgb
 from edgetl.paths import atomic_dir, cache_dir
 
-FORMAT = 2  # bump when the way folders are drawn changes; older folders are then rebuilt
+FORMAT = 5  # bump when the way folders are drawn changes; older folders are then rebuilt
 BUILD_SEED = 20261201
 SUBSET_SALT = 7919  # keeps subset draws independent of the build draws that share a seed value
 SIZES = (5, 10, 25, 50, 100, 300)
+MIN_TEST = 8  # a class with fewer test images than this is an error at build time
 
 PACKAGES = {  # binary package -> a path inside it that the folders read
     "dataset-fashion-mnist": "usr/share/datasets/fashion-mnist",
@@ -156,10 +159,16 @@ class Candidate:
     """One image that may go into a folder: its class, its group, its file name and how to write it."""
 
     label: str
-    group: str
+    group: str  # never split between train and test
     name: str
     origin: str
     write: Callable[[Path], None]
+    subgroup: str = ""  # one picture's variants inside a group (a unit of an advancement line); default: group
+    source: Path | None = None  # the file it copies, for the near-copy check
+
+    @property
+    def picture(self) -> str:
+        return self.subgroup or self.group
 
 
 @dataclass
@@ -185,7 +194,9 @@ class FolderSpec:
     why: str
     icon_size: int = 0
     frames_per_unit: int = 0
-    test_per_group: int = 0  # at most this many test images from one group (0: no cap), so more groups test
+    test_per_group: int = 0  # at most this many test images of one picture (0: no cap), so more pictures test
+    test_group_share: float = 0.4  # at most this share of a class's groups (at least one) goes to test
+    shared_groups: bool = False  # groups span classes (decks): choose the test groups once for all classes
     minority: tuple[str, float] | None = None  # (class, fraction of the others' images it gets)
     draw_as: str | None = None  # reuse another folder's draws (same test set, same pool order)
 
@@ -216,14 +227,16 @@ FOLDERS: dict[str, FolderSpec] = {spec.name: spec for spec in (
                "Five icon categories at 32 px, the largest ones with enough distinct icons (devices has "
                "57); the test set is small, so read its intervals.", icon_size=32, test_per_group=2),
     FolderSpec("sprites-5", "wesnoth-1.16-data", ("drakes", "dwarves", "elves-wood", "human-loyalists", "undead"),
-               24, 300, "Battle for Wesnoth unit sprites (72 px), five factions that look different; split "
-               "by unit (6 test units per class, 4 frames each).", frames_per_unit=8, test_per_group=4),
-    FolderSpec("sprites-10", "wesnoth-1.16-data", SPRITES_10, 24, 300,
-               "Ten factions, some close (loyalists and outlaws are both human); split by unit (6 test units "
-               "per class, 4 frames each).", frames_per_unit=8, test_per_group=4),
+               32, 300, "Battle for Wesnoth unit sprites (72 px), five factions that look different; split "
+               "by advancement line (a unit and the units it becomes are redrawn from one picture).",
+               frames_per_unit=8),
+    FolderSpec("sprites-10", "wesnoth-1.16-data", SPRITES_10, 32, 300,
+               "Ten factions, some close (loyalists and outlaws are both human); split by advancement line. "
+               "Some factions have only three lines: one of them tests.", frames_per_unit=8),
     FolderSpec("cards-4", "kdegames-card-data-kf5", SUITS, 52, 300,
-               "Playing cards of many deck designs, classes are suits; split by deck design, so the test "
-               "decks are styles never seen in training."),
+               "Playing cards of many deck designs, classes are suits; split by deck design (the same test "
+               "decks for every suit), so the test decks are styles never seen in training.",
+               shared_groups=True),
 )}
 
 
@@ -231,8 +244,10 @@ def _rng(*keys: str | int) -> np.random.Generator:
     return np.random.default_rng([BUILD_SEED, *(k if isinstance(k, int) else zlib.crc32(k.encode()) for k in keys)])
 
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _pixel_digest(path: Path) -> str:
+    """Hash of the pixels a model sees (edgetl's decoding: alpha on white), so re-encoded copies match."""
+    image = load_rgb(path)
+    return hashlib.sha256(repr(image.size).encode() + image.tobytes()).hexdigest()
 
 
 def _copy_to(src: Path) -> Callable[[Path], None]:
@@ -278,26 +293,65 @@ def _leave_out(excluded: list[dict[str, str]], item: str, reason: str, detail: s
 
 
 def _unique_files(files: dict[str, list[Path]], excluded: list[dict], base: Path) -> dict[str, list[Path]]:
-    """Drop exact duplicates: within a class keep the first by name; bytes in two classes leave both."""
+    """Drop exact copies (same decoded pixels): within a class keep the first by name; an image in two
+    classes leaves both (its label is ambiguous)."""
+    digests = {path: _pixel_digest(path) for paths in files.values() for path in paths}
     owners: dict[str, set[str]] = {}
     for label, paths in files.items():
         for path in paths:
-            owners.setdefault(_sha(path), set()).add(label)
+            owners.setdefault(digests[path], set()).add(label)
     kept: dict[str, list[Path]] = {}
     for label, paths in files.items():
         seen: set[str] = set()
         kept[label] = []
         for path in sorted(paths):
-            digest = _sha(path)
+            digest = digests[path]
             rel = path.relative_to(base).as_posix()
             if len(owners[digest]) > 1:
-                _leave_out(excluded, rel, "the same bytes in two classes", ", ".join(sorted(owners[digest])))
+                _leave_out(excluded, rel, "the same pixels in two classes", ", ".join(sorted(owners[digest])))
             elif digest in seen:
-                _leave_out(excluded, rel, "a byte-identical copy of another file of its class")
+                _leave_out(excluded, rel, "a pixel-identical copy of another image of its class")
             else:
                 seen.add(digest)
                 kept[label].append(path)
     return kept
+
+
+NEAR_COPY = 0.01  # mean absolute pixel difference (0..1) below which two images of a class are one picture
+
+
+def merge_near_copies(candidates: list[Candidate]) -> int:
+    """Put images of one class that are near-copies (recoloured or re-exported variants under another
+    name) into one group, so none can be in train with its twin in test; returns how many merges.
+    Compares what a model sees (edgetl's decoding); images of different sizes are never near-copies."""
+    parent: dict[str, str] = {}
+
+    def find(group: str) -> str:
+        while parent.setdefault(group, group) != group:
+            group = parent[group]
+        return group
+
+    merges = 0
+    for label in sorted({c.label for c in candidates}):
+        members = [c for c in candidates if c.label == label and c.source is not None]
+        by_size: dict[tuple[int, int], list[Candidate]] = {}
+        pixels = {}
+        for c in members:
+            image = load_rgb(c.source)
+            by_size.setdefault(image.size, []).append(c)
+            pixels[c.name] = np.asarray(image, np.float32).ravel() / 255.0
+        for group in by_size.values():
+            stack = np.stack([pixels[c.name] for c in group])
+            for i in range(len(group)):
+                close = np.flatnonzero(np.abs(stack[i + 1 :] - stack[i]).mean(axis=1) < NEAR_COPY) + i + 1
+                for j in close.tolist():
+                    a, b = find(f"{label}|{group[i].group}"), find(f"{label}|{group[j].group}")
+                    if a != b:
+                        parent[max(a, b)] = min(a, b)
+                        merges += 1
+    for c in candidates:
+        c.group = find(f"{c.label}|{c.group}").split("|", 1)[1]
+    return merges
 
 
 def _images_of_size(paths: list[Path], size: tuple[int, int], excluded: list[dict], base: Path) -> list[Path]:
@@ -340,8 +394,10 @@ def collect_icons(spec: FolderSpec, source: Source) -> Collected:
         files[label] = _images_of_size(pngs, (spec.icon_size, spec.icon_size), excluded, base)
     files = _unique_files(files, excluded, base)
     candidates = [Candidate(label, icon_family(p.stem, label), p.name, p.relative_to(source.root).as_posix(),
-                            _copy_to(p)) for label, paths in files.items() for p in paths]
-    return Collected({"all": candidates}, f"{spec.icon_size}×{spec.icon_size} RGBA", excluded)
+                            _copy_to(p), source=p) for label, paths in files.items() for p in paths]
+    merged = merge_near_copies(candidates)
+    return Collected({"all": candidates}, f"{spec.icon_size}×{spec.icon_size} RGBA", excluded,
+                     extra={"near_copy_merges": merged})
 
 
 def sprite_unit(rel: Path) -> str:
@@ -363,8 +419,59 @@ def _has_a_figure(path: Path, excluded: list[dict], base: Path) -> bool:
     return opaque >= MIN_OPAQUE
 
 
+def wesnoth_lines(core: Path) -> dict[str, str]:
+    """'faction|unit' -> the advancement line it belongs to, from the game's own unit files.
+
+    A unit's level-2 and level-3 successors are redrawn from its picture (the Drake Thrasher is the Slasher
+    with other arms; the Ulfserker is the Berserker's son), so splitting by unit alone puts near-copies on
+    both sides. Every `units/**/*.cfg` joins the unit ids it defines, the ids it `advances_to` and the
+    sprites its animations name; sprites in one faction sub-folder (dunefolk/soldier/…) join too.
+    """
+    parent: dict[str, str] = {}
+
+    def find(node: str) -> str:
+        while parent.setdefault(node, node) != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    def union(a: str, b: str) -> None:
+        parent[find(a)] = find(b)
+
+    for cfg in sorted((core / "units").rglob("*.cfg")):
+        text = cfg.read_text(errors="replace")
+        nodes = ["id:" + m.strip() for m in re.findall(r"^\s*id\s*=\s*(.+?)\s*$", text, re.M)]
+        for targets in re.findall(r"^\s*advances_to\s*=\s*(.+?)\s*$", text, re.M):
+            nodes += ["id:" + t.strip() for t in targets.split(",") if t.strip() not in ("", "null")]
+        for path in re.findall(r"units/([A-Za-z0-9_+\-/]+?)\.png", text.replace("[", "").replace("]", "")):
+            faction, _, rel = path.partition("/")
+            if rel:
+                nodes.append(f"img:{faction}|{sprite_unit(Path(rel + '.png'))}")
+        for node in nodes[1:]:
+            union(nodes[0], node)
+    images = core / "images" / "units"
+    lines = {}
+    for faction in sorted(p for p in images.iterdir() if p.is_dir()):
+        for png in sorted(faction.rglob("*.png")):
+            unit = sprite_unit(png.relative_to(faction))
+            node = f"img:{faction.name}|{unit}"
+            find(node)
+            if "/" in unit:
+                union(node, f"dir:{faction.name}|{unit.split('/')[0]}")
+    members: dict[str, list[str]] = {}
+    for node in parent:
+        if node.startswith("img:"):
+            members.setdefault(find(node), []).append(node[4:])
+    for nodes in members.values():
+        name = min(nodes)  # a stable name: the alphabetically first sprite of the line
+        for node in nodes:
+            lines[node] = "line:" + name.split("|", 1)[1]
+    return lines
+
+
 def collect_sprites(spec: FolderSpec, source: Source) -> Collected:
-    """72×72 unit sprites per faction; at most `frames_per_unit` frames (seeded) of each unit."""
+    """72×72 unit sprites per faction; at most `frames_per_unit` frames (seeded) of each unit; a unit's whole
+    advancement line is one group (never split), each unit a picture inside it."""
     base = source.root / PACKAGES[source.package]
     excluded: list[dict] = []
     files = {}
@@ -372,13 +479,16 @@ def collect_sprites(spec: FolderSpec, source: Source) -> Collected:
         pngs = sorted(p for p in (base / label).rglob("*.png") if p.is_file() and not p.is_symlink())
         files[label] = [p for p in _images_of_size(pngs, (72, 72), excluded, base) if _has_a_figure(p, excluded, base)]
     files = _unique_files(files, excluded, base)
+    lines = wesnoth_lines(base.parents[1])
     candidates = []
     units_per_class = {}
+    lines_per_class = {}
     for label, paths in files.items():
         units: dict[str, list[Path]] = {}
         for path in paths:
             units.setdefault(sprite_unit(path.relative_to(base / label)), []).append(path)
         units_per_class[label] = len(units)
+        lines_per_class[label] = len({lines.get(f"{label}|{unit}", unit) for unit in units})
         for unit, frames in sorted(units.items()):
             rng = _rng(spec.draw_as or spec.name, label, unit)
             keep = sorted(rng.choice(len(frames), min(len(frames), spec.frames_per_unit), replace=False).tolist())
@@ -388,10 +498,14 @@ def collect_sprites(spec: FolderSpec, source: Source) -> Collected:
                            f"{dropped} of {len(frames)}")
             for i in keep:
                 rel = frames[i].relative_to(base / label)
-                candidates.append(Candidate(label, unit, rel.as_posix().replace("/", "__"),
-                                            frames[i].relative_to(source.root).as_posix(), _copy_to(frames[i])))
+                line = lines.get(f"{label}|{unit}", unit)
+                candidates.append(Candidate(label, line, rel.as_posix().replace("/", "__"),
+                                            frames[i].relative_to(source.root).as_posix(), _copy_to(frames[i]),
+                                            subgroup=unit, source=frames[i]))
+    merged = merge_near_copies(candidates)
     return Collected({"all": candidates}, "72×72 RGBA / palette with transparency", excluded,
-                     extra={"units_per_class": units_per_class})
+                     extra={"units_per_class": units_per_class, "lines_per_class": lines_per_class,
+                            "near_copy_merges": merged})
 
 
 CARD_RANKS = ("1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "jack", "queen", "king")
@@ -485,10 +599,11 @@ COLLECTORS = {"dataset-fashion-mnist": collect_fashion, "oxygen-icon-theme": col
 
 
 def round_robin(items: list[dict], rng: np.random.Generator) -> list[dict]:
-    """Groups in a seeded order, items of each group shuffled; then one item of each group per round."""
+    """Pictures (sub-groups, else groups) in a seeded order, items of each shuffled; then one item of each
+    per round, so N images are N different pictures where the pool has them."""
     groups: dict[str, list[dict]] = {}
     for item in items:
-        groups.setdefault(item["group"], []).append(item)
+        groups.setdefault(item.get("subgroup") or item["group"], []).append(item)
     names = sorted(groups)
     queues = []
     for g in rng.permutation(len(names)).tolist():
@@ -500,10 +615,41 @@ def round_robin(items: list[dict], rng: np.random.Generator) -> list[dict]:
     return order
 
 
+def _cap_per_picture(items: list[Candidate], cap: int, rng: np.random.Generator) -> list[Candidate]:
+    """At most `cap` (seeded) images of each picture, in name order; all of them when cap is 0."""
+    if not cap:
+        return items
+    pictures: dict[str, list[Candidate]] = {}
+    for item in items:
+        pictures.setdefault(item.picture, []).append(item)
+    kept = []
+    for name in sorted(pictures):
+        members = pictures[name]
+        kept += [members[i] for i in sorted(rng.permutation(len(members))[:cap].tolist())]
+    return kept
+
+
+def _shared_test_groups(candidates: list[Candidate], spec: FolderSpec) -> set[str]:
+    """For folders whose groups span classes (a deck holds every suit): one seeded set of test groups
+    for all classes, so a deck's clubs are never in test while its spades train."""
+    names = sorted({c.group for c in candidates})
+    most = max(1, int(len(names) * spec.test_group_share))
+    chosen: set[str] = set()
+    for g in _rng(spec.draw_as or spec.name, "test", "shared").permutation(len(names)).tolist():
+        counts = [sum(1 for c in candidates if c.label == label and c.group in chosen) for label in spec.classes]
+        if min(counts) >= spec.test_per_class or len(chosen) >= most:
+            break
+        chosen.add(names[g])
+    return chosen
+
+
 def split_by_group(candidates: list[Candidate], spec: FolderSpec) -> tuple[list[Candidate], list[Candidate], int]:
-    """Whole groups to the test set (seeded order) until it holds `test_per_class`; returns (train, test,
-    images dropped: a test group's frames over `test_per_group`, or the last test group's overshoot; the
-    dropped images go to neither side, so no group is split)."""
+    """Whole groups to the test set (seeded order) until it holds `test_per_class` images or
+    `test_group_share` of the class's groups (so a class of few large groups keeps most for training and
+    tests on fewer images); with `shared_groups` one set of test groups serves every class. Returns
+    (train, test, images dropped: a test picture's images over `test_per_group` (seeded pick), or the last
+    test group's overshoot; the dropped images go to neither side, so no group is split)."""
+    shared = _shared_test_groups(candidates, spec) if spec.shared_groups else None
     train: list[Candidate] = []
     test: list[Candidate] = []
     dropped = 0
@@ -511,20 +657,25 @@ def split_by_group(candidates: list[Candidate], spec: FolderSpec) -> tuple[list[
         members = [c for c in candidates if c.label == label]
         groups = sorted({c.group for c in members})
         picked: list[Candidate] = []
-        for g in _rng(spec.draw_as or spec.name, "test", label).permutation(len(groups)).tolist():
+        most = max(1, int(len(groups) * spec.test_group_share))
+        taken = 0
+        order = _rng(spec.draw_as or spec.name, "test", label).permutation(len(groups)).tolist()
+        for g in order:
             items = sorted((c for c in members if c.group == groups[g]), key=lambda c: c.name)
-            if len(picked) < spec.test_per_class:
-                keep = len(items) if not spec.test_per_group else min(len(items), spec.test_per_group)
-                picked += items[:keep]
-                dropped += len(items) - keep
+            to_test = groups[g] in shared if shared is not None else len(picked) < spec.test_per_class and taken < most
+            if to_test:
+                taken += 1
+                kept = _cap_per_picture(items, spec.test_per_group, _rng(spec.draw_as or spec.name, "cap", groups[g]))
+                picked += kept
+                dropped += len(items) - len(kept)
             else:
                 train += items
         dropped += max(0, len(picked) - spec.test_per_class)
         test += picked[: spec.test_per_class]
         left = sum(1 for c in train if c.label == label)
-        if len(picked) < spec.test_per_class or left < 5:
+        if min(len(picked), spec.test_per_class) < MIN_TEST or left < 5:
             sys.exit(f"{spec.name}: class {label!r} has {len(members)} images in {len(groups)} groups; not enough "
-                     f"for {spec.test_per_class} test images and 5 training images")
+                     f"for {MIN_TEST} test images and 5 training images")
     return train, test, dropped
 
 
@@ -557,7 +708,8 @@ def make_subset(folder: Path, per_class: int, seed: int, out: Path) -> dict:
     links (copies across file systems); returns what it holds. An existing identical subset is reused."""
     meta = read_meta(folder)
     chosen = subset_files(meta, per_class, seed)
-    info = {"folder": meta["name"], "folder_key": meta["build_key"], "per_class_requested": per_class, "seed": seed,
+    info = {"folder": meta["name"], "folder_key": meta["build_key"], "folder_content": meta["content_key"],
+            "per_class_requested": per_class, "seed": seed,
             "train_per_class": {label: len(files) for label, files in chosen.items()},
             "test_per_class": {label: len(files) for label, files in meta["test"].items()},
             "train_files": chosen}
@@ -576,6 +728,14 @@ def make_subset(folder: Path, per_class: int, seed: int, out: Path) -> dict:
 
 
 # ---------------------------------------------------------------- building
+
+
+def content_key(root: Path) -> str:
+    """sha256 over every train/ and test/ file (relative path and bytes): what a result was measured on."""
+    digest = hashlib.sha256()
+    for path in sorted(p for split in ("train", "test") for p in (Path(root) / split).rglob("*") if p.is_file()):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:16]
 
 
 def read_meta(folder: Path) -> dict:
@@ -603,7 +763,8 @@ def build_folder(spec: FolderSpec, cache: Path, source_root: Path | None, force:
                   "train": {}, "test": {}, "minority": {}}
     with atomic_dir(target) as tmp:
         for label in spec.classes:
-            pool = [{"file": f"train/{label}/{c.name}", "group": c.group, "origin": c.origin, "write": c.write}
+            pool = [{"file": f"train/{label}/{c.name}", "group": c.group, "subgroup": c.picture, "origin": c.origin,
+                     "write": c.write}
                     for c in train if c.label == label]
             pool = round_robin(pool, _rng(spec.draw_as or spec.name, "pool", label))[: spec.train_cap]
             if spec.minority and spec.minority[0] == label:
@@ -620,12 +781,15 @@ def build_folder(spec: FolderSpec, cache: Path, source_root: Path | None, force:
             meta["test"][label] = sorted(f"test/{label}/{c.name}" for c in tests)
         groups = {label: len({item["group"] for item in meta["train"][label]}) for label in spec.classes}
         test_groups = {label: len({c.group for c in test if c.label == label}) for label in spec.classes}
+        pictures = {"train": {k: len({item["subgroup"] for item in meta["train"][k]}) for k in spec.classes},
+                    "test": {k: len({c.picture for c in test if c.label == k}) for k in spec.classes}}
         meta.update({
             "why": spec.why,
             "source_size": collected.source_size,
             "available": {"train": {k: len(v) for k, v in meta["train"].items()},
                           "test": {k: len(v) for k, v in meta["test"].items()}},
             "groups": {"train": groups, "test": test_groups},
+            "pictures": pictures,
             "source": {"package": source.package, "version": source.version, "origin": source.origin,
                        "licence": collected.licence or source.licence(), "path": PACKAGES[source.package]},
             "draw": {"build_seed": BUILD_SEED, "test_per_class": spec.test_per_class, "train_cap": spec.train_cap,
@@ -635,6 +799,7 @@ def build_folder(spec: FolderSpec, cache: Path, source_root: Path | None, force:
             "excluded": collected.excluded,
             **collected.extra,
         })
+        meta["content_key"] = content_key(tmp)
         if source.copyright.is_file():
             shutil.copyfile(source.copyright, tmp / "COPYRIGHT")
         (tmp / "folder.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
@@ -655,9 +820,10 @@ def provenance(meta: dict) -> str:
         + (" (cards: rendered from SVG, see below)." if "renderer" in meta else "."),
         f"- Classes: {', '.join(meta['classes'])}.",
         f"- Test: a fixed set of up to {draw['test_per_class']} images per class, disjoint from train/; whole groups "
-        "(near-copies: icon variants, one unit's frames, one deck design) are on one side only.",
+        "(near-copies: icon variants, a unit's advancement line, one deck design) are on one side only"
+        + (f", at most {draw['test_per_group']} test images of one picture." if draw.get("test_per_group") else "."),
         f"- Train: a pool of up to {draw['train_cap']} images per class; `benchmarks/folders.py subset` draws "
-        "nested, seeded N-per-class subsets from it, groups round-robin.",
+        "nested, seeded N-per-class subsets from it, pictures (an icon, a unit, a card) round-robin.",
         f"- Drawn with seed {draw['build_seed']} (folder format {meta['format']}); rebuilding gives the same files.",
     ]
     if meta["minority"]:
@@ -670,10 +836,11 @@ def provenance(meta: dict) -> str:
     if "renderer" in meta:
         lines.append(f"- Rendered with {meta['renderer']} (`--export-id`), cropped to the card, resized to "
                      f"{CARD_HEIGHT} px high. Decks: {', '.join(meta['decks'])}.")
-    lines += ["", "| class | train images (groups) | test images (groups) |", "|---|---:|---:|"]
+    lines += ["", "| class | train images (groups / pictures) | test images (groups / pictures) |", "|---|---:|---:|"]
     for label in meta["classes"]:
-        lines.append(f"| {label} | {meta['available']['train'][label]} ({meta['groups']['train'][label]}) | "
-                     f"{meta['available']['test'][label]} ({meta['groups']['test'][label]}) |")
+        cells = [f"{meta['available'][side][label]} ({meta['groups'][side][label]} / {meta['pictures'][side][label]})"
+                 for side in ("train", "test")]
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
     reasons: dict[str, list[dict]] = {}
     for entry in meta["excluded"]:
         reasons.setdefault(entry["reason"], []).append(entry)

@@ -22,7 +22,8 @@ its figures follow edgetl's defaults as they change (the resolved config of each
 `builtin:fashion-mnist-mini` is accepted as a folder (its own train/ and test/, "all" images only).
 
 Results accumulate in one JSON file (default benchmarks/results/learning-curve.json); a run whose key
-(folder, size, seed, column, conditions) is already there is skipped, so an interrupted run resumes.
+(folder, size, seed, column, conditions) is already there, measured on the folder's current files (a
+content hash), is skipped, so an interrupted run resumes and a rebuilt folder is measured again.
 """
 
 from __future__ import annotations
@@ -123,13 +124,23 @@ def run_edgetl(data: str, run_dir: Path, flags: list[str], threads: int, timeout
             "edgetl": edgetl_source()}
 
 
+def folder_content(folder: str, args: argparse.Namespace) -> str:
+    """The content key of the folder as it is now (built first if needed)."""
+    if folder == BUILTIN:
+        from edgetl.datasets import resolve_builtin
+
+        return folders.content_key(resolve_builtin(BUILTIN))
+    return folders.read_meta(folders.build_folder(folders.FOLDERS[folder], args.cache, args.source_root))["content_key"]
+
+
 def prepare(folder: str, per_class: int, seed: int, args: argparse.Namespace) -> tuple[str, Path, dict]:
     """(--data value for edgetl, subset folder, what the subset holds)."""
     if folder == BUILTIN:
         from edgetl.datasets import resolve_builtin
 
         root = resolve_builtin(BUILTIN)
-        return BUILTIN, root, {"folder": BUILTIN, "note": "the built-in's own train/ and test/ trees"}
+        return BUILTIN, root, {"folder": BUILTIN, "folder_content": folders.content_key(root),
+                               "note": "the built-in's own train/ and test/ trees"}
     source = folders.build_folder(folders.FOLDERS[folder], args.cache, args.source_root)
     size = "all" if per_class >= ALL else str(per_class)
     subset = args.work / "subsets" / f"{folder}-n{size}-s{seed}"
@@ -180,8 +191,12 @@ def command_run(args: argparse.Namespace) -> None:
                         continue
                     cond = conditions(column, args)
                     plan.append((folder, per_class, seed, column, cond, run_key(folder, per_class, seed, column, cond)))
-    todo = [p for p in plan if p[5] not in results["runs"]]
-    console.print(f"{len(plan)} runs planned, {len(plan) - len(todo)} already in {args.results}, {len(todo)} to do")
+    current = {folder: folder_content(folder, args) for folder in args.folders}
+    todo = [p for p in plan
+            if results["runs"].get(p[5], {}).get("subset", {}).get("folder_content") != current[p[0]]]
+    stale = sum(1 for p in todo if p[5] in results["runs"])
+    console.print(f"{len(plan)} runs planned, {len(plan) - len(todo)} already in {args.results}, {len(todo)} to do"
+                  + (f" ({stale} measured on an earlier build of their folder)" if stale else ""))
     for number, (folder, per_class, seed, column, cond, key) in enumerate(todo, 1):
         data, subset, info = prepare(folder, per_class, seed, args)
         console.print(f"[{number}/{len(todo)}] {key}")
