@@ -23,6 +23,11 @@ MAX_ITER = 2000  # L-BFGS iterations; a standardised probe converges in a few hu
 CV_TOL, FINAL_TOL = 1e-4, 1e-6  # the search needs the ranking of the strengths; the kept head, convergence
 MAX_FOLDS = 5  # 3 once there are 1000 training images: the fold means are tight by then
 CV_IMAGES = 6000  # cross-validation on at most this many training images (the final fit uses them all)
+# The smallest scale a feature gets, as a fraction of the root-mean-square spread of all features. Measured
+# 2026-12-01 on Fashion-MNIST-mini features at 128 px (EfficientNet-Lite0): test top-1 86.3% with plain
+# standardisation and 86.2% with this floor, while the largest head weight over the mean one fell from
+# 259 to 11 (a fifth of the int8 rounding step per weight it had).
+STD_FLOOR = 0.3
 
 
 @dataclass
@@ -88,8 +93,11 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, seed: 
     features = np.asarray(features, np.float64)
     labels = np.asarray(labels, np.int64)
     centre = features.mean(0)
-    std = features.std(0)
-    std[std < 1e-8] = 1.0
+    spread = features.std(0)
+    # Each feature is scaled by its own spread, but never by less than STD_FLOOR of the typical one: a
+    # nearly constant channel would otherwise get a weight hundreds of times the others in the folded
+    # head, and int8's per-row weight scale would round every other weight of that row to a few levels.
+    std = np.maximum(spread, STD_FLOOR * max(float(np.sqrt((spread**2).mean())), 1e-8))
     x = (features - centre) / std
     weights = class_weights(labels, num_classes, balance) if balance else None
     grid = [c / len(labels) for c in C_GRID_PER_IMAGE]

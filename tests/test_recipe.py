@@ -13,7 +13,7 @@ from PIL import Image
 
 from edgetl.config import FinetuneConfig
 from edgetl.data import DatasetListing, scan_folder
-from edgetl.probe import fit_probe
+from edgetl.probe import STD_FLOOR, fit_probe
 from edgetl.recipe import (
     IMBALANCE_RATIO,
     MIN_STAGE2_STEPS,
@@ -50,33 +50,50 @@ def _blobs(n_per_class: int, classes: int, dim: int = 20, seed: int = 0, spread:
     return x.astype(np.float32) * rng.uniform(0.1, 10, dim).astype(np.float32), y
 
 
+def _standardised(x: np.ndarray) -> np.ndarray:
+    """The probe's documented scaling: centred, each feature divided by its spread, floored at STD_FLOOR of
+    the root-mean-square spread."""
+    x64 = x.astype(np.float64)
+    spread = x64.std(0)
+    return (x64 - x64.mean(0)) / np.maximum(spread, STD_FLOOR * np.sqrt((spread**2).mean()))
+
+
 def test_probe_folds_standardisation_into_the_head_and_matches_sklearn() -> None:
     from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
 
     x, y = _blobs(30, 4, spread=3.0)
     head = fit_probe(x, y, 4, seed=0)
     assert head.record["converged"] and head.record["folds"] == 5
-    scaler = StandardScaler().fit(x.astype(np.float64))
-    reference = LogisticRegression(C=head.record["C"], tol=1e-8, max_iter=5000).fit(scaler.transform(x), y)
+    assert (x.std(0) < STD_FLOOR * np.sqrt((x.std(0) ** 2).mean())).any()  # scales span 100x: some are floored
+    standard = _standardised(x)
+    reference = LogisticRegression(C=head.record["C"], tol=1e-8, max_iter=5000).fit(standard, y)
     logits = head.logits(x.astype(np.float64))
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
-    np.testing.assert_allclose(probs, reference.predict_proba(scaler.transform(x)), atol=2e-3)
+    np.testing.assert_allclose(probs, reference.predict_proba(standard), atol=2e-3)
+
+
+def test_a_nearly_constant_feature_does_not_dominate_the_head() -> None:
+    """A channel that barely moves but follows the label would get a weight hundreds of times the others
+    under plain standardisation; int8's per-row scale would then round the rest of the row away."""
+    x, y = _blobs(40, 3, spread=3.0)
+    x = x / x.std(0)  # every feature on one scale ...
+    x[:, 0] = 1e-3 * (y == 1) + 1e-4 * np.random.default_rng(1).normal(size=len(y))  # ... but this one
+    weight = np.abs(fit_probe(x, y, 3, seed=0).weight)
+    assert weight.max() / weight.mean() < 1 / STD_FLOOR * 10
 
 
 def test_probe_two_classes_gives_a_softmax_head_equal_to_the_sigmoid() -> None:
     from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
 
     x, y = _blobs(25, 2, spread=4.0, seed=3)
     head = fit_probe(x, y, 2)
     assert head.weight.shape == (2, x.shape[1])
-    scaler = StandardScaler().fit(x.astype(np.float64))
-    reference = LogisticRegression(C=head.record["C"], tol=1e-8, max_iter=5000).fit(scaler.transform(x), y)
+    standard = _standardised(x)
+    reference = LogisticRegression(C=head.record["C"], tol=1e-8, max_iter=5000).fit(standard, y)
     logits = head.logits(x.astype(np.float64))
     p1 = 1 / (1 + np.exp(logits[:, 0] - logits[:, 1]))
-    np.testing.assert_allclose(p1, reference.predict_proba(scaler.transform(x))[:, 1], atol=2e-3)
+    np.testing.assert_allclose(p1, reference.predict_proba(standard)[:, 1], atol=2e-3)
 
 
 def test_probe_choice_of_penalty_uses_the_training_data_only() -> None:
