@@ -31,7 +31,7 @@ from edgetl.manifest import (
 )
 from edgetl.paths import atomic_dir, claim_output, ensure_writable_dir
 from edgetl.probe import fit_probe
-from edgetl.recipe import Plan, describe_folder, search_sample, size_candidates
+from edgetl.recipe import Plan, describe_folder, fold_small_validation, search_sample, size_candidates
 from edgetl.recipe import plan as plan_recipe
 from edgetl.selection import Selector
 from edgetl.stats import wilson_interval
@@ -214,8 +214,11 @@ def run_finetune(config: FinetuneConfig, run_dir: Path | None = None) -> Path:
 
 
 def _listing_and_folder(config: FinetuneConfig) -> tuple[DatasetListing, dict]:
-    listing = load_listing(config)
-    return listing, describe_folder(listing, config.seed)
+    listing, folded = fold_small_validation(load_listing(config))
+    folder = describe_folder(listing, config.seed)
+    if folded:
+        folder["validation_folded"] = folded
+    return listing, folder
 
 
 def measure_sizes(backend, config: FinetuneConfig, listing: DatasetListing, sizes: tuple[int, ...], initial,
@@ -250,9 +253,9 @@ def split_metrics(confusion: list[list[int]], classes: list[str]) -> dict:
                  for i, name in enumerate(classes)}
     present = [v for v in per_class.values() if v is not None]
     low, high = wilson_interval(correct, total)
-    return {
-        "top1": round(correct / max(1, total), 5),
-        "top1_ci95": [round(low, 5), round(high, 5)],
+    return {  # an empty split (validation put back into train) has no top-1 to state
+        "top1": round(correct / total, 5) if total else None,
+        "top1_ci95": [round(low, 5), round(high, 5)] if total else None,
         "images": int(total),
         "balanced_top1": round(sum(present) / len(present), 5) if present else None,
         "per_class_top1": per_class,
@@ -316,6 +319,9 @@ def _print_summary(manifest: dict, checkpoint: Path) -> None:
     for column in ("split", "images", "top-1", "95% interval", "balanced top-1"):
         table.add_column(column, justify="right" if column != "split" else "left")
     for split, figures in manifest["metrics"].items():
+        if not figures["images"]:
+            table.add_row(split, "0", "—", "—", "—")
+            continue
         low, high = figures["top1_ci95"]
         balanced = figures["balanced_top1"]
         table.add_row(split, str(figures["images"]), f"{100 * figures['top1']:.1f}%",

@@ -100,6 +100,25 @@ def describe_folder(listing: DatasetListing, seed: int = 0) -> dict:
     }
 
 
+def fold_small_validation(listing: DatasetListing) -> tuple[DatasetListing, dict | None]:
+    """A validation split edgetl carved that is too small to rank models goes back into training.
+
+    Below SMALL_VALIDATION images the selection rule never looks at validation (the end of the schedule
+    is kept), so the images would only be lost to training: at five images a class the carved split is a
+    fifth of the data. A validation folder the user gave is always kept as it is.
+    """
+    val = listing.splits["val"]
+    # scan_folder's split_origin: "folders" (val/ given), "folders; val carved ..." or "stratified, seed N"
+    carved = "val carved" in listing.split_origin or not listing.split_origin.startswith("folders")
+    if not carved or not val or len(val) >= SMALL_VALIDATION:
+        return listing, None
+    train = sorted(listing.splits["train"] + val, key=lambda record: (record[1], record[0]))
+    folded = replace(listing, splits={**listing.splits, "train": train, "val": []},
+                     split_origin=f"{listing.split_origin}; the {len(val)} carved validation images were put back "
+                                  f"into train (fewer than {SMALL_VALIDATION} cannot rank models)")
+    return folded, {"folded_images": len(val), "threshold": SMALL_VALIDATION}
+
+
 def size_candidates(config: FinetuneConfig, folder: dict, any_size_features: bool) -> tuple[int, ...]:
     """The input sizes worth measuring for this run; empty when there is nothing to measure.
 
@@ -199,6 +218,11 @@ def plan(config: FinetuneConfig, listing: DatasetListing, processes: int = 1,
                                                           f"< {IMBALANCE_RATIO})")
 
     n_val = len(listing.splits["val"])
+    if folder.get("validation_folded"):
+        folded = folder["validation_folded"]["folded_images"]
+        choices["validation"] = Choice("none (put back into train)", "auto",
+                                       f"the carved validation split would hold {folded} images (< "
+                                       f"{SMALL_VALIDATION}): too few to rank models, so they train instead")
     if n_val >= LARGE_VALIDATION:
         selection = Choice("val_top1", "auto", f"{n_val} validation images (>= {LARGE_VALIDATION})")
     elif n_val >= SMALL_VALIDATION:

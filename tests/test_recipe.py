@@ -19,6 +19,7 @@ from edgetl.recipe import (
     MIN_STAGE2_STEPS,
     SEARCH_PER_CLASS,
     SIZE_CANDIDATES,
+    fold_small_validation,
     pick_size,
     plan,
     search_sample,
@@ -179,11 +180,15 @@ def test_large_validation_takes_the_best_top1_ties_to_lower_loss_then_later() ->
 # ------------------------------------------------------------ the settings fitted to the folder
 
 
-def _folder(root: Path, per_class: dict[str, int], size: int = 24) -> DatasetListing:
+def _images(root: Path, per_class: dict[str, int], size: int = 24) -> None:
     for index, (name, count) in enumerate(per_class.items()):
         (root / name).mkdir(parents=True)
         for i in range(count):
             Image.new("RGB", (size, size), (40 * index, i % 255, 90)).save(root / name / f"{i}.png")
+
+
+def _folder(root: Path, per_class: dict[str, int], size: int = 24) -> DatasetListing:
+    _images(root, per_class, size)
     return scan_folder(root)
 
 
@@ -208,6 +213,28 @@ def test_plan_for_small_images_and_few_of_them(tmp_path: Path) -> None:
     assert stored["folder"]["source_size"]["median_short_side"] == 25
     unmeasured = plan(config, listing)  # a sample that cannot be cross-validated: the backbone's own input
     assert unmeasured.config.image_size == 224
+
+
+def test_a_tiny_carved_validation_split_trains_instead_and_a_given_one_stays(tmp_path: Path) -> None:
+    listing = _folder(tmp_path / "d", {"a": 12, "b": 12})
+    assert 0 < len(listing.splits["val"]) < SMALL_VALIDATION
+    folded, note = fold_small_validation(listing)
+    assert folded.splits["val"] == [] and note == {"folded_images": len(listing.splits["val"]),
+                                                   "threshold": SMALL_VALIDATION}
+    assert sorted(folded.splits["train"]) == sorted(listing.splits["train"] + listing.splits["val"])
+    assert folded.splits["test"] == listing.splits["test"] and "put back into train" in folded.split_origin
+    folder = plan(FinetuneConfig(data="x"), folded).folder
+    folder["validation_folded"] = note
+    result = plan(FinetuneConfig(data="x"), folded, folder=folder)
+    assert "too few to rank models" in result.choices["validation"].why
+    assert result.choices["selection"].value == "end_of_schedule_only"
+    large = _folder(tmp_path / "big", {"a": 200, "b": 200}, size=8)
+    assert fold_small_validation(large)[1] is None  # 40 carved images rank models: kept
+    given = tmp_path / "given"
+    for split, count in (("train", 12), ("val", 2)):
+        _images(given / split, {"a": count, "b": count})
+    kept = scan_folder(given)
+    assert len(kept.splits["val"]) == 4 and fold_small_validation(kept)[1] is None
 
 
 def test_input_size_is_measured_only_where_it_can_be(tmp_path: Path) -> None:
@@ -383,6 +410,9 @@ def test_finetune_measures_the_input_size_of_small_images(tmp_path: Path, shared
     measured = {int(size): tuple(pair) for size, pair in search["cv_log_loss"].items()}
     assert sorted(measured) == list(SIZE_CANDIDATES)
     assert search["sample_images"] == manifest["data"]["counts"]["train"]["a"] * 2  # fewer than the sample bound
+    # 20 images: the one carved validation image a class trains instead, and the manifest says so
+    assert manifest["data"]["counts"]["val"] == {"a": 0, "b": 0} and manifest["metrics"]["val"]["top1"] is None
+    assert "validation" in manifest["recipe"]["choices"]
     chosen = pick_size(measured)
     assert manifest["model"]["image_size"] == chosen == manifest["config"]["image_size"]
     assert manifest["recipe"]["choices"]["image_size"]["source"] == "auto"
