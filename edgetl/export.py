@@ -154,7 +154,7 @@ def run_export(checkpoint: Path, config: ExportConfig, out: Path | None = None) 
     out = _output_folder(checkpoint, out)
     listing = load_listing(checkpoint, manifest)
     if config.prune_spec is not None or config.qat:
-        _check_training_data(listing, "--prune" if config.prune_spec is not None else "--int8 qat")
+        _check_training_data(listing, "--prune" if config.prune_spec is not None else "--int8 qat (--qat)")
     elif "int8" in config.quant and config.int8 == "auto" and not config.no_qat and "qat" in _remedies(manifest):
         _check_training_data(listing, "--int8 auto (its last remedy is QAT; --no-qat forbids it)")
     backend = backends.load(manifest.framework)
