@@ -407,8 +407,11 @@ def _apply_policy(backend: Backend, context: _Context, checkpoint: Path, listing
                     "remedy_of": dict.fromkeys(int8, first), "first": {}}
     if not int8:
         return policy
-    for name, entry in int8.items():
-        policy["first"][name] = _measure(folder / name, entry.format, inputs, reference, config.threads)
+    for name, entry in list(int8.items()):
+        try:
+            policy["first"][name] = _measure(folder / name, entry.format, inputs, reference, config.threads)
+        except Exception:  # noqa: BLE001 - a file that does not run: verification records why
+            del int8[name]
     current = {name: policy["first"][name]["drop_points"] for name in int8}
     changed = {name: policy["first"][name]["changed_predictions"] for name in int8}
     if config.int8 != "auto":
@@ -462,7 +465,11 @@ def _remake(backend: Backend, context: _Context, entry: ArtifactEntry, remedy: s
     made = _export_one(backend, context, "int8", entry.format, side)
     if not made.ok:
         return {"kept": False, "error": made.error, "seconds": round(time.perf_counter() - started, 1)}
-    measured = _measure(side / made.file, made.format, inputs, reference, context.config.threads)
+    try:
+        measured = _measure(side / made.file, made.format, inputs, reference, context.config.threads)
+    except Exception as error:  # the remedied file does not run: the earlier one stays
+        shutil.rmtree(side, ignore_errors=True)
+        return {"kept": False, "error": one_line(error), "seconds": round(time.perf_counter() - started, 1)}
     kept = measured["drop_points"] < before or (measured["drop_points"] == before and measured["changed_predictions"]
                                                 < changed_before)
     if kept:

@@ -4,6 +4,7 @@ both converters keep to the integer, and one real `--int8 auto` export at 32 px 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import subprocess
 from pathlib import Path
@@ -149,6 +150,27 @@ def test_learned_rounding_reconstructs_better_and_pt2e_keeps_exactly_its_integer
               if isinstance(t, torch.Tensor) and t.dtype == torch.int8]
     for name, integers in expected.items():
         assert any(t.shape == integers.shape and torch.equal(t, integers) for t in frozen), name
+    if importlib.util.find_spec("litert_torch") is None:
+        return
+    # the .tflite made from the same Q/DQ graph holds the same integers (conv weights stored OHWI, depthwise 1HWO)
+    from ai_edge_litert.interpreter import Interpreter
+
+    from edgetl.backends.torch.export import convert_tflite
+
+    interpreter = Interpreter(model_content=convert_tflite(
+        quantize_ptq(rounded, torch.zeros(1, 12, 12, 3), torch.split(calibration, 16)), torch.zeros(1, 12, 12, 3),
+        quantized=True), experimental_preserve_all_tensors=True)
+    stored = []
+    for detail in interpreter.get_tensor_details():
+        if detail["dtype"] == np.int8 and len(detail["shape"]) == 4:
+            try:
+                stored.append(interpreter.get_tensor(detail["index"]))
+            except ValueError:  # activation tensors hold no data before invoke
+                continue
+    layouts = {"conv": (0, 2, 3, 1), "pw": (0, 2, 3, 1), "dw": (1, 2, 3, 0)}
+    for name, integers in expected.items():
+        wanted = integers.numpy().transpose(layouts[name])
+        assert any(t.shape == wanted.shape and np.array_equal(t, wanted) for t in stored), name
 
 
 # ----------------------------------------------------------------------------- one real export
@@ -257,3 +279,23 @@ def test_policy_tries_remedies_in_order_keeps_only_gains_and_honours_no_qat(tmp_
 
     assert run(ExportConfig(int8="ptq", max_drop=0.5))["steps"] == []  # --int8 ptq: no remedy
     assert Backend.calls == []
+
+
+def test_the_sweep_report_plots_the_first_int8_sensitivity_table(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from edgetl.report import _sensitivity_plot, int8_sensitivity
+
+    rows = [{"layer": f"model.l{i}", "index": i, "macs_share": 0.25, "measured": i < 3, "rank": i + 1,
+             **({"logit_error": 0.1 / (i + 1)} if i < 3 else {})} for i in range(4)]
+    table = {"images": 64, "rows": rows}
+    (tmp_path / "fp32").mkdir()
+    (tmp_path / "fp32" / "manifest.json").write_text(json.dumps({"quantization": None}))
+    (tmp_path / "auto").mkdir()
+    (tmp_path / "auto" / "manifest.json").write_text(json.dumps({"quantization": {"sensitivity": table}}))
+    document = {"variants": [{"name": "fp32", "export": str(tmp_path / "fp32")},
+                             {"name": "int8-auto", "export": str(tmp_path / "auto")}]}
+    assert int8_sensitivity(document) == ("int8-auto", table)
+    assert _sensitivity_plot(plt, "int8-auto", table).startswith(b"\x89PNG")
+    assert int8_sensitivity({"variants": document["variants"][:1]}) is None
