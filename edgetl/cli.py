@@ -129,6 +129,13 @@ def export(
         "--qat", help="Quantization-aware training before int8 (torch: PT2E QAT; keras: tfmot, prune-preserving "
                       "with --prune).")
     ] = None,
+    int8: Annotated[str | None, typer.Option(
+        "--int8", help="How int8 is made: auto (default: post-training, then for a file over --max-drop learned "
+                       "weight rounding, then QAT), ptq (post-training only) or qat (same as --qat).")] = None,
+    no_qat: Annotated[bool | None, typer.Option(
+        "--no-qat", help="--int8 auto may not train (QAT uses labels); remedies stop at learned rounding.")] = None,
+    rounding_layers: Annotated[int | None, typer.Option(
+        help="torch: most sensitive layers whose int8 rounding --int8 auto learns (default 8; 0: none).")] = None,
     recovery_epochs: Annotated[int | None, typer.Option(
         help="Fine-tune epochs of --prune (default: torch 8 for channels, 4 for magnitude; keras 6).")] = None,
     qat_epochs: Annotated[int | None, typer.Option(
@@ -140,7 +147,8 @@ def export(
         int | None, typer.Option(help="Training images for int8 calibration (default 256, chosen by measurement).")
     ] = None,
     max_drop: Annotated[
-        float | None, typer.Option(help="Fail (after writing) if int8 top-1 drops more points than this (default 1.0).")
+        float | None, typer.Option(help="int8 budget: points of top-1 a file may lose; --int8 auto remedies files "
+                            "over it, and the run fails (after writing) if one stays over (default 1.0).")
     ] = None,
     bias_correction: Annotated[
         bool | None, typer.Option("--bias-correction/--no-bias-correction", help="Correct int8 weight-rounding bias.")
@@ -159,7 +167,7 @@ def export(
     config = resolve_config(
         recipe, formats=formats, quant=quant, calib=calib, max_drop=max_drop, bias_correction=bias_correction,
         prune=prune, qat=qat, recovery_epochs=recovery_epochs, qat_epochs=qat_epochs,
-        distill=distill, threads=threads,
+        distill=distill, threads=threads, int8=int8, no_qat=no_qat, rounding_layers=rounding_layers,
     )
     run_export(checkpoint, config, out)
 

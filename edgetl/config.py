@@ -154,6 +154,9 @@ PRUNE_NAMES = {"channels": "channel pruning", "magnitude": "magnitude pruning"}
 # Measured on the demo model (benchmarks/export_figures.py, docs/BENCHMARKS.md): beyond ~256 images the int8
 # top-1 no longer moves, while calibration time keeps growing linearly.
 DEFAULT_CALIB = 256
+# How `edgetl export` makes int8: "auto" is post-training quantization, then, only for a file over --max-drop, the
+# backend's remedies in order of cost (torch: learned weight rounding, then QAT); "ptq" and "qat" force one method.
+INT8_MODES = ("auto", "ptq", "qat")
 
 
 def parse_prune(value: object) -> tuple[str, float] | None:
@@ -217,6 +220,10 @@ class ExportConfig:
     # a bare number is magnitude sparsity (keras has magnitude only).
     prune: str | float | None = None
     qat: bool = False  # quantization-aware training before the int8 export (torch: PT2E QAT; keras: tfmot)
+    int8: str = "auto"  # one of INT8_MODES; validate() makes `qat` say whether int8 is trained from the start
+    no_qat: bool = False  # --int8 auto may not use QAT as a remedy (no labels are used then)
+    rounding_layers: int = 8  # torch: how many of the most sensitive layers the learned-rounding remedy optimises
+    sensitivity_seconds: float = 60.0  # torch: time budget of the per-layer sensitivity table
     recovery_epochs: int | None = None  # fine-tune epochs of pruning (None: the backend's measured default)
     qat_epochs: int | None = None  # epochs of quantization-aware training (None: the backend's default)
     tune_images: int | None = None  # training images the short fine-tunes use (None: the whole training split)
@@ -245,8 +252,24 @@ class ExportConfig:
         spec = parse_prune(prune)
         if spec is not None:  # canonical: a float stays a float (keras meaning); a spec string "kind:R"
             prune = spec[1] if isinstance(prune, float | int) or ":" not in str(prune) else f"{spec[0]}:{spec[1]:g}"
-        if self.qat and "int8" not in quant:
-            raise UserError(f"--qat trains for int8 but --quant is {','.join(quant)}; add int8 to --quant")
+        int8 = str(self.int8).strip().lower()
+        if int8 not in INT8_MODES:
+            raise UserError(one_of(self.int8, INT8_MODES, "--int8 mode"))
+        if self.qat and int8 == "ptq":
+            raise UserError("--qat asks for int8 by quantization-aware training but --int8 is ptq; valid: --int8 qat "
+                            "(same as --qat), or --int8 ptq without --qat")
+        int8 = "qat" if self.qat else int8
+        if self.no_qat and int8 == "qat":
+            raise UserError("--no-qat forbids quantization-aware training but --int8 is qat; valid: --int8 auto "
+                            "--no-qat (post-training and learned rounding only), --int8 ptq, or --int8 qat alone")
+        if not 0 <= self.rounding_layers <= 1000:
+            raise UserError(f"--rounding-layers {self.rounding_layers} is not usable; valid: 0 (no learned rounding) "
+                            f"to 1000")
+        if not 0 <= self.sensitivity_seconds <= 3600:
+            raise UserError(f"sensitivity_seconds {self.sensitivity_seconds:g} is not usable; valid: 0 (no table) "
+                            f"to 3600")
+        if int8 == "qat" and "int8" not in quant:
+            raise UserError(f"--int8 qat trains for int8 but --quant is {','.join(quant)}; add int8 to --quant")
         if self.recovery_epochs is not None and not 0 <= self.recovery_epochs <= 1000:
             raise UserError(f"recovery_epochs {self.recovery_epochs} is not usable; valid: 0 to 1000")
         if self.qat_epochs is not None and not 1 <= self.qat_epochs <= 1000:
@@ -265,7 +288,7 @@ class ExportConfig:
             raise UserError(f"--max-drop {self.max_drop:g} is not usable; valid: 0 to 100 points of top-1")
         if self.threads is not None and self.threads < 1:
             raise UserError(f"--threads {self.threads} is not usable; valid: 1 or more")
-        return replace(self, formats=formats, quant=quant, prune=prune)
+        return replace(self, formats=formats, quant=quant, prune=prune, int8=int8, qat=int8 == "qat")
 
     def for_backend(self, framework: object) -> ExportConfig:
         """This config as the checkpoint's backend can honour it, or one UserError line naming what it lacks.
@@ -328,7 +351,10 @@ class Variant:
 # where the backend lacks them and the sweep records that variant as failed.
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("fp32", {"quant": ("fp32",)}, "float32, no compression"),
-    Variant("int8-ptq", {"quant": ("int8",)}, "int8 post-training quantization (PT2E, calibrated)"),
+    Variant("int8-ptq", {"quant": ("int8",), "int8": "ptq"}, "int8 post-training quantization (PT2E, calibrated)"),
+    Variant("int8-auto", {"quant": ("int8",), "int8": "auto"},
+            "int8 by export's default policy: post-training, then learned rounding and QAT only while over "
+            "--max-drop"),
     Variant("int8-qat", {"quant": ("int8",), "qat": True}, "int8 quantization-aware training (PT2E QAT)"),
     Variant("pruned30-int8", {"quant": ("int8",), "prune": "channels:0.3"},
             "30% of prunable channels removed (torch-pruning, recovery fine-tune distilled from the "

@@ -1,7 +1,8 @@
 """`edgetl demo`: the whole pipeline, offline, on the built-in Fashion-MNIST subset.
 
-Fine-tuning, export of both formats in fp32 and int8 with the verification table, then a small sweep
-(fp32 and int8 PTQ, benchmarked on the host and an emulated Cortex-A76) and its report.
+Fine-tuning, export of both formats in fp32 and int8 (export's default int8 policy) with the verification table,
+then a small sweep of the files it ended with (fp32 and int8-auto, benchmarked on the host and an emulated
+Cortex-A76) and its report.
 """
 
 from __future__ import annotations
@@ -34,21 +35,17 @@ FAST_CONFIG = FinetuneConfig(
 )
 
 
-# When int8 PTQ misses the budget, the demo makes its int8 files by QAT (2 epochs at lr 1e-4, export's
-# defaults). Measured on a fresh-clone demo checkpoint (float 85.9%, PTQ 84.8%): one epoch left 84.8%, two gave
-# 86.9% in both formats; on the 87.7% checkpoint two gave 88.9% (docs/BENCHMARKS.md, Compression and Fine-tuning).
-DEMO_QAT_EPOCHS = 2
-
 # The fast run calibrates on fewer images: it is a smoke run, and PTQ time grows with the image count.
 FAST_EXPORT = ExportConfig(calib=64)
 
 
-# The sweep the demo ends with: the 128 px model as fp32 and int8 PTQ, both formats, measured on the host and an
-# emulated Cortex-A76, with the report (Pareto front, recommendation per target, alarms). Both variants are taken
-# from RUN/export (same settings, already verified), so the sweep only benchmarks. Pruned and QAT variants are
-# left to `edgetl sweep`: a 30%-channel-pruned variant with a 2-epoch recovery fine-tune took 29 min here and lost
-# 15 points (docs/BENCHMARKS.md, "An earlier sweep").
-DEMO_SWEEP = SweepConfig(variants=("fp32", "int8-ptq"), targets=("host", "arm64-a76"),
+# The sweep the demo ends with: the 128 px model as fp32 and int8 by export's default policy (`int8-auto`: PTQ, then
+# learned rounding or QAT only while a file is over the budget), both formats, measured on the host and an emulated
+# Cortex-A76, with the report (Pareto front, recommendation per target, alarms). Both variants are the files the demo
+# ended with, taken from RUN/export (same settings, already verified), so the sweep only benchmarks. Pruned and QAT
+# variants are left to `edgetl sweep`: a 30%-channel-pruned variant with a 2-epoch recovery fine-tune took 29 min
+# here and lost 15 points (docs/BENCHMARKS.md, "An earlier sweep").
+DEMO_SWEEP = SweepConfig(variants=("fp32", "int8-auto"), targets=("host", "arm64-a76"),
                          threads=(1,), iters=30, samples=100, arm_iters=3, arm_samples=5, recipe="demo")
 FAST_SWEEP = replace(DEMO_SWEEP, calib=64)
 
@@ -101,10 +98,11 @@ def run_demo(run_dir: Path, fast: bool = False, framework: str = "torch") -> dic
     top1 = manifest["metrics"]["test"]["top1"]
     stdout.print(f"demo: test top-1 {100 * top1:.1f}% on {manifest['metrics']['test']['images']} held-out images")
     export_dir, over_budget = Path(run_dir) / "export", None
-    try:
+    try:  # int8 by export's default policy: remedies only for a file over the budget
         run_export(checkpoint, FAST_EXPORT if fast else ExportConfig(), export_dir)
     except QualityError as error:  # written and verified: the sweep's report shows the drop beside the rest
-        over_budget = _recover_with_qat(checkpoint, Path(run_dir), error, fast)
+        console.print(f"[yellow]demo: {error}[/]")
+        over_budget = error
     manifest["export"] = json.loads((export_dir / "manifest.json").read_text())
     sweep_dir = run_sweep(checkpoint, FAST_SWEEP if fast else DEMO_SWEEP, Path(run_dir) / "sweep", reuse=export_dir)
     manifest["sweep"] = json.loads((sweep_dir / "sweep.json").read_text())
@@ -113,24 +111,6 @@ def run_demo(run_dir: Path, fast: bool = False, framework: str = "torch") -> dic
     if over_budget is not None:
         raise over_budget
     return manifest
-
-
-def _recover_with_qat(checkpoint: Path, run_dir: Path, error: Exception, fast: bool) -> Exception | None:
-    """What the over-budget message advises, done: int8 by quantization-aware training into RUN/export-qat.
-
-    PTQ's loss on the demo model is weight rounding in two early layers (docs/BENCHMARKS.md), which
-    calibration cannot fix; two QAT epochs train the weights around their int8 grid. Returns the error that
-    still stands (None when the QAT files are within the budget).
-    """
-    console.print(f"[yellow]demo: {error}[/]")
-    console.print("demo: int8 PTQ is over the budget; making the int8 files by quantization-aware training instead")
-    config = replace(FAST_EXPORT if fast else ExportConfig(), quant=("int8",), qat=True, qat_epochs=DEMO_QAT_EPOCHS)
-    try:
-        run_export(checkpoint, config, run_dir / "export-qat")
-    except QualityError as still:
-        return still
-    stdout.print(f"demo: int8 by QAT is within the budget: {run_dir / 'export-qat'}")
-    return None
 
 
 def _run_keras_demo(run_dir: Path, fast: bool) -> dict:

@@ -5,8 +5,12 @@ before any framework is imported (an option the checkpoint's backend lacks is re
 split and the calibration images are preprocessed with the checkpoint's own spec; the backend makes the float
 model (pruned when asked) and the int8 one (QAT or post-training, its policy), and converts each requested
 format × precision. A failure in one file is recorded and the others go on; every file is verified in its own
-runtime, and only then does the finished folder move into place. An int8 file that lost more than `max_drop`
-points fails the run after everything is written.
+runtime, and only then does the finished folder move into place.
+
+int8 (`--int8 auto`, the default): post-training quantization first, with a per-layer sensitivity table; an int8
+file that lost more than `max_drop` points in its runtime gets the backend's remedies in order of cost (torch:
+learned weight rounding of the most sensitive layers, unlabelled; then QAT unless `--no-qat`), each recorded with
+its cost and gain; a file still over the budget fails the run after everything is written.
 
 The user's data is safe (edgetl.paths): the output folder is claimed before any work (only a folder edgetl made
 for an export is replaced, never the checkpoint or a folder that holds it), and an export in which no file was
@@ -17,6 +21,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,8 +54,8 @@ from edgetl.manifest import (
     write_labels,
 )
 from edgetl.paths import atomic_dir, atomic_write_bytes, claim_output, ensure_writable_dir
-from edgetl.ui import console, progress, quiet_native
-from edgetl.verify import FLOAT_REFERENCE, TEST_INPUTS, check_drop, print_record, store, verify_artifacts
+from edgetl.ui import console, progress, quiet_native, stdout
+from edgetl.verify import FLOAT_REFERENCE, TEST_INPUTS, check_drop, compare, print_record, store, verify_artifacts
 
 LABELS_FILE = "labels.txt"
 OUTPUT_MEANING = "logits (apply softmax for probabilities), one per label in labels.txt"
@@ -148,7 +154,9 @@ def run_export(checkpoint: Path, config: ExportConfig, out: Path | None = None) 
     out = _output_folder(checkpoint, out)
     listing = load_listing(checkpoint, manifest)
     if config.prune_spec is not None or config.qat:
-        _check_training_data(listing, "--prune" if config.prune_spec is not None else "--qat")
+        _check_training_data(listing, "--prune" if config.prune_spec is not None else "--int8 qat (--qat)")
+    elif "int8" in config.quant and config.int8 == "auto" and not config.no_qat and "qat" in _remedies(manifest):
+        _check_training_data(listing, "--int8 auto (its last remedy is QAT; --no-qat forbids it)")
     backend = backends.load(manifest.framework)
     for fmt in (f for f in asked.formats if f not in config.formats):
         console.print(f"[yellow].{fmt} skipped: this checkpoint's framework is {manifest.framework}, which exports "
@@ -168,9 +176,14 @@ def run_export(checkpoint: Path, config: ExportConfig, out: Path | None = None) 
         np.savez(tmp / FLOAT_REFERENCE, logits=reference, labels=inputs.y_test)
         backend.save_extras(graphs, tmp)
         artifacts = [_export_one(backend, context, quant, fmt, tmp) for quant in config.quant for fmt in config.formats]
-        record = _verify(tmp, artifacts, context)
+        first_quantization = dict(graphs.quantization)
+        policy = _apply_policy(backend, context, checkpoint, listing, inputs, reference, artifacts, tmp)
+        graphs.quantization = {**first_quantization, "policy": policy, "sensitivity": graphs.sensitivity}
+        record = _verify(tmp, artifacts, context, policy)
         write_json(tmp / "manifest.json", _export_manifest(context, inputs, reference, artifacts, record,
                                                            time.perf_counter() - started).to_json())
+    if graphs.sensitivity is not None:
+        print_sensitivity(graphs.sensitivity)
     print_record(record)
     if graphs.pruning is not None:
         console.print(backend.pruning_summary(graphs.pruning))
@@ -223,6 +236,10 @@ def _make_graphs(backend: Backend, checkpoint: Path, manifest: CheckpointManifes
         return graphs
     if graphs.quantization.get("seconds") is not None:
         console.print(f"int8: quantized in {graphs.quantization['seconds']:.0f} s")
+    try:
+        graphs.sensitivity = backend.sensitivity(graphs, inputs.calibration, config)
+    except Exception as error:  # a missing table must not cost the files
+        console.print(f"[yellow]int8: per-layer sensitivity failed[/] — {one_line(error)}")
     return graphs
 
 
@@ -319,9 +336,12 @@ def gzip_size(payload: bytes) -> int:
     return len(gzip.compress(payload, compresslevel=9, mtime=0))
 
 
-def _verify(folder: Path, artifacts: list[ArtifactEntry], context: _Context) -> dict:
+def _verify(folder: Path, artifacts: list[ArtifactEntry], context: _Context, policy: dict | None = None) -> dict:
     """Every file made, run in its runtime; the figures also go into each file's sidecar."""
     record = verify_artifacts(folder, [a.to_json() for a in artifacts if a.ok], context.config.threads)
+    for row in record["rows"]:
+        if row["quant"] == "int8" and policy is not None:
+            row["remedy"] = policy["remedy_of"].get(row["file"])
     record["float_top1_manifest"] = context.manifest.test_top1
     if context.graphs.pruning is not None:  # a pruned export is measured against its own pruned float model
         kind, ratio = context.config.prune_spec
@@ -356,6 +376,129 @@ def _export_manifest(context: _Context, inputs: Inputs, reference: np.ndarray, a
         quantization=graphs.quantization or None, pruning=graphs.pruning, artifacts=tuple(artifacts),
         verification=record, seconds=round(seconds, 1), versions=context.versions,
     )
+
+
+# ------------------------------------------------------------------------------------ the int8 policy
+
+
+def _remedies(manifest: CheckpointManifest) -> tuple[str, ...]:
+    return backends.capabilities(manifest.framework).remedies
+
+
+def _measure(path: Path, fmt: str, inputs: Inputs, reference: np.ndarray, threads: int | None) -> dict:
+    """One file's top-1 drop against the float reference on the test split, in its own runtime."""
+    with quiet_native():
+        out = runtimes.run(path, inputs.x_test, threads, fmt=fmt)
+    row = compare(out, reference, inputs.y_test)
+    float_top1 = float((reference.argmax(axis=1) == inputs.y_test).mean())
+    return {"drop_points": round(100 * (float_top1 - row["top1"]), 2), "top1": row["top1"],
+            "changed_predictions": int((out.argmax(axis=1) != reference.argmax(axis=1)).sum())}
+
+
+def _apply_policy(backend: Backend, context: _Context, checkpoint: Path, listing: DatasetListing, inputs: Inputs,
+                  reference: np.ndarray, artifacts: list[ArtifactEntry], folder: Path) -> dict:
+    """`--int8 auto`: each int8 file over --max-drop gets the backend's remedies in order of cost until it is
+    within the budget. A remedied file replaces the earlier one only when it lost less; each step is recorded
+    with its cost (seconds) and its gain (points) per file. `artifacts` is updated in place."""
+    config, graphs = context.config, context.graphs
+    first = "qat" if config.qat else "ptq"
+    int8 = {a.file: a for a in artifacts if a.quant == "int8" and a.ok}
+    policy: dict = {"mode": config.int8, "max_drop": config.max_drop, "no_qat": config.no_qat, "steps": [],
+                    "remedy_of": dict.fromkeys(int8, first), "first": {}}
+    if not int8:
+        return policy
+    for name, entry in list(int8.items()):
+        try:
+            policy["first"][name] = _measure(folder / name, entry.format, inputs, reference, config.threads)
+        except Exception:  # noqa: BLE001 - a file that does not run: verification records why
+            del int8[name]
+    current = {name: policy["first"][name]["drop_points"] for name in int8}
+    changed = {name: policy["first"][name]["changed_predictions"] for name in int8}
+    if config.int8 != "auto":
+        return policy
+    for remedy in backend.capabilities.remedies:
+        over = [name for name in int8 if current[name] > config.max_drop]
+        if not over:
+            break
+        step: dict = {"remedy": remedy, "files": {}}
+        policy["steps"].append(step)
+        if remedy == "qat" and config.no_qat:
+            step["skipped"] = "--no-qat"
+            continue
+        if remedy == "adaround" and config.rounding_layers == 0:
+            step["skipped"] = "--rounding-layers 0"
+            continue
+        console.print(f"int8: {', '.join(over)} over --max-drop {config.max_drop:g}; trying {REMEDY_NAMES[remedy]}")
+        started = time.perf_counter()
+        try:
+            backend.remedy(remedy, graphs, checkpoint, context.manifest, listing, inputs.calibration, config)
+        except UserError:
+            raise
+        except Exception as error:  # a remedy that fails leaves the earlier files as they are
+            step.update(error=one_line(error), seconds=round(time.perf_counter() - started, 1))
+            console.print(f"[red]int8: {remedy} failed[/] — {step['error']}")
+            continue
+        step["quantize_seconds"] = round(time.perf_counter() - started, 1)
+        step["quantization"] = {k: v for k, v in graphs.quantization.items() if k != "input_quantization"}
+        for name in over:
+            step["files"][name] = _remake(backend, context, int8[name], remedy, folder, inputs, reference,
+                                          current[name], changed[name], artifacts)
+            if step["files"][name]["kept"]:
+                current[name] = step["files"][name]["drop_points"]
+                changed[name] = step["files"][name]["changed_predictions"]
+                policy["remedy_of"][name] = remedy
+                int8[name] = next(a for a in artifacts if a.file == name)
+        step["seconds"] = round(time.perf_counter() - started, 1)
+    return policy
+
+
+REMEDY_NAMES = {"adaround": "learned weight rounding (no labels)", "qat": "quantization-aware training (labels)"}
+
+
+def _remake(backend: Backend, context: _Context, entry: ArtifactEntry, remedy: str, folder: Path, inputs: Inputs,
+            reference: np.ndarray, before: float, changed_before: int, artifacts: list[ArtifactEntry]) -> dict:
+    """Convert one int8 file again from the remedied graph into a side folder; it replaces the earlier file (and
+    sidecar) only if its drop is smaller."""
+    side = folder / f".remedy-{remedy}"
+    side.mkdir(exist_ok=True)
+    started = time.perf_counter()
+    made = _export_one(backend, context, "int8", entry.format, side)
+    if not made.ok:
+        return {"kept": False, "error": made.error, "seconds": round(time.perf_counter() - started, 1)}
+    try:
+        measured = _measure(side / made.file, made.format, inputs, reference, context.config.threads)
+    except Exception as error:  # the remedied file does not run: the earlier one stays
+        shutil.rmtree(side, ignore_errors=True)
+        return {"kept": False, "error": one_line(error), "seconds": round(time.perf_counter() - started, 1)}
+    kept = measured["drop_points"] < before or (measured["drop_points"] == before and measured["changed_predictions"]
+                                                < changed_before)
+    if kept:
+        for suffix in ("", ".json"):
+            os.replace(side / f"{made.file}{suffix}", folder / f"{made.file}{suffix}")
+        artifacts[[a.file for a in artifacts].index(entry.file)] = made
+    shutil.rmtree(side, ignore_errors=True)
+    gain = round(before - measured["drop_points"], 2)
+    console.print(f"int8: {made.file}: {remedy} {'kept' if kept else 'not kept'} — drop {before:.1f} → "
+                  f"{measured['drop_points']:.1f} points ({gain:+.1f})")
+    return {**measured, "drop_before": before, "changed_before": changed_before, "gain_points": gain, "kept": kept,
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def print_sensitivity(record: dict, top: int = 10) -> None:
+    """The layers whose int8 rounding costs most, as a table (the full one is in manifest.json)."""
+    from rich import box
+    from rich.table import Table
+
+    measured = sorted((r for r in record["rows"] if r.get("measured")), key=lambda r: r["rank"])
+    table = Table(title=f"int8 sensitivity: each layer's weights rounded alone, {record['images']} calibration images "
+                        f"({record['measured']}/{record['layers']} layers measured in {record['seconds']:.0f} s)",
+                  box=box.SIMPLE_HEAD, caption="mean |Δlogit| against the float model; all rows in manifest.json")
+    for column in ("rank", "layer", "kind", "|Δlogit|", "changed", "MACs"):
+        table.add_column(column, justify="left" if column in ("layer", "kind") else "right", no_wrap=True)
+    for row in measured[:top]:
+        table.add_row(str(row["rank"]), row["layer"], row["kind"], f"{row['logit_error']:.4f}",
+                      f"{row['changed_predictions']}/{record['images']}", f"{100 * row['macs_share']:.1f}%")
+    stdout.print(table)
 
 
 def _raise_failures(artifacts: list[ArtifactEntry], record: dict, out: Path) -> None:

@@ -269,7 +269,44 @@ def plots(document: dict[str, Any]) -> dict[str, bytes]:
     panel(axis, sized, lambda r: r["size_bytes"] / 1e6, analysis["pareto"]["file size"], "file size, MB",
           "file size")
     figures["top1_vs_file_size"] = finish(fig)
+    sensitivity = int8_sensitivity(document)
+    if sensitivity is not None:
+        figures["int8_sensitivity"] = _sensitivity_plot(plt, *sensitivity)
     return figures
+
+
+def int8_sensitivity(document: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """The per-layer int8 sensitivity table of the first variant whose export measured one (variant, table)."""
+    for variant in document.get("variants", []):
+        path = Path(variant.get("export", "")) / "manifest.json"
+        if not path.is_file():
+            continue
+        table = (json.loads(path.read_text()).get("quantization") or {}).get("sensitivity")
+        if table and any(r.get("measured") for r in table["rows"]):
+            return variant["name"], table
+    return None
+
+
+def _sensitivity_plot(plt, variant: str, table: dict[str, Any]) -> bytes:
+    """Each layer's logit error when only its weights are rounded to int8 (bars) and its share of MACs (line)."""
+    rows = table["rows"]
+    fig, axis = plt.subplots(figsize=(max(8.0, 0.16 * len(rows) + 3), 4.8))
+    positions = range(len(rows))
+    axis.bar(positions, [r.get("logit_error", 0.0) for r in rows], color="tab:red")
+    axis.set(xlabel="layer, in network order (unmeasured: no bar)",
+             ylabel="mean |Δlogit|, that layer alone int8",
+             title=f"int8 sensitivity per layer ({variant}; {table['images']} calibration images)")
+    twin = axis.twinx()
+    twin.plot(positions, [100 * r["macs_share"] for r in rows], color="tab:blue", marker=".", linewidth=1)
+    twin.set_ylabel("share of MACs, %", color="tab:blue")
+    top = sorted((r for r in rows if r.get("measured")), key=lambda r: r["rank"])[:3]
+    for r in top:
+        axis.annotate(r["layer"].removeprefix("model."), (r["index"], r["logit_error"]), fontsize=7, rotation=20)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
 
 
 # ------------------------------------------------------------------------------- report documents
@@ -355,7 +392,9 @@ def sections(document: dict[str, Any]) -> list[Block]:
     blocks.append(("h2", "Plots"))
     for name, alt in (("top1_vs_arm_instructions", "top-1 against guest instructions per invoke, per ARM64 target"),
                       ("top1_vs_host_latency", "top-1 against host p50 latency"),
-                      ("top1_vs_file_size", "top-1 against file size")):
+                      ("top1_vs_file_size", "top-1 against file size"),
+                      ("int8_sensitivity", "int8 sensitivity: each layer's logit error when only it is rounded, "
+                                           "and its share of MACs")):
         if name in document.get("plots", []):
             blocks.append(("img", name, alt))
     blocks.append(("h2", "Variants"))

@@ -182,7 +182,8 @@ def run_variant(checkpoint: Path, config: SweepConfig, name: str, folder: Path,
     return entry
 
 
-REUSE_MUST_MATCH = ("calib", "bias_correction", "fuse_clamp", "seed", "prune", "qat")
+REUSE_MUST_MATCH = ("calib", "bias_correction", "fuse_clamp", "seed", "prune", "qat", "int8", "no_qat", "max_drop",
+                    "rounding_layers")
 
 
 def reusable(export: Path, checkpoint: Path, config: Any) -> list[str] | None:

@@ -98,15 +98,19 @@ def render_table(record: dict, title: str = "verification") -> Table:
         caption=f".tflite runs in LiteRT, .pte in ExecuTorch; drop and agreement are against the {reference}",
     )
     table.add_column("file", no_wrap=True)
+    remedies = any(row.get("remedy") for row in record["rows"])
     for column in ("top-1", "drop", "agree", "max Δp", "s"):
         table.add_column(column, justify="right", no_wrap=True)
+    if remedies:  # which int8 method made each file: ptq, adaround (learned rounding) or qat
+        table.add_column("int8 by", no_wrap=True)
     for row in record["rows"]:
+        extra = [row.get("remedy") or ""] if remedies else []
         if row["status"] != "ok":
-            table.add_row(row["file"], "[red]failed[/]", "", "", "", "")
+            table.add_row(row["file"], "[red]failed[/]", "", "", "", "", *extra)
             continue
         table.add_row(
             row["file"], f"{100 * row['top1']:.1f}%", f"{row['drop_points']:.1f}",
-            f"{100 * row['agreement']:.1f}%", f"{row['max_prob_diff']:.3f}", f"{row['seconds']:.0f}",
+            f"{100 * row['agreement']:.1f}%", f"{row['max_prob_diff']:.3f}", f"{row['seconds']:.0f}", *extra,
         )
     return table
 
@@ -136,8 +140,9 @@ def check_drop(record: dict, max_drop: float) -> None:
     raise QualityError(
         f"int8 top-1 fell {worst['drop_points']:.1f} points below the float checkpoint "
         f"({100 * record['float_top1']:.1f}% → {100 * worst['top1']:.1f}% for {worst['file']}; "
-        f"--max-drop {max_drop:g}); files are written — try more calibration images (--calib 1000), "
-        f"keep bias correction on, or quantization-aware training"
+        f"--max-drop {max_drop:g}; made by {worst.get('remedy') or 'ptq'}); files are written — --int8 auto "
+        f"(the default) tries learned rounding then QAT; also try more calibration images (--calib 1000) or "
+        f"--rounding-layers 16"
     )
 
 

@@ -15,7 +15,7 @@ from edgetl.verify import QualityError
 @pytest.fixture
 def stages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
     """Fake fine-tune / export / sweep that record their calls; export's int8 drops are scripted per folder."""
-    calls: dict = {"export": [], "drops": {"export": 1.1, "export-qat": 0.5}}
+    calls: dict = {"export": [], "drops": {"export": 1.1}}
 
     def finetune(config, run_dir):
         checkpoint = Path(run_dir) / "checkpoint"
@@ -43,22 +43,21 @@ def stages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
     return calls
 
 
-def test_int8_over_budget_is_remade_by_qat_and_the_demo_passes(stages: dict, tmp_path: Path) -> None:
+def test_the_demo_exports_once_with_the_default_int8_policy_and_sweeps_those_files(stages: dict,
+                                                                                     tmp_path: Path) -> None:
+    stages["drops"]["export"] = 0.4
     demo.run_demo(tmp_path / "run")
-    (first, ptq), (second, qat) = stages["export"]
-    assert (first, second) == ("export", "export-qat")
-    assert not ptq.qat and qat.qat and qat.quant == ("int8",) and qat.qat_epochs == demo.DEMO_QAT_EPOCHS
-    assert stages["sweep"][1] == tmp_path / "run" / "export"  # the sweep still reuses the PTQ export
+    assert [name for name, _ in stages["export"]] == ["export"]  # no second export of its own (QAT or other)
+    config = stages["export"][0][1]
+    assert config.int8 == "auto" and not config.no_qat and not config.qat
+    sweep_config, reuse = stages["sweep"]
+    assert reuse == tmp_path / "run" / "export" and "int8-auto" in sweep_config.variants
+    assert "int8-ptq" not in sweep_config.variants  # the sweep benchmarks the int8 files the demo ended with
 
 
-def test_qat_over_budget_too_fails_the_demo_after_the_sweep(stages: dict, tmp_path: Path) -> None:
-    stages["drops"]["export-qat"] = 1.3
+def test_int8_still_over_budget_fails_the_demo_after_the_sweep(stages: dict, tmp_path: Path) -> None:
+    stages["drops"]["export"] = 1.3
     with pytest.raises(QualityError, match="1.3 points"):
         demo.run_demo(tmp_path / "run")
     assert "sweep" in stages  # the report is made before the demo fails
-
-
-def test_int8_within_budget_needs_no_qat(stages: dict, tmp_path: Path) -> None:
-    stages["drops"]["export"] = 0.4
-    demo.run_demo(tmp_path / "run")
     assert [name for name, _ in stages["export"]] == ["export"]

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 # Export options every backend honours: which files, how many calibration images, the quality gate, the
 # seed, verification threads, the recipe's name.
-COMMON_KNOBS = frozenset({"formats", "quant", "calib", "max_drop", "seed", "threads", "recipe", "prune", "qat"})
+COMMON_KNOBS = frozenset({"formats", "quant", "calib", "max_drop", "seed", "threads", "recipe", "prune", "qat", "int8",
+                          "no_qat"})
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class Capabilities:
     knobs: frozenset[str]  # ExportConfig fields beyond COMMON_KNOBS that this backend honours
     converters: dict[str, str]  # format → what makes the file (console lines and sidecars)
     libraries: tuple[str, ...]  # whose versions the manifests record
+    # int8 remedies `--int8 auto` may apply to a file over --max-drop, cheapest first ("qat" trains on labels)
+    remedies: tuple[str, ...] = ("qat",)
     hint: str = ""  # what to do instead, appended when an option is refused
     from_scratch: bool = False  # implements Backend.train_backbone_from_scratch
 
@@ -47,10 +50,11 @@ CAPABILITIES: dict[str, Capabilities] = {
         quants=("fp32", "int8"),
         prune_kinds=("channels", "magnitude"),
         knobs=frozenset({"bias_correction", "fuse_clamp", "distill", "recovery_epochs", "recovery_lr", "qat_epochs",
-                         "qat_lr", "tune_images"}),
+                         "qat_lr", "tune_images", "rounding_layers", "sensitivity_seconds"}),
         converters={"pte": "ExecuTorch to_edge_transform_and_lower (XnnpackPartitioner)",
                     "tflite": "litert-torch"},
         libraries=("torch", "torchao", "executorch", "litert-torch", "ai-edge-litert", "numpy", "pillow"),
+        remedies=("adaround", "qat"),
         hint="fine-tune with --framework keras to use them",
     ),
     "keras": Capabilities(
@@ -148,6 +152,7 @@ class Graphs:
     quantization: dict = field(default_factory=dict)
     pruning: dict | None = None
     int8_error: str | None = None
+    sensitivity: dict | None = None  # per-layer int8 cost table (backend.sensitivity), when the backend has one
     float_label: str = "checkpoint"  # what the float reference is, for the manifest
 
 
@@ -191,6 +196,20 @@ class Backend(ABC):
     @abstractmethod
     def convert(self, graphs: Graphs, quant: str, fmt: str) -> Converted:
         """One file of format `fmt` at precision `quant`."""
+
+    def sensitivity(self, graphs: Graphs, calibration: np.ndarray, config: Any) -> dict | None:
+        """Per-layer int8 cost on calibration images (each layer rounded alone), or None where not implemented."""
+        return None
+
+    def remedy(self, name: str, graphs: Graphs, checkpoint: Path, manifest: Any, listing: Any,
+               calibration: np.ndarray, config: Any) -> None:
+        """Remake `graphs.int8` / `graphs.quantization` with remedy `name` (one of `capabilities.remedies`)."""
+        if name == "qat":
+            from dataclasses import replace
+
+            self.quantize(graphs, checkpoint, manifest, listing, calibration, replace(config, qat=True, int8="qat"))
+            return
+        raise ValueError(f"remedy {name!r} is not implemented by the {self.capabilities.framework} backend")
 
     def save_extras(self, graphs: Graphs, folder: Path) -> None:  # noqa: B027 - optional step
         """Write what the export folder should keep besides the model files (a pruned float model)."""

@@ -19,7 +19,7 @@ class TorchBackend(Backend):
     capabilities = CAPABILITIES["torch"]
 
     def needs_calibration(self, config) -> bool:
-        return "int8" in config.quant and not config.qat
+        return "int8" in config.quant  # post-training, and the sensitivity table of every int8 export
 
     def load_float(self, checkpoint: Path, manifest, listing, config) -> Graphs:
         size = manifest.model.image_size
@@ -46,6 +46,33 @@ class TorchBackend(Backend):
         with quiet_native():
             graphs.int8, graphs.quantization = graphs_of.quantize_ptq_graph(
                 graphs.float_model, graphs.example, calibration, config.bias_correction, config.fuse_clamp)
+
+    def sensitivity(self, graphs: Graphs, calibration: np.ndarray, config) -> dict | None:
+        if config.sensitivity_seconds <= 0 or not len(calibration):
+            return None
+        console.print(f"int8: per-layer sensitivity on {min(len(calibration), 64)} calibration images "
+                      f"(at most {config.sensitivity_seconds:g} s)…")
+        with quiet_native():
+            return graphs_of.layer_sensitivity(graphs.float_model, graphs.example, calibration,
+                                               config.sensitivity_seconds)
+
+    def remedy(self, name: str, graphs: Graphs, checkpoint: Path, manifest, listing, calibration: np.ndarray,
+               config) -> None:
+        if name != "adaround":
+            return super().remedy(name, graphs, checkpoint, manifest, listing, calibration, config)
+        from edgetl.backends.torch.sensitivity import most_sensitive
+
+        if graphs.sensitivity is None:
+            graphs.sensitivity = graphs_of.layer_sensitivity(graphs.float_model, graphs.example, calibration, 60.0)
+        layers = most_sensitive(graphs.sensitivity, config.rounding_layers)
+        if not layers:
+            raise ValueError("learned rounding has no layer to optimise (--rounding-layers 0 or no sensitivity)")
+        console.print(f"int8: learned rounding of the {len(layers)} most sensitive layers "
+                      f"({', '.join(layers[:3])}{', …' if len(layers) > 3 else ''})…")
+        with quiet_native():
+            graphs.int8, graphs.quantization = graphs_of.quantize_ptq_graph(
+                graphs.float_model, graphs.example, calibration, config.bias_correction, config.fuse_clamp,
+                rounded_layers=layers)
 
     def logits(self, model, x: np.ndarray) -> np.ndarray:
         return graphs_of.logits(model, x)

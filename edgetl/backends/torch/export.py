@@ -64,20 +64,29 @@ def logits(module: nn.Module, x: np.ndarray, batch: int = 100) -> np.ndarray:
 
 
 def quantize_ptq_graph(float_model: nn.Module, example: torch.Tensor, calibration: np.ndarray,
-                       bias_correction: bool = True, fuse_clamp: bool = True) -> tuple[torch.fx.GraphModule, dict]:
+                       bias_correction: bool = True, fuse_clamp: bool = True,
+                       rounded_layers: list[str] | None = None,
+                       rounding_iterations: int = 400) -> tuple[torch.fx.GraphModule, dict]:
     """The PT2E int8 (Q/DQ) graph of the NHWC `float_model`, calibrated on `calibration` (NHWC), and what the
-    manifest records about it."""
+    manifest records about it. `rounded_layers`: layers (names in the BN-folded model) whose int8 rounding is
+    learned (`adaround`) instead of nearest; the graph stays the same."""
     started = time.perf_counter()
     calib = torch.from_numpy(np.ascontiguousarray(calibration))
     prepared = fold_batchnorm(float_model, example)
+    learned = None
+    if rounded_layers:
+        from edgetl.backends.torch.adaround import adaround
+
+        prepared, learned = adaround(prepared, calib, rounded_layers, iterations=rounding_iterations)
     if bias_correction:
         prepared = bias_correct(prepared, calib)
     graph = quantize_ptq(prepared, example, torch.split(calib, 64), fuse_clamp=fuse_clamp)
     info = {
-        "method": "pt2e-ptq",
+        "method": "pt2e-ptq" + ("+adaround" if learned else ""),
         "quantizer": "XNNPACKQuantizer (executorch), ReLU6 outputs observed after the clamp" if fuse_clamp
         else "XNNPACKQuantizer (executorch)",
-        "weights": "int8, symmetric, per output channel (BatchNorm folded first)",
+        "weights": "int8, symmetric, per output channel (BatchNorm folded first)"
+        + (f"; learned rounding on {len(rounded_layers)} layer(s)" if learned else ""),
         "activations": "int8, per tensor, affine, HistogramObserver",
         "calibration_images": int(len(calibration)),
         "bias_correction": bool(bias_correction),
@@ -85,7 +94,18 @@ def quantize_ptq_graph(float_model: nn.Module, example: torch.Tensor, calibratio
         "seconds": round(time.perf_counter() - started, 1),
         "input_quantization": first_input_qparams(graph),
     }
+    if learned:
+        info["learned_rounding"] = learned
     return graph, info
+
+
+def layer_sensitivity(float_model: nn.Module, example: torch.Tensor, calibration: np.ndarray,
+                      seconds: float, images: int = 64) -> dict:
+    """Per-layer int8 weight-rounding cost of the NHWC `float_model` on calibration images (`sensitivity`)."""
+    from edgetl.backends.torch.sensitivity import layer_sensitivity as measure
+
+    folded = fold_batchnorm(float_model, example)
+    return measure(folded, torch.from_numpy(np.ascontiguousarray(calibration)), seconds=seconds, images=images)
 
 
 def first_input_qparams(graph: torch.fx.GraphModule) -> dict | None:

@@ -88,11 +88,19 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> nn.Module:
     return model
 
 
-def _fake_quant_per_channel(weight: torch.Tensor) -> torch.Tensor:
-    """Round weights to the grid XNNPACKQuantizer will use (per output channel, symmetric, ±127)."""
+WEIGHT_QMAX = 127  # XNNPACKQuantizer's weights: symmetric per output channel, -127..127
+
+
+def weight_scale(weight: torch.Tensor) -> torch.Tensor:
+    """Per-output-channel scale of the int8 grid, as PT2E's PerChannelMinMaxObserver computes it (amax / 127)."""
     dims = tuple(range(1, weight.ndim))
-    scale = weight.abs().amax(dim=dims, keepdim=True).clamp_min(1e-12) / 127.0
-    return (weight / scale).round().clamp(-127, 127) * scale
+    return weight.abs().amax(dim=dims, keepdim=True).clamp_min(1e-12) / WEIGHT_QMAX
+
+
+def fake_quant_per_channel(weight: torch.Tensor) -> torch.Tensor:
+    """Round weights to the grid XNNPACKQuantizer will use (per output channel, symmetric, ±127)."""
+    scale = weight_scale(weight)
+    return (weight / scale).round().clamp(-WEIGHT_QMAX, WEIGHT_QMAX) * scale
 
 
 def bias_correct(model: nn.Module, calibration: torch.Tensor) -> nn.Module:
@@ -127,7 +135,7 @@ def bias_correct(model: nn.Module, calibration: torch.Tensor) -> nn.Module:
     for module in model.modules():
         if isinstance(module, nn.Conv2d | nn.Linear):
             originals[module] = module.weight.detach().clone()
-            module.weight.data = _fake_quant_per_channel(module.weight.detach())
+            module.weight.data = fake_quant_per_channel(module.weight.detach())
             hooks.append(module.register_forward_hook(correct))
     with torch.no_grad():
         model(calibration)

@@ -1,0 +1,301 @@
+"""int8 by policy: `--int8 auto|ptq|qat` and its bad input, the per-layer sensitivity table, learned rounding that
+both converters keep to the integer, and one real `--int8 auto` export at 32 px with its remedy recorded."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgetl.config import VARIANTS, ExportConfig
+from edgetl.errors import UserError
+from tests.conftest import run_cli
+from tests.test_export import make_checkpoint
+
+
+def _one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+# ------------------------------------------------------------------------------------ the options
+
+
+def test_int8_modes_validate_and_qat_is_the_same_as_int8_qat() -> None:
+    assert ExportConfig().validate().int8 == "auto" and not ExportConfig().validate().qat
+    assert ExportConfig(qat=True).validate().int8 == "qat"
+    assert ExportConfig(int8="QAT").validate().qat  # --int8 qat trains from the start, as --qat does
+    assert ExportConfig(int8="ptq", no_qat=True).validate().int8 == "ptq"
+    for options, needles in (({"int8": "foo"}, ("'foo'", "auto, ptq, qat")),
+                             ({"int8": "qat", "no_qat": True}, ("--no-qat", "--int8 is qat", "valid:")),
+                             ({"qat": True, "no_qat": True}, ("--no-qat", "valid:")),
+                             ({"qat": True, "int8": "ptq"}, ("--qat", "--int8 is ptq", "valid:")),
+                             ({"rounding_layers": -1}, ("--rounding-layers -1", "valid: 0")),
+                             ({"int8": "qat", "quant": ("fp32",)}, ("add int8 to --quant",))):
+        with pytest.raises(UserError) as caught:
+            ExportConfig(**options).validate()
+        for needle in needles:
+            assert needle in str(caught.value)
+    with pytest.raises(UserError, match="--rounding-layers 4: torch-only"):
+        ExportConfig(rounding_layers=4).for_backend("keras")
+    assert ExportConfig(int8="auto", no_qat=True).for_backend("keras").no_qat  # keras' auto: PTQ, then QAT
+
+
+def test_sweep_variants_say_their_int8_method() -> None:
+    assert ExportConfig(**VARIANTS["int8-ptq"].overrides).validate().int8 == "ptq"
+    assert ExportConfig(**VARIANTS["int8-auto"].overrides).validate().int8 == "auto"
+    assert ExportConfig(**VARIANTS["int8-qat"].overrides).validate().int8 == "qat"
+
+
+def test_bad_int8_options_on_the_command_line_exit_2_before_any_work(tmp_path: Path) -> None:
+    checkpoint = make_checkpoint(tmp_path)
+    out = tmp_path / "export"
+    _one_line_error(run_cli("export", str(checkpoint), "--int8", "foo", "--out", str(out)),
+                    "--int8 mode 'foo'", "auto, ptq, qat")
+    _one_line_error(run_cli("export", str(checkpoint), "--int8", "qat", "--no-qat", "--out", str(out)),
+                    "--no-qat", "--int8 is qat")
+    assert not out.exists()
+
+
+def test_auto_with_qat_allowed_needs_the_training_images_and_says_so(tmp_path: Path) -> None:
+    checkpoint = make_checkpoint(tmp_path)
+    for image in (tmp_path / "data").glob("*/train-*.png"):
+        image.unlink()
+    result = run_cli("export", str(checkpoint), "--out", str(tmp_path / "export"))
+    _one_line_error(result, "--int8 auto", "--no-qat", "training images", str(tmp_path / "data"))
+    assert not (tmp_path / "export").exists()
+
+
+# ---------------------------------------------------------------------- sensitivity and rounding (torch)
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+
+class Tiny(nn.Module):
+    """NHWC in, conv → ReLU6 → depthwise → ReLU6 → 1x1 → pool → linear (BN already folded)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.pw = nn.Conv2d(8, 16, 1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 3, 1, 2)
+        x = nn.functional.relu6(self.conv(x))
+        x = nn.functional.relu6(self.dw(x))
+        return self.fc(self.pw(x).mean(dim=(2, 3)))
+
+
+def _calibration(count: int = 48, size: int = 12) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(0).normal(size=(count, size, size, 3)).astype(np.float32))
+
+
+@pytest.mark.torch
+def test_sensitivity_ranks_the_layer_whose_rounding_hurts_and_counts_macs() -> None:
+    from edgetl.backends.torch.sensitivity import layer_sensitivity, most_sensitive
+
+    model = Tiny().eval()
+    with torch.no_grad():  # one outlier per output: the classifier's other weights round to 0 on its grid
+        model.fc.weight[:, 0] = 400 * model.fc.weight.abs().amax()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    record = layer_sensitivity(model, _calibration(), seconds=60, images=32)
+    assert [r["layer"] for r in record["rows"]] == ["conv", "dw", "pw", "fc"]
+    assert record["measured"] == 4 and record["images"] == 32
+    assert most_sensitive(record, 1) == ["fc"]
+    rows = {r["layer"]: r for r in record["rows"]}
+    assert rows["dw"]["kind"] == "depthwise" and rows["pw"]["kind"] == "conv 1x1" and rows["fc"]["kind"] == "linear"
+    assert rows["conv"]["macs"] == 12 * 12 * 8 * 27 and rows["fc"]["macs"] == 64
+    assert sum(r["macs_share"] for r in record["rows"]) == pytest.approx(1, abs=1e-3)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # left as it was
+    bounded = layer_sensitivity(model, _calibration(), seconds=0, images=8)
+    assert bounded["measured"] == 0 and not any(r["measured"] for r in bounded["rows"])
+
+
+@pytest.mark.torch
+def test_learned_rounding_reconstructs_better_and_pt2e_keeps_exactly_its_integers() -> None:
+    pytest.importorskip("executorch")
+    from edgetl.backends.torch.adaround import adaround
+    from edgetl.backends.torch.export import _fold_weight_quantization
+    from edgetl.backends.torch.quantize import quantize_ptq, weight_scale
+
+    calibration = _calibration()
+    model = Tiny().eval()
+    rounded, record = adaround(model, calibration, ["conv", "dw", "pw"], iterations=150)
+    assert [r["layer"] for r in record["layers"]] == ["conv", "dw", "pw"]
+    for row in record["layers"]:
+        assert row["error_learned"] <= row["error_nearest"]
+    assert any(r["kept"] and r["changed_share"] > 0 for r in record["layers"])  # some weights rounded the other way
+    expected = {}
+    for name in ("conv", "dw", "pw"):
+        weight = getattr(rounded, name).weight.detach()
+        integers = weight / weight_scale(weight)
+        assert torch.allclose(integers, integers.round(), atol=1e-4)  # on the int8 grid
+        expected[name] = integers.round().to(torch.int8)
+    graph = _fold_weight_quantization(quantize_ptq(rounded, torch.zeros(1, 12, 12, 3), torch.split(calibration, 16)))
+    attributes = [functools.reduce(getattr, node.target.split("."), graph) for node in graph.graph.nodes
+                  if node.op == "get_attr"]
+    frozen = [t for t in [*graph.state_dict().values(), *attributes]
+              if isinstance(t, torch.Tensor) and t.dtype == torch.int8]
+    for name, integers in expected.items():
+        assert any(t.shape == integers.shape and torch.equal(t, integers) for t in frozen), name
+    if importlib.util.find_spec("litert_torch") is None:
+        return
+    # the .tflite made from the same Q/DQ graph holds the same integers (conv weights stored OHWI, depthwise 1HWO)
+    from ai_edge_litert.interpreter import Interpreter
+
+    from edgetl.backends.torch.export import convert_tflite
+
+    interpreter = Interpreter(model_content=convert_tflite(
+        quantize_ptq(rounded, torch.zeros(1, 12, 12, 3), torch.split(calibration, 16)), torch.zeros(1, 12, 12, 3),
+        quantized=True), experimental_preserve_all_tensors=True)
+    stored = []
+    for detail in interpreter.get_tensor_details():
+        if detail["dtype"] == np.int8 and len(detail["shape"]) == 4:
+            try:
+                stored.append(interpreter.get_tensor(detail["index"]))
+            except ValueError:  # activation tensors hold no data before invoke
+                continue
+    layouts = {"conv": (0, 2, 3, 1), "pw": (0, 2, 3, 1), "dw": (1, 2, 3, 0)}
+    for name, integers in expected.items():
+        wanted = integers.numpy().transpose(layouts[name])
+        assert any(t.shape == wanted.shape and np.array_equal(t, wanted) for t in stored), name
+
+
+# ----------------------------------------------------------------------------- one real export
+
+@pytest.mark.torch
+def test_auto_over_budget_gets_learned_rounding_recorded_with_cost_and_gain(tiny_checkpoint: Path,
+                                                                            tmp_path: Path) -> None:
+    pytest.importorskip("litert_torch")
+    out = tmp_path / "export"
+    result = run_cli("export", str(tiny_checkpoint), "--formats", "tflite", "--quant", "int8", "--max-drop", "0",
+                     "--no-qat", "--rounding-layers", "4", "--calib", "32", "--out", str(out))
+    manifest = json.loads((out / "manifest.json").read_text())
+    quantization = manifest["quantization"]
+    policy, sensitivity = quantization["policy"], quantization["sensitivity"]
+    assert policy["mode"] == "auto" and policy["no_qat"] and policy["max_drop"] == 0
+    name = "mobilenet_v2-w0.35-32-int8.tflite"
+    first = policy["first"][name]
+    assert sensitivity["measured"] == sensitivity["layers"] == len(sensitivity["rows"]) > 20
+    assert "int8 sensitivity" in result.stdout and "int8 by" in (out / "verification.txt").read_text()
+    row = manifest["verification"]["rows"][0]
+    if first["drop_points"] <= 0:  # PTQ already within a zero budget: nothing to remedy
+        assert policy["steps"] == [] and row["remedy"] == "ptq" and result.returncode == 0
+        return
+    steps = [s["remedy"] for s in policy["steps"]]
+    assert steps[0] == "adaround"
+    step = policy["steps"][0]
+    assert step["seconds"] > 0 and step["quantization"]["method"] == "pt2e-ptq+adaround"
+    assert len(step["quantization"]["learned_rounding"]["layers"]) == 4
+    made = step["files"][name]
+    assert made["gain_points"] == pytest.approx(made["drop_before"] - made["drop_points"], abs=0.011)
+    assert made["drop_before"] == first["drop_points"]
+    assert row["remedy"] == ("adaround" if made["kept"] else "ptq")
+    assert row["drop_points"] == (made["drop_points"] if made["kept"] else first["drop_points"])
+    if len(steps) > 1:
+        assert policy["steps"][1] == {"remedy": "qat", "files": {}, "skipped": "--no-qat"}
+    sidecar = json.loads((out / f"{name}.json").read_text())
+    assert sidecar["verification"]["remedy"] == row["remedy"]
+    assert result.returncode == (0 if row["drop_points"] <= 0 else 3), result.stderr[-2000:]
+    assert not list(out.glob(".remedy-*"))  # candidates never stay
+
+
+def test_policy_tries_remedies_in_order_keeps_only_gains_and_honours_no_qat(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The remedy loop on scripted drops: learned rounding first; a remedied file replaces the earlier one only if
+    it lost less; QAT runs only for what is still over the budget and never with --no-qat."""
+    from types import SimpleNamespace
+
+    from edgetl import export
+    from edgetl.backends.base import CAPABILITIES, Graphs
+    from edgetl.contracts import ArtifactEntry
+
+    drops = {"ptq": {"a.tflite": 1.5, "a.pte": 0.8}, "adaround": {"a.tflite": 1.2, "a.pte": 0.9},
+             "qat": {"a.tflite": 0.1, "a.pte": 0.3}}
+    state = {"made_by": "ptq"}
+
+    class Backend:
+        capabilities = CAPABILITIES["torch"]
+        calls: list[str] = []
+
+        def remedy(self, name, graphs, *args) -> None:
+            self.calls.append(name)
+            state["made_by"] = name
+            graphs.quantization = {"method": name}
+
+    def export_one(backend, context, quant, fmt, folder):
+        (folder / f"a.{fmt}").write_text(state["made_by"])
+        (folder / f"a.{fmt}.json").write_text("{}")
+        return ArtifactEntry(file=f"a.{fmt}", format=fmt, quant="int8", status="ok")
+
+    def measure(path, fmt, inputs, reference, threads):
+        made_by = path.read_text()
+        return {"drop_points": drops[made_by][path.name], "top1": 0.5, "changed_predictions": 10}
+
+    monkeypatch.setattr(export, "_export_one", export_one)
+    monkeypatch.setattr(export, "_measure", measure)
+    for fmt in ("tflite", "pte"):
+        (tmp_path / f"a.{fmt}").write_text("ptq")
+    artifacts = [ArtifactEntry(file=f"a.{fmt}", format=fmt, quant="int8", status="ok") for fmt in ("tflite", "pte")]
+
+    def run(config: ExportConfig) -> dict:
+        state["made_by"] = "ptq"
+        Backend.calls = []
+        for fmt in ("tflite", "pte"):
+            (tmp_path / f"a.{fmt}").write_text("ptq")
+        context = SimpleNamespace(config=config.validate(), graphs=Graphs(float_model=None, example=None),
+                                  manifest=None)
+        inputs = SimpleNamespace(calibration=np.zeros((1, 2, 2, 3)))
+        return export._apply_policy(Backend(), context, tmp_path, None, inputs, None, list(artifacts), tmp_path)
+
+    policy = run(ExportConfig(max_drop=1.0, no_qat=True))
+    assert Backend.calls == ["adaround"]
+    assert policy["remedy_of"] == {"a.tflite": "adaround", "a.pte": "ptq"}  # .pte was within: never remade
+    step = policy["steps"][0]
+    assert list(step["files"]) == ["a.tflite"] and step["files"]["a.tflite"]["gain_points"] == pytest.approx(0.3)
+    assert policy["steps"][1] == {"remedy": "qat", "files": {}, "skipped": "--no-qat"}
+    assert (tmp_path / "a.tflite").read_text() == "adaround"
+
+    policy = run(ExportConfig(max_drop=0.5))
+    assert Backend.calls == ["adaround", "qat"]
+    assert policy["remedy_of"] == {"a.tflite": "qat", "a.pte": "qat"}
+    assert policy["steps"][0]["files"]["a.pte"] == {"drop_points": 0.9, "top1": 0.5, "changed_predictions": 10,
+                                                    "drop_before": 0.8, "changed_before": 10, "gain_points": -0.1,
+                                                    "kept": False, "seconds": pytest.approx(0, abs=1)}
+    assert [s["remedy"] for s in policy["steps"]] == ["adaround", "qat"]  # adaround made .pte worse: not kept
+    assert (tmp_path / "a.pte").read_text() == "qat" and (tmp_path / "a.tflite").read_text() == "qat"
+
+    assert run(ExportConfig(int8="ptq", max_drop=0.5))["steps"] == []  # --int8 ptq: no remedy
+    assert Backend.calls == []
+
+
+def test_the_sweep_report_plots_the_first_int8_sensitivity_table(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from edgetl.report import _sensitivity_plot, int8_sensitivity
+
+    rows = [{"layer": f"model.l{i}", "index": i, "macs_share": 0.25, "measured": i < 3, "rank": i + 1,
+             **({"logit_error": 0.1 / (i + 1)} if i < 3 else {})} for i in range(4)]
+    table = {"images": 64, "rows": rows}
+    (tmp_path / "fp32").mkdir()
+    (tmp_path / "fp32" / "manifest.json").write_text(json.dumps({"quantization": None}))
+    (tmp_path / "auto").mkdir()
+    (tmp_path / "auto" / "manifest.json").write_text(json.dumps({"quantization": {"sensitivity": table}}))
+    document = {"variants": [{"name": "fp32", "export": str(tmp_path / "fp32")},
+                             {"name": "int8-auto", "export": str(tmp_path / "auto")}]}
+    assert int8_sensitivity(document) == ("int8-auto", table)
+    assert _sensitivity_plot(plt, "int8-auto", table).startswith(b"\x89PNG")
+    assert int8_sensitivity({"variants": document["variants"][:1]}) is None
