@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgetl.arm64.targets import parse_targets
 from edgetl.config import VARIANTS, SweepConfig, Variant, resolve
 from edgetl.contracts import SCHEMA_VERSION, SWEEP_KIND, ArtifactSidecar, BenchManifest, ExportManifest, read
 from edgetl.errors import UserError
+from edgetl.targets import parse_targets
 
 DEFAULT_RECIPE = "default"
 
@@ -371,7 +371,8 @@ def conditions(out: Path, variants: list[dict[str, Any]], config: SweepConfig,
                 if target["emulated"] and found["qemu"] is None:
                     found["qemu"] = run.get("emulation", {}).get("qemu")
     found["runtimes"] = sorted(runtimes)
-    found["targets"] = {name: found["targets"][name] for name in config.targets if name in found["targets"]}
+    names = [t.name for t in parse_targets(",".join(config.targets))]  # ssh:pi@pi5 is filed as ssh-pi5
+    found["targets"] = {name: found["targets"][name] for name in names if name in found["targets"]}
     return found
 
 
