@@ -291,6 +291,18 @@ def open_remotes(targets: list[Any], artifacts: list[Artifact], options: BenchOp
     return sessions
 
 
+def preflight_remotes(targets: list[Any], remote_python: str, taskset: str | None) -> None:
+    """Connect to every ssh: target and check its Python and numpy, copying nothing (a sweep does it first)."""
+    from edgetl.targets.ssh import SshSession, check_cores
+
+    check_cores(taskset)
+    check_adb_targets(targets)
+    for target in targets:
+        if getattr(target, "remote", False):
+            with SshSession(target, python=remote_python, taskset=taskset) as session:
+                session.check([], None)
+
+
 def check_adb_targets(targets: list[Any]) -> None:
     """adb targets: one line saying what holds (adb missing, no phone, or the supported route), before any copy."""
     from edgetl.targets import adb

@@ -210,7 +210,8 @@ def sweep(
     variants: Annotated[str | None, typer.Option(
         help="Comma list of fp32, int8-ptq, int8-qat, pruned30-int8, pruned50-int8 (or the recipe's own).")] = None,
     target: Annotated[str | None, typer.Option(
-        help="Comma list of host, arm64-a53, arm64-a55, arm64-a72, arm64-a76, arm64-n1, arm64-a710.")] = None,
+        help="Comma list of host, arm64-a53, arm64-a55, arm64-a72, arm64-a76, arm64-n1, arm64-a710, "
+             "ssh:[USER@]HOST[:PORT].")] = None,
     threads: Annotated[str | None, typer.Option(
         help="Host thread counts; the first ranks the host (ARM64 runs 1 thread).")] = None,
     formats: Annotated[str | None, typer.Option(help="Comma list of tflite, pte (default: both).")] = None,
@@ -223,6 +224,10 @@ def sweep(
     arm_iters: Annotated[int | None, typer.Option(help="Counted invokes per emulated target.")] = None,
     arm_samples: Annotated[int | None, typer.Option(
         help="Top-1 cross-check on the first N samples per emulated target (default 5).")] = None,
+    remote_python: Annotated[str | None, typer.Option(
+        help="ssh: targets: the Python that runs device_bench there (default python3).")] = None,
+    taskset: Annotated[str | None, typer.Option(
+        help="ssh: targets: pin device_bench to these CPUs (taskset -c), e.g. 4-7.")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Sweep folder (default: RUN/sweep).")] = None,
     reuse: Annotated[Path | None, typer.Option(
         help="Export folder of this checkpoint (e.g. RUN/export): variants with the same settings take its "
@@ -233,7 +238,7 @@ def sweep(
 
     config = resolve_config(recipe, variants=variants, targets=target, threads=threads, formats=formats,
                             max_drop=max_drop, calib=calib, iters=iters, samples=samples, arm_iters=arm_iters,
-                            arm_samples=arm_samples)
+                            arm_samples=arm_samples, remote_python=remote_python, taskset=taskset)
     run_sweep(checkpoint, config, out, reuse)
 
 

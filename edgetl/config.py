@@ -361,6 +361,8 @@ class SweepConfig:
     samples: int = 100
     arm_iters: int = 3
     arm_samples: int = 5
+    remote_python: str = "python3"  # ssh: targets: the Python that runs device_bench there
+    taskset: str | None = None  # ssh: targets: CPUs to pin device_bench to (taskset -c)
     custom: dict[str, Variant] = field(default_factory=dict)
     recipe: str | None = None
 

@@ -231,9 +231,19 @@ def test_bad_remotes_are_one_line_after_a_bounded_wait(sshd: Server, tiny_models
          ("built for aarch64", f"is {os.uname().machine}", "pip install executorch==")),
         ((tflite, "--target", here, "--remote-python", sys.executable, "--taskset", "0-63"), ("no CPU",)),
     ]
+    strange = tmp_path / "ssh_config_unknown_host_key"  # the same server, its host key not in known_hosts
+    (tmp_path / "empty_known_hosts").write_text("")
+    strange.write_text(sshd.config.read_text().replace(str(sshd.root / "known_hosts"),
+                                                       str(tmp_path / "empty_known_hosts")))
+    cases.append(((tflite, "--target", here, "--remote-python", sys.executable, "--env-config", str(strange)),
+                  ("Host key verification failed",)))
     for args, needles in cases:
+        env = sshd.env
+        if "--env-config" in args:
+            env = {**env, "EDGETL_SSH_CONFIG": args[-1]}
+            args = args[:-2]
         started = time.monotonic()
-        _one_line_error(run_cli("bench", *args, "--out", str(tmp_path / "bench"), env=sshd.env), *needles)
+        _one_line_error(run_cli("bench", *args, "--out", str(tmp_path / "bench"), env=env), *needles)
         assert time.monotonic() - started < 60, args
         assert sshd.leftovers() == [], args
     assert not (tmp_path / "bench").exists()
@@ -258,3 +268,18 @@ def test_an_interrupted_remote_run_removes_its_folder(sshd: Server, tiny_models:
     assert not (tmp_path / "bench").exists()
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert "--iters 2000000" not in ps
+
+
+@needs_sshd
+def test_a_sweep_checks_its_ssh_targets_before_any_export(sshd: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgetl.bench import preflight_remotes
+    from edgetl.errors import UserError
+    from edgetl.sweep import resolve_config
+
+    config = resolve_config(None, targets=f"host,ssh:127.0.0.1:{sshd.port}", remote_python=sys.executable).validate()
+    assert config.targets == ("host", f"ssh:127.0.0.1:{sshd.port}")  # the spec, not the file name, is kept
+    monkeypatch.setenv("EDGETL_SSH_CONFIG", str(sshd.config))
+    preflight_remotes(parse_targets(",".join(config.targets)), config.remote_python, "0")
+    with pytest.raises(UserError, match="no usable Python"):
+        preflight_remotes(parse_targets(f"ssh:127.0.0.1:{sshd.port}"), "/nonexistent/python3", None)
+    assert sshd.leftovers() == []
