@@ -9,6 +9,7 @@ that stands for phone cost: guest instructions per invoke.  Emulated wall time i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -244,9 +245,78 @@ def _counts(plugin_out: Path, result: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- runs
 
 
+def run_remote(artifact: Artifact, target: Any, threads: int, inputs: Path | None, options: BenchOptions,
+               session: Any) -> dict[str, Any]:
+    """One device_bench run on an ssh: target, through its open session; the same result as a host run."""
+    args = ["--threads", str(threads), "--iters", str(options.iters), "--warmup", str(options.warmup),
+            "--label", f"edgetl bench {target.name}"]
+    if options.samples is not None:
+        args += ["--samples", str(options.samples)]
+    result = session.bench(artifact.path, inputs, args, f"t{threads}")
+    if "failed" in result:
+        return {"failed": result["failed"], "artifact": artifact.name, "target": target_record(target),
+                "conditions": {"threads": threads}}
+    result["target"] = target_record(target)
+    if artifact.macs and not result["model"].get("macs"):
+        result["model"]["macs"] = artifact.macs
+        result["model"]["macs_source"] = "export manifest or the .tflite of the same model"
+    return result
+
+
+def open_remotes(targets: list[Any], artifacts: list[Artifact], options: BenchOptions, script: Path,
+                 stack: contextlib.ExitStack) -> dict[str, Any]:
+    """A connected, probed, checked and staged session per ssh: target; all checks pass before any copy."""
+    from edgetl.targets.ssh import SshSession
+    from edgetl.ui import console
+
+    remotes = [t for t in targets if getattr(t, "remote", False)]
+    sessions = {}
+    for target in remotes:
+        sessions[target.name] = stack.enter_context(SshSession(target, python=options.remote_python,
+                                                               taskset=options.taskset))
+    runner = None
+    if any(a.path.suffix == ".pte" for a in artifacts):
+        from edgetl import arm64
+
+        userland = arm64.userland()
+        runner = userland.runner if userland.has_runner() else None
+    for session in sessions.values():
+        session.check([a.path for a in artifacts], runner)
+    for session in sessions.values():
+        session.stage(script)
+        probe = session.probe
+        runtimes = ", ".join(sorted({plan.runtime for plan in session.plans.values()}))
+        console.print(f"bench: {session.target.destination} ready ({probe.machine}, "
+                      f"{probe.cpu.get('layout') or 'CPU unknown'}; {runtimes})")
+    return sessions
+
+
+def preflight_remotes(targets: list[Any], remote_python: str, taskset: str | None) -> None:
+    """Connect to every ssh: target and check its Python and numpy, copying nothing (a sweep does it first)."""
+    from edgetl.targets.ssh import SshSession, check_cores
+
+    check_cores(taskset)
+    check_adb_targets(targets)
+    for target in targets:
+        if getattr(target, "remote", False):
+            with SshSession(target, python=remote_python, taskset=taskset) as session:
+                session.check([], None)
+
+
+def check_adb_targets(targets: list[Any]) -> None:
+    """adb targets: one line saying what holds (adb missing, no phone, or the supported route), before any copy."""
+    from edgetl.targets import adb
+
+    for target in targets:
+        if isinstance(target, adb.AdbTarget):
+            adb.check(target)
+
+
 def run_one(artifact: Artifact, target: Any, threads: int, inputs: Path | None, options: BenchOptions,
-            script: Path, workdir: Path) -> dict[str, Any]:
+            script: Path, workdir: Path, session: Any = None) -> dict[str, Any]:
     """One device_bench run; returns its result with the target and, under emulation, the counts."""
+    if session is not None:
+        return run_remote(artifact, target, threads, inputs, options, session)
     emulated = target.emulated
     iters, warmup = (options.arm_iters, options.arm_warmup) if emulated else (options.iters, options.warmup)
     samples = options.arm_samples if emulated else options.samples
@@ -301,6 +371,8 @@ def run_one(artifact: Artifact, target: Any, threads: int, inputs: Path | None, 
 
 def target_record(target: Any) -> dict[str, Any]:
     record = {"name": target.name, "description": target.description, "emulated": target.emulated}
+    if getattr(target, "remote", False):
+        record.update(spec=target.spec, remote=True)
     if target.emulated:
         record.update(qemu_cpu=target.qemu_cpu, cpuinfo_part=f"0x{target.part:03x}", note=target.note or None)
     return record
@@ -326,7 +398,8 @@ def row(result: dict[str, Any]) -> dict[str, Any]:
         threads=result["conditions"]["threads"],
         runtime=f"{result['runtime']['name']} {result['runtime']['version']}",
         p50_ms=timing["p50"], p90_ms=timing["p90"], load_ms=timing["load"],
-        latency_label=EMULATED_LABEL if target["emulated"] else "host wall time",
+        latency_label=EMULATED_LABEL if target["emulated"] else
+        f"wall time on {target['name']}" if target.get("remote") else "host wall time",
         top1=accuracy["top1"] if accuracy else None, top1_samples=accuracy["samples"] if accuracy else None,
         instructions_per_invoke=emulation["instructions_per_invoke"] if emulation else None,
         macs=result["model"].get("macs"),
@@ -481,6 +554,7 @@ def run_bench(export: Path, options: BenchOptions) -> Path:
     from edgetl.ui import console
 
     targets, thread_counts = options.validate()
+    check_adb_targets(targets)
     export = Path(export)
     artifacts = find_artifacts(export)
     inputs = options.inputs
@@ -505,11 +579,13 @@ def run_bench(export: Path, options: BenchOptions) -> Path:
         setup_userland("arm64")
     started = time.perf_counter()
     results: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="edgetl-bench-") as tmp, atomic_dir(out) as folder_out:
+    with (tempfile.TemporaryDirectory(prefix="edgetl-bench-") as tmp, atomic_dir(out) as folder_out,
+          contextlib.ExitStack() as remotes):
         workdir = Path(tmp)
         for artifact in artifacts:
             inspect(artifact, script, emulated=any(t.emulated for t in targets))
         _fill_pte_macs(artifacts)
+        sessions = open_remotes(targets, artifacts, options, script, remotes)
         for artifact in artifacts:
             model_inputs = prepare_inputs(Path(inputs) if inputs else None, artifact, workdir)
             arm_inputs = (slice_inputs(model_inputs, options.arm_samples, workdir)
@@ -520,7 +596,7 @@ def run_bench(export: Path, options: BenchOptions) -> Path:
                     what = f"{artifact.name} @ {target.name}, {threads} thread{'s' if threads > 1 else ''}"
                     console.print(f"bench: {what} ...")
                     result = run_one(artifact, target, threads, arm_inputs if target.emulated else model_inputs,
-                                     options, script, workdir)
+                                     options, script, workdir, sessions.get(target.name))
                     if artifact.modified and "model" in result:
                         result["model"]["modified_since_export"] = True
                     target_runs.append(result)
@@ -543,6 +619,7 @@ def run_bench(export: Path, options: BenchOptions) -> Path:
                     "modified_since_export": sorted(a.name for a in artifacts if a.modified),
                     "inputs": str(Path(inputs).resolve()) if inputs else None},
             conditions={"targets": [t.name for t in targets], "host_threads": thread_counts,
+                        "remote_threads": thread_counts if sessions else None, "taskset": options.taskset,
                         "arm_threads": 1, "iters": options.iters, "warmup": options.warmup,
                         "samples": options.samples, "arm_iters": options.arm_iters,
                         "arm_warmup": options.arm_warmup, "arm_samples": options.arm_samples},

@@ -177,7 +177,8 @@ def bench(
     export_dir: Annotated[Path | None, typer.Argument(
         help="Export folder (its *.tflite and *.pte files) or one model file.")] = None,
     target: Annotated[str, typer.Option(help="Comma-separated: host, arm64-a53, arm64-a55, arm64-a72, arm64-a76, "
-                                             "arm64-n1, arm64-a710.")] = "host",
+                                             "arm64-n1, arm64-a710, ssh:[USER@]HOST[:PORT] (your own board, "
+                                             "with your ssh keys and ~/.ssh/config), adb[:SERIAL].")] = "host",
     threads: Annotated[str, typer.Option(
         help="Host thread counts, comma-separated (ARM64 targets run 1 thread).")] = "1,2",
     inputs: Annotated[Path | None, typer.Option(
@@ -191,6 +192,10 @@ def bench(
     arm_samples: Annotated[int, typer.Option(help="Top-1 on the first N samples per emulated target.")] = 50,
     setup: Annotated[str | None, typer.Option(
         "--setup", help="Provision an emulated userland (arm64); exits after it when no EXPORT_DIR is given.")] = None,
+    remote_python: Annotated[str, typer.Option(
+        help="ssh: targets: the Python that runs device_bench there (e.g. ~/venv/bin/python).")] = "python3",
+    taskset: Annotated[str | None, typer.Option(
+        help="ssh: targets: pin device_bench to these CPUs (taskset -c), e.g. 4-7 for the big cores.")] = None,
     allow_modified: Annotated[bool, typer.Option(
         "--allow-modified", help="Benchmark a file whose sha256 no longer matches its export manifest (marked "
         "modified in the results) instead of refusing it.")] = False,
@@ -206,7 +211,8 @@ def bench(
             raise UserError("give an EXPORT_DIR to benchmark (or --setup arm64 to provision the ARM64 userland)")
         return
     options = BenchOptions(targets=target, threads=threads, inputs=inputs, out=out, iters=iters, warmup=warmup,
-                           samples=samples, arm_iters=arm_iters, arm_samples=arm_samples, allow_modified=allow_modified)
+                           samples=samples, arm_iters=arm_iters, arm_samples=arm_samples, allow_modified=allow_modified,
+                           remote_python=remote_python, taskset=taskset)
     run_bench(export_dir, options)
 
 
@@ -218,7 +224,8 @@ def sweep(
     variants: Annotated[str | None, typer.Option(
         help="Comma list of fp32, int8-ptq, int8-qat, pruned30-int8, pruned50-int8 (or the recipe's own).")] = None,
     target: Annotated[str | None, typer.Option(
-        help="Comma list of host, arm64-a53, arm64-a55, arm64-a72, arm64-a76, arm64-n1, arm64-a710.")] = None,
+        help="Comma list of host, arm64-a53, arm64-a55, arm64-a72, arm64-a76, arm64-n1, arm64-a710, "
+             "ssh:[USER@]HOST[:PORT].")] = None,
     threads: Annotated[str | None, typer.Option(
         help="Host thread counts; the first ranks the host (ARM64 runs 1 thread).")] = None,
     formats: Annotated[str | None, typer.Option(help="Comma list of tflite, pte (default: both).")] = None,
@@ -231,6 +238,10 @@ def sweep(
     arm_iters: Annotated[int | None, typer.Option(help="Counted invokes per emulated target.")] = None,
     arm_samples: Annotated[int | None, typer.Option(
         help="Top-1 cross-check on the first N samples per emulated target (default 5).")] = None,
+    remote_python: Annotated[str | None, typer.Option(
+        help="ssh: targets: the Python that runs device_bench there (default python3).")] = None,
+    taskset: Annotated[str | None, typer.Option(
+        help="ssh: targets: pin device_bench to these CPUs (taskset -c), e.g. 4-7.")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Sweep folder (default: RUN/sweep).")] = None,
     reuse: Annotated[Path | None, typer.Option(
         help="Export folder of this checkpoint (e.g. RUN/export): variants with the same settings take its "
@@ -241,7 +252,7 @@ def sweep(
 
     config = resolve_config(recipe, variants=variants, targets=target, threads=threads, formats=formats,
                             max_drop=max_drop, calib=calib, iters=iters, samples=samples, arm_iters=arm_iters,
-                            arm_samples=arm_samples)
+                            arm_samples=arm_samples, remote_python=remote_python, taskset=taskset)
     run_sweep(checkpoint, config, out, reuse)
 
 

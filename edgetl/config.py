@@ -13,10 +13,11 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from edgetl.arm64.targets import TARGETS, parse_targets
+from edgetl.arm64.targets import TARGETS
 from edgetl.backbones import check_image_size, get_backbone
 from edgetl.backends.base import CAPABILITIES, capabilities
 from edgetl.errors import UserError, one_of
+from edgetl.targets import parse_targets, spec
 
 FRAMEWORKS = ("torch", "keras")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -394,6 +395,8 @@ class SweepConfig:
     samples: int = 100
     arm_iters: int = 3
     arm_samples: int = 5
+    remote_python: str = "python3"  # ssh: targets: the Python that runs device_bench there
+    taskset: str | None = None  # ssh: targets: CPUs to pin device_bench to (taskset -c)
     custom: dict[str, Variant] = field(default_factory=dict)
     recipe: str | None = None
 
@@ -408,7 +411,7 @@ class SweepConfig:
         for name in variants:
             if name not in self.known():
                 raise UserError(one_of(name, list(self.known()), "variant"))
-        targets = tuple(t.name for t in parse_targets(",".join(_as_list(self.targets, lower=False))))
+        targets = tuple(spec(t) for t in parse_targets(",".join(_as_list(self.targets, lower=False))))
         formats = tuple(dict.fromkeys(_as_list(self.formats)))
         if not formats:
             raise UserError(f"--formats is empty; valid: {', '.join(FORMATS)}")
@@ -466,6 +469,8 @@ class BenchOptions:
     arm_warmup: int = 2
     arm_samples: int = 50
     allow_modified: bool = False  # benchmark a file whose sha256 no longer matches its export manifest
+    remote_python: str = "python3"  # the interpreter device_bench runs with on ssh: targets
+    taskset: str | None = None  # CPU list (taskset -c) that pins device_bench on ssh: targets, e.g. big cores
 
     def validate(self) -> tuple[list, list[int]]:
         """The targets and host thread counts, parsed; every bad value is one UserError line."""
@@ -479,6 +484,12 @@ class BenchOptions:
         for name in ("iters", "arm_iters"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        from edgetl.targets.ssh import check_cores
+
+        check_cores(self.taskset)
+        if not self.remote_python.strip() or self.remote_python.startswith("-"):
+            raise UserError(f"--remote-python {self.remote_python!r} is not a program; valid: e.g. python3 or "
+                            "/home/pi/venv/bin/python")
         return targets, list(dict.fromkeys(threads))
 
 

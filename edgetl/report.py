@@ -258,11 +258,14 @@ def plots(document: dict[str, Any]) -> dict[str, bytes]:
         for axis in list(axes.flat)[len(arm_targets):]:
             axis.set_visible(False)
         figures["top1_vs_arm_instructions"] = finish(fig)
-    host = [r for r in usable if not r["emulated"]]
-    if host:
-        fig, axis = plt.subplots(figsize=(8, 5.6))
-        panel(axis, host, lambda r: r["p50_ms"], analysis["pareto"].get("host", []),
-              f"host p50 latency, ms ({threads} thread{'s' if threads > 1 else ''})", "host CPU (real time)")
+    timed = list(dict.fromkeys(r["target"] for r in usable if not r["emulated"]))  # host, then ssh: machines
+    if timed:
+        fig, axes = plt.subplots(1, len(timed), figsize=(8 * len(timed), 5.6), squeeze=False)
+        for axis, target in zip(axes.flat, timed, strict=True):
+            where = "host CPU (real time)" if target == "host" else f"{target} (real time on that machine)"
+            panel(axis, [r for r in usable if r["target"] == target], lambda r: r["p50_ms"],
+                  analysis["pareto"].get(target, []),
+                  f"{target} p50 latency, ms ({threads} thread{'s' if threads > 1 else ''})", where)
         figures["top1_vs_host_latency"] = finish(fig)
     sized = list({r["id"]: r for r in rows if r.get("top1") is not None}.values())
     fig, axis = plt.subplots(figsize=(8, 5.6))

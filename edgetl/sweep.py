@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgetl.arm64.targets import parse_targets
 from edgetl.config import VARIANTS, SweepConfig, Variant, resolve
 from edgetl.contracts import SCHEMA_VERSION, SWEEP_KIND, ArtifactSidecar, BenchManifest, ExportManifest, read
 from edgetl.errors import UserError
+from edgetl.targets import parse_targets
 
 DEFAULT_RECIPE = "default"
 
@@ -65,6 +65,9 @@ def run_sweep(checkpoint: Path, config: SweepConfig, out: Path | None = None, re
     targets = parse_targets(",".join(config.targets))
     if any(t.emulated for t in targets):  # once, before any export: a set-up failure costs no exports
         setup_userland("arm64")
+    from edgetl.bench import preflight_remotes
+
+    preflight_remotes(targets, config.remote_python, config.taskset)  # an unreachable board costs no exports
     started = time.perf_counter()
     load_before = _loadavg()
     from edgetl.report import print_summary, write_report
@@ -170,7 +173,8 @@ def run_variant(checkpoint: Path, config: SweepConfig, name: str, folder: Path,
             run_bench(folder / "export", BenchOptions(
                 targets=",".join(config.targets), threads=",".join(str(t) for t in config.threads),
                 out=folder / "bench", iters=config.iters, warmup=config.warmup, samples=config.samples,
-                arm_iters=config.arm_iters, arm_samples=config.arm_samples))
+                arm_iters=config.arm_iters, arm_samples=config.arm_samples, remote_python=config.remote_python,
+                taskset=config.taskset))
             entry["status"] = "ok"
         except KeyboardInterrupt:
             raise
@@ -372,7 +376,8 @@ def conditions(out: Path, variants: list[dict[str, Any]], config: SweepConfig,
                 if target["emulated"] and found["qemu"] is None:
                     found["qemu"] = run.get("emulation", {}).get("qemu")
     found["runtimes"] = sorted(runtimes)
-    found["targets"] = {name: found["targets"][name] for name in config.targets if name in found["targets"]}
+    names = [t.name for t in parse_targets(",".join(config.targets))]  # ssh:pi@pi5 is filed as ssh-pi5
+    found["targets"] = {name: found["targets"][name] for name in names if name in found["targets"]}
     return found
 
 
