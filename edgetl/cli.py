@@ -48,7 +48,8 @@ def finetune(
     ] = "efficientnet_lite0",
     width: Annotated[float, typer.Option(help="Width multiplier (mobilenet_v2: 0.35, 0.5, 0.75, 1.0).")] = 1.0,
     image_size: Annotated[int | None, typer.Option(
-        help="Square input size in pixels; default: from the images (128 when they are small, else the backbone's).")
+        help="Square input size in pixels; default: the backbone's for large images, measured (128/160/224) "
+             "for small ones.")
     ] = None,
     weights: Annotated[
         str, typer.Option(help="imagenet (torch hub / Keras cache), none (random init), or a PATH (torch state "
