@@ -175,18 +175,19 @@ def run_finetune(config: FinetuneConfig, run_dir: Path | None = None) -> Path:
         return launched
     with backend.session(config) as world:
         listing, folder = world.from_main(lambda: _listing_and_folder(config))  # the same on every rank
-        _print_data(listing)
         candidates = size_candidates(config, folder, getattr(backend, "FEATURES_AT_ANY_SIZE", False))
         measured = None
         if candidates:  # a model that takes any input size measures the candidates with the initial weights
             initial = backend.build_initial_model(config)  # a weights file that does not fit stops here
+            _print_data(listing)
             measured = measure_sizes(backend, config, listing, candidates, initial, world)
             folder["size_search"] = measured
         recipe = world.from_main(lambda: plan_recipe(config, listing, world.size,
                                                      measured and measured["cv_log_loss"], folder))
         config = recipe.config
         if not candidates:
-            initial = backend.build_initial_model(config)
+            initial = backend.build_initial_model(config)  # ... or here, before anything is printed
+            _print_data(listing)
         _print_plan(recipe)
         preprocess = backend.preprocess_spec(config)
 
