@@ -369,6 +369,34 @@ def run_one(artifact: Artifact, target: Any, threads: int, inputs: Path | None, 
     return result
 
 
+def breakdown(artifact: Artifact, target: Any, whole: dict[str, Any], options: BenchOptions, script: Path,
+              workdir: Path) -> dict[str, Any]:
+    """Guest instructions per invoke of each network block, counted like the whole (see edgetl.breakdown)."""
+    from edgetl import breakdown as blocks
+    from edgetl.ui import console
+
+    if artifact.path.suffix != ".tflite":
+        return {"unavailable": blocks.PTE_UNAVAILABLE}
+    folder = workdir / f"{artifact.name}.parts"
+    folder.mkdir(exist_ok=True)
+    parts = []
+    for part in blocks.tflite_parts(artifact.path):
+        piece = Artifact(blocks.write_part(artifact.path, part, folder / f"{part.name}.tflite"))
+        inspect(piece, script, emulated=True)
+        console.print(f"bench: {artifact.name} @ {target.name}: {part.name} ({part.ops} ops) ...")
+        counted = run_one(piece, target, 1, None, options, script, workdir)
+        entry = {"name": part.name, "role": part.role, "ops": [part.first_op, part.last_op], "macs": piece.macs,
+                 "input": piece.spec.get("input"), "output": piece.spec.get("output")}
+        if "failed" in counted:
+            raise UserError(f"{artifact.name} @ {target.name}: block {part.name} failed to run alone: "
+                            f"{counted['failed']}")
+        emulation = counted["emulation"]
+        entry.update(instructions_per_invoke=emulation["instructions_per_invoke"], spread=emulation["spread"],
+                     per_invoke=emulation["per_invoke"])
+        parts.append(entry)
+    return blocks.summarize(parts, whole["emulation"]["instructions_per_invoke"], whole["model"].get("macs"))
+
+
 def target_record(target: Any) -> dict[str, Any]:
     record = {"name": target.name, "description": target.description, "emulated": target.emulated}
     if getattr(target, "remote", False):
@@ -599,6 +627,8 @@ def run_bench(export: Path, options: BenchOptions) -> Path:
                                      options, script, workdir, sessions.get(target.name))
                     if artifact.modified and "model" in result:
                         result["model"]["modified_since_export"] = True
+                    if options.breakdown and target.emulated and "failed" not in result:
+                        result["breakdown"] = breakdown(artifact, target, result, options, script, workdir)
                     target_runs.append(result)
                     if "failed" in result:
                         console.print(f"[red]bench: {what} failed: {result['failed']}[/]")
@@ -622,7 +652,8 @@ def run_bench(export: Path, options: BenchOptions) -> Path:
                         "remote_threads": thread_counts if sessions else None, "taskset": options.taskset,
                         "arm_threads": 1, "iters": options.iters, "warmup": options.warmup,
                         "samples": options.samples, "arm_iters": options.arm_iters,
-                        "arm_warmup": options.arm_warmup, "arm_samples": options.arm_samples},
+                        "arm_warmup": options.arm_warmup, "arm_samples": options.arm_samples,
+                        "breakdown": options.breakdown},
             files=sorted(p.name for p in folder_out.glob("*@*.json")), plot=figure.name if figure else None,
             rows=tuple(BenchRow.from_json(r, "bench rows") for r in rows), int8_fp32_instruction_ratios=found_ratios,
             arm64_setup=arm64.status() if any(t.emulated for t in targets) else None,

@@ -185,6 +185,9 @@ def bench(
     allow_modified: Annotated[bool, typer.Option(
         "--allow-modified", help="Benchmark a file whose sha256 no longer matches its export manifest (marked "
         "modified in the results) instead of refusing it.")] = False,
+    breakdown: Annotated[bool, typer.Option(
+        "--breakdown", help="Emulated ARM64 targets: guest instructions per network block (stem, each "
+        "inverted-residual block, head) of each .tflite, each block cut out of the file and counted alone.")] = False,
 ) -> None:
     """Benchmark exported files on the host CPU and on emulated ARM64 phone CPUs."""
     from edgetl.bench import run_bench, setup_userland
@@ -198,7 +201,7 @@ def bench(
         return
     options = BenchOptions(targets=target, threads=threads, inputs=inputs, out=out, iters=iters, warmup=warmup,
                            samples=samples, arm_iters=arm_iters, arm_samples=arm_samples, allow_modified=allow_modified,
-                           remote_python=remote_python, taskset=taskset)
+                           remote_python=remote_python, taskset=taskset, breakdown=breakdown)
     run_bench(export_dir, options)
 
 

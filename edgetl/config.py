@@ -437,6 +437,7 @@ class BenchOptions:
     allow_modified: bool = False  # benchmark a file whose sha256 no longer matches its export manifest
     remote_python: str = "python3"  # the interpreter device_bench runs with on ssh: targets
     taskset: str | None = None  # CPU list (taskset -c) that pins device_bench on ssh: targets, e.g. big cores
+    breakdown: bool = False  # emulated targets: also count each network block of a .tflite on its own
 
     def validate(self) -> tuple[list, list[int]]:
         """The targets and host thread counts, parsed; every bad value is one UserError line."""

@@ -1,0 +1,73 @@
+"""Where the instructions go: block names from the exported tensors' module paths, the summary's arithmetic,
+and (marker `arm`) the real thing — each block of a tiny int8 .tflite counted alone on the emulated a76,
+twice, repeatable like the total, its sum within the stated per-part overhead of the whole."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from edgetl import breakdown
+from tests.conftest import run_cli
+
+_STEM = ("edgetl.backends.torch.export.ChannelsLastInput/edgetl.backends.torch.models.MobileNetV2_model/"
+         "torch.nn.modules.container.Sequential_features/edgetl.backends.torch.models.ConvNormAct_0/"
+         "torch.nn.modules.conv.Conv2d_0;2")
+_BLOCK = _STEM.replace("ConvNormAct_0/torch.nn.modules.conv.Conv2d_0;2", "InvertedResidualV2_12;")
+
+
+def test_block_names_come_from_the_module_path_of_the_tensors() -> None:
+    assert breakdown._block_of([_STEM]) == ("features.0", "ConvNormAct")
+    assert breakdown._block_of([_BLOCK]) == ("features.12", "InvertedResidualV2")
+    assert breakdown._block_of(["serving_default_output_0_output"]) is None
+
+
+def test_summary_states_each_share_and_how_far_the_sum_is_from_the_whole() -> None:
+    parts = [{"name": "features.0", "instructions_per_invoke": 300, "macs": 1000},
+             {"name": "features.1", "instructions_per_invoke": 800, "macs": 0}]
+    record = breakdown.summarize(parts, whole=1000, whole_macs=1000)
+    assert record["sum_of_parts"] == 1100 and record["sum_minus_whole"] == 100
+    assert record["sum_minus_whole_relative"] == pytest.approx(0.1)
+    assert record["overhead_per_extra_part"] == 100
+    assert parts[0]["share_of_whole"] == pytest.approx(0.3) and parts[0]["instructions_per_mac"] == pytest.approx(0.3)
+    assert parts[1]["instructions_per_mac"] is None  # no MACs: no ratio, never a division by zero
+    assert all(p["int8_loss_share"] is None for p in parts) and record["int8_loss_share_source"] is None
+    assert "per-invoke overhead" in record["gap_reason"]
+
+
+# Measured 2026-12-01 on the tiny model below (a76, qemu 7.2, LiteRT 2.3.0): 5.4 k instructions per extra part.
+# The stated distance: the sum exceeds the whole, by less than 10 k instructions per part beyond the first.
+MAX_OVERHEAD_PER_EXTRA_PART = 10_000
+
+
+@pytest.mark.arm
+def test_breakdown_on_the_emulated_a76_repeats_and_sums_to_the_whole(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    export = tmp_path / "export"
+    done = run_cli("export", str(tiny_checkpoint), "--formats", "tflite,pte", "--quant", "int8", "--out", str(export))
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = []
+    for attempt in (1, 2):
+        out = tmp_path / f"bench{attempt}"
+        result = run_cli("bench", str(export), "--target", "arm64-a76", "--arm-iters", "2", "--breakdown",
+                         "--out", str(out))
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs.append({f: json.loads((out / f"mobilenet_v2-w0.35-32-int8.{f}@arm64-a76.json").read_text())["runs"][0]
+                     for f in ("tflite", "pte")})
+    for run in runs:
+        assert run["pte"]["breakdown"] == {"unavailable": breakdown.PTE_UNAVAILABLE}
+    first, second = (r["tflite"]["breakdown"] for r in runs)
+    names = [p["name"] for p in first["parts"]]
+    assert names[0] == "features.0" and names[-1] == "features.18+head" and len(names) == 19  # stem, 17, head
+    assert [p["role"] for p in first["parts"]].count("block") == 17
+    whole = runs[0]["tflite"]["emulation"]["instructions_per_invoke"]
+    assert first["whole_instructions_per_invoke"] == whole
+    assert abs(whole - runs[1]["tflite"]["emulation"]["instructions_per_invoke"]) <= 5e-6 * whole
+    for a, b in zip(first["parts"], second["parts"], strict=True):
+        assert a["macs"] > 0 and a["instructions_per_invoke"] > 1000
+        assert abs(a["instructions_per_invoke"] - b["instructions_per_invoke"]) <= 5e-6 * whole, a["name"]
+    assert sum(p["macs"] for p in first["parts"]) == first["whole_macs"]
+    gap = first["sum_of_parts"] - whole
+    assert 0 < gap < MAX_OVERHEAD_PER_EXTRA_PART * (len(names) - 1), first
+    assert first["sum_minus_whole"] == gap
