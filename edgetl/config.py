@@ -363,6 +363,7 @@ class SweepConfig:
     arm_samples: int = 5
     remote_python: str = "python3"  # ssh: targets: the Python that runs device_bench there
     taskset: str | None = None  # ssh: targets: CPUs to pin device_bench to (taskset -c)
+    breakdown: bool = False  # emulated targets: instructions per network block of each .tflite (bench --breakdown)
     custom: dict[str, Variant] = field(default_factory=dict)
     recipe: str | None = None
 

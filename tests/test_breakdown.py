@@ -71,3 +71,20 @@ def test_breakdown_on_the_emulated_a76_repeats_and_sums_to_the_whole(tiny_checkp
     gap = first["sum_of_parts"] - whole
     assert 0 < gap < MAX_OVERHEAD_PER_EXTRA_PART * (len(names) - 1), first
     assert first["sum_minus_whole"] == gap
+
+
+def test_the_sweep_report_tables_and_plots_each_counted_breakdown() -> None:
+    from edgetl import report
+
+    parts = [{"name": "features.0", "role": "stem", "instructions_per_invoke": 40_000, "macs": 110_000},
+             {"name": "features.18+head", "role": "head", "instructions_per_invoke": 70_000, "macs": 0}]
+    record = {"id": "int8-ptq/m.tflite", "target": "arm64-a76", **breakdown.summarize(parts, 100_000, 110_000)}
+    document = {"breakdowns": [record]}
+    blocks = report.breakdown_sections(document)
+    assert blocks[0] == ("h2", "Where the instructions go")
+    kind, headers, rows = blocks[2]
+    assert kind == "table" and headers[-1] == "int8 loss share" and rows[0][-1] == "–"  # empty until a table exists
+    assert rows[0][:5] == ["features.0", "stem", "0.110", "0.0400", "40.0%"] and rows[1][2] == "–"
+    assert "+10.0%" in blocks[1][1] and "per-invoke overhead" in blocks[1][1]
+    assert report.breakdown_plot(document)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report.breakdown_sections({}) == [] and report.breakdown_plot({}) is None
