@@ -37,6 +37,35 @@ def test_summary_states_each_share_and_how_far_the_sum_is_from_the_whole() -> No
     assert "per-invoke overhead" in record["gap_reason"]
 
 
+def assert_parts_chain_to_the_whole(model: Path, folder: Path) -> None:
+    """The cut is faithful: every part keeps the whole's scale/zero-point at its cuts, and the parts run one after
+    another in LiteRT give the whole's int8 output bit for bit."""
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
+
+    def load(path: Path) -> Interpreter:
+        interpreter = Interpreter(model_path=str(path))
+        interpreter.allocate_tensors()
+        return interpreter
+
+    def invoke(interpreter: Interpreter, x: np.ndarray) -> np.ndarray:
+        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
+        interpreter.invoke()
+        return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+
+    folder.mkdir()
+    whole = load(model)
+    scales = {d["name"]: d["quantization"] for d in whole.get_tensor_details()}
+    x = np.random.default_rng(0).integers(-128, 128, size=(1, 32, 32, 3), dtype=np.int8)
+    y = x
+    for part in breakdown.tflite_parts(model):
+        piece = load(breakdown.write_part(model, part, folder / f"{part.name}.tflite"))
+        for cut in (*piece.get_input_details(), *piece.get_output_details()):
+            assert cut["dtype"] == np.int8 and cut["quantization"] == scales[cut["name"]], (part.name, cut["name"])
+        y = invoke(piece, y)
+    assert np.array_equal(y, invoke(whole, x)), (y, invoke(whole, x))
+
+
 # Measured 2026-12-01 on the tiny model below (a76, qemu 7.2, LiteRT 2.3.0): 5.4 k instructions per extra part.
 # The stated distance: the sum exceeds the whole, by less than 10 k instructions per part beyond the first.
 MAX_OVERHEAD_PER_EXTRA_PART = 10_000
@@ -47,6 +76,7 @@ def test_breakdown_on_the_emulated_a76_repeats_and_sums_to_the_whole(tiny_checkp
     export = tmp_path / "export"
     done = run_cli("export", str(tiny_checkpoint), "--formats", "tflite,pte", "--quant", "int8", "--out", str(export))
     assert done.returncode == 0, done.stderr[-3000:]
+    assert_parts_chain_to_the_whole(export / "mobilenet_v2-w0.35-32-int8.tflite", tmp_path / "parts")
     runs = []
     for attempt in (1, 2):
         out = tmp_path / f"bench{attempt}"
