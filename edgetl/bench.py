@@ -492,6 +492,36 @@ def print_table(rows: list[dict[str, Any]], found_ratios: list[dict[str, Any]]) 
                      f"({found['int8']} vs {found['fp32']})")
 
 
+def print_breakdowns(results: list[dict[str, Any]]) -> None:
+    """Each counted breakdown as a table: the blocks, their MACs, instructions, share and instructions per MAC."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgetl.ui import stdout
+
+    out = stdout if stdout.is_terminal else Console(width=200, highlight=False)
+    for result in results:
+        record = result.get("breakdown")
+        if not record:
+            continue
+        title = f"where the instructions go: {result['model']['file']} @ {result['target']['name']}"
+        if "parts" not in record:
+            out.print(f"{title}: unavailable ({record['unavailable']})")
+            continue
+        whole = record["whole_instructions_per_invoke"]
+        table = Table(title=title, caption=f"each block cut out of the file and counted alone; the parts sum to "
+                      f"{record['sum_of_parts'] / 1e6:.3f} M against {whole / 1e6:.3f} M for the whole "
+                      f"({record['sum_minus_whole_relative']:+.1%}): per-invoke overhead once per part")
+        for name in ("block", "role", "ops", "MACs", "instr/invoke", "share", "instr/MAC"):
+            table.add_column(name, justify="left" if name in ("block", "role") else "right")
+        for part in record["parts"]:
+            table.add_row(part["name"], part["role"], str(part["ops"][1] - part["ops"][0] + 1),
+                          f"{part['macs'] / 1e6:.3f} M" if part.get("macs") else "–",
+                          f"{part['instructions_per_invoke'] / 1e3:.1f} k", f"{part['share_of_whole']:.1%}",
+                          _fmt(part["instructions_per_mac"], 3))
+        out.print(table)
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
     """Top-1 against instructions per invoke (ARM targets) and against host p50 latency.
 
@@ -639,6 +669,7 @@ def run_bench(export: Path, options: BenchOptions) -> Path:
         rows = [row(r) for r in results]
         found_ratios = ratios(rows)
         print_table(rows, found_ratios)
+        print_breakdowns(results)
         figure = plot(rows, folder_out / "bench.png")
         from edgetl import arm64
         from edgetl.manifest import library_versions, now_utc

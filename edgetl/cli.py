@@ -231,6 +231,9 @@ def sweep(
         help="ssh: targets: the Python that runs device_bench there (default python3).")] = None,
     taskset: Annotated[str | None, typer.Option(
         help="ssh: targets: pin device_bench to these CPUs (taskset -c), e.g. 4-7.")] = None,
+    breakdown: Annotated[bool | None, typer.Option(
+        "--breakdown", help="Emulated ARM64 targets: count each network block of every .tflite (bench --breakdown); "
+        "the report gets a table and a plot per file.")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Sweep folder (default: RUN/sweep).")] = None,
     reuse: Annotated[Path | None, typer.Option(
         help="Export folder of this checkpoint (e.g. RUN/export): variants with the same settings take its "
@@ -241,7 +244,8 @@ def sweep(
 
     config = resolve_config(recipe, variants=variants, targets=target, threads=threads, formats=formats,
                             max_drop=max_drop, calib=calib, iters=iters, samples=samples, arm_iters=arm_iters,
-                            arm_samples=arm_samples, remote_python=remote_python, taskset=taskset)
+                            arm_samples=arm_samples, remote_python=remote_python, taskset=taskset,
+                            breakdown=breakdown)
     run_sweep(checkpoint, config, out, reuse)
 
 

@@ -118,3 +118,76 @@ def test_the_sweep_report_tables_and_plots_each_counted_breakdown() -> None:
     assert "+10.0%" in blocks[1][1] and "per-invoke overhead" in blocks[1][1]
     assert report.breakdown_plot(document)[:8] == b"\x89PNG\r\n\x1a\n"
     assert report.breakdown_sections({}) == [] and report.breakdown_plot({}) is None
+
+
+def _module_path(block: str) -> str:
+    return ("edgetl.backends.torch.export.ChannelsLastInput/edgetl.backends.torch.models.MobileNetV2_model/"
+            f"torch.nn.modules.container.Sequential_features/edgetl.backends.torch.models.{block}/x;")
+
+
+def _hand_made_tflite(path: Path) -> Path:
+    """x → stem (add c0) → features.1 (add c1, add the stem's output: a residual) → head (mul c2): four ops."""
+    import flatbuffers
+    import numpy as np
+    from ai_edge_litert import schema_py_generated as s
+
+    model, graph = s.ModelT(), s.SubGraphT()
+    model.version, model.buffers, model.operatorCodes = 3, [s.BufferT()], []
+    for code in (s.BuiltinOperator.ADD, s.BuiltinOperator.MUL):
+        op_code = s.OperatorCodeT()
+        op_code.builtinCode, op_code.deprecatedBuiltinCode, op_code.version = code, code, 1
+        model.operatorCodes.append(op_code)
+    graph.tensors = []
+
+    def tensor(name: str, value: float | None = None) -> int:
+        t = s.TensorT()
+        t.name, t.shape, t.type, t.buffer = name.encode(), [1, 4], s.TensorType.FLOAT32, 0
+        if value is not None:
+            b = s.BufferT()
+            b.data = np.full(4, value, np.float32).view(np.uint8)
+            model.buffers.append(b)
+            t.buffer = len(model.buffers) - 1
+        graph.tensors.append(t)
+        return len(graph.tensors) - 1
+
+    def op(code: int, inputs: list[int], output: int) -> s.OperatorT:
+        o = s.OperatorT()
+        o.opcodeIndex, o.inputs, o.outputs = code, inputs, [output]
+        return o
+
+    x, stem = tensor("serving_default_x"), tensor(_module_path("ConvNormAct_0"))
+    mid, block = tensor(_module_path("InvertedResidualV2_1") + "a"), tensor(_module_path("InvertedResidualV2_1"))
+    out = tensor("serving_default_output_0")
+    c0, c1, c2 = tensor("c0", 1.0), tensor("c1", 2.0), tensor("c2", 3.0)
+    graph.operators = [op(0, [x, c0], stem), op(0, [stem, c1], mid), op(0, [mid, stem], block), op(1, [block, c2], out)]
+    graph.inputs, graph.outputs = [x], [out]
+    model.subgraphs = [graph]
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    path.write_bytes(bytes(builder.Output()))
+    return path
+
+
+def test_a_block_cut_out_of_a_tflite_runs_alone_and_the_parts_chain_to_the_whole(tmp_path: Path) -> None:
+    np = pytest.importorskip("numpy")
+    interpreter = pytest.importorskip("ai_edge_litert.interpreter")
+    model = _hand_made_tflite(tmp_path / "m.tflite")
+    before = model.read_bytes()
+    parts = breakdown.tflite_parts(model)
+    assert [(p.name, p.role, p.first_op, p.last_op) for p in parts] == [
+        ("features.0", "stem", 0, 0), ("features.1", "block", 1, 2), ("head", "head", 3, 3)]
+
+    def run(path: Path, x: np.ndarray) -> np.ndarray:
+        it = interpreter.Interpreter(model_path=str(path))
+        it.allocate_tensors()
+        assert len(it.get_input_details()) == 1 and len(it.get_output_details()) == 1  # the residual stays inside
+        it.set_tensor(it.get_input_details()[0]["index"], x)
+        it.invoke()
+        return it.get_tensor(it.get_output_details()[0]["index"])
+
+    x = np.arange(4, dtype=np.float32).reshape(1, 4)
+    y = x
+    for part in parts:
+        y = run(breakdown.write_part(model, part, tmp_path / f"{part.name}.tflite"), y)
+    assert np.array_equal(y, run(model, x)) and np.array_equal(y, ((x + 1) + 2 + (x + 1)) * 3)
+    assert model.read_bytes() == before  # the exported file is only read
