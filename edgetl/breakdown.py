@@ -73,44 +73,47 @@ def _block_of(names: list[str]) -> tuple[str, str] | None:
 def tflite_parts(model: Path) -> list[Part]:
     """The blocks of a single-subgraph .tflite, from the module paths its tensors are named after.
 
-    Operators without a block (global pooling, classifier) belong to the head, as does the final 1×1
-    convolution block when it is not an inverted-residual block; operators before the first block (the
-    input PAD) belong to the block they feed.
+    Every inverted-residual (or MBConv) block is a part; everything before the first one is the stem,
+    everything after the last one (final 1×1 convolution, pooling, classifier) the head. An operator whose
+    output names no module (pooling, the output) stays with the operators around it.
     """
     graph = _load(model).subgraphs
     if len(graph) != 1:
         raise UserError(f"{model.name}: --breakdown needs a single-subgraph .tflite, this one has {len(graph)}")
     sub = graph[0]
-    owners: list[tuple[str, str] | None] = []
-    for op in sub.operators:
-        names = [sub.tensors[t].name.decode(errors="replace") for t in op.outputs]
-        owners.append(_block_of(names))
-    if not any(owners):
-        raise UserError(f"{model.name}: its tensor names say no network block (valid: a .tflite exported by edgetl's "
-                        "torch backend, whose tensors carry the module path)")
-    for i, owner in enumerate(owners):  # leading ops (input PAD) join the block they feed
-        if owner is not None:
-            owners[:i] = [owner] * i
-            break
-    last_block = max(i for i, o in enumerate(owners) if o is not None)
-    runs: list[list[Any]] = []
-    for i, owner in enumerate(owners):
-        key = owner if owner is not None and i <= last_block else ("head", "head")
-        if runs and runs[-1][0] == key:
+    owners = [_block_of([sub.tensors[t].name.decode(errors="replace") for t in op.outputs]) for op in sub.operators]
+    blocks = [i for i, owner in enumerate(owners) if owner is not None and _is_block(owner[1])]
+    if not blocks:
+        raise UserError(f"{model.name}: its tensor names name no inverted-residual block (valid: a .tflite exported "
+                        "by edgetl's torch backend, whose tensors carry the module path)")
+    first, last = blocks[0], blocks[-1]
+    runs: list[list[Any]] = []  # [module, first op, last op]
+    for i in range(first, last + 1):
+        module = owners[i][0] if owners[i] is not None else runs[-1][0]
+        if runs and runs[-1][0] == module:
             runs[-1][2] = i
+        elif any(r[0] == module for r in runs):
+            raise UserError(f"{model.name}: the operators of {module} are not contiguous; cannot cut it into blocks")
         else:
-            if any(r[0] == key for r in runs):
-                raise UserError(f"{model.name}: the operators of {key[0]} are not contiguous; "
-                                "cannot cut it into blocks")
-            runs.append([key, i, i])
-    parts = []
-    for n, ((name, cls), first, last) in enumerate(runs):
-        role = "block" if "Residual" in cls or "MBConv" in cls else "stem" if n == 0 else "head"
-        parts.append(Part(name, role, first, last))
-    # the last conv block (e.g. features.18, 1x1 to 1280) and the pooling/classifier are one head
-    if len(parts) >= 2 and parts[-1].name == "head" and parts[-2].role == "head":
-        parts[-2:] = [Part(f"{parts[-2].name}+head", "head", parts[-2].first_op, parts[-1].last_op)]
+            runs.append([module, i, i])
+    parts = [Part(module, "block", a, b) for module, a, b in runs]
+    if first > 0:
+        parts.insert(0, Part(_joined(owners[:first], "stem"), "stem", 0, first - 1))
+    if last + 1 < len(owners):
+        parts.append(Part(_joined(owners[last + 1 :], "head"), "head", last + 1, len(owners) - 1))
     return parts
+
+
+def _is_block(cls: str) -> bool:
+    return "Residual" in cls or "MBConv" in cls
+
+
+def _joined(owners: list[tuple[str, str] | None], role: str) -> str:
+    """`features.18+head`: the modules a stem or head part holds, with its role when some operators name none."""
+    names = list(dict.fromkeys(owner[0] for owner in owners if owner is not None))
+    if None in owners or not names:
+        names = [role, *names] if role == "stem" else [*names, role]
+    return "+".join(names)
 
 
 def write_part(model: Path, part: Part, out: Path) -> Path:
@@ -168,5 +171,7 @@ def summarize(parts: list[dict[str, Any]], whole: int, whole_macs: int | None) -
         "sum_minus_whole_relative": gap / whole if whole else None,
         "overhead_per_extra_part": gap / (len(parts) - 1) if len(parts) > 1 else None,
         "gap_reason": GAP_REASON,
+        "part_inputs": "device_bench's seeded random inputs of each part's own shape and type (int8 kernels cost "
+                       "the same instructions whatever the values)",
         "int8_loss_share_source": None,  # filled from the int8 sensitivity table when one exists
     }

@@ -22,6 +22,11 @@ def test_block_names_come_from_the_module_path_of_the_tensors() -> None:
     assert breakdown._block_of([_STEM]) == ("features.0", "ConvNormAct")
     assert breakdown._block_of([_BLOCK]) == ("features.12", "InvertedResidualV2")
     assert breakdown._block_of(["serving_default_output_0_output"]) is None
+    # an EfficientNet-Lite stem sits outside any container; a MobileNetV3 head holds its classifier's layers
+    assert breakdown._joined([None, None], "stem") == "stem"
+    assert breakdown._joined([("features.12", "ConvNormAct"), None, ("classifier.0", "Linear")], "head") == (
+        "features.12+classifier.0+head")
+    assert breakdown._joined([("features.0", "ConvNormAct")], "stem") == "features.0"
 
 
 def test_summary_states_each_share_and_how_far_the_sum_is_from_the_whole() -> None:
