@@ -379,8 +379,13 @@ def breakdown(artifact: Artifact, target: Any, whole: dict[str, Any], options: B
         return {"unavailable": blocks.PTE_UNAVAILABLE}
     folder = workdir / f"{artifact.name}.parts"
     folder.mkdir(exist_ok=True)
+    try:
+        cuts = blocks.tflite_parts(artifact.path)
+    except UserError as error:  # e.g. a .tflite whose tensors name no blocks: everything else is still measured
+        console.print(f"[yellow]bench: no breakdown of {artifact.name}: {error}[/]")
+        return {"unavailable": str(error)}
     parts = []
-    for part in blocks.tflite_parts(artifact.path):
+    for part in cuts:
         piece = Artifact(blocks.write_part(artifact.path, part, folder / f"{part.name}.tflite"))
         inspect(piece, script, emulated=True)
         console.print(f"bench: {artifact.name} @ {target.name}: {part.name} ({part.ops} ops) ...")

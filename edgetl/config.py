@@ -393,6 +393,9 @@ class SweepConfig:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} is not usable; valid: 1 or more")
         if self.warmup < 0:
             raise UserError(f"warmup {self.warmup} is not usable; valid: 0 or more")
+        if self.breakdown and not any(t in TARGETS and TARGETS[t].emulated for t in targets):
+            raise UserError(f"--breakdown needs an emulated target; the sweep's targets {', '.join(targets)} have "
+                            f"none (valid: add one of {', '.join(n for n, t in TARGETS.items() if t.emulated)})")
         return replace(self, variants=variants, targets=targets, formats=formats, threads=threads)
 
     def export_config(self, name: str) -> ExportConfig:
@@ -458,6 +461,10 @@ class BenchOptions:
         if not self.remote_python.strip() or self.remote_python.startswith("-"):
             raise UserError(f"--remote-python {self.remote_python!r} is not a program; valid: e.g. python3 or "
                             "/home/pi/venv/bin/python")
+        if self.breakdown and not any(t.emulated for t in targets):
+            raise UserError(f"--breakdown counts guest instructions, so it needs an emulated target; --target "
+                            f"{self.targets!r} has none (valid: add one of "
+                            f"{', '.join(n for n, t in TARGETS.items() if t.emulated)})")
         return targets, list(dict.fromkeys(threads))
 
 

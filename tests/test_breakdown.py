@@ -196,3 +196,21 @@ def test_a_block_cut_out_of_a_tflite_runs_alone_and_the_parts_chain_to_the_whole
         y = run(breakdown.write_part(model, part, tmp_path / f"{part.name}.tflite"), y)
     assert np.array_equal(y, run(model, x)) and np.array_equal(y, ((x + 1) + 2 + (x + 1)) * 3)
     assert model.read_bytes() == before  # the exported file is only read
+
+
+def test_breakdown_without_an_emulated_target_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "m.tflite").write_bytes(b"not read: the options are checked first")
+    result = run_cli("bench", str(export), "--target", "host", "--breakdown")
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--breakdown" in lines[0] and "arm64-a76" in lines[0], result.stderr
+    assert "Traceback" not in result.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_a_sweep_asking_for_a_breakdown_without_an_emulated_target_stops_before_any_export(
+        tiny_checkpoint: Path, tmp_path: Path) -> None:
+    result = run_cli("sweep", str(tiny_checkpoint), "--target", "host", "--breakdown", "--out", str(tmp_path / "s"))
+    assert result.returncode == 2 and "--breakdown needs an emulated target" in result.stderr, result.stderr
+    assert not (tmp_path / "s").exists()
