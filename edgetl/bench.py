@@ -369,6 +369,40 @@ def run_one(artifact: Artifact, target: Any, threads: int, inputs: Path | None, 
     return result
 
 
+def breakdown(artifact: Artifact, target: Any, whole: dict[str, Any], options: BenchOptions, script: Path,
+              workdir: Path) -> dict[str, Any]:
+    """Guest instructions per invoke of each network block, counted like the whole (see edgetl.breakdown)."""
+    from edgetl import breakdown as blocks
+    from edgetl.ui import console
+
+    if artifact.path.suffix != ".tflite":
+        return {"unavailable": blocks.PTE_UNAVAILABLE}
+    folder = workdir / f"{artifact.name}.parts"
+    folder.mkdir(exist_ok=True)
+    try:
+        cuts = blocks.tflite_parts(artifact.path)
+    except UserError as error:  # e.g. a .tflite whose tensors name no blocks: everything else is still measured
+        console.print(f"[yellow]bench: no breakdown of {artifact.name}: {error}[/]")
+        return {"unavailable": str(error)}
+    parts = []
+    for part in cuts:
+        piece = Artifact(blocks.write_part(artifact.path, part, folder / f"{part.name}.tflite"))
+        inspect(piece, script, emulated=True)
+        console.print(f"bench: {artifact.name} @ {target.name}: {part.name} ({part.ops} ops) ...")
+        counted = run_one(piece, target, 1, None, options, script, folder)
+        entry = {"name": part.name, "role": part.role, "operators": [part.first_op, part.last_op], "macs": piece.macs,
+                 "input": piece.spec.get("input"), "output": piece.spec.get("output")}
+        if "failed" in counted:  # a sum without this part would mislead: no breakdown, the whole still stands
+            reason = f"block {part.name} failed to run alone: {counted['failed']}"
+            console.print(f"[red]bench: no breakdown of {artifact.name} @ {target.name}: {reason}[/]")
+            return {"unavailable": reason}
+        emulation = counted["emulation"]
+        entry.update(instructions_per_invoke=emulation["instructions_per_invoke"], spread=emulation["spread"],
+                     per_invoke=emulation["per_invoke"])
+        parts.append(entry)
+    return blocks.summarize(parts, whole["emulation"]["instructions_per_invoke"], whole["model"].get("macs"))
+
+
 def target_record(target: Any) -> dict[str, Any]:
     record = {"name": target.name, "description": target.description, "emulated": target.emulated}
     if getattr(target, "remote", False):
@@ -462,6 +496,36 @@ def print_table(rows: list[dict[str, Any]], found_ratios: list[dict[str, Any]]) 
     for found in found_ratios:
         out.print(f"int8/fp32 instructions on {found['target']}: {found['ratio']:.3f} "
                      f"({found['int8']} vs {found['fp32']})")
+
+
+def print_breakdowns(results: list[dict[str, Any]]) -> None:
+    """Each counted breakdown as a table: the blocks, their MACs, instructions, share and instructions per MAC."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgetl.ui import stdout
+
+    out = stdout if stdout.is_terminal else Console(width=200, highlight=False)
+    for result in results:
+        record = result.get("breakdown")
+        if not record:
+            continue
+        title = f"where the instructions go: {result['model']['file']} @ {result['target']['name']}"
+        if "parts" not in record:
+            out.print(f"{title}: unavailable ({record['unavailable']})")
+            continue
+        whole = record["whole_instructions_per_invoke"]
+        table = Table(title=title, caption=f"each block cut out of the file and counted alone; the parts sum to "
+                      f"{record['sum_of_parts'] / 1e6:.3f} M against {whole / 1e6:.3f} M for the whole "
+                      f"({record['sum_minus_whole_relative']:+.1%}): per-invoke overhead once per part")
+        for name in ("block", "role", "ops", "MACs", "instr/invoke", "share", "instr/MAC"):
+            table.add_column(name, justify="left" if name in ("block", "role") else "right")
+        for part in record["parts"]:
+            table.add_row(part["name"], part["role"], str(part["operators"][1] - part["operators"][0] + 1),
+                          f"{part['macs'] / 1e6:.3f} M" if part.get("macs") else "–",
+                          f"{part['instructions_per_invoke'] / 1e3:.1f} k", f"{part['share_of_whole']:.1%}",
+                          _fmt(part["instructions_per_mac"], 3))
+        out.print(table)
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
@@ -599,6 +663,8 @@ def run_bench(export: Path, options: BenchOptions) -> Path:
                                      options, script, workdir, sessions.get(target.name))
                     if artifact.modified and "model" in result:
                         result["model"]["modified_since_export"] = True
+                    if options.breakdown and target.emulated and "failed" not in result:
+                        result["breakdown"] = breakdown(artifact, target, result, options, script, workdir)
                     target_runs.append(result)
                     if "failed" in result:
                         console.print(f"[red]bench: {what} failed: {result['failed']}[/]")
@@ -609,6 +675,7 @@ def run_bench(export: Path, options: BenchOptions) -> Path:
         rows = [row(r) for r in results]
         found_ratios = ratios(rows)
         print_table(rows, found_ratios)
+        print_breakdowns(results)
         figure = plot(rows, folder_out / "bench.png")
         from edgetl import arm64
         from edgetl.manifest import library_versions, now_utc
@@ -622,7 +689,8 @@ def run_bench(export: Path, options: BenchOptions) -> Path:
                         "remote_threads": thread_counts if sessions else None, "taskset": options.taskset,
                         "arm_threads": 1, "iters": options.iters, "warmup": options.warmup,
                         "samples": options.samples, "arm_iters": options.arm_iters,
-                        "arm_warmup": options.arm_warmup, "arm_samples": options.arm_samples},
+                        "arm_warmup": options.arm_warmup, "arm_samples": options.arm_samples,
+                        "breakdown": options.breakdown},
             files=sorted(p.name for p in folder_out.glob("*@*.json")), plot=figure.name if figure else None,
             rows=tuple(BenchRow.from_json(r, "bench rows") for r in rows), int8_fp32_instruction_ratios=found_ratios,
             arm64_setup=arm64.status() if any(t.emulated for t in targets) else None,

@@ -200,6 +200,9 @@ def bench(
     allow_modified: Annotated[bool, typer.Option(
         "--allow-modified", help="Benchmark a file whose sha256 no longer matches its export manifest (marked "
         "modified in the results) instead of refusing it.")] = False,
+    breakdown: Annotated[bool, typer.Option(
+        "--breakdown", help="Emulated ARM64 targets: guest instructions per network block (stem, each "
+        "inverted-residual block, head) of each .tflite, each block cut out of the file and counted alone.")] = False,
 ) -> None:
     """Benchmark exported files on the host CPU and on emulated ARM64 phone CPUs."""
     from edgetl.bench import run_bench, setup_userland
@@ -213,7 +216,7 @@ def bench(
         return
     options = BenchOptions(targets=target, threads=threads, inputs=inputs, out=out, iters=iters, warmup=warmup,
                            samples=samples, arm_iters=arm_iters, arm_samples=arm_samples, allow_modified=allow_modified,
-                           remote_python=remote_python, taskset=taskset)
+                           remote_python=remote_python, taskset=taskset, breakdown=breakdown)
     run_bench(export_dir, options)
 
 
@@ -243,6 +246,9 @@ def sweep(
         help="ssh: targets: the Python that runs device_bench there (default python3).")] = None,
     taskset: Annotated[str | None, typer.Option(
         help="ssh: targets: pin device_bench to these CPUs (taskset -c), e.g. 4-7.")] = None,
+    breakdown: Annotated[bool | None, typer.Option(
+        "--breakdown", help="Emulated ARM64 targets: count each network block of every .tflite (bench --breakdown); "
+        "the report gets a table and a plot per file.")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Sweep folder (default: RUN/sweep).")] = None,
     reuse: Annotated[Path | None, typer.Option(
         help="Export folder of this checkpoint (e.g. RUN/export): variants with the same settings take its "
@@ -253,7 +259,8 @@ def sweep(
 
     config = resolve_config(recipe, variants=variants, targets=target, threads=threads, formats=formats,
                             max_drop=max_drop, calib=calib, iters=iters, samples=samples, arm_iters=arm_iters,
-                            arm_samples=arm_samples, remote_python=remote_python, taskset=taskset)
+                            arm_samples=arm_samples, remote_python=remote_python, taskset=taskset,
+                            breakdown=breakdown)
     run_sweep(checkpoint, config, out, reuse)
 
 

@@ -397,6 +397,7 @@ class SweepConfig:
     arm_samples: int = 5
     remote_python: str = "python3"  # ssh: targets: the Python that runs device_bench there
     taskset: str | None = None  # ssh: targets: CPUs to pin device_bench to (taskset -c)
+    breakdown: bool = False  # emulated targets: instructions per network block of each .tflite (bench --breakdown)
     custom: dict[str, Variant] = field(default_factory=dict)
     recipe: str | None = None
 
@@ -426,6 +427,9 @@ class SweepConfig:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} is not usable; valid: 1 or more")
         if self.warmup < 0:
             raise UserError(f"warmup {self.warmup} is not usable; valid: 0 or more")
+        if self.breakdown and not any(t in TARGETS and TARGETS[t].emulated for t in targets):
+            raise UserError(f"--breakdown needs an emulated target; the sweep's targets {', '.join(targets)} have "
+                            f"none (valid: add one of {', '.join(n for n, t in TARGETS.items() if t.emulated)})")
         return replace(self, variants=variants, targets=targets, formats=formats, threads=threads)
 
     def export_config(self, name: str) -> ExportConfig:
@@ -471,6 +475,7 @@ class BenchOptions:
     allow_modified: bool = False  # benchmark a file whose sha256 no longer matches its export manifest
     remote_python: str = "python3"  # the interpreter device_bench runs with on ssh: targets
     taskset: str | None = None  # CPU list (taskset -c) that pins device_bench on ssh: targets, e.g. big cores
+    breakdown: bool = False  # emulated targets: also count each network block of a .tflite on its own
 
     def validate(self) -> tuple[list, list[int]]:
         """The targets and host thread counts, parsed; every bad value is one UserError line."""
@@ -490,6 +495,10 @@ class BenchOptions:
         if not self.remote_python.strip() or self.remote_python.startswith("-"):
             raise UserError(f"--remote-python {self.remote_python!r} is not a program; valid: e.g. python3 or "
                             "/home/pi/venv/bin/python")
+        if self.breakdown and not any(t.emulated for t in targets):
+            raise UserError(f"--breakdown counts guest instructions, so it needs an emulated target; --target "
+                            f"{self.targets!r} has none (valid: add one of "
+                            f"{', '.join(n for n, t in TARGETS.items() if t.emulated)})")
         return targets, list(dict.fromkeys(threads))
 
 

@@ -195,6 +195,61 @@ def analyse(rows: list[dict[str, Any]], budget: float, reference: float,
 # ------------------------------------------------------------------------------------------- plots
 
 
+def breakdown_sections(document: dict[str, Any]) -> list[Block]:
+    """Where the instructions go: one table per file × emulated target that bench --breakdown counted."""
+    found = document.get("breakdowns") or []
+    if not found:
+        return []
+    blocks: list[Block] = [("h2", "Where the instructions go")]
+    for record in found:
+        gap = record["sum_minus_whole_relative"]
+        blocks.append(("p", f"{record['id']} on {record['target']}: {record['method']}. Whole "
+                            f"{record['whole_instructions_per_invoke'] / 1e6:.3f} M instructions per invoke; the parts "
+                            f"sum to {record['sum_of_parts'] / 1e6:.3f} M ({gap:+.1%}): {record['gap_reason']}. "
+                            "int8 loss share: "
+                            + (record.get("int8_loss_share_source") or "no sensitivity table in this run") + "."))
+        blocks.append(("table", ["block", "role", "M MACs", "M instr", "share", "instr/MAC", "int8 loss share"],
+                       [[p["name"], p["role"], "–" if not p.get("macs") else f"{p['macs'] / 1e6:.3f}",
+                         f"{p['instructions_per_invoke'] / 1e6:.4f}", f"{p['share_of_whole']:.1%}",
+                         "–" if p.get("instructions_per_mac") is None else f"{p['instructions_per_mac']:.3f}",
+                         "–" if p.get("int8_loss_share") is None else f"{p['int8_loss_share']:.1%}"]
+                        for p in record["parts"]]))
+    return blocks
+
+
+def breakdown_plot(document: dict[str, Any]) -> bytes | None:
+    """Bars: each block's guest instructions per invoke, with its MACs on a second axis, per counted file."""
+    found = document.get("breakdowns") or []
+    if not found:
+        return None
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(found), 1, figsize=(11, 3.6 * len(found)), squeeze=False)
+    for axis, record in zip(axes[:, 0], found, strict=True):
+        names = [p["name"] for p in record["parts"]]
+        axis.bar(range(len(names)), [p["instructions_per_invoke"] / 1e6 for p in record["parts"]], color="tab:blue",
+                 label="guest instructions per invoke (M)")
+        axis.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+        axis.set(ylabel="M instructions", title=f"{record['id']} on {record['target']}: sum of parts "
+                 f"{record['sum_minus_whole_relative']:+.1%} vs whole (per-invoke overhead once per part)")
+        twin = axis.twinx()
+        twin.plot(range(len(names)), [(p.get("macs") or 0) / 1e6 for p in record["parts"]], "o-", color="tab:orange",
+                  label="MACs (M)")
+        twin.set_ylabel("M MACs")
+        axis.legend(loc="upper left", fontsize=8)
+        twin.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def plots(document: dict[str, Any]) -> dict[str, bytes]:
     """PNG figures: top-1 against ARM instructions per invoke (one panel per target), host latency, size.
 
@@ -392,12 +447,14 @@ def sections(document: dict[str, Any]) -> list[Block]:
     blocks.append(("p", "★: on the Pareto front of top-1 against that column (no other file is at most as "
                         "costly and at least as accurate, one of them strictly). Drop: points of top-1 below the "
                         "float reference (negative: higher)."))
+    blocks.extend(breakdown_sections(document))
     blocks.append(("h2", "Plots"))
     for name, alt in (("top1_vs_arm_instructions", "top-1 against guest instructions per invoke, per ARM64 target"),
                       ("top1_vs_host_latency", "top-1 against host p50 latency"),
                       ("top1_vs_file_size", "top-1 against file size"),
                       ("int8_sensitivity", "int8 sensitivity: each layer's logit error when only it is rounded, "
-                                           "and its share of MACs")):
+                                           "and its share of MACs"),
+                      ("instructions_per_block", "guest instructions per invoke of each network block")):
         if name in document.get("plots", []):
             blocks.append(("img", name, alt))
     blocks.append(("h2", "Variants"))
@@ -477,6 +534,9 @@ def write_report(folder: Path, document: dict[str, Any]) -> dict[str, Any]:
     for r in document["rows"]:
         r["drop_points"] = drop(r, reference)
     images = plots(document)
+    per_block = breakdown_plot(document)
+    if per_block is not None:
+        images["instructions_per_block"] = per_block
     document["plots"] = sorted(images)
     (folder / "plots").mkdir(exist_ok=True)
     for name, payload in images.items():

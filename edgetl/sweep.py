@@ -91,7 +91,7 @@ def run_sweep(checkpoint: Path, config: SweepConfig, out: Path | None = None, re
             "variants": variants,
             "reference": reference_top1(variants, manifest),
             "conditions": conditions(work, variants, config, load_before),
-            "rows": rows, "failures": failures,
+            "rows": rows, "failures": failures, "breakdowns": breakdowns(variants),
             "seconds": round(time.perf_counter() - started, 1),
         }
         _repoint(work, out, variants)
@@ -174,7 +174,7 @@ def run_variant(checkpoint: Path, config: SweepConfig, name: str, folder: Path,
                 targets=",".join(config.targets), threads=",".join(str(t) for t in config.threads),
                 out=folder / "bench", iters=config.iters, warmup=config.warmup, samples=config.samples,
                 arm_iters=config.arm_iters, arm_samples=config.arm_samples, remote_python=config.remote_python,
-                taskset=config.taskset))
+                taskset=config.taskset, breakdown=config.breakdown))
             entry["status"] = "ok"
         except KeyboardInterrupt:
             raise
@@ -309,6 +309,21 @@ def collect(out: Path, variants: list[dict[str, Any]]) -> tuple[list[dict[str, A
                              "instructions_per_mac": bench["instructions_per_mac"], "macs": bench["macs"],
                              "bench_top1": bench["top1"], "bench_top1_samples": bench["top1_samples"]})
     return rows, failures
+
+
+def breakdowns(variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every block breakdown bench wrote (bench --breakdown), one per file × emulated target."""
+    found = []
+    for variant in variants:
+        for path in sorted(Path(variant["bench"]).glob("*@*.json")):
+            if path.name == "manifest.json":
+                continue
+            for run in json.loads(path.read_text()).get("runs", []):
+                record = run.get("breakdown")
+                if record and "parts" in record:
+                    found.append({"id": f"{variant['name']}/{run['model']['file']}", "target": run["target"]["name"],
+                                  **record})
+    return found
 
 
 def delegation(sidecar: ArtifactSidecar) -> dict[str, Any]:

@@ -1,0 +1,177 @@
+"""Where an invoke's instructions go: each network block of an exported .tflite, counted on its own.
+
+Why cut the exported file instead of attributing the plugin's counts to kernel symbols: on these
+machines qemu-user's plugin API resolves symbols only for what its own loader mapped (the executable
+and ld.so), and the runtimes' kernels live in shared libraries that ld.so maps later; LiteRT's aarch64
+libraries carry no XNNPACK symbols at all, and ExecuTorch's export only some. Even resolved, a kernel
+serves many blocks. So each block (stem, every inverted-residual block, head) is cut out of the very
+file that was exported: the same operators, the same tensors and therefore the same quantization
+(scales and zero-points), the same kernels. Each part then runs as a model of its own, so each pays
+the runtime's per-invoke overhead (interpreter invoke, delegate dispatch, input/output copies) once:
+the parts' sum exceeds the whole by about (parts - 1) × that overhead, which the result states.
+
+A .pte holds its graph inside an opaque XNNPACK delegate payload that cannot be cut this way; its
+breakdown is reported as unavailable (an honest gap, not an estimate).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgetl.errors import UserError
+
+METHOD = ("each block cut out of the exported .tflite (same operators, tensors and quantization) and counted "
+          "on its own under qemu, like the whole")
+GAP_REASON = ("each part is invoked as a model of its own, so it pays the runtime's per-invoke overhead "
+              "(interpreter invoke, delegate dispatch, input/output copies) once: the sum counts that overhead "
+              "once per part, the whole once")
+PTE_UNAVAILABLE = ("a .pte keeps its graph inside one XNNPACK delegate payload, which cannot be cut into blocks; "
+                   "and its kernels sit in shared libraries whose symbols qemu's plugin API does not resolve")
+
+# `.../Sequential_features/edgetl...ConvNormAct_0/...` (torch module path as litert-torch names tensors)
+_BLOCK = re.compile(r"(?:Sequential|ModuleList)_(?P<container>\w+?)/[\w.]*?(?P<cls>\w+)_(?P<index>\d+)(?:/|;|$)")
+
+
+@dataclass(frozen=True)
+class Part:
+    """One block of the network: its name, its role and the operators (a contiguous run) it holds."""
+
+    name: str
+    role: str  # stem, block or head
+    first_op: int
+    last_op: int  # inclusive
+
+    @property
+    def ops(self) -> int:
+        return self.last_op - self.first_op + 1
+
+
+def _schema() -> Any:
+    try:
+        from ai_edge_litert import schema_py_generated
+    except ImportError:
+        raise UserError("--breakdown needs ai-edge-litert on the host (pip install ai-edge-litert==2.3.0)") from None
+    return schema_py_generated
+
+
+def _load(model: Path) -> Any:
+    return _schema().ModelT.InitFromPackedBuf(model.read_bytes(), 0)
+
+
+def _block_of(names: list[str]) -> tuple[str, str] | None:
+    """(module path, class) of the first named block an operator's output tensor comes from."""
+    for name in names:
+        found = _BLOCK.search(name)
+        if found:
+            return f"{found['container']}.{found['index']}", found["cls"]
+    return None
+
+
+def tflite_parts(model: Path) -> list[Part]:
+    """The blocks of a single-subgraph .tflite, from the module paths its tensors are named after.
+
+    Every inverted-residual (or MBConv) block is a part; everything before the first one is the stem,
+    everything after the last one (final 1×1 convolution, pooling, classifier) the head. An operator whose
+    output names no module (pooling, the output) stays with the operators around it.
+    """
+    graph = _load(model).subgraphs
+    if len(graph) != 1:
+        raise UserError(f"{model.name}: --breakdown needs a single-subgraph .tflite, this one has {len(graph)}")
+    sub = graph[0]
+    owners = [_block_of([sub.tensors[t].name.decode(errors="replace") for t in op.outputs]) for op in sub.operators]
+    blocks = [i for i, owner in enumerate(owners) if owner is not None and _is_block(owner[1])]
+    if not blocks:
+        raise UserError(f"{model.name}: its tensor names name no inverted-residual block (valid: a .tflite exported "
+                        "by edgetl's torch backend, whose tensors carry the module path)")
+    first, last = blocks[0], blocks[-1]
+    runs: list[list[Any]] = []  # [module, first op, last op]
+    for i in range(first, last + 1):
+        module = owners[i][0] if owners[i] is not None else runs[-1][0]
+        if runs and runs[-1][0] == module:
+            runs[-1][2] = i
+        elif any(r[0] == module for r in runs):
+            raise UserError(f"{model.name}: the operators of {module} are not contiguous; cannot cut it into blocks")
+        else:
+            runs.append([module, i, i])
+    parts = [Part(module, "block", a, b) for module, a, b in runs]
+    if first > 0:
+        parts.insert(0, Part(_joined(owners[:first], "stem"), "stem", 0, first - 1))
+    if last + 1 < len(owners):
+        parts.append(Part(_joined(owners[last + 1 :], "head"), "head", last + 1, len(owners) - 1))
+    return parts
+
+
+def _is_block(cls: str) -> bool:
+    return "Residual" in cls or "MBConv" in cls
+
+
+def _joined(owners: list[tuple[str, str] | None], role: str) -> str:
+    """`features.18+head`: the modules a stem or head part holds, with its role when some operators name none."""
+    names = list(dict.fromkeys(owner[0] for owner in owners if owner is not None))
+    if None in owners or not names:
+        names = [role, *names] if role == "stem" else [*names, role]
+    return "+".join(names)
+
+
+def write_part(model: Path, part: Part, out: Path) -> Path:
+    """A .tflite holding only `part`'s operators: inputs are the tensors it reads that nothing in it makes and that
+    carry no data; outputs the tensors it makes that a later operator or the model's output reads."""
+    import flatbuffers
+
+    whole = _load(model)
+    sub = whole.subgraphs[0]
+    ops = sub.operators[part.first_op : part.last_op + 1]
+    later = sub.operators[part.last_op + 1 :]
+    made = {t for op in ops for t in op.outputs}
+    read_later = {t for op in later for t in op.inputs if t >= 0} | set(sub.outputs)
+
+    def constant(t: int) -> bool:
+        data = whole.buffers[sub.tensors[t].buffer].data
+        return data is not None and len(data) > 0
+
+    inputs = list(dict.fromkeys(t for op in ops for t in op.inputs if t >= 0 and t not in made and not constant(t)))
+    outputs = [t for t in dict.fromkeys(t for op in ops for t in op.outputs) if t in read_later]
+    used = sorted({t for op in ops for t in (*op.inputs, *op.outputs) if t >= 0}
+                  | {t for op in ops for t in (op.intermediates if op.intermediates is not None else []) if t >= 0})
+    renumber = {old: new for new, old in enumerate(used)}
+    for op in ops:
+        op.inputs = [renumber[t] if t >= 0 else t for t in op.inputs]
+        op.outputs = [renumber[t] for t in op.outputs]
+        if op.intermediates is not None:
+            op.intermediates = [renumber[t] for t in op.intermediates if t >= 0]
+    sub.tensors = [sub.tensors[t] for t in used]
+    sub.operators = ops
+    sub.inputs = [renumber[t] for t in inputs]
+    sub.outputs = [renumber[t] for t in outputs]
+    whole.signatureDefs = None  # the whole model's signature names tensors this part does not have
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(whole.Pack(builder), file_identifier=b"TFL3")
+    out.write_bytes(bytes(builder.Output()))
+    return out
+
+
+def summarize(parts: list[dict[str, Any]], whole: int, whole_macs: int | None) -> dict[str, Any]:
+    """The breakdown record: every part's share and instructions per MAC, and how far the sum is from the whole."""
+    total = sum(p["instructions_per_invoke"] for p in parts)
+    for p in parts:
+        p["share_of_whole"] = p["instructions_per_invoke"] / whole if whole else None
+        p["instructions_per_mac"] = p["instructions_per_invoke"] / p["macs"] if p.get("macs") else None
+        p.setdefault("int8_loss_share", None)
+    gap = total - whole
+    return {
+        "method": METHOD,
+        "parts": parts,
+        "whole_instructions_per_invoke": whole,
+        "whole_macs": whole_macs,
+        "sum_of_parts": total,
+        "sum_minus_whole": gap,
+        "sum_minus_whole_relative": gap / whole if whole else None,
+        "overhead_per_extra_part": gap / (len(parts) - 1) if len(parts) > 1 else None,
+        "gap_reason": GAP_REASON,
+        "part_inputs": "device_bench's seeded random inputs of each part's own shape and type (the whole fed such "
+                       "inputs instead of test images: 19 instructions fewer of 400 k, measured 2026-12-01)",
+        "int8_loss_share_source": None,  # filled from the int8 sensitivity table when one exists
+    }

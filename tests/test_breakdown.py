@@ -1,0 +1,216 @@
+"""Where the instructions go: block names from the exported tensors' module paths, the summary's arithmetic,
+and (marker `arm`) the real thing — each block of a tiny int8 .tflite counted alone on the emulated a76,
+twice, repeatable like the total, its sum within the stated per-part overhead of the whole."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from edgetl import breakdown
+from tests.conftest import run_cli
+
+_STEM = ("edgetl.backends.torch.export.ChannelsLastInput/edgetl.backends.torch.models.MobileNetV2_model/"
+         "torch.nn.modules.container.Sequential_features/edgetl.backends.torch.models.ConvNormAct_0/"
+         "torch.nn.modules.conv.Conv2d_0;2")
+_BLOCK = _STEM.replace("ConvNormAct_0/torch.nn.modules.conv.Conv2d_0;2", "InvertedResidualV2_12;")
+
+
+def test_block_names_come_from_the_module_path_of_the_tensors() -> None:
+    assert breakdown._block_of([_STEM]) == ("features.0", "ConvNormAct")
+    assert breakdown._block_of([_BLOCK]) == ("features.12", "InvertedResidualV2")
+    assert breakdown._block_of(["serving_default_output_0_output"]) is None
+    # an EfficientNet-Lite stem sits outside any container; a MobileNetV3 head holds its classifier's layers
+    assert breakdown._joined([None, None], "stem") == "stem"
+    assert breakdown._joined([("features.12", "ConvNormAct"), None, ("classifier.0", "Linear")], "head") == (
+        "features.12+classifier.0+head")
+    assert breakdown._joined([("features.0", "ConvNormAct")], "stem") == "features.0"
+
+
+def test_summary_states_each_share_and_how_far_the_sum_is_from_the_whole() -> None:
+    parts = [{"name": "features.0", "instructions_per_invoke": 300, "macs": 1000},
+             {"name": "features.1", "instructions_per_invoke": 800, "macs": 0}]
+    record = breakdown.summarize(parts, whole=1000, whole_macs=1000)
+    assert record["sum_of_parts"] == 1100 and record["sum_minus_whole"] == 100
+    assert record["sum_minus_whole_relative"] == pytest.approx(0.1)
+    assert record["overhead_per_extra_part"] == 100
+    assert parts[0]["share_of_whole"] == pytest.approx(0.3) and parts[0]["instructions_per_mac"] == pytest.approx(0.3)
+    assert parts[1]["instructions_per_mac"] is None  # no MACs: no ratio, never a division by zero
+    assert all(p["int8_loss_share"] is None for p in parts) and record["int8_loss_share_source"] is None
+    assert "per-invoke overhead" in record["gap_reason"]
+
+
+def assert_parts_chain_to_the_whole(model: Path, folder: Path) -> None:
+    """The cut is faithful: every part keeps the whole's scale/zero-point at its cuts, and the parts run one after
+    another in LiteRT give the whole's int8 output bit for bit."""
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
+
+    def load(path: Path) -> Interpreter:
+        interpreter = Interpreter(model_path=str(path))
+        interpreter.allocate_tensors()
+        return interpreter
+
+    def invoke(interpreter: Interpreter, x: np.ndarray) -> np.ndarray:
+        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
+        interpreter.invoke()
+        return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+
+    folder.mkdir()
+    whole = load(model)
+    scales = {d["name"]: d["quantization"] for d in whole.get_tensor_details()}
+    x = np.random.default_rng(0).integers(-128, 128, size=(1, 32, 32, 3), dtype=np.int8)
+    y = x
+    for part in breakdown.tflite_parts(model):
+        piece = load(breakdown.write_part(model, part, folder / f"{part.name}.tflite"))
+        for cut in (*piece.get_input_details(), *piece.get_output_details()):
+            assert cut["dtype"] == np.int8 and cut["quantization"] == scales[cut["name"]], (part.name, cut["name"])
+        y = invoke(piece, y)
+    assert np.array_equal(y, invoke(whole, x)), (y, invoke(whole, x))
+
+
+# Measured 2026-12-01 on the tiny model below (a76, qemu 7.2, LiteRT 2.3.0): 5.4 k instructions per extra part.
+# The stated distance: the sum exceeds the whole, by less than 10 k instructions per part beyond the first.
+MAX_OVERHEAD_PER_EXTRA_PART = 10_000
+
+
+@pytest.mark.arm
+def test_breakdown_on_the_emulated_a76_repeats_and_sums_to_the_whole(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    export = tmp_path / "export"
+    done = run_cli("export", str(tiny_checkpoint), "--formats", "tflite,pte", "--quant", "int8", "--out", str(export))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_parts_chain_to_the_whole(export / "mobilenet_v2-w0.35-32-int8.tflite", tmp_path / "parts")
+    runs = []
+    for attempt in (1, 2):
+        out = tmp_path / f"bench{attempt}"
+        result = run_cli("bench", str(export), "--target", "arm64-a76", "--arm-iters", "2", "--breakdown",
+                         "--out", str(out))
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs.append({f: json.loads((out / f"mobilenet_v2-w0.35-32-int8.{f}@arm64-a76.json").read_text())["runs"][0]
+                     for f in ("tflite", "pte")})
+    for run in runs:
+        assert run["pte"]["breakdown"] == {"unavailable": breakdown.PTE_UNAVAILABLE}
+    first, second = (r["tflite"]["breakdown"] for r in runs)
+    names = [p["name"] for p in first["parts"]]
+    assert names[0] == "features.0" and names[-1] == "features.18+head" and len(names) == 19  # stem, 17, head
+    assert [p["role"] for p in first["parts"]].count("block") == 17
+    whole = runs[0]["tflite"]["emulation"]["instructions_per_invoke"]
+    assert first["whole_instructions_per_invoke"] == whole
+    assert abs(whole - runs[1]["tflite"]["emulation"]["instructions_per_invoke"]) <= 5e-6 * whole
+    for a, b in zip(first["parts"], second["parts"], strict=True):
+        assert a["macs"] > 0 and a["instructions_per_invoke"] > 1000
+        assert abs(a["instructions_per_invoke"] - b["instructions_per_invoke"]) <= 5e-6 * whole, a["name"]
+    assert sum(p["macs"] for p in first["parts"]) == first["whole_macs"]
+    gap = first["sum_of_parts"] - whole
+    assert 0 < gap < MAX_OVERHEAD_PER_EXTRA_PART * (len(names) - 1), first
+    assert first["sum_minus_whole"] == gap
+
+
+def test_the_sweep_report_tables_and_plots_each_counted_breakdown() -> None:
+    from edgetl import report
+
+    parts = [{"name": "features.0", "role": "stem", "instructions_per_invoke": 40_000, "macs": 110_000},
+             {"name": "features.18+head", "role": "head", "instructions_per_invoke": 70_000, "macs": 0}]
+    record = {"id": "int8-ptq/m.tflite", "target": "arm64-a76", **breakdown.summarize(parts, 100_000, 110_000)}
+    document = {"breakdowns": [record]}
+    blocks = report.breakdown_sections(document)
+    assert blocks[0] == ("h2", "Where the instructions go")
+    kind, headers, rows = blocks[2]
+    assert kind == "table" and headers[-1] == "int8 loss share" and rows[0][-1] == "–"  # empty until a table exists
+    assert rows[0][:5] == ["features.0", "stem", "0.110", "0.0400", "40.0%"] and rows[1][2] == "–"
+    assert "+10.0%" in blocks[1][1] and "per-invoke overhead" in blocks[1][1]
+    assert report.breakdown_plot(document)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report.breakdown_sections({}) == [] and report.breakdown_plot({}) is None
+
+
+def _module_path(block: str) -> str:
+    return ("edgetl.backends.torch.export.ChannelsLastInput/edgetl.backends.torch.models.MobileNetV2_model/"
+            f"torch.nn.modules.container.Sequential_features/edgetl.backends.torch.models.{block}/x;")
+
+
+def _hand_made_tflite(path: Path) -> Path:
+    """x → stem (add c0) → features.1 (add c1, add the stem's output: a residual) → head (mul c2): four ops."""
+    import flatbuffers
+    import numpy as np
+    from ai_edge_litert import schema_py_generated as s
+
+    model, graph = s.ModelT(), s.SubGraphT()
+    model.version, model.buffers, model.operatorCodes = 3, [s.BufferT()], []
+    for code in (s.BuiltinOperator.ADD, s.BuiltinOperator.MUL):
+        op_code = s.OperatorCodeT()
+        op_code.builtinCode, op_code.deprecatedBuiltinCode, op_code.version = code, code, 1
+        model.operatorCodes.append(op_code)
+    graph.tensors = []
+
+    def tensor(name: str, value: float | None = None) -> int:
+        t = s.TensorT()
+        t.name, t.shape, t.type, t.buffer = name.encode(), [1, 4], s.TensorType.FLOAT32, 0
+        if value is not None:
+            b = s.BufferT()
+            b.data = np.full(4, value, np.float32).view(np.uint8)
+            model.buffers.append(b)
+            t.buffer = len(model.buffers) - 1
+        graph.tensors.append(t)
+        return len(graph.tensors) - 1
+
+    def op(code: int, inputs: list[int], output: int) -> s.OperatorT:
+        o = s.OperatorT()
+        o.opcodeIndex, o.inputs, o.outputs = code, inputs, [output]
+        return o
+
+    x, stem = tensor("serving_default_x"), tensor(_module_path("ConvNormAct_0"))
+    mid, block = tensor(_module_path("InvertedResidualV2_1") + "a"), tensor(_module_path("InvertedResidualV2_1"))
+    out = tensor("serving_default_output_0")
+    c0, c1, c2 = tensor("c0", 1.0), tensor("c1", 2.0), tensor("c2", 3.0)
+    graph.operators = [op(0, [x, c0], stem), op(0, [stem, c1], mid), op(0, [mid, stem], block), op(1, [block, c2], out)]
+    graph.inputs, graph.outputs = [x], [out]
+    model.subgraphs = [graph]
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    path.write_bytes(bytes(builder.Output()))
+    return path
+
+
+def test_a_block_cut_out_of_a_tflite_runs_alone_and_the_parts_chain_to_the_whole(tmp_path: Path) -> None:
+    np = pytest.importorskip("numpy")
+    interpreter = pytest.importorskip("ai_edge_litert.interpreter")
+    model = _hand_made_tflite(tmp_path / "m.tflite")
+    before = model.read_bytes()
+    parts = breakdown.tflite_parts(model)
+    assert [(p.name, p.role, p.first_op, p.last_op) for p in parts] == [
+        ("features.0", "stem", 0, 0), ("features.1", "block", 1, 2), ("head", "head", 3, 3)]
+
+    def run(path: Path, x: np.ndarray) -> np.ndarray:
+        it = interpreter.Interpreter(model_path=str(path))
+        it.allocate_tensors()
+        assert len(it.get_input_details()) == 1 and len(it.get_output_details()) == 1  # the residual stays inside
+        it.set_tensor(it.get_input_details()[0]["index"], x)
+        it.invoke()
+        return it.get_tensor(it.get_output_details()[0]["index"])
+
+    x = np.arange(4, dtype=np.float32).reshape(1, 4)
+    y = x
+    for part in parts:
+        y = run(breakdown.write_part(model, part, tmp_path / f"{part.name}.tflite"), y)
+    assert np.array_equal(y, run(model, x)) and np.array_equal(y, ((x + 1) + 2 + (x + 1)) * 3)
+    assert model.read_bytes() == before  # the exported file is only read
+
+
+def test_breakdown_without_an_emulated_target_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "m.tflite").write_bytes(b"not read: the options are checked first")
+    result = run_cli("bench", str(export), "--target", "host", "--breakdown")
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--breakdown" in lines[0] and "arm64-a76" in lines[0], result.stderr
+    assert "Traceback" not in result.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_a_sweep_asking_for_a_breakdown_without_an_emulated_target_stops_before_any_export(
+        tiny_checkpoint: Path, tmp_path: Path) -> None:
+    result = run_cli("sweep", str(tiny_checkpoint), "--target", "host", "--breakdown", "--out", str(tmp_path / "s"))
+    assert result.returncode == 2 and "--breakdown needs an emulated target" in result.stderr, result.stderr
+    assert not (tmp_path / "s").exists()
