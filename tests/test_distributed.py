@@ -171,7 +171,7 @@ def test_two_gloo_processes_match_one_process_and_only_rank_0_writes(tmp_path: P
 
     from edgetl.finetune import run_finetune
 
-    data = make_folder(tmp_path / "data")  # 2 × 20 images: 32 train, so one global batch of 32 = one step per stage
+    data = make_folder(tmp_path / "data")  # 2 × 20 images: 36 train (the 4 carved validation images train too)
     flags = {"backbone": "mobilenet_v2", "width": 0.35, "image_size": 32, "weights": "none", "epochs_finetune": 1,
              "unfreeze": 1, "batch_size": 32, "seed": 3, "device": "cpu"}
     single = run_finetune(FinetuneConfig(data=str(data), **flags), tmp_path / "one")
@@ -181,7 +181,7 @@ def test_two_gloo_processes_match_one_process_and_only_rank_0_writes(tmp_path: P
     double = tmp_path / "two" / "checkpoint"
     manifest = json.loads((double / "manifest.json").read_text())
     assert manifest["training"]["device"]["distributed"] == {"backend": "gloo", "world_size": 2}
-    assert manifest["data"]["counts"]["train"] == {"dark": 16, "light": 16}
+    assert manifest["data"]["counts"]["train"] == {"dark": 18, "light": 18}
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["checkpoint"]  # one writer, no leftovers
 
     first, second = torch.load(single / "model.pt"), torch.load(double / "model.pt")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -15,16 +14,8 @@ import pytest
 from edgetl.config import VARIANTS, ExportConfig
 from edgetl.errors import UserError
 from tests.conftest import run_cli
+from tests.test_cli import _assert_one_line_error as _one_line_error
 from tests.test_export import make_checkpoint
-
-
-def _one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
-    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
 
 # ------------------------------------------------------------------------------------ the options
 
