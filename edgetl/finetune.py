@@ -105,7 +105,11 @@ def run_recipe(trainer, plan: Plan, listing: DatasetListing, bar) -> dict:
     config = plan.config
     selector = Selector(len(listing.splits["val"]))
     start = time.perf_counter()
-    cached = {split: trainer.extract_features(split, bar) for split in ("train", "val")}
+    cached = {"train": trainer.extract_features("train", bar)}
+    if listing.splits["val"]:
+        cached["val"] = trainer.extract_features("val", bar)
+    else:  # validation put back into train; every rank skips it alike
+        cached["val"] = (cached["train"][0][:0], cached["train"][1][:0])
     extract_seconds = time.perf_counter() - start
     listing.drop(trainer.failures)
     trainer.failures.clear()
@@ -199,6 +203,9 @@ def run_finetune(config: FinetuneConfig, run_dir: Path | None = None) -> Path:
         train_seconds = time.perf_counter() - started
         metrics = {}
         for split in ("val", "test"):
+            if not listing.splits[split]:  # validation put back into train: nothing to run
+                metrics[split] = split_metrics([[0] * len(listing.classes) for _ in listing.classes], listing.classes)
+                continue
             found = backend.evaluate(result.model, config, listing, preprocess, split, world=world)
             listing.drop(found["decode_failures"])
             metrics[split] = split_metrics(found["confusion_matrix"], listing.classes)

@@ -289,6 +289,8 @@ class Trainer:
 
     def evaluate_split(self, split: str) -> tuple[float, float]:
         """Cross-entropy (no smoothing, no class weights) and top-1 over the whole split, summed over workers."""
+        if not self.listing.splits[split]:  # the same on every rank: no collective is started for nothing
+            return 0.0, 0.0
         labels, predicted, probs = self.predict(split)
         nll = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0))
         loss_sum, correct, count = self.world.sum([float(nll.sum()), float(np.sum(predicted == labels)),
