@@ -294,6 +294,7 @@ def plot(results: dict, out: Path) -> None:
     rows = -(-len(names) // cols)
     figure, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), squeeze=False)
     markers = dict(zip(COLUMNS, "osD^v", strict=True))
+    colours = dict(zip(COLUMNS, ("C0", "C1", "C2", "C3", "C4"), strict=True))  # one colour per column in every panel
     for ax, folder in zip(axes.flat, names, strict=False):
         for column in COLUMNS:
             by_size = grouped[folder].get(column)
@@ -310,7 +311,7 @@ def plot(results: dict, out: Path) -> None:
             points.sort()
             x, y, low, high = (np.array(v) for v in zip(*points, strict=True))
             ax.errorbar(x, 100 * y, yerr=[100 * (y - low), 100 * (high - y)], marker=markers[column], capsize=3,
-                        label=LABELS[column])
+                        color=colours[column], label=LABELS[column])
         chance = _chance(grouped[folder])
         if chance:
             ax.axhline(chance, color="grey", linewidth=0.8, linestyle=":", label="chance")
