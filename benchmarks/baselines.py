@@ -48,11 +48,10 @@ def list_images(folder: Path, classes: list[str] | None = None) -> tuple[list[Pa
 
 
 def wilson(correct: int, total: int) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion (scipy's), as (low, high)."""
-    from scipy.stats import binomtest
+    """95% Wilson score interval of a proportion, as (low, high): the interval edgetl itself reports."""
+    from edgetl.stats import wilson_interval
 
-    interval = binomtest(int(correct), int(total)).proportion_ci(confidence_level=0.95, method="wilson")
-    return float(interval.low), float(interval.high)
+    return wilson_interval(correct, total)
 
 
 def machine() -> dict:

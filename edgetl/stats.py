@@ -6,20 +6,15 @@ interval, so a figure on 50 test images is never read as if it were measured on 
 
 from __future__ import annotations
 
-import math
 
-Z95 = 1.959963984540054  # two-sided 95% normal quantile
-
-
-def wilson_interval(correct: int, total: int, z: float = Z95) -> tuple[float, float]:
-    """95% Wilson score interval of correct / total; (0, 1) when nothing was measured."""
+def wilson_interval(correct: int, total: int) -> tuple[float, float]:
+    """95% Wilson score interval of correct / total (scipy's); (0, 1) when nothing was measured."""
     if total <= 0:
         return 0.0, 1.0
-    p = correct / total
-    denominator = 1 + z * z / total
-    centre = (p + z * z / (2 * total)) / denominator
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
+    from scipy.stats import binomtest
+
+    interval = binomtest(int(correct), int(total)).proportion_ci(confidence_level=0.95, method="wilson")
+    return float(interval.low), float(interval.high)
 
 
 def half_width(total: int, p: float = 0.5) -> float:
