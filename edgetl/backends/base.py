@@ -227,6 +227,23 @@ class Backend(ABC):
                         f"{', '.join(n for n, c in CAPABILITIES.items() if c.from_scratch) or 'none'}")
 
 
+class SplitScores:
+    """The validation figure both trainers offer the selector, computed one way: cross-entropy (no smoothing,
+    no class weights) and top-1 over the whole split, summed over ranks. A trainer provides `listing`,
+    `world` (with `sum`) and `predict(split)` → (labels, predicted, probabilities) of this rank's shard."""
+
+    def evaluate_split(self, split: str) -> tuple[float, float]:
+        import numpy as np
+
+        if not self.listing.splits[split]:  # the same on every rank: no collective is started for nothing
+            return 0.0, 0.0
+        labels, predicted, probs = self.predict(split)
+        nll = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0))
+        loss_sum, correct, count = self.world.sum([float(nll.sum()), float(np.sum(predicted == labels)),
+                                                   float(len(labels))])
+        return loss_sum / max(1.0, count), correct / max(1.0, count)
+
+
 def one_line(error: BaseException) -> str:
     """An exception as one short line for a manifest: type, then the first line of its message."""
     return f"{type(error).__name__}: {error}".splitlines()[0][:300]

@@ -19,6 +19,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from edgetl import data
+from edgetl.backends.base import SplitScores
 from edgetl.backends.keras import models
 from edgetl.backends.keras.distributed import KerasWorld
 from edgetl.backends.keras.distributed import session as session  # the stage opens it around the whole run
@@ -97,7 +98,7 @@ def launch_if_needed(config: FinetuneConfig, run_dir: Path) -> Path | None:
     return None
 
 
-class Trainer:
+class Trainer(SplitScores):
     """The recipe's steps on this worker, for one model, one config and one listing.
 
     With several workers every epoch walks one seeded permutation; worker w decodes rows w, w+W, ... of each
@@ -286,16 +287,6 @@ class Trainer:
         probs = np.concatenate(probabilities) if probabilities else np.zeros((0, self.num_classes), np.float32)
         labels_all = np.concatenate(labels) if labels else np.zeros(0, np.int64)
         return labels_all, probs.argmax(1), probs
-
-    def evaluate_split(self, split: str) -> tuple[float, float]:
-        """Cross-entropy (no smoothing, no class weights) and top-1 over the whole split, summed over workers."""
-        if not self.listing.splits[split]:  # the same on every rank: no collective is started for nothing
-            return 0.0, 0.0
-        labels, predicted, probs = self.predict(split)
-        nll = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0))
-        loss_sum, correct, count = self.world.sum([float(nll.sum()), float(np.sum(predicted == labels)),
-                                                   float(len(labels))])
-        return loss_sum / max(1.0, count), correct / max(1.0, count)
 
     def log(self, stage: int, epoch: int, loss: float, top1: float, val_loss: float, val_top1: float, lr: float,
             seconds: float, images: int, train_seconds: float | None = None) -> None:

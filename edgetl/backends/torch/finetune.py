@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from edgetl import data
 from edgetl.backbones import get_backbone
+from edgetl.backends.base import SplitScores
 from edgetl.backends.torch.distributed import TorchWorld, launch, needs_launch, shared_dropout
 from edgetl.backends.torch.distributed import session as session  # the stage opens it around the whole run
 from edgetl.backends.torch.models import Backbone, build_model
@@ -213,7 +214,7 @@ def batchnorm_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
             for key, value in module.named_buffers(recurse=False)}
 
 
-class Trainer:
+class Trainer(SplitScores):
     """The recipe's steps on this rank, for one model, one config and one listing.
 
     With several ranks every epoch walks one seeded permutation of the training split; rank r takes rows
@@ -452,16 +453,6 @@ class Trainer:
         probs = np.concatenate(probabilities)
         labels_all = np.concatenate(labels) if labels else np.zeros(0, np.int64)
         return labels_all, probs.argmax(1), probs
-
-    def evaluate_split(self, split: str) -> tuple[float, float]:
-        """Cross-entropy (no smoothing, no class weights) and top-1 over the whole split, summed over ranks."""
-        if not self.listing.splits[split]:  # the same on every rank: no collective is started for nothing
-            return 0.0, 0.0
-        labels, predicted, probs = self.predict(split)
-        nll = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0))
-        loss_sum, correct, count = self.world.sum([float(nll.sum()), float(np.sum(predicted == labels)),
-                                                   float(len(labels))])
-        return loss_sum / max(1.0, count), correct / max(1.0, count)
 
     def log(self, stage: int, epoch: int, loss: float, top1: float, val_loss: float, val_top1: float, lr: float,
             seconds: float, images: int, train_seconds: float | None = None) -> None:
