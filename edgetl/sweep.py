@@ -186,8 +186,10 @@ def run_variant(checkpoint: Path, config: SweepConfig, name: str, folder: Path,
     return entry
 
 
-REUSE_MUST_MATCH = ("calib", "bias_correction", "fuse_clamp", "seed", "prune", "qat", "int8", "no_qat", "max_drop",
-                    "rounding_layers")
+REUSE_MUST_MATCH = ("calib", "bias_correction", "fuse_clamp", "seed", "prune", "qat")
+# Settings of the int8 policy: they shape only the int8 files, and an int8 file the policy left as PTQ (no
+# remedy was needed) is the file an int8-ptq variant would make.
+INT8_POLICY = ("int8", "no_qat", "max_drop", "rounding_layers")
 
 
 def reusable(export: Path, checkpoint: Path, config: Any) -> list[str] | None:
@@ -215,6 +217,11 @@ def reusable(export: Path, checkpoint: Path, config: Any) -> list[str] | None:
     names = [artifact_name(manifest.model, quant, fmt) for quant in config.quant for fmt in config.formats]
     if not all(name in verified and name in exported and (export / name).is_file() for name in names):
         return None
+    int8_names = [artifact_name(manifest.model, "int8", fmt) for fmt in config.formats if "int8" in config.quant]
+    if int8_names and any(made.get(key) != wanted.get(key) for key in INT8_POLICY):
+        remedy_of = ((manifest.quantization or {}).get("policy") or {}).get("remedy_of", {})
+        if wanted.get("int8") != "ptq" or any(remedy_of.get(name) != "ptq" for name in int8_names):
+            return None
     return names
 
 
