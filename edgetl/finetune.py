@@ -125,7 +125,7 @@ def run_recipe(trainer, plan: Plan, listing: DatasetListing, bar) -> dict:
                 time.perf_counter() - start, len(y_train))
     console.print(f"stage 1: probe C={head.record['C']:.3g} ({head.record['rule'].split(':')[0]}), "
                   f"{head.record['iterations']} L-BFGS iterations; train top-1 {head.record['train_top1']:.3f}, "
-                  f"val top-1 {val_top1:.3f}")
+                  + (f"val top-1 {val_top1:.3f}" if len(y_val) else "no validation split"))
     throughput = {"stage1": {
         "feature_extraction_seconds": round(extract_seconds, 2),
         "feature_images_per_s": round((len(y_train) + len(y_val)) / max(1e-9, extract_seconds), 1),

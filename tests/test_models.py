@@ -36,6 +36,13 @@ def test_every_backbone_and_width_runs_and_exposes_the_interface() -> None:
                 features = model.forward_features(torch.randn(2, 3, 64, 64))
             assert logits.shape == (2, 7)
             assert features.shape == (2, model.feature_dim)
+            # the probe fits the final Linear on head_input: same width, and that Linear maps it to the logits
+            final = model.get_submodule(model.head_layer)
+            x = torch.randn(2, 3, 64, 64)
+            with torch.inference_mode():
+                head_input = model.head_input(x)
+                assert head_input.shape == (2, model.head_input_dim) == (2, final.in_features)
+                assert torch.allclose(final(head_input), model(x), atol=1e-5)
             assert len(model.stages()) >= 10
             assert any(k.startswith(model.head_layer + ".") for k in model.state_dict())
 

@@ -324,14 +324,14 @@ class Trainer(SplitScores):
         records = self.listing.splits[split]
         task = bar.add_task(f"features ({split})", total=len(records), status="")
         shard = self.world.shard(len(records))
-        local = torch.empty((len(shard), model.feature_dim))  # filled in place: the cache is held once
+        local = torch.empty((len(shard), model.head_input_dim))  # filled in place: the cache is held once
         keep = torch.ones(len(shard), dtype=torch.bool)
         row = 0
         for images, _, indices, errors in self._shard_loader(records):
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with self._autocast():
-                local[row : row + len(indices)] = model.forward_features(images.to(self.device)).float().cpu()
+                local[row : row + len(indices)] = model.head_input(images.to(self.device)).float().cpu()
             for offset, (index, error) in enumerate(zip(indices.tolist(), errors, strict=True)):
                 if error:
                     self.failures[records[index][0]] = error

@@ -71,6 +71,16 @@ class Backbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))
 
+    @property
+    def head_input_dim(self) -> int:
+        """Width of what the final Linear reads: the linear probe's features."""
+        return self.feature_dim
+
+    def head_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the final Linear reads (the probe fits that layer on it): the pooled features, through any
+        hidden layer the head has before it."""
+        return self.forward_features(x)
+
     def init_weights(self) -> None:
         """The initialisation torchvision uses, so `--weights none` is a fair from-scratch baseline."""
         for module in self.modules():
@@ -238,6 +248,14 @@ class MobileNetV3(Backbone):
 
     def stages(self) -> list[nn.Module]:
         return list(self.features)
+
+    @property
+    def head_input_dim(self) -> int:
+        return self.hidden_dim
+
+    def head_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The pretrained hidden Linear + Hardswish (dropout is off in eval mode) before the final Linear."""
+        return self.classifier[:3](self.forward_features(x))
 
     def reset_head(self, num_classes: int) -> None:
         self.classifier[3] = nn.Linear(self.hidden_dim, num_classes)
