@@ -132,11 +132,16 @@ def export(
     ] = None,
     int8: Annotated[str | None, typer.Option(
         "--int8", help="How int8 is made: auto (default: post-training, then for a file over --max-drop learned "
-                       "weight rounding, then QAT), ptq (post-training only) or qat (same as --qat).")] = None,
+                       "weight rounding, float fallback of --float-layers, then QAT), ptq (post-training only) or "
+                       "qat (same as --qat).")] = None,
     no_qat: Annotated[bool | None, typer.Option(
         "--no-qat", help="--int8 auto may not train (QAT uses labels); remedies stop at learned rounding.")] = None,
     rounding_layers: Annotated[int | None, typer.Option(
         help="torch: most sensitive layers whose int8 rounding --int8 auto learns (default 8; 0: none).")] = None,
+    float_layers: Annotated[str | None, typer.Option(
+        help="torch: comma list of layers (names as the int8 sensitivity table prints them) that --int8 auto may "
+             "keep float, after learned rounding and before QAT, for a file still over --max-drop; input and "
+             "output stay int8.")] = None,
     recovery_epochs: Annotated[int | None, typer.Option(
         help="Fine-tune epochs of --prune (default: torch 8 for channels, 4 for magnitude; keras 6).")] = None,
     qat_epochs: Annotated[int | None, typer.Option(
@@ -169,6 +174,7 @@ def export(
         recipe, formats=formats, quant=quant, calib=calib, max_drop=max_drop, bias_correction=bias_correction,
         prune=prune, qat=qat, recovery_epochs=recovery_epochs, qat_epochs=qat_epochs,
         distill=distill, threads=threads, int8=int8, no_qat=no_qat, rounding_layers=rounding_layers,
+        float_layers=float_layers,
     )
     run_export(checkpoint, config, out)
 

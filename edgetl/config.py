@@ -156,7 +156,8 @@ PRUNE_NAMES = {"channels": "channel pruning", "magnitude": "magnitude pruning"}
 # top-1 no longer moves, while calibration time keeps growing linearly.
 DEFAULT_CALIB = 256
 # How `edgetl export` makes int8: "auto" is post-training quantization, then, only for a file over --max-drop, the
-# backend's remedies in order of cost (torch: learned weight rounding, then QAT); "ptq" and "qat" force one method.
+# backend's remedies in order of cost (torch: learned weight rounding, float fallback of the layers the user allows,
+# then QAT); "ptq" and "qat" force one method.
 INT8_MODES = ("auto", "ptq", "qat")
 
 
@@ -202,7 +203,8 @@ def artifact_name(model: Any, quant: str, fmt: str, tag: str = "") -> str:
 
 
 # Flags as a user types them, for the options that are not plain `--name VALUE`.
-_FLAG_TEXT = {"bias_correction": "--no-bias-correction", "fuse_clamp": "fuse_clamp = false"}
+_FLAG_TEXT = {"bias_correction": "--no-bias-correction", "fuse_clamp": "fuse_clamp = false",
+              "float_layers": "--float-layers"}
 
 
 @dataclass(frozen=True)
@@ -224,6 +226,9 @@ class ExportConfig:
     int8: str = "auto"  # one of INT8_MODES; validate() makes `qat` say whether int8 is trained from the start
     no_qat: bool = False  # --int8 auto may not use QAT as a remedy (no labels are used then)
     rounding_layers: int = 8  # torch: how many of the most sensitive layers the learned-rounding remedy optimises
+    # torch: layers (names as the sensitivity table prints them) that --int8 auto may keep float when a file is
+    # still over --max-drop after learned rounding; the int8 input and output tensors stay int8
+    float_layers: tuple[str, ...] = ()
     sensitivity_seconds: float = 60.0  # torch: time budget of the per-layer sensitivity table
     recovery_epochs: int | None = None  # fine-tune epochs of pruning (None: the backend's measured default)
     qat_epochs: int | None = None  # epochs of quantization-aware training (None: the backend's default)
@@ -269,6 +274,13 @@ class ExportConfig:
         if not 0 <= self.sensitivity_seconds <= 3600:
             raise UserError(f"sensitivity_seconds {self.sensitivity_seconds:g} is not usable; valid: 0 (no table) "
                             f"to 3600")
+        float_layers = tuple(dict.fromkeys(_as_list(self.float_layers, lower=False)))
+        if float_layers and int8 != "auto":
+            raise UserError(f"--float-layers {','.join(float_layers)} is a remedy of --int8 auto (used only while a "
+                            f"file is over --max-drop) but --int8 is {int8}; valid: --int8 auto --float-layers NAMES")
+        if float_layers and "int8" not in quant:
+            raise UserError(f"--float-layers {','.join(float_layers)} applies to int8 files but --quant is "
+                            f"{','.join(quant)}; add int8 to --quant")
         if int8 == "qat" and "int8" not in quant:
             raise UserError(f"--int8 qat trains for int8 but --quant is {','.join(quant)}; add int8 to --quant")
         if self.recovery_epochs is not None and not 0 <= self.recovery_epochs <= 1000:
@@ -289,7 +301,8 @@ class ExportConfig:
             raise UserError(f"--max-drop {self.max_drop:g} is not usable; valid: 0 to 100 points of top-1")
         if self.threads is not None and self.threads < 1:
             raise UserError(f"--threads {self.threads} is not usable; valid: 1 or more")
-        return replace(self, formats=formats, quant=quant, prune=prune, int8=int8, qat=int8 == "qat")
+        return replace(self, formats=formats, quant=quant, prune=prune, int8=int8, qat=int8 == "qat",
+                       float_layers=float_layers)
 
     def for_backend(self, framework: object) -> ExportConfig:
         """This config as the checkpoint's backend can honour it, or one UserError line naming what it lacks.
@@ -329,6 +342,7 @@ class ExportConfig:
     def to_json(self) -> dict:
         payload = asdict(self)
         payload["formats"], payload["quant"] = list(self.formats), list(self.quant)
+        payload["float_layers"] = list(self.float_layers)
         return payload
 
 

@@ -9,8 +9,9 @@ runtime, and only then does the finished folder move into place.
 
 int8 (`--int8 auto`, the default): post-training quantization first, with a per-layer sensitivity table; an int8
 file that lost more than `max_drop` points in its runtime gets the backend's remedies in order of cost (torch:
-learned weight rounding of the most sensitive layers, unlabelled; then QAT unless `--no-qat`), each recorded with
-its cost and gain; a file still over the budget fails the run after everything is written.
+learned weight rounding of the most sensitive layers, unlabelled; then float fallback of the layers the user
+allows with `--float-layers`; then QAT unless `--no-qat`), each recorded with its cost and gain; a file still
+over the budget fails the run after everything is written.
 
 The user's data is safe (edgetl.paths): the output folder is claimed before any work (only a folder edgetl made
 for an export is replaced, never the checkpoint or a folder that holds it), and an export in which no file was
@@ -158,6 +159,7 @@ def run_export(checkpoint: Path, config: ExportConfig, out: Path | None = None) 
     elif "int8" in config.quant and config.int8 == "auto" and not config.no_qat and "qat" in _remedies(manifest):
         _check_training_data(listing, "--int8 auto (its last remedy is QAT; --no-qat forbids it)")
     backend = backends.load(manifest.framework)
+    _check_float_layers(backend, checkpoint, manifest, config)
     for fmt in (f for f in asked.formats if f not in config.formats):
         console.print(f"[yellow].{fmt} skipped: this checkpoint's framework is {manifest.framework}, which exports "
                       f"{', '.join('.' + f for f in config.formats)} only[/]")
@@ -381,6 +383,18 @@ def _export_manifest(context: _Context, inputs: Inputs, reference: np.ndarray, a
 # ------------------------------------------------------------------------------------ the int8 policy
 
 
+def _check_float_layers(backend: Backend, checkpoint: Path, manifest: CheckpointManifest, config: ExportConfig) -> None:
+    """Every --float-layers name must be a layer int8 quantizes; the error lists them all (before any work)."""
+    if not config.float_layers:
+        return
+    names = backend.quantized_layer_names(checkpoint, manifest) or []
+    unknown = [name for name in config.float_layers if name not in names]
+    if unknown:
+        verb = "is not a quantized layer" if len(unknown) == 1 else "are not quantized layers"
+        raise UserError(f"--float-layers: {', '.join(map(repr, unknown))} {verb} of this {manifest.model.backbone}; "
+                        f"valid: {', '.join(names)}")
+
+
 def _remedies(manifest: CheckpointManifest) -> tuple[str, ...]:
     return backends.capabilities(manifest.framework).remedies
 
@@ -428,6 +442,9 @@ def _apply_policy(backend: Backend, context: _Context, checkpoint: Path, listing
         if remedy == "adaround" and config.rounding_layers == 0:
             step["skipped"] = "--rounding-layers 0"
             continue
+        if remedy == "float-fallback" and not config.float_layers:
+            step["skipped"] = "no --float-layers"
+            continue
         console.print(f"int8: {', '.join(over)} over --max-drop {config.max_drop:g}; trying {REMEDY_NAMES[remedy]}")
         started = time.perf_counter()
         try:
@@ -452,7 +469,9 @@ def _apply_policy(backend: Backend, context: _Context, checkpoint: Path, listing
     return policy
 
 
-REMEDY_NAMES = {"adaround": "learned weight rounding (no labels)", "qat": "quantization-aware training (labels)"}
+REMEDY_NAMES = {"adaround": "learned weight rounding (no labels)",
+                "float-fallback": "float fallback of --float-layers (no labels; those layers run in fp32)",
+                "qat": "quantization-aware training (labels)"}
 
 
 def _remake(backend: Backend, context: _Context, entry: ArtifactEntry, remedy: str, folder: Path, inputs: Inputs,

@@ -30,14 +30,24 @@ def test_int8_modes_validate_and_qat_is_the_same_as_int8_qat() -> None:
                              ({"qat": True, "no_qat": True}, ("--no-qat", "valid:")),
                              ({"qat": True, "int8": "ptq"}, ("--qat", "--int8 is ptq", "valid:")),
                              ({"rounding_layers": -1}, ("--rounding-layers -1", "valid: 0")),
-                             ({"int8": "qat", "quant": ("fp32",)}, ("add int8 to --quant",))):
+                             ({"int8": "qat", "quant": ("fp32",)}, ("add int8 to --quant",)),
+                             ({"int8": "ptq", "float_layers": "a.b"}, ("--float-layers a.b", "--int8 auto", "valid:")),
+                             ({"float_layers": "a.b", "quant": ("fp32",)}, ("--float-layers a.b", "add int8"))):
         with pytest.raises(UserError) as caught:
             ExportConfig(**options).validate()
         for needle in needles:
             assert needle in str(caught.value)
     with pytest.raises(UserError, match="--rounding-layers 4: torch-only"):
         ExportConfig(rounding_layers=4).for_backend("keras")
+    with pytest.raises(UserError, match="--float-layers: torch-only"):
+        ExportConfig(float_layers="model.stem").for_backend("keras")
     assert ExportConfig(int8="auto", no_qat=True).for_backend("keras").no_qat  # keras' auto: PTQ, then QAT
+
+
+def test_float_layers_keep_their_case_and_order_without_repeats() -> None:
+    config = ExportConfig(float_layers=" model._conv_stem, model.Head ,model._conv_stem").validate()
+    assert config.float_layers == ("model._conv_stem", "model.Head")
+    assert config.to_json()["float_layers"] == ["model._conv_stem", "model.Head"]
 
 
 def test_sweep_variants_say_their_int8_method() -> None:
@@ -53,6 +63,18 @@ def test_bad_int8_options_on_the_command_line_exit_2_before_any_work(tmp_path: P
                     "--int8 mode 'foo'", "auto, ptq, qat")
     _one_line_error(run_cli("export", str(checkpoint), "--int8", "qat", "--no-qat", "--out", str(out)),
                     "--no-qat", "--int8 is qat")
+    assert not out.exists()
+
+
+@pytest.mark.torch
+def test_an_unknown_float_layer_exits_2_listing_the_layer_names_before_any_work(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    checkpoint = make_checkpoint(tmp_path)  # placeholder weights: the names come from the architecture alone
+    out = tmp_path / "export"
+    result = run_cli("export", str(checkpoint), "--float-layers", "model.features.0.0,model.stem", "--out", str(out))
+    _one_line_error(result, "--float-layers", "'model.stem' is not a quantized layer of this mobilenet_v3_small",
+                    "valid: model.features.0.0, ", "model.classifier.")
+    assert "'model.features.0.0'" not in result.stderr  # a real layer is not reported
     assert not out.exists()
 
 
@@ -164,6 +186,57 @@ def test_learned_rounding_reconstructs_better_and_pt2e_keeps_exactly_its_integer
         assert any(t.shape == wanted.shape and np.array_equal(t, wanted) for t in stored), name
 
 
+@pytest.mark.torch
+def test_float_fallback_keeps_named_layers_float_in_both_formats_and_the_interface_int8(tmp_path: Path) -> None:
+    """The named layers' weights stay float in the Q/DQ graph, in the .tflite (a float kernel between a dequantize
+    and a quantize) and in the .pte; every other layer stays int8 and so do the model's input and output."""
+    pytest.importorskip("executorch")
+    pytest.importorskip("litert_torch")
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    from edgetl import runtimes
+    from edgetl.backends.torch.export import convert_tflite, lower_pte
+    from edgetl.backends.torch.quantize import quantize_ptq
+
+    calibration, example = _calibration(), torch.zeros(1, 12, 12, 3)
+    model = Tiny().eval()
+    with pytest.raises(ValueError, match="not found.*nope"):
+        quantize_ptq(model, example, torch.split(calibration, 16), float_layers=["conv", "nope"])
+
+    def quantized_weights(graph: torch.fx.GraphModule) -> set[str]:
+        """The weights (get_attr targets) that reach a per-channel dequantize through their quantize."""
+        return {str(node.args[0].args[0].target) for node in graph.graph.nodes
+                if node.op == "call_function" and "dequantize_per_channel" in str(node.target)}
+
+    assert len(quantized_weights(quantize_ptq(model, example, torch.split(calibration, 16)))) == 4
+    graph = quantize_ptq(model, example, torch.split(calibration, 16), float_layers=["conv", "fc"])
+    assert {name.split("_")[0].split(".")[0] for name in quantized_weights(graph)} == {"dw", "pw"}
+
+    tflite = tmp_path / "fallback.tflite"
+    tflite.write_bytes(convert_tflite(graph, example, quantized=True, strict_qdq=True))
+    interpreter = Interpreter(model_path=str(tflite),
+                              experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    interpreter.allocate_tensors()
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    kinds = [(op["op_name"], tensors[op["outputs"][0]]["dtype"]) for op in interpreter._get_ops_details()]
+    assert ("CONV_2D", np.float32) in kinds and ("FULLY_CONNECTED", np.float32) in kinds
+    assert ("DEPTHWISE_CONV_2D", np.int8) in kinds and ("CONV_2D", np.int8) in kinds  # dw and pw stay int8
+    assert interpreter.get_input_details()[0]["dtype"] == np.int8
+    assert interpreter.get_output_details()[0]["dtype"] == np.int8
+    assert kinds[0][0] != "QUANTIZE" and kinds[-1][0] != "DEQUANTIZE"  # the interface conversions were dropped
+
+    x = calibration[:16].numpy()
+    with torch.no_grad():
+        reference = graph(torch.from_numpy(x)).numpy()
+    spread = float(np.abs(reference).max())
+    assert np.abs(runtimes.run(tflite, x) - reference).max() <= 0.05 * spread
+    payload, delegation = lower_pte(graph, example)
+    assert delegation["delegated_nodes"] > 0
+    pte = tmp_path / "fallback.pte"
+    pte.write_bytes(payload)
+    assert np.abs(runtimes.run(pte, x) - reference).max() <= 0.05 * spread
+
+
 # ----------------------------------------------------------------------------- one real export
 
 @pytest.mark.torch
@@ -214,7 +287,7 @@ def test_policy_tries_remedies_in_order_keeps_only_gains_and_honours_no_qat(tmp_
     from edgetl.contracts import ArtifactEntry
 
     drops = {"ptq": {"a.tflite": 1.5, "a.pte": 0.8}, "adaround": {"a.tflite": 1.2, "a.pte": 0.9},
-             "qat": {"a.tflite": 0.1, "a.pte": 0.3}}
+             "float-fallback": {"a.tflite": 0.4, "a.pte": 0.6}, "qat": {"a.tflite": 0.1, "a.pte": 0.3}}
     state = {"made_by": "ptq"}
 
     class Backend:
@@ -256,8 +329,16 @@ def test_policy_tries_remedies_in_order_keeps_only_gains_and_honours_no_qat(tmp_
     assert policy["remedy_of"] == {"a.tflite": "adaround", "a.pte": "ptq"}  # .pte was within: never remade
     step = policy["steps"][0]
     assert list(step["files"]) == ["a.tflite"] and step["files"]["a.tflite"]["gain_points"] == pytest.approx(0.3)
-    assert policy["steps"][1] == {"remedy": "qat", "files": {}, "skipped": "--no-qat"}
+    assert policy["steps"][1] == {"remedy": "float-fallback", "files": {}, "skipped": "no --float-layers"}
+    assert policy["steps"][2] == {"remedy": "qat", "files": {}, "skipped": "--no-qat"}
     assert (tmp_path / "a.tflite").read_text() == "adaround"
+
+    policy = run(ExportConfig(max_drop=0.7, no_qat=True, float_layers="model.stem"))
+    assert Backend.calls == ["adaround", "float-fallback"]  # within the budget after it: QAT is not even listed
+    assert policy["remedy_of"] == {"a.tflite": "float-fallback", "a.pte": "float-fallback"}
+    assert [s["remedy"] for s in policy["steps"]] == ["adaround", "float-fallback"]
+    assert policy["steps"][1]["files"]["a.pte"]["drop_before"] == 0.8  # .pte's adaround was worse: from PTQ's
+    assert policy["steps"][1]["files"]["a.tflite"]["drop_before"] == 1.2
 
     policy = run(ExportConfig(max_drop=0.5))
     assert Backend.calls == ["adaround", "qat"]
@@ -265,7 +346,7 @@ def test_policy_tries_remedies_in_order_keeps_only_gains_and_honours_no_qat(tmp_
     assert policy["steps"][0]["files"]["a.pte"] == {"drop_points": 0.9, "top1": 0.5, "changed_predictions": 10,
                                                     "drop_before": 0.8, "changed_before": 10, "gain_points": -0.1,
                                                     "kept": False, "seconds": pytest.approx(0, abs=1)}
-    assert [s["remedy"] for s in policy["steps"]] == ["adaround", "qat"]  # adaround made .pte worse: not kept
+    assert [s["remedy"] for s in policy["steps"]] == ["adaround", "float-fallback", "qat"]  # .pte: adaround not kept
     assert (tmp_path / "a.pte").read_text() == "qat" and (tmp_path / "a.tflite").read_text() == "qat"
 
     assert run(ExportConfig(int8="ptq", max_drop=0.5))["steps"] == []  # --int8 ptq: no remedy

@@ -50,11 +50,11 @@ CAPABILITIES: dict[str, Capabilities] = {
         quants=("fp32", "int8"),
         prune_kinds=("channels", "magnitude"),
         knobs=frozenset({"bias_correction", "fuse_clamp", "distill", "recovery_epochs", "recovery_lr", "qat_epochs",
-                         "qat_lr", "tune_images", "rounding_layers", "sensitivity_seconds"}),
+                         "qat_lr", "tune_images", "rounding_layers", "sensitivity_seconds", "float_layers"}),
         converters={"pte": "ExecuTorch to_edge_transform_and_lower (XnnpackPartitioner)",
                     "tflite": "litert-torch"},
         libraries=("torch", "torchao", "executorch", "litert-torch", "ai-edge-litert", "numpy", "pillow"),
-        remedies=("adaround", "qat"),
+        remedies=("adaround", "float-fallback", "qat"),
         hint="fine-tune with --framework keras to use them",
     ),
     "keras": Capabilities(
@@ -199,6 +199,10 @@ class Backend(ABC):
 
     def sensitivity(self, graphs: Graphs, calibration: np.ndarray, config: Any) -> dict | None:
         """Per-layer int8 cost on calibration images (each layer rounded alone), or None where not implemented."""
+        return None
+
+    def quantized_layer_names(self, checkpoint: Path, manifest: Any) -> list[str] | None:
+        """Names of the layers int8 quantizes (what --float-layers may name), or None where not known."""
         return None
 
     def remedy(self, name: str, graphs: Graphs, checkpoint: Path, manifest: Any, listing: Any,

@@ -17,6 +17,7 @@ from edgetl.ui import console, quiet_native
 
 class TorchBackend(Backend):
     capabilities = CAPABILITIES["torch"]
+    _rounded = None  # the learned rounding of this export (BN-folded model and record), reused by float fallback
 
     def needs_calibration(self, config) -> bool:
         return "int8" in config.quant  # post-training, and the sensitivity table of every int8 export
@@ -47,6 +48,14 @@ class TorchBackend(Backend):
             graphs.int8, graphs.quantization = graphs_of.quantize_ptq_graph(
                 graphs.float_model, graphs.example, calibration, config.bias_correction, config.fuse_clamp)
 
+    def quantized_layer_names(self, checkpoint: Path, manifest) -> list[str]:
+        from edgetl.backends.torch.models import build_model
+        from edgetl.backends.torch.sensitivity import quantized_layers
+
+        spec = manifest.model  # names only: the architecture, no weights (channel pruning keeps the names)
+        model = graphs_of.ChannelsLastInput(build_model(spec.backbone, spec.width, spec.num_classes))
+        return [name for name, _ in quantized_layers(model)]
+
     def sensitivity(self, graphs: Graphs, calibration: np.ndarray, config) -> dict | None:
         if config.sensitivity_seconds <= 0 or not len(calibration):
             return None
@@ -58,6 +67,8 @@ class TorchBackend(Backend):
 
     def remedy(self, name: str, graphs: Graphs, checkpoint: Path, manifest, listing, calibration: np.ndarray,
                config) -> None:
+        if name == "float-fallback":
+            return self._float_fallback(graphs, calibration, config)
         if name != "adaround":
             return super().remedy(name, graphs, checkpoint, manifest, listing, calibration, config)
         from edgetl.backends.torch.sensitivity import most_sensitive
@@ -73,6 +84,22 @@ class TorchBackend(Backend):
             graphs.int8, graphs.quantization = graphs_of.quantize_ptq_graph(
                 graphs.float_model, graphs.example, calibration, config.bias_correction, config.fuse_clamp,
                 rounded_layers=layers)
+        self._rounded = graphs.quantization.pop("_rounded", None)
+
+    def _float_fallback(self, graphs: Graphs, calibration: np.ndarray, config) -> None:
+        """The allowed layers keep float weights, on top of the learned rounding when that remedy ran."""
+        layers = tuple(config.float_layers)
+        if not layers:
+            raise ValueError("float fallback has no layer to keep float (--float-layers names none)")
+        console.print(f"int8: float fallback of {', '.join(layers)}…")
+        with quiet_native():
+            graphs.int8, graphs.quantization = graphs_of.quantize_ptq_graph(
+                graphs.float_model, graphs.example, calibration, config.bias_correction, config.fuse_clamp,
+                float_layers=layers, rounded=self._rounded)
+        graphs.quantization.pop("_rounded", None)
+        if graphs.sensitivity is not None:
+            share = sum(r["macs_share"] for r in graphs.sensitivity["rows"] if r["layer"] in layers)
+            graphs.quantization["float_macs_share"] = round(share, 5)
 
     def logits(self, model, x: np.ndarray) -> np.ndarray:
         return graphs_of.logits(model, x)
@@ -82,7 +109,8 @@ class TorchBackend(Backend):
         if fmt == "pte":
             payload, delegation = graphs_of.lower_pte(module, graphs.example)
             return Converted(payload, {"delegation": delegation})
-        return Converted(graphs_of.convert_tflite(module, graphs.example, quantized=quant == "int8"))
+        strict = quant == "int8" and bool(graphs.quantization.get("float_layers"))
+        return Converted(graphs_of.convert_tflite(module, graphs.example, quantized=quant == "int8", strict_qdq=strict))
 
     def save_extras(self, graphs: Graphs, folder: Path) -> None:
         if graphs.pruning is not None:

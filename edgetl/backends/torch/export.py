@@ -7,10 +7,12 @@ are on a phone) and, for int8, the one PT2E-quantized version of it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import pickle
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -66,23 +68,30 @@ def logits(module: nn.Module, x: np.ndarray, batch: int = 100) -> np.ndarray:
 def quantize_ptq_graph(float_model: nn.Module, example: torch.Tensor, calibration: np.ndarray,
                        bias_correction: bool = True, fuse_clamp: bool = True,
                        rounded_layers: list[str] | None = None,
-                       rounding_iterations: int = 400) -> tuple[torch.fx.GraphModule, dict]:
+                       rounding_iterations: int = 400, float_layers: tuple[str, ...] = (),
+                       rounded: tuple[nn.Module, dict] | None = None) -> tuple[torch.fx.GraphModule, dict]:
     """The PT2E int8 (Q/DQ) graph of the NHWC `float_model`, calibrated on `calibration` (NHWC), and what the
     manifest records about it. `rounded_layers`: layers (names in the BN-folded model) whose int8 rounding is
-    learned (`adaround`) instead of nearest; the graph stays the same."""
+    learned (`adaround`) instead of nearest; the graph stays the same. `rounded`: an earlier call's learned
+    rounding (`info["_rounded"]`), reused instead of learning it again. `float_layers`: layers whose weights stay
+    float (a float kernel between int8 activations)."""
     started = time.perf_counter()
     calib = torch.from_numpy(np.ascontiguousarray(calibration))
-    prepared = fold_batchnorm(float_model, example)
     learned = None
-    if rounded_layers:
-        from edgetl.backends.torch.adaround import adaround
+    if rounded is not None:
+        prepared, learned = copy.deepcopy(rounded[0]), rounded[1]
+    else:
+        prepared = fold_batchnorm(float_model, example)
+        if rounded_layers:
+            from edgetl.backends.torch.adaround import adaround
 
-        prepared, learned = adaround(prepared, calib, rounded_layers, iterations=rounding_iterations)
+            prepared, learned = adaround(prepared, calib, rounded_layers, iterations=rounding_iterations)
+            rounded = (copy.deepcopy(prepared), learned)
     if bias_correction:
-        prepared = bias_correct(prepared, calib)
-    graph = quantize_ptq(prepared, example, torch.split(calib, 64), fuse_clamp=fuse_clamp)
+        prepared = bias_correct(prepared, calib, float_layers)
+    graph = quantize_ptq(prepared, example, torch.split(calib, 64), fuse_clamp=fuse_clamp, float_layers=float_layers)
     info = {
-        "method": "pt2e-ptq" + ("+adaround" if learned else ""),
+        "method": "pt2e-ptq" + ("+adaround" if learned else "") + ("+float-fallback" if float_layers else ""),
         "quantizer": "XNNPACKQuantizer (executorch), ReLU6 outputs observed after the clamp" if fuse_clamp
         else "XNNPACKQuantizer (executorch)",
         "weights": "int8, symmetric, per output channel (BatchNorm folded first)"
@@ -96,6 +105,10 @@ def quantize_ptq_graph(float_model: nn.Module, example: torch.Tensor, calibratio
     }
     if learned:
         info["learned_rounding"] = learned
+        info["_rounded"] = rounded  # not JSON: the backend keeps it for a later remedy and drops it from the record
+    if float_layers:
+        info["float_layers"] = list(float_layers)
+        info["weights"] += f"; {len(float_layers)} layer(s) kept float: {', '.join(float_layers)}"
     return graph, info
 
 
@@ -166,8 +179,32 @@ def _fold_weight_quantization(graph: torch.fx.GraphModule) -> torch.fx.GraphModu
     return graph
 
 
-def convert_tflite(module: nn.Module, example: torch.Tensor, quantized: bool) -> bytes:
-    """TFLite flatbuffer via litert-torch; a Q/DQ graph becomes int8 kernels with int8 input/output."""
+@contextlib.contextmanager
+def _strict_qdq() -> Iterator[None]:
+    """litert-torch's converter in strict Q/DQ mode, which it has but does not expose (see tflite_interface)."""
+    from litert_torch._convert import litert_converter
+
+    api = litert_converter.converter_api_ext
+    original = api.ConvertToTFLConfig
+    if not hasattr(original(), "strict_qdq_mode"):
+        raise RuntimeError("this litert-torch's converter has no strict Q/DQ mode, so float layers would be "
+                           "quantized in the .tflite; export without --float-layers")
+
+    def strict() -> object:
+        config = original()
+        config.strict_qdq_mode = True
+        return config
+
+    api.ConvertToTFLConfig = strict
+    try:
+        yield
+    finally:
+        api.ConvertToTFLConfig = original
+
+
+def convert_tflite(module: nn.Module, example: torch.Tensor, quantized: bool, strict_qdq: bool = False) -> bytes:
+    """TFLite flatbuffer via litert-torch; a Q/DQ graph becomes int8 kernels with int8 input/output.
+    `strict_qdq`: only the graph's own Q/DQ pairs are quantized (float fallback of layers needs it)."""
     import litert_torch
 
     quant_config = None
@@ -178,11 +215,16 @@ def convert_tflite(module: nn.Module, example: torch.Tensor, quantized: bool) ->
         # Only tells the converter the Q/DQ pairs are static int8; the graph is already quantized.
         static = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)
         quant_config = QuantConfig(pt2e_quantizer=PT2EQuantizer().set_global(static))
-    with quiet_native():
+    with quiet_native(), _strict_qdq() if strict_qdq else contextlib.nullcontext():
         edge_model = litert_torch.convert(module, (example,), quant_config=quant_config)
         path = Path(os.environ.get("TMPDIR", "/tmp")) / f"edgetl-{os.getpid()}-{time.monotonic_ns()}.tflite"
         try:
             edge_model.export(str(path))
-            return path.read_bytes()
+            payload = path.read_bytes()
         finally:
             path.unlink(missing_ok=True)
+    if strict_qdq:
+        from edgetl.backends.torch.tflite_interface import int8_interface
+
+        payload = int8_interface(payload)
+    return payload

@@ -6,6 +6,10 @@ output quantization. The conv output spans e.g. [-30, 25], so the [0, 6] that su
 ~30 of the 256 levels. `ClampFusingQuantizer` observes the ReLU6 output instead (range [0, 6], all 256
 levels) — which is also what XNNPACK and TFLite execute, since both fuse the clamp into the conv.
 Optional bias correction (Nagel et al. 2019) removes the mean output shift caused by weight rounding.
+
+Float fallback of named layers (`float_layers`): such a layer keeps float weights and runs as a float kernel
+between a dequantize of its int8 input and a quantize of its output, so every activation between layers, and
+the model's input and output, stay int8 with the same observers.
 """
 
 from __future__ import annotations
@@ -27,11 +31,27 @@ CLAMP_OPS = (torch.ops.aten.hardtanh.default, torch.ops.aten.hardtanh_.default)
 CLAMP_PRODUCERS = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default, torch.ops.aten.add.Tensor)
 
 
+WEIGHTED_OPS = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
+
+
+def module_of(node: torch.fx.Node) -> str | None:
+    """Qualified name of the innermost module a graph node was traced from (torch.export's nn_module_stack)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else None
+
+
 class ClampFusingQuantizer(XNNPACKQuantizer):
-    """XNNPACKQuantizer that quantizes after ReLU6 rather than before it (see the module docstring)."""
+    """XNNPACKQuantizer that quantizes after ReLU6 rather than before it (see the module docstring), and keeps
+    the weights of `float_layers` (module names) in float."""
+
+    def __init__(self, float_layers: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.float_layers = frozenset(float_layers)
+        self.kept_float: set[str] = set()  # the float_layers found in the graph, for the caller to check
 
     def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
         model = super().annotate(model)
+        self._keep_float_weights(model)
         output_qspec = self.global_config.output_activation
         for node in model.graph.nodes:
             if node.op != "call_function" or node.target not in CLAMP_OPS:
@@ -48,10 +68,28 @@ class ClampFusingQuantizer(XNNPACKQuantizer):
             node.meta[ANNOTATION_KEY] = QuantizationAnnotation(output_qspec=output_qspec, _annotated=True)
         return model
 
+    def _keep_float_weights(self, model: torch.fx.GraphModule) -> None:
+        """Drop the weight and bias specs of the float layers' conv/linear nodes; their input and output
+        activation specs stay, so the int8 tensors around them are unchanged."""
+        for node in model.graph.nodes:
+            if node.op != "call_function" or node.target not in WEIGHTED_OPS:
+                continue
+            if module_of(node) not in self.float_layers:
+                continue
+            annotation = node.meta.get(ANNOTATION_KEY)
+            if annotation is None:
+                continue
+            for parameter in node.args[1:3]:
+                annotation.input_qspec_map.pop(parameter, None)
+            self.kept_float.add(module_of(node))
 
-def make_quantizer(fuse_clamp: bool = True) -> XNNPACKQuantizer:
+
+def make_quantizer(fuse_clamp: bool = True, float_layers: Iterable[str] = ()) -> XNNPACKQuantizer:
     """Symmetric per-channel int8 weights, per-tensor int8 activations (histogram observers)."""
-    quantizer = ClampFusingQuantizer() if fuse_clamp else XNNPACKQuantizer()
+    float_layers = tuple(float_layers)
+    if float_layers and not fuse_clamp:
+        raise ValueError("float fallback of layers needs the clamp-fusing quantizer (fuse_clamp=True)")
+    quantizer = ClampFusingQuantizer(float_layers) if fuse_clamp else XNNPACKQuantizer()
     return quantizer.set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
 
 
@@ -103,13 +141,15 @@ def fake_quant_per_channel(weight: torch.Tensor) -> torch.Tensor:
     return (weight / scale).round().clamp(-WEIGHT_QMAX, WEIGHT_QMAX) * scale
 
 
-def bias_correct(model: nn.Module, calibration: torch.Tensor) -> nn.Module:
+def bias_correct(model: nn.Module, calibration: torch.Tensor, float_layers: Iterable[str] = ()) -> nn.Module:
     """Quantize weights in place of PT2E and fold the mean output error of each layer into its bias.
 
     One forward pass over the whole calibration batch: each layer sees the input produced by the already
     corrected layers before it, so corrections do not pile up. Re-quantizing the rounded weights in PT2E
-    reproduces them exactly (same per-channel max, values already on the grid).
+    reproduces them exactly (same per-channel max, values already on the grid). `float_layers` keep their
+    float weights (and bias): PT2E will not quantize them.
     """
+    keep_float = frozenset(float_layers)
     model = copy.deepcopy(model).eval()
     originals: dict[nn.Module, torch.Tensor] = {}
 
@@ -132,8 +172,8 @@ def bias_correct(model: nn.Module, calibration: torch.Tensor) -> nn.Module:
         return output + shift.view(view)
 
     hooks = []
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d | nn.Linear):
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d | nn.Linear) and name not in keep_float:
             originals[module] = module.weight.detach().clone()
             module.weight.data = fake_quant_per_channel(module.weight.detach())
             hooks.append(module.register_forward_hook(correct))
@@ -149,8 +189,10 @@ def quantize_ptq(
     example: torch.Tensor,
     calibration: Iterable[torch.Tensor],
     fuse_clamp: bool = True,
+    float_layers: Iterable[str] = (),
 ) -> torch.fx.GraphModule:
     """PT2E PTQ: export with a dynamic batch, observe the calibration batches, convert to Q/DQ form.
+    `float_layers`: module names whose weights stay float (each must be a conv or linear of `model`).
 
     `fold_quantize=False` keeps weights as float + quantize/dequantize: litert-torch needs that form, and
     ExecuTorch lowers it to the same int8 XNNPACK kernels, so both formats start from this one graph.
@@ -158,8 +200,12 @@ def quantize_ptq(
     batch = torch.export.Dim("batch", min=1, max=4096)
     sample = torch.cat([example, example]) if example.shape[0] == 1 else example
     graph = torch.export.export(model, (sample,), dynamic_shapes=({0: batch},)).module()
-    quantizer = make_quantizer(fuse_clamp)
+    float_layers = tuple(float_layers)
+    quantizer = make_quantizer(fuse_clamp, float_layers)
     prepared = prepare_pt2e(graph, quantizer)
+    missing = sorted(set(float_layers) - getattr(quantizer, "kept_float", set()))
+    if missing:
+        raise ValueError(f"float layer(s) not found among the quantized conv/linear nodes: {', '.join(missing)}")
     with torch.no_grad():
         for chunk in calibration:
             prepared(chunk)
