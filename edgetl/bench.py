@@ -400,7 +400,23 @@ def breakdown(artifact: Artifact, target: Any, whole: dict[str, Any], options: B
         entry.update(instructions_per_invoke=emulation["instructions_per_invoke"], spread=emulation["spread"],
                      per_invoke=emulation["per_invoke"])
         parts.append(entry)
-    return blocks.summarize(parts, whole["emulation"]["instructions_per_invoke"], whole["model"].get("macs"))
+    record = blocks.summarize(parts, whole["emulation"]["instructions_per_invoke"], whole["model"].get("macs"))
+    sensitivity = _export_sensitivity(artifact)
+    if sensitivity is not None:
+        blocks.attribute_int8_loss(record, sensitivity)
+    return record
+
+
+def _export_sensitivity(artifact: Artifact) -> dict[str, Any] | None:
+    """The per-layer int8 sensitivity table of the export an int8 file belongs to (its folder's manifest), if any."""
+    if artifact.sidecar is None or artifact.sidecar.quant != "int8":
+        return None
+    path = artifact.path.parent / "manifest.json"
+    try:
+        table = (json.loads(path.read_text()).get("quantization") or {}).get("sensitivity")
+    except (OSError, ValueError):
+        return None
+    return table if isinstance(table, dict) and isinstance(table.get("rows"), list) else None
 
 
 def target_record(target: Any) -> dict[str, Any]:
@@ -518,14 +534,17 @@ def print_breakdowns(results: list[dict[str, Any]]) -> None:
         table = Table(title=title, caption=f"each block cut out of the file and counted alone; the parts sum to "
                       f"{record['sum_of_parts'] / 1e6:.3f} M against {whole / 1e6:.3f} M for the whole "
                       f"({record['sum_minus_whole_relative']:+.1%}): per-invoke overhead once per part")
-        for name in ("block", "role", "ops", "MACs", "instr/invoke", "share", "instr/MAC"):
+        for name in ("block", "role", "ops", "MACs", "instr/invoke", "share", "instr/MAC", "int8 loss"):
             table.add_column(name, justify="left" if name in ("block", "role") else "right")
         for part in record["parts"]:
+            loss = part.get("int8_loss_share")
             table.add_row(part["name"], part["role"], str(part["operators"][1] - part["operators"][0] + 1),
                           f"{part['macs'] / 1e6:.3f} M" if part.get("macs") else "–",
                           f"{part['instructions_per_invoke'] / 1e3:.1f} k", f"{part['share_of_whole']:.1%}",
-                          _fmt(part["instructions_per_mac"], 3))
+                          _fmt(part["instructions_per_mac"], 3), "–" if loss is None else f"{loss:.1%}")
         out.print(table)
+        if record.get("int8_loss_share_source"):
+            out.print(f"int8 loss: {record['int8_loss_share_source']}")
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:

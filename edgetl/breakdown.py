@@ -153,6 +153,48 @@ def write_part(model: Path, part: Part, out: Path) -> Path:
     return out
 
 
+def _owner(layer: str, parts: list[dict[str, Any]]) -> int | None:
+    """Index of the part whose module paths hold `layer` (a sensitivity-table name such as
+    `model.features.3.conv.0.0`, or `model._blocks.3._expand_conv`), or None."""
+    path = layer.removeprefix("model.")
+    for index, part in enumerate(parts):
+        if any(path == module or path.startswith(module + ".") for module in part["name"].split("+")):
+            return index
+    return None
+
+
+def attribute_int8_loss(record: dict[str, Any], sensitivity: dict[str, Any]) -> None:
+    """Fill each part's `int8_loss_share` from the export's per-layer sensitivity table: the part's share of the
+    summed |Δlogit| of its layers, each layer's weights rounded alone. A layer under no named module (an
+    EfficientNet stem conv, a head) goes to the stem part when it comes before the first block, else to the head."""
+    parts = record["parts"]
+    rows = [r for r in sensitivity.get("rows", []) if r.get("measured")]
+    total = sum(r["logit_error"] for r in rows)
+    if not rows or total <= 0:
+        return
+    owners = [_owner(r["layer"], parts) for r in rows]
+    blocks = [i for i, p in enumerate(parts) if p.get("role") == "block"]
+    first_block = next((n for n, o in enumerate(owners) if o is not None and o in blocks), len(rows))
+    roles = {p.get("role"): i for i, p in enumerate(parts) if p.get("role") in ("stem", "head")}
+    shares = [0.0] * len(parts)
+    unplaced = 0
+    for n, (row, owner) in enumerate(zip(rows, owners, strict=True)):
+        owner = owner if owner is not None else roles.get("stem" if n < first_block else "head")
+        if owner is None:
+            unplaced += 1
+            continue
+        shares[owner] += row["logit_error"] / total
+    for part, share in zip(parts, shares, strict=True):
+        part["int8_loss_share"] = round(share, 4)
+    unmeasured = sensitivity.get("layers", len(rows)) - len(rows)
+    record["int8_loss_share_source"] = (
+        f"the export's int8 sensitivity table: each block's share of the summed mean |Δlogit| of its layers, each "
+        f"layer's weights rounded to int8 alone on {sensitivity.get('images')} calibration images (errors of layers "
+        f"rounded together do not add exactly)"
+        + (f"; {unmeasured} layer(s) not measured within its time budget" if unmeasured else "")
+        + (f"; {unplaced} layer(s) matched no block" if unplaced else ""))
+
+
 def summarize(parts: list[dict[str, Any]], whole: int, whole_macs: int | None) -> dict[str, Any]:
     """The breakdown record: every part's share and instructions per MAC, and how far the sum is from the whole."""
     total = sum(p["instructions_per_invoke"] for p in parts)

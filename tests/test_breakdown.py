@@ -42,6 +42,31 @@ def test_summary_states_each_share_and_how_far_the_sum_is_from_the_whole() -> No
     assert "per-invoke overhead" in record["gap_reason"]
 
 
+def test_each_block_gets_its_share_of_the_int8_loss_from_the_sensitivity_table() -> None:
+    def table(*errors: tuple[str, float]) -> dict:
+        return {"images": 64, "layers": len(errors) + 1,
+                "rows": [{"layer": name, "logit_error": e, "measured": True} for name, e in errors]
+                + [{"layer": "model.late", "measured": False}]}
+
+    mobilenet = {"parts": [{"name": "features.0", "role": "stem"}, {"name": "features.1", "role": "block"},
+                           {"name": "features.2", "role": "block"}, {"name": "features.18+head", "role": "head"}]}
+    breakdown.attribute_int8_loss(mobilenet, table(
+        ("model.features.0.0", 0.4), ("model.features.1.conv.0.0", 0.2), ("model.features.1.conv.1", 0.2),
+        ("model.features.2.conv.0.0", 0.1), ("model.features.18.0", 0.05), ("model.classifier.1", 0.05)))
+    assert [p["int8_loss_share"] for p in mobilenet["parts"]] == [0.4, 0.4, 0.1, 0.1]  # classifier: after the blocks
+    assert "rounded to int8 alone on 64" in mobilenet["int8_loss_share_source"]
+    assert "1 layer(s) not measured" in mobilenet["int8_loss_share_source"]
+    # EfficientNet-Lite: the stem conv sits under no container, so it goes by position (before the first block)
+    lite = {"parts": [{"name": "stem", "role": "stem"}, {"name": "_blocks.0", "role": "block"},
+                      {"name": "head", "role": "head"}]}
+    breakdown.attribute_int8_loss(lite, table(("model._conv_stem", 0.3), ("model._blocks.0._depthwise_conv", 0.5),
+                                              ("model._conv_head", 0.1), ("model._fc", 0.1)))
+    assert [p["int8_loss_share"] for p in lite["parts"]] == [0.3, 0.5, 0.2]
+    untouched = {"parts": [{"name": "features.0", "role": "stem", "int8_loss_share": None}]}
+    breakdown.attribute_int8_loss(untouched, {"rows": []})  # no measured layer: nothing is made up
+    assert untouched["parts"][0]["int8_loss_share"] is None and "int8_loss_share_source" not in untouched
+
+
 def assert_parts_chain_to_the_whole(model: Path, folder: Path) -> None:
     """The cut is faithful: every part keeps the whole's scale/zero-point at its cuts, and the parts run one after
     another in LiteRT give the whole's int8 output bit for bit."""
@@ -106,6 +131,8 @@ def test_breakdown_on_the_emulated_a76_repeats_and_sums_to_the_whole(tiny_checkp
     gap = first["sum_of_parts"] - whole
     assert 0 < gap < MAX_OVERHEAD_PER_EXTRA_PART * (len(names) - 1), first
     assert first["sum_minus_whole"] == gap
+    assert sum(p["int8_loss_share"] for p in first["parts"]) == pytest.approx(1, abs=1e-3)  # from the export's table
+    assert "sensitivity table" in first["int8_loss_share_source"]
 
 
 def test_the_sweep_report_tables_and_plots_each_counted_breakdown() -> None:
