@@ -3,8 +3,10 @@
 Stage 1's features are computed once with the whole backbone in eval mode (BatchNorm uses its ImageNet
 statistics, so an image's feature does not depend on the images beside it in a batch and no running
 statistic moves); the stage fits the linear probe on them and hands the head back. Stage 2 unfreezes the
-top K blocks (all by default) with BatchNorm statistics frozen, light augmentation, AdamW, linear warm-up
-then cosine decay and label smoothing, and offers the model to the stage's selector after every epoch.
+top K blocks (all by default) with BatchNorm statistics frozen (pretrained backbones; a from-scratch one
+updates them, since statistics estimated at initialisation go stale as its weights move), light augmentation,
+AdamW, linear warm-up then cosine decay and label smoothing, and offers the model to the stage's selector after
+every epoch.
 Images are streamed from disk (DataLoader workers decode them); with several processes
 (`backends/torch/distributed.py`) each rank decodes and extracts its shard and DDP averages gradients.
 """
@@ -389,7 +391,8 @@ class Trainer(SplitScores):
                 train_set.epoch = epoch
                 sampler.set_epoch(epoch)
                 model.train()
-                freeze_batchnorm(model)
+                if self.init.get("kind") != "none":  # pretrained statistics stay; a from-scratch model learns its own
+                    freeze_batchnorm(model)
                 batches = bar.add_task(f"  epoch {epoch}", total=len(train_set), status="")
                 seen, loss_sum, correct = 0, 0.0, 0
                 for images, targets, indices, errors in loader:
