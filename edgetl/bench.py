@@ -375,36 +375,55 @@ def breakdown(artifact: Artifact, target: Any, whole: dict[str, Any], options: B
     from edgetl import breakdown as blocks
     from edgetl.ui import console
 
-    if artifact.path.suffix != ".tflite":
-        return {"unavailable": blocks.PTE_UNAVAILABLE}
+    fmt = artifact.path.suffix.lstrip(".")
     folder = workdir / f"{artifact.name}.parts"
     folder.mkdir(exist_ok=True)
     try:
-        cuts = blocks.tflite_parts(artifact.path)
+        cuts = _tflite_cuts(artifact, folder) if fmt == "tflite" else _pte_cuts(artifact)
     except UserError as error:  # e.g. a .tflite whose tensors name no blocks: everything else is still measured
         console.print(f"[yellow]bench: no breakdown of {artifact.name}: {error}[/]")
         return {"unavailable": str(error)}
     parts = []
-    for part in cuts:
-        piece = Artifact(blocks.write_part(artifact.path, part, folder / f"{part.name}.tflite"))
-        inspect(piece, script, emulated=True)
-        console.print(f"bench: {artifact.name} @ {target.name}: {part.name} ({part.ops} ops) ...")
-        counted = run_one(piece, target, 1, None, options, script, folder)
-        entry = {"name": part.name, "role": part.role, "operators": [part.first_op, part.last_op], "macs": piece.macs,
-                 "input": piece.spec.get("input"), "output": piece.spec.get("output")}
+    for piece, entry in cuts:
+        console.print(f"bench: {artifact.name} @ {target.name}: {entry['name']} ...")
+        try:
+            inspect(piece, script, emulated=True)
+            counted = run_one(piece, target, 1, None, options, script, folder)
+        except UserError as error:  # a part that does not run alone costs the breakdown, never the whole's figures
+            counted = {"failed": str(error)}
+        entry.update(macs=entry.get("macs") or piece.macs, input=piece.spec.get("input"),
+                     output=piece.spec.get("output"))
         if "failed" in counted:  # a sum without this part would mislead: no breakdown, the whole still stands
-            reason = f"block {part.name} failed to run alone: {counted['failed']}"
+            reason = f"block {entry['name']} failed to run alone: {counted['failed']}"
             console.print(f"[red]bench: no breakdown of {artifact.name} @ {target.name}: {reason}[/]")
             return {"unavailable": reason}
         emulation = counted["emulation"]
         entry.update(instructions_per_invoke=emulation["instructions_per_invoke"], spread=emulation["spread"],
                      per_invoke=emulation["per_invoke"])
         parts.append(entry)
-    record = blocks.summarize(parts, whole["emulation"]["instructions_per_invoke"], whole["model"].get("macs"))
+    record = blocks.summarize(parts, whole["emulation"]["instructions_per_invoke"], whole["model"].get("macs"), fmt)
     sensitivity = _export_sensitivity(artifact)
     if sensitivity is not None:
         blocks.attribute_int8_loss(record, sensitivity)
     return record
+
+
+def _tflite_cuts(artifact: Artifact, folder: Path) -> list[tuple[Artifact, dict[str, Any]]]:
+    """Each block cut out of the .tflite itself, as a file of its own."""
+    from edgetl import breakdown as blocks
+
+    return [(Artifact(blocks.write_part(artifact.path, part, folder / f"{part.name}.tflite")),
+             {"name": part.name, "role": part.role, "operators": [part.first_op, part.last_op]})
+            for part in blocks.tflite_parts(artifact.path)]
+
+
+def _pte_cuts(artifact: Artifact) -> list[tuple[Artifact, dict[str, Any]]]:
+    """The blocks `edgetl export --parts` lowered for this very .pte (same sha256)."""
+    from edgetl import breakdown as blocks
+
+    return [(Artifact(part["path"]), {"name": part["name"], "role": part["role"], "file": part["file"],
+                                      "macs": part.get("macs")})
+            for part in blocks.pte_parts(artifact.path, artifact.sha256)]
 
 
 def _export_sensitivity(artifact: Artifact) -> dict[str, Any] | None:
@@ -531,14 +550,16 @@ def print_breakdowns(results: list[dict[str, Any]]) -> None:
             out.print(f"{title}: unavailable ({record['unavailable']})")
             continue
         whole = record["whole_instructions_per_invoke"]
-        table = Table(title=title, caption=f"each block cut out of the file and counted alone; the parts sum to "
+        how = "cut out of the file" if "parts" not in record.get("method", "") else "lowered on its own (--parts)"
+        table = Table(title=title, caption=f"each block {how} and counted alone; the parts sum to "
                       f"{record['sum_of_parts'] / 1e6:.3f} M against {whole / 1e6:.3f} M for the whole "
                       f"({record['sum_minus_whole_relative']:+.1%}): per-invoke overhead once per part")
         for name in ("block", "role", "ops", "MACs", "instr/invoke", "share", "instr/MAC", "int8 loss"):
             table.add_column(name, justify="left" if name in ("block", "role") else "right")
         for part in record["parts"]:
             loss = part.get("int8_loss_share")
-            table.add_row(part["name"], part["role"], str(part["operators"][1] - part["operators"][0] + 1),
+            ops = part["operators"][1] - part["operators"][0] + 1 if part.get("operators") else None
+            table.add_row(part["name"], part["role"], "–" if ops is None else str(ops),
                           f"{part['macs'] / 1e6:.3f} M" if part.get("macs") else "–",
                           f"{part['instructions_per_invoke'] / 1e3:.1f} k", f"{part['share_of_whole']:.1%}",
                           _fmt(part["instructions_per_mac"], 3), "–" if loss is None else f"{loss:.1%}")

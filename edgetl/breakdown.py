@@ -10,8 +10,10 @@ file that was exported: the same operators, the same tensors and therefore the s
 the runtime's per-invoke overhead (interpreter invoke, delegate dispatch, input/output copies) once:
 the parts' sum exceeds the whole by about (parts - 1) × that overhead, which the result states.
 
-A .pte holds its graph inside an opaque XNNPACK delegate payload that cannot be cut this way; its
-breakdown is reported as unavailable (an honest gap, not an estimate).
+A .pte holds its graph inside an opaque XNNPACK delegate payload that cannot be cut this way. So `edgetl export
+--parts` cuts the graph the .pte was lowered from (backends/torch/parts.py) and lowers each block on its own
+into `FILE.pte.parts/`; bench counts those parts like the .tflite's. Without them a .pte's breakdown is reported
+as unavailable (an honest gap, not an estimate).
 """
 
 from __future__ import annotations
@@ -28,8 +30,37 @@ METHOD = ("each block cut out of the exported .tflite (same operators, tensors a
 GAP_REASON = ("each part is invoked as a model of its own, so it pays the runtime's per-invoke overhead "
               "(interpreter invoke, delegate dispatch, input/output copies) once: the sum counts that overhead "
               "once per part, the whole once")
-PTE_UNAVAILABLE = ("a .pte keeps its graph inside one XNNPACK delegate payload, which cannot be cut into blocks; "
-                   "and its kernels sit in shared libraries whose symbols qemu's plugin API does not resolve")
+PTE_UNAVAILABLE = ("a .pte keeps its graph inside one XNNPACK delegate payload, which cannot be cut into blocks "
+                   "(and its kernels sit in shared libraries whose symbols qemu's plugin API does not resolve); "
+                   "export with --parts to lower each block on its own")
+PTE_METHOD = ("each block of the graph the .pte was lowered from (same operators, weights and quantization) lowered "
+              "on its own by `edgetl export --parts` and counted under qemu, like the whole")
+PTE_GAP_REASON = ("each part is a program of its own: it pays ExecuTorch's per-invoke overhead (method execute, "
+                  "XNNPACK delegate dispatch, input/output copies) once, and an int8 part also quantizes its float "
+                  "input and dequantizes its output, as the whole does once: the sum counts that once per part")
+PARTS_KIND = "edgetl.pte-parts"
+
+
+def parts_folder(folder: Path, name: str) -> Path:
+    """Where `edgetl export --parts` puts the blocks of the .pte `name`, and bench --breakdown finds them."""
+    return folder / f"{name}.parts"
+
+
+def pte_parts(model: Path, sha256: str) -> list[dict[str, Any]]:
+    """The parts `--parts` lowered for this .pte, in network order, each with its file's path; a UserError line
+    when there are none or they belong to another version of the file."""
+    import json
+
+    index = parts_folder(model.parent, model.name) / "parts.json"
+    if not index.is_file():
+        raise UserError(f"{model.name}: {PTE_UNAVAILABLE}")
+    record = json.loads(index.read_text())
+    if record.get("kind") != PARTS_KIND or not isinstance(record.get("parts"), list):
+        raise UserError(f"{index}: not a parts index edgetl wrote (valid: kind {PARTS_KIND})")
+    if record.get("sha256") != sha256:
+        raise UserError(f"{model.name}: its parts were lowered for another version of the file (sha256 differs); "
+                        "export it again with --parts")
+    return [{**part, "path": index.parent / part["file"]} for part in record["parts"]]
 
 # `.../Sequential_features/edgetl...ConvNormAct_0/...` (torch module path as litert-torch names tensors)
 _BLOCK = re.compile(r"(?:Sequential|ModuleList)_(?P<container>\w+?)/[\w.]*?(?P<cls>\w+)_(?P<index>\d+)(?:/|;|$)")
@@ -195,7 +226,7 @@ def attribute_int8_loss(record: dict[str, Any], sensitivity: dict[str, Any]) -> 
         + (f"; {unplaced} layer(s) matched no block" if unplaced else ""))
 
 
-def summarize(parts: list[dict[str, Any]], whole: int, whole_macs: int | None) -> dict[str, Any]:
+def summarize(parts: list[dict[str, Any]], whole: int, whole_macs: int | None, fmt: str = "tflite") -> dict[str, Any]:
     """The breakdown record: every part's share and instructions per MAC, and how far the sum is from the whole."""
     total = sum(p["instructions_per_invoke"] for p in parts)
     for p in parts:
@@ -204,7 +235,7 @@ def summarize(parts: list[dict[str, Any]], whole: int, whole_macs: int | None) -
         p.setdefault("int8_loss_share", None)
     gap = total - whole
     return {
-        "method": METHOD,
+        "method": METHOD if fmt == "tflite" else PTE_METHOD,
         "parts": parts,
         "whole_instructions_per_invoke": whole,
         "whole_macs": whole_macs,
@@ -212,7 +243,7 @@ def summarize(parts: list[dict[str, Any]], whole: int, whole_macs: int | None) -
         "sum_minus_whole": gap,
         "sum_minus_whole_relative": gap / whole if whole else None,
         "overhead_per_extra_part": gap / (len(parts) - 1) if len(parts) > 1 else None,
-        "gap_reason": GAP_REASON,
+        "gap_reason": GAP_REASON if fmt == "tflite" else PTE_GAP_REASON,
         "part_inputs": "device_bench's seeded random inputs of each part's own shape and type (the whole fed such "
                        "inputs instead of test images: 19 instructions fewer of 400 k, measured 2026-12-01)",
         "int8_loss_share_source": None,  # filled from the int8 sensitivity table when one exists

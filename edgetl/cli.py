@@ -142,6 +142,9 @@ def export(
         help="torch: comma list of layers (names as the int8 sensitivity table prints them) that --int8 auto may "
              "keep float, after learned rounding and before QAT, for a file still over --max-drop; input and "
              "output stay int8.")] = None,
+    parts: Annotated[bool | None, typer.Option(
+        "--parts", help="torch: also lower each network block of every .pte on its own (stem, each inverted-residual "
+                        "block, head), for bench --breakdown on emulated ARM64.")] = None,
     recovery_epochs: Annotated[int | None, typer.Option(
         help="Fine-tune epochs of --prune (default: torch 8 for channels, 4 for magnitude; keras 6).")] = None,
     qat_epochs: Annotated[int | None, typer.Option(
@@ -174,7 +177,7 @@ def export(
         recipe, formats=formats, quant=quant, calib=calib, max_drop=max_drop, bias_correction=bias_correction,
         prune=prune, qat=qat, recovery_epochs=recovery_epochs, qat_epochs=qat_epochs,
         distill=distill, threads=threads, int8=int8, no_qat=no_qat, rounding_layers=rounding_layers,
-        float_layers=float_layers,
+        float_layers=float_layers, parts=parts,
     )
     run_export(checkpoint, config, out)
 

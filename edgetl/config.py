@@ -204,7 +204,7 @@ def artifact_name(model: Any, quant: str, fmt: str, tag: str = "") -> str:
 
 # Flags as a user types them, for the options that are not plain `--name VALUE`.
 _FLAG_TEXT = {"bias_correction": "--no-bias-correction", "fuse_clamp": "fuse_clamp = false",
-              "float_layers": "--float-layers"}
+              "float_layers": "--float-layers", "parts": "--parts"}
 
 
 @dataclass(frozen=True)
@@ -229,6 +229,7 @@ class ExportConfig:
     # torch: layers (names as the sensitivity table prints them) that --int8 auto may keep float when a file is
     # still over --max-drop after learned rounding; the int8 input and output tensors stay int8
     float_layers: tuple[str, ...] = ()
+    parts: bool = False  # torch: also lower each network block of every .pte on its own (bench --breakdown)
     sensitivity_seconds: float = 60.0  # torch: time budget of the per-layer sensitivity table
     recovery_epochs: int | None = None  # fine-tune epochs of pruning (None: the backend's measured default)
     qat_epochs: int | None = None  # epochs of quantization-aware training (None: the backend's default)
@@ -326,6 +327,8 @@ class ExportConfig:
             valid = " or ".join(f"--prune {kind}:{spec[1]:g}" for kind in caps.prune_kinds)
             raise UserError(f"--prune {config.prune}: {PRUNE_NAMES[spec[0]]} is {_owners('prune_kinds', spec[0])}"
                             f"-only; {where} (valid here: {valid})")
+        if config.parts and "pte" not in formats:  # no .pte from this backend: nothing to cut into parts
+            config = replace(config, parts=False)
         defaults = {f.name: f.default for f in fields(ExportConfig)}
         for name, value in asdict(config).items():
             if caps.honours(name) or value == defaults[name]:
@@ -379,7 +382,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             "dense model), then int8 PTQ"),
 )}
 # ExportConfig fields a variant may not set: the sweep sets them alike for every variant.
-SWEEP_LEVEL_FIELDS = ("formats", "max_drop", "threads", "recipe")
+SWEEP_LEVEL_FIELDS = ("formats", "max_drop", "threads", "recipe", "parts")
 
 
 def _threads(value: object) -> tuple[int, ...]:
@@ -411,7 +414,7 @@ class SweepConfig:
     arm_samples: int = 5
     remote_python: str = "python3"  # ssh: targets: the Python that runs device_bench there
     taskset: str | None = None  # ssh: targets: CPUs to pin device_bench to (taskset -c)
-    breakdown: bool = False  # emulated targets: instructions per network block of each .tflite (bench --breakdown)
+    breakdown: bool = False  # emulated targets: instructions per network block of each file (bench --breakdown)
     custom: dict[str, Variant] = field(default_factory=dict)
     recipe: str | None = None
 
@@ -448,7 +451,8 @@ class SweepConfig:
 
     def export_config(self, name: str) -> ExportConfig:
         """The ExportConfig of one variant: the sweep's base settings, then the variant's overrides."""
-        base: dict[str, Any] = {"formats": self.formats, "max_drop": self.max_drop}
+        base: dict[str, Any] = {"formats": self.formats, "max_drop": self.max_drop,
+                                "parts": self.breakdown and "pte" in self.formats}  # a .pte's blocks, for bench
         if self.calib is not None:
             base["calib"] = self.calib
         overrides = dict(self.known()[name].overrides)

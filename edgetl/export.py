@@ -32,6 +32,7 @@ import numpy as np
 
 from edgetl import backends, runtimes
 from edgetl.backends.base import Backend, Graphs, one_line
+from edgetl.breakdown import PARTS_KIND, parts_folder
 from edgetl.config import ExportConfig, artifact_name, resolve, variant_tag
 from edgetl.contracts import (
     EXPORT_KIND,
@@ -262,8 +263,10 @@ def _parent(checkpoint: Path, manifest: CheckpointManifest) -> dict:
             "weights_sha256": manifest.weights_sha256}
 
 
-def _export_one(backend: Backend, context: _Context, quant: str, fmt: str, folder: Path) -> ArtifactEntry:
-    """One file and its sidecar manifest; any exception but a UserError becomes a recorded failure."""
+def _export_one(backend: Backend, context: _Context, quant: str, fmt: str, folder: Path,
+                parts: bool = True) -> ArtifactEntry:
+    """One file and its sidecar manifest (and with --parts, a .pte's blocks, unless `parts` is False: a remedy's
+    candidate gets them only once kept); any exception but a UserError becomes a recorded failure."""
     config, graphs = context.config, context.graphs
     name = artifact_name(context.manifest.model, quant, fmt, variant_tag(config.prune, config.qat, quant))
     if quant == "int8" and graphs.int8_error:
@@ -289,9 +292,40 @@ def _export_one(backend: Backend, context: _Context, quant: str, fmt: str, folde
         return entry
     console.print(f"{name}: {sidecar.bytes / 1e6:.2f} MB (gzip {sidecar.gzip_bytes / 1e6:.2f} MB) in {seconds:.0f} s")
     _warn_delegation(name, sidecar.delegation or {})
+    if fmt == "pte" and config.parts and parts:
+        _write_parts(backend, graphs, quant, folder, name, sidecar.sha256)
     return ArtifactEntry(file=name, format=fmt, quant=quant, status="ok", bytes=sidecar.bytes,
                          gzip_bytes=sidecar.gzip_bytes, sha256=sidecar.sha256, export_seconds=seconds,
                          manifest=f"{name}.json")
+
+
+def _write_parts(backend: Backend, graphs: Graphs, quant: str, folder: Path, name: str, sha256: str) -> None:
+    """`--parts`: each network block of this .pte lowered on its own from the same graph, with what bench needs to
+    count them; a failure is a warning (the file itself is made and verified)."""
+    started = time.perf_counter()
+    console.print(f"{name}: lowering each network block on its own (--parts)…")
+    try:
+        made = backend.pte_parts(graphs, quant)
+    except Exception as error:  # noqa: BLE001 - the breakdown is optional; the file stands
+        console.print(f"[yellow]{name}: --parts failed — {one_line(error)}[/]")
+        return
+    if not made:
+        console.print(f"[yellow]{name}: --parts: this backend cannot cut its graph into blocks[/]")
+        return
+    target = parts_folder(folder, name)
+    target.mkdir()
+    entries = []
+    for index, part in enumerate(made):
+        file = f"{index:02d}-{part['name']}.pte"
+        atomic_write_bytes(target / file, part["payload"])
+        entries.append({k: v for k, v in part.items() if k != "payload"} | {"file": file})
+    write_json(target / "parts.json", {
+        "kind": PARTS_KIND, "schema_version": 1, "file": name, "sha256": sha256,
+        "method": "each block of the graph this .pte was lowered from (same operators, weights, scales and "
+                  "zero-points), lowered on its own with the same XNNPACK partitioner; every part reads and returns "
+                  "float, quantizing its input and dequantizing its output as the whole does",
+        "seconds": round(time.perf_counter() - started, 1), "parts": entries})
+    console.print(f"{name}: {len(entries)} parts in {time.perf_counter() - started:.0f} s")
 
 
 def _warn_delegation(name: str, delegation: dict) -> None:
@@ -481,7 +515,7 @@ def _remake(backend: Backend, context: _Context, entry: ArtifactEntry, remedy: s
     side = folder / f".remedy-{remedy}"
     side.mkdir(exist_ok=True)
     started = time.perf_counter()
-    made = _export_one(backend, context, "int8", entry.format, side)
+    made = _export_one(backend, context, "int8", entry.format, side, parts=False)
     if not made.ok:
         return {"kept": False, "error": made.error, "seconds": round(time.perf_counter() - started, 1)}
     try:
@@ -494,6 +528,9 @@ def _remake(backend: Backend, context: _Context, entry: ArtifactEntry, remedy: s
     if kept:
         for suffix in ("", ".json"):
             os.replace(side / f"{made.file}{suffix}", folder / f"{made.file}{suffix}")
+        if made.format == "pte" and context.config.parts:  # the earlier file's blocks (this export's) go with it
+            shutil.rmtree(parts_folder(folder, made.file), ignore_errors=True)
+            _write_parts(backend, context.graphs, "int8", folder, made.file, made.sha256)
         artifacts[[a.file for a in artifacts].index(entry.file)] = made
     shutil.rmtree(side, ignore_errors=True)
     gain = round(before - measured["drop_points"], 2)

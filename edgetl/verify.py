@@ -141,8 +141,9 @@ def check_drop(record: dict, max_drop: float) -> None:
         f"int8 top-1 fell {worst['drop_points']:.1f} points below the float checkpoint "
         f"({100 * record['float_top1']:.1f}% → {100 * worst['top1']:.1f}% for {worst['file']}; "
         f"--max-drop {max_drop:g}; made by {worst.get('remedy') or 'ptq'}); files are written — --int8 auto "
-        f"(the default) tries learned rounding then QAT; also try more calibration images (--calib 1000) or "
-        f"--rounding-layers 16"
+        f"(the default) tries learned rounding, float fallback of --float-layers, then QAT; also try more "
+        f"calibration images (--calib 1000), --rounding-layers 16, or --float-layers with the top layers of the "
+        f"int8 sensitivity table"
     )
 
 

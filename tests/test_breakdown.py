@@ -96,15 +96,17 @@ def assert_parts_chain_to_the_whole(model: Path, folder: Path) -> None:
     assert np.array_equal(y, invoke(whole, x)), (y, invoke(whole, x))
 
 
-# Measured 2026-12-01 on the tiny model below (a76, qemu 7.2, LiteRT 2.3.0): 5.4 k instructions per extra part.
-# The stated distance: the sum exceeds the whole, by less than 10 k instructions per part beyond the first.
-MAX_OVERHEAD_PER_EXTRA_PART = 10_000
+# Measured 2026-12-01 on the tiny model below (a76, qemu 7.2): 5.4 k instructions per extra part in LiteRT 2.3.0,
+# 10.6 k in ExecuTorch 1.5.1 (a program per part: method execute, delegate dispatch, a quantize of its input and a
+# dequantize of its output). The stated distance: the sum exceeds the whole by less than this per extra part.
+MAX_OVERHEAD_PER_EXTRA_PART = {"tflite": 10_000, "pte": 20_000}
 
 
 @pytest.mark.arm
 def test_breakdown_on_the_emulated_a76_repeats_and_sums_to_the_whole(tiny_checkpoint: Path, tmp_path: Path) -> None:
     export = tmp_path / "export"
-    done = run_cli("export", str(tiny_checkpoint), "--formats", "tflite,pte", "--quant", "int8", "--out", str(export))
+    done = run_cli("export", str(tiny_checkpoint), "--formats", "tflite,pte", "--quant", "int8", "--parts",
+                   "--out", str(export))
     assert done.returncode == 0, done.stderr[-3000:]
     assert_parts_chain_to_the_whole(export / "mobilenet_v2-w0.35-32-int8.tflite", tmp_path / "parts")
     runs = []
@@ -115,24 +117,44 @@ def test_breakdown_on_the_emulated_a76_repeats_and_sums_to_the_whole(tiny_checkp
         assert result.returncode == 0, result.stderr[-3000:]
         runs.append({f: json.loads((out / f"mobilenet_v2-w0.35-32-int8.{f}@arm64-a76.json").read_text())["runs"][0]
                      for f in ("tflite", "pte")})
-    for run in runs:
-        assert run["pte"]["breakdown"] == {"unavailable": breakdown.PTE_UNAVAILABLE}
-    first, second = (r["tflite"]["breakdown"] for r in runs)
-    names = [p["name"] for p in first["parts"]]
-    assert names[0] == "features.0" and names[-1] == "features.18+head" and len(names) == 19  # stem, 17, head
-    assert [p["role"] for p in first["parts"]].count("block") == 17
-    whole = runs[0]["tflite"]["emulation"]["instructions_per_invoke"]
-    assert first["whole_instructions_per_invoke"] == whole
-    assert abs(whole - runs[1]["tflite"]["emulation"]["instructions_per_invoke"]) <= 5e-6 * whole
-    for a, b in zip(first["parts"], second["parts"], strict=True):
-        assert a["macs"] > 0 and a["instructions_per_invoke"] > 1000
-        assert abs(a["instructions_per_invoke"] - b["instructions_per_invoke"]) <= 5e-6 * whole, a["name"]
-    assert sum(p["macs"] for p in first["parts"]) == first["whole_macs"]
-    gap = first["sum_of_parts"] - whole
-    assert 0 < gap < MAX_OVERHEAD_PER_EXTRA_PART * (len(names) - 1), first
-    assert first["sum_minus_whole"] == gap
-    assert sum(p["int8_loss_share"] for p in first["parts"]) == pytest.approx(1, abs=1e-3)  # from the export's table
-    assert "sensitivity table" in first["int8_loss_share_source"]
+    heads = {"tflite": "features.18+head", "pte": "features.18+classifier.1"}
+    for fmt in ("tflite", "pte"):
+        first, second = (r[fmt]["breakdown"] for r in runs)
+        names = [p["name"] for p in first["parts"]]
+        assert names[0] == "features.0" and names[-1] == heads[fmt] and len(names) == 19  # stem, 17 blocks, head
+        assert [p["role"] for p in first["parts"]].count("block") == 17
+        whole = runs[0][fmt]["emulation"]["instructions_per_invoke"]
+        assert first["whole_instructions_per_invoke"] == whole
+        assert abs(whole - runs[1][fmt]["emulation"]["instructions_per_invoke"]) <= 5e-6 * whole
+        for a, b in zip(first["parts"], second["parts"], strict=True):
+            assert a["macs"] > 0 and a["instructions_per_invoke"] > 1000
+            assert abs(a["instructions_per_invoke"] - b["instructions_per_invoke"]) <= 5e-6 * whole, (fmt, a["name"])
+        gap = first["sum_of_parts"] - whole
+        assert 0 < gap < MAX_OVERHEAD_PER_EXTRA_PART[fmt] * (len(names) - 1), (fmt, first)
+        assert first["sum_minus_whole"] == gap
+        assert sum(p["int8_loss_share"] for p in first["parts"]) == pytest.approx(1, abs=1e-3)  # the export's table
+        assert "sensitivity table" in first["int8_loss_share_source"]
+    tflite, pte = (runs[0][fmt]["breakdown"] for fmt in ("tflite", "pte"))
+    assert sum(p["macs"] for p in tflite["parts"]) == tflite["whole_macs"]
+    assert [p["macs"] for p in pte["parts"]] == [p["macs"] for p in tflite["parts"]]  # the same blocks, both ways
+    assert "--parts" in pte["method"] and "quantizes its float" in pte["gap_reason"]
+
+
+def test_a_pte_without_parts_or_with_stale_parts_has_no_breakdown_and_says_why(tmp_path: Path) -> None:
+    from edgetl.errors import UserError
+
+    model = tmp_path / "m.pte"
+    model.write_bytes(b"pte")
+    with pytest.raises(UserError, match="export with --parts"):
+        breakdown.pte_parts(model, "a" * 64)
+    folder = breakdown.parts_folder(tmp_path, model.name)
+    folder.mkdir()
+    (folder / "parts.json").write_text(json.dumps({"kind": breakdown.PARTS_KIND, "sha256": "b" * 64, "parts": [
+        {"name": "features.0", "role": "stem", "file": "00-features.0.pte", "macs": 5}]}))
+    with pytest.raises(UserError, match="another version of the file"):
+        breakdown.pte_parts(model, "a" * 64)
+    found = breakdown.pte_parts(model, "b" * 64)
+    assert found[0]["path"] == folder / "00-features.0.pte" and found[0]["macs"] == 5
 
 
 def test_the_sweep_report_tables_and_plots_each_counted_breakdown() -> None:

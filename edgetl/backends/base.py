@@ -50,7 +50,8 @@ CAPABILITIES: dict[str, Capabilities] = {
         quants=("fp32", "int8"),
         prune_kinds=("channels", "magnitude"),
         knobs=frozenset({"bias_correction", "fuse_clamp", "distill", "recovery_epochs", "recovery_lr", "qat_epochs",
-                         "qat_lr", "tune_images", "rounding_layers", "sensitivity_seconds", "float_layers"}),
+                         "qat_lr", "tune_images", "rounding_layers", "sensitivity_seconds", "float_layers",
+                         "parts"}),
         converters={"pte": "ExecuTorch to_edge_transform_and_lower (XnnpackPartitioner)",
                     "tflite": "litert-torch"},
         libraries=("torch", "torchao", "executorch", "litert-torch", "ai-edge-litert", "numpy", "pillow"),
@@ -199,6 +200,11 @@ class Backend(ABC):
 
     def sensitivity(self, graphs: Graphs, calibration: np.ndarray, config: Any) -> dict | None:
         """Per-layer int8 cost on calibration images (each layer rounded alone), or None where not implemented."""
+        return None
+
+    def pte_parts(self, graphs: Graphs, quant: str) -> list[dict] | None:
+        """Each network block of the `quant` .pte lowered on its own (name, role, macs, payload), for
+        `bench --breakdown`; None where the backend cannot cut its graph."""
         return None
 
     def quantized_layer_names(self, checkpoint: Path, manifest: Any) -> list[str] | None:

@@ -112,6 +112,11 @@ class TorchBackend(Backend):
         strict = quant == "int8" and bool(graphs.quantization.get("float_layers"))
         return Converted(graphs_of.convert_tflite(module, graphs.example, quantized=quant == "int8", strict_qdq=strict))
 
+    def pte_parts(self, graphs: Graphs, quant: str) -> list[dict]:
+        module = graphs.int8 if quant == "int8" else graphs.float_model
+        with quiet_native():
+            return graphs_of.pte_parts(module, graphs.example)
+
     def save_extras(self, graphs: Graphs, folder: Path) -> None:
         if graphs.pruning is not None:
             from edgetl.backends.torch import compress

@@ -134,8 +134,9 @@ def first_input_qparams(graph: torch.fx.GraphModule) -> dict | None:
     return None
 
 
-def lower_pte(module: nn.Module, example: torch.Tensor) -> tuple[bytes, dict]:
-    """ExecuTorch program with everything XNNPACK takes delegated; returns bytes and delegation counts."""
+def lower_pte(module: nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[bytes, dict]:
+    """ExecuTorch program with everything XNNPACK takes delegated; returns bytes and delegation counts.
+    `example`: the input, or a tuple of inputs (a block of the network on its own may read several)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.devtools.backend_debug import get_delegation_info
     from executorch.exir import to_edge_transform_and_lower
@@ -143,7 +144,7 @@ def lower_pte(module: nn.Module, example: torch.Tensor) -> tuple[bytes, dict]:
     if isinstance(module, torch.fx.GraphModule):
         module = _fold_weight_quantization(module)
     with quiet_native():
-        program = torch.export.export(module, (example,))
+        program = torch.export.export(module, example if isinstance(example, tuple) else (example,))
         edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
         info = get_delegation_info(edge.exported_program().graph_module)
         buffer = edge.to_executorch().buffer
@@ -161,6 +162,22 @@ def lower_pte(module: nn.Module, example: torch.Tensor) -> tuple[bytes, dict]:
         "by_operator": by_op,
     }
     return bytes(buffer), delegation
+
+
+def pte_parts(module: nn.Module, example: torch.Tensor) -> list[dict]:
+    """Each block of the network (stem, every inverted-residual block, head) lowered to a .pte of its own from the
+    graph `module` (the float model or its PT2E int8 graph) that the whole .pte was lowered from (`parts`)."""
+    from edgetl.backends.torch.parts import build
+
+    graph = module if isinstance(module, torch.fx.GraphModule) else torch.export.export(module, (example,)).module()
+    sample = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, tuple(example.shape)).astype(np.float32))
+    made = []
+    for part in build(graph, sample):
+        payload, delegation = lower_pte(part.module, part.inputs)
+        made.append({"name": part.name, "role": part.role, "macs": part.macs, "payload": payload,
+                     "delegated_nodes": delegation["delegated_nodes"],
+                     "compute_ops_outside": delegation["compute_ops_outside"]})
+    return made
 
 
 def _fold_weight_quantization(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
