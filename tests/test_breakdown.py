@@ -29,6 +29,24 @@ def test_block_names_come_from_the_module_path_of_the_tensors() -> None:
     assert breakdown._joined([("features.0", "ConvNormAct")], "stem") == "features.0"
 
 
+@pytest.mark.torch
+def test_an_efficientnet_tflite_is_cut_into_its_blocks_named_as_the_pte_parts(tmp_path: Path) -> None:
+    """EfficientNet-Lite0's blocks sit in `_blocks` (a Sequential, so litert-torch writes the container into the
+    tensor names); its stem and head convs sit under no numbered module."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("litert_torch")
+    from edgetl.backends.torch.export import ChannelsLastInput, convert_tflite
+    from edgetl.backends.torch.models import build_model
+
+    torch.manual_seed(0)
+    model = ChannelsLastInput(build_model("efficientnet_lite0", 1.0, num_classes=3)).eval()
+    path = tmp_path / "lite0.tflite"
+    path.write_bytes(convert_tflite(model, torch.zeros(1, 32, 32, 3), quantized=False))
+    parts = breakdown.tflite_parts(path)
+    assert [p.name for p in parts] == ["stem", *[f"_blocks.{i}" for i in range(16)], "head"]
+    assert [p.role for p in parts].count("block") == 16
+
+
 def test_summary_states_each_share_and_how_far_the_sum_is_from_the_whole() -> None:
     parts = [{"name": "features.0", "instructions_per_invoke": 300, "macs": 1000},
              {"name": "features.1", "instructions_per_invoke": 800, "macs": 0}]

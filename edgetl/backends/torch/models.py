@@ -309,7 +309,9 @@ class EfficientNetLite0(Backbone):
         for repeats, kernel, stride, expand, inp, out in self.STAGES:
             for i in range(repeats):
                 blocks.append(MBConvLite(inp if i == 0 else out, out, kernel, stride if i == 0 else 1, expand))
-        self._blocks = nn.ModuleList(blocks)
+        # A Sequential, not a ModuleList (the same state-dict names): called as one module, it appears in the
+        # traced module paths, so litert-torch's tensor names say `_blocks` and a .tflite can be cut by block
+        self._blocks = nn.Sequential(*blocks)
         self.feature_dim = 1280
         self._conv_head = nn.Conv2d(320, self.feature_dim, 1, bias=False)
         self._bn1 = nn.BatchNorm2d(self.feature_dim, eps=1e-3, momentum=0.01)
@@ -319,9 +321,7 @@ class EfficientNetLite0(Backbone):
         self.init_weights()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self._bn0(self._conv_stem(x)))
-        for block in self._blocks:
-            x = block(x)
+        x = self._blocks(self.act(self._bn0(self._conv_stem(x))))
         x = self.act(self._bn1(self._conv_head(x)))
         return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
 
