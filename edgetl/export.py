@@ -161,6 +161,8 @@ def run_export(checkpoint: Path, config: ExportConfig, out: Path | None = None) 
         _check_training_data(listing, "--int8 auto (its last remedy is QAT; --no-qat forbids it)")
     backend = backends.load(manifest.framework)
     _check_float_layers(backend, checkpoint, manifest, config)
+    if asked.parts and not config.parts:
+        console.print("[yellow]--parts: this export makes no .pte, so there are no .pte blocks to lower[/]")
     for fmt in (f for f in asked.formats if f not in config.formats):
         console.print(f"[yellow].{fmt} skipped: this checkpoint's framework is {manifest.framework}, which exports "
                       f"{', '.join('.' + f for f in config.formats)} only[/]")

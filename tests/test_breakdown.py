@@ -281,3 +281,14 @@ def test_a_sweep_asking_for_a_breakdown_without_an_emulated_target_stops_before_
     result = run_cli("sweep", str(tiny_checkpoint), "--target", "host", "--breakdown", "--out", str(tmp_path / "s"))
     assert result.returncode == 2 and "--breakdown needs an emulated target" in result.stderr, result.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_parts_are_asked_only_of_an_export_that_makes_a_pte() -> None:
+    from edgetl.config import ExportConfig, SweepConfig
+
+    assert ExportConfig(parts=True).for_backend("torch").parts
+    assert not ExportConfig(parts=True, formats="tflite").for_backend("torch").parts  # no .pte: nothing to cut
+    assert not ExportConfig(parts=True).for_backend("keras").parts  # keras makes .tflite only
+    sweep = SweepConfig(targets=("arm64-a76",), breakdown=True, formats=("tflite", "pte")).validate()
+    assert sweep.export_config("int8-ptq").parts  # a sweep's breakdown lowers each .pte's blocks
+    assert not SweepConfig(targets=("arm64-a76",)).validate().export_config("int8-ptq").parts
