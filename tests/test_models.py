@@ -41,7 +41,7 @@ def test_every_backbone_and_width_runs_and_exposes_the_interface() -> None:
             x = torch.randn(2, 3, 64, 64)
             with torch.inference_mode():
                 head_input = model.head_input(x)
-                assert head_input.shape == (2, model.head_input_dim) == (2, final.in_features)
+                assert head_input.shape == (2, model.head_input_width()) == (2, final.in_features)
                 assert torch.allclose(final(head_input), model(x), atol=1e-5)
             assert len(model.stages()) >= 10
             assert any(k.startswith(model.head_layer + ".") for k in model.state_dict())

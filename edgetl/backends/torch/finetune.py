@@ -326,7 +326,7 @@ class Trainer(SplitScores):
         records = self.listing.splits[split]
         task = bar.add_task(f"features ({split})", total=len(records), status="")
         shard = self.world.shard(len(records))
-        local = torch.empty((len(shard), model.head_input_dim))  # filled in place: the cache is held once
+        local = torch.empty((len(shard), model.head_input_width()))  # filled in place: the cache is held once
         keep = torch.ones(len(shard), dtype=torch.bool)
         row = 0
         for images, _, indices, errors in self._shard_loader(records):

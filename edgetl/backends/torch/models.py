@@ -71,10 +71,10 @@ class Backbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))
 
-    @property
-    def head_input_dim(self) -> int:
-        """Width of what the final Linear reads: the linear probe's features."""
-        return self.feature_dim
+    def head_input_width(self) -> int:
+        """Width of what the final Linear reads (the linear probe's features), from that layer itself: a method,
+        not a property, since torch-pruning's state restore sets every attribute it saved."""
+        return self.get_submodule(self.head_layer).in_features
 
     def head_input(self, x: torch.Tensor) -> torch.Tensor:
         """What the final Linear reads (the probe fits that layer on it): the pooled features, through any
@@ -248,10 +248,6 @@ class MobileNetV3(Backbone):
 
     def stages(self) -> list[nn.Module]:
         return list(self.features)
-
-    @property
-    def head_input_dim(self) -> int:
-        return self.hidden_dim
 
     def head_input(self, x: torch.Tensor) -> torch.Tensor:
         """The pretrained hidden Linear + Hardswish (dropout is off in eval mode) before the final Linear."""
