@@ -172,10 +172,18 @@ def test_two_gloo_processes_match_one_process_and_only_rank_0_writes(tmp_path: P
     from edgetl.finetune import run_finetune
 
     data = make_folder(tmp_path / "data")  # 2 × 20 images: 36 train (the 4 carved validation images train too)
-    flags = {"backbone": "mobilenet_v2", "width": 0.35, "image_size": 32, "weights": "none", "epochs_finetune": 1,
-             "unfreeze": 1, "batch_size": 32, "seed": 3, "device": "cpu"}
+    # Both start from one weights file, as from pretrained weights: BatchNorm statistics stay frozen, so the ranks
+    # normalise alike. (From scratch they train, and without SyncBatchNorm, which has no CPU kernel, each rank
+    # normalises by its own shard's batch: the runs then differ by design, as any DDP run with BatchNorm does.)
+    # The file: a from-scratch backbone with BatchNorm statistics estimated on the data (the probe-only run).
+    start = run_finetune(FinetuneConfig(data=str(data), backbone="mobilenet_v2", width=0.35, image_size=32,
+                                        weights="none", epochs_finetune=0, seed=3, device="cpu"), tmp_path / "start")
+    weights = start / "model.pt"
+    flags = {"backbone": "mobilenet_v2", "width": 0.35, "image_size": 32, "weights": str(weights),
+             "epochs_finetune": 1, "unfreeze": 1, "batch_size": 32, "seed": 3, "device": "cpu"}
     single = run_finetune(FinetuneConfig(data=str(data), **flags), tmp_path / "one")
-    done = run_cli("finetune", "--data", str(data), "--out", str(tmp_path / "two"), *TINY, "--epochs-finetune", "1",
+    tiny = [*TINY[:-1], str(weights)]
+    done = run_cli("finetune", "--data", str(data), "--out", str(tmp_path / "two"), *tiny, "--epochs-finetune", "1",
                    "--unfreeze", "1", "--batch-size", "32", "--seed", "3", "--device", "cpu", "--devices", "2")
     assert done.returncode == 0, done.stderr[-3000:]
     double = tmp_path / "two" / "checkpoint"
