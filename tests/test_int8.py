@@ -299,7 +299,7 @@ def test_policy_tries_remedies_in_order_keeps_only_gains_and_honours_no_qat(tmp_
             state["made_by"] = name
             graphs.quantization = {"method": name}
 
-    def export_one(backend, context, quant, fmt, folder):
+    def export_one(backend, context, quant, fmt, folder, parts=True):
         (folder / f"a.{fmt}").write_text(state["made_by"])
         (folder / f"a.{fmt}.json").write_text("{}")
         return ArtifactEntry(file=f"a.{fmt}", format=fmt, quant="int8", status="ok")
