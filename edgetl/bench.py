@@ -550,7 +550,7 @@ def print_breakdowns(results: list[dict[str, Any]]) -> None:
             out.print(f"{title}: unavailable ({record['unavailable']})")
             continue
         whole = record["whole_instructions_per_invoke"]
-        how = "cut out of the file" if "parts" not in record.get("method", "") else "lowered on its own (--parts)"
+        how = "lowered on its own (--parts)" if record.get("format") == "pte" else "cut out of the file"
         table = Table(title=title, caption=f"each block {how} and counted alone; the parts sum to "
                       f"{record['sum_of_parts'] / 1e6:.3f} M against {whole / 1e6:.3f} M for the whole "
                       f"({record['sum_minus_whole_relative']:+.1%}): per-invoke overhead once per part")

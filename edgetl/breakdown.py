@@ -235,6 +235,7 @@ def summarize(parts: list[dict[str, Any]], whole: int, whole_macs: int | None, f
         p.setdefault("int8_loss_share", None)
     gap = total - whole
     return {
+        "format": fmt,
         "method": METHOD if fmt == "tflite" else PTE_METHOD,
         "parts": parts,
         "whole_instructions_per_invoke": whole,

@@ -57,7 +57,9 @@ def test_summary_states_each_share_and_how_far_the_sum_is_from_the_whole() -> No
     assert parts[0]["share_of_whole"] == pytest.approx(0.3) and parts[0]["instructions_per_mac"] == pytest.approx(0.3)
     assert parts[1]["instructions_per_mac"] is None  # no MACs: no ratio, never a division by zero
     assert all(p["int8_loss_share"] is None for p in parts) and record["int8_loss_share_source"] is None
-    assert "per-invoke overhead" in record["gap_reason"]
+    assert "per-invoke overhead" in record["gap_reason"] and record["format"] == "tflite"
+    pte = breakdown.summarize([dict(p) for p in parts], whole=1000, whole_macs=1000, fmt="pte")
+    assert pte["format"] == "pte" and "--parts" in pte["method"] and "quantizes its float" in pte["gap_reason"]
 
 
 def test_each_block_gets_its_share_of_the_int8_loss_from_the_sensitivity_table() -> None:

@@ -82,9 +82,10 @@ def constants(graph: fx.GraphModule) -> set[fx.Node]:
     return found
 
 
-def split(graph: fx.GraphModule) -> list[GraphPart]:
-    """The stem, each block and the head of `graph`, each with its call_function nodes in graph order."""
-    fixed = constants(graph)
+def split(graph: fx.GraphModule, fixed: set[fx.Node] | None = None) -> list[GraphPart]:
+    """The stem, each block and the head of `graph`, each with its call_function nodes in graph order (`fixed`:
+    `constants(graph)`, when the caller has it already)."""
+    fixed = constants(graph) if fixed is None else fixed
     nodes = [n for n in graph.graph.nodes if n.op == "call_function" and n not in fixed]
     owner: dict[fx.Node, str | None] = {}
     for node in nodes:
@@ -136,8 +137,8 @@ def _values(graph: fx.GraphModule, example: torch.Tensor) -> dict[fx.Node, objec
 
 def build(graph: fx.GraphModule, example: torch.Tensor) -> list[GraphPart]:
     """`split`, then each part as a GraphModule of its own with example inputs and MACs per image."""
-    parts = split(graph)
     fixed = constants(graph)
+    parts = split(graph, fixed)
     values = _values(graph, example)
     part_of = {node: index for index, part in enumerate(parts) for node in part.nodes}
     for index, part in enumerate(parts):
