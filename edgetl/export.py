@@ -44,7 +44,7 @@ from edgetl.contracts import (
     TensorInfo,
     read,
 )
-from edgetl.data import DatasetListing, load_rgb, to_array
+from edgetl.data import DatasetListing, model_input
 from edgetl.errors import StageFailed, UserError
 from edgetl.manifest import (
     library_versions,
@@ -78,13 +78,14 @@ def resolve_config(recipe: str | None = None, **flags: object) -> ExportConfig:
 def _load_split(
     listing: DatasetListing, records: list[tuple[str, int]], spec: dict, what: str
 ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    """Decode and preprocess images (NHWC float32); files that fail to decode are skipped and listed."""
+    """Decode and preprocess images (NHWC float32) exactly as fine-tuning did; files that fail to decode are
+    skipped and listed."""
     arrays, labels, skipped = [], [], []
     with progress() as bar:
         task = bar.add_task(what, total=len(records), status="")
         for rel, label in records:
             try:
-                arrays.append(to_array(load_rgb(listing.root / rel), spec))
+                arrays.append(model_input(listing.root, rel, spec))  # as fine-tuning saw it (JPEG draft too)
                 labels.append(label)
             except Exception as error:  # Pillow raises many types for damaged files
                 skipped.append({"path": rel, "reason": f"{type(error).__name__}: {error}"[:200]})

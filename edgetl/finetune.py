@@ -9,6 +9,7 @@ RUN/checkpoint only when everything is there.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from dataclasses import replace
@@ -17,9 +18,11 @@ from pathlib import Path
 from rich.table import Table
 
 from edgetl.config import FinetuneConfig
-from edgetl.data import DatasetListing, scan_folder
+from edgetl.data import DatasetListing, cache_side, scan_folder
 from edgetl.datasets import is_builtin, resolve_builtin
+from edgetl.distributed import world_from_env
 from edgetl.errors import UserError
+from edgetl.imagecache import ImageCache, Share, open_cache
 from edgetl.manifest import (
     CHECKPOINT_KIND,
     SCHEMA_VERSION,
@@ -177,14 +180,17 @@ def run_finetune(config: FinetuneConfig, run_dir: Path | None = None) -> Path:
     launched = backend.launch_if_needed(config, run_dir)
     if launched is not None:
         return launched
-    with backend.session(config) as world:
+    with backend.session(config) as world, contextlib.ExitStack() as caches:
         listing, folder = world.from_main(lambda: _listing_and_folder(config))  # the same on every rank
         candidates = size_candidates(config, folder, getattr(backend, "FEATURES_AT_ANY_SIZE", False))
-        measured = None
+        measured = search_images = None
         if candidates:  # a model that takes any input size measures the candidates with the initial weights
             initial = backend.build_initial_model(config)  # a weights file that does not fit stops here
             _print_data(listing)
-            measured = measure_sizes(backend, config, listing, candidates, initial, world)
+            sample = search_sample(listing, config.seed)
+            search_cache = caches.enter_context(contextlib.ExitStack())
+            search_images = open_images(search_cache, sample, max(candidates), run_dir, world)
+            measured = measure_sizes(backend, config, listing, candidates, initial, world, search_images, sample)
             folder["size_search"] = measured
         recipe = world.from_main(lambda: plan_recipe(config, listing, world.size,
                                                      measured and measured["cv_log_loss"], folder))
@@ -194,11 +200,15 @@ def run_finetune(config: FinetuneConfig, run_dir: Path | None = None) -> Path:
             _print_data(listing)
         _print_plan(recipe)
         preprocess = backend.preprocess_spec(config)
+        images = open_images(caches, listing, config.image_size, run_dir, world, reuse=search_images)
+        if search_images is not None:
+            search_cache.close()  # its pixels live on, resized, in the run's cache
 
         started = time.perf_counter()
-        trainer = backend.Trainer(config, listing, preprocess, initial, world)
+        trainer = backend.Trainer(config, listing, preprocess, initial, world, images=images)
         with progress() as bar:
             training = run_recipe(trainer, recipe, listing, bar)
+        training["image_cache"] = images.record
         result = trainer.result()
         train_seconds = time.perf_counter() - started
         metrics = {}
@@ -206,7 +216,7 @@ def run_finetune(config: FinetuneConfig, run_dir: Path | None = None) -> Path:
             if not listing.splits[split]:  # validation put back into train: nothing to run
                 metrics[split] = split_metrics([[0] * len(listing.classes) for _ in listing.classes], listing.classes)
                 continue
-            found = backend.evaluate(result.model, config, listing, preprocess, split, world=world)
+            found = backend.evaluate(result.model, config, listing, preprocess, split, world=world, images=images)
             listing.drop(found["decode_failures"])
             metrics[split] = split_metrics(found["confusion_matrix"], listing.classes)
         checkpoint = run_dir / "checkpoint"
@@ -221,6 +231,27 @@ def run_finetune(config: FinetuneConfig, run_dir: Path | None = None) -> Path:
     return checkpoint
 
 
+def open_images(stack: contextlib.ExitStack, listing: DatasetListing, image_size: int, run_dir: Path, world,
+                reuse: ImageCache | None = None) -> ImageCache:
+    """Decode every image of `listing` once into a cache that lives as long as `stack` (see edgetl.imagecache).
+
+    Processes of one run on one machine build one shared cache, each decoding its share; across machines
+    each process keeps its own.
+    """
+    rels = sorted({rel for records in listing.splits.values() for rel, _ in records})
+    env = world_from_env()
+    shared = env.size > 1 and env.local_size == env.size
+    share = Share(env.local_rank, env.local_size) if shared else Share()
+    side = cache_side(image_size)
+    with progress() as bar:
+        task = bar.add_task(f"decoding {len(rels)} images once (each side at most {side} px)", total=len(rels),
+                            status="")
+        images = stack.enter_context(open_cache(
+            listing.root, rels, side, run_dir, share=share, sync=world.from_main if shared else None,
+            merge=world.merge if shared else None, reuse=reuse, progress=lambda done: bar.advance(task, done)))
+    return images
+
+
 def _listing_and_folder(config: FinetuneConfig) -> tuple[DatasetListing, dict]:
     listing, folded = fold_small_validation(load_listing(config))
     folder = describe_folder(listing, config.seed)
@@ -230,19 +261,19 @@ def _listing_and_folder(config: FinetuneConfig) -> tuple[DatasetListing, dict]:
 
 
 def measure_sizes(backend, config: FinetuneConfig, listing: DatasetListing, sizes: tuple[int, ...], initial,
-                  world) -> dict | None:
+                  world, images=None, sample: DatasetListing | None = None) -> dict | None:
     """The probe's cross-validated log loss (and its standard error) at each input size, on a sample.
 
     Every rank extracts its shard of the sample's features; rank 0 fits the probes. None when the sample
     cannot be cross-validated (a class with a single image).
     """
-    sample = search_sample(listing, config.seed)
+    sample = sample or search_sample(listing, config.seed)
     started = time.perf_counter()
     losses: dict[int, tuple[float, float]] = {}
     with progress() as bar:
         for size in sizes:
             sized = replace(config, image_size=size, batch_size=config.batch_size or SEARCH_BATCH)
-            trainer = backend.Trainer(sized, sample, backend.preprocess_spec(sized), initial, world)
+            trainer = backend.Trainer(sized, sample, backend.preprocess_spec(sized), initial, world, images=images)
             x, y = trainer.extract_features("train", bar)
             with console.status(f"input size {size} px: probe on {len(y)} sampled training images"):
                 record = world.from_main(lambda x=x, y=y: fit_probe(x, y, len(listing.classes), config.seed).record)
@@ -313,6 +344,7 @@ def _write_checkpoint(checkpoint: Path, backend, config: FinetuneConfig, listing
                 "stage1": training["stage1"],
                 "best": training["selection"],
                 "throughput": training["throughput"],
+                "image_cache": training["image_cache"],
                 "seconds": round(train_seconds, 1),
             },
             "metrics": metrics,

@@ -234,6 +234,36 @@ def atomic_dir(final: Path, check: Callable[[Path], None] | None = None) -> Iter
         raise
 
 
+@contextmanager
+def scratch_dir(final: Path, sync: Callable[[Callable[[], object]], object] | None = None) -> Iterator[Path]:
+    """A hidden working folder named for `final` beside it, removed when the block ends (Ctrl-C included).
+
+    Named as `atomic_dir` names its temporary folders, so one that a killed run left is removed by the next
+    run (`clean_stale`), and only when its owner process is gone. `sync(make)` runs `make` on one process
+    and hands the result to all: processes of one run share the folder; its maker removes it. Raises OSError
+    (in every process) when the folder cannot be made.
+    """
+    final = Path(final)
+
+    def make() -> tuple:
+        try:
+            clean_stale(final)
+            return ("ok", tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-{_owner_tag()}-"),
+                    os.getpid())
+        except OSError as error:
+            return ("error", error.errno, error.strerror or str(error))
+
+    made = sync(make) if sync is not None else make()
+    if made[0] == "error":
+        raise OSError(made[1], made[2])
+    path = Path(made[1])
+    try:
+        yield path
+    finally:
+        if made[2] == os.getpid():
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
     """Write a file under a temporary name, then rename it into place."""
     path = Path(path)

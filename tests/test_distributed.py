@@ -128,17 +128,26 @@ def test_devices_beyond_the_gpus_present_are_refused(monkeypatch: pytest.MonkeyP
         distributed.resolve_device_type(FinetuneConfig(**{**base.to_json(), "devices": 4}))
 
 
-def test_mixed_precision_and_channels_last_only_where_they_help() -> None:
+def test_precision_and_memory_format_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
+    from edgetl.backends.torch import finetune
     from edgetl.backends.torch.finetune import Trainer, precision_settings
 
-    assert precision_settings(torch.device("cuda", 1)) == {"mixed_precision": True, "grad_scaler": True,
-                                                           "channels_last": True}
+    cuda = precision_settings(torch.device("cuda", 1))
+    assert (cuda["mixed_precision"], cuda["grad_scaler"], cuda["channels_last"]) == (True, True, True)
     assert precision_settings(torch.device("mps"))["channels_last"] is False
-    assert not any(precision_settings(torch.device("cpu")).values())
+    cpu = precision_settings(torch.device("cpu"))
+    assert (cpu["mixed_precision"], cpu["grad_scaler"], cpu["channels_last"], cpu["precision"]) == (
+        False, False, True, "fp32")
     trainer = Trainer(FinetuneConfig(data="x", device="cpu"), None, {})
-    assert (trainer.amp, trainer.channels_last) == (False, False)
+    assert (trainer.amp, trainer.channels_last) == (False, True)
+    # bf16 is read from the CPU's own flags, never guessed: here from a fake /proc/cpuinfo
+    for flags, found in (("fpu avx512f avx512_bf16", "avx512_bf16"), ("fpu avx2 fma", None),
+                         ("fp asimd bf16 i8mm", "bf16")):
+        monkeypatch.setattr(finetune.Path, "read_text", lambda self, flags=flags: f"flags\t\t: {flags}\n")
+        assert finetune.native_bf16() == found
+        assert precision_settings(torch.device("cpu"))["native_bf16"] == found
 
 
 def test_shared_dropout_gives_each_rank_its_rows_of_the_single_process_mask() -> None:
@@ -191,6 +200,8 @@ def test_two_gloo_processes_match_one_process_and_only_rank_0_writes(tmp_path: P
     assert manifest["training"]["device"]["distributed"] == {"backend": "gloo", "world_size": 2}
     assert manifest["data"]["counts"]["train"] == {"dark": 18, "light": 18}
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["checkpoint"]  # one writer, no leftovers
+    cache = manifest["training"]["image_cache"]  # one mapped file, each process decoding half of the images
+    assert (cache["where"], cache["shared_by_processes"], cache["decoded"]) == ("file", 2, 40)
 
     first, second = torch.load(single / "model.pt"), torch.load(double / "model.pt")
     assert first.keys() == second.keys()

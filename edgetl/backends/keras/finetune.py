@@ -24,6 +24,7 @@ from edgetl.backends.keras import models
 from edgetl.backends.keras.distributed import KerasWorld
 from edgetl.backends.keras.distributed import session as session  # the stage opens it around the whole run
 from edgetl.config import FinetuneConfig
+from edgetl.imagecache import ImageCache
 from edgetl.ui import console
 
 WEIGHTS_FILE = "model.weights.h5"
@@ -106,10 +107,12 @@ class Trainer(SplitScores):
     """
 
     def __init__(self, config: FinetuneConfig, listing: data.DatasetListing, spec: dict,
-                 initial: tuple[keras.Model, dict] | None = None, world: KerasWorld | None = None) -> None:
+                 initial: tuple[keras.Model, dict] | None = None, world: KerasWorld | None = None,
+                 images: ImageCache | None = None) -> None:
         self.config = config
         self.listing = listing
         self.spec = spec
+        self.images = images  # the run's decoded pixels (edgetl.imagecache), read instead of the files
         self.world = world or KerasWorld(tf.distribute.get_strategy())
         self.num_classes = len(listing.classes)
         self.loss = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config.label_smoothing,
@@ -162,7 +165,8 @@ class Trainer(SplitScores):
         return optimizer
 
     def _stream(self) -> data.BatchStream:
-        return data.BatchStream(self.listing.root, self.listing.splits["train"], self.spec, self.config.workers)
+        return data.BatchStream(self.listing.root, self.listing.splits["train"], self.spec, self.config.workers,
+                                self.images)
 
     def _shard_batches(self, count: int) -> list[np.ndarray]:
         shard = self.world.shard(count)
@@ -197,7 +201,7 @@ class Trainer(SplitScores):
         features_of = models.inference_fn(models.feature_model(model))
         task = bar.add_task(f"features ({split})", total=len(records), status="")
         features, keep = [], []
-        stream = data.BatchStream(self.listing.root, records, self.spec, self.config.workers)
+        stream = data.BatchStream(self.listing.root, records, self.spec, self.config.workers, self.images)
         with stream:
             for indices, x, _, errors in stream.batches(self._shard_batches(len(records))):
                 features.append(features_of(x).numpy())
@@ -277,7 +281,7 @@ class Trainer(SplitScores):
         records = self.listing.splits[split]
         forward = models.inference_fn(self.model)
         labels, probabilities = [], []
-        with data.BatchStream(self.listing.root, records, self.spec, self.config.workers) as stream:
+        with data.BatchStream(self.listing.root, records, self.spec, self.config.workers, self.images) as stream:
             for indices, x, y, errors in stream.batches(self._shard_batches(len(records))):
                 ok = self._record(records, indices, errors)
                 if ok.any():
@@ -315,9 +319,9 @@ def _seed_everything(seed: int) -> None:
 
 
 def evaluate(model: keras.Model, config: FinetuneConfig, listing: data.DatasetListing, spec: dict, split: str,
-             world: KerasWorld | None = None) -> dict:
+             world: KerasWorld | None = None, images: ImageCache | None = None) -> dict:
     """The confusion matrix of a split (each worker its shard, summed) and the files that failed to decode."""
-    trainer = Trainer(config, listing, spec, world=world)
+    trainer = Trainer(config, listing, spec, world=world, images=images)
     trainer.model = model
     labels, predicted, _ = trainer.predict(split)
     confusion = np.zeros((trainer.num_classes, trainer.num_classes), dtype=np.int64)
