@@ -83,6 +83,10 @@ def finetune(
         help="ADDR:PORT of node rank 0, needed with --nnodes > 1.")] = None,
     master_timeout: Annotated[float, typer.Option(
         help="Seconds to wait for the master before stopping with an error.")] = 120.0,
+    time_budget: Annotated[float | None, typer.Option(
+        help="Minutes the whole run may take: a few real steps are timed first, then the stage-2 schedule (and a "
+             "measured input size) is fitted to end within the budget; the plan is printed before training.")
+    ] = None,
 ) -> None:
     """Fine-tune an ImageNet-pretrained backbone on a folder of labelled images.
 
@@ -112,6 +116,7 @@ def finetune(
         node_rank=node_rank,
         master=master,
         master_timeout=master_timeout,
+        time_budget=time_budget,
     )
     run_finetune(config, run_dir)
 

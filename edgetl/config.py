@@ -8,6 +8,7 @@ stored in the manifest so a run can be repeated exactly.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -58,6 +59,8 @@ class FinetuneConfig:
     node_rank: int = 0
     master: str | None = None  # ADDR:PORT of node rank 0, for several machines
     master_timeout: float = 120.0  # seconds to wait for the master before giving up with one line
+    time_budget: float | None = None  # minutes the whole run may take; the stage-2 schedule is fitted to it
+    max_steps: int | None = None  # stage-2 optimizer steps at most (a time budget sets it; None: every epoch's)
 
     def validate(self) -> FinetuneConfig:
         """Check every value; return a copy with defaults resolved (image size)."""
@@ -86,6 +89,13 @@ class FinetuneConfig:
                             f"a number of top blocks")
         if self.batch_size is not None and self.batch_size < 1:
             raise UserError(f"--batch-size {self.batch_size} is not usable; valid: 1 or more")
+        if self.time_budget is not None and not (math.isfinite(self.time_budget) and self.time_budget > 0):
+            raise UserError(f"--time-budget {self.time_budget:g} is not usable; valid: minutes above 0, e.g. 5 or 2.5")
+        if self.time_budget is not None and self.framework != "torch":
+            raise UserError(f"--time-budget with --framework {self.framework}: the budget times torch training "
+                            f"steps; valid: --framework torch, or no --time-budget")
+        if self.max_steps is not None and self.max_steps < 0:
+            raise UserError(f"max_steps {self.max_steps} is negative; valid: 0 or more")
         if self.class_weights not in CLASS_WEIGHTS:
             raise UserError(one_of(self.class_weights, CLASS_WEIGHTS, "--class-weights"))
         if not 0 < self.lr_finetune < 1:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from edgetl.budget import Speed, fit_to_budget
 from edgetl.config import FinetuneConfig
 from edgetl.data import DatasetListing, cache_side, scan_folder
 from edgetl.datasets import is_builtin, resolve_builtin
@@ -169,6 +170,7 @@ def run_finetune(config: FinetuneConfig, run_dir: Path | None = None) -> Path:
     With --devices/--nnodes (and no launcher around us) the backend starts the worker processes and this
     returns once they are done; inside a multi-process run only rank 0 writes the checkpoint.
     """
+    run_started = time.perf_counter()  # a time budget counts the whole run
     config = config.validate()
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / config.backbone
     data = None if is_builtin(config.data) else Path(config.data).expanduser()
@@ -206,11 +208,23 @@ def run_finetune(config: FinetuneConfig, run_dir: Path | None = None) -> Path:
 
         started = time.perf_counter()
         trainer = backend.Trainer(config, listing, preprocess, initial, world, images=images)
+        budget = None
+        if config.time_budget is not None:
+            recipe, budget = _fit_budget(trainer, recipe, listing, run_started, candidates or (), world)
+            if recipe.config.image_size != config.image_size:  # a smaller measured size fits the budget better
+                preprocess = backend.preprocess_spec(recipe.config)
+                trainer = backend.Trainer(recipe.config, listing, preprocess, initial, world, images=images)
+            config = trainer.config = recipe.config
+            trainer.deadline = run_started + budget["stage2_deadline_seconds"]
         with progress() as bar:
             training = run_recipe(trainer, recipe, listing, bar)
         training["image_cache"] = images.record
+        if budget is not None:
+            budget["stopped_at_deadline"] = trainer.stopped_at_deadline
         result = trainer.result()
         train_seconds = time.perf_counter() - started
+        if budget is not None:
+            training["time_budget"] = budget
         metrics = {}
         for split in ("val", "test"):
             if not listing.splits[split]:  # validation put back into train: nothing to run
@@ -220,6 +234,8 @@ def run_finetune(config: FinetuneConfig, run_dir: Path | None = None) -> Path:
             listing.drop(found["decode_failures"])
             metrics[split] = split_metrics(found["confusion_matrix"], listing.classes)
         checkpoint = run_dir / "checkpoint"
+        if budget is not None:
+            budget["run_seconds_before_write"] = round(time.perf_counter() - run_started, 1)
         if world.is_main:
             _write_checkpoint(checkpoint, backend, config, listing, preprocess, result, training, recipe, metrics,
                               train_seconds)
@@ -229,6 +245,20 @@ def run_finetune(config: FinetuneConfig, run_dir: Path | None = None) -> Path:
                 backend.save_weights(result.model, Path(scratch) / backend.WEIGHTS_FILE)
         world.barrier()  # no rank returns before the checkpoint exists
     return checkpoint
+
+
+def _fit_budget(trainer, recipe: Plan, listing: DatasetListing, run_started: float, candidates: tuple[int, ...],
+                world) -> tuple[Plan, dict]:
+    """Time real steps, then fit the stage-2 schedule (and a measured input size) to --time-budget."""
+    with console.status("timing a few training steps for the time budget"):
+        measured = trainer.measure_speed()
+    speed = Speed(recipe.config.image_size, measured["forward_images_per_s"], measured["train_images_per_s"],
+                  measured["seconds"])
+    counts = {split: len(records) for split, records in listing.splits.items()}
+    elapsed = time.perf_counter() - run_started
+    fitted, record = world.from_main(lambda: fit_to_budget(recipe, counts, speed, elapsed, candidates))
+    console.print(f"time budget {fitted.choices['time_budget'].why}")
+    return fitted, record
 
 
 def open_images(stack: contextlib.ExitStack, listing: DatasetListing, image_size: int, run_dir: Path, world,
@@ -345,6 +375,7 @@ def _write_checkpoint(checkpoint: Path, backend, config: FinetuneConfig, listing
                 "best": training["selection"],
                 "throughput": training["throughput"],
                 "image_cache": training["image_cache"],
+                **({"time_budget": training["time_budget"]} if "time_budget" in training else {}),
                 "seconds": round(train_seconds, 1),
             },
             "metrics": metrics,

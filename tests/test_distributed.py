@@ -4,6 +4,7 @@ launcher environment and its bad values, device checks, and images streamed thro
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from pathlib import Path
@@ -148,6 +149,35 @@ def test_precision_and_memory_format_per_device(monkeypatch: pytest.MonkeyPatch)
         monkeypatch.setattr(finetune.Path, "read_text", lambda self, flags=flags: f"flags\t\t: {flags}\n")
         assert finetune.native_bf16() == found
         assert precision_settings(torch.device("cpu"))["native_bf16"] == found
+
+
+def test_threads_are_set_deliberately_and_openmp_waits_passively(monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import sys
+
+    import torch
+
+    from edgetl.backends.torch.finetune import set_threads
+    from edgetl.distributed import WorldEnv
+    from edgetl.imagecache import usable_cores
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert set_threads(WorldEnv()) == usable_cores() == torch.get_num_threads()
+        assert set_threads(WorldEnv(rank=1, size=2, local_rank=1, local_size=2)) == max(1, usable_cores() // 2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert set_threads(WorldEnv()) == 1 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    # the backend sets passive waiting before torch loads OpenMP, unless the user chose a policy
+    code = "import os, edgetl.backends.torch.finetune; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert shown.stdout.strip() == "PASSIVE"
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**env, "OMP_WAIT_POLICY": "ACTIVE"})
+    assert shown.stdout.strip() == "ACTIVE"
 
 
 def test_shared_dropout_gives_each_rank_its_rows_of_the_single_process_mask() -> None:

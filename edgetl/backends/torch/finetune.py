@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,11 +150,14 @@ def precision_settings(device: torch.device) -> dict:
 
 
 def set_threads(world_env: WorldEnv) -> int:
-    """Intra-op threads: this process's share of the usable cores (torch's default counts them all, and
-    processes of one run on one machine would then fight for them). Returns the count set."""
-    threads = max(1, usable_cores() // max(1, world_env.local_size))
-    torch.set_num_threads(threads)
-    return threads
+    """Intra-op threads: OMP_NUM_THREADS when the user set it, else this process's share of the usable cores
+    (processes of one run on one machine would otherwise fight for them). Fixed for the run: a weight
+    gradient's sums depend on the thread count in the last bits, and a seed must give the same weights.
+    Returns the count set."""
+    given = os.environ.get("OMP_NUM_THREADS", "").strip()
+    threads = int(given) if given.isdigit() and int(given) > 0 else usable_cores() // max(1, world_env.local_size)
+    torch.set_num_threads(max(1, threads))
+    return max(1, threads)
 
 
 def device_info(device: torch.device, world: TorchWorld | None = None) -> dict:
@@ -162,6 +166,8 @@ def device_info(device: torch.device, world: TorchWorld | None = None) -> dict:
         **precision_settings(device),
         "torch_threads": torch.get_num_threads(),
         "usable_cores": usable_cores(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+        "load_average_1min_at_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
     if device.type == "cuda":
         info["name"] = torch.cuda.get_device_name(device)
@@ -286,6 +292,8 @@ class Trainer(SplitScores):
         self.failures: dict[str, str] = {}
         self.model: Backbone | None = None
         self.init: dict = {}
+        self.deadline: float | None = None  # time.perf_counter() by which stage 2 stops (a time budget's guard)
+        self.stopped_at_deadline = False
         if initial is not None:
             self._prepare(*initial)
 
@@ -423,7 +431,11 @@ class Trainer(SplitScores):
                                  images=self.images)
         loader, sampler = self._train_loader(train_set, config.seed + stage - 1)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer, schedule = self._optimizer(params, lr, len(loader) * epochs)
+        total_steps = len(loader) * epochs
+        if config.max_steps is not None:  # a time budget's plan: the last epoch may be partial
+            total_steps = min(total_steps, config.max_steps)
+        optimizer, schedule = self._optimizer(params, lr, total_steps)
+        steps = 0
         scaler = torch.amp.GradScaler("cuda", enabled=precision_settings(self.device)["grad_scaler"])
         task = bar.add_task(title, total=epochs, status="")
         stale, best = 0, -1.0
@@ -438,6 +450,8 @@ class Trainer(SplitScores):
                 batches = bar.add_task(f"  epoch {epoch}", total=len(train_set), status="")
                 seen, loss_sum, correct = 0, 0.0, 0
                 for images, targets, indices, errors in loader:
+                    if steps >= total_steps or self._past_deadline():
+                        break
                     ok = torch.tensor([not e for e in errors])
                     for index, error in zip(indices.tolist(), errors, strict=True):
                         if error:
@@ -458,6 +472,7 @@ class Trainer(SplitScores):
                     loss_sum += float(self.criterion(logits.detach().float(), y))
                     correct += int((logits.argmax(1) == y).sum())
                     shown = float(loss.detach()) / self.world.size
+                    steps += 1
                     bar.update(batches, advance=len(targets) * self.world.size, status=f"loss {shown:.3f}")
                 bar.remove_task(batches)
                 train_seconds = time.perf_counter() - start
@@ -473,8 +488,75 @@ class Trainer(SplitScores):
                 if selector.rule == "val_top1" and stale >= config.patience:
                     console.print(f"stage {stage}: early stop after epoch {epoch} (no val gain for {stale} epochs)")
                     break
+                if steps >= total_steps:
+                    break
+                if self._past_deadline():
+                    self.stopped_at_deadline = True
+                    console.print(f"[yellow]stage {stage}: stopped after {steps} of {total_steps} steps at the time "
+                                  f"budget's deadline[/]")
+                    break
         model.eval()
         bar.remove_task(task)
+
+    def _past_deadline(self) -> bool:
+        """Every rank stops at the same step: the slowest one's clock decides."""
+        if self.deadline is None:
+            return False
+        late = float(time.perf_counter() > self.deadline)
+        return self.world.sum([late])[0] > 0
+
+    def measure_speed(self, timed_steps: int = 2) -> dict:
+        """Images/s of an eval forward and of a stage-2 training step (every block trainable), each timed on
+        real batches of the training split after one untimed step, batch preparation included; the weights
+        are left exactly as they were. What a time budget plans with."""
+        config, model = self.config, self.model
+        records = self.listing.splits["train"]
+        batch = min(config.batch_size // self.world.size, len(records))
+        state = self.snapshot()
+        dataset = ImageRecords(self.listing.root, records, self.spec, augment_seed=config.seed, images=self.images)
+
+        def prepared(offset: int) -> torch.Tensor:
+            rows = [dataset[(offset * batch + i) % len(records)][0] for i in range(batch)]
+            x = torch.stack(rows).to(self.device)
+            return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+        def timed(step) -> float:
+            step(0)  # oneDNN builds its kernels on the first call
+            started = time.perf_counter()
+            for offset in range(1, timed_steps + 1):
+                step(offset)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            return batch * timed_steps / max(1e-9, time.perf_counter() - started)
+
+        def forward(offset: int) -> None:
+            with torch.inference_mode(), self._autocast():
+                model(prepared(offset))
+
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
+        scaler = torch.amp.GradScaler("cuda", enabled=precision_settings(self.device)["grad_scaler"])
+        targets = torch.zeros(batch, dtype=torch.long, device=self.device)
+
+        def train(offset: int) -> None:
+            with self._autocast():
+                loss = self.criterion(model(prepared(offset)).float(), targets)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+
+        started = time.perf_counter()
+        model.eval()
+        forward_rate = timed(forward)
+        model.train()
+        if self.init.get("kind") != "none":
+            freeze_batchnorm(model)
+        train_rate = timed(train)
+        model.eval()
+        self.restore(state)
+        rates = self.world.sum([forward_rate, train_rate])  # the world's images/s: ranks work side by side
+        return {"forward_images_per_s": rates[0], "train_images_per_s": rates[1], "batch": batch,
+                "seconds": time.perf_counter() - started}
 
     # ------------------------------------------------------------ evaluation
 
