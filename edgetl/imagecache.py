@@ -32,6 +32,7 @@ from PIL import Image
 
 from edgetl.data import DecodeError, decode_small, error_text, upright_size
 from edgetl.errors import UserError
+from edgetl.machine import available_memory, usable_cores
 from edgetl.paths import scratch_dir
 
 MEMORY_SHARE = 0.25  # of the memory available when the run starts
@@ -40,28 +41,6 @@ FALLBACK_SHARE = 0.6  # a cache that cannot be written to disk may take this muc
 # Below this many source pixels, decoding in this process is quicker than starting worker processes.
 POOL_MIN_PIXELS = 100e6
 MEMORY_LIMIT_ENV = "EDGETL_CACHE_MEMORY_MAX"  # bytes; overrides the rule above (0: always a file)
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (its affinity mask where the system has one)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS
-        return max(1, os.cpu_count() or 1)
-
-
-def available_memory() -> int:
-    """Bytes of memory available now (MemAvailable on Linux, else the physical memory)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 4 << 30
 
 
 def memory_limit() -> int:

@@ -19,13 +19,14 @@ per usable core; the result is the same whatever their number.
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from edgetl.machine import usable_cores
 
 # Inverse L2 strengths tried, as multiples of 1 / n_train (so the grid means the same penalty per
 # image whatever the folder's size): from a strongly regularised head to a nearly free one.
@@ -60,14 +61,6 @@ def class_weights(labels: np.ndarray, num_classes: int, balance: bool) -> np.nda
         return np.ones(num_classes)
     weights = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
     return weights
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity mask, which a container or taskset narrows)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # no affinity call on this platform (macOS, Windows)
-        return max(1, os.cpu_count() or 1)
 
 
 def _solver(C: float, weights: np.ndarray | None, tol: float):

@@ -159,7 +159,7 @@ def test_threads_are_set_deliberately_and_openmp_waits_passively(monkeypatch: py
 
     from edgetl.backends.torch.finetune import set_threads
     from edgetl.distributed import WorldEnv
-    from edgetl.imagecache import usable_cores
+    from edgetl.machine import usable_cores
 
     before = torch.get_num_threads()
     try:

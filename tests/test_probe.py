@@ -16,7 +16,8 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 import edgetl.probe as probe
-from edgetl.probe import C_GRID_PER_IMAGE, CV_TOL, FINAL_TOL, STD_FLOOR, fit_probe, usable_cores
+from edgetl.machine import usable_cores
+from edgetl.probe import C_GRID_PER_IMAGE, CV_TOL, FINAL_TOL, STD_FLOOR, fit_probe
 
 
 def _overlapping(n_per_class: int = 60, classes: int = 4, dim: int = 30, seed: int = 0):

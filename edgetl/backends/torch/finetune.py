@@ -36,7 +36,8 @@ from edgetl.backends.torch.weights import apply_weights
 from edgetl.config import FinetuneConfig
 from edgetl.distributed import WorldEnv, world_from_env
 from edgetl.errors import UserError
-from edgetl.imagecache import ImageCache, usable_cores
+from edgetl.imagecache import ImageCache
+from edgetl.machine import usable_cores
 from edgetl.ui import console
 
 WEIGHTS_FILE = "model.pt"
