@@ -390,13 +390,21 @@ def write_phone_folder(folder: Path, per_class: int, classes: int = NUM_CLASSES,
     if _folder_ready(folder, spec):
         return folder
     with _building(folder, spec) as tmp:
-        for index, (name, photo) in enumerate(sample_photos(classes).items()):
-            (tmp / name).mkdir()
-            for i in range(per_class):
-                rng = np.random.default_rng([seed, index, i])
-                picture = with_sensor_noise(varied(photo, rng, size), rng)
-                picture.save(tmp / name / f"{name}_{i:03d}.jpg", quality=quality)
+        _write_varied(tmp, classes, per_class, seed, size, quality, sensor_noise=True)
     return folder
+
+
+def _write_varied(tmp: Path, classes: int, per_class: int, seed: int, size: tuple[int, int], quality: int,
+                  sensor_noise: bool) -> None:
+    """`per_class` JPEGs a class, each a seeded crop/flip/colour variation of the class's sample photo."""
+    for index, (name, photo) in enumerate(sample_photos(classes).items()):
+        (tmp / name).mkdir()
+        for i in range(per_class):
+            rng = np.random.default_rng([seed, index, i])
+            picture = varied(photo, rng, size)
+            if sensor_noise:
+                picture = with_sensor_noise(picture, rng)
+            picture.save(tmp / name / f"{name}_{i:03d}.jpg", quality=quality)
 
 
 def write_shrunk_folder(source: Path, folder: Path, shorter_side: int, quality: int = PHONE_QUALITY) -> Path:
@@ -425,11 +433,7 @@ def write_square_folder(folder: Path, per_class: int, size: int, classes: int = 
     if _folder_ready(folder, spec):
         return folder
     with _building(folder, spec) as tmp:
-        for index, (name, photo) in enumerate(sample_photos(classes).items()):
-            (tmp / name).mkdir()
-            for i in range(per_class):
-                varied(photo, np.random.default_rng([seed, index, i]), (size, size)).save(
-                    tmp / name / f"{name}_{i:03d}.jpg", quality=PHONE_QUALITY)
+        _write_varied(tmp, classes, per_class, seed, (size, size), PHONE_QUALITY, sensor_noise=False)
     return folder
 
 

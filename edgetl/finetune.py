@@ -12,12 +12,13 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 from rich.table import Table
 
-from edgetl.budget import Speed, fit_to_budget
+from edgetl.budget import Speed, fit_to_budget, refit_after_stage1
 from edgetl.config import FinetuneConfig
 from edgetl.data import DatasetListing, cache_side, scan_folder
 from edgetl.datasets import is_builtin, resolve_builtin
@@ -99,12 +100,14 @@ def _print_plan(plan: Plan) -> None:
         console.print(f"[yellow]warning: {note}[/]")
 
 
-def run_recipe(trainer, plan: Plan, listing: DatasetListing, bar) -> dict:
+def run_recipe(trainer, plan: Plan, listing: DatasetListing, bar,
+               before_stage2: Callable[[dict], None] | None = None) -> dict:
     """The two stages in order, on any backend's trainer; returns what the manifest says about training.
 
     Stage 1: eval-mode features of train and val once, the converged probe fitted on the training ones
     (on rank 0, shared with every rank), the head set from it. Stage 2 (when it has epochs and blocks to
     unfreeze) offers its model to the selector after every epoch; the selector's choice is loaded last.
+    `before_stage2(stage-1 figures)` may set the trainer's config for stage 2 (a time budget's second plan).
     """
     config = plan.config
     selector = Selector(len(listing.splits["val"]))
@@ -137,6 +140,9 @@ def run_recipe(trainer, plan: Plan, listing: DatasetListing, bar) -> dict:
         "seconds": round(time.perf_counter() - start, 2),
     }}
     del cached  # the features are not needed past stage 1
+    if before_stage2 is not None:
+        before_stage2(throughput["stage1"])
+        config = trainer.config
     unfrozen = 0
     if config.epochs_finetune and config.unfreeze:
         start = time.perf_counter()
@@ -216,8 +222,17 @@ def run_finetune(config: FinetuneConfig, run_dir: Path | None = None) -> Path:
                 trainer = backend.Trainer(recipe.config, listing, preprocess, initial, world, images=images)
             config = trainer.config = recipe.config
             trainer.deadline = run_started + budget["stage2_deadline_seconds"]
+        replan = None
+        if budget is not None and config.max_steps:
+            def replan(stage1: dict) -> None:
+                counts = {split: len(records) for split, records in listing.splits.items()}
+                trainer.config = world.from_main(lambda: refit_after_stage1(
+                    trainer.config, budget, counts, time.perf_counter() - run_started,
+                    stage1["feature_images_per_s"]))
+                trainer.deadline = run_started + budget["stage2_deadline_seconds"]
         with progress() as bar:
-            training = run_recipe(trainer, recipe, listing, bar)
+            training = run_recipe(trainer, recipe, listing, bar, replan)
+        config = trainer.config
         training["image_cache"] = images.record
         if budget is not None:
             budget["stopped_at_deadline"] = trainer.stopped_at_deadline

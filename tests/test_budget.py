@@ -28,12 +28,12 @@ def demo_plan(minutes: float, image_size: int = 128, source: str = "flag") -> Pl
 def test_the_schedule_ends_inside_the_budget() -> None:
     speed = Speed(128, forward_images_per_s=100.0, train_images_per_s=20.0)
     fitted, record = fit_to_budget(demo_plan(5), COUNTS, speed, elapsed=10.0)
-    # stage 1: 3000 images at 100/s + the probe's 15.8 s; a step: 64 images at 20/s; final: 1300 at 100/s + 3 s
+    # stage 1: 3000 images at 100/s + the probe's 7.05 s; a step: 64 images at 20/s; final: 1300 at 100/s + 3 s
     assert record["recipe_steps"] == 215
-    assert record["planned_steps"] == 65 and record["planned_epochs"] == 2
-    assert fitted.config.max_steps == 65 and fitted.config.epochs_finetune == 2
+    assert record["planned_steps"] == 68 and record["planned_epochs"] == 2
+    assert fitted.config.max_steps == 68 and fitted.config.epochs_finetune == 2
     assert 0.9 * 300 <= record["planned_end_seconds"] <= 300
-    assert fitted.choices["epochs_finetune"].why.startswith("the time budget: 65 steps")
+    assert fitted.choices["epochs_finetune"].why.startswith("the time budget: 68 steps")
     assert "ends ≈ 4.8 min" in fitted.choices["time_budget"].why
     assert record["stage2_deadline_seconds"] == pytest.approx(300 - 16.0)
 
@@ -48,9 +48,26 @@ def test_a_budget_larger_than_the_recipe_keeps_the_recipe() -> None:
 def test_stage_1_that_does_not_fit_is_refused_with_what_would() -> None:
     speed = Speed(128, forward_images_per_s=20.0, train_images_per_s=5.0)
     with pytest.raises(UserError, match=r"--time-budget 1 min does not fit stage 1 here: 30 s spent, and stage 1 "
-                                        r"with the final evaluation needs about 234 s more .* give at least 4.6 "
+                                        r"with the final evaluation needs about 225 s more .* give at least 4.5 "
                                         r"minutes"):
         fit_to_budget(demo_plan(1), COUNTS, speed, elapsed=30.0)
+
+
+def test_stage_2_is_planned_again_from_what_stage_1_really_took() -> None:
+    from edgetl.budget import refit_after_stage1
+
+    speed = Speed(128, forward_images_per_s=100.0, train_images_per_s=20.0)
+    fitted, record = fit_to_budget(demo_plan(5), COUNTS, speed, elapsed=10.0)
+    # stage 1 ran faster than estimated (ended at 35 s, forward at 200 images/s): more steps fit
+    again = refit_after_stage1(fitted.config, record, COUNTS, elapsed=35.0, forward_images_per_s=200.0)
+    assert again.max_steps > fitted.config.max_steps
+    assert record["after_stage1"]["steps"] == again.max_steps and again.epochs_finetune == 2
+    assert 0.9 * 300 <= record["after_stage1"]["planned_end_seconds"] <= 0.96 * 300
+    # ... and slower: fewer, never below zero, never more than the recipe's
+    late = refit_after_stage1(fitted.config, record, COUNTS, elapsed=290.0, forward_images_per_s=50.0)
+    assert late.max_steps == 0 and late.epochs_finetune == 0
+    quick = refit_after_stage1(fitted.config, record, COUNTS, elapsed=1.0, forward_images_per_s=1e6)
+    assert quick.max_steps <= 215
 
 
 def test_a_measured_size_steps_down_when_it_leaves_under_one_epoch() -> None:
@@ -67,20 +84,21 @@ def test_a_measured_size_steps_down_when_it_leaves_under_one_epoch() -> None:
 
 def test_a_real_run_plans_records_and_keeps_its_budget(tmp_path: Path) -> None:
     pytest.importorskip("torch")
-    minutes = 1.5
+    minutes = 1.0
     started = time.perf_counter()
     done = run_cli("finetune", "--data", "builtin:shapes", "--backbone", "mobilenet_v2", "--width", "0.35",
                    "--image-size", "32", "--weights", "none", "--device", "cpu", "--time-budget", str(minutes),
                    "--epochs-finetune", "400", "--out", str(tmp_path / "run"))
     seconds = time.perf_counter() - started
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "time budget 1.5 min: training" in (done.stdout + done.stderr).replace("\n", " ")
+    assert "time budget 1 min: training" in (done.stdout + done.stderr).replace("\n", " ")
     manifest = json.loads((tmp_path / "run" / "checkpoint" / "manifest.json").read_text())
     record = manifest["training"]["time_budget"]
     assert record["speed"]["train_images_per_s"] > 0 and record["speed"]["forward_images_per_s"] > 0
     assert record["planned_steps"] < record["recipe_steps"] == 2800  # the budget binds: 400 epochs would not fit
     assert manifest["recipe"]["choices"]["time_budget"]["value"] == minutes
-    assert manifest["config"]["max_steps"] == record["planned_steps"]
+    # planned again once stage 1 had run, from its real seconds and forward speed
+    assert manifest["config"]["max_steps"] == record["after_stage1"]["steps"] <= record["recipe_steps"]
     stage2 = [h for h in json.loads((tmp_path / "run" / "checkpoint" / "history.json").read_text())
               if h["stage"] == 2]
     assert len(stage2) == manifest["config"]["epochs_finetune"] or record["stopped_at_deadline"]

@@ -506,7 +506,7 @@ class Trainer(SplitScores):
         late = float(time.perf_counter() > self.deadline)
         return self.world.sum([late])[0] > 0
 
-    def measure_speed(self, timed_steps: int = 2) -> dict:
+    def measure_speed(self, timed_steps: int = 3) -> dict:
         """Images/s of an eval forward and of a stage-2 training step (every block trainable), each timed on
         real batches of the training split after one untimed step, batch preparation included; the weights
         are left exactly as they were. What a time budget plans with."""
