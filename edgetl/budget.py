@@ -165,4 +165,21 @@ def refit_after_stage1(config: FinetuneConfig, record: dict, counts: dict[str, i
         "planned_end_seconds": round(elapsed + steps * estimate.step + epochs * estimate.epoch_validation
                                      + estimate.final, 1)}
     record["stage2_deadline_seconds"] = round(budget - estimate.final, 1)
+    record["final_estimate_seconds"] = round(estimate.final, 1)
     return replace(config, max_steps=steps, epochs_finetune=epochs)
+
+
+def refit_during_stage2(config: FinetuneConfig, record: dict, elapsed: float, steps_done: int, step_seconds: float,
+                        epoch_overhead: float, steps_per_epoch: int) -> int:
+    """Stage 2's total steps again after an epoch, from the seconds its steps and its validation really took:
+    the schedule then ends at the budget's target on a machine that runs faster or slower than it was timed.
+    Never more than the recipe's steps, never fewer than those done."""
+    budget = 60.0 * float(config.time_budget)
+    final = record.get("final_estimate_seconds", record["estimate_seconds"]["final_evaluation_and_write"])
+    estimate = Estimate(stage1=0.0, epoch_validation=epoch_overhead, step=max(1e-6, step_seconds), final=final,
+                        steps_per_epoch=max(1, steps_per_epoch))
+    left = TARGET_SHARE * budget - elapsed - final
+    total = steps_done + _steps_that_fit(estimate, left, max(0, record["recipe_steps"] - steps_done))
+    record.setdefault("refits", []).append({"after_steps": steps_done, "seconds_spent": round(elapsed, 1),
+                                            "step_seconds": round(step_seconds, 3), "total_steps": total})
+    return total

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from edgetl.budget import Speed, fit_to_budget, refit_after_stage1
+from edgetl.budget import Speed, fit_to_budget, refit_after_stage1, refit_during_stage2
 from edgetl.config import FinetuneConfig
 from edgetl.data import DatasetListing, cache_side, scan_folder
 from edgetl.datasets import is_builtin, resolve_builtin
@@ -226,13 +226,21 @@ def run_finetune(config: FinetuneConfig, run_dir: Path | None = None) -> Path:
         if budget is not None and config.max_steps:
             def replan(stage1: dict) -> None:
                 counts = {split: len(records) for split, records in listing.splits.items()}
-                trainer.config = world.from_main(lambda: refit_after_stage1(
+                trainer.config, shared = world.from_main(lambda: (refit_after_stage1(
                     trainer.config, budget, counts, time.perf_counter() - run_started,
-                    stage1["feature_images_per_s"]))
+                    stage1["feature_images_per_s"]), budget))
+                budget.update(shared)  # every rank plans with rank 0's record
                 trainer.deadline = run_started + budget["stage2_deadline_seconds"]
+                steps_per_epoch = -(-len(listing.splits["train"]) // int(trainer.config.batch_size))
+                trainer.refit_steps = lambda done, step_seconds, overhead: world.from_main(
+                    lambda: refit_during_stage2(trainer.config, budget, time.perf_counter() - run_started, done,
+                                                step_seconds, overhead, steps_per_epoch))
         with progress() as bar:
             training = run_recipe(trainer, recipe, listing, bar, replan)
         config = trainer.config
+        if budget is not None and budget.get("refits"):  # the schedule that ran, refitted epoch by epoch
+            ran = sum(1 for entry in trainer.history if entry["stage"] == 2)
+            config = replace(config, max_steps=budget["refits"][-1]["total_steps"], epochs_finetune=ran)
         training["image_cache"] = images.record
         if budget is not None:
             budget["stopped_at_deadline"] = trainer.stopped_at_deadline

@@ -70,6 +70,28 @@ def test_stage_2_is_planned_again_from_what_stage_1_really_took() -> None:
     assert quick.max_steps <= 215
 
 
+def test_stage_2_is_refitted_after_each_epoch_from_its_real_step_time() -> None:
+    from edgetl.budget import refit_after_stage1, refit_during_stage2
+
+    speed = Speed(128, forward_images_per_s=100.0, train_images_per_s=20.0)  # 3.2 s a step, as timed
+    fitted, record = fit_to_budget(demo_plan(5), COUNTS, speed, elapsed=10.0)
+    config = refit_after_stage1(fitted.config, record, COUNTS, elapsed=40.0, forward_images_per_s=100.0)
+    # one epoch (43 steps) took 2.4 s a step and 3 s of validation: the rest of the budget holds more steps
+    done_at = 40.0 + 43 * 2.4 + 3.0
+    total = refit_during_stage2(config, record, done_at, 43, 2.4, 3.0, 43)
+    assert total > config.max_steps
+    left = 0.96 * 300 - done_at - record["final_estimate_seconds"]
+    steps_left = total - 43
+    def cost(steps: int) -> float:
+        return steps * 2.4 + -(-steps // 43) * 3.0
+
+    assert cost(steps_left) <= left < cost(steps_left + 1)
+    # a machine that slowed down gets fewer; never fewer than done, never more than the recipe's
+    assert refit_during_stage2(config, record, 270.0, 43, 5.0, 3.0, 43) == 43
+    assert refit_during_stage2(config, record, 41.0, 43, 0.01, 0.0, 43) == 215
+    assert [r["total_steps"] for r in record["refits"]] == [total, 43, 215]
+
+
 def test_a_measured_size_steps_down_when_it_leaves_under_one_epoch() -> None:
     speed = Speed(224, forward_images_per_s=60.0, train_images_per_s=7.0)
     fitted, record = fit_to_budget(demo_plan(5, 224, "auto"), COUNTS, speed, elapsed=10.0,
@@ -97,8 +119,10 @@ def test_a_real_run_plans_records_and_keeps_its_budget(tmp_path: Path) -> None:
     assert record["speed"]["train_images_per_s"] > 0 and record["speed"]["forward_images_per_s"] > 0
     assert record["planned_steps"] < record["recipe_steps"] == 2800  # the budget binds: 400 epochs would not fit
     assert manifest["recipe"]["choices"]["time_budget"]["value"] == minutes
-    # planned again once stage 1 had run, from its real seconds and forward speed
-    assert manifest["config"]["max_steps"] == record["after_stage1"]["steps"] <= record["recipe_steps"]
+    # planned again once stage 1 had run, from its real seconds and forward speed, then after every epoch
+    assert record["after_stage1"]["steps"] <= record["recipe_steps"]
+    final = record["refits"][-1]["total_steps"] if record.get("refits") else record["after_stage1"]["steps"]
+    assert manifest["config"]["max_steps"] == final <= record["recipe_steps"]
     stage2 = [h for h in json.loads((tmp_path / "run" / "checkpoint" / "history.json").read_text())
               if h["stage"] == 2]
     assert len(stage2) == manifest["config"]["epochs_finetune"] or record["stopped_at_deadline"]

@@ -18,6 +18,7 @@ import copy
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -177,17 +178,26 @@ def device_info(device: torch.device, world: TorchWorld | None = None) -> dict:
     return info
 
 
-def warmup_cosine(total_steps: int, warmup_fraction: float) -> callable:
-    """LR multiplier: linear warm-up over the first steps, then cosine decay to zero."""
-    warmup = max(1, int(total_steps * warmup_fraction))
+class WarmupCosine:
+    """LR multiplier: linear warm-up over the first steps, then cosine decay to zero at `total_steps`.
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress_done = (step - warmup) / max(1, total_steps - warmup)
+    `total_steps` may be changed while training (a time budget re-fits the schedule to the steps the machine
+    really takes); the warm-up keeps its length.
+    """
+
+    def __init__(self, total_steps: int, warmup_fraction: float) -> None:
+        self.total_steps = total_steps
+        self.warmup = max(1, int(total_steps * warmup_fraction))
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress_done = (step - self.warmup) / max(1, self.total_steps - self.warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_done)))
 
-    return factor
+
+def warmup_cosine(total_steps: int, warmup_fraction: float) -> WarmupCosine:
+    return WarmupCosine(total_steps, warmup_fraction)
 
 
 def freeze_batchnorm(model: nn.Module) -> None:
@@ -295,6 +305,9 @@ class Trainer(SplitScores):
         self.init: dict = {}
         self.deadline: float | None = None  # time.perf_counter() by which stage 2 stops (a time budget's guard)
         self.stopped_at_deadline = False
+        # a time budget's re-fit after each epoch: (steps done, seconds a step took, seconds an epoch's
+        # validation took) -> the stage's total steps from now on
+        self.refit_steps: Callable[[int, float, float], int] | None = None
         if initial is not None:
             self._prepare(*initial)
 
@@ -440,13 +453,16 @@ class Trainer(SplitScores):
         if config.max_steps is not None:  # a time budget's plan: the last epoch may be partial
             total_steps = min(total_steps, config.max_steps)
         optimizer, schedule = self._optimizer(params, lr, total_steps)
-        steps = 0
+        steps, step_seconds = 0, 0.0
         scaler = torch.amp.GradScaler("cuda", enabled=precision_settings(self.device)["grad_scaler"])
         task = bar.add_task(title, total=epochs, status="")
         stale, best = 0, -1.0
+        epoch = 0
         with shared_dropout(model, config.seed + stage, self.world) as dropout:
-            for epoch in range(1, epochs + 1):
+            while epoch < epochs:
+                epoch += 1
                 start = time.perf_counter()
+                steps_before = steps
                 train_set.epoch = epoch
                 sampler.set_epoch(epoch)
                 model.train()
@@ -481,8 +497,10 @@ class Trainer(SplitScores):
                     bar.update(batches, advance=len(targets) * self.world.size, status=f"loss {shown:.3f}")
                 bar.remove_task(batches)
                 train_seconds = time.perf_counter() - start
+                step_seconds = train_seconds / max(1, steps - steps_before)
                 self._merge_failures()
                 train_loss, train_top1, seen = self._reduce_epoch(loss_sum, correct, seen)
+                validation_started = time.perf_counter()
                 val_loss, val_top1 = self.evaluate_split("val")
                 selector.offer(stage, epoch, val_loss, val_top1, self.snapshot)
                 self.log(stage, epoch, train_loss, train_top1, val_loss, val_top1, schedule.get_last_lr()[0],
@@ -493,6 +511,12 @@ class Trainer(SplitScores):
                 if selector.rule == "val_top1" and stale >= config.patience:
                     console.print(f"stage {stage}: early stop after epoch {epoch} (no val gain for {stale} epochs)")
                     break
+                if self.refit_steps is not None and steps < total_steps:
+                    total_steps = max(steps, self.refit_steps(steps, step_seconds,
+                                                              time.perf_counter() - validation_started))
+                    schedule.lr_lambdas[0].total_steps = total_steps
+                    epochs = max(epoch, math.ceil(total_steps / max(1, len(loader))))
+                    bar.update(task, total=epochs)
                 if steps >= total_steps:
                     break
                 if self._past_deadline():
