@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated
 
@@ -370,15 +371,19 @@ def run(argv: list[str] | None = None) -> int:
         raise
     except BaseException as error:
         usage = _usage_error_types()
-        if usage and isinstance(error, usage) and not debug:
+        if usage and isinstance(error, usage):
             if type(error).__name__ == "NoArgsIsHelpError":  # plain `edgetl`: its help is the answer
                 typer.echo(error.format_message())  # type: ignore[attr-defined]
                 return EXIT_OK
+            if debug:
+                traceback.print_exception(error)
             typer.echo(f"edgetl: error: {_usage_line(error, sys.argv[1:] if argv is None else argv)}", err=True)
             return EXIT_USAGE
         known = exit_status(error)
-        if known is None or (debug and known[0] != EXIT_INTERRUPTED):
+        if known is None:
             raise
+        if debug:  # the traceback is added; the status stays the one the error means
+            traceback.print_exception(error)
         typer.echo(f"edgetl: {'error: ' if known[0] != EXIT_INTERRUPTED else ''}{known[1]}", err=True)
         if known[0] == EXIT_INTERRUPTED:
             forget_interrupt()

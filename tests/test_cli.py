@@ -95,10 +95,13 @@ def test_unwritable_output_folder_is_one_line(tmp_path: Path) -> None:
     _assert_one_line_error(result, str(blocker / "run"), "not writable")
 
 
-def test_debug_env_shows_the_traceback() -> None:
-    result = run_cli("finetune", "--data", "builtin:nope", env={"EDGETL_DEBUG": "1"})
-    assert result.returncode != 0
-    assert "Traceback" in result.stderr and "UserError" in result.stderr
+def test_debug_env_shows_the_traceback_and_keeps_the_exit_status() -> None:
+    """EDGETL_DEBUG=1 adds the traceback; a user error still exits 2 with its one line last."""
+    for args in (["finetune", "--data", "builtin:nope"], ["finetune", "--data", "builtin:shapes", "--seed", "x"]):
+        result = run_cli(*args, env={"EDGETL_DEBUG": "1"})
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert "Traceback" in result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith("edgetl: error:")
 
 
 # ---------------------------------------------------------------- usage errors and exit statuses
