@@ -17,11 +17,15 @@ import typer
 from edgetl.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_TERMINATED,
     EXIT_USAGE,
     UserError,
     exit_status,
     forget_interrupt,
     interrupt_requested,
+    interruption_line,
+    is_interruption,
+    requested_status,
     watch_interrupts,
 )
 
@@ -384,17 +388,19 @@ def run(argv: list[str] | None = None) -> int:
             raise
         if debug:  # the traceback is added; the status stays the one the error means
             traceback.print_exception(error)
-        typer.echo(f"edgetl: {'error: ' if known[0] != EXIT_INTERRUPTED else ''}{known[1]}", err=True)
-        if known[0] == EXIT_INTERRUPTED:
+        typer.echo(f"edgetl: {'' if is_interruption(known[0]) else 'error: '}{known[1]}", err=True)
+        if is_interruption(known[0]):
             forget_interrupt()
         return known[0]
     if status == EXIT_INTERRUPTED:  # typer >= 0.29 turns Ctrl-C into Exit(130) and returns the code
-        typer.echo(f"edgetl: {exit_status(KeyboardInterrupt())[1]}", err=True)  # type: ignore[index]
+        status = requested_status() or EXIT_INTERRUPTED
+        typer.echo(f"edgetl: {interruption_line(status)}", err=True)
         forget_interrupt()
     elif interrupt_requested():  # pressed, but swallowed by a library after the last folder was published
-        typer.echo("edgetl: interrupted after the stage had published its output (complete)", err=True)
+        status = requested_status()
+        what = "terminated (SIGTERM)" if status == EXIT_TERMINATED else "interrupted"
+        typer.echo(f"edgetl: {what} after the stage had published its output (complete)", err=True)
         forget_interrupt()
-        status = EXIT_INTERRUPTED
     return status if isinstance(status, int) else EXIT_OK
 
 

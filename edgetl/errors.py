@@ -6,7 +6,8 @@ the same failure gives the same status and the same single line everywhere:
 - 0: done; 1: a stage ran and failed (`StageFailed`: every export failed, the disk filled up);
 - 2: bad input (`UserError`: a path, a flag value, a file that is not what it should be);
 - 3: the quality gate (`QualityFailed`: an int8 file lost more top-1 than allowed, after writing it);
-- 130: interrupted (Ctrl-C), after the stage removed its temporary folders.
+- 130: interrupted (Ctrl-C), after the stage removed its temporary folders;
+- 143: terminated (SIGTERM: `kill`, a job scheduler, a container stop), with the same clean-up as Ctrl-C.
 
 Anything else is a bug and keeps its traceback. Messages name the value received and what would be valid.
 """
@@ -24,6 +25,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_QUALITY = 3
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -50,15 +52,32 @@ def one_of(value: object, valid: list[str] | tuple[str, ...], what: str) -> str:
     return f"unknown {what} {value!r}; valid: {', '.join(valid)}"
 
 
-def _interrupted(error: BaseException) -> bool:
-    """Ctrl-C itself, or a CLI library's Abort raised while handling it."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be, so every clean-up that Ctrl-C gets runs for it too."""
+
+
+def _interrupted(error: BaseException) -> int | None:
+    """EXIT_INTERRUPTED or EXIT_TERMINATED when `error` is Ctrl-C or SIGTERM, or a CLI library's Abort raised
+    while handling one; None otherwise."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
+        if isinstance(error, Terminated):
+            return EXIT_TERMINATED
         if isinstance(error, KeyboardInterrupt):
-            return True
+            return EXIT_INTERRUPTED
         seen.add(id(error))
         error = error.__cause__ or error.__context__  # type: ignore[assignment]
-    return False
+    return None
+
+
+def is_interruption(status: int) -> bool:
+    """A status that a signal from the user or the system caused (no `error:` prefix on its line)."""
+    return status in (EXIT_INTERRUPTED, EXIT_TERMINATED)
+
+
+def interruption_line(status: int) -> str:
+    what = "terminated (SIGTERM)" if status == EXIT_TERMINATED else "interrupted"
+    return f"{what}; the running stage published nothing and its previous output is unchanged"
 
 
 def disk_full(error: BaseException) -> bool:
@@ -69,8 +88,9 @@ def exit_status(error: BaseException) -> tuple[int, str] | None:
     """(exit status, one line) for an error edgetl reports itself; None for a bug (keep the traceback)."""
     if isinstance(error, UserError):
         return error.exit_code, " ".join(str(error).split()) or type(error).__name__
-    if _interrupted(error):
-        return EXIT_INTERRUPTED, "interrupted; the running stage published nothing and its previous output is unchanged"
+    signalled = _interrupted(error)
+    if signalled is not None:
+        return signalled, interruption_line(signalled)
     if disk_full(error):
         where = f" writing {error.filename!r}" if getattr(error, "filename", None) else ""
         return EXIT_FAILED, (f"no space left on device{where} ({error.strerror}); the running stage published "
@@ -81,12 +101,12 @@ def exit_status(error: BaseException) -> tuple[int, str] | None:
 def combined_status(codes: list[int]) -> int:
     """One exit status for several processes that failed (a launcher's workers): the one a user acts on first.
 
-    Interrupted beats bad input, which beats the quality gate, which beats a failed stage; a worker killed by
-    a signal (negative code) counts as interrupted for SIGINT, else as failed.
+    Interrupted beats terminated, then bad input, the quality gate, a failed stage; a worker killed by a
+    signal (negative code) counts as interrupted for SIGINT, terminated for SIGTERM, else as failed.
     """
-    statuses = {EXIT_INTERRUPTED if code in (EXIT_INTERRUPTED, -2) else code if code > 0 else EXIT_FAILED
-                for code in codes if code != EXIT_OK}
-    for status in (EXIT_INTERRUPTED, EXIT_USAGE, EXIT_QUALITY, EXIT_FAILED):
+    statuses = {EXIT_INTERRUPTED if code in (EXIT_INTERRUPTED, -2) else EXIT_TERMINATED if code == -15
+                else code if code > 0 else EXIT_FAILED for code in codes if code != EXIT_OK}
+    for status in (EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, EXIT_QUALITY, EXIT_FAILED):
         if status in statuses:
             return status
     return max(statuses, default=EXIT_OK)
@@ -104,23 +124,37 @@ def forget_interrupt() -> None:
         ctypes.c_int.in_dll(ctypes.pythonapi, "_Py_UnhandledKeyboardInterrupt").value = 0
 
 
-_interrupts = {"count": 0}
+_interrupts = {"count": 0, "status": 0}
 
 
 def _on_sigint(signum: int, frame: object) -> None:
     _interrupts["count"] += 1
+    _interrupts["status"] = _interrupts["status"] or EXIT_INTERRUPTED
     signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt, as Python's own handler does
 
 
+def _on_sigterm(signum: int, frame: object) -> None:
+    _interrupts["count"] += 1
+    _interrupts["status"] = _interrupts["status"] or EXIT_TERMINATED
+    raise Terminated
+
+
 def watch_interrupts() -> None:
-    """Count Ctrl-C presses as well as raising KeyboardInterrupt, so a press is never lost.
+    """Count Ctrl-C presses and SIGTERMs as well as raising KeyboardInterrupt (Terminated), so none is lost.
 
     A KeyboardInterrupt raised while Python runs a finaliser, or caught by a library's bare `except:`, would
     vanish and the stage would publish as if nothing happened; atomic_dir and the CLI check the count too.
+    SIGTERM's default action kills at once and would leave temporary folders until the next run.
     """
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _on_sigint)
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def interrupt_requested() -> bool:
     return _interrupts["count"] > 0
+
+
+def requested_status() -> int:
+    """The status of the first signal received (130 or 143); 0 when none was."""
+    return _interrupts["status"]

@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from edgetl.config import FinetuneConfig
-from edgetl.errors import EXIT_INTERRUPTED, EXIT_OK, exit_status, forget_interrupt, watch_interrupts
+from edgetl.errors import EXIT_OK, exit_status, forget_interrupt, is_interruption, watch_interrupts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,11 +30,13 @@ def main(argv: list[str] | None = None) -> int:
         raise
     except BaseException as error:
         known = exit_status(error)
-        if known is None or (os.environ.get("EDGETL_DEBUG") == "1" and known[0] != EXIT_INTERRUPTED):
+        if known is None:
             raise
+        if os.environ.get("EDGETL_DEBUG") == "1":
+            traceback.print_exception(error)
         if not getattr(error, "reported_by_main", False):
             print(f"edgetl: error (rank {os.environ.get('RANK', '0')}): {known[1]}", file=sys.stderr)
-        if known[0] == EXIT_INTERRUPTED:
+        if is_interruption(known[0]):
             forget_interrupt()
         return known[0]
     return EXIT_OK

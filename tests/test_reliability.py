@@ -432,8 +432,15 @@ def test_export_killed_at_random_points_leaves_the_previous_output_or_a_complete
 
 
 @pytest.mark.torch
-def test_ctrl_c_during_export_exits_130_with_one_line_and_no_temporary_folder(tiny_export: dict,
-                                                                              tmp_path: Path) -> None:
+@pytest.mark.parametrize(("signum", "status", "line"), [
+    (signal.SIGINT, 130, "edgetl: interrupted; the running stage published nothing and its previous output is "
+                         "unchanged"),
+    (signal.SIGTERM, 143, "edgetl: terminated (SIGTERM); the running stage published nothing and its previous "
+                          "output is unchanged"),
+])
+def test_ctrl_c_or_sigterm_during_export_exits_with_one_line_and_no_temporary_folder(
+    tiny_export: dict, tmp_path: Path, signum: int, status: int, line: str
+) -> None:
     out = _previous(tiny_export, tmp_path)
     before = tree_digest(out)
     child = _start_export(tiny_export, out)
@@ -441,12 +448,11 @@ def test_ctrl_c_during_export_exits_130_with_one_line_and_no_temporary_folder(ti
     while not list(out.parent.glob(".export.tmp-*")) and time.monotonic() < deadline:
         time.sleep(0.2)  # the export is writing its temporary folder: interrupt it there
     time.sleep(random.Random(15).uniform(0.0, 2.0))
-    child.send_signal(signal.SIGINT)
+    child.send_signal(signum)
     _, stderr = child.communicate(timeout=120)
-    assert child.returncode == 130, stderr[-2000:]
-    mine = [line for line in stderr.splitlines() if line.startswith("edgetl:")]
-    assert mine == ["edgetl: interrupted; the running stage published nothing and its previous output is "
-                    "unchanged"], stderr[-2000:]
+    assert child.returncode == status, stderr[-2000:]
+    mine = [text for text in stderr.splitlines() if text.startswith("edgetl:")]
+    assert mine == [line], stderr[-2000:]
     assert "Traceback" not in stderr
     assert sorted(p.name for p in out.parent.iterdir()) == ["export"] and tree_digest(out) == before
 
