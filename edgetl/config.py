@@ -8,11 +8,17 @@ stored in the manifest so a run can be repeated exactly.
 
 from __future__ import annotations
 
+import datetime
+import json
 import math
+import numbers
+import os
 import tomllib
-from dataclasses import asdict, dataclass, field, fields, replace
+import types
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
 from edgetl.arm64.targets import TARGETS
 from edgetl.backbones import check_image_size, get_backbone
@@ -25,6 +31,127 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 CLASS_WEIGHTS = ("auto", "balanced", "none")
 
 
+# ------------------------------------------------------------------------------- types of every field
+# Every config dataclass is checked against its own type hints here, before any range check: a recipe is
+# TOML a person wrote, so `calib = "many"` must be one line naming the key, not a TypeError deep inside a
+# comparison. The rules: bool is not a whole number; a whole number is a number; a list field also takes
+# one item, or a comma-separated text (what a command-line flag gives).
+
+_WANTED = {bool: ("true or false", "trues or falses"), int: ("a whole number", "whole numbers"),
+           float: ("a number", "numbers"), str: ("a text", "texts"), Path: ("a path", "paths")}
+
+
+def _is_whole(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _matches(value: object, hint: Any) -> bool:
+    """Whether `value` is of the type `hint` (as the rules above read it)."""
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is Any:
+        return True
+    if hint is None or hint is type(None):
+        return value is None
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, arg) for arg in args)
+    if origin is tuple:
+        if isinstance(value, str) and args[0] is not str:
+            return True  # "1,2": each item is parsed (and refused in one line) by the field's own check
+        items = value if isinstance(value, list | tuple) else [value]
+        return all(_matches(item, args[0]) for item in items)
+    if origin is dict:
+        return isinstance(value, dict) and all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return _is_whole(value)
+    if hint is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if hint is Path:
+        return isinstance(value, str | os.PathLike)
+    return isinstance(value, origin or hint)
+
+
+def _wanted(hint: Any, plural: bool = False) -> str:
+    """What a value of type `hint` is, in the words of an error line."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_wanted(arg, plural) for arg in args if arg is not type(None))
+    if origin is tuple:
+        return f"a list of {_wanted(args[0], plural=True)}"
+    if origin is dict:
+        return f"a table of {_wanted(args[1], plural=True)}"
+    if hint in _WANTED:
+        return _WANTED[hint][plural]
+    name = getattr(hint, "__name__", str(hint))
+    return f"{name} objects" if plural else f"a {name}"
+
+
+def _kind(value: object) -> str:
+    """What a value is, in the same words."""
+    if isinstance(value, bool):
+        return "true or false"
+    if _is_whole(value):
+        return "a whole number"
+    if isinstance(value, numbers.Real):
+        return "a decimal number"
+    if isinstance(value, str):
+        return "a text"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, datetime.date | datetime.time):
+        return "a date or time"
+    return "nothing" if value is None else f"a {type(value).__name__}"
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """A value as it is written in a recipe (TOML, which for these values reads like JSON), on one short line."""
+    try:
+        text = json.dumps(list(value) if isinstance(value, tuple) else value, default=str, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):
+        text = f"<{type(value).__name__}>"
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+@cache
+def _hints(config_type: type) -> dict[str, Any]:
+    return get_type_hints(config_type)
+
+
+def type_problems(config_type: type, values: dict[str, Any], prefix: str = "") -> list[str]:
+    """One phrase per value of `values` that is not of its field's declared type (unknown keys are skipped:
+    the recipe loader refuses them with the valid names)."""
+    hints = _hints(config_type)
+    defaults = {f.name: f.default for f in fields(config_type)}
+    problems = []
+    for key, value in values.items():
+        hint = hints.get(key)
+        if hint is None or key not in defaults or _matches(value, hint):
+            continue
+        held = _kind(value)
+        items = get_args(hint) if get_origin(hint) is tuple else ()
+        if items and isinstance(value, list | tuple):
+            bad = next((item for item in value if not _matches(item, items[0])), None)
+            held = f"a list holding {shown(bad)}, {_kind(bad)}"
+        example = defaults[key]
+        if isinstance(example, tuple):
+            example = example[:2]
+        hint_text = f", e.g. {key} = {shown(example)}" if example not in (None, MISSING, ()) else ""
+        problems.append(f"{prefix}{key} = {shown(value)} is {held}; valid: {_wanted(hint)}{hint_text}")
+    return problems
+
+
+def check_types(config: Any) -> None:
+    """Every field of a config dataclass against its type hint, before any check compares or parses it."""
+    values = {f.name: getattr(config, f.name) for f in fields(config)}
+    problems = type_problems(type(config), values)
+    if problems:
+        raise UserError(f"{config.STAGE} settings: {'; '.join(problems)}")
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Everything that decides a fine-tuning run (with `seed`, it is reproducible on CPU).
@@ -33,6 +160,8 @@ class FinetuneConfig:
     stage-2 epochs and the blocks it unfreezes (-1: all); `class_weights` "auto" weights classes when they
     are unbalanced. The plan's resolved copy is what trains and what the manifest stores.
     """
+
+    STAGE: ClassVar[str] = "finetune"  # what its settings are called in an error line
 
     data: str
     backbone: str = "efficientnet_lite0"
@@ -64,6 +193,7 @@ class FinetuneConfig:
 
     def validate(self) -> FinetuneConfig:
         """Check every value; return a copy with defaults resolved (image size)."""
+        check_types(self)
         spec = get_backbone(self.backbone)
         spec.check_width(self.width)
         if self.framework not in FRAMEWORKS:
@@ -141,8 +271,8 @@ class FinetuneConfig:
 
 
 def _as_list(value: object, lower: bool = True) -> list[str]:
-    """'pte,tflite', ['pte', 'tflite'] or ('pte',) → ['pte', 'tflite'] (no blanks; lower-case unless asked)."""
-    items = value.split(",") if isinstance(value, str) else list(value)  # type: ignore[arg-type]
+    """'pte,tflite', ['pte', 'tflite'], ('pte',) or one item → a list of texts (no blanks; lower-case unless asked)."""
+    items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, list | tuple) else [value]
     cleaned = [str(item).strip() for item in items if str(item).strip()]
     return [item.lower() for item in cleaned] if lower else cleaned
 
@@ -221,6 +351,8 @@ _FLAG_TEXT = {"bias_correction": "--no-bias-correction", "fuse_clamp": "fuse_cla
 class ExportConfig:
     """Everything that decides an export; a recipe sets any field, CLI flags override it."""
 
+    STAGE: ClassVar[str] = "export"  # what its settings are called in an error line
+
     formats: tuple[str, ...] = ("tflite", "pte")
     quant: tuple[str, ...] = ("fp32", "int8")
     calib: int = DEFAULT_CALIB
@@ -253,6 +385,7 @@ class ExportConfig:
 
     def validate(self) -> ExportConfig:
         """Every bad value becomes one UserError line before any framework import."""
+        check_types(self)
         formats = tuple(dict.fromkeys(_as_list(self.formats)))
         quant = tuple(dict.fromkeys(_as_list(self.quant)))
         if not formats:
@@ -409,6 +542,8 @@ def _threads(value: object) -> tuple[int, ...]:
 class SweepConfig:
     """What a sweep makes and measures; a recipe sets any field, CLI flags override it."""
 
+    STAGE: ClassVar[str] = "sweep"  # what its settings are called in an error line
+
     variants: tuple[str, ...] = tuple(VARIANTS)
     targets: tuple[str, ...] = tuple(TARGETS)
     threads: tuple[int, ...] = (1,)
@@ -433,6 +568,7 @@ class SweepConfig:
 
     def validate(self) -> SweepConfig:
         """Every bad value becomes one UserError line before anything runs."""
+        check_types(self)
         variants = tuple(dict.fromkeys(_as_list(self.variants, lower=False)))
         if not variants:
             raise UserError(f"--variants is empty; valid: {', '.join(self.known())}")
@@ -466,7 +602,7 @@ class SweepConfig:
         if self.calib is not None:
             base["calib"] = self.calib
         overrides = dict(self.known()[name].overrides)
-        if "quant" in overrides:
+        if isinstance(overrides.get("quant"), str | list | tuple):
             overrides["quant"] = tuple(_as_list(overrides["quant"]))
         return ExportConfig(**{**base, **overrides})
 
@@ -490,6 +626,8 @@ def variant_keys() -> list[str]:
 class BenchOptions:
     """What `edgetl bench` measures and how; every field ends up in the results."""
 
+    STAGE: ClassVar[str] = "bench"  # what its settings are called in an error line
+
     targets: str = "host"
     threads: str = "1,2"
     inputs: Path | None = None
@@ -507,6 +645,7 @@ class BenchOptions:
 
     def validate(self) -> tuple[list, list[int]]:
         """The targets and host thread counts, parsed; every bad value is one UserError line."""
+        check_types(self)
         targets = parse_targets(self.targets)
         try:
             threads = [int(v) for v in self.threads.split(",") if v.strip()]
@@ -547,6 +686,8 @@ def parse_platforms(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]
 class BundleOptions:
     """What `edgetl bundle` was asked; defaults are what an app developer wants."""
 
+    STAGE: ClassVar[str] = "bundle"  # what its settings are called in an error line
+
     artifact: str | None = None
     platforms: tuple[str, ...] = PLATFORMS
     out: Path | None = None
@@ -556,6 +697,8 @@ class BundleOptions:
     int8_io: bool = False
 
     def validate(self) -> BundleOptions:
+        """Every bad value becomes one UserError line before anything is written."""
+        check_types(self)
         if not 1 <= self.golden <= 50:
             raise UserError(f"--golden {self.golden} is not usable; valid: 1 to 50 images")
         return replace(self, platforms=parse_platforms(self.platforms))
@@ -584,7 +727,8 @@ def load_recipe(name: str, kind: str = "export") -> dict[str, Any]:
     """A recipe by name (export/recipes/NAME.toml, export/sweeps/NAME.toml) or path → the fields it sets.
 
     A sweep recipe's `[variant.NAME]` tables define variants beyond the built-in grid (ExportConfig
-    overrides plus a description); its `variants` list may then name them.
+    overrides plus a description); its `variants` list may then name them. Every key must be a field of the
+    kind's config and every value of that field's type: anything else is one UserError line naming the file.
     """
     _, what, config_type, _ = RECIPES[kind]
     path = Path(name)
@@ -592,47 +736,84 @@ def load_recipe(name: str, kind: str = "export") -> dict[str, Any]:
         path = _recipe_folder(kind) / f"{name}.toml"
     if not path.is_file():
         raise UserError(one_of(name, recipe_names(kind), what) + " (or a path to a .toml file)")
+    where = f"{what} {str(path)!r}"
     try:
-        payload = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as error:
-        raise UserError(f"{what} {str(path)!r} is not valid TOML ({error})") from None
-    payload.pop("description", None)
-    custom = _custom_variants(payload.pop("variant", {}), path) if kind == "sweep" else {}
+        payload = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{where} is not UTF-8 text; valid: a TOML file") from None
+    except OSError as error:
+        raise UserError(f"{where} cannot be read ({type(error).__name__}: {error.strerror or error})") from None
+    except (tomllib.TOMLDecodeError, ValueError) as error:  # ValueError: a number too long to convert
+        raise UserError(f"{where} is not valid TOML ({' '.join(str(error).split())[:200]})") from None
+    except RecursionError:
+        raise UserError(f"{where} nests too deeply to be a recipe; valid: keys with values, lists of them "
+                        f"and tables") from None
+    try:
+        return _recipe_values(payload, kind, where)
+    except RecursionError:
+        raise UserError(f"{where} nests too deeply to be a recipe; valid: keys with values, lists of them "
+                        f"and tables") from None
+
+
+def _recipe_values(payload: dict[str, Any], kind: str, where: str) -> dict[str, Any]:
+    """The fields a parsed recipe sets, each checked against its declared type (`type_problems`)."""
+    _, _, config_type, _ = RECIPES[kind]
+    description = payload.pop("description", "")
+    if not isinstance(description, str):
+        raise UserError(f"{where}: description = {shown(description)} is {_kind(description)}; valid: a text")
+    tables = payload.pop("variant", {}) if kind == "sweep" else {}
     known = {f.name for f in fields(config_type)} - {"recipe", "custom"}
     unknown = sorted(set(payload) - known)
     if unknown:
-        raise UserError(f"{what} {str(path)!r} sets unknown key(s) {', '.join(unknown)}; valid: "
+        raise UserError(f"{where} sets unknown key(s) {', '.join(unknown)}; valid: "
                         f"{', '.join(sorted(known))}" + (", [variant.NAME] tables" if kind == "sweep" else ""))
+    problems = type_problems(config_type, payload)
+    if problems:
+        raise UserError(f"{where}: {'; '.join(problems)}")
+    custom = _custom_variants(tables, where)
     if custom:
         payload["custom"] = custom
     return _normalise(payload, kind)
 
 
 def _normalise(values: dict[str, Any], kind: str) -> dict[str, Any]:
-    """Lists (from TOML or comma-separated flags) as the tuples the configs hold."""
+    """Lists (from TOML or comma-separated flags) as the tuples the configs hold; a value of another type is
+    left as it is, for `check_types` to refuse in one line."""
+    listed = (str, list, tuple)
     for key in ("formats", "quant"):
-        if key in values:
+        if isinstance(values.get(key), listed):
             values[key] = tuple(_as_list(values[key]))
     for key in ("variants", "targets"):
-        if key in values:
+        if isinstance(values.get(key), listed):
             values[key] = tuple(_as_list(values[key], lower=False))
-    if "threads" in values and kind == "sweep":
+    if kind == "sweep" and "threads" in values and _matches(values["threads"], tuple[int, ...]):
         values["threads"] = _threads(values["threads"])
     return values
 
 
-def _custom_variants(tables: object, path: Path) -> dict[str, Variant]:
+def _custom_variants(tables: object, where: str) -> dict[str, Variant]:
+    """A sweep recipe's `[variant.NAME]` tables: ExportConfig fields (less the sweep-wide ones), each of its type."""
+    if not isinstance(tables, dict):
+        raise UserError(f"{where}: variant = {shown(tables)} is {_kind(tables)}; valid: [variant.NAME] tables of "
+                        f"export settings")
     custom: dict[str, Variant] = {}
-    for variant_name, table in dict(tables).items():  # type: ignore[call-overload]
+    allowed = variant_keys()
+    for variant_name, table in tables.items():
         if not isinstance(table, dict):
-            raise UserError(f"sweep recipe {str(path)!r}: [variant.{variant_name}] must be a table")
+            raise UserError(f"{where}: variant.{variant_name} = {shown(table)} is {_kind(table)}; valid: a "
+                            f"[variant.{variant_name}] table of export settings")
         table = dict(table)
-        description = str(table.pop("description", ""))
-        allowed = variant_keys()
+        description = table.pop("description", "")
+        if not isinstance(description, str):
+            raise UserError(f"{where}: variant.{variant_name}.description = {shown(description)} is "
+                            f"{_kind(description)}; valid: a text")
         unknown = sorted(set(table) - set(allowed))
         if unknown:
-            raise UserError(f"sweep recipe {str(path)!r}: variant {variant_name!r} sets unknown key(s) "
+            raise UserError(f"{where}: variant {variant_name!r} sets unknown key(s) "
                             f"{', '.join(unknown)}; valid: {', '.join(allowed)}")
+        problems = type_problems(ExportConfig, table, f"variant.{variant_name}.")
+        if problems:
+            raise UserError(f"{where}: {'; '.join(problems)}")
         custom[variant_name] = Variant(variant_name, table, description)
     return custom
 

@@ -439,3 +439,98 @@ def test_finetune_measures_the_input_size_of_small_images(tmp_path: Path, shared
     assert manifest["model"]["image_size"] == chosen == manifest["config"]["image_size"]
     assert manifest["recipe"]["choices"]["image_size"]["source"] == "auto"
     assert manifest["preprocess"]["resize"]["height"] == manifest["preprocess"]["resize"]["width"] == chosen
+
+
+# ------------------------------------------------------------ recipe files: every value of its declared type
+
+# (recipe kind, key, value as written in the TOML file, words of the type wanted)
+WRONG_TYPES = [
+    ("export", "calib", '"many"', "a whole number"),
+    ("export", "max_drop", '"x"', "a number"),
+    ("export", "formats", "5", "a list of texts"),
+    ("export", "threads", '"two"', "a whole number"),
+    ("sweep", "iters", '"many"', "a whole number"),
+    ("sweep", "max_drop", "[1]", "a number"),
+    ("export", "seed", "1.5", "a whole number"),
+    ("export", "parts", '"yes"', "true or false"),
+    ("export", "quant", "[1]", "a list of texts"),
+]
+
+
+@pytest.mark.parametrize(("kind", "key", "value", "wanted"), WRONG_TYPES,
+                         ids=[f"{kind}-{key}" for kind, key, _, _ in WRONG_TYPES])
+def test_a_recipe_value_of_the_wrong_type_is_one_line_naming_key_value_and_type(
+        tmp_path: Path, kind: str, key: str, value: str, wanted: str) -> None:
+    from tests.conftest import run_cli
+
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text(f'description = "a recipe with one wrong value"\n{key} = {value}\n')
+    result = run_cli(kind, str(tmp_path / "checkpoint"), "--recipe", str(recipe))
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith("edgetl: error:"), lines[0]
+    assert f"{key} = {value}" in lines[0] and f"valid: {wanted}" in lines[0] and str(recipe) in lines[0], lines[0]
+
+
+def test_every_config_field_is_checked_against_its_type_hint() -> None:
+    """The check reads the dataclasses' hints, so a field added later is covered without a new special case."""
+    from edgetl.config import BenchOptions, BundleOptions, ExportConfig, SweepConfig
+    from edgetl.errors import UserError
+
+    refused = [
+        (ExportConfig(rounding_layers=True), "rounding_layers = true", "a whole number"),  # bool is not int
+        (ExportConfig(float_layers=("a", 2)), 'float_layers = ["a", 2]', "a list of texts"),
+        (ExportConfig(prune=[0.5]), "prune = [0.5]", "a text or a number"),
+        (ExportConfig(recovery_lr="fast"), 'recovery_lr = "fast"', "a number"),
+        (SweepConfig(threads=(1, 2.0)), "threads = [1, 2.0]", "a list of whole numbers"),
+        (SweepConfig(breakdown=1), "breakdown = 1", "true or false"),
+        (BenchOptions(iters=2.5), "iters = 2.5", "a whole number"),
+        (BundleOptions(golden="5"), 'golden = "5"', "a whole number"),
+        (FinetuneConfig(data="x", seed=1.0), "seed = 1.0", "a whole number"),
+        (FinetuneConfig(data="x", master="a", master_timeout=[]), "master_timeout = []", "a number"),
+    ]
+    for config, shown, wanted in refused:
+        with pytest.raises(UserError) as caught:
+            config.validate()
+        message = str(caught.value)
+        assert shown in message and f"valid: {wanted}" in message and "\n" not in message, message
+    # int where a float is wanted, None where the hint allows it, a comma-separated text for a list
+    assert ExportConfig(max_drop=2, threads=None, formats="tflite", sensitivity_seconds=0).validate().max_drop == 2
+    assert SweepConfig(threads="2,1", targets="host").validate().threads == (2, 1)
+
+
+def test_every_shipped_recipe_loads_and_validates() -> None:
+    from edgetl.config import ExportConfig, SweepConfig, load_recipe, recipe_names, resolve
+
+    assert len(recipe_names("export")) >= 10 and len(recipe_names("sweep")) >= 2
+    for kind, config_type in (("export", ExportConfig), ("sweep", SweepConfig)):
+        for name in recipe_names(kind):
+            assert load_recipe(name, kind), name
+            config = resolve(kind, name)
+            assert isinstance(config, config_type) and config.recipe == name
+
+
+@pytest.mark.parametrize(("kind", "text", "needle"), [
+    ("export", 'colour = "red"\n', "unknown key(s) colour"),
+    ("sweep", '[variant.x]\nquant = ["int8"]\ncolour = 1\n', "variant 'x' sets unknown key(s) colour"),
+    ("sweep", '[variant.x]\nquant = ["int8"]\ncalib = "many"\n', 'variant.x.calib = "many"'),
+    ("sweep", "variant = 5\n", "variant = 5"),
+    ("sweep", '[variant.x]\nquant = 3\n', "variant.x.quant = 3"),
+    ("export", 'description = 4\nquant = ["int8"]\n', "description = 4"),
+    ("export", "calib = 1e400\n", "calib = Infinity"),
+    ("export", "calib = " + "9" * 5000 + "\n", "not valid TOML"),
+    ("export", "formats = " + "[" * 3000 + "]" * 3000 + "\n", "nests too deeply"),
+])
+def test_a_bad_recipe_file_is_one_line(tmp_path: Path, kind: str, text: str, needle: str) -> None:
+    from edgetl.config import resolve
+    from edgetl.errors import UserError
+
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text(text)
+    with pytest.raises(UserError) as caught:
+        resolve(kind, str(recipe))
+    assert needle in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
+    recipe.write_bytes(b'quant = ["\xff"]\n')  # not UTF-8
+    with pytest.raises(UserError, match="not UTF-8"):
+        resolve(kind, str(recipe))
