@@ -243,25 +243,33 @@ class _Found:
         self.ignored.append({"path": _relative(path, base), "reason": reason})
 
 
-def _images_under(folder: Path, base: Path, found: _Found, above: frozenset[tuple[int, int]] = frozenset()
-                  ) -> list[Path]:
+def _images_under(folder: Path, base: Path, found: _Found) -> list[Path]:
     """Every image file under `folder` at any depth (hidden entries ignored, symlinked folders followed once
-    per path: a link back to a folder that holds it is a loop, skipped and listed)."""
-    info = folder.stat()
-    here = above | {(info.st_dev, info.st_ino)}
-    folders, files = _read_folder(folder, base, found)
+    per path: a link back to a folder that holds it is a loop, skipped and listed).
+
+    Walked with a stack, not recursion: a folder nested thousands of levels deep is listed like any other,
+    in the same order (depth first, names sorted, a folder's files before its sub-folders).
+    """
     images: list[Path] = []
-    for path in files:
-        if path.suffix.lower() in IMAGE_EXTENSIONS:
-            images.append(path)
-        else:
-            found.skip(path, base, f"not an image extension ({path.suffix or 'none'})")
-    for sub in folders:
-        sub_info = sub.stat()
-        if (sub_info.st_dev, sub_info.st_ino) in here:
-            found.skip(sub, base, "symlink loop (it points back to a folder that holds it)")
-            continue
-        images += _images_under(sub, base, found, here)
+    info = folder.stat()
+    pending: list[tuple[Path, frozenset[tuple[int, int]]]] = [(folder, frozenset({(info.st_dev, info.st_ino)}))]
+    while pending:
+        here, above = pending.pop()
+        folders, files = _read_folder(here, base, found)
+        for path in files:
+            if path.suffix.lower() in IMAGE_EXTENSIONS:
+                images.append(path)
+            else:
+                found.skip(path, base, f"not an image extension ({path.suffix or 'none'})")
+        below: list[tuple[Path, frozenset[tuple[int, int]]]] = []
+        for sub in folders:
+            sub_info = sub.stat()
+            key = (sub_info.st_dev, sub_info.st_ino)
+            if key in above:
+                found.skip(sub, base, "symlink loop (it points back to a folder that holds it)")
+                continue
+            below.append((sub, above | {key}))
+        pending += reversed(below)
     return images
 
 
