@@ -84,6 +84,53 @@ def disk_full(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS
 
 
+# errno values that say the machine failed (its disk, its memory), not the file being made: an export that meets
+# one publishes nothing, however many of its files were fine, so the previous output stays
+MACHINE_ERRNOS = (*DISK_FULL_ERRNOS, errno.EIO, errno.EROFS, errno.ENOMEM, errno.ENXIO, errno.ENODEV)
+# how libraries that wrap the C error in their own exception say it (torch.save's PytorchStreamWriter, LiteRT's
+# and ExecuTorch's C++ writers, numpy's savez)
+_MACHINE_TEXTS = ("no space left on device", "input/output error", "disk quota exceeded", "read-only file system",
+                  "file write failed", "cannot allocate memory")
+
+
+def machine_failure(error: BaseException) -> BaseException | None:
+    """The error in `error`'s chain that says the machine failed (a full disk, an I/O error, no memory), or None.
+
+    A stage that isolates failures file by file (one export failing must not cost the others) re-raises these:
+    they are not the file's fault, and every file made after one is suspect.
+    """
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, (MachineFailed, MemoryError)):
+            return error
+        if isinstance(error, OSError) and error.errno in MACHINE_ERRNOS:
+            return error
+        if not isinstance(error, UserError) and any(text in str(error).lower() for text in _MACHINE_TEXTS):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__  # type: ignore[assignment]
+    return None
+
+
+class MachineFailed(StageFailed):
+    """The machine failed under a stage (a full disk, an I/O error, a killed helper process): nothing published."""
+
+
+def machine_line(error: BaseException) -> str:
+    """One line for a machine failure: what failed, where, and that the previous output is unchanged."""
+    if isinstance(error, MachineFailed):
+        return " ".join(str(error).split())
+    if isinstance(error, MemoryError):
+        what = "out of memory"
+    elif isinstance(error, OSError) and error.strerror:
+        what = error.strerror[0].lower() + error.strerror[1:]
+    else:
+        what = " ".join(str(error).split())[:200]
+    where = f" writing {error.filename!r}" if getattr(error, "filename", None) else ""
+    remedy = "free some space and run again" if disk_full(error) or "space" in what.lower() else "run again"
+    return f"{what}{where}; the running stage published nothing and its previous output is unchanged; {remedy}"
+
+
 def exit_status(error: BaseException) -> tuple[int, str] | None:
     """(exit status, one line) for an error edgetl reports itself; None for a bug (keep the traceback)."""
     if isinstance(error, UserError):
@@ -95,6 +142,9 @@ def exit_status(error: BaseException) -> tuple[int, str] | None:
         where = f" writing {error.filename!r}" if getattr(error, "filename", None) else ""
         return EXIT_FAILED, (f"no space left on device{where} ({error.strerror}); the running stage published "
                              "nothing and its previous output is unchanged; free some space and run again")
+    failed = machine_failure(error)
+    if failed is not None:
+        return EXIT_FAILED, machine_line(failed)
     return None
 
 

@@ -45,7 +45,7 @@ from edgetl.contracts import (
     read,
 )
 from edgetl.data import DatasetListing, model_input
-from edgetl.errors import StageFailed, UserError
+from edgetl.errors import StageFailed, UserError, machine_failure
 from edgetl.manifest import (
     library_versions,
     now_utc,
@@ -55,7 +55,7 @@ from edgetl.manifest import (
     write_json,
     write_labels,
 )
-from edgetl.paths import atomic_dir, atomic_write_bytes, claim_output, ensure_writable_dir
+from edgetl.paths import atomic_dir, atomic_write_bytes, claim_output, ensure_writable_dir, room_for
 from edgetl.ui import console, progress, quiet_native, stdout
 from edgetl.verify import FLOAT_REFERENCE, TEST_INPUTS, check_drop, compare, print_record, store, verify_artifacts
 
@@ -176,7 +176,7 @@ def run_export(checkpoint: Path, config: ExportConfig, out: Path | None = None) 
         reference = backend.logits(graphs.float_model, inputs.x_test)
     context = _Context(manifest, config, graphs, inputs.spec, _parent(checkpoint, manifest),
                        library_versions(backend.capabilities.libraries))
-    with atomic_dir(out, check=publishable(out)) as tmp:
+    with room_for(out.parent, "the export"), atomic_dir(out, check=publishable(out)) as tmp:
         write_labels(tmp / LABELS_FILE, list(manifest.labels))
         np.savez(tmp / TEST_INPUTS, x=inputs.x_test, y=inputs.y_test)
         np.savez(tmp / FLOAT_REFERENCE, logits=reference, labels=inputs.y_test)
@@ -237,6 +237,8 @@ def _make_graphs(backend: Backend, checkpoint: Path, manifest: CheckpointManifes
     except UserError:
         raise
     except Exception as error:
+        if machine_failure(error):
+            raise
         graphs.int8, graphs.int8_error = None, one_line(error)
         console.print(f"[red]int8: quantization failed[/] — {graphs.int8_error}")
         return graphs
@@ -245,6 +247,8 @@ def _make_graphs(backend: Backend, checkpoint: Path, manifest: CheckpointManifes
     try:
         graphs.sensitivity = backend.sensitivity(graphs, inputs.calibration, config)
     except Exception as error:  # a missing table must not cost the files
+        if machine_failure(error):
+            raise
         console.print(f"[yellow]int8: per-layer sensitivity failed[/] — {one_line(error)}")
     return graphs
 
@@ -288,8 +292,8 @@ def _export_one(backend: Backend, context: _Context, quant: str, fmt: str, folde
         write_json(folder / f"{name}.json", sidecar.to_json())
     except Exception as error:  # isolate this file: record why, keep going with the others
         (folder / name).unlink(missing_ok=True)  # a file without its manifest is not a finished artifact
-        if isinstance(error, UserError):
-            raise
+        if isinstance(error, UserError) or machine_failure(error):
+            raise  # bad input, or the machine failed (a full disk): not this file's fault, publish nothing
         entry = ArtifactEntry(file=name, format=fmt, quant=quant, status="failed", error=one_line(error))
         console.print(f"[red]{name}: failed[/] — {entry.error}")
         return entry
@@ -310,6 +314,8 @@ def _write_parts(backend: Backend, graphs: Graphs, quant: str, folder: Path, nam
     try:
         made = backend.pte_parts(graphs, quant)
     except Exception as error:  # noqa: BLE001 - the breakdown is optional; the file stands
+        if machine_failure(error):
+            raise
         console.print(f"[yellow]{name}: --parts failed — {one_line(error)}[/]")
         return
     if not made:
@@ -461,7 +467,9 @@ def _apply_policy(backend: Backend, context: _Context, checkpoint: Path, listing
     for name, entry in list(int8.items()):
         try:
             policy["first"][name] = _measure(folder / name, entry.format, inputs, reference, config.threads)
-        except Exception:  # noqa: BLE001 - a file that does not run: verification records why
+        except Exception as error:  # noqa: BLE001 - a file that does not run: verification records why
+            if machine_failure(error):
+                raise
             del int8[name]
     current = {name: policy["first"][name]["drop_points"] for name in int8}
     changed = {name: policy["first"][name]["changed_predictions"] for name in int8}
@@ -489,6 +497,8 @@ def _apply_policy(backend: Backend, context: _Context, checkpoint: Path, listing
         except UserError:
             raise
         except Exception as error:  # a remedy that fails leaves the earlier files as they are
+            if machine_failure(error):
+                raise
             step.update(error=one_line(error), seconds=round(time.perf_counter() - started, 1))
             console.print(f"[red]int8: {remedy} failed[/] — {step['error']}")
             continue
@@ -524,6 +534,8 @@ def _remake(backend: Backend, context: _Context, entry: ArtifactEntry, remedy: s
     try:
         measured = _measure(side / made.file, made.format, inputs, reference, context.config.threads)
     except Exception as error:  # the remedied file does not run: the earlier one stays
+        if machine_failure(error):
+            raise
         shutil.rmtree(side, ignore_errors=True)
         return {"kept": False, "error": one_line(error), "seconds": round(time.perf_counter() - started, 1)}
     kept = measured["drop_points"] < before or (measured["drop_points"] == before and measured["changed_predictions"]

@@ -34,7 +34,7 @@ from edgetl.manifest import (
     write_json,
     write_labels,
 )
-from edgetl.paths import atomic_dir, claim_output, ensure_writable_dir
+from edgetl.paths import atomic_dir, claim_output, ensure_writable_dir, room_for
 from edgetl.probe import fit_probe
 from edgetl.recipe import Plan, describe_folder, fold_small_validation, search_sample, size_candidates
 from edgetl.recipe import plan as plan_recipe
@@ -357,7 +357,8 @@ def split_metrics(confusion: list[list[int]], classes: list[str]) -> dict:
 
 def _write_checkpoint(checkpoint: Path, backend, config: FinetuneConfig, listing: DatasetListing, preprocess: dict,
                       result, training: dict, recipe: Plan, metrics: dict, train_seconds: float) -> None:
-    with atomic_dir(checkpoint) as tmp:
+    needed = int(backend.describe(result.model).get("parameters", 0)) * 4 + 2**20  # fp32 weights, the small files
+    with room_for(checkpoint.parent, "the checkpoint", needed), atomic_dir(checkpoint) as tmp:
         backend.save_weights(result.model, tmp / backend.WEIGHTS_FILE)
         write_labels(tmp / "labels.txt", listing.classes)
         write_json(tmp / "history.json", result.history)

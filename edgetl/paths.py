@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from edgetl.errors import UserError, interrupt_requested
+from edgetl.errors import MachineFailed, UserError, disk_full, interrupt_requested, machine_failure
 
 
 def cache_dir() -> Path:
@@ -276,3 +276,36 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+@contextmanager
+def room_for(folder: Path, what: str, needed: int | None = None) -> Iterator[None]:
+    """Turn a full disk (or quota) met inside the block into one line that names `folder`, the space `what` needs
+    (when known) and the space that is free; other errors pass unchanged.
+
+    Libraries that write in C++ (torch.save, the converters) wrap ENOSPC in their own exceptions; the free
+    space after the failure tells a full disk apart from a file the library could not write for its own reasons.
+    """
+    try:
+        yield
+    except BaseException as error:
+        if isinstance(error, (KeyboardInterrupt, UserError)):
+            raise
+        failed = machine_failure(error)
+        free = _free_bytes(Path(folder))
+        said = failed is not None and (disk_full(failed) or any(word in str(failed).lower()
+                                                                 for word in ("space", "quota")))
+        seen = free is not None and (free < (needed or 0) or free < 2**16)  # torch says "unexpected pos"
+        if not (said or seen):
+            raise
+        size = f"about {needed / 1e6:.1f} MB" if needed else "more space"
+        left = f", {free / 1e6:.1f} MB are free" if free is not None else ""
+        raise MachineFailed(f"no space left on device in {str(folder)!r}: {what} needs {size}{left}; nothing was "
+                            "published and the previous output is unchanged; free some space and run again") from error

@@ -21,7 +21,7 @@ from typing import Any
 
 from edgetl.config import VARIANTS, SweepConfig, Variant, resolve
 from edgetl.contracts import SCHEMA_VERSION, SWEEP_KIND, ArtifactSidecar, BenchManifest, ExportManifest, read
-from edgetl.errors import UserError
+from edgetl.errors import UserError, machine_failure
 from edgetl.targets import parse_targets
 
 DEFAULT_RECIPE = "default"
@@ -167,6 +167,8 @@ def run_variant(checkpoint: Path, config: SweepConfig, name: str, folder: Path,
     except KeyboardInterrupt:
         raise
     except Exception as error:  # this variant is lost, the sweep goes on
+        if machine_failure(error):
+            raise  # a full disk or an I/O error would fail every variant after it: stop, publish nothing
         entry["error"] = f"export: {_one_line(error)}"
     if "error" not in entry:
         try:
@@ -179,6 +181,8 @@ def run_variant(checkpoint: Path, config: SweepConfig, name: str, folder: Path,
         except KeyboardInterrupt:
             raise
         except Exception as error:
+            if machine_failure(error):
+                raise
             entry["error"] = f"bench: {_one_line(error)}"
     if "error" in entry:
         console.print(f"[red]sweep: variant {name} failed[/] — {entry['error']}")

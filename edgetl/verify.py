@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgetl import runtimes
-from edgetl.errors import QualityFailed, UserError
+from edgetl.errors import QualityFailed, UserError, machine_failure
 from edgetl.manifest import now_utc, write_json
 from edgetl.ui import quiet_native, stdout
 
@@ -60,6 +60,8 @@ def verify_artifacts(folder: Path, artifacts: list[dict], threads: int | None = 
             with quiet_native():
                 out = runtimes.run(folder / artifact["file"], x, threads, fmt=artifact["format"])
         except Exception as error:  # a file that does not run is a verification result, not a crash
+            if machine_failure(error):
+                raise  # the machine failed (no memory, an I/O error), not the file
             row.update(status="failed", error=f"{type(error).__name__}: {error}"[:300])
             rows.append(row)
             continue

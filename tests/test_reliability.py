@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -513,5 +514,59 @@ def test_a_full_disk_gives_one_line_and_loses_nothing(tiny_export: dict, tmp_pat
         assert "No space left on device" in errors[0] or "no space left on device" in errors[0], errors
         assert "Traceback" not in done.stderr
         assert tree_digest(out) == before and sorted(p.name for p in out.parent.iterdir()) == ["export"]
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("previous", [True, False], ids=["over-a-finished-export", "into-an-empty-disk"])
+def test_a_disk_that_fills_midway_publishes_nothing_however_many_files_were_done(
+    tiny_export: dict, tmp_path: Path, previous: bool
+) -> None:
+    """An export of more files than the disk holds: the files made before the disk filled are not published in
+    place of the previous, complete export (nor as a partial first one); a full disk is the machine failing,
+    not a file failing verification."""
+    disk = tmp_path / "disk"
+    size_kb = sum(f.stat().st_size for f in tiny_export["export"].iterdir()) // 1024
+    reason = _tmpfs(disk, f"{int(size_kb * 1.5) + 64}k" if previous else f"{int(size_kb * 0.75)}k")
+    if reason:
+        pytest.skip(reason)
+    try:
+        out = _previous(tiny_export, disk) if previous else disk / "exports" / "export"
+        before = tree_digest(out) if previous else None
+        done = run_cli("export", str(tiny_export["checkpoint"]), "--formats", "tflite", "--quant", "int8,fp32",
+                       "--out", str(out), env=tiny_export["env"])
+        errors = [line for line in done.stderr.splitlines() if line.startswith("edgetl:")]
+        assert done.returncode == 1 and len(errors) == 1, done.stderr[-3000:]
+        assert "no space left on device" in errors[0].lower() and "published nothing" in errors[0] or \
+            "nothing was published" in errors[0], errors
+        assert "Traceback" not in done.stderr
+        if previous:
+            assert tree_digest(out) == before and sorted(p.name for p in out.parent.iterdir()) == ["export"]
+        else:
+            assert not out.exists() and not [p for p in disk.rglob("*") if p.is_file()]
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+@pytest.mark.torch
+def test_finetune_on_a_full_disk_names_the_folder_and_the_space_needed(tmp_path: Path, shared_cache: Path) -> None:
+    """torch.save wraps ENOSPC in its own RuntimeError; the user still gets one line that names the folder, what
+    the checkpoint needs and what is free, and no temporary folder stays behind."""
+    pytest.importorskip("torch")
+    disk = tmp_path / "disk"
+    reason = _tmpfs(disk, "400k")  # the 32 px MobileNetV2-0.35 checkpoint needs about 2.8 MB
+    if reason:
+        pytest.skip(reason)
+    try:
+        done = run_cli("finetune", "--data", "builtin:shapes", "--backbone", "mobilenet_v2", "--width", "0.35",
+                       "--weights", "none", "--image-size", "32", "--epochs-finetune", "0",
+                       "--out", str(disk / "run"), env={"EDGETL_CACHE": str(shared_cache)})
+        errors = [line for line in done.stderr.splitlines() if line.startswith("edgetl:")]
+        assert done.returncode == 1 and len(errors) == 1, done.stderr[-3000:]
+        assert "Traceback" not in done.stderr
+        assert "no space left on device" in errors[0] and repr(str(disk / "run")) in errors[0], errors
+        assert re.search(r"needs about \d+\.\d MB, \d+\.\d MB are free", errors[0]), errors
+        assert [p.name for p in (disk / "run").iterdir()] == []
     finally:
         subprocess.run(["umount", str(disk)], check=False)
