@@ -13,6 +13,7 @@ import json
 import math
 import numbers
 import os
+import re
 import tomllib
 import types
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
@@ -29,6 +30,8 @@ from edgetl.targets import parse_targets, spec
 FRAMEWORKS = ("torch", "keras")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 CLASS_WEIGHTS = ("auto", "balanced", "none")
+MAX_SEED = 2**32 - 1  # numpy's and torch's generators take any seed from 0 to this one
+MAX_THREADS = 1024  # runtimes take a C int; more threads than this is a typo, not a machine
 
 
 # ------------------------------------------------------------------------------- types of every field
@@ -116,6 +119,11 @@ def shown(value: object, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def _key(name: str) -> str:
+    """A TOML key as a recipe would write it: bare when it can be, else quoted (it may hold any character)."""
+    return name if re.fullmatch(r"[A-Za-z0-9_-]{1,60}", name) else shown(name)
+
+
 @cache
 def _hints(config_type: type) -> dict[str, Any]:
     return get_type_hints(config_type)
@@ -150,6 +158,12 @@ def check_types(config: Any) -> None:
     problems = type_problems(type(config), values)
     if problems:
         raise UserError(f"{config.STAGE} settings: {'; '.join(problems)}")
+
+
+def check_seed(seed: int) -> None:
+    """A negative or huge seed would pass here and fail inside numpy or torch, after minutes of work."""
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"--seed {seed} is not usable; valid: 0 to {MAX_SEED}")
 
 
 @dataclass(frozen=True)
@@ -226,6 +240,7 @@ class FinetuneConfig:
                             f"steps; valid: --framework torch, or no --time-budget")
         if self.max_steps is not None and self.max_steps < 0:
             raise UserError(f"max_steps {self.max_steps} is negative; valid: 0 or more")
+        check_seed(self.seed)
         if self.class_weights not in CLASS_WEIGHTS:
             raise UserError(one_of(self.class_weights, CLASS_WEIGHTS, "--class-weights"))
         if not 0 < self.lr_finetune < 1:
@@ -443,8 +458,9 @@ class ExportConfig:
             raise UserError(f"--calib {self.calib} is not usable; valid: 1 or more training images")
         if not 0 <= self.max_drop <= 100:
             raise UserError(f"--max-drop {self.max_drop:g} is not usable; valid: 0 to 100 points of top-1")
-        if self.threads is not None and self.threads < 1:
-            raise UserError(f"--threads {self.threads} is not usable; valid: 1 or more")
+        if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
+            raise UserError(f"--threads {self.threads} is not usable; valid: 1 to {MAX_THREADS}")
+        check_seed(self.seed)
         return replace(self, formats=formats, quant=quant, prune=prune, int8=int8, qat=int8 == "qat",
                        float_layers=float_layers)
 
@@ -533,8 +549,9 @@ def _threads(value: object) -> tuple[int, ...]:
         threads = tuple(dict.fromkeys(int(v) for v in _as_list(value)))
     except ValueError:
         threads = ()
-    if not threads or any(t < 1 for t in threads):
-        raise UserError(f"--threads {value!r} is not a comma-separated list of positive integers (e.g. 1 or 1,2)")
+    if not threads or any(not 1 <= t <= MAX_THREADS for t in threads):
+        raise UserError(f"--threads {value!r} is not a comma-separated list of thread counts, 1 to {MAX_THREADS} "
+                        f"(e.g. 1 or 1,2)")
     return threads
 
 
@@ -651,8 +668,9 @@ class BenchOptions:
             threads = [int(v) for v in self.threads.split(",") if v.strip()]
         except ValueError:
             threads = []
-        if not threads or any(v < 1 for v in threads):
-            raise UserError(f"--threads {self.threads!r} is not a comma-separated list of positive integers (e.g. 1,2)")
+        if not threads or any(not 1 <= v <= MAX_THREADS for v in threads):
+            raise UserError(f"--threads {self.threads!r} is not a comma-separated list of thread counts, 1 to "
+                            f"{MAX_THREADS} (e.g. 1,2)")
         for name in ("iters", "arm_iters"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -765,7 +783,7 @@ def _recipe_values(payload: dict[str, Any], kind: str, where: str) -> dict[str, 
     known = {f.name for f in fields(config_type)} - {"recipe", "custom"}
     unknown = sorted(set(payload) - known)
     if unknown:
-        raise UserError(f"{where} sets unknown key(s) {', '.join(unknown)}; valid: "
+        raise UserError(f"{where} sets unknown key(s) {', '.join(map(_key, unknown))}; valid: "
                         f"{', '.join(sorted(known))}" + (", [variant.NAME] tables" if kind == "sweep" else ""))
     problems = type_problems(config_type, payload)
     if problems:
@@ -799,19 +817,20 @@ def _custom_variants(tables: object, where: str) -> dict[str, Variant]:
     custom: dict[str, Variant] = {}
     allowed = variant_keys()
     for variant_name, table in tables.items():
+        named = _key(variant_name)
         if not isinstance(table, dict):
-            raise UserError(f"{where}: variant.{variant_name} = {shown(table)} is {_kind(table)}; valid: a "
-                            f"[variant.{variant_name}] table of export settings")
+            raise UserError(f"{where}: variant.{named} = {shown(table)} is {_kind(table)}; valid: a "
+                            f"[variant.{named}] table of export settings")
         table = dict(table)
         description = table.pop("description", "")
         if not isinstance(description, str):
-            raise UserError(f"{where}: variant.{variant_name}.description = {shown(description)} is "
+            raise UserError(f"{where}: variant.{named}.description = {shown(description)} is "
                             f"{_kind(description)}; valid: a text")
         unknown = sorted(set(table) - set(allowed))
         if unknown:
-            raise UserError(f"{where}: variant {variant_name!r} sets unknown key(s) "
-                            f"{', '.join(unknown)}; valid: {', '.join(allowed)}")
-        problems = type_problems(ExportConfig, table, f"variant.{variant_name}.")
+            raise UserError(f"{where}: variant {named if named != variant_name else repr(named)} sets unknown "
+                            f"key(s) {', '.join(map(_key, unknown))}; valid: {', '.join(allowed)}")
+        problems = type_problems(ExportConfig, table, f"variant.{named}.")
         if problems:
             raise UserError(f"{where}: {'; '.join(problems)}")
         custom[variant_name] = Variant(variant_name, table, description)

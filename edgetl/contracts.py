@@ -234,12 +234,15 @@ def damaged(source: str, problems: list[str], fix: str = "") -> UserError:
 def _check_header(payload: dict, kind: str, source: str) -> None:
     from edgetl import __version__
 
-    if payload.get("kind") != kind:
-        raise UserError(f"{source} holds a {payload.get('kind')!r} file, not an {kind!r} one; valid: the file "
-                        f"the edgetl stage that makes it wrote")
-    if payload.get("schema_version") != SCHEMA_VERSION:
-        raise UserError(f"{source}: schema_version {payload.get('schema_version')!r} is not supported by edgetl "
-                        f"{__version__}; supported: {SCHEMA_VERSION}")
+    held = payload.get("kind", _MISSING)
+    if held != kind:  # shown short: a damaged file may hold anything there, of any length
+        named = repr(held) if isinstance(held, str) and len(held) <= 60 else _shown(held)
+        raise UserError(f"{source} holds {'no kind' if held is _MISSING else f'a {named} file'}, not an "
+                        f"{kind!r} one; valid: the file the edgetl stage that makes it wrote")
+    version = payload.get("schema_version", _MISSING)
+    if not (_is_int(version) and version == SCHEMA_VERSION):  # true == 1 in Python, not in the file
+        raise UserError(f"{source}: schema_version {'missing' if version is _MISSING else _shown(version)} is not "
+                        f"supported by edgetl {__version__}; supported: {SCHEMA_VERSION}")
 
 
 # ---------------------------------------------------------------------------------- the records
@@ -545,6 +548,8 @@ def load_object(path: Path, what: str = "file") -> dict:
         raise UserError(f"{named} cannot be read ({type(error).__name__}: {error})") from None
     except json.JSONDecodeError as error:
         raise UserError(f"{named} is not valid JSON ({error.msg}, line {error.lineno})") from None
+    except ValueError as error:  # a number of more digits than Python converts (4300)
+        raise UserError(f"{named} is not usable JSON ({' '.join(str(error).split())[:120]})") from None
     except RecursionError:
         raise UserError(f"{named} nests its JSON too deeply to be an edgetl file") from None
     if not isinstance(payload, dict):

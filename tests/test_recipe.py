@@ -495,6 +495,8 @@ def test_every_config_field_is_checked_against_its_type_hint() -> None:
             config.validate()
         message = str(caught.value)
         assert shown in message and f"valid: {wanted}" in message and "\n" not in message, message
+    with pytest.raises(UserError, match="--seed -1 is not usable"):
+        FinetuneConfig(data="x", weights="none", seed=-1).validate()
     # int where a float is wanted, None where the hint allows it, a comma-separated text for a list
     assert ExportConfig(max_drop=2, threads=None, formats="tflite", sensitivity_seconds=0).validate().max_drop == 2
     assert SweepConfig(threads="2,1", targets="host").validate().threads == (2, 1)
@@ -521,6 +523,10 @@ def test_every_shipped_recipe_loads_and_validates() -> None:
     ("export", "calib = 1e400\n", "calib = Infinity"),
     ("export", "calib = " + "9" * 5000 + "\n", "not valid TOML"),
     ("export", "formats = " + "[" * 3000 + "]" * 3000 + "\n", "nests too deeply"),
+    ("export", '"a\\nb" = 1\n', 'unknown key(s) "a\\nb"'),  # a quoted key may hold any character
+    ("export", "seed = -1\n", "--seed -1 is not usable; valid: 0 to 4294967295"),  # numpy would refuse it later
+    ("export", "threads = 100000000000\n", "--threads 100000000000 is not usable; valid: 1 to 1024"),
+    ("sweep", "threads = [1, 100000]\n", "1 to 1024"),
 ])
 def test_a_bad_recipe_file_is_one_line(tmp_path: Path, kind: str, text: str, needle: str) -> None:
     from edgetl.config import resolve
