@@ -179,6 +179,9 @@ def export(
         int | None, typer.Option(help="Runtime threads during verification (default: the runtime's).")
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Export folder (default: RUN/export).")] = None,
+    allow_modified: Annotated[bool, typer.Option(
+        "--allow-modified", help="Export weights whose sha256 no longer matches the checkpoint's manifest (the "
+                                 "export records the weights' own sha256 and marks them modified).")] = False,
 ) -> None:
     """Export a checkpoint to TFLite and ExecuTorch (fp32/int8) and verify each file in its runtime."""
     from edgetl.export import resolve_config, run_export
@@ -189,7 +192,7 @@ def export(
         distill=distill, threads=threads, int8=int8, no_qat=no_qat, rounding_layers=rounding_layers,
         float_layers=float_layers, parts=parts,
     )
-    run_export(checkpoint, config, out)
+    run_export(checkpoint, config, out, allow_modified=allow_modified)
 
 
 @app.command()

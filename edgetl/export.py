@@ -146,12 +146,14 @@ def load_inputs(listing: DatasetListing, manifest: CheckpointManifest, config: E
 # ------------------------------------------------------------------------------------------ the stage
 
 
-def run_export(checkpoint: Path, config: ExportConfig, out: Path | None = None) -> Path:
+def run_export(checkpoint: Path, config: ExportConfig, out: Path | None = None, allow_modified: bool = False) -> Path:
     """Export and verify; returns the export folder. Raises QualityError (after writing) on a big int8 drop,
     ExportFailed (after writing the others) when a file could not be made or verified, and (publishing
-    nothing) when none could."""
+    nothing) when none could. Weights that differ from the checkpoint's manifest are refused unless
+    `allow_modified`."""
     checkpoint = Path(checkpoint)
     manifest = read_checkpoint(checkpoint)  # every field checked, labels against the model's outputs too
+    weights_sha256 = check_weights(checkpoint, manifest, allow_modified)
     asked = config.validate()
     config = asked.for_backend(manifest.framework)
     out = _output_folder(checkpoint, out)
@@ -174,7 +176,7 @@ def run_export(checkpoint: Path, config: ExportConfig, out: Path | None = None) 
     graphs = _make_graphs(backend, checkpoint, manifest, listing, inputs, config)
     with quiet_native():
         reference = backend.logits(graphs.float_model, inputs.x_test)
-    context = _Context(manifest, config, graphs, inputs.spec, _parent(checkpoint, manifest),
+    context = _Context(manifest, config, graphs, inputs.spec, _parent(checkpoint, manifest, weights_sha256),
                        library_versions(backend.capabilities.libraries))
     with room_for(out.parent, "the export"), atomic_dir(out, check=publishable(out)) as tmp:
         write_labels(tmp / LABELS_FILE, list(manifest.labels))
@@ -188,6 +190,9 @@ def run_export(checkpoint: Path, config: ExportConfig, out: Path | None = None) 
         record = _verify(tmp, artifacts, context, policy)
         write_json(tmp / "manifest.json", _export_manifest(context, inputs, reference, artifacts, record,
                                                            time.perf_counter() - started).to_json())
+        if sha256_file(checkpoint / manifest.weights_file) != weights_sha256:
+            raise StageFailed(f"{manifest.weights_file} in {str(checkpoint)!r} changed while it was exported; "
+                              "nothing was published: run the export again")
     if graphs.sensitivity is not None:
         print_sensitivity(graphs.sensitivity)
     print_record(record)
@@ -265,9 +270,29 @@ class _Context:
     versions: dict
 
 
-def _parent(checkpoint: Path, manifest: CheckpointManifest) -> dict:
-    return {"checkpoint": str(checkpoint.resolve()), "manifest_sha256": sha256_file(checkpoint / "manifest.json"),
-            "weights_sha256": manifest.weights_sha256}
+def check_weights(checkpoint: Path, manifest: CheckpointManifest, allow_modified: bool) -> str:
+    """The sha256 of the weights file as it is now. Weights that are not the ones fine-tuning wrote and measured
+    (a file swapped or edited since) are refused, or with `allow_modified` exported under their own sha256 and
+    marked: an export never records a hash its weights do not have."""
+    actual = sha256_file(checkpoint / manifest.weights_file)
+    if actual == manifest.weights_sha256:
+        return actual
+    if not allow_modified:
+        raise UserError(f"{manifest.weights_file} in {str(checkpoint)!r} does not match the sha256 in its "
+                        "manifest.json (the weights changed after fine-tuning, so the accuracy recorded there is not "
+                        "theirs): fine-tune again, or pass --allow-modified to export them as they are")
+    console.print(f"[yellow]export: {manifest.weights_file} changed after fine-tuning (sha256 differs from its "
+                  "manifest); exported as it is, marked modified in the export's manifest and sidecars[/]")
+    return actual
+
+
+def _parent(checkpoint: Path, manifest: CheckpointManifest, weights_sha256: str) -> dict:
+    parent = {"checkpoint": str(checkpoint.resolve()), "manifest_sha256": sha256_file(checkpoint / "manifest.json"),
+              "weights_sha256": weights_sha256}
+    if weights_sha256 != manifest.weights_sha256:
+        parent["weights_modified"] = True
+        parent["manifest_weights_sha256"] = manifest.weights_sha256
+    return parent
 
 
 def _export_one(backend: Backend, context: _Context, quant: str, fmt: str, folder: Path,

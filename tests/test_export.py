@@ -6,6 +6,7 @@ tests/test_export_torch.py does the real thing at 32 px.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -25,6 +26,8 @@ from edgetl.verify import QualityError
 from tests.conftest import run_cli, tree_digest
 
 LABELS = ["circle", "square"]
+FAKE_WEIGHTS = b"not really weights"
+FAKE_WEIGHTS_SHA256 = hashlib.sha256(FAKE_WEIGHTS).hexdigest()
 
 
 def make_checkpoint(root: Path, size: int = 32, per_split: int = 3) -> Path:
@@ -40,7 +43,7 @@ def make_checkpoint(root: Path, size: int = 32, per_split: int = 3) -> Path:
                 splits[split].append([rel, label])
     folder = root / "checkpoint"
     folder.mkdir()
-    (folder / "model.pt").write_bytes(b"not really weights")
+    (folder / "model.pt").write_bytes(FAKE_WEIGHTS)
     (folder / "labels.txt").write_text("".join(f"{n}\n" for n in LABELS))
     (folder / "history.json").write_text("[]")
     (folder / "splits.json").write_text(json.dumps({
@@ -48,7 +51,7 @@ def make_checkpoint(root: Path, size: int = 32, per_split: int = 3) -> Path:
     }))
     manifest = {
         "kind": "edgetl.checkpoint", "schema_version": 1, "framework": "torch", "weights_file": "model.pt",
-        "weights_sha256": "0" * 64,
+        "weights_sha256": FAKE_WEIGHTS_SHA256,
         "model": {"backbone": "mobilenet_v3_small", "width": 1.0, "image_size": size, "num_classes": 2,
                   "feature_dim": 576, "parameters": 1},
         "labels": LABELS,
@@ -241,7 +244,7 @@ def test_one_format_failing_keeps_the_others(tmp_path: Path, patched) -> None:
     assert test["x"].shape == (6, 32, 32, 3) and test["x"].dtype == np.float32 and test["y"].dtype == np.int64
     assert (out / "labels.txt").read_text().split() == LABELS
     sidecar = json.loads((out / "mobilenet_v3_small-32-int8.pte.json").read_text())
-    assert sidecar["parent"]["weights_sha256"] == "0" * 64 and sidecar["input"]["layout"] == "NHWC"
+    assert sidecar["parent"]["weights_sha256"] == FAKE_WEIGHTS_SHA256 and sidecar["input"]["layout"] == "NHWC"
     assert sidecar["verification"]["status"] == "ok"
 
 

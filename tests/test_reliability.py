@@ -570,3 +570,35 @@ def test_finetune_on_a_full_disk_names_the_folder_and_the_space_needed(tmp_path:
         assert [p.name for p in (disk / "run").iterdir()] == []
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+@pytest.mark.torch
+def test_swapped_weights_are_refused_or_exported_under_their_own_sha256(tiny_export: dict, tmp_path: Path) -> None:
+    """Another valid model.pt put in a checkpoint: export refuses it (the accuracy in the manifest is not its),
+    and with --allow-modified records the weights' real sha256 in the manifest and every sidecar, marked."""
+    import torch
+
+    from edgetl.manifest import sha256_file
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_export["checkpoint"], checkpoint)
+    state = torch.load(checkpoint / "model.pt", weights_only=True)
+    name = next(key for key, value in state.items() if value.is_floating_point())
+    state[name] = state[name] + 0.01
+    torch.save(state, checkpoint / "model.pt")
+    swapped = sha256_file(checkpoint / "model.pt")
+    out = tmp_path / "export"
+    done = run_cli("export", str(checkpoint), *EXPORT_ARGS, "--out", str(out), env=tiny_export["env"])
+    errors = [line for line in done.stderr.splitlines() if line.startswith("edgetl:")]
+    assert done.returncode == 2 and len(errors) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "does not match the sha256" in errors[0] and "--allow-modified" in errors[0], errors
+    assert not out.exists()
+    done = run_cli("export", str(checkpoint), *EXPORT_ARGS, "--out", str(out), "--allow-modified",
+                   env=tiny_export["env"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    sidecars = [json.loads(p.read_text()) for p in out.glob("*.tflite.json")]
+    assert sidecars
+    for parent in [manifest["parent"], *(sidecar["parent"] for sidecar in sidecars)]:
+        assert parent["weights_sha256"] == swapped and parent["weights_modified"] is True
+        assert parent["manifest_weights_sha256"] != swapped
