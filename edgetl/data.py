@@ -191,14 +191,42 @@ def _relative(path: Path, base: Path) -> str:
     return path.relative_to(base).as_posix()
 
 
-def _read_folder(folder: Path, base: Path, listing: _Found) -> tuple[list[Path], list[Path]]:
+def _inside(real: str, top: str) -> bool:
+    """Whether the resolved path `real` is the folder `top` (resolved) or lies below it."""
+    return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """A folder entry that `stat` reached: its path, what it is, and whether the entry itself is a symlink."""
+
+    path: Path
+    info: os.stat_result
+    link: bool
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """The file or folder itself, whichever path reached it (hard links and symlinks share it)."""
+        return (self.info.st_dev, self.info.st_ino)
+
+
+@dataclass(frozen=True)
+class _File:
+    """An image file found in a class folder; `linked` when a symlink on its path inside the class reached it."""
+
+    path: Path
+    key: tuple[int, int]
+    linked: bool
+
+
+def _read_folder(folder: Path, base: Path, listing: _Found) -> tuple[list[_Entry], list[_Entry]]:
     """One level of `folder`: its sub-folders and regular files, symlinks followed.
 
     Hidden entries (a leading dot) are ignored and listed; dangling or looping symlinks, unreadable entries
     and special files (fifos, devices) are skipped and listed with the reason.
     """
-    folders: list[Path] = []
-    files: list[Path] = []
+    folders: list[_Entry] = []
+    files: list[_Entry] = []
     try:
         entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
     except OSError as error:
@@ -221,9 +249,9 @@ def _read_folder(folder: Path, base: Path, listing: _Found) -> tuple[list[Path],
                 listing.skip(path, base, f"dangling symlink (its target {os.readlink(path)!r} does not exist)")
             continue
         if stat.S_ISDIR(info.st_mode):
-            folders.append(path)
+            folders.append(_Entry(path, info, entry.is_symlink()))
         elif stat.S_ISREG(info.st_mode):
-            files.append(path)
+            files.append(_Entry(path, info, entry.is_symlink()))
         else:
             listing.skip(path, base, "not a regular file (a fifo, socket or device)")
     return folders, files
@@ -231,10 +259,12 @@ def _read_folder(folder: Path, base: Path, listing: _Found) -> tuple[list[Path],
 
 @dataclass
 class _Found:
-    """What a walk of the data folder found besides images: skipped and ignored entries, with reasons."""
+    """What a walk of the data folder found besides images: skipped and ignored entries, with reasons, and
+    every folder walked so far (by identity, with the path it was first walked at)."""
 
     skipped: list[dict[str, str]] = field(default_factory=list)
     ignored: list[dict[str, str]] = field(default_factory=list)
+    walked: dict[tuple[int, int], str] = field(default_factory=dict)
 
     def skip(self, path: Path, base: Path, reason: str) -> None:
         self.skipped.append({"path": _relative(path, base), "reason": reason})
@@ -243,51 +273,137 @@ class _Found:
         self.ignored.append({"path": _relative(path, base), "reason": reason})
 
 
-def _images_under(folder: Path, base: Path, found: _Found) -> list[Path]:
-    """Every image file under `folder` at any depth (hidden entries ignored, symlinked folders followed once
-    per path: a link back to a folder that holds it is a loop, skipped and listed).
+def _leaves(path: Path, base: Path, found: _Found) -> None:
+    found.skip(path, base, f"symlink leaves its class folder (it points to {os.readlink(path)!r}): a class "
+                           "folder's images are the files inside it")
+
+
+def _images_under(folder: Path, base: Path, found: _Found) -> list[_File]:
+    """Every image file under the class folder `folder` at any depth, each file and folder taken once.
+
+    Hidden entries are ignored. A symlink is followed while it stays inside the class folder (resolved);
+    one that leaves it is skipped and listed, since the images it reaches belong to another class or to
+    none. A folder already walked is not walked again: a link to a folder that holds it is a loop, a link to
+    another one reaches the same files twice; both are skipped and listed. Folders reached without a
+    symlink are walked first, so a file is listed at its own place rather than through a link.
 
     Walked with a stack, not recursion: a folder nested thousands of levels deep is listed like any other,
     in the same order (depth first, names sorted, a folder's files before its sub-folders).
     """
-    images: list[Path] = []
-    info = folder.stat()
-    pending: list[tuple[Path, frozenset[tuple[int, int]]]] = [(folder, frozenset({(info.st_dev, info.st_ino)}))]
-    while pending:
-        here, above = pending.pop()
-        folders, files = _read_folder(here, base, found)
-        for path in files:
-            if path.suffix.lower() in IMAGE_EXTENSIONS:
-                images.append(path)
+    top = os.path.realpath(folder)
+    images: list[_File] = []
+    pending: list[tuple[_Entry, str, bool]] = [(_Entry(folder, folder.stat(), False), top, False)]
+    linked: list[tuple[_Entry, str, bool]] = []  # symlinked folders, walked once no other folder is left
+    while pending or linked:
+        here, real, via_link = pending.pop() if pending else linked.pop(0)
+        first = found.walked.get(here.key)
+        if first is not None:
+            rel = _relative(here.path, base)
+            if rel.startswith(first + "/"):
+                found.skip(here.path, base, "symlink loop (it points back to a folder that holds it)")
             else:
-                found.skip(path, base, f"not an image extension ({path.suffix or 'none'})")
-        below: list[tuple[Path, frozenset[tuple[int, int]]]] = []
-        for sub in folders:
-            sub_info = sub.stat()
-            key = (sub_info.st_dev, sub_info.st_ino)
-            if key in above:
-                found.skip(sub, base, "symlink loop (it points back to a folder that holds it)")
+                found.skip(here.path, base, f"symlink to the folder {first!r}, already listed: its images are "
+                                            "taken once, from there")
+            continue
+        found.walked[here.key] = _relative(here.path, base)
+        folders, files = _read_folder(here.path, base, found)
+        for entry in files:
+            if entry.path.suffix.lower() not in IMAGE_EXTENSIONS:
+                found.skip(entry.path, base, f"not an image extension ({entry.path.suffix or 'none'})")
+            elif entry.link and not _inside(os.path.realpath(entry.path), top):
+                _leaves(entry.path, base, found)
+            else:
+                images.append(_File(entry.path, entry.key, via_link or entry.link))
+        below: list[tuple[_Entry, str, bool]] = []
+        for entry in folders:
+            if not entry.link:
+                below.append((entry, os.path.join(real, entry.path.name), via_link))
                 continue
-            below.append((sub, above | {key}))
+            target = os.path.realpath(entry.path)
+            if _inside(target, top):
+                linked.append((entry, target, True))
+            else:
+                _leaves(entry.path, base, found)
         pending += reversed(below)
     return images
+
+
+def _once(records: list[tuple[_File, int]], base: Path, found: _Found, names: list[str],
+          taken: dict[tuple[int, int], str]) -> list[tuple[_File, int]]:
+    """`records` with every file listed at most once: one image never carries two labels nor sits twice in the
+    data (where it could land in train and in test).
+
+    A file reached at several paths (symlinks inside its class folder, hard links) of one class keeps its
+    own place, or the first path when every one is a link; in several classes it is skipped at each, since
+    no label is the right one. `taken`: files listed (or refused) by an earlier split, updated here.
+    """
+    groups: dict[tuple[int, int], list[tuple[_File, int]]] = {}
+    for file, label in records:
+        groups.setdefault(file.key, []).append((file, label))
+    kept: list[tuple[_File, int]] = []
+    for file, label in records:
+        group = groups[file.key]
+        if file.key in taken:
+            found.skip(file.path, base, f"the same file as {taken[file.key]!r} (a symlink or hard link): a file "
+                                        "is listed once")
+            continue
+        labels = sorted({names[other] for _, other in group})
+        if len(labels) > 1:
+            found.skip(file.path, base, f"the same file is in the class folders {', '.join(labels)} (a hard "
+                                        "link): an image cannot carry two labels")
+            continue
+        best = min(group, key=lambda item: item[0].linked)[0]  # its own place, else the first link
+        if best is not file:
+            found.skip(file.path, base, f"the same file as {_relative(best.path, base)!r}, reached twice (a "
+                                        "symlink or hard link): a file is listed once")
+            continue
+        kept.append((file, label))
+    for key, group in groups.items():
+        taken.setdefault(key, _relative(group[0][0].path, base))
+    return kept
 
 
 def _class_dirs(root: Path, base: Path, found: _Found) -> list[Path]:
     """The class folders of `root` (hidden ones ignored); files lying beside them are ignored and listed."""
     folders, files = _read_folder(root, base, found)
-    for path in files:
-        found.ignore(path, base, "not inside a class folder")
-    return folders
+    for entry in files:
+        found.ignore(entry.path, base, "not inside a class folder")
+    return [entry.path for entry in folders]
 
 
-def _list_tree(root: Path, base: Path, classes: list[str], found: _Found) -> list[tuple[str, int]]:
-    """(relative path, label) for every image under root/<class>/, at any depth."""
-    records: list[tuple[str, int]] = []
+def _check_distinct(folders: list[Path], base: Path) -> None:
+    """Refuse class folders that are one folder, or one inside another, through a symlink.
+
+    Refused, not skipped: the folder names are the labels the user means the model to give, so dropping
+    one would ship a model without a class they expect, and keeping both would give each shared image two
+    labels (or, across train/, val/ and test/, put it in two splits). Only the user knows which name is right.
+    """
+    resolved = sorted((Path(os.path.realpath(folder)).parts, _relative(folder, base), folder.is_symlink())
+                      for folder in folders)
+    for (outer, outer_rel, outer_link), (inner, inner_rel, inner_link) in zip(resolved, resolved[1:], strict=False):
+        if inner[: len(outer)] != outer:
+            continue  # in this order a folder's descendants follow it directly: neighbours suffice
+        note = ""
+        if inner_link != outer_link:  # name the symlink first
+            link, other = (inner_rel, outer_rel) if inner_link else (outer_rel, inner_rel)
+            how = ("is a symlink to" if inner == outer else "is a symlink into" if inner_link
+                   else "is a symlink to a folder that holds")
+        else:  # a symlink higher up (a split folder, say)
+            link, other = sorted((outer_rel, inner_rel))
+            how = "is the same folder as" if inner == outer else "holds" if link == outer_rel else "lies inside"
+            note = " (through a symlink)"
+        where = "sit in two splits" if link.rsplit("/", 1)[-1] == other.rsplit("/", 1)[-1] else "carry two labels"
+        raise UserError(f"class folder {link!r} {how} class folder {other!r}{note}: their images would {where}; "
+                        f"remove the symlink, or give {link!r} images of its own")
+
+
+def _list_tree(root: Path, base: Path, classes: list[str], found: _Found) -> list[tuple[_File, int]]:
+    """(image, label) for every image under root/<class>/, at any depth."""
+    records: list[tuple[_File, int]] = []
     for label, name in enumerate(classes):
         folder = root / name
         if folder.is_dir():
-            records += [(_relative(path, base), label) for path in _images_under(folder, base, found)]
+            records += [(file, label) for file in _images_under(folder, base, found)]
     return records
 
 
@@ -343,15 +459,25 @@ def scan_folder(
     train_root = given.get("train", root)
     if given:
         folders, files = _read_folder(root, root, found)
-        for path in files:
-            found.ignore(path, root, "not inside train/, val/ or test/")
-        for path in folders:
-            if path.name not in SPLITS:
-                found.ignore(path, root, "not a train/, val/ or test/ folder")
+        for entry in files:
+            found.ignore(entry.path, root, "not inside train/, val/ or test/")
+        for entry in folders:
+            if entry.path.name not in SPLITS:
+                found.ignore(entry.path, root, "not a train/, val/ or test/ folder")
     candidates = {path.name: path for path in _class_dirs(train_root, root, found)}
     if not candidates:
         raise UserError(f"data folder {str(train_root)!r} has no class sub-folders; expected one folder per class")
-    images = {name: _images_under(path, root, found) for name, path in candidates.items()}
+    present = {split: {path.name: path for path in _class_dirs(folder, root, found)}
+               for split, folder in given.items() if split != "train"}
+    _check_distinct([*candidates.values(), *(path for folders in present.values() for path in folders.values())],
+                    root)
+    names = list(candidates)
+    taken: dict[tuple[int, int], str] = {}
+    found_train = [(file, index) for index, path in enumerate(candidates.values())
+                   for file in _images_under(path, root, found)]
+    images: dict[str, list[_File]] = {name: [] for name in names}
+    for file, index in _once(found_train, root, found, names, taken):
+        images[names[index]].append(file)
     classes = [name for name in candidates if images[name]]
     for name in candidates:
         if not images[name]:  # an empty folder is not a class
@@ -362,24 +488,21 @@ def scan_folder(
                         f"({', '.join(IMAGE_EXTENSIONS)}); expected one folder of images per class")
     if len(classes) < 2:
         raise UserError(f"data folder {str(train_root)!r} has a single class ({classes[0]!r}); need at least 2")
-    for split, folder in given.items():
-        if split == "train":
-            continue
-        present = {path.name: path for path in _class_dirs(folder, root, found)}
-        extra = sorted(set(present) - set(candidates))
+    for split, folders in present.items():
+        extra = sorted(set(folders) - set(candidates))
         if extra:
             raise UserError(f"{split}/ has classes not in train/: {', '.join(extra)}; valid: {', '.join(classes)}")
-        for name in sorted(set(present) - set(classes)):
-            found.ignore(present[name], root, f"class {name!r} has no images in train/: not a class")
+        for name in sorted(set(folders) - set(classes)):
+            found.ignore(folders[name], root, f"class {name!r} has no images in train/: not a class")
 
     listed: dict[str, list[tuple[str, int]]] = {}
     skipped = found.skipped
     for split in list(given) or ["train"]:
         if split == "train":
-            records = [(_relative(path, root), classes.index(name)) for name in classes for path in images[name]]
+            files = [(file, classes.index(name)) for name in classes for file in images[name]]
         else:
-            records = _list_tree(given[split], root, classes, found)
-        records, unreadable = _probe(root, records)
+            files = _once(_list_tree(given[split], root, classes, found), root, found, classes, taken)
+        records, unreadable = _probe(root, [(_relative(file.path, root), label) for file, label in files])
         skipped += unreadable
         listed[split] = records
 

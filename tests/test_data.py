@@ -286,14 +286,18 @@ def test_dangling_and_looping_symlinks_are_skipped_with_the_reason(tmp_path: Pat
     (tmp_path / "cat" / "gone.png").symlink_to(tmp_path / "nowhere.png")
     (tmp_path / "cat" / "self.png").symlink_to(tmp_path / "cat" / "self.png")
     (tmp_path / "dog" / "loop").symlink_to(tmp_path / "dog")
-    (tmp_path / "dog" / "also.png").symlink_to(tmp_path / "dog" / "000.png")  # a good link is followed
+    (tmp_path / "dog" / ".originals").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "dog" / ".originals" / "kept.png")
+    (tmp_path / "dog" / "kept.png").symlink_to(tmp_path / "dog" / ".originals" / "kept.png")  # a good link
+    (tmp_path / "dog" / "also.png").symlink_to(tmp_path / "dog" / "000.png")  # the same file twice: listed once
     listing = scan_folder(tmp_path)
     reasons = {entry["path"]: entry["reason"] for entry in listing.skipped}
     assert reasons["cat/gone.png"].startswith("dangling symlink") and "nowhere.png" in reasons["cat/gone.png"]
     assert reasons["cat/self.png"].startswith("symlink loop")
     assert reasons["dog/loop"].startswith("symlink loop")
+    assert reasons["dog/also.png"].startswith("the same file as 'dog/000.png'")
     listed = {p for records in listing.splits.values() for p, _ in records}
-    assert "dog/also.png" in listed and len(listed) == 11
+    assert "dog/kept.png" in listed and "dog/000.png" in listed and len(listed) == 11
 
 
 @pytest.mark.parametrize(
