@@ -46,7 +46,8 @@ SEARCH_BATCH = 32  # images per forward while measuring input sizes, when --batc
 
 def load_listing(config: FinetuneConfig) -> DatasetListing:
     """Resolve `--data` (a folder or builtin:NAME) and list it with the run's seed."""
-    root = resolve_builtin(config.data) if is_builtin(config.data) else Path(config.data).expanduser()
+    # absolute, so that export finds the data from any directory; `source` keeps what the user typed for display
+    root = resolve_builtin(config.data) if is_builtin(config.data) else Path(config.data).expanduser().absolute()
     return scan_folder(root, config.seed, config.val_fraction, config.test_fraction, source=config.data)
 
 
@@ -429,4 +430,6 @@ def _print_summary(manifest: dict, checkpoint: Path) -> None:
                  f"on {training['device']['type']}; checkpoint: {checkpoint}")
     skipped = manifest["data"]["skipped_count"]  # listing and decoding together: the manifest's own count
     if skipped:
-        stdout.print(f"skipped {skipped} file(s) in all (listed in manifest.json → data.skipped)")
+        final = ", ".join(f"{split} {sum(per.values())}" for split, per in manifest["data"]["counts"].items())
+        stdout.print(f"skipped {skipped} file(s) in all (listed in manifest.json → data.skipped); images used: "
+                     f"{final}")

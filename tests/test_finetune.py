@@ -173,3 +173,38 @@ def test_the_console_skipped_count_is_the_manifests(tmp_path: Path) -> None:
     assert manifest["data"]["ignored"] == [{"path": "triangle/.DS_Store", "reason": "hidden file"}]
     said = re.findall(r"skipped (\d+) file\(s\) in all", result.stdout + result.stderr)
     assert said == [str(manifest["data"]["skipped_count"])] == ["2"]
+    final = re.findall(r"images used: train (\d+), val (\d+), test (\d+)", result.stdout + result.stderr)
+    assert final == [tuple(str(sum(manifest["data"]["counts"][split].values())) for split in ("train", "val", "test"))]
+
+
+def test_a_relative_data_folder_is_found_from_any_directory(tmp_path: Path, monkeypatch) -> None:
+    """The checkpoint records the data folder absolute (export may run elsewhere) and what the user typed."""
+    from edgetl.data import DatasetListing
+    from edgetl.finetune import load_listing
+
+    shutil.copytree(resolve_builtin("builtin:shapes"), tmp_path / "work" / "plain")
+    monkeypatch.chdir(tmp_path / "work")
+    listing = load_listing(FinetuneConfig(data="plain"))
+    assert listing.source == "plain" and listing.root == tmp_path / "work" / "plain"
+    monkeypatch.chdir(tmp_path)
+    assert DatasetListing.from_json(json.loads(json.dumps(listing.to_json()))).root.is_dir()
+
+
+def test_a_last_training_batch_of_one_image_does_not_stop_batchnorm(tmp_path: Path) -> None:
+    """From scratch at 32 px MobileNetV2 ends at a 1x1 feature map: a batch of one image has one value per channel,
+    which BatchNorm cannot train on. 3 x 12 images give 30 training images; with batches of 29 the last is one."""
+    for index, name in enumerate(("a", "b", "c")):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(12):
+            Image.new("RGB", (24, 24), (80 * index, 7 * i, 120)).save(tmp_path / "data" / name / f"{i}.png")
+    from edgetl.finetune import load_listing
+
+    for epochs in (0, 2):  # the statistics pass of a from-scratch backbone, then stage 2 as well
+        config = FinetuneConfig(data=str(tmp_path / "data"), backbone="mobilenet_v2", width=0.35, weights="none",
+                                image_size=32, epochs_finetune=epochs, unfreeze=-1, seed=0)
+        train = len(load_listing(config).splits["train"])
+        for batch in (None, train - 1):
+            run = tmp_path / f"run-{epochs}-{batch}"
+            checkpoint = run_finetune(FinetuneConfig(**{**config.__dict__, "batch_size": batch}), run)
+            history = json.loads((checkpoint / "history.json").read_text())
+            assert bool([entry for entry in history if entry.get("stage") == 2]) == bool(epochs), history

@@ -223,6 +223,8 @@ def estimate_batchnorm_statistics(model: nn.Module, loader: DataLoader, device: 
     seen = 0
     for images, _, _, errors in loader:
         ok = torch.tensor([not e for e in errors])
+        if int(ok.sum()) < 2:  # a last batch of one image: BatchNorm in training mode needs two or more
+            continue
         model.forward_features(images[ok].to(device))
         seen += int(ok.sum())
         if seen >= max_images:
@@ -354,7 +356,11 @@ class Trainer(SplitScores):
         """Each rank's share of every global batch: DistributedSampler strides one seeded permutation."""
         sampler = DistributedSampler(dataset, num_replicas=self.world.size, rank=self.world.rank, shuffle=True,
                                      seed=seed)
-        loader = DataLoader(dataset, batch_size=self.config.batch_size // self.world.size, sampler=sampler,
+        share = max(1, self.config.batch_size // self.world.size)
+        # BatchNorm cannot train on a batch of one image (one value per channel at a 1x1 feature map, and no
+        # variance anywhere): a lone last image is left out of that epoch (a different one each epoch)
+        lone_last = len(sampler) > share and len(sampler) % share == 1
+        loader = DataLoader(dataset, batch_size=share, sampler=sampler, drop_last=lone_last,
                             num_workers=self.config.workers, pin_memory=self.device.type == "cuda",
                             persistent_workers=False)
         return loader, sampler
