@@ -38,6 +38,7 @@ class DatasetListing:
     split_origin: str  # "folders" when train/val/test trees were given, else how the split was made
     skipped: list[dict[str, str]] = field(default_factory=list)  # files that could have been images, and why not
     ignored: list[dict[str, str]] = field(default_factory=list)  # hidden entries, empty class folders, stray files
+    warnings: list[str] = field(default_factory=list)  # what the user should know before training, one line each
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Images per class per split, for the manifest."""
@@ -443,6 +444,32 @@ def _stratified_take(
     return sorted(kept), sorted(taken)
 
 
+def _missing_classes(listed: dict[str, list[tuple[str, int]]], classes: list[str]) -> list[str]:
+    """One warning, printed now, for each given val/ or test/ tree that has no readable image of some class.
+
+    Not an error: a user may hold back a class on purpose. But nothing else would tell them: validation
+    would pick the weights blind to that class, and the test figures would say nothing about it.
+    """
+    notes: list[str] = []
+    for split, effect in (("val", "the weights are chosen without seeing how it fares"),
+                          ("test", "the test figures say nothing about it")):
+        if split not in listed:
+            continue
+        lacking = [name for label, name in enumerate(classes) if not any(y == label for _, y in listed[split])]
+        if lacking:
+            which = ", ".join(repr(name) for name in lacking)
+            notes.append(f"{split}/ has no image of class{'es' if len(lacking) > 1 else ''} {which} that train/ "
+                         f"has: {effect}")
+    if notes:
+        from rich.markup import escape
+
+        from edgetl.ui import console  # here: decoding workers import this module and print nothing
+
+        for note in notes:
+            console.print(f"[yellow]warning: {escape(note)}[/]")
+    return notes
+
+
 def scan_folder(
     root: Path, seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.1, source: str | None = None
 ) -> DatasetListing:
@@ -517,6 +544,7 @@ def scan_folder(
                 f"least {needed} per class"
             )
 
+    notes = _missing_classes(listed, classes)
     rng = np.random.default_rng(seed)
     train = listed["train"]
     origin = "folders" if given else f"stratified, seed {seed}"
@@ -531,7 +559,7 @@ def scan_folder(
     listed["train"] = train
     return DatasetListing(root=root, source=source or str(root), classes=classes,
                           splits={s: listed[s] for s in SPLITS}, split_origin=origin, skipped=skipped,
-                          ignored=found.ignored)
+                          ignored=found.ignored, warnings=notes)
 
 
 # ---------------------------------------------------------------- preprocessing

@@ -164,3 +164,23 @@ def test_train_val_test_trees_take_the_same_rule(tmp_path: Path) -> None:
     (tmp_path / "test" / "a").symlink_to("../train/a")
     with pytest.raises(UserError, match="class folder 'test/a' is a symlink to class folder 'train/a'.*two splits"):
         scan_folder(tmp_path)
+
+
+# ------------------------------------------------------------------------------ a split that lacks a class
+
+
+def test_a_val_or_test_tree_that_lacks_a_class_is_warned_about_and_recorded(tmp_path: Path, capsys) -> None:
+    _tree(tmp_path / "train", {"a": 6, "b": 6, "c": 6})
+    _tree(tmp_path / "val", {"a": 2, "b": 2})  # no c/ at all
+    _tree(tmp_path / "test", {"a": 2, "b": 2, "c": 0})  # c/ there but empty
+    listing = scan_folder(tmp_path)
+    assert listing.classes == ["a", "b", "c"]
+    assert listing.counts()["val"]["c"] == 0 and listing.counts()["test"]["c"] == 0
+    assert len(listing.warnings) == 2
+    assert listing.warnings[0].startswith("val/ has no image of class 'c'")
+    assert listing.warnings[1].startswith("test/ has no image of class 'c'")
+    err = capsys.readouterr().err
+    assert "warning: val/ has no image of class 'c'" in err and "warning: test/ has no image of class 'c'" in err
+    _tree(tmp_path / "val", {"c": 2})
+    _tree(tmp_path / "test", {"c": 2})
+    assert scan_folder(tmp_path).warnings == []
