@@ -377,6 +377,9 @@ def run(argv: list[str] | None = None) -> int:
     except SystemExit:
         raise
     except BaseException as error:
+        from edgetl.paths import remove_empty_created
+
+        remove_empty_created()
         usage = _usage_error_types()
         if usage and isinstance(error, usage):
             if type(error).__name__ == "NoArgsIsHelpError":  # plain `edgetl`: its help is the answer

@@ -14,8 +14,11 @@ The rules every stage follows (README, "Your data is safe"):
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import re
@@ -38,10 +41,17 @@ def cache_dir() -> Path:
     return Path(base) / "edgetl"
 
 
+_created: list[Path] = []  # folders this process made for its output, removed again if they stay empty
+
+
 def ensure_writable_dir(path: Path, what: str) -> Path:
     """Create `path` (and parents) or fail with one line naming it."""
+    path = Path(path)
+    missing = next((p for p in reversed([path, *path.parents]) if not p.exists()), None)
     try:
         path.mkdir(parents=True, exist_ok=True)
+        if missing is not None and missing not in _created:
+            _created.append(missing)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".edgetl-probe-"):
             pass
     except OSError as error:
@@ -49,6 +59,17 @@ def ensure_writable_dir(path: Path, what: str) -> Path:
             f"{what} {str(path)!r} is not writable ({error.strerror or error}); choose a folder you can write to"
         ) from None
     return path
+
+
+def remove_empty_created() -> None:
+    """After a failed run: remove the output folders it created that are still empty (no files at any depth), so
+    bad input leaves no trace; a folder holding anything stays."""
+    for top in reversed(_created):
+        for folder, _, files in sorted(os.walk(top, topdown=False), reverse=True):
+            if not files:
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)
+    _created.clear()
 
 
 # ------------------------------------------------------------------------------ which folders a stage may replace
@@ -88,18 +109,137 @@ def claim_output(out: Path, kind: str, inputs: Iterable[Path | None] = (), manif
                             "become part of the data: choose a folder outside it")
     if out.is_symlink():
         raise UserError(f"{option} {str(out)!r} is a symbolic link; give the folder itself")
+    if str(out.absolute()) not in _held:  # refused now if another run is writing it, not after all the work
+        lock_output(out, option)
+        release_output(out)
     if not out.exists():
         return out
     if not out.is_dir():
         raise UserError(f"{option} {str(out)!r} exists and is not a folder; choose a folder path")
+    if os.path.ismount(out):
+        raise UserError(f"{option} {str(out)!r} is a mount point; edgetl puts a finished folder in place of the "
+                        "previous one by renaming, which a mount point cannot be: give a folder inside it, e.g. "
+                        f"{str(out / out.name if out.name else out / 'out')!r}")
     if not any(out.iterdir()):
         return out
     found = manifest_kind(out / manifest)
     if found == kind:
+        foreign = files_not_made(out)
+        if foreign:
+            shown = ", ".join(repr(name) for name in foreign[:5]) + (f" and {len(foreign) - 5} more"
+                                                                    if len(foreign) > 5 else "")
+            raise UserError(f"{option} {str(out)!r} holds {len(foreign)} file(s) edgetl did not write ({shown}); "
+                            "replacing the folder would delete them: move them out, or choose another folder")
         return out
     why = f"no edgetl {manifest}" if found is None else f"its {manifest} is an {found!r} folder"
     raise UserError(f"{option} {str(out)!r} holds files that edgetl did not make for this stage ({why}); edgetl "
                     f"replaces only a folder it made ({kind}): choose a new or empty folder")
+
+
+CONTENTS_FILE = ".edgetl-contents.json"  # what a stage wrote into its folder, to tell a user's own files apart
+
+
+def _entries(folder: Path, known: set[str] | None = None) -> list[str]:
+    """Relative paths under `folder`, folders included; with `known`, only the topmost ones not in it."""
+    found: list[str] = []
+    for top, dirs, files in os.walk(folder):
+        base = Path(top).relative_to(folder)
+        for name in sorted(files):
+            rel = (base / name).as_posix()
+            if known is None or rel not in known:
+                found.append(rel)
+        for name in sorted(dirs):
+            rel = (base / name).as_posix()
+            if known is not None and rel not in known:
+                found.append(rel + "/")
+                dirs.remove(name)  # a user's own folder: name it once, not every file inside
+            elif known is None:
+                found.append(rel + "/")
+    return found
+
+
+def record_contents(folder: Path) -> None:
+    """Write CONTENTS_FILE: every path this stage wrote, so a later run can tell what a user added since."""
+    names = [name.rstrip("/") for name in _entries(folder)]
+    (Path(folder) / CONTENTS_FILE).write_text(json.dumps(sorted(set(names) | {CONTENTS_FILE}), indent=0) + "\n")
+
+
+def files_not_made(folder: Path) -> list[str]:
+    """The paths in an edgetl folder that its stage did not write (a user's notes, a copied photo).
+
+    A folder from before CONTENTS_FILE existed has no record: everything in it is taken as edgetl's, as then.
+    """
+    try:
+        known = json.loads((Path(folder) / CONTENTS_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(known, list):
+        return []
+    return _entries(Path(folder), {str(name) for name in known})
+
+
+# ------------------------------------------------------------------------------ one run per output folder
+
+_held: dict[str, int] = {}
+
+
+def _lock_path(final: Path) -> Path:
+    return final.parent / f".{final.name}.lock"
+
+
+def lock_output(final: Path, option: str = "--out") -> None:
+    """Hold an exclusive lock on `final` until `release_output` (atomic_dir holds it while the stage writes).
+
+    Two runs writing one folder would each publish over the other and report files that are gone: the second
+    one is refused with one line. The lock is a hidden file beside the folder, locked with flock (the kernel
+    drops it when the process dies) and removed when released; a file left by a killed run is taken over.
+    """
+    final = Path(final).absolute()
+    if str(final) in _held or not final.parent.is_dir():
+        return
+    path = _lock_path(final)
+    for _ in range(20):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError:
+            return  # a folder we cannot write to: the writability check names it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                owner = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            finally:
+                os.close(fd)
+            raise UserError(f"{option} {str(final)!r} is being written by another edgetl run (process {owner}); "
+                            "wait for it to finish, or choose another folder") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # the previous holder removed the file between our open and our lock: take the new one
+            os.close(fd)
+            continue
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}@{_host()}".encode())
+        _held[str(final)] = fd
+        return
+
+
+def release_output(final: Path) -> None:
+    """Give up the lock of `lock_output` and remove its file (before closing it, so no one locks a removed file
+    while another creates a new one)."""
+    fd = _held.pop(str(Path(final).absolute()), None)
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.unlink(_lock_path(Path(final).absolute()))
+    os.close(fd)
+
+
+@atexit.register
+def _release_all() -> None:
+    for final in list(_held):
+        release_output(Path(final))
 
 
 # ---------------------------------------------------------------------------------------- temporary folders
@@ -190,6 +330,9 @@ def _publish(tmp: Path, final: Path) -> None:
     if not final.exists():
         tmp.rename(final)
         return
+    if os.path.ismount(final):
+        raise UserError(f"{str(final)!r} is a mount point, which cannot be replaced by renaming; nothing was "
+                        "published: give a folder inside it")
     if _exchange(tmp, final):
         shutil.rmtree(tmp, ignore_errors=True)  # tmp now names the previous folder
         return
@@ -219,19 +362,24 @@ def atomic_dir(final: Path, check: Callable[[Path], None] | None = None) -> Iter
     """
     final = Path(final)
     ensure_writable_dir(final.parent, "output folder")
+    lock_output(final)
     clean_stale(final)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-{_owner_tag()}-"))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the published folder gets the usual mode
-        yield tmp
-        if interrupt_requested():  # a Ctrl-C that some library swallowed still stops the publication
-            raise KeyboardInterrupt
-        if check is not None:
-            check(tmp)
-        _publish(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-{_owner_tag()}-"))
+        try:
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the published folder gets the usual mode
+            yield tmp
+            if interrupt_requested():  # a Ctrl-C that some library swallowed still stops the publication
+                raise KeyboardInterrupt
+            if check is not None:
+                check(tmp)
+            record_contents(tmp)
+            _publish(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        release_output(final)
 
 
 @contextmanager

@@ -219,3 +219,15 @@ def test_a_handled_interrupt_exits_130_under_python_m(tmp_path: Path) -> None:
     assert forgotten.returncode == 130
     plain = subprocess.run([sys.executable, "-m", "interrupted_module"], env=env, timeout=60)
     assert plain.returncode in (130, -2)  # -2 where the interpreter has the flaw (3.11 here)
+
+
+def test_a_data_error_leaves_no_empty_output_folder_behind(tmp_path: Path) -> None:
+    """The run folder is made before the data is listed; bad data must not leave it (nor its parents) behind."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "loose.png").write_bytes(b"not a class folder")
+    result = run_cli("finetune", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "new" / "deeper" / "run"))
+    _assert_one_line_error(result, str(tmp_path / "data"), "no class sub-folders")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    (tmp_path / "kept").mkdir()
+    result = run_cli("finetune", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "kept" / "run"))
+    assert result.returncode == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["data", "kept"]

@@ -22,6 +22,7 @@ from edgetl.config import ExportConfig, artifact_name, load_recipe, recipe_names
 from edgetl.contracts import ModelInfo
 from edgetl.errors import UserError
 from edgetl.export import ExportFailed, resolve_config
+from edgetl.paths import CONTENTS_FILE
 from edgetl.verify import QualityError
 from tests.conftest import run_cli, tree_digest
 
@@ -235,7 +236,7 @@ def test_one_format_failing_keeps_the_others(tmp_path: Path, patched) -> None:
     names = sorted(p.name for p in out.iterdir())
     assert "mobilenet_v3_small-32-int8.pte" in names and "mobilenet_v3_small-32-fp32.pte.json" in names
     assert not any(name.endswith(".tflite") for name in names)
-    assert not any(name.startswith(".") for name in names), names  # no temp leftovers
+    assert not any(name.startswith(".") and name != CONTENTS_FILE for name in names), names  # no temp leftovers
     manifest = json.loads((out / "manifest.json").read_text())
     failed = [a for a in manifest["artifacts"] if a["status"] == "failed"]
     assert {a["file"] for a in failed} == {"mobilenet_v3_small-32-fp32.tflite", "mobilenet_v3_small-32-int8.tflite"}

@@ -77,7 +77,7 @@ def test_publication_replaces_the_folder_in_one_step_and_leaves_nothing_behind(t
         assert tmp.parent == tmp_path and tmp.name.startswith(".export.tmp-")
         (tmp / "new.txt").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
-    assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in final.iterdir()) == [paths.CONTENTS_FILE, "new.txt"]
 
 
 @pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
@@ -188,3 +188,74 @@ def test_a_ctrl_c_that_a_library_swallowed_still_stops_the_publication(tmp_path:
         signals.signal(signals.SIGINT, previous)
         errors._interrupts["count"] = 0
     assert tree_digest(tmp_path) == before
+
+
+def test_a_users_own_file_in_an_edgetl_folder_is_named_and_never_deleted(tmp_path: Path) -> None:
+    """The folder records what its stage wrote; a file or folder a user put there since stops the next run."""
+    final = tmp_path / "export"
+    with atomic_dir(final) as tmp:
+        (tmp / "manifest.json").write_text(json.dumps({"kind": "edgetl.export"}))
+        (tmp / "parts").mkdir()
+        (tmp / "parts" / "a.pte").write_bytes(b"a")
+    claim_output(final, "edgetl.export")  # nothing of the user's: it may be replaced
+    (final / "notes.txt").write_text("my notes")
+    (final / "photos").mkdir()
+    (final / "photos" / "cat.jpg").write_bytes(b"cat")
+    (final / "parts" / "mine.txt").write_text("mine")
+    before = tree_digest(tmp_path)
+    with pytest.raises(UserError) as caught:
+        claim_output(final, "edgetl.export")
+    message = str(caught.value)
+    assert "3 file(s) edgetl did not write" in message and "\n" not in message
+    assert all(name in message for name in ("'notes.txt'", "'photos/'", "'parts/mine.txt'")), message
+    assert tree_digest(tmp_path) == before
+
+
+def test_a_folder_made_before_contents_were_recorded_is_still_replaced(tmp_path: Path) -> None:
+    claim_output(_made_by_edgetl(tmp_path / "export", "edgetl.export"), "edgetl.export")
+
+
+def test_a_second_run_into_the_same_folder_is_refused_while_the_first_writes(tmp_path: Path) -> None:
+    """Another process holds the folder (as a running stage does from its claim to its publication)."""
+    final = tmp_path / "export"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from edgetl.paths import lock_output
+        lock_output(Path({str(final)!r}))
+        print("locked", flush=True)
+        time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match=r"being written by another edgetl run \(process \d+@"):
+            claim_output(final, "edgetl.export")
+        with pytest.raises(UserError, match="being written by another edgetl run"), atomic_dir(final):
+            pass
+        assert not final.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    with atomic_dir(final) as tmp:  # the killed holder's lock file is taken over, then removed
+        (tmp / "x").write_text("x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_a_mount_point_is_refused_before_any_work(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    where = tmp_path / "mnt"
+    where.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)], capture_output=True,
+                          text=True)
+    if done.returncode:
+        pytest.skip(f"mount -t tmpfs failed: {done.stderr.strip()}")
+    try:
+        with pytest.raises(UserError, match="is a mount point") as caught:
+            claim_output(where, "edgetl.export")
+        assert str(where / "mnt") in str(caught.value)
+        (where / "manifest.json").write_text(json.dumps({"kind": "edgetl.export"}))
+        with pytest.raises(UserError, match="is a mount point"):
+            claim_output(where, "edgetl.export")
+    finally:
+        subprocess.run(["umount", str(where)], check=False)
