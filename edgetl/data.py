@@ -26,6 +26,52 @@ SPLITS = ("train", "val", "test")
 # A truncated file must fail loudly so that it is skipped, not silently padded with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
+MAX_DECODED_PIXELS = 64_000_000
+"""The most pixels one image may hold as decoded; a larger one is skipped with its size and this limit.
+
+Counted at the scale the file is decoded at: a JPEG at 1/8 (its DCT draft), so a 200-megapixel phone JPEG
+decodes at 3 MP, but every pixel of a PNG, WebP, TIFF, BMP or GIF. 64 MP takes the 12 MP (4032 × 3024)
+photos of a phone, its 48-50 MP sensor modes (8160 × 6120) and a 61 MP full-frame camera's frame in any
+format, and sits below Pillow's decompression-bomb warning (89.5 MP). Decoded, such an image holds 192 MB
+(256 MB with alpha) for a moment before it is reduced to the run's size. An 11000 × 11000 PNG (121 MP, a few
+hundred kB on disk) took a tiny fine-tuning run from 0.47 to 1.45 GB at its peak, for a picture the model
+sees at 224 px at most.
+"""
+
+# exif_transpose's transposition for each EXIF orientation
+_TURNS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+          5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+          8: Image.Transpose.ROTATE_90}
+# 8 bits a band, straight or premultiplied alpha: averaging their pixels, as reduce does, is right
+_REDUCIBLE = ("L", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")
+
+
+def too_large(width: int, height: int, scale: int = 1) -> str | None:
+    """Why an image of this size is not decoded, or None: over MAX_DECODED_PIXELS at 1/`scale` of its sides."""
+    pixels = math.ceil(width / scale) * math.ceil(height / scale)
+    if pixels <= MAX_DECODED_PIXELS:
+        return None
+    size = f"{width}x{height} pixels ({width * height / 1e6:.0f} MP)"
+    if scale > 1:
+        size += f", {pixels / 1e6:.0f} MP at 1/{scale} scale,"
+    return (f"too large: {size} over the {MAX_DECODED_PIXELS / 1e6:.0f} MP an image may hold decoded "
+            "(edgetl.data.MAX_DECODED_PIXELS); downscale it")
+
+
+def _reduced(image: Image.Image, factor: int) -> Image.Image:
+    """`image` (loaded) shrunk `factor` times by averaging, then turned upright as `ImageOps.exif_transpose`
+    would turn it. Only the small image is converted and turned: the full-size pixels are copied once at
+    most (a palette expanded, alpha premultiplied), where the full-size path copies them two or three times."""
+    try:
+        turn = _TURNS.get(image.getexif().get(0x0112))
+    except Exception:  # a damaged EXIF block: left as it is
+        turn = None
+    if "transparency" in image.info or image.mode not in _REDUCIBLE:  # palette indices cannot be averaged
+        has_alpha = "transparency" in image.info or "A" in image.getbands()
+        image = image.convert("RGBA" if has_alpha else "L" if image.mode == "1" else "RGB")
+    image = image.reduce(factor)
+    return image.transpose(turn) if turn is not None else image
+
 
 @dataclass
 class DatasetListing:
@@ -85,19 +131,26 @@ def load_rgb(path: Path, draft: int | None = None) -> Image.Image:
     composited on white, palette/grayscale/CMYK/YCbCr/LAB converted. 16-bit, 32-bit integer and float
     grayscale are scaled to 8 bits by their own range (Pillow's convert("RGB") would clip them to 0/255).
     `draft`: the smallest side the caller needs; a JPEG is then decoded at the largest DCT scale (1/2, 1/4
-    or 1/8) that still gives both sides at least that, four to sixty times less work on a phone photo.
-    Raises OSError/ValueError for unreadable files.
+    or 1/8) that still gives both sides at least that, four to sixty times less work on a phone photo. Other
+    formats have no scaled decoding: an image at least twice `draft` on both sides is reduced by an integer
+    factor as soon as it is decoded, so its full-size pixels are held once, not three times.
+    Raises OSError/ValueError for unreadable files, DecodeError for one over MAX_DECODED_PIXELS.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Pillow warns on odd EXIF / palette transparency; not our user's problem
         with Image.open(path) as image:
             image.seek(0)
+            header = image.size
             if draft is not None:
                 image.draft(None, (draft, draft))  # a no-op for formats without scaled decoding
+            problem = too_large(*image.size)  # the size it decodes at, draft applied
+            if problem:
+                raise DecodeError(problem)
             image.load()
             if image.mode.startswith("I") or image.mode == "F":  # before exif_transpose: its copy has no TIFF tags
                 image = _gray_to_8bit(image)
-            image = ImageOps.exif_transpose(image)
+            factor = min(image.width // draft, image.height // draft) if draft and image.size == header else 1
+            image = _reduced(image, factor) if factor >= 2 else ImageOps.exif_transpose(image)
             if image.mode == "La":  # premultiplied alpha: Pillow converts it only to LA
                 image = image.convert("LA")
             if "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info:
@@ -120,13 +173,13 @@ def cache_side(image_size: int) -> int:
 
 def upright_size(path: Path) -> tuple[int, int]:
     """(width, height) of the image as `load_rgb` returns it, read from the header alone (EXIF rotation
-    counted)."""
+    counted, except an EXIF block that a PNG stores after its pixels: finding it means decoding them)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with Image.open(path) as image:
             width, height = image.size
-            try:
-                turned = image.getexif().get(0x0112) in (5, 6, 7, 8)
+            try:  # Image's own getexif: a PNG's decodes every pixel to look for EXIF after them
+                turned = Image.Image.getexif(image).get(0x0112) in (5, 6, 7, 8)
             except Exception:  # a damaged EXIF block: exif_transpose ignores it too
                 turned = False
     return (height, width) if turned else (width, height)
@@ -414,7 +467,8 @@ def _check_class_names(names: list[str], where: Path) -> None:
 
 
 def _probe(base: Path, records: list[tuple[str, int]]) -> tuple[list[tuple[str, int]], list[dict[str, str]]]:
-    """Header check of every file (cheap: no pixel decoding); full decode errors are caught later."""
+    """Header check of every file (cheap: no pixel decoding), sizes over MAX_DECODED_PIXELS skipped with the
+    reason; full decode errors are caught later."""
     good: list[tuple[str, int]] = []
     bad: list[dict[str, str]] = []
     for rel, label in records:
@@ -422,7 +476,10 @@ def _probe(base: Path, records: list[tuple[str, int]]) -> tuple[list[tuple[str, 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 with Image.open(base / rel) as image:
-                    image.size  # noqa: B018 - forces the header parse
+                    problem = too_large(*image.size, 8 if image.format in ("JPEG", "MPO") else 1)  # its draft
+            if problem:
+                bad.append({"path": rel, "reason": problem})
+                continue
             good.append((rel, label))
         except Exception as error:  # Pillow raises several types for garbage files
             bad.append({"path": rel, "reason": f"unreadable: {type(error).__name__}: {error}"[:200]})

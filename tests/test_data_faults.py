@@ -4,15 +4,32 @@ that lacks a class."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import struct
+import subprocess
+import sys
 import tempfile
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
-from edgetl.data import scan_folder
+from edgetl.data import (
+    DecodeError,
+    cache_side,
+    decode_small,
+    load_rgb,
+    preprocess_spec,
+    render,
+    scan_folder,
+    to_array,
+    too_large,
+    upright_size,
+)
 from edgetl.errors import UserError
 
 
@@ -184,3 +201,95 @@ def test_a_val_or_test_tree_that_lacks_a_class_is_warned_about_and_recorded(tmp_
     _tree(tmp_path / "val", {"c": 2})
     _tree(tmp_path / "test", {"c": 2})
     assert scan_folder(tmp_path).warnings == []
+
+
+# ------------------------------------------------------------------------------ images too large to decode
+
+
+def _flat_png(path: Path, width: int, height: int, rgb: tuple[int, int, int]) -> Path:
+    """A single-colour RGB PNG of any size, written row by row: tiny on disk and in this process's memory."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\0" + bytes(rgb) * width  # filter type 0, then the pixels
+    packer = zlib.compressobj(1)
+    body = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits, RGB
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    return path
+
+
+# run in a child process, so its peak memory is its own: list the folder, decode every image once as a run does
+_LIST_AND_DECODE = """
+import json, resource, sys
+from pathlib import Path
+from edgetl.data import cache_side, scan_folder
+from edgetl.imagecache import open_cache
+root = Path(sys.argv[1])
+listing = scan_folder(root)
+rels = sorted({p for records in listing.splits.values() for p, _ in records})
+with open_cache(root, rels, cache_side(32), root.parent) as cache:
+    failed = cache.failures()
+    pixels = {rel: cache.get(rel)[0].mean(axis=(0, 1)).tolist() for rel in rels if rel not in failed}
+try:  # this program's own peak: ru_maxrss keeps the parent's size from before exec
+    peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+except OSError:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"peak_mb": peak / 1024, "listed": rels,
+                  "skipped": listing.skipped, "failed": failed, "pixels": pixels}))
+"""
+
+
+def _list_and_decode(root: Path) -> dict:
+    env = {**os.environ, "EDGETL_CACHE_MEMORY_MAX": str(1 << 30)}
+    done = subprocess.run([sys.executable, "-c", _LIST_AND_DECODE, str(root)], capture_output=True, text=True,
+                          env=env, timeout=300, check=True)
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_an_11000_pixel_square_png_does_not_take_gigabytes(tmp_path: Path) -> None:
+    root = _tree(tmp_path / "data", {"a": 5, "b": 5})
+    _flat_png(root / "a" / "huge.png", 11000, 11000, (200, 10, 10))  # 121 MP: 363 MB decoded, once
+    assert (root / "a" / "huge.png").stat().st_size < 2 << 20
+    result = _list_and_decode(root)
+    # a decode of the whole image alone takes 363 MB; the run without it about 60
+    assert result["peak_mb"] < 250, result["peak_mb"]
+    skipped = {entry["path"]: entry["reason"] for entry in result["skipped"]}
+    assert "a/huge.png" not in result["listed"]
+    assert skipped["a/huge.png"].startswith("too large: 11000x11000 pixels (121 MP) over the 64 MP")
+
+
+def test_a_large_png_under_the_limit_is_decoded_reduced(tmp_path: Path) -> None:
+    root = _tree(tmp_path / "data", {"a": 5, "b": 5})
+    _flat_png(root / "b" / "large.png", 7000, 7000, (10, 200, 30))  # 49 MP: 147 MB decoded
+    result = _list_and_decode(root)
+    # one full-size copy and a small one: three full-size copies (load, convert, transpose) took 500 MB
+    assert result["peak_mb"] < 300, result["peak_mb"]
+    assert "b/large.png" in result["listed"] and not result["failed"]
+    assert result["pixels"]["b/large.png"] == [10.0, 200.0, 30.0]
+
+
+def test_a_reduced_decode_matches_the_full_one_upright_and_composited(tmp_path: Path) -> None:
+    spec = preprocess_spec(64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    gradient = np.add.outer(np.arange(600), np.arange(1200)) % 256  # 1200 x 600, wider than tall
+    picture = Image.fromarray(np.stack([gradient, gradient[::-1], 255 - gradient], -1).astype(np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned a quarter: taller than wide
+    picture.save(tmp_path / "turned.png", exif=exif)
+    palette = picture.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    palette.save(tmp_path / "keyed.png", transparency=0)
+    for name in ("turned.png", "keyed.png"):
+        full = load_rgb(tmp_path / name)
+        pixels, source = decode_small(tmp_path / name, cache_side(64))  # 1200 // 74 and 600 // 74: reduced 8 times
+        assert source == (full.width // 8, full.height // 8), name
+        assert np.abs(render(pixels, source, spec) - to_array(full, spec)).mean() < 0.05, name
+    assert load_rgb(tmp_path / "turned.png").size == upright_size(tmp_path / "turned.png") == (600, 1200)
+
+
+def test_an_image_over_the_limit_is_refused_before_its_pixels_are_decoded(tmp_path: Path) -> None:
+    path = _flat_png(tmp_path / "huge.png", 11000, 11000, (1, 2, 3))
+    with pytest.raises(DecodeError, match="too large: 11000x11000 pixels"):
+        decode_small(path, cache_side(224))
+    # a JPEG decodes at its draft scale: counted there
+    assert too_large(16320, 12240, 8) is None and too_large(16320, 12240) is not None
+    assert too_large(4032, 3024) is None and too_large(8160, 6120) is None
