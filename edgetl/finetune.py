@@ -82,7 +82,8 @@ def _print_data(listing: DatasetListing) -> None:
     console.print(f"data: {listing.source} — {len(listing.classes)} classes; {sizes}; split: {listing.split_origin}")
     if listing.skipped:
         console.print(f"[yellow]skipped {len(listing.skipped)} file(s) while listing[/] (unreadable, not images, "
-                      "broken symlinks; listed in the manifest)")
+                      "broken symlinks, symlinks leaving their class folder, files reached twice, images over the "
+                      "pixel limit; listed in the manifest)")
     if listing.ignored:
         console.print(f"ignored {len(listing.ignored)} entr{'y' if len(listing.ignored) == 1 else 'ies'} (hidden, "
                       "empty class folders, files outside the class folders; listed in the manifest)")
@@ -389,6 +390,7 @@ def _write_checkpoint(checkpoint: Path, backend, config: FinetuneConfig, listing
                 "counts": listing.counts(),
                 "skipped_count": len(listing.skipped),
                 "skipped": listing.skipped,
+                "warnings": listing.warnings,
                 "ignored_count": len(listing.ignored),
                 "ignored": listing.ignored,
             },

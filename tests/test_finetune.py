@@ -171,6 +171,7 @@ def test_the_console_skipped_count_is_the_manifests(tmp_path: Path) -> None:
     reasons = {entry["path"]: entry["reason"] for entry in manifest["data"]["skipped"]}
     assert set(reasons) == {"circle/broken.png", "square/truncated.png"}
     assert manifest["data"]["ignored"] == [{"path": "triangle/.DS_Store", "reason": "hidden file"}]
+    assert manifest["data"]["warnings"] == []
     said = re.findall(r"skipped (\d+) file\(s\) in all", result.stdout + result.stderr)
     assert said == [str(manifest["data"]["skipped_count"])] == ["2"]
     final = re.findall(r"images used: train (\d+), val (\d+), test (\d+)", result.stdout + result.stderr)
