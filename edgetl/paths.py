@@ -353,10 +353,12 @@ def _umask() -> int:
 
 
 @contextmanager
-def atomic_dir(final: Path, check: Callable[[Path], None] | None = None) -> Iterator[Path]:
+def atomic_dir(final: Path, check: Callable[[Path], None] | None = None, record: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling folder; when the block ends without error it replaces `final` in one step.
 
     `check(tmp)` runs before that step and may raise to publish nothing (a stage whose every file failed).
+    `record` writes CONTENTS_FILE (a stage's output, where a user may later add files of their own); a cache
+    that is never a stage's output (the built-in data sets) leaves it out.
     On any exception (Ctrl-C included) the temporary folder is removed and `final` is left exactly as it
     was. Stale temporary folders that killed runs left for `final` are removed first.
     """
@@ -373,7 +375,8 @@ def atomic_dir(final: Path, check: Callable[[Path], None] | None = None) -> Iter
                 raise KeyboardInterrupt
             if check is not None:
                 check(tmp)
-            record_contents(tmp)
+            if record:
+                record_contents(tmp)
             _publish(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

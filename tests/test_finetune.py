@@ -174,7 +174,7 @@ def test_the_console_skipped_count_is_the_manifests(tmp_path: Path) -> None:
     assert manifest["data"]["warnings"] == []
     said = re.findall(r"skipped (\d+) file\(s\) in all", result.stdout + result.stderr)
     assert said == [str(manifest["data"]["skipped_count"])] == ["2"]
-    final = re.findall(r"images used: train (\d+), val (\d+), test (\d+)", result.stdout + result.stderr)
+    final = re.findall(r"images used: train (\d+), val (\d+), test (\d+)", " ".join(result.stdout.split()))
     assert final == [tuple(str(sum(manifest["data"]["counts"][split].values())) for split in ("train", "val", "test"))]
 
 

@@ -74,6 +74,6 @@ def resolve_builtin(spec: str) -> Path:
     version, writer = BUILTINS[name]
     folder = cache_dir() / "datasets" / f"{name}-{version}"
     if not folder.is_dir():
-        with atomic_dir(folder) as tmp:
+        with atomic_dir(folder, record=False) as tmp:
             writer(tmp)
     return folder
