@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,36 @@ Exit status: 0 done, 2 bad input (model, inputs, missing runtime), with one line
 
 class BenchError(Exception):
     """Bad input or a missing runtime: reported as one line and exit status 2."""
+
+
+# What LiteRT and ExecuTorch raise when a damaged model fails to load, allocate or run: ValueError (a
+# tensor name that is not UTF-8 is a UnicodeDecodeError, one of them), RuntimeError ("Input tensor 4 lacks
+# data", a kernel's failed check), IndexError (ExecuTorch's "Cannot get input tensor meta at 0") and
+# MemoryError (a damaged shape that asks for gigabytes).
+RUNTIME_ERRORS = (ValueError, RuntimeError, IndexError, MemoryError)
+
+
+@contextlib.contextmanager
+def runtime_call(model: Path, doing: str) -> Iterator[None]:
+    """Turn what the runtime raises on a damaged model into a BenchError (one line, exit 2).
+
+    Put around the runtime's own calls only, so that a mistake in device_bench itself keeps its traceback.
+    """
+    try:
+        yield
+    except MemoryError:
+        raise BenchError(f"{model}: out of memory while {doing}; the model asks for more than this machine has "
+                         "(a damaged file?)") from None
+    except RUNTIME_ERRORS as error:
+        raise BenchError(f"{model}: the runtime failed while {doing} ({error}); the file is damaged (export it "
+                         "again) or needs an operator this runtime lacks") from None
+
+
+def check_batch1(spec: TensorSpec) -> None:
+    """A batch-1 input with a positive size in every dimension: what device_bench can feed."""
+    if not spec.shape or spec.shape[0] != 1 or any(d < 1 for d in spec.shape):
+        raise BenchError(f"model input {spec.name!r} has shape {spec.shape}; device_bench runs batch-1 models "
+                         "(shape [1, ...], every dimension >= 1)")
 
 
 @dataclass
@@ -106,8 +136,7 @@ def load_inputs(path: Path | None, spec: TensorSpec, samples: int | None) -> tup
     """
     np = _np()
     want = tuple(spec.shape)
-    if not want or want[0] != 1:
-        raise BenchError(f"model input {spec.name!r} has shape {list(want)}; device_bench runs batch-1 models")
+    check_batch1(spec)
     if path is None:
         rng = np.random.default_rng(0)
         if spec.dtype == "float32":
@@ -279,7 +308,19 @@ def inspect_tflite(model: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
         interpreter = interpreter_cls(model_path=str(model))
     except ValueError as error:
         raise BenchError(f"{model}: not a valid .tflite model ({error})") from None
-    return _specs(interpreter.get_input_details()), _specs(interpreter.get_output_details())
+    with runtime_call(model, "reading its tensors"):
+        details = interpreter.get_input_details(), interpreter.get_output_details()
+    inputs, outputs = _specs(details[0]), _specs(details[1])
+    check_single_io(model, inputs, outputs)
+    return inputs, outputs
+
+
+def check_single_io(model: Path, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:
+    """One input and at least one output: the image classifiers device_bench runs."""
+    if len(inputs) != 1:
+        raise BenchError(f"{model}: has {len(inputs)} inputs; device_bench runs single-input classifiers")
+    if not outputs:
+        raise BenchError(f"{model}: has no outputs; device_bench runs classifiers with one output")
 
 
 def _specs(details: list[dict[str, Any]]) -> list[TensorSpec]:
@@ -299,14 +340,15 @@ def run_tflite(model: Path, args: argparse.Namespace) -> tuple[TensorSpec, Tenso
     try:
         interpreter = interpreter_cls(model_path=str(model), num_threads=args.threads)
         interpreter.allocate_tensors()
-    except (ValueError, RuntimeError) as error:
+    except RUNTIME_ERRORS as error:
         raise BenchError(f"{model}: not a valid .tflite model ({error})") from None
     load_ms = (time.perf_counter() - t0) * 1e3
-    inputs, outputs = _specs(interpreter.get_input_details()), _specs(interpreter.get_output_details())
-    if len(inputs) != 1:
-        raise BenchError(f"{model}: has {len(inputs)} inputs; device_bench runs single-input classifiers")
-    in_index = interpreter.get_input_details()[0]["index"]
-    out_index = interpreter.get_output_details()[0]["index"]
+    with runtime_call(model, "reading its tensors"):
+        details = interpreter.get_input_details(), interpreter.get_output_details()
+    inputs, outputs = _specs(details[0]), _specs(details[1])
+    check_single_io(model, inputs, outputs)
+    check_batch1(inputs[0])
+    in_index, out_index = details[0][0]["index"], details[1][0]["index"]
 
     def invoke(sample: Any) -> None:
         interpreter.set_tensor(in_index, sample[None])
@@ -316,28 +358,31 @@ def run_tflite(model: Path, args: argparse.Namespace) -> tuple[TensorSpec, Tenso
     # The first invoke (where XNNPACK packs its weights) runs on zeros, before the inputs are read, so the
     # memory figure of the model is not hidden under the data set's.
     t0 = time.perf_counter()
-    invoke(np.zeros(inputs[0].shape[1:], dtype=inputs[0].dtype))
+    with runtime_call(model, "running it"):  # a damaged file often loads and fails only here
+        invoke(np.zeros(inputs[0].shape[1:], dtype=inputs[0].dtype))
     first_ms = (time.perf_counter() - t0) * 1e3
     model_rss = _rss_kb()
     x, y, source = load_inputs(args.inputs, inputs[0], args.samples)
     first = x[0]
-    for _ in range(args.warmup):
-        invoke(first)
     times = []
-    interpreter.set_tensor(in_index, first[None])
-    for _ in range(args.iters):
-        t0 = time.perf_counter_ns()
-        mark(MARK_START)
-        interpreter.invoke()
-        mark(MARK_STOP)
-        times.append((time.perf_counter_ns() - t0) / 1e6)
+    with runtime_call(model, "running it"):
+        for _ in range(args.warmup):
+            invoke(first)
+        interpreter.set_tensor(in_index, first[None])
+        for _ in range(args.iters):
+            t0 = time.perf_counter_ns()
+            mark(MARK_START)
+            interpreter.invoke()
+            mark(MARK_STOP)
+            times.append((time.perf_counter_ns() - t0) / 1e6)
     if args.markers:
         _empty_brackets(mark, EMPTY_BRACKETS)
     outs = []
     if y is not None:
-        for sample in x:
-            invoke(sample)
-            outs.append(np.array(interpreter.get_tensor(out_index)))
+        with runtime_call(model, "scoring the inputs"):
+            for sample in x:
+                invoke(sample)
+                outs.append(np.array(interpreter.get_tensor(out_index)))
     measured = Measured(load_ms, first_ms, times, outs, _rss_kb(), "this process", rss_before_inputs_kb=model_rss)
     runtime_info = {"name": runtime, "version": version, "delegate": "XNNPACK (LiteRT default CPU delegate)"}
     return inputs[0], outputs[0], measured, {"runtime": runtime_info, "labels": y, "input_source": source}
@@ -354,7 +399,7 @@ def inspect_pte_python(model: Path) -> tuple[Any, TensorSpec, TensorSpec]:
     try:
         program = runtime.load_program(str(model))
         meta = program.metadata("forward")
-    except (RuntimeError, ValueError) as error:
+    except RUNTIME_ERRORS as error:
         raise BenchError(f"{model}: not a valid ExecuTorch program ({error})") from None
     if meta.num_inputs() != 1:
         raise BenchError(f"{model}: has {meta.num_inputs()} inputs; device_bench runs single-input classifiers")
@@ -365,7 +410,11 @@ def inspect_pte_python(model: Path) -> tuple[Any, TensorSpec, TensorSpec]:
             raise BenchError(f"{model}: {name} has ExecuTorch dtype code {code}; valid: {sorted(ET_DTYPES.values())}")
         return TensorSpec(name, [int(s) for s in info.sizes()], ET_DTYPES[code])
 
-    return program, spec(meta.input_tensor_meta(0), "input 0"), spec(meta.output_tensor_meta(0), "output 0")
+    with runtime_call(model, "reading its tensors"):
+        if meta.num_outputs() < 1:
+            raise BenchError(f"{model}: has no outputs; device_bench runs classifiers with one output")
+        described = meta.input_tensor_meta(0), meta.output_tensor_meta(0)
+        return program, spec(described[0], "input 0"), spec(described[1], "output 0")
 
 
 def run_pte_python(model: Path, args: argparse.Namespace) -> tuple[TensorSpec, TensorSpec, Measured, dict[str, Any]]:
@@ -383,30 +432,36 @@ def run_pte_python(model: Path, args: argparse.Namespace) -> tuple[TensorSpec, T
         pass
     try:
         method = program.load_method("forward")
-    except RuntimeError as error:
+    except RUNTIME_ERRORS as error:
         raise BenchError(f"{model}: cannot load method 'forward' ({error})") from None
     load_ms = (time.perf_counter() - t0) * 1e3
     import torch  # the ExecuTorch Python runtime takes torch tensors; only on this path
 
     mark = _mark(args.markers)
+    check_batch1(in_spec)
     t0 = time.perf_counter()
-    method.execute([torch.from_numpy(np.zeros(in_spec.shape, dtype=in_spec.dtype))])
+    with runtime_call(model, "running it"):
+        method.execute([torch.from_numpy(np.zeros(in_spec.shape, dtype=in_spec.dtype))])
     first_ms = (time.perf_counter() - t0) * 1e3
     model_rss = _rss_kb()
     x, y, source = load_inputs(args.inputs, in_spec, args.samples)
     tensors = [torch.from_numpy(np.ascontiguousarray(sample[None])) for sample in x]
-    for _ in range(args.warmup):
-        method.execute([tensors[0]])
     times = []
-    for _ in range(args.iters):
-        t0 = time.perf_counter_ns()
-        mark(MARK_START)
-        method.execute([tensors[0]])
-        mark(MARK_STOP)
-        times.append((time.perf_counter_ns() - t0) / 1e6)
+    with runtime_call(model, "running it"):
+        for _ in range(args.warmup):
+            method.execute([tensors[0]])
+        for _ in range(args.iters):
+            t0 = time.perf_counter_ns()
+            mark(MARK_START)
+            method.execute([tensors[0]])
+            mark(MARK_STOP)
+            times.append((time.perf_counter_ns() - t0) / 1e6)
     if args.markers:
         _empty_brackets(mark, EMPTY_BRACKETS)
-    outs = [method.execute([t])[0].numpy() for t in tensors] if y is not None else []
+    outs = []
+    if y is not None:
+        with runtime_call(model, "scoring the inputs"):
+            outs = [method.execute([t])[0].numpy() for t in tensors]
     runtime_info = {"name": "executorch", "version": _version("executorch"),
                     "delegate": "as lowered at export (XNNPACK partitions)"}
     measured = Measured(load_ms, first_ms, times, outs, _rss_kb(),
@@ -648,8 +703,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         document = inspect(args.model) if args.inspect else bench(args)
         write_json(document, args.out)
-    except BenchError as error:
-        print(f"device_bench: error: {error}", file=sys.stderr)
+    except BenchError as error:  # one line, whatever the runtime's message held
+        print(f"device_bench: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("device_bench: interrupted", file=sys.stderr)
