@@ -33,7 +33,7 @@ from edgetl.contracts import (
     BenchRow,
     read,
 )
-from edgetl.errors import UserError
+from edgetl.errors import StageFailed, UserError
 
 EMULATED_LABEL = "emulated, not phone latency"
 MODEL_SUFFIXES = (".tflite", ".pte")
@@ -124,23 +124,20 @@ def default_out(export: Path) -> Path:
     return folder.parent / "bench" if folder.name == "export" else folder / "bench"
 
 
-def _run_device_bench(
-    cmd: list[str], env: dict[str, str] | None, what: str
-) -> tuple[subprocess.CompletedProcess, float]:
+def _run_device_bench(cmd: list[str], env: dict[str, str] | None) -> tuple[subprocess.CompletedProcess, float]:
     started = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    seconds = time.perf_counter() - started
-    if done.returncode == 2:
-        lines = [ln for ln in done.stderr.splitlines() if "error:" in ln]
-        raise UserError(f"{what}: {(lines or done.stderr.strip().splitlines() or ['device_bench failed'])[-1]}")
-    return done, seconds
+    return done, time.perf_counter() - started
 
 
 def _failure(done: subprocess.CompletedProcess) -> str:
+    """Why one run failed, in one line: device_bench's own error line when it gave one (exit 2: the runtime
+    refused this file here, e.g. a damaged file that loads and fails at invoke), else the last line."""
     if done.returncode < 0:
         return f"crashed (signal {-done.returncode})"
-    tail = (done.stderr.strip().splitlines() or ["no message"])[-1]
-    return f"exit {done.returncode}: {tail[:200]}"
+    errors = [ln for ln in done.stderr.splitlines() if "error:" in ln]
+    tail = (errors or done.stderr.strip().splitlines() or ["no message"])[-1]
+    return f"exit {done.returncode}: {' '.join(tail.removeprefix('device_bench: error: ').split())[:300]}"
 
 
 def inspect(artifact: Artifact, script: Path, emulated: bool) -> None:
@@ -169,6 +166,29 @@ def inspect(artifact: Artifact, script: Path, emulated: bool) -> None:
     raise UserError(f"{artifact.name}: {message.removeprefix('device_bench: error: ')}")
 
 
+def check_inputs(npz: Path) -> None:
+    """The inputs .npz holds what device_bench takes, checked once before any run: then a run that fails is
+    that file's failure on that target (a failed row), never bad input repeated on every row."""
+    import numpy as np
+
+    valid = "valid: an .npz with x (N, the model's input shape) and optional y (N,) integer labels"
+    try:
+        with np.load(npz, allow_pickle=False) as data:
+            names = list(data.files)
+            x = data["x"] if "x" in names else None
+            y = data["y"] if "y" in names else None
+    except (OSError, ValueError, EOFError) as error:  # not a zip, a pickled array, a truncated member
+        raise UserError(f"inputs {str(npz)!r} is not a readable .npz ({' '.join(str(error).split())}); {valid}") \
+            from None
+    if x is None:
+        raise UserError(f"inputs {str(npz)!r} has no array 'x' (found {', '.join(names) or 'none'}); {valid}")
+    if x.ndim < 1 or len(x) == 0:
+        raise UserError(f"inputs {str(npz)!r}: x holds no samples (shape {tuple(x.shape)}); {valid}")
+    if y is not None and (y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer)):
+        raise UserError(f"inputs {str(npz)!r}: y has shape {tuple(y.shape)} {y.dtype}; valid: ({len(x)},) "
+                        "integer labels, one per sample of x")
+
+
 def prepare_inputs(npz: Path | None, artifact: Artifact, workdir: Path) -> Path | None:
     """The inputs file for this model: the given one, or a copy turned NHWC↔NCHW if that is what it wants.
 
@@ -187,6 +207,11 @@ def prepare_inputs(npz: Path | None, artifact: Artifact, workdir: Path) -> Path 
             raise UserError(f"inputs {str(npz)!r} has no array 'x' (found {', '.join(data.files)}); "
                             "valid: x (N, input shape) and y (N,) int labels")
         x = data["x"]
+        dtype = artifact.spec.get("input", {}).get("dtype")
+        quantized_here = dtype in ("int8", "uint8") and np.issubdtype(x.dtype, np.floating)
+        if dtype and str(x.dtype) != dtype and not quantized_here:
+            raise UserError(f"inputs {str(npz)!r}: x is {x.dtype}; {artifact.name} takes {dtype}"
+                            + (" (or float, quantized with its own scale)" if dtype in ("int8", "uint8") else ""))
         if tuple(x.shape[1:]) == tuple(want[1:]):
             return npz
         arrays = {k: data[k] for k in data.files}
@@ -346,7 +371,9 @@ def run_one(artifact: Artifact, target: Any, threads: int, inputs: Path | None, 
                    "--runner-prefix", shlex.join(qemu), "--runner-version", arm64.EXECUTORCH_VERSION]
             # device_bench itself runs on the host python here; only the runner is emulated.
             env = {k: v for k, v in env.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE")}
-    done, seconds = _run_device_bench(cmd, env, f"{artifact.name} @ {target.name}")
+    # Every file passed `inspect` (a model, a runtime for it) and the inputs were checked before any run, so a
+    # failure here, exit 2 included, belongs to this file on this target: a failed row, the others still run.
+    done, seconds = _run_device_bench(cmd, env)
     if done.returncode != 0 or not out.is_file():
         return {"failed": _failure(done), "artifact": artifact.name, "target": target_record(target),
                 "conditions": {"threads": threads}}
@@ -653,8 +680,18 @@ def setup_userland(kind: str) -> dict[str, Any]:
     return record
 
 
-def run_bench(export: Path, options: BenchOptions) -> Path:
-    """Measure every artifact on every target; write bench/*.json, the manifest, the plot; print the table."""
+def _named(rows: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{r['artifact']} @ {r['target']} t{r['threads']}" for r in rows)
+
+
+def run_bench(export: Path, options: BenchOptions, strict: bool = False) -> Path:
+    """Measure every artifact on every target; write bench/*.json, the manifest, the plot; print the table.
+
+    A run that fails is a failed row and the others go on. `strict` (the CLI: scripts and CI read the exit
+    status) then raises StageFailed, exit 1: after publishing when some rows worked, since their figures are
+    worth keeping; before publishing when none did, so the previous results stay. A sweep is not strict:
+    it records failed rows per variant.
+    """
     from edgetl.ui import console
 
     targets, thread_counts = options.validate()
@@ -667,6 +704,8 @@ def run_bench(export: Path, options: BenchOptions) -> Path:
         inputs = folder / DEFAULT_INPUTS
     if inputs is not None and not Path(inputs).is_file():
         raise UserError(f"inputs {str(inputs)!r} does not exist; give an .npz with x and y")
+    if inputs is not None:
+        check_inputs(Path(inputs))
     script = device_bench_script()
     check_unmodified(artifacts, options.allow_modified)
     from edgetl.paths import atomic_dir, claim_output, ensure_writable_dir
@@ -713,6 +752,10 @@ def run_bench(export: Path, options: BenchOptions) -> Path:
                        {"schema_version": SCHEMA_VERSION, "kind": BENCH_RESULT_KIND, "artifact": artifact.name,
                         "target": target_record(target), "runs": target_runs})
         rows = [row(r) for r in results]
+        failed = [r for r in rows if "failed" in r]
+        if strict and failed and len(failed) == len(rows):
+            raise StageFailed(f"bench: every run failed ({_named(failed)}; the first: {failed[0]['failed']}); "
+                              f"nothing published, {str(out)!r} is unchanged")
         found_ratios = ratios(rows)
         print_table(rows, found_ratios)
         print_breakdowns(results)
@@ -742,6 +785,9 @@ def run_bench(export: Path, options: BenchOptions) -> Path:
     console.print(f"bench: results in {out}" + (f"; plot {out / figure.name}" if figure else
                                                "; no plot (no top-1: no inputs)")
                   + (f"; rows added to {report}" if report else ""))
+    if strict and failed:
+        raise StageFailed(f"bench: {len(failed)} of {len(rows)} runs failed ({_named(failed)}; the first: "
+                          f"{failed[0]['failed']}); the {len(rows) - len(failed)} that worked are in {out}")
     return out
 
 

@@ -239,7 +239,7 @@ def bench(
     options = BenchOptions(targets=target, threads=threads, inputs=inputs, out=out, iters=iters, warmup=warmup,
                            samples=samples, arm_iters=arm_iters, arm_samples=arm_samples, allow_modified=allow_modified,
                            remote_python=remote_python, taskset=taskset, breakdown=breakdown)
-    run_bench(export_dir, options)
+    run_bench(export_dir, options, strict=True)  # any failed row: exit 1, after publishing the rows that worked
 
 
 @app.command()

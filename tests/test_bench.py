@@ -146,3 +146,76 @@ def test_bench_replaces_only_its_own_results(tiny_models: Path, tmp_path: Path) 
         done = run_cli("bench", str(export / "tiny.tflite"), "--iters", "2", "--threads", "1")
         assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["bench", "export", "report.json"]
+
+
+def _error_lines(done: subprocess.CompletedProcess) -> list[str]:
+    """The one error line, last on stderr, after the progress lines the stage printed there."""
+    lines = [line for line in done.stderr.splitlines() if line.startswith("edgetl: error:")]
+    assert len(lines) == 1 and done.stderr.strip().splitlines()[-1] == lines[0], done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    return lines
+
+
+def _lacking(tiny_models: Path, folder: Path) -> Path:  # noqa: F811
+    """A copy of tiny.tflite that `--inspect` reads and the runtime refuses at invoke ("lacks data")."""
+    from tests.test_device_bench import _damaged_tflite
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "broken.tflite"
+    path.write_bytes(_damaged_tflite((tiny_models / "tiny.tflite").read_bytes(), "weights-lack-data"))
+    return path
+
+
+def test_a_failed_run_exits_1_after_publishing_the_rows_that_worked(tiny_models: Path, tmp_path: Path) -> None:  # noqa: F811
+    """Scripts and CI read the exit status: a failed row is exit 1 with one line naming it, and the rows that
+    worked are published all the same."""
+    export = tmp_path / "run" / "export"
+    export.mkdir(parents=True)
+    shutil.copy(tiny_models / "tiny.tflite", export)
+    shutil.copy(tiny_models / "test_inputs.npz", export)
+    _lacking(tiny_models, export)
+    done = run_cli("bench", str(export), "--iters", "2", "--threads", "1,2")
+    assert done.returncode == 1, (done.returncode, done.stderr)
+    lines = _error_lines(done)
+    assert "2 of 4 runs failed" in lines[0] and "broken.tflite @ host t1, broken.tflite @ host t2" in lines[0]
+    assert "lacks data" in lines[0] and "tiny.tflite" not in lines[0], lines[0]
+    bench = tmp_path / "run" / "bench"
+    manifest = json.loads((bench / "manifest.json").read_text())
+    worked = [r for r in manifest["rows"] if "failed" not in r]
+    assert [(r["artifact"], r["threads"]) for r in worked] == [("tiny.tflite", 1), ("tiny.tflite", 2)]
+    assert all(r["top1"] == 0.75 for r in worked)
+    assert json.loads((bench / "tiny.tflite@host.json").read_text())["runs"][0]["accuracy"]["top1"] == 0.75
+    assert len(json.loads((tmp_path / "run" / "report.json").read_text())["bench"]["rows"]) == 4
+
+
+def test_when_every_run_fails_nothing_is_published_and_the_previous_results_stay(
+        tiny_models: Path, tmp_path: Path) -> None:  # noqa: F811
+    from tests.conftest import tree_digest
+
+    good, bad, out = tmp_path / "good", tmp_path / "bad", tmp_path / "results"
+    good.mkdir()
+    shutil.copy(tiny_models / "tiny.tflite", good)
+    assert run_cli("bench", str(good), "--iters", "2", "--threads", "1", "--out", str(out)).returncode == 0
+    before = tree_digest(out)
+    _lacking(tiny_models, bad)
+    done = run_cli("bench", str(bad), "--iters", "2", "--threads", "1", "--out", str(out))
+    assert done.returncode == 1, (done.returncode, done.stderr)
+    lines = _error_lines(done)
+    assert "every run failed" in lines[0] and "nothing published" in lines[0], done.stderr
+    assert tree_digest(out) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".results")]  # no temporary folder left
+
+
+def test_inputs_that_no_run_could_take_are_refused_before_any_run(tiny_models: Path, tmp_path: Path) -> None:  # noqa: F811
+    """Bad inputs stay bad input (exit 2, before any run), not a failed row on every run."""
+    export = _export_copy(tiny_models, tmp_path)
+    labels = tmp_path / "labels.npz"
+    np.savez(labels, x=np.zeros((2, 3, 32, 32), np.float32), y=np.zeros(3, np.int64))
+    _one_line_error(run_cli("bench", str(export), "--inputs", str(labels)), "y has shape (3,)", "(2,)")
+    ints = tmp_path / "ints.npz"
+    np.savez(ints, x=np.zeros((2, 3, 32, 32), np.int32))
+    _one_line_error(run_cli("bench", str(export), "--inputs", str(ints), "--threads", "1"), "x is int32", "float32")
+    text = tmp_path / "text.npz"
+    text.write_text("not an npz")
+    _one_line_error(run_cli("bench", str(export), "--inputs", str(text)), "not a readable .npz")
+    assert not (tmp_path / "run" / "bench").exists()
