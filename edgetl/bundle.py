@@ -10,6 +10,7 @@ prove on a device that nothing was lost on the way. Framework-free until a runti
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
@@ -22,7 +23,7 @@ import numpy as np
 
 from edgetl import assets, runtimes
 from edgetl.config import BundleOptions
-from edgetl.contracts import BUNDLE_KIND, SCHEMA_VERSION, ArtifactSidecar, read
+from edgetl.contracts import BUNDLE_KIND, SCHEMA_VERSION, SWEEP_KIND, ArtifactSidecar, read
 from edgetl.errors import UserError, one_of
 from edgetl.labels import check_labels, shown
 from edgetl.manifest import now_utc, sha256_file, write_json
@@ -48,10 +49,7 @@ def find_artifact(export_dir: Path, name: str | None) -> tuple[Path, dict]:
     if not present:
         raise UserError(f"{str(export_dir)!r} holds no .tflite or .pte file; run `edgetl export` first")
     if name is None:
-        if len(present) > 1:
-            raise UserError(f"{str(export_dir)!r} holds {len(present)} artifacts; choose one with --artifact: "
-                            f"{', '.join(present)}")
-        name = present[0]
+        name = present[0] if len(present) == 1 else recommended_artifact(export_dir, present)
     matches = [p for p in present if p == name or Path(p).stem == name]
     if len(matches) != 1:
         raise UserError(f"artifact {name!r} is not in {str(export_dir)!r}; available: {', '.join(present)}")
@@ -65,6 +63,79 @@ def find_artifact(export_dir: Path, name: str | None) -> tuple[Path, dict]:
     if sha256_file(path) != sidecar["sha256"]:
         raise UserError(f"{path.name!r} does not match its manifest's sha256; the file changed after export")
     return path, sidecar
+
+
+# A phone bundle takes the file recommended for the target most like a phone: a real device (ssh:, adb),
+# then an emulated ARM64 CPU, then the host.
+def _phone_rank(target: str, emulated: dict[str, bool]) -> int:
+    if target == "host":
+        return 2
+    return 1 if emulated.get(target, target.startswith("arm64-")) else 0
+
+
+def _sweep_file(export_dir: Path) -> Path | None:
+    """sweep.json of the sweep this export belongs to: the one it is a variant of (SWEEP/variants/NAME/export),
+    or RUN/sweep beside RUN/export (where `edgetl sweep RUN/checkpoint` writes by default)."""
+    from edgetl.report import SWEEP_JSON
+
+    folder = export_dir.resolve()
+    candidates = [folder.parent / "sweep" / SWEEP_JSON]
+    if folder.parent.parent.name == "variants":
+        candidates.insert(0, folder.parent.parent.parent / SWEEP_JSON)
+    return next((path for path in candidates if path.is_file()), None)
+
+
+def _recommendations(sweep_json: Path) -> tuple[list[dict], dict[str, bool]] | None:
+    """The sweep's recommendations that name a plain variant and file, and which targets were emulated; None
+    when the file is not a sweep's."""
+    try:
+        document = json.loads(sweep_json.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(document, dict) or document.get("kind") != SWEEP_KIND:
+        return None
+    analysis = document.get("analysis") if isinstance(document.get("analysis"), dict) else {}
+    found = analysis.get("recommendations") if isinstance(analysis.get("recommendations"), list) else []
+    plain = [rec for rec in found if isinstance(rec, dict)
+             and all(isinstance(rec.get(key), str) and rec[key] for key in ("target", "variant", "artifact"))
+             and SAFE_NAME.match(rec["variant"]) and SAFE_NAME.match(rec["artifact"])]
+    rows = document.get("rows") if isinstance(document.get("rows"), list) else []
+    emulated = {row["target"]: bool(row.get("emulated")) for row in rows
+                if isinstance(row, dict) and isinstance(row.get("target"), str)}
+    return plain, emulated
+
+
+def recommended_artifact(export_dir: Path, present: list[str]) -> str:
+    """The file to bundle when --artifact is not given and the folder holds several: the one the run's sweep
+    recommends for a phone, when it is in this folder (the very bytes the sweep measured); otherwise one line
+    that says where the recommended file is, or that --artifact is needed."""
+    choose = f"choose one with --artifact: {', '.join(present)}"
+    many = f"{str(export_dir)!r} holds {len(present)} artifacts"
+    sweep_json = _sweep_file(export_dir)
+    read_back = _recommendations(sweep_json) if sweep_json is not None else None
+    if not read_back or not read_back[0]:
+        raise UserError(f"{many}; {choose} (no sweep of this run recommends one: `edgetl sweep RUN/checkpoint` "
+                        "does)")
+    recommendations, emulated = read_back
+    rec = min(recommendations, key=lambda r: _phone_rank(r["target"], emulated))
+    measured = sweep_json.parent / "variants" / rec["variant"] / "export" / rec["artifact"]
+    here = Path(export_dir) / rec["artifact"]
+    said = f"the sweep {str(sweep_json)!r} recommends {rec['variant']}/{rec['artifact']} for {rec['target']}"
+    if rec["artifact"] not in present:
+        why = "which is not in this folder"
+    elif not measured.is_file():
+        why = f"but the file it measured ({str(measured)!r}) is gone, so this one cannot be matched to it"
+    elif measured.resolve() != here.resolve() and sha256_file(measured) != sha256_file(here):
+        why = "but the file of that name here is another one (its sha256 differs from the file the sweep measured)"
+    else:
+        from rich.markup import escape as plain
+
+        reason = "".join(c for c in " ".join(str(rec.get("reason") or "").split()) if c.isprintable())
+        console.print(plain(f"bundle: {many}; taking {rec['artifact']}: {said}"
+                            + (f" ({reason})" if reason else "") + "; another one with --artifact"))
+        return rec["artifact"]
+    where = f"bundle {str(measured.parent)!r} to take it, or " if measured.is_file() else ""
+    raise UserError(f"{many}; {said}, {why}: {where}{choose}")
 
 
 # ------------------------------------------------------------------ values that enter generated source code

@@ -635,3 +635,88 @@ def test_generated_sources_hold_each_value_as_one_escaped_literal(export_dir: Pa
     assert "<script>" not in readme and "&lt;script&gt;" in readme and "\\*bold\\*" in readme
     expected = json.loads((out / "golden/expected.json").read_text())
     assert all(re.fullmatch(r"golden_\d\d_[A-Za-z0-9_-]+\.png", im["file"]) for im in expected["images"])
+
+
+# -------------------------------------------------------------- the sweep's recommendation as the default
+
+
+def _run_with_sweep(export_dir: Path, root: Path, arm_pick: str = "int8-ptq") -> Path:
+    """RUN/export and RUN/sweep as the README's steps leave them: the sweep's variants/NAME/export folders hold
+    the files it measured, and its sweep.json the recommendations that edgetl.report.analyse makes from the
+    measured rows. fp32 is cheapest on the host; on the emulated A76 `arm_pick` is (int8-ptq: the int8 file
+    that RUN/export holds too; pruned30-int8: a file only the sweep made)."""
+    from edgetl.contracts import SCHEMA_VERSION, SWEEP_KIND
+    from edgetl.report import analyse
+
+    run = root / "run"
+    shutil.copytree(export_dir, run / "export")
+    files = {"fp32": "tiny-32-fp32.tflite", "int8-ptq": "tiny-32-int8.tflite",
+             "pruned30-int8": "tiny-32-int8-ch30.tflite"}
+    for variant, name in files.items():
+        folder = run / "sweep" / "variants" / variant / "export"
+        folder.mkdir(parents=True)
+        shutil.copy2(export_dir / ("tiny-32-fp32.tflite" if variant == "fp32" else "tiny-32-int8.tflite"),
+                     folder / name)
+        if (export_dir / f"{name}.json").is_file():
+            shutil.copy2(export_dir / f"{name}.json", folder)
+    rows = []
+    for variant, name in files.items():
+        arm = 1e6 if variant == arm_pick else 3e6
+        for target, emulated, figure in (("host", False, {"p50_ms": 1.0 if variant == "fp32" else 2.0}),
+                                         ("arm64-a76", True, {"instructions_per_invoke": arm})):
+            rows.append({"id": f"{variant}/{name}", "variant": variant, "artifact": name, "format": "tflite",
+                         "quant": "fp32" if variant == "fp32" else "int8", "prune": None, "qat": False,
+                         "size_bytes": 1000, "top1": 0.9, "target": target, "emulated": emulated, "threads": 1,
+                         "p50_ms": None, "instructions_per_invoke": None, **figure})
+    document = {"kind": SWEEP_KIND, "schema_version": SCHEMA_VERSION, "rows": rows,
+                "variants": [{"name": v, "export": str(run / "sweep" / "variants" / v / "export")} for v in files],
+                "analysis": analyse(rows, 1.0, 0.9, [1])}
+    assert {r["target"]: r["variant"] for r in document["analysis"]["recommendations"]} == \
+        {"host": "fp32", "arm64-a76": arm_pick}
+    (run / "sweep" / "sweep.json").write_text(json.dumps(document))
+    return run
+
+
+def test_the_readme_usage_line_bundles_the_file_the_sweep_recommends_for_a_phone(export_dir: Path,
+                                                                                 tmp_path: Path) -> None:
+    """`edgetl bundle runs/plants/export --platform android,ios` on an export of several files: the file
+    the run's sweep recommends for the emulated phone CPU (not the host's pick), and it says so."""
+    run = _run_with_sweep(export_dir, tmp_path)
+    done = run_cli("bundle", str(run / "export"), "--platform", "android", "--no-metadata", "--golden", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = " ".join((done.stdout + done.stderr).split())
+    assert "taking tiny-32-int8.tflite" in said and "int8-ptq/tiny-32-int8.tflite for arm64-a76" in said, said
+    assert "fewest guest instructions per invoke" in said  # the sweep's own reason
+    record = json.loads((run / "bundle" / "tiny-32-int8" / "bundle.json").read_text())
+    assert record["source"]["artifact"] == "tiny-32-int8.tflite"
+
+
+def test_a_recommended_file_that_is_not_in_the_folder_is_one_line_saying_where_it_is(export_dir: Path,
+                                                                                    tmp_path: Path) -> None:
+    from edgetl.bundle import find_artifact, recommended_artifact
+    from edgetl.errors import UserError
+
+    run = _run_with_sweep(export_dir, tmp_path / "a", arm_pick="pruned30-int8")
+    elsewhere = run / "sweep" / "variants" / "pruned30-int8" / "export"
+    with pytest.raises(UserError, match="recommends pruned30-int8/tiny-32-int8-ch30.tflite for arm64-a76, which is "
+                                        "not in this folder") as caught:
+        find_artifact(run / "export", None)
+    assert f"bundle {str(elsewhere)!r} to take it" in str(caught.value)
+    assert "tiny-32-fp32.tflite, tiny-32-int8.tflite" in str(caught.value)
+    variant = run / "sweep" / "variants" / "fp32" / "export"  # a sweep's own variant folder, of two files
+    for name in ("tiny-32-int8.tflite", "tiny-32-int8.tflite.json"):
+        shutil.copy2(export_dir / name, variant)
+    with pytest.raises(UserError, match="for arm64-a76, which is not in this folder"):
+        find_artifact(variant, None)
+    shutil.copytree(variant, elsewhere, dirs_exist_ok=True)  # the recommended file among others: taken
+    present = sorted(p.name for p in elsewhere.glob("*.tflite"))
+    assert len(present) == 3 and recommended_artifact(elsewhere, present) == "tiny-32-int8-ch30.tflite"
+
+    run = _run_with_sweep(export_dir, tmp_path / "b")
+    (run / "sweep" / "variants" / "int8-ptq" / "export" / "tiny-32-int8.tflite").write_bytes(b"exported again")
+    with pytest.raises(UserError, match="the file of that name here is another one"):
+        find_artifact(run / "export", None)
+
+    (run / "sweep" / "sweep.json").write_text("{not json")  # no readable sweep: today's error
+    with pytest.raises(UserError, match="holds 2 artifacts; choose one with --artifact: tiny-32-fp32.tflite"):
+        find_artifact(run / "export", None)
