@@ -290,7 +290,8 @@ def sweep(
 def bundle(
     export_dir: Annotated[Path, typer.Argument(help="Export folder written by edgetl export.")],
     artifact: Annotated[str | None, typer.Option(
-        help="File in EXPORT_DIR to bundle, e.g. efficientnet_lite0-224-int8.tflite (optional if only one).")] = None,
+        help="File in EXPORT_DIR to bundle, e.g. efficientnet_lite0-224-int8.tflite (optional if only one, or when "
+             "the run's sweep recommends one).")] = None,
     platform: Annotated[str, typer.Option(help="Comma list of android, ios.")] = "android,ios",
     out: Annotated[Path | None, typer.Option(
         "--out", help="Bundle folder (default: RUN/bundle/<artifact name>).")] = None,
