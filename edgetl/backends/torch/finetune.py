@@ -15,6 +15,7 @@ files when a caller has none; with several processes
 from __future__ import annotations
 
 import copy
+import io
 import math
 import os
 import time
@@ -666,4 +667,8 @@ def evaluate(model: Backbone, config: FinetuneConfig, listing: data.DatasetListi
 
 
 def save_weights(model: Backbone, path: Path) -> None:
-    torch.save(model.state_dict(), path)
+    """Serialised in memory, then written by Python: a full disk or an I/O error is then an OSError with its
+    errno and file name (torch's own writer reports it as "unexpected pos" or "file write failed")."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    Path(path).write_bytes(buffer.getbuffer())

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import io
 import time
 from pathlib import Path
 
@@ -257,5 +258,7 @@ def prune_magnitude(
 
 def save_pruned(model: nn.Module, folder: Path) -> str:
     """torch-pruning's state dict (weights + the pruned layer shapes): `tp.load_state_dict(build_model(...), it)`."""
-    torch.save(tp.state_dict(model), Path(folder) / PRUNED_MODEL_FILE)
+    buffer = io.BytesIO()  # written by Python, so a full disk is an OSError with its errno (see save_weights)
+    torch.save(tp.state_dict(model), buffer)
+    (Path(folder) / PRUNED_MODEL_FILE).write_bytes(buffer.getbuffer())
     return PRUNED_MODEL_FILE
