@@ -648,19 +648,28 @@ def _write(path: Path, payload: Any) -> None:
     atomic_write_bytes(path, (json.dumps(payload, indent=2, default=float) + "\n").encode())
 
 
-def _add_to_report(out: Path, rows: list[dict[str, Any]], found_ratios: list[dict[str, Any]]) -> Path | None:
-    """runs/NAME/report.json gets (or replaces) its `bench` section, when bench sits in a run folder."""
+STAGED_REPORT = ".report.json.staged"
+
+
+def _stage_report(out: Path, folder_out: Path, rows: list[dict[str, Any]], found_ratios: list[dict[str, Any]]
+                  ) -> tuple[Path, Path] | None:
+    """runs/NAME/report.json with its `bench` section added (or replaced), when bench sits in a run folder:
+    (staged, final). It is written into the bench folder before that is published, so a full disk stops the
+    stage with the previous results intact (and a failed publication takes it away); after publication only a
+    rename out of the published folder is left to do."""
     if out.name != "bench":
         return None
     report = out.parent / "report.json"
     try:
         document = json.loads(report.read_text()) if report.is_file() else {}
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        document = {}
+    if not isinstance(document, dict):
         document = {}
     document["bench"] = {"rows": rows, "int8_fp32_instruction_ratios": found_ratios,
                          "manifest": str(out / "manifest.json")}
-    _write(report, document)
-    return report
+    (folder_out / STAGED_REPORT).write_text(json.dumps(document, indent=2, default=float) + "\n")
+    return out / STAGED_REPORT, report
 
 
 # ---------------------------------------------------------------------------------------- the stage
@@ -781,7 +790,16 @@ def run_bench(export: Path, options: BenchOptions, strict: bool = False) -> Path
             seconds=round(time.perf_counter() - started, 1),
         ).to_json()
         _write(folder_out / "manifest.json", manifest)
-    report = _add_to_report(out, rows, found_ratios)
+        staged = _stage_report(out, folder_out, rows, found_ratios)
+    report = None
+    if staged is not None:
+        try:
+            os.replace(*staged)
+        except OSError as error:
+            raise StageFailed(f"bench: results are published in {str(out)!r}, but the run's report {str(staged[1])!r} "
+                              f"could not be updated ({error.strerror or error}); run bench again to add them to "
+                              "it") from None
+        report = staged[1]
     console.print(f"bench: results in {out}" + (f"; plot {out / figure.name}" if figure else
                                                "; no plot (no top-1: no inputs)")
                   + (f"; rows added to {report}" if report else ""))

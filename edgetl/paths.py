@@ -52,8 +52,9 @@ def ensure_writable_dir(path: Path, what: str) -> Path:
         path.mkdir(parents=True, exist_ok=True)
         if missing is not None and missing not in _created:
             _created.append(missing)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".edgetl-probe-"):
-            pass
+        if not os.access(path, os.W_OK | os.X_OK):  # a check that writes nothing, so nothing can be left behind
+            code = errno.EROFS if os.statvfs(path).f_flag & os.ST_RDONLY else errno.EACCES
+            raise OSError(code, os.strerror(code), str(path))
     except OSError as error:
         raise UserError(
             f"{what} {str(path)!r} is not writable ({error.strerror or error}); choose a folder you can write to"
