@@ -648,17 +648,17 @@ def _write(path: Path, payload: Any) -> None:
     atomic_write_bytes(path, (json.dumps(payload, indent=2, default=float) + "\n").encode())
 
 
-STAGED_REPORT = ".report.json.staged"
-
-
-def _stage_report(out: Path, folder_out: Path, rows: list[dict[str, Any]], found_ratios: list[dict[str, Any]]
+def _stage_report(out: Path, rows: list[dict[str, Any]], found_ratios: list[dict[str, Any]]
                   ) -> tuple[Path, Path] | None:
     """runs/NAME/report.json with its `bench` section added (or replaced), when bench sits in a run folder:
-    (staged, final). It is written into the bench folder before that is published, so a full disk stops the
-    stage with the previous results intact (and a failed publication takes it away); after publication only a
-    rename out of the published folder is left to do."""
+    (staged, final). It is written under a temporary name beside the report as the last step before the bench
+    folder is published, so a full disk stops the stage with the previous results intact; after publication
+    only a rename is left to do. A run killed in between leaves the temporary file, which the next run removes
+    (`clean_stale`)."""
     if out.name != "bench":
         return None
+    from edgetl.paths import stage_bytes
+
     report = out.parent / "report.json"
     try:
         document = json.loads(report.read_text()) if report.is_file() else {}
@@ -668,8 +668,7 @@ def _stage_report(out: Path, folder_out: Path, rows: list[dict[str, Any]], found
         document = {}
     document["bench"] = {"rows": rows, "int8_fp32_instruction_ratios": found_ratios,
                          "manifest": str(out / "manifest.json")}
-    (folder_out / STAGED_REPORT).write_text(json.dumps(document, indent=2, default=float) + "\n")
-    return out / STAGED_REPORT, report
+    return stage_bytes(report, (json.dumps(document, indent=2, default=float) + "\n").encode()), report
 
 
 # ---------------------------------------------------------------------------------------- the stage
@@ -717,11 +716,12 @@ def run_bench(export: Path, options: BenchOptions, strict: bool = False) -> Path
         check_inputs(Path(inputs))
     script = device_bench_script()
     check_unmodified(artifacts, options.allow_modified)
-    from edgetl.paths import atomic_dir, claim_output, ensure_writable_dir
+    from edgetl.paths import atomic_dir, claim_output, clean_stale, ensure_writable_dir
 
     out = claim_output(Path(options.out) if options.out else default_out(export), BENCH_KIND,
                        [export, Path(inputs) if inputs else None])
     ensure_writable_dir(out.parent, "bench folder")
+    clean_stale(out.parent / "report.json")  # a run report staged by a killed run
     if any(t.emulated for t in targets):
         from edgetl import arm64
 
@@ -790,7 +790,7 @@ def run_bench(export: Path, options: BenchOptions, strict: bool = False) -> Path
             seconds=round(time.perf_counter() - started, 1),
         ).to_json()
         _write(folder_out / "manifest.json", manifest)
-        staged = _stage_report(out, folder_out, rows, found_ratios)
+        staged = _stage_report(out, rows, found_ratios)  # the last step before publication
     report = None
     if staged is not None:
         try:

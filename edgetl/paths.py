@@ -416,6 +416,21 @@ def scratch_dir(final: Path, sync: Callable[[Callable[[], object]], object] | No
             shutil.rmtree(path, ignore_errors=True)
 
 
+def stage_bytes(path: Path, payload: bytes) -> Path:
+    """Write `payload` under a temporary name beside `path` (named as `clean_stale` finds what a killed run left)
+    and return that name; `os.replace(staged, path)` puts it in place later, in one step."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-{_owner_tag()}-")
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
     """Write a file under a temporary name, then rename it into place."""
     path = Path(path)
