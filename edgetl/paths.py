@@ -188,6 +188,15 @@ def _lock_path(final: Path) -> Path:
     return final.parent / f".{final.name}.lock"
 
 
+_TEMPORARY_PART = re.compile(r"^\..+\.tmp-\d+-\d+@.+-[A-Za-z0-9_]{8}$")
+
+
+def _inside_temporary(final: Path) -> bool:
+    """A folder built inside another stage's temporary folder (a sweep's exports) is private to that run: no
+    other run can reach it, so it needs no lock (and leaves no lock file in the published folder)."""
+    return any(_TEMPORARY_PART.match(part) for part in final.parent.parts)
+
+
 def lock_output(final: Path, option: str = "--out") -> None:
     """Hold an exclusive lock on `final` until `release_output` (atomic_dir holds it while the stage writes).
 
@@ -196,7 +205,7 @@ def lock_output(final: Path, option: str = "--out") -> None:
     drops it when the process dies) and removed when released; a file left by a killed run is taken over.
     """
     final = Path(final).absolute()
-    if str(final) in _held or not final.parent.is_dir():
+    if str(final) in _held or not final.parent.is_dir() or _inside_temporary(final):
         return
     path = _lock_path(final)
     for _ in range(20):

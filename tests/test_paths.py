@@ -259,3 +259,12 @@ def test_a_mount_point_is_refused_before_any_work(tmp_path: Path) -> None:
             claim_output(where, "edgetl.export")
     finally:
         subprocess.run(["umount", str(where)], check=False)
+
+
+def test_a_folder_built_inside_a_temporary_folder_takes_no_lock(tmp_path: Path) -> None:
+    """A sweep's exports are built inside the sweep's temporary folder: private to that run, no lock file in them."""
+    with atomic_dir(tmp_path / "sweep") as outer:
+        with atomic_dir(outer / "variants" / "export") as inner:
+            assert not list((outer / "variants").glob(".*.lock"))
+            (inner / "x").write_text("x")
+    assert sorted(p.name for p in (tmp_path / "sweep" / "variants").iterdir()) == ["export"]
