@@ -151,12 +151,14 @@ def exit_status(error: BaseException) -> tuple[int, str] | None:
 def combined_status(codes: list[int]) -> int:
     """One exit status for several processes that failed (a launcher's workers): the one a user acts on first.
 
-    Interrupted beats terminated, then bad input, the quality gate, a failed stage; a worker killed by a
-    signal (negative code) counts as interrupted for SIGINT, terminated for SIGTERM, else as failed.
+    Interrupted beats bad input, then the quality gate, a failed stage, and last terminated: a launcher stops
+    the other workers with SIGTERM once one has failed, so their 143 says less than the first one's status. A
+    worker killed by a signal (negative code) counts as interrupted for SIGINT, terminated for SIGTERM, else as
+    failed.
     """
     statuses = {EXIT_INTERRUPTED if code in (EXIT_INTERRUPTED, -2) else EXIT_TERMINATED if code == -15
                 else code if code > 0 else EXIT_FAILED for code in codes if code != EXIT_OK}
-    for status in (EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, EXIT_QUALITY, EXIT_FAILED):
+    for status in (EXIT_INTERRUPTED, EXIT_USAGE, EXIT_QUALITY, EXIT_FAILED, EXIT_TERMINATED):
         if status in statuses:
             return status
     return max(statuses, default=EXIT_OK)

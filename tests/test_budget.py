@@ -139,5 +139,4 @@ def test_stage_1_that_cannot_fit_exits_2_before_training(tmp_path: Path) -> None
     assert done.returncode == 2
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("edgetl: error: --time-budget 0.01 min does not fit stage 1 here")
-    assert not (tmp_path / "run" / "checkpoint").exists()
-    assert [p.name for p in (tmp_path / "run").iterdir()] == []  # the image cache went with the run
+    assert not (tmp_path / "run").exists()  # the image cache went with the run, then the empty run folder
