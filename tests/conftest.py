@@ -55,3 +55,18 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path
     config = FinetuneConfig(data="builtin:shapes", backbone="mobilenet_v2", width=0.35, weights="none",
                             image_size=32, epochs_finetune=0, seed=0)
     return run_finetune(config, tmp_path_factory.mktemp("tiny-run"))
+
+
+def mutate_json(document: dict, path: tuple, replacement: object, delete: bool) -> dict:
+    """A deep copy of `document` with the value at `path` (keys and list indices) replaced, or deleted."""
+    import json
+
+    document = json.loads(json.dumps(document))
+    parent = document
+    for key in path[:-1]:
+        parent = parent[key]
+    if delete:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = replacement
+    return document

@@ -31,14 +31,7 @@ from edgetl.data import (
     upright_size,
 )
 from edgetl.errors import UserError
-
-
-def _tree(root: Path, counts: dict[str, int]) -> Path:
-    for name, count in counts.items():
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            Image.new("RGB", (8, 8), (i, 0, 0)).save(root / name / f"{i:03d}.png")
-    return root
+from tests.test_data import _tree
 
 
 def _listed(listing) -> dict[str, str]:

@@ -36,6 +36,7 @@ from edgetl.config import (
 )
 from edgetl.contracts import ArtifactSidecar, read
 from edgetl.errors import EXIT_USAGE, UserError, exit_status
+from tests.conftest import mutate_json
 
 SCALE = float(os.environ.get("EDGETL_FUZZ_SCALE", "1"))
 
@@ -421,16 +422,6 @@ def _paths(value: object, prefix: tuple = ()) -> list[tuple]:
     return found
 
 
-def _mutate(document: dict, path: tuple, replacement: object, delete: bool) -> dict:
-    document = json.loads(json.dumps(document))
-    parent = document
-    for key in path[:-1]:
-        parent = parent[key]
-    if delete:
-        del parent[path[-1]]
-    else:
-        parent[path[-1]] = replacement
-    return document
 
 
 def _sidecar(real: dict) -> dict:
@@ -496,7 +487,7 @@ def test_real_sidecars_with_one_value_changed_are_read_or_one_line(data: st.Data
                                                                   delete: bool) -> None:
     real = _sidecar(data.draw(st.sampled_from(REAL_SIDECARS)))
     path = data.draw(st.sampled_from(_paths(real)))
-    damaged_sidecar = _mutate(real, path, replacement, delete)
+    damaged_sidecar = mutate_json(real, path, replacement, delete)
     _read_or_one_line(json.dumps(damaged_sidecar).encode(), real["file"])
 
 

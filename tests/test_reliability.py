@@ -30,7 +30,7 @@ from edgetl.data import IMAGE_EXTENSIONS, load_rgb, scan_folder
 from edgetl.errors import UserError
 from edgetl.labels import label_problem
 from edgetl.manifest import read_checkpoint_manifest, read_splits
-from tests.conftest import REPO, run_cli, tree_digest
+from tests.conftest import REPO, mutate_json, run_cli, tree_digest
 
 # ------------------------------------------------------------------------ generated folder trees
 
@@ -198,16 +198,6 @@ def _paths(value: object, prefix: tuple = ()) -> list[tuple]:
     return found
 
 
-def _mutate(document: dict, path: tuple, replacement: object, delete: bool) -> dict:
-    document = json.loads(json.dumps(document))
-    parent = document
-    for key in path[:-1]:
-        parent = parent[key]
-    if delete:
-        del parent[path[-1]]
-    else:
-        parent[path[-1]] = replacement
-    return document
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +222,7 @@ def test_damaged_checkpoint_manifests_are_refused_with_one_line(checkpoint_templ
         with tempfile.TemporaryDirectory() as scratch:
             folder = Path(scratch) / "checkpoint"
             shutil.copytree(checkpoint_template, folder)
-            damaged = _mutate(valid, path, replacement, delete)
+            damaged = mutate_json(valid, path, replacement, delete)
             (folder / "manifest.json").write_text(json.dumps(damaged))
             try:
                 manifest = read_checkpoint_manifest(folder)
@@ -272,7 +262,7 @@ def test_damaged_splits_files_are_refused_with_one_line(checkpoint_template: Pat
     @given(path=st.sampled_from(paths), replacement=json_values, delete=st.booleans(),
            record=st.lists(json_values, max_size=3))
     def check(path: tuple, replacement: object, delete: bool, record: list) -> None:
-        damaged = _mutate(valid, path, replacement, delete)
+        damaged = mutate_json(valid, path, replacement, delete)
         if isinstance(damaged.get("splits"), dict) and isinstance(damaged["splits"].get("train"), list):
             damaged["splits"]["train"].append(record)
         with tempfile.TemporaryDirectory() as scratch:
