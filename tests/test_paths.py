@@ -263,8 +263,7 @@ def test_a_mount_point_is_refused_before_any_work(tmp_path: Path) -> None:
 
 def test_a_folder_built_inside_a_temporary_folder_takes_no_lock(tmp_path: Path) -> None:
     """A sweep's exports are built inside the sweep's temporary folder: private to that run, no lock file in them."""
-    with atomic_dir(tmp_path / "sweep") as outer:
-        with atomic_dir(outer / "variants" / "export") as inner:
-            assert not list((outer / "variants").glob(".*.lock"))
-            (inner / "x").write_text("x")
+    with atomic_dir(tmp_path / "sweep") as outer, atomic_dir(outer / "variants" / "export") as inner:
+        assert not list((outer / "variants").glob(".*.lock"))
+        (inner / "x").write_text("x")
     assert sorted(p.name for p in (tmp_path / "sweep" / "variants").iterdir()) == ["export"]
