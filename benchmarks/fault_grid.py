@@ -5,7 +5,7 @@ Each stage (finetune, export, bench, sweep, bundle) runs in its tiniest configur
 run is judged by. The counts (points tried × outcome) and every failure go to
 benchmarks/results/faults/fault_grid.{json,md} (the small grid of the default test run: fault_grid-small.*).
 
-    .venv/bin/python benchmarks/fault_grid.py                    # the full grid (hours on two cores)
+    .venv/bin/python benchmarks/fault_grid.py                    # the full grid (about an hour on two cores)
     .venv/bin/python benchmarks/fault_grid.py --grid small       # the default test run's grid (minutes)
     .venv/bin/python benchmarks/fault_grid.py --stages bundle,bench --faults enospc
 """
@@ -30,6 +30,7 @@ from tests.faults.harness import (  # noqa: E402
     STAGES,
     Grid,
     Pipeline,
+    Plan,
     SetupFailed,
     compile_shim,
     failure_lines,
@@ -76,12 +77,18 @@ def main() -> int:
     parser.add_argument("--source", type=Path, default=REPO,
                         help="the source tree whose edgetl runs, e.g. a `git worktree` of another commit")
     parser.add_argument("--label", help="what the source is, for the report (default: its git commit)")
+    parser.add_argument("--points", default="1-", help="only these points, FIRST-LAST (either may be left out): to "
+                        "split a long grid into parts or finish one that was stopped")
     args = parser.parse_args()
     stages = [name.strip() for name in args.stages.split(",") if name.strip()]
     faults = [name.strip() for name in args.faults.split(",") if name.strip()]
     unknown = [name for name in stages if name not in STAGES] + [name for name in faults if name not in FAULTS]
     if unknown:
         parser.error(f"unknown {', '.join(unknown)}")
+    first, _, last = args.points.partition("-")
+    if not (first or "1").isdigit() or not (last or "0").isdigit():
+        parser.error(f"--points {args.points!r}: give FIRST-LAST, e.g. 1-40 or 33-")
+    low, high = int(first or 1), int(last) if last else None
     with tempfile.TemporaryDirectory(prefix="edgetl-faults-") as scratch:
         work = args.work or Path(scratch)
         work.mkdir(parents=True, exist_ok=True)
@@ -99,7 +106,12 @@ def main() -> int:
             except SetupFailed as error:
                 print(f"fault_grid: {error}", file=sys.stderr)
                 return 1
-            plan = plan_for(stage, args.grid, faults, offset=STAGES.index(name))
+            chosen = plan_for(stage, args.grid, faults, offset=STAGES.index(name))
+
+            def plan(ops: list, count: int, chosen: Plan = chosen) -> list[tuple[int, str]]:
+                return [(point, fault) for point, fault in chosen(ops, count)
+                        if low <= point and (high is None or point <= high)]
+
             grid = run_grid(stage, shim, pipeline.scratch(name), fresh, plan, recount=args.grid == "full",
                             writes=args.writes, progress=lambda line: print(line, file=sys.stderr, flush=True))
             grids.append(grid)

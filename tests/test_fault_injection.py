@@ -4,8 +4,9 @@ temporary folder outliving the next run).
 
 The default run tries a small grid: the key points of each stage's run (its first operation, its temporary
 folder, a write half-way, the publication, the first clean-up after it), the three faults turned among them.
-The full grid (every point × every fault, hours) runs with `-m faults`, and benchmarks/fault_grid.py records its
-counts. The first tests check the shim and the harness themselves on small programs.
+The full grid (every point × every fault, about an hour on two cores) runs with `-m faults`;
+benchmarks/fault_grid.py runs it too and records its counts. The first tests check the shim and the harness
+themselves on small programs.
 """
 
 from __future__ import annotations
@@ -243,7 +244,7 @@ def test_small_fault_grid(pipeline: Pipeline, name: str) -> None:
 @pytest.mark.torch
 @pytest.mark.parametrize("name", STAGES)
 def test_full_fault_grid(request: pytest.FixtureRequest, pipeline: Pipeline, name: str) -> None:
-    """Every write point of the stage × every fault (hours on two cores): only with `-m faults`."""
+    """Every write point of the stage × every fault (about an hour on two cores): only with `-m faults`."""
     selected = request.config.getoption("markexpr") or ""
     if "faults" not in selected or "not faults" in selected:
         pytest.skip("the full fault grid runs only when selected: pytest -m faults")
