@@ -272,6 +272,14 @@ def completeness(folder: Path, names: Iterable[str], expected: set[str]) -> list
     return problems
 
 
+_OWNER_TAG = re.compile(r"-\d+-\d+@[^/\s]+?-[A-Za-z0-9_]{8}(?=/|\s|$)")
+
+
+def shorten(text: str) -> str:
+    """A temporary name without its owner tag (`.export.tmp-123-456@host-abcdefgh` → `.export.tmp-*`)."""
+    return _OWNER_TAG.sub("-*", text)
+
+
 def final_name(relative: str, out_name: str) -> str:
     """Where a path inside a temporary folder ends up once published (`.export.tmp-…/x` → `export/x`)."""
     parts = []
@@ -452,9 +460,14 @@ class Grid:
         return [outcome for outcome in self.outcomes if outcome.problems]
 
     def to_json(self) -> dict:
-        return {"stage": self.stage, "points": self.points, "points_fresh": self.points_fresh, "ops": self.ops,
-                "seconds": round(self.seconds, 1), "clean_problems": self.clean_problems,
-                "outcomes": [outcome.to_json() for outcome in self.outcomes]}
+        """Runs that kept every rule as rows (point, fault, verdict, exit status, seconds); failures in full."""
+        return {"stage": self.stage, "points": self.points, "points_fresh": self.points_fresh,
+                "ops": [shorten(op) for op in self.ops], "seconds": round(self.seconds, 1),
+                "clean_problems": self.clean_problems,
+                "runs": [[outcome.point, outcome.fault, outcome.verdict, outcome.returncode, outcome.seconds]
+                         for outcome in self.outcomes if not outcome.problems],
+                "failures": [{**outcome.to_json(), "op": shorten(outcome.op)} for outcome in self.outcomes
+                             if outcome.problems]}
 
 
 class SetupFailed(RuntimeError):
@@ -583,7 +596,7 @@ def failure_lines(grids: list[Grid]) -> list[str]:
         for outcome in grid.failures:
             tail = outcome.stderr_tail.replace("\n", "\n      | ")
             lines.append(f"{grid.stage} point {outcome.point}/{grid.points} {outcome.fault} "
-                         f"[{outcome.op or 'did not fire'}] exit {outcome.returncode}: "
+                         f"[{shorten(outcome.op) or 'did not fire'}] exit {outcome.returncode}: "
                          f"{'; '.join(outcome.problems)}\n      | {tail}")
     return lines
 
