@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -182,6 +183,7 @@ def files_not_made(folder: Path) -> list[str]:
 # ------------------------------------------------------------------------------ one run per output folder
 
 _held: dict[str, int] = {}
+_LOCK_OWNER = re.compile(r"^\d+@[A-Za-z0-9.-]+$")  # what lock_output writes: pid@host
 
 
 def _lock_path(final: Path) -> Path:
@@ -210,8 +212,10 @@ def lock_output(final: Path, option: str = "--out") -> None:
     path = _lock_path(final)
     for _ in range(20):
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        except OSError as error:
+            if error.errno == errno.ELOOP:  # a symlink under the lock's name is not ours to write through
+                raise UserError(f"{str(path)!r} is a symbolic link, not an edgetl lock file; move it away") from None
             return  # a folder we cannot write to: the writability check names it
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -229,7 +233,13 @@ def lock_output(final: Path, option: str = "--out") -> None:
         if not same:  # the previous holder removed the file between our open and our lock: take the new one
             os.close(fd)
             continue
+        held = os.read(fd, 256)
+        if held and not _LOCK_OWNER.match(held.decode(errors="replace")) or not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)  # a file of the user's under the lock's name: never overwritten, never removed
+            raise UserError(f"{str(path)!r} is not an edgetl lock file (it holds something else); edgetl would "
+                            "overwrite it: move it away")
         os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, f"{os.getpid()}@{_host()}".encode())
         _held[str(final)] = fd
         return

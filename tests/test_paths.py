@@ -267,3 +267,17 @@ def test_a_folder_built_inside_a_temporary_folder_takes_no_lock(tmp_path: Path) 
         assert not list((outer / "variants").glob(".*.lock"))
         (inner / "x").write_text("x")
     assert sorted(p.name for p in (tmp_path / "sweep" / "variants").iterdir()) == ["export"]
+
+
+def test_a_users_file_under_the_lock_name_is_never_overwritten(tmp_path: Path) -> None:
+    """`.export.lock` beside the folder that edgetl did not write (other content, or a symlink) is refused, kept."""
+    (tmp_path / ".export.lock").write_text("my shopping list")
+    with pytest.raises(UserError, match="not an edgetl lock file"):
+        claim_output(tmp_path / "export", "edgetl.export")
+    assert (tmp_path / ".export.lock").read_text() == "my shopping list"
+    (tmp_path / ".export.lock").unlink()
+    (tmp_path / "target.txt").write_text("keep")
+    (tmp_path / ".export.lock").symlink_to(tmp_path / "target.txt")
+    with pytest.raises(UserError, match="symbolic link"):
+        claim_output(tmp_path / "export", "edgetl.export")
+    assert (tmp_path / "target.txt").read_text() == "keep" and (tmp_path / ".export.lock").is_symlink()
