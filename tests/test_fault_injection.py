@@ -224,8 +224,8 @@ def test_the_harness_catches_a_stage_that_loses_the_previous_output(fault_shim: 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory: pytest.TempPathFactory, fault_shim: Path, shared_cache: Path) -> Pipeline:
     """Each stage's tiniest run; the inputs of a stage are made by the first runs of the stages before it."""
-    pytest.importorskip("torch")
-    pytest.importorskip("litert_torch")
+    pytest.importorskip("torch", reason="the stages run the torch backend (the torch extra)")
+    pytest.importorskip("litert_torch", reason="export makes .tflite files with litert-torch (the torch extra)")
     return Pipeline(tmp_path_factory.mktemp("faults"), fault_shim, {"EDGETL_CACHE": str(shared_cache)})
 
 

@@ -541,9 +541,9 @@ def test_a_disk_that_fills_midway_publishes_nothing_however_many_files_were_done
 
 @pytest.mark.torch
 def test_finetune_on_a_full_disk_names_the_folder_and_the_space_needed(tmp_path: Path, shared_cache: Path) -> None:
-    """torch.save wraps ENOSPC in its own RuntimeError; the user still gets one line that names the folder, what
-    the checkpoint needs and what is free, and no temporary folder stays behind."""
-    pytest.importorskip("torch")
+    """A full disk while the checkpoint is written: one line that names the folder, what the checkpoint needs and
+    what is free, and no temporary folder stays behind."""
+    pytest.importorskip("torch", reason="fine-tuning needs the torch extra")
     disk = tmp_path / "disk"
     reason = _tmpfs(disk, "400k")  # the 32 px MobileNetV2-0.35 checkpoint needs about 2.8 MB
     if reason:
