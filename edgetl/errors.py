@@ -19,6 +19,7 @@ import ctypes
 import errno
 import signal
 import threading
+from collections.abc import Iterator
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -56,17 +57,21 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where Ctrl-C would be, so every clean-up that Ctrl-C gets runs for it too."""
 
 
+def _chain(error: BaseException | None) -> Iterator[BaseException]:
+    """`error`, then what it was raised from or while handling, and so on (each once)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
 def _interrupted(error: BaseException) -> int | None:
     """EXIT_INTERRUPTED or EXIT_TERMINATED when `error` is Ctrl-C or SIGTERM, or a CLI library's Abort raised
     while handling one; None otherwise."""
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, Terminated):
-            return EXIT_TERMINATED
-        if isinstance(error, KeyboardInterrupt):
-            return EXIT_INTERRUPTED
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__  # type: ignore[assignment]
+    for link in _chain(error):
+        if isinstance(link, KeyboardInterrupt):
+            return EXIT_TERMINATED if isinstance(link, Terminated) else EXIT_INTERRUPTED
     return None
 
 
@@ -99,16 +104,12 @@ def machine_failure(error: BaseException) -> BaseException | None:
     A stage that isolates failures file by file (one export failing must not cost the others) re-raises these:
     they are not the file's fault, and every file made after one is suspect.
     """
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, (MachineFailed, MemoryError)):
-            return error
-        if isinstance(error, OSError) and error.errno in MACHINE_ERRNOS:
-            return error
-        if not isinstance(error, UserError) and any(text in str(error).lower() for text in _MACHINE_TEXTS):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__  # type: ignore[assignment]
+    for link in _chain(error):
+        if isinstance(link, (MachineFailed, MemoryError)) or (isinstance(link, OSError) and
+                                                              link.errno in MACHINE_ERRNOS):
+            return link
+        if not isinstance(link, UserError) and any(text in str(link).lower() for text in _MACHINE_TEXTS):
+            return link
     return None
 
 
@@ -138,11 +139,7 @@ def exit_status(error: BaseException) -> tuple[int, str] | None:
     signalled = _interrupted(error)
     if signalled is not None:
         return signalled, interruption_line(signalled)
-    if disk_full(error):
-        where = f" writing {error.filename!r}" if getattr(error, "filename", None) else ""
-        return EXIT_FAILED, (f"no space left on device{where} ({error.strerror}); the running stage published "
-                             "nothing and its previous output is unchanged; free some space and run again")
-    failed = machine_failure(error)
+    failed = machine_failure(error)  # a full disk, an I/O error, no memory
     if failed is not None:
         return EXIT_FAILED, machine_line(failed)
     return None
