@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgetl.backends.torch.models import build_model
+from edgetl.backends.torch.models import build_model, to_int8_form
 from edgetl.backends.torch.quantize import bias_correct, fold_batchnorm, quantize_ptq
 from edgetl.errors import UserError
 from edgetl.ui import quiet_native
@@ -69,7 +69,8 @@ def quantize_ptq_graph(float_model: nn.Module, example: torch.Tensor, calibratio
                        bias_correction: bool = True, fuse_clamp: bool = True,
                        rounded_layers: list[str] | None = None,
                        rounding_iterations: int = 400, float_layers: tuple[str, ...] = (),
-                       rounded: tuple[nn.Module, dict] | None = None) -> tuple[torch.fx.GraphModule, dict]:
+                       rounded: tuple[nn.Module, dict] | None = None,
+                       activations: str = "histogram") -> tuple[torch.fx.GraphModule, dict]:
     """The PT2E int8 (Q/DQ) graph of the NHWC `float_model`, calibrated on `calibration` (NHWC), and what the
     manifest records about it. `rounded_layers`: layers (names in the BN-folded model) whose int8 rounding is
     learned (`adaround`) instead of nearest; the graph stays the same. `rounded`: an earlier call's learned
@@ -81,7 +82,7 @@ def quantize_ptq_graph(float_model: nn.Module, example: torch.Tensor, calibratio
     if rounded is not None:
         prepared, learned = copy.deepcopy(rounded[0]), rounded[1]
     else:
-        prepared = fold_batchnorm(float_model, example)
+        prepared = to_int8_form(fold_batchnorm(float_model, example))
         if rounded_layers:
             from edgetl.backends.torch.adaround import adaround
 
@@ -89,14 +90,17 @@ def quantize_ptq_graph(float_model: nn.Module, example: torch.Tensor, calibratio
             rounded = (copy.deepcopy(prepared), learned)
     if bias_correction:
         prepared = bias_correct(prepared, calib, float_layers)
-    graph = quantize_ptq(prepared, example, torch.split(calib, 64), fuse_clamp=fuse_clamp, float_layers=float_layers)
+    graph = quantize_ptq(prepared, example, torch.split(calib, 64), fuse_clamp=fuse_clamp, float_layers=float_layers,
+                         activations=activations)
     info = {
         "method": "pt2e-ptq" + ("+adaround" if learned else "") + ("+float-fallback" if float_layers else ""),
         "quantizer": "XNNPACKQuantizer (executorch), ReLU6 outputs observed after the clamp" if fuse_clamp
         else "XNNPACKQuantizer (executorch)",
         "weights": "int8, symmetric, per output channel (BatchNorm folded first)"
         + (f"; learned rounding on {len(rounded_layers)} layer(s)" if learned else ""),
-        "activations": "int8, per tensor, affine, HistogramObserver",
+        "activations": "int8, per tensor, affine, " + ("HistogramObserver" if activations == "histogram" else
+                                                       "running mean of each image's min/max "
+                                                       "(MovingAverageMinMaxObserver, one image per batch)"),
         "calibration_images": int(len(calibration)),
         "bias_correction": bool(bias_correction),
         "fuse_clamp": bool(fuse_clamp),

@@ -25,6 +25,14 @@ def make_divisible(value: float, divisor: int = 8) -> int:
     return rounded
 
 
+def global_pool(x: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] → [N, C]: the mean over H and W. The same values as adaptive average pooling to 1×1 and a
+    flatten, but one op that ExecuTorch's XNNPACK delegate takes whole: adaptive pooling lowers to a mean and an
+    as_strided copy of its [N, C, 1, 1] result, which XNNPACK does not take, so every pooling split the .pte into
+    one more delegate partition with a portable copy between."""
+    return x.mean((2, 3), keepdim=True).flatten(1)  # XNNPACK's mean keeps the dimensions; the flatten is a view
+
+
 class ConvNormAct(nn.Sequential):
     """conv → BN → activation, indexed 0/1/2 like torchvision's Conv2dNormActivation."""
 
@@ -142,7 +150,7 @@ class MobileNetV2(Backbone):
         self.init_weights()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1)
+        return global_pool(self.features(x))
 
     @property
     def head(self) -> nn.Module:
@@ -160,6 +168,24 @@ class MobileNetV2(Backbone):
 # ---------------------------------------------------------------- MobileNetV3
 
 
+class Int8Hardswish(nn.Module):
+    """x · relu6(x + 3) / 6, the same function as nn.Hardswish written with the ops whose int8 kernels XNNPACK and
+    LiteRT both have (add, clamp, mul). ExecuTorch's XNNPACK partitioner takes hardswish in fp32 only, and PT2E's
+    XNNPACK quantizer does not annotate it, so a plain Hardswish stays a float island between a dequantize and a
+    quantize in both files and splits the .pte into several delegate partitions."""
+
+    def __init__(self, dims: int = 4) -> None:
+        super().__init__()
+        # Constants of the input's rank ([1, 1, 1, 1] for a feature map), not Python scalars: litert-torch puts a
+        # scalar operand's op back in NCHW between two TRANSPOSEs of the whole feature map, while a constant of the
+        # input's rank stays in the NHWC layout of the rest
+        self.register_buffer("three", torch.full((1,) * dims, 3.0), persistent=False)
+        self.register_buffer("sixth", torch.full((1,) * dims, 1.0 / 6.0), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * nn.functional.hardtanh(x + self.three, 0.0, 6.0) * self.sixth
+
+
 class SqueezeExcitation(nn.Module):
     def __init__(self, channels: int, squeeze: int) -> None:
         super().__init__()
@@ -169,7 +195,7 @@ class SqueezeExcitation(nn.Module):
         self.scale_activation = nn.Hardsigmoid()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = nn.functional.adaptive_avg_pool2d(x, 1)
+        scale = x.mean((2, 3), keepdim=True)  # a mean, not adaptive pooling: see global_pool
         scale = self.scale_activation(self.fc2(self.activation(self.fc1(scale))))
         return x * scale
 
@@ -192,6 +218,36 @@ class InvertedResidualV3(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.block(x) if self.use_res_connect else self.block(x)
+
+    def to_int8_form(self) -> None:
+        """Rewrite the squeeze-excite gate, in place and exactly, into ops int8 kernels run: hardsigmoid(y) =
+        relu6(y + 3) / 6, so fc2's bias takes the + 3, a ReLU6 (fused into fc2 by every int8 runtime) replaces the
+        hardsigmoid, and the / 6 moves into the projection's weights, which read the gated tensor linearly. Needs
+        BatchNorm folded first (the projection's BN is then an Identity), as export does before quantizing."""
+        excite = next((m for m in self.block if isinstance(m, SqueezeExcitation)), None)
+        if excite is None or not isinstance(excite.scale_activation, nn.Hardsigmoid):
+            return
+        project = self.block[-1]
+        if not isinstance(project[1], nn.Identity) or excite.fc2.bias is None:
+            raise ValueError("the squeeze-excite gate is rewritten for int8 only after BatchNorm is folded")
+        with torch.no_grad():
+            excite.fc2.bias += 3.0
+            project[0].weight /= 6.0
+        excite.scale_activation = nn.ReLU6()
+
+
+def to_int8_form(model: nn.Module) -> nn.Module:
+    """`model` (BatchNorm folded) rewritten in place, computing the same function, into the ops that both int8
+    runtimes quantize whole: every Hardswish as Int8Hardswish, every squeeze-excite gate as a ReLU6. Backbones
+    without them are returned as they are."""
+    for module in list(model.modules()):
+        if isinstance(module, InvertedResidualV3):
+            module.to_int8_form()
+        flat = any(isinstance(child, nn.Linear) for child in module.children())  # a classifier's [N, C] tensors
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Hardswish):
+                setattr(module, name, Int8Hardswish(2 if flat else 4))
+    return model
 
 
 # (in, kernel, expanded, out, squeeze-excite, activation, stride), as in the MobileNetV3 paper
@@ -240,7 +296,7 @@ class MobileNetV3(Backbone):
         self.init_weights()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1)
+        return global_pool(self.features(x))
 
     @property
     def head(self) -> nn.Module:
@@ -319,7 +375,7 @@ class EfficientNetLite0(Backbone):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self._blocks(self.act(self._bn0(self._conv_stem(x))))
         x = self.act(self._bn1(self._conv_head(x)))
-        return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+        return global_pool(x)
 
     @property
     def head(self) -> nn.Module:

@@ -18,6 +18,7 @@ from torch import nn
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
 
 from edgetl import data
+from edgetl.backends.torch.models import to_int8_form
 from edgetl.backends.torch.quantize import ClampFusingQuantizer, fold_batchnorm
 from edgetl.backends.torch.recovery import Tune, fit, top1, val_arrays
 from edgetl.ui import console
@@ -35,7 +36,7 @@ def quantize_qat(
 ) -> tuple[torch.fx.GraphModule, dict]:
     """QAT of an NHWC float model; returns the converted int8 (Q/DQ) graph and what the manifest records."""
     started = time.perf_counter()
-    folded = fold_batchnorm(model, example)
+    folded = to_int8_form(fold_batchnorm(model, example))  # the same int8-friendly ops as post-training
     batch = torch.export.Dim("batch", min=1, max=4096)
     sample = torch.cat([example, example]) if example.shape[0] == 1 else example
     graph = torch.export.export(folded, (sample,), dynamic_shapes=({0: batch},)).module()

@@ -15,6 +15,7 @@ the model's input and output, stay int8 with the same observers.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterable
 
 import torch
@@ -23,6 +24,7 @@ from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
     get_symmetric_quantization_config,
 )
 from torch import nn
+from torchao.quantization.pt2e import MovingAverageMinMaxObserver
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
 
@@ -84,13 +86,29 @@ class ClampFusingQuantizer(XNNPACKQuantizer):
             self.kept_float.add(module_of(node))
 
 
-def make_quantizer(fuse_clamp: bool = True, float_layers: Iterable[str] = ()) -> XNNPACKQuantizer:
-    """Symmetric per-channel int8 weights, per-tensor int8 activations (histogram observers)."""
+# How activation ranges are calibrated. "histogram": PT2E's default, the range that minimises the L2 error of all
+# calibration values at once. "per-image": the running mean of each image's own min/max (one image per batch), so a
+# few images whose activations run 100x larger than the rest do not set the range for all of them.
+ACTIVATION_OBSERVERS = ("histogram", "per-image")
+PER_IMAGE_AVERAGING = 0.02  # weight of each new image in the running min/max: about the last 50 images count
+
+
+def make_quantizer(fuse_clamp: bool = True, float_layers: Iterable[str] = (),
+                   activations: str = "histogram") -> XNNPACKQuantizer:
+    """Symmetric per-channel int8 weights, per-tensor int8 activations observed as `activations` says."""
     float_layers = tuple(float_layers)
     if float_layers and not fuse_clamp:
         raise ValueError("float fallback of layers needs the clamp-fusing quantizer (fuse_clamp=True)")
+    if activations not in ACTIVATION_OBSERVERS:
+        raise ValueError(f"activation observer {activations!r}; valid: {', '.join(ACTIVATION_OBSERVERS)}")
     quantizer = ClampFusingQuantizer(float_layers) if fuse_clamp else XNNPACKQuantizer()
-    return quantizer.set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
+    config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)
+    if activations == "per-image":
+        observer = MovingAverageMinMaxObserver.with_args(averaging_constant=PER_IMAGE_AVERAGING, eps=2**-12)
+        config = dataclasses.replace(
+            config, input_activation=dataclasses.replace(config.input_activation, observer_or_fake_quant_ctr=observer),
+            output_activation=dataclasses.replace(config.output_activation, observer_or_fake_quant_ctr=observer))
+    return quantizer.set_global(config)
 
 
 def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> nn.Module:
@@ -190,6 +208,7 @@ def quantize_ptq(
     calibration: Iterable[torch.Tensor],
     fuse_clamp: bool = True,
     float_layers: Iterable[str] = (),
+    activations: str = "histogram",
 ) -> torch.fx.GraphModule:
     """PT2E PTQ: export with a dynamic batch, observe the calibration batches, convert to Q/DQ form.
     `float_layers`: module names whose weights stay float (each must be a conv or linear of `model`).
@@ -201,12 +220,13 @@ def quantize_ptq(
     sample = torch.cat([example, example]) if example.shape[0] == 1 else example
     graph = torch.export.export(model, (sample,), dynamic_shapes=({0: batch},)).module()
     float_layers = tuple(float_layers)
-    quantizer = make_quantizer(fuse_clamp, float_layers)
+    quantizer = make_quantizer(fuse_clamp, float_layers, activations)
     prepared = prepare_pt2e(graph, quantizer)
     missing = sorted(set(float_layers) - getattr(quantizer, "kept_float", set()))
     if missing:
         raise ValueError(f"float layer(s) not found among the quantized conv/linear nodes: {', '.join(missing)}")
     with torch.no_grad():
         for chunk in calibration:
-            prepared(chunk)
+            for image in torch.split(chunk, 1) if activations == "per-image" else (chunk,):
+                prepared(image)
     return convert_pt2e(prepared, fold_quantize=False)
