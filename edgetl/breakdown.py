@@ -113,6 +113,17 @@ def tflite_parts(model: Path) -> list[Part]:
         raise UserError(f"{model.name}: --breakdown needs a single-subgraph .tflite, this one has {len(graph)}")
     sub = graph[0]
     owners = [_block_of([sub.tensors[t].name.decode(errors="replace") for t in op.outputs]) for op in sub.operators]
+    finished: set[str] = set()  # modules whose operators have ended: a later operator named after one of them carries
+    current = None  # a name the converter reused (the head's MEAN named after a squeeze-excite's), so it names none
+    for i, owner in enumerate(owners):
+        if owner is None:
+            continue
+        if owner[0] in finished:
+            owners[i] = None
+        elif owner[0] != current:
+            if current is not None:
+                finished.add(current)
+            current = owner[0]
     blocks = [i for i, owner in enumerate(owners) if owner is not None and _is_block(owner[1])]
     if not blocks:
         raise UserError(f"{model.name}: its tensor names name no inverted-residual block (valid: a .tflite exported "
@@ -123,8 +134,6 @@ def tflite_parts(model: Path) -> list[Part]:
         module = owners[i][0] if owners[i] is not None else runs[-1][0]
         if runs and runs[-1][0] == module:
             runs[-1][2] = i
-        elif any(r[0] == module for r in runs):
-            raise UserError(f"{model.name}: the operators of {module} are not contiguous; cannot cut it into blocks")
         else:
             runs.append([module, i, i])
     parts = [Part(module, "block", a, b) for module, a, b in runs]

@@ -155,6 +155,11 @@ def export(
     parts: Annotated[bool | None, typer.Option(
         "--parts", help="torch: also lower each network block of every .pte on its own (stem, each inverted-residual "
                         "block, head), for bench --breakdown on emulated ARM64.")] = None,
+    debug_numerics: Annotated[bool | None, typer.Option(
+        "--debug-numerics", help="torch: run a few calibration images through every block (stem, each "
+                                 "inverted-residual block, head) of each int8 file in its runtime, of the PT2E Q/DQ "
+                                 "graph and of the float model; a table, numerics.png and the figures in the manifest "
+                                 "say where a runtime departs from the graph.")] = None,
     recovery_epochs: Annotated[int | None, typer.Option(
         help="Fine-tune epochs of --prune (default: torch 8 for channels, 4 for magnitude; keras 6).")] = None,
     qat_epochs: Annotated[int | None, typer.Option(
@@ -190,7 +195,7 @@ def export(
         recipe, formats=formats, quant=quant, calib=calib, max_drop=max_drop, bias_correction=bias_correction,
         prune=prune, qat=qat, recovery_epochs=recovery_epochs, qat_epochs=qat_epochs,
         distill=distill, threads=threads, int8=int8, no_qat=no_qat, rounding_layers=rounding_layers,
-        float_layers=float_layers, parts=parts,
+        float_layers=float_layers, parts=parts, debug_numerics=debug_numerics,
     )
     run_export(checkpoint, config, out, allow_modified=allow_modified)
 
@@ -271,6 +276,9 @@ def sweep(
     breakdown: Annotated[bool | None, typer.Option(
         "--breakdown", help="Emulated ARM64 targets: count each network block of every .tflite (bench --breakdown); "
         "the report gets a table and a plot per file.")] = None,
+    debug_numerics: Annotated[bool | None, typer.Option(
+        "--debug-numerics", help="torch: every int8 variant's export runs the numerics debugger (export "
+                                 "--debug-numerics); the report plots the first one's blocks.")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Sweep folder (default: RUN/sweep).")] = None,
     reuse: Annotated[Path | None, typer.Option(
         help="Export folder of this checkpoint (e.g. RUN/export): variants with the same settings take its "
@@ -282,7 +290,7 @@ def sweep(
     config = resolve_config(recipe, variants=variants, targets=target, threads=threads, formats=formats,
                             max_drop=max_drop, calib=calib, iters=iters, samples=samples, arm_iters=arm_iters,
                             arm_samples=arm_samples, remote_python=remote_python, taskset=taskset,
-                            breakdown=breakdown)
+                            breakdown=breakdown, debug_numerics=debug_numerics)
     run_sweep(checkpoint, config, out, reuse)
 
 

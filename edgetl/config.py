@@ -359,7 +359,8 @@ def artifact_name(model: Any, quant: str, fmt: str, tag: str = "") -> str:
 
 # Flags as a user types them, for the options that are not plain `--name VALUE`.
 _FLAG_TEXT = {"bias_correction": "--no-bias-correction", "fuse_clamp": "fuse_clamp = false",
-              "float_layers": "--float-layers", "parts": "--parts"}
+              "float_layers": "--float-layers", "parts": "--parts",
+              "debug_numerics": "--debug-numerics"}
 
 
 @dataclass(frozen=True)
@@ -387,6 +388,8 @@ class ExportConfig:
     # still over --max-drop after learned rounding; the int8 input and output tensors stay int8
     float_layers: tuple[str, ...] = ()
     parts: bool = False  # torch: also lower each network block of every .pte on its own (bench --breakdown)
+    # torch: compare every block of each int8 file in its runtime with the float model and the Q/DQ graph
+    debug_numerics: bool = False
     sensitivity_seconds: float = 60.0  # torch: time budget of the per-layer sensitivity table
     recovery_epochs: int | None = None  # fine-tune epochs of pruning (None: the backend's measured default)
     qat_epochs: int | None = None  # epochs of quantization-aware training (None: the backend's default)
@@ -440,6 +443,9 @@ class ExportConfig:
         if float_layers and "int8" not in quant:
             raise UserError(f"--float-layers {','.join(float_layers)} applies to int8 files but --quant is "
                             f"{','.join(quant)}; add int8 to --quant")
+        if self.debug_numerics and "int8" not in quant:
+            raise UserError(f"--debug-numerics compares int8 files with their float model, but --quant is "
+                            f"{','.join(quant)}; valid: --quant int8 or fp32,int8")
         if int8 == "qat" and "int8" not in quant:
             raise UserError(f"--int8 qat trains for int8 but --quant is {','.join(quant)}; add int8 to --quant")
         if self.recovery_epochs is not None and not 0 <= self.recovery_epochs <= 1000:
@@ -541,7 +547,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             "dense model), then int8 PTQ"),
 )}
 # ExportConfig fields a variant may not set: the sweep sets them alike for every variant.
-SWEEP_LEVEL_FIELDS = ("formats", "max_drop", "threads", "recipe", "parts")
+SWEEP_LEVEL_FIELDS = ("formats", "max_drop", "threads", "recipe", "parts", "debug_numerics")
 
 
 def _threads(value: object) -> tuple[int, ...]:
@@ -577,6 +583,7 @@ class SweepConfig:
     remote_python: str = "python3"  # ssh: targets: the Python that runs device_bench there
     taskset: str | None = None  # ssh: targets: CPUs to pin device_bench to (taskset -c)
     breakdown: bool = False  # emulated targets: instructions per network block of each file (bench --breakdown)
+    debug_numerics: bool = False  # every int8 variant's export runs the numerics debugger (export --debug-numerics)
     custom: dict[str, Variant] = field(default_factory=dict)
     recipe: str | None = None
 
@@ -621,6 +628,8 @@ class SweepConfig:
         overrides = dict(self.known()[name].overrides)
         if isinstance(overrides.get("quant"), str | list | tuple):
             overrides["quant"] = tuple(_as_list(overrides["quant"]))
+        if self.debug_numerics and "int8" in overrides.get("quant", ExportConfig.quant):  # fp32 variants: nothing
+            base["debug_numerics"] = True
         return ExportConfig(**{**base, **overrides})
 
     def to_json(self) -> dict:

@@ -465,6 +465,7 @@ class ExportManifest(Record):
     pruning: dict | None = _field(optional(OBJECT))
     seconds: float | None = _field(optional(SECONDS))
     versions: dict = _field(optional(OBJECT), dict)
+    numerics: dict | None = _field(optional(OBJECT))  # --debug-numerics: per block, each runtime against the graph
     extra: dict = field(default_factory=dict)
 
     def made(self) -> list[str]:

@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -184,18 +184,22 @@ def run_export(checkpoint: Path, config: ExportConfig, out: Path | None = None, 
         np.savez(tmp / FLOAT_REFERENCE, logits=reference, labels=inputs.y_test)
         backend.save_extras(graphs, tmp)
         artifacts = [_export_one(backend, context, quant, fmt, tmp) for quant in config.quant for fmt in config.formats]
+        context.graph_of = {a.file: graphs.int8 for a in artifacts if a.quant == "int8" and a.ok}
         first_quantization = dict(graphs.quantization)
         policy = _apply_policy(backend, context, checkpoint, listing, inputs, reference, artifacts, tmp)
         graphs.quantization = {**first_quantization, "policy": policy, "sensitivity": graphs.sensitivity}
         record = _verify(tmp, artifacts, context, policy)
+        numerics = _debug_numerics(backend, context, artifacts, inputs, tmp) if config.debug_numerics else None
         write_json(tmp / "manifest.json", _export_manifest(context, inputs, reference, artifacts, record,
-                                                           time.perf_counter() - started).to_json())
+                                                           time.perf_counter() - started, numerics).to_json())
         if sha256_file(checkpoint / manifest.weights_file) != weights_sha256:
             raise StageFailed(f"{manifest.weights_file} in {str(checkpoint)!r} changed while it was exported; "
                               "nothing was published: run the export again")
     if graphs.sensitivity is not None:
         print_sensitivity(graphs.sensitivity)
     print_record(record)
+    if numerics is not None:
+        print_numerics(numerics)
     if graphs.pruning is not None:
         console.print(backend.pruning_summary(graphs.pruning))
     console.print(f"export folder: {out}")
@@ -268,6 +272,7 @@ class _Context:
     spec: dict
     parent: dict
     versions: dict
+    graph_of: dict = field(default_factory=dict)  # int8 file → the Q/DQ graph it was converted from
 
 
 def check_weights(checkpoint: Path, manifest: CheckpointManifest, allow_modified: bool) -> str:
@@ -433,7 +438,7 @@ def _attach_verification(folder: Path, row: dict) -> None:
 
 
 def _export_manifest(context: _Context, inputs: Inputs, reference: np.ndarray, artifacts: list[ArtifactEntry],
-                     record: dict, seconds: float) -> ExportManifest:
+                     record: dict, seconds: float, numerics: dict | None = None) -> ExportManifest:
     graphs = context.graphs
     return ExportManifest(
         created=now_utc(), framework=context.manifest.framework, parent=context.parent,
@@ -444,7 +449,7 @@ def _export_manifest(context: _Context, inputs: Inputs, reference: np.ndarray, a
         float_reference={"file": FLOAT_REFERENCE, "top1": float((reference.argmax(axis=1) == inputs.y_test).mean()),
                          "model": graphs.float_label},
         quantization=graphs.quantization or None, pruning=graphs.pruning, artifacts=tuple(artifacts),
-        verification=record, seconds=round(seconds, 1), versions=context.versions,
+        verification=record, seconds=round(seconds, 1), versions=context.versions, numerics=numerics,
     )
 
 
@@ -541,7 +546,8 @@ def _apply_policy(backend: Backend, context: _Context, checkpoint: Path, listing
     return policy
 
 
-REMEDY_NAMES = {"adaround": "learned weight rounding (no labels)",
+REMEDY_NAMES = {"ranges": "activation ranges from each calibration image's own min/max (no labels)",
+                "adaround": "learned weight rounding (no labels)",
                 "float-fallback": "float fallback of --float-layers (no labels; those layers run in fp32)",
                 "qat": "quantization-aware training (labels)"}
 
@@ -572,12 +578,64 @@ def _remake(backend: Backend, context: _Context, entry: ArtifactEntry, remedy: s
             shutil.rmtree(parts_folder(folder, made.file), ignore_errors=True)
             _write_parts(backend, context.graphs, "int8", folder, made.file, made.sha256)
         artifacts[[a.file for a in artifacts].index(entry.file)] = made
+        context.graph_of[made.file] = context.graphs.int8
     shutil.rmtree(side, ignore_errors=True)
     gain = round(before - measured["drop_points"], 2)
     console.print(f"int8: {made.file}: {remedy} {'kept' if kept else 'not kept'} — drop {before:.1f} → "
                   f"{measured['drop_points']:.1f} points ({gain:+.1f})")
     return {**measured, "drop_before": before, "changed_before": changed_before, "gain_points": gain, "kept": kept,
             "seconds": round(time.perf_counter() - started, 1)}
+
+
+NUMERICS_IMAGES = 8  # calibration images the debugger runs: enough for stable per-block SQNR, seconds per block
+NUMERICS_PLOT = "numerics.png"
+
+
+def _debug_numerics(backend: Backend, context: _Context, artifacts: list[ArtifactEntry], inputs: Inputs,
+                    folder: Path) -> dict:
+    """`--debug-numerics`: every block of each int8 file in its runtime against the float model and the Q/DQ graph
+    it was converted from (files made from different graphs, as after a remedy, are compared with their own)."""
+    from edgetl import numerics
+
+    made = [a for a in artifacts if a.quant == "int8" and a.ok and context.graph_of.get(a.file) is not None]
+    if not made:
+        return {"kind": numerics.KIND, "skipped": "no int8 file was made from a quantized graph"}
+    images = inputs.calibration[:NUMERICS_IMAGES]
+    console.print(f"int8: numerics debugger on {len(images)} calibration images, block by block in each runtime…")
+    started = time.perf_counter()
+    records = []
+    for graph in {id(context.graph_of[a.file]): context.graph_of[a.file] for a in made}.values():
+        files = {a.format: folder / a.file for a in made if context.graph_of[a.file] is graph}
+        try:
+            signals = backend.block_signals(replace(context.graphs, int8=graph), images, lower_pte="pte" in files)
+        except Exception as error:  # noqa: BLE001 - the debugger failing must not cost the files
+            if machine_failure(error):
+                raise
+            signals, reason = None, f"the graph could not be cut into blocks ({one_line(error)})"
+        else:
+            reason = "this backend cannot cut its graph into blocks"
+        if signals is None:
+            records.append({"kind": numerics.KIND, "files": [p.name for p in files.values()], "skipped": reason})
+            continue
+        records.append(numerics.debug_numerics(signals, files, images, context.config.threads))
+    record = records[0] if len(records) == 1 else {"kind": numerics.KIND, "graphs": records}
+    record["seconds"] = round(time.perf_counter() - started, 1)
+    plot = numerics.plot(records[0]) if "blocks" in records[0] else None
+    if plot is not None:
+        atomic_write_bytes(folder / NUMERICS_PLOT, plot)
+        record["plot"] = NUMERICS_PLOT
+    return record
+
+
+def print_numerics(record: dict) -> None:
+    from edgetl import numerics
+
+    for one in record.get("graphs", [record]):
+        if "skipped" in one:
+            console.print(f"[yellow]numerics debugger: {one['skipped']}[/]")
+            continue
+        stdout.print(numerics.render_table(one))
+        stdout.print(numerics.summary(one))
 
 
 def print_sensitivity(record: dict, top: int = 10) -> None:

@@ -330,7 +330,27 @@ def plots(document: dict[str, Any]) -> dict[str, bytes]:
     sensitivity = int8_sensitivity(document)
     if sensitivity is not None:
         figures["int8_sensitivity"] = _sensitivity_plot(plt, *sensitivity)
+    numerics = int8_numerics(document)
+    if numerics is not None:
+        from edgetl.numerics import plot as numerics_plot
+
+        figure = numerics_plot(numerics)
+        if figure is not None:
+            figures["int8_numerics"] = figure
     return figures
+
+
+def int8_numerics(document: dict[str, Any]) -> dict[str, Any] | None:
+    """The numerics debugger's record of the first variant whose export ran it (export --debug-numerics)."""
+    for variant in document.get("variants", []):
+        path = Path(variant.get("export", "")) / "manifest.json"
+        if not path.is_file():
+            continue
+        record = json.loads(path.read_text()).get("numerics") or {}
+        record = record if "blocks" in record else next((r for r in record.get("graphs", []) if "blocks" in r), None)
+        if record:
+            return record
+    return None
 
 
 def int8_sensitivity(document: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
@@ -454,6 +474,8 @@ def sections(document: dict[str, Any]) -> list[Block]:
                       ("top1_vs_file_size", "top-1 against file size"),
                       ("int8_sensitivity", "int8 sensitivity: each layer's logit error when only it is rounded, "
                                            "and its share of MACs"),
+                      ("int8_numerics", "int8 numerics per block: SQNR against float of the Q/DQ graph and of each "
+                                        "runtime, and where a runtime departs from the graph"),
                       ("instructions_per_block", "guest instructions per invoke of each network block")):
         if name in document.get("plots", []):
             blocks.append(("img", name, alt))

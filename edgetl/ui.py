@@ -14,8 +14,12 @@ from collections.abc import Iterator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True, highlight=False, soft_wrap=True)
-stdout = Console(highlight=False)
+# Output that is not a terminal (a CI log, `| tee`) has no width to detect: rich would assume 80 columns and cut
+# the tables' key columns to "88.…"; such output gets room for the widest table instead (COLUMNS still decides).
+_PIPED_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
+console = Console(stderr=True, highlight=False, soft_wrap=True,
+                  width=None if sys.stderr.isatty() or os.environ.get("COLUMNS") else 160)
+stdout = Console(highlight=False, width=_PIPED_WIDTH)
 
 
 def progress() -> Progress:

@@ -51,11 +51,11 @@ CAPABILITIES: dict[str, Capabilities] = {
         prune_kinds=("channels", "magnitude"),
         knobs=frozenset({"bias_correction", "fuse_clamp", "distill", "recovery_epochs", "recovery_lr", "qat_epochs",
                          "qat_lr", "tune_images", "rounding_layers", "sensitivity_seconds", "float_layers",
-                         "parts"}),
+                         "parts", "debug_numerics"}),
         converters={"pte": "ExecuTorch to_edge_transform_and_lower (XnnpackPartitioner)",
                     "tflite": "litert-torch"},
         libraries=("torch", "torchao", "executorch", "litert-torch", "ai-edge-litert", "numpy", "pillow"),
-        remedies=("adaround", "float-fallback", "qat"),
+        remedies=("ranges", "adaround", "float-fallback", "qat"),
         hint="fine-tune with --framework keras to use them",
     ),
     "keras": Capabilities(
@@ -205,6 +205,11 @@ class Backend(ABC):
     def pte_parts(self, graphs: Graphs, quant: str) -> list[dict] | None:
         """Each network block of the `quant` .pte lowered on its own (name, role, macs, payload), for
         `bench --breakdown`; None where the backend cannot cut its graph."""
+        return None
+
+    def block_signals(self, graphs: Graphs, images: np.ndarray, lower_pte: bool) -> list | None:
+        """Each block's output in the float model and the int8 graph on `images`, with (`lower_pte`) each int8 block
+        lowered to a .pte of its own, for the numerics debugger; None where the backend cannot cut its graph."""
         return None
 
     def quantized_layer_names(self, checkpoint: Path, manifest: Any) -> list[str] | None:

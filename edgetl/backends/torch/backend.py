@@ -18,6 +18,7 @@ from edgetl.ui import console, quiet_native
 class TorchBackend(Backend):
     capabilities = CAPABILITIES["torch"]
     _rounded = None  # the learned rounding of this export (BN-folded model and record), reused by float fallback
+    _activations = "histogram"  # the activation observer later remedies build on (the "ranges" remedy may change it)
 
     def needs_calibration(self, config) -> bool:
         return "int8" in config.quant  # post-training, and the sensitivity table of every int8 export
@@ -69,6 +70,8 @@ class TorchBackend(Backend):
                config) -> None:
         if name == "float-fallback":
             return self._float_fallback(graphs, calibration, config)
+        if name == "ranges":
+            return self._per_image_ranges(graphs, calibration, config)
         if name != "adaround":
             return super().remedy(name, graphs, checkpoint, manifest, listing, calibration, config)
         from edgetl.backends.torch.sensitivity import most_sensitive
@@ -83,8 +86,27 @@ class TorchBackend(Backend):
         with quiet_native():
             graphs.int8, graphs.quantization = graphs_of.quantize_ptq_graph(
                 graphs.float_model, graphs.example, calibration, config.bias_correction, config.fuse_clamp,
-                rounded_layers=layers)
+                rounded_layers=layers, activations=self._activations)
         self._rounded = graphs.quantization.pop("_rounded", None)
+
+    def _per_image_ranges(self, graphs: Graphs, calibration: np.ndarray, config) -> None:
+        """Activation ranges from the running mean of each calibration image's own min/max. The histogram observer
+        fits one range to all values at once, so a few images whose activations run 100x larger than the rest set
+        it for all of them. Which observer later remedies build on is chosen without labels: the one whose graph's
+        logits on the calibration images lie closer (mean squared error) to the float model's."""
+        console.print("int8: activation ranges from each calibration image's own min/max…")
+        first = graphs.int8
+        with quiet_native():
+            graphs.int8, graphs.quantization = graphs_of.quantize_ptq_graph(
+                graphs.float_model, graphs.example, calibration, config.bias_correction, config.fuse_clamp,
+                activations="per-image")
+            reference = graphs_of.logits(graphs.float_model, calibration)
+            errors = {name: float(np.mean((graphs_of.logits(graph, calibration) - reference) ** 2))
+                      for name, graph in (("histogram", first), ("per-image", graphs.int8)) if graph is not None}
+        self._activations = min(errors, key=errors.get)
+        graphs.quantization["activation_choice"] = {
+            "criterion": "mean squared error of the calibration images' logits against the float model's (no labels)",
+            "errors": {name: round(value, 6) for name, value in errors.items()}, "chosen": self._activations}
 
     def _float_fallback(self, graphs: Graphs, calibration: np.ndarray, config) -> None:
         """The allowed layers keep float weights, on top of the learned rounding when that remedy ran."""
@@ -95,7 +117,7 @@ class TorchBackend(Backend):
         with quiet_native():
             graphs.int8, graphs.quantization = graphs_of.quantize_ptq_graph(
                 graphs.float_model, graphs.example, calibration, config.bias_correction, config.fuse_clamp,
-                float_layers=layers, rounded=self._rounded)
+                float_layers=layers, rounded=self._rounded, activations=self._activations)
         graphs.quantization.pop("_rounded", None)
         if graphs.sensitivity is not None:
             share = sum(r["macs_share"] for r in graphs.sensitivity["rows"] if r["layer"] in layers)
@@ -116,6 +138,12 @@ class TorchBackend(Backend):
         module = graphs.int8 if quant == "int8" else graphs.float_model
         with quiet_native():
             return graphs_of.pte_parts(module, graphs.example)
+
+    def block_signals(self, graphs: Graphs, images: np.ndarray, lower_pte: bool) -> list:
+        from edgetl.backends.torch.numerics import block_signals
+
+        with quiet_native():
+            return block_signals(graphs.float_model, graphs.int8, images, lower=lower_pte)
 
     def save_extras(self, graphs: Graphs, folder: Path) -> None:
         if graphs.pruning is not None:

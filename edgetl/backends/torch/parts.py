@@ -42,6 +42,10 @@ class GraphPart:
     module: fx.GraphModule | None = None
     inputs: tuple[torch.Tensor, ...] = ()
     macs: int = 0
+    # the whole graph's nodes whose values the part's inputs and outputs carry (in order), so the part can be fed
+    # and checked against the whole graph run on other images (the numerics debugger)
+    input_nodes: list[fx.Node] = field(default_factory=list)
+    output_nodes: list[fx.Node] = field(default_factory=list)
 
 
 def _block_of(node: fx.Node) -> str | None:
@@ -177,6 +181,7 @@ class _Builder:
                     placeholder = self.new.call_function(PERMUTE, (placeholder, [0, 3, 1, 2]))
                 self.received[source] = placeholder
                 self.inputs.append(value)
+                self.part.input_nodes.append(node)
             if node.target is DEQUANTIZE:
                 quantize = self.new.call_function(QUANTIZE, (self.received[source], *source.args[1:]))
                 self.env[node] = self.new.call_function(DEQUANTIZE, (quantize, *node.args[1:]))
@@ -199,7 +204,8 @@ class _Builder:
                 if arg not in self.env and self.part_of.get(arg) != self.index:
                     self.receive(arg)
             self.env[node] = self.new.node_copy(node, self.env.__getitem__)
-        outputs = [self._nhwc(n) for n in _outputs(part, self.part_of, self.index)]
+        part.output_nodes = _outputs(part, self.part_of, self.index)
+        outputs = [self._nhwc(n) for n in part.output_nodes]
         self.new.output(tuple(outputs) if len(outputs) > 1 else outputs[0])
         part.module = fx.GraphModule(self.graph, self.new)
         part.inputs = tuple(self.inputs)
