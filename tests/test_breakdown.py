@@ -123,6 +123,7 @@ MAX_OVERHEAD_PER_EXTRA_PART = {"tflite": 10_000, "pte": 20_000}
 
 
 @pytest.mark.arm
+@pytest.mark.slow  # 5 to 12 minutes of qemu on two cores; the a76 runs of test_arm64 and test_sweep stay in `make test`
 def test_breakdown_on_the_emulated_a76_repeats_and_sums_to_the_whole(tiny_checkpoint: Path, tmp_path: Path) -> None:
     export = tmp_path / "export"
     done = run_cli("export", str(tiny_checkpoint), "--formats", "tflite,pte", "--quant", "int8", "--parts",
