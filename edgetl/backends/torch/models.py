@@ -182,8 +182,12 @@ class Int8Hardswish(nn.Module):
         self.register_buffer("three", torch.full((1,) * dims, 3.0), persistent=False)
         self.register_buffer("sixth", torch.full((1,) * dims, 1.0 / 6.0), persistent=False)
 
+        # False once the / 6 has been moved into the weights of the linear layer that alone reads the output
+        self.scaled = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * nn.functional.hardtanh(x + self.three, 0.0, 6.0) * self.sixth
+        y = x * nn.functional.hardtanh(x + self.three, 0.0, 6.0)
+        return y * self.sixth if self.scaled else y
 
 
 class SqueezeExcitation(nn.Module):
@@ -225,28 +229,47 @@ class InvertedResidualV3(nn.Module):
         hardsigmoid, and the / 6 moves into the projection's weights, which read the gated tensor linearly. Needs
         BatchNorm folded first (the projection's BN is then an Identity), as export does before quantizing."""
         excite = next((m for m in self.block if isinstance(m, SqueezeExcitation)), None)
-        if excite is None or not isinstance(excite.scale_activation, nn.Hardsigmoid):
-            return
         project = self.block[-1]
-        if not isinstance(project[1], nn.Identity) or excite.fc2.bias is None:
-            raise ValueError("the squeeze-excite gate is rewritten for int8 only after BatchNorm is folded")
-        with torch.no_grad():
-            excite.fc2.bias += 3.0
-            project[0].weight /= 6.0
-        excite.scale_activation = nn.ReLU6()
+        if excite is not None and isinstance(excite.scale_activation, nn.Hardsigmoid):
+            if not isinstance(project[1], nn.Identity) or excite.fc2.bias is None:
+                raise ValueError("the squeeze-excite gate is rewritten for int8 only after BatchNorm is folded")
+            with torch.no_grad():
+                excite.fc2.bias += 3.0
+                project[0].weight /= 6.0
+            excite.scale_activation = nn.ReLU6()
+        # Each Int8Hardswish inside the block feeds linear layers only, so its final / 6 (an int8 multiply over the
+        # whole expanded tensor) moves into their weights: the next conv's, or the squeeze-excite's fc1 and the
+        # projection's (the gated tensor is 6x larger too). Exact whatever follows each conv.
+        layers = list(self.block)
+        for layer, after in zip(layers, layers[1:], strict=False):
+            act = layer[2] if isinstance(layer, ConvNormAct) and len(layer) > 2 else None
+            if not isinstance(act, Int8Hardswish) or not act.scaled:
+                continue
+            with torch.no_grad():
+                if isinstance(after, ConvNormAct):
+                    after[0].weight /= 6.0
+                elif isinstance(after, SqueezeExcitation):
+                    after.fc1.weight /= 6.0
+                    project[0].weight /= 6.0
+                else:
+                    continue
+            act.scaled = False
 
 
 def to_int8_form(model: nn.Module) -> nn.Module:
     """`model` (BatchNorm folded) rewritten in place, computing the same function, into the ops that both int8
-    runtimes quantize whole: every Hardswish as Int8Hardswish, every squeeze-excite gate as a ReLU6. Backbones
-    without them are returned as they are."""
+    runtimes quantize whole: every Hardswish as Int8Hardswish (its / 6 moved into the next linear layer where that
+    layer alone reads it), every squeeze-excite gate as a ReLU6. Backbones without them are returned as they are."""
     for module in list(model.modules()):
-        if isinstance(module, InvertedResidualV3):
-            module.to_int8_form()
         flat = any(isinstance(child, nn.Linear) for child in module.children())  # a classifier's [N, C] tensors
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Hardswish):
                 setattr(module, name, Int8Hardswish(2 if flat else 4))
+    for module in list(model.modules()):
+        if isinstance(module, InvertedResidualV3):
+            module.to_int8_form()
+        elif isinstance(module, MobileNetV3):
+            module.fold_head_hardswish()
     return model
 
 
@@ -304,6 +327,17 @@ class MobileNetV3(Backbone):
 
     def stages(self) -> list[nn.Module]:
         return list(self.features)
+
+    def fold_head_hardswish(self) -> None:
+        """In the int8 form: the last feature map's hardswish is pooled (linear) into the hidden Linear, and the
+        hidden hardswish goes through dropout (off in eval) into the final Linear, so each one's / 6 moves into that
+        Linear's weights."""
+        last, hidden = self.features[-1][2], self.classifier[1]
+        for act, linear in ((last, self.classifier[0]), (hidden, self.classifier[3])):
+            if isinstance(act, Int8Hardswish) and act.scaled:
+                with torch.no_grad():
+                    linear.weight /= 6.0
+                act.scaled = False
 
     def head_input(self, x: torch.Tensor) -> torch.Tensor:
         """The pretrained hidden Linear + Hardswish (dropout is off in eval mode) before the final Linear."""
