@@ -123,15 +123,9 @@ class PteBlocks:
                 self.files[_key(signal)] = path
 
     def run(self, name: str, inputs: list[np.ndarray]) -> np.ndarray:
-        import torch
-        from executorch.runtime import Runtime
+        from edgetl.runtimes.pte import run_inputs
 
-        method = Runtime.get().load_program(self.files[name]).load_method("forward")
-        outputs = []
-        for image in range(len(inputs[0])):
-            tensors = [torch.from_numpy(np.ascontiguousarray(values[image : image + 1])) for values in inputs]
-            outputs.append(method.execute(tensors)[-1].detach().float().numpy())
-        return np.concatenate(outputs).astype(np.float32)
+        return run_inputs(self.files[name], inputs)
 
 
 def _compare_runtime(signals: list[Any], runner: Any, whole: Callable[[], np.ndarray] | None) -> dict[str, Any]:

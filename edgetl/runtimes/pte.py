@@ -37,6 +37,19 @@ def run(path: Path, x: np.ndarray, threads: int | None = None) -> np.ndarray:
     return np.stack(outputs).astype(np.float32)
 
 
+def run_inputs(path: Path, inputs: list[np.ndarray]) -> np.ndarray:
+    """A program of several inputs (a block of a network, `--debug-numerics`): image i of every array in `inputs`
+    goes in together; the last output of each call, stacked in its own shape."""
+    import torch
+
+    method = _program(path).load_method("forward")
+    outputs = []
+    for index in range(len(inputs[0])):
+        tensors = [torch.from_numpy(np.ascontiguousarray(values[index : index + 1])) for values in inputs]
+        outputs.append(method.execute(tensors)[-1].detach().float().numpy())
+    return np.concatenate(outputs).astype(np.float32)
+
+
 def describe(path: Path) -> dict:
     """Input and output tensors of `forward`, as the program's own metadata gives them (no names in a .pte)."""
     meta = _program(path).metadata("forward")
