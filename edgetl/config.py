@@ -311,8 +311,8 @@ PRUNE_NAMES = {"channels": "channel pruning", "magnitude": "magnitude pruning"}
 # top-1 no longer moves, while calibration time keeps growing linearly.
 DEFAULT_CALIB = 256
 # How `edgetl export` makes int8: "auto" is post-training quantization, then, only for a file over --max-drop, the
-# backend's remedies in order of cost (torch: learned weight rounding, float fallback of the layers the user allows,
-# then QAT); "ptq" and "qat" force one method.
+# backend's remedies in order of cost (torch: cross-layer equalization, activation ranges per tensor, learned weight
+# rounding, float fallback of the layers the user allows, then QAT); "ptq" and "qat" force one method.
 INT8_MODES = ("auto", "ptq", "qat")
 
 

@@ -546,7 +546,9 @@ def _apply_policy(backend: Backend, context: _Context, checkpoint: Path, listing
     return policy
 
 
-REMEDY_NAMES = {"ranges": "activation ranges from each calibration image's own min/max (no labels)",
+REMEDY_NAMES = {"equalize": "cross-layer equalization and bias absorption (no labels)",
+                "ranges": "activation ranges chosen per tensor by output error: one histogram over all images or each "
+                          "image's own min/max (no labels)",
                 "adaround": "learned weight rounding (no labels)",
                 "float-fallback": "float fallback of --float-layers (no labels; those layers run in fp32)",
                 "qat": "quantization-aware training (labels)"}

@@ -278,7 +278,8 @@ def test_auto_over_budget_gets_learned_rounding_recorded_with_cost_and_gain(tiny
 
 def test_policy_tries_remedies_in_order_keeps_only_gains_and_honours_no_qat(tmp_path: Path,
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """The remedy loop on scripted drops: activation ranges first (worse here: not kept), then learned rounding; a
+    """The remedy loop on scripted drops: equalization first (no gain: not kept), activation ranges (worse: not
+    kept), then learned rounding; a
     remedied file replaces the earlier one only if it lost less; QAT runs only for what is still over the budget
     and never with --no-qat."""
     from types import SimpleNamespace
@@ -288,6 +289,7 @@ def test_policy_tries_remedies_in_order_keeps_only_gains_and_honours_no_qat(tmp_
     from edgetl.contracts import ArtifactEntry
 
     drops = {"ptq": {"a.tflite": 1.5, "a.pte": 0.8}, "ranges": {"a.tflite": 1.6, "a.pte": 0.8},
+             "equalize": {"a.tflite": 1.5, "a.pte": 0.8},
              "adaround": {"a.tflite": 1.2, "a.pte": 0.9},
              "float-fallback": {"a.tflite": 0.4, "a.pte": 0.6}, "qat": {"a.tflite": 0.1, "a.pte": 0.3}}
     state = {"made_by": "ptq"}
@@ -327,29 +329,30 @@ def test_policy_tries_remedies_in_order_keeps_only_gains_and_honours_no_qat(tmp_
         return export._apply_policy(Backend(), context, tmp_path, None, inputs, None, list(artifacts), tmp_path)
 
     policy = run(ExportConfig(max_drop=1.0, no_qat=True))
-    assert Backend.calls == ["ranges", "adaround"]
+    assert Backend.calls == ["equalize", "ranges", "adaround"]
     assert policy["remedy_of"] == {"a.tflite": "adaround", "a.pte": "ptq"}  # .pte was within: never remade
-    assert policy["steps"][0]["files"]["a.tflite"]["kept"] is False  # ranges lost more: the PTQ file stayed
-    step = policy["steps"][1]
+    assert policy["steps"][0]["files"]["a.tflite"]["kept"] is False  # equalization gained nothing: PTQ's file stayed
+    assert policy["steps"][1]["files"]["a.tflite"]["kept"] is False  # ranges lost more: not kept either
+    step = policy["steps"][2]
     assert list(step["files"]) == ["a.tflite"] and step["files"]["a.tflite"]["gain_points"] == pytest.approx(0.3)
-    assert policy["steps"][2] == {"remedy": "float-fallback", "files": {}, "skipped": "no --float-layers"}
-    assert policy["steps"][3] == {"remedy": "qat", "files": {}, "skipped": "--no-qat"}
+    assert policy["steps"][3] == {"remedy": "float-fallback", "files": {}, "skipped": "no --float-layers"}
+    assert policy["steps"][4] == {"remedy": "qat", "files": {}, "skipped": "--no-qat"}
     assert (tmp_path / "a.tflite").read_text() == "adaround"
 
     policy = run(ExportConfig(max_drop=0.7, no_qat=True, float_layers="model.stem"))
-    assert Backend.calls == ["ranges", "adaround", "float-fallback"]  # within the budget after it: no QAT step
+    assert Backend.calls == ["equalize", "ranges", "adaround", "float-fallback"]  # within the budget: no QAT step
     assert policy["remedy_of"] == {"a.tflite": "float-fallback", "a.pte": "float-fallback"}
-    assert [s["remedy"] for s in policy["steps"]] == ["ranges", "adaround", "float-fallback"]
-    assert policy["steps"][2]["files"]["a.pte"]["drop_before"] == 0.8  # .pte's adaround was worse: from PTQ's
-    assert policy["steps"][2]["files"]["a.tflite"]["drop_before"] == 1.2
+    assert [s["remedy"] for s in policy["steps"]] == ["equalize", "ranges", "adaround", "float-fallback"]
+    assert policy["steps"][3]["files"]["a.pte"]["drop_before"] == 0.8  # .pte's adaround was worse: from PTQ's
+    assert policy["steps"][3]["files"]["a.tflite"]["drop_before"] == 1.2
 
     policy = run(ExportConfig(max_drop=0.5))
-    assert Backend.calls == ["ranges", "adaround", "qat"]
+    assert Backend.calls == ["equalize", "ranges", "adaround", "qat"]
     assert policy["remedy_of"] == {"a.tflite": "qat", "a.pte": "qat"}
-    assert policy["steps"][1]["files"]["a.pte"] == {"drop_points": 0.9, "top1": 0.5, "changed_predictions": 10,
+    assert policy["steps"][2]["files"]["a.pte"] == {"drop_points": 0.9, "top1": 0.5, "changed_predictions": 10,
                                                     "drop_before": 0.8, "changed_before": 10, "gain_points": -0.1,
                                                     "kept": False, "seconds": pytest.approx(0, abs=1)}
-    assert [s["remedy"] for s in policy["steps"]] == ["ranges", "adaround", "float-fallback", "qat"]
+    assert [s["remedy"] for s in policy["steps"]] == ["equalize", "ranges", "adaround", "float-fallback", "qat"]
     assert (tmp_path / "a.pte").read_text() == "qat" and (tmp_path / "a.tflite").read_text() == "qat"
 
     assert run(ExportConfig(int8="ptq", max_drop=0.5))["steps"] == []  # --int8 ptq: no remedy

@@ -55,7 +55,7 @@ CAPABILITIES: dict[str, Capabilities] = {
         converters={"pte": "ExecuTorch to_edge_transform_and_lower (XnnpackPartitioner)",
                     "tflite": "litert-torch"},
         libraries=("torch", "torchao", "executorch", "litert-torch", "ai-edge-litert", "numpy", "pillow"),
-        remedies=("ranges", "adaround", "float-fallback", "qat"),
+        remedies=("equalize", "ranges", "adaround", "float-fallback", "qat"),
         hint="fine-tune with --framework keras to use them",
     ),
     "keras": Capabilities(

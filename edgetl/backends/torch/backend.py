@@ -14,11 +14,19 @@ from edgetl.backends.base import CAPABILITIES, Backend, Converted, Graphs
 from edgetl.backends.torch import export as graphs_of
 from edgetl.ui import console, quiet_native
 
+RANGES_IMAGES = 64  # calibration images the label-free choices of the ranges and equalize remedies are made on
+RANGES_SECONDS = 60.0  # the per-tensor search keeps what it chose when this runs out
+
 
 class TorchBackend(Backend):
     capabilities = CAPABILITIES["torch"]
     _rounded = None  # the learned rounding of this export (BN-folded model and record), reused by float fallback
     _activations = "histogram"  # the activation observer later remedies build on (the "ranges" remedy may change it)
+    _choice: dict[int, str] | None = None  # activation groups that take the other observer's range ("ranges")
+    _choice_base = "histogram"
+    _equalize = False  # whether later remedies build on cross-layer equalization ("equalize")
+    _error: float | None = None  # the calibration logit error of the graph later remedies build on
+    _state: tuple | None = None  # that graph and its record, when it was made (PTQ, or a remedy that was kept)
 
     def needs_calibration(self, config) -> bool:
         return "int8" in config.quant  # post-training, and the sensitivity table of every int8 export
@@ -48,6 +56,7 @@ class TorchBackend(Backend):
         with quiet_native():
             graphs.int8, graphs.quantization = graphs_of.quantize_ptq_graph(
                 graphs.float_model, graphs.example, calibration, config.bias_correction, config.fuse_clamp)
+        self._state = (graphs.int8, dict(graphs.quantization))
 
     def quantized_layer_names(self, checkpoint: Path, manifest) -> list[str]:
         from edgetl.backends.torch.models import build_model
@@ -71,7 +80,9 @@ class TorchBackend(Backend):
         if name == "float-fallback":
             return self._float_fallback(graphs, calibration, config)
         if name == "ranges":
-            return self._per_image_ranges(graphs, calibration, config)
+            return self._ranges(graphs, calibration, config)
+        if name == "equalize":
+            return self._equalization(graphs, calibration, config)
         if name != "adaround":
             return super().remedy(name, graphs, checkpoint, manifest, listing, calibration, config)
         from edgetl.backends.torch.sensitivity import most_sensitive
@@ -84,29 +95,89 @@ class TorchBackend(Backend):
         console.print(f"int8: learned rounding of the {len(layers)} most sensitive layers "
                       f"({', '.join(layers[:3])}{', …' if len(layers) > 3 else ''})…")
         with quiet_native():
-            graphs.int8, graphs.quantization = graphs_of.quantize_ptq_graph(
-                graphs.float_model, graphs.example, calibration, config.bias_correction, config.fuse_clamp,
-                rounded_layers=layers, activations=self._activations)
+            graphs.int8, graphs.quantization = self._quantize(graphs, calibration, config, rounded_layers=layers)
         self._rounded = graphs.quantization.pop("_rounded", None)
 
-    def _per_image_ranges(self, graphs: Graphs, calibration: np.ndarray, config) -> None:
-        """Activation ranges from the running mean of each calibration image's own min/max. The histogram observer
-        fits one range to all values at once, so a few images whose activations run 100x larger than the rest set
-        it for all of them. Which observer later remedies build on is chosen without labels: the one whose graph's
-        logits on the calibration images lie closer (mean squared error) to the float model's."""
-        console.print("int8: activation ranges from each calibration image's own min/max…")
-        first = graphs.int8
+    def _quantize(self, graphs: Graphs, calibration: np.ndarray, config, **options) -> tuple:
+        """The int8 graph with the activation ranges and equalization that earlier remedies chose, plus `options`
+        (quantize_ptq_graph's). Ranges chosen per tensor are re-applied to this graph's own two calibrations."""
+        common = {"bias_correction": config.bias_correction, "fuse_clamp": config.fuse_clamp,
+                  "equalization": self._equalize, **options}
+        if self._choice is None:
+            return graphs_of.quantize_ptq_graph(graphs.float_model, graphs.example, calibration,
+                                                activations=self._activations, **common)
+        from edgetl.backends.torch.ranges import apply_choice
+
+        made = {}
+        for observer in ("histogram", "per-image"):
+            made[observer] = graphs_of.quantize_ptq_graph(graphs.float_model, graphs.example, calibration,
+                                                          activations=observer, **common)
+            if "_rounded" in made[observer][1]:  # the second calibration reuses the learned rounding
+                common = {**common, "rounded": made[observer][1]["_rounded"], "rounded_layers": None}
+        graph = apply_choice({name: g for name, (g, _) in made.items()}, self._choice_base, self._choice)
+        return graph, self._mixed_info(made[self._choice_base][1], graph)
+
+    def _mixed_info(self, info: dict, graph) -> dict:
+        changed = len(self._choice)
+        other = "per-image" if self._choice_base == "histogram" else "histogram"
+        return {**info, "activations": f"int8, per tensor, affine, {self._choice_base} ranges with {changed} "
+                f"tensor(s) taking {other} ranges (chosen by output error, no labels)",
+                "input_quantization": graphs_of.first_input_qparams(graph)}
+
+    def _calibration_error(self, graph, calibration: np.ndarray, reference: np.ndarray) -> float:
+        return float(np.mean((graphs_of.logits(graph, calibration) - reference) ** 2))
+
+    def _ranges(self, graphs: Graphs, calibration: np.ndarray, config) -> None:
+        """Activation ranges chosen per tensor between the histogram observer and the running mean of each
+        calibration image's own min/max (`ranges.py`). The histogram fits one range to all values at once, so a
+        few images whose activations run 100x larger than the rest set it for all of them; per-image ranges clip
+        those. The choice uses no label: the logits' mean squared error against the float model's on (at most
+        RANGES_IMAGES of) the calibration images. Later remedies build on the ranges chosen here."""
+        from edgetl.backends.torch.ranges import choose_per_tensor
+
+        console.print("int8: activation ranges per tensor — one histogram over all images, or each image's own "
+                      "min/max — chosen by output error…")
+        images = calibration[:RANGES_IMAGES]
         with quiet_native():
-            graphs.int8, graphs.quantization = graphs_of.quantize_ptq_graph(
-                graphs.float_model, graphs.example, calibration, config.bias_correction, config.fuse_clamp,
-                activations="per-image")
-            reference = graphs_of.logits(graphs.float_model, calibration)
-            errors = {name: float(np.mean((graphs_of.logits(graph, calibration) - reference) ** 2))
-                      for name, graph in (("histogram", first), ("per-image", graphs.int8)) if graph is not None}
-        self._activations = min(errors, key=errors.get)
-        graphs.quantization["activation_choice"] = {
+            made = {"histogram": self._state or self._quantize(graphs, calibration, config)}
+            self._activations = "per-image"
+            made["per-image"] = self._quantize(graphs, calibration, config)
+            reference = graphs_of.logits(graphs.float_model, images)
+            mixed, choice, record = choose_per_tensor({name: g for name, (g, _) in made.items()},
+                                                      lambda g: self._calibration_error(g, images, reference),
+                                                      RANGES_SECONDS)
+        self._choice, self._choice_base, self._activations = choice or None, record["base"], record["base"]
+        self._error = record["error"]
+        graphs.int8 = mixed
+        graphs.quantization = self._mixed_info(made[record["base"]][1], mixed) if choice else made[record["base"]][1]
+        graphs.quantization["activation_choice"] = {**record, "images": int(len(images))}
+        console.print(f"int8: ranges: {record['base']} for most tensors, "
+                      f"{sum(record['changed'].values())} of {record['tensors']} tensors changed "
+                      f"(logit error {min(record['candidates'].values()):.4g} → {record['error']:.4g}, "
+                      f"{record['seconds']:g} s)")
+
+    def _equalization(self, graphs: Graphs, calibration: np.ndarray, config) -> None:
+        """Cross-layer equalization and bias absorption (`equalize.py`), on the ranges chosen so far. Later
+        remedies build on it when its logits on the calibration images lie closer to the float model's."""
+        from edgetl.backends.torch.equalize import describe
+
+        console.print("int8: cross-layer equalization and bias absorption…")
+        images = calibration[:RANGES_IMAGES]
+        with quiet_native():
+            reference = graphs_of.logits(graphs.float_model, images)
+            before = self._error if self._error is not None else self._calibration_error(graphs.int8, images,
+                                                                                          reference)
+            self._equalize = True
+            graph, info = self._quantize(graphs, calibration, config)
+            after = self._calibration_error(graph, images, reference)
+        console.print(f"int8: equalization: {describe(info.get('equalization', {}))}")
+        self._equalize = after < before
+        if self._equalize:
+            self._error, self._state = after, (graph, dict(info))
+        graphs.int8, graphs.quantization = graph, info
+        graphs.quantization["equalization_choice"] = {
             "criterion": "mean squared error of the calibration images' logits against the float model's (no labels)",
-            "errors": {name: round(value, 6) for name, value in errors.items()}, "chosen": self._activations}
+            "errors": {"without": round(before, 6), "with": round(after, 6)}, "kept": self._equalize}
 
     def _float_fallback(self, graphs: Graphs, calibration: np.ndarray, config) -> None:
         """The allowed layers keep float weights, on top of the learned rounding when that remedy ran."""
@@ -115,9 +186,8 @@ class TorchBackend(Backend):
             raise ValueError("float fallback has no layer to keep float (--float-layers names none)")
         console.print(f"int8: float fallback of {', '.join(layers)}…")
         with quiet_native():
-            graphs.int8, graphs.quantization = graphs_of.quantize_ptq_graph(
-                graphs.float_model, graphs.example, calibration, config.bias_correction, config.fuse_clamp,
-                float_layers=layers, rounded=self._rounded, activations=self._activations)
+            graphs.int8, graphs.quantization = self._quantize(graphs, calibration, config, float_layers=layers,
+                                                              rounded=self._rounded)
         graphs.quantization.pop("_rounded", None)
         if graphs.sensitivity is not None:
             share = sum(r["macs_share"] for r in graphs.sensitivity["rows"] if r["layer"] in layers)

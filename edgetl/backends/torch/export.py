@@ -69,31 +69,38 @@ def quantize_ptq_graph(float_model: nn.Module, example: torch.Tensor, calibratio
                        bias_correction: bool = True, fuse_clamp: bool = True,
                        rounded_layers: list[str] | None = None,
                        rounding_iterations: int = 400, float_layers: tuple[str, ...] = (),
-                       rounded: tuple[nn.Module, dict] | None = None,
-                       activations: str = "histogram") -> tuple[torch.fx.GraphModule, dict]:
+                       rounded: tuple[nn.Module, dict, dict | None] | None = None,
+                       activations: str = "histogram",
+                       equalization: bool = False) -> tuple[torch.fx.GraphModule, dict]:
     """The PT2E int8 (Q/DQ) graph of the NHWC `float_model`, calibrated on `calibration` (NHWC), and what the
     manifest records about it. `rounded_layers`: layers (names in the BN-folded model) whose int8 rounding is
     learned (`adaround`) instead of nearest; the graph stays the same. `rounded`: an earlier call's learned
     rounding (`info["_rounded"]`), reused instead of learning it again. `float_layers`: layers whose weights stay
-    float (a float kernel between int8 activations)."""
+    float (a float kernel between int8 activations). `equalization`: cross-layer equalization and bias absorption
+    (`equalize.py`) before rounding, where they are exact on the calibration images."""
     started = time.perf_counter()
     calib = torch.from_numpy(np.ascontiguousarray(calibration))
-    learned = None
+    learned, equalized = None, None
     if rounded is not None:
-        prepared, learned = copy.deepcopy(rounded[0]), rounded[1]
+        prepared, learned, equalized = copy.deepcopy(rounded[0]), rounded[1], rounded[2]
     else:
         prepared = to_int8_form(fold_batchnorm(float_model, example))
+        if equalization:
+            from edgetl.backends.torch.equalize import equalize
+
+            prepared, equalized = equalize(prepared, calib)
         if rounded_layers:
             from edgetl.backends.torch.adaround import adaround
 
             prepared, learned = adaround(prepared, calib, rounded_layers, iterations=rounding_iterations)
-            rounded = (copy.deepcopy(prepared), learned)
+            rounded = (copy.deepcopy(prepared), learned, equalized)
     if bias_correction:
         prepared = bias_correct(prepared, calib, float_layers)
     graph = quantize_ptq(prepared, example, torch.split(calib, 64), fuse_clamp=fuse_clamp, float_layers=float_layers,
                          activations=activations)
     info = {
-        "method": "pt2e-ptq" + ("+adaround" if learned else "") + ("+float-fallback" if float_layers else ""),
+        "method": "pt2e-ptq" + ("+equalization" if equalized else "") + ("+adaround" if learned else "")
+        + ("+float-fallback" if float_layers else ""),
         "quantizer": "XNNPACKQuantizer (executorch), ReLU6 outputs observed after the clamp" if fuse_clamp
         else "XNNPACKQuantizer (executorch)",
         "weights": "int8, symmetric, per output channel (BatchNorm folded first)"
@@ -107,6 +114,8 @@ def quantize_ptq_graph(float_model: nn.Module, example: torch.Tensor, calibratio
         "seconds": round(time.perf_counter() - started, 1),
         "input_quantization": first_input_qparams(graph),
     }
+    if equalized is not None:
+        info["equalization"] = equalized
     if learned:
         info["learned_rounding"] = learned
         info["_rounded"] = rounded  # not JSON: the backend keeps it for a later remedy and drops it from the record

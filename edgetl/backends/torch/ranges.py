@@ -1,0 +1,113 @@
+"""Activation ranges chosen per tensor, by output error and without labels.
+
+Each activation observer fits a range its own way: the histogram observer minimises the L2 error of all
+calibration values at once, so a few outlier images can stretch a range for every image; the per-image observer
+follows the typical image and clips the outliers. Neither is right for every tensor. Both calibrated graphs have
+the same nodes, since they come from one prepared model, so each activation's quantize/dequantize pair can take
+its scale and zero point from either graph. Starting from the graph whose logits lie closer to the float model's,
+each tensor in turn takes the other observer's range when that brings the logits on the calibration images closer
+to the float model's (mean squared error), coordinate descent within a time budget. Tensors that share one range
+(equal in every candidate graph, as a quantizer's shared specs make them) change together.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+
+import torch
+
+QUANTIZE = torch.ops.quantized_decomposed.quantize_per_tensor.default
+DEQUANTIZE = torch.ops.quantized_decomposed.dequantize_per_tensor.default
+
+
+def _quantize_nodes(graph: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [node for node in graph.graph.nodes if node.op == "call_function" and node.target == QUANTIZE]
+
+
+def _qparams(node: torch.fx.Node) -> tuple[float, int]:
+    return float(node.args[1]), int(node.args[2])
+
+
+def _set(node: torch.fx.Node, scale: float, zero_point: int) -> None:
+    """The quantize node and each dequantize that reads it take (scale, zero_point)."""
+    node.args = (node.args[0], scale, zero_point, *node.args[3:])
+    for user in list(node.users):
+        if user.op == "call_function" and user.target == DEQUANTIZE:
+            user.args = (user.args[0], scale, zero_point, *user.args[3:])
+
+
+def groups(candidates: dict[str, torch.fx.GraphModule]) -> list[tuple[list[int], dict[str, tuple[float, int]]]]:
+    """Activation tensors that may take another candidate's range: (indices of their quantize nodes, each
+    candidate's qparams). Candidates must be calibrations of one prepared graph (same quantize nodes in order)."""
+    nodes = {name: _quantize_nodes(graph) for name, graph in candidates.items()}
+    counts = {len(found) for found in nodes.values()}
+    if len(counts) != 1:
+        raise ValueError(f"the candidate graphs differ in their activation quantizers: {sorted(counts)}")
+    grouped: dict[tuple, list[int]] = {}
+    for index in range(counts.pop()):
+        key = tuple(_qparams(found[index]) for found in nodes.values())
+        grouped.setdefault(key, []).append(index)
+    names = list(candidates)
+    return [(indices, dict(zip(names, key, strict=True))) for key, indices in grouped.items()
+            if len(set(key)) > 1]  # tensors every candidate gives the same range have no choice
+
+
+def apply_choice(candidates: dict[str, torch.fx.GraphModule], base: str,
+                 choice: dict[int, str]) -> torch.fx.GraphModule:
+    """A copy of `candidates[base]` whose activation groups listed in `choice` (group number → candidate) take
+    that candidate's range."""
+    graph = copy.deepcopy(candidates[base])
+    found = _quantize_nodes(graph)
+    for number, (indices, qparams) in enumerate(groups(candidates)):
+        if number in choice:
+            for index in indices:
+                _set(found[index], *qparams[choice[number]])
+    graph.recompile()
+    return graph
+
+
+def choose_per_tensor(candidates: dict[str, torch.fx.GraphModule], error: Callable[[torch.fx.GraphModule], float],
+                      seconds: float) -> tuple[torch.fx.GraphModule, dict[int, str], dict]:
+    """Coordinate descent over the activation groups (see the module docstring): the mixed graph, the choice
+    (group number → candidate, for groups that left the base) and a record. `error(graph)` is the label-free
+    output error; the search stops after `seconds`, keeping what it chose so far."""
+    started = time.perf_counter()
+    errors = {name: error(graph) for name, graph in candidates.items()}
+    base = min(errors, key=errors.get)
+    graph = copy.deepcopy(candidates[base])
+    found = _quantize_nodes(graph)
+    current = errors[base]
+    choice: dict[int, str] = {}
+    tried = 0
+    options = groups(candidates)
+    for number, (indices, qparams) in enumerate(options):
+        if time.perf_counter() - started > seconds:
+            break
+        tried += 1
+        for name, values in qparams.items():
+            if name == base or values == qparams[base]:
+                continue
+            for index in indices:
+                _set(found[index], *values)
+            graph.recompile()
+            trial = error(graph)
+            if trial < current:
+                current, choice[number] = trial, name
+            else:
+                for index in indices:
+                    _set(found[index], *qparams[choice.get(number, base)])
+                graph.recompile()
+    record = {
+        "criterion": "mean squared error of the calibration images' logits against the float model's (no labels)",
+        "candidates": {name: round(value, 6) for name, value in errors.items()},
+        "base": base,
+        "tensors": len(options),
+        "tried": tried,
+        "changed": {name: sum(1 for chosen in choice.values() if chosen == name) for name in candidates
+                    if name != base},
+        "error": round(current, 6),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    return graph, choice, record

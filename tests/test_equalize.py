@@ -1,0 +1,137 @@
+"""Label-free int8 remedies of the torch backend: cross-layer equalization with bias absorption (exact on the
+calibration images, ReLU6 included), and activation ranges chosen per tensor by output error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from edgetl.backends.torch.equalize import RELU6_CLIP, _column_range, _row_range, equalize, find_pairs
+from edgetl.backends.torch.models import build_model, to_int8_form
+from edgetl.backends.torch.quantize import fold_batchnorm
+
+
+class Separable(nn.Module):
+    """expand 1×1 → ReLU6 → depthwise 3×3 → ReLU → project 1×1, plus a residual read of the input, on NCHW."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(4, 8, 1)
+        self.act6 = nn.ReLU6()
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.act = nn.ReLU()
+        self.project = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.project(self.act(self.depthwise(self.act6(self.expand(x)))))
+
+
+def _separable() -> tuple[Separable, torch.Tensor]:
+    torch.manual_seed(0)
+    model = Separable().eval()
+    with torch.no_grad():
+        model.expand.weight.mul_(torch.tensor([0.02, 0.05, 1, 2, 4, 8, 0.5, 0.1]).view(-1, 1, 1, 1))
+        model.expand.bias.copy_(torch.tensor([0.5, 0.2, 0.0, 1.0, 2.0, 0.0, 0.3, 0.1]))
+        model.depthwise.weight.mul_(torch.tensor([30, 10, 1, 0.5, 0.2, 0.05, 3, 8]).view(-1, 1, 1, 1))
+        model.depthwise.bias.copy_(torch.tensor([4.0, 3.0, 0.0, 0.0, 0.0, 0.0, 2.0, 5.0]))
+    return model, torch.randn(64, 4, 12, 12) * 2
+
+
+def test_pairs_follow_the_separable_blocks_of_every_backbone() -> None:
+    """Expand → depthwise and depthwise → projection of each block (and the stem → first depthwise when the first
+    block has no expansion); a conv whose output something else reads too, or a hardswish, is never a pair."""
+    counts = {}
+    for backbone in ("mobilenet_v2", "efficientnet_lite0", "mobilenet_v3_small"):
+        model = build_model(backbone, 1.0, 5).eval()
+        example = torch.zeros(1, 3, 32, 32)
+        counts[backbone] = len(find_pairs(to_int8_form(fold_batchnorm(model, example)), example))
+    # MobileNetV2: the stem feeds block 1's depthwise, block 1 has no expansion, 16 blocks with two pairs each
+    assert counts["mobilenet_v2"] == 1 + 1 + 16 * 2
+    assert counts["efficientnet_lite0"] == 1 + 1 + 15 * 2
+    # MobileNetV3-Small: the two ReLU blocks without squeeze-excite, and every squeeze-excite's fc1 → ReLU → fc2
+    # (9 of them); hardswish is no pair, and block 1's depthwise output feeds its squeeze-excite
+    assert counts["mobilenet_v3_small"] == 2 * 2 + 9
+    model, images = _separable()
+    pairs = find_pairs(model, images[:2])
+    assert [(a, kind, b) for a, kind, b in pairs] == [(model.expand, "relu6", model.depthwise),
+                                                      (model.depthwise, "relu", model.project)]
+
+
+def test_equalization_is_exact_and_equalizes_what_it_may() -> None:
+    model, images = _separable()
+    with torch.no_grad():
+        reference = model(images)
+        pre = model.expand(images)
+    equalized, record = equalize(model, images)
+    with torch.no_grad():
+        moved = (equalized(images) - reference).abs().max()
+    assert float(moved) < 1e-4 * float(reference.abs().max())
+    assert record["pairs"] == 2 and record["relu6_pairs"] == 1
+    assert record["logit_max_abs_change"] == pytest.approx(float(moved), rel=0.01, abs=1e-9)
+    # depthwise → ReLU → projection is scale-invariant: both convs' ranges end equal per channel
+    assert torch.allclose(_row_range(equalized.depthwise), _column_range(equalized.project), rtol=1e-4)
+    # a ReLU6 channel that reaches 6 on the calibration images keeps its scale (its clip would move otherwise)
+    clipping = pre.amax(dim=(0, 2, 3)) > RELU6_CLIP
+    assert bool(clipping.any()) and bool((~clipping).any())
+    ratio = (equalized.expand.weight / model.expand.weight).flatten(1).mean(dim=1)
+    assert torch.allclose(ratio[clipping], torch.ones(int(clipping.sum())))
+    assert not torch.allclose(ratio[~clipping], torch.ones(int((~clipping).sum())))
+    # bias absorption: channels the ReLU never cuts at 0 lose that floor into the projection's bias
+    assert record["absorbed_channels"] > 0
+    with torch.no_grad():
+        floor = equalized.depthwise(equalized.act6(equalized.expand(images))).amin(dim=(0, 2, 3))
+    assert float(floor.clamp_min(0).max()) < 1e-4  # no channel keeps a positive floor
+
+
+def test_equalization_leaves_the_float_model_of_a_real_backbone_unchanged() -> None:
+    """MobileNetV2 with BatchNorm statistics that make activations reach ReLU6's clip: the rule keeps the logits."""
+    torch.manual_seed(1)
+    model = build_model("mobilenet_v2", 0.35, 5).eval()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.weight.data.uniform_(0.5, 3.0)
+            module.bias.data.uniform_(-1.0, 2.0)
+    with torch.no_grad():
+        model.classifier[1].weight.normal_(0, 1.0)
+    images = torch.randn(32, 3, 32, 32)
+    folded = to_int8_form(fold_batchnorm(model, images[:1]))
+    equalized, record = equalize(folded, images)
+    with torch.no_grad():
+        before, after = folded(images), equalized(images)
+    assert record["pairs"] == 34 and 0 < record["rescaled_channels"] < record["channels"]
+    assert torch.allclose(before, after, rtol=1e-3, atol=1e-4 * float(before.abs().max()))
+
+
+def test_ranges_chosen_per_tensor_never_raise_the_output_error() -> None:
+    """Two calibrations of one prepared graph: the per-tensor mix is no worse than the better of them on the
+    label-free criterion, and `apply_choice` rebuilds exactly the graph the search chose."""
+    from edgetl.backends.torch import export as graphs_of
+    from edgetl.backends.torch.ranges import apply_choice, choose_per_tensor, groups
+
+    torch.manual_seed(0)
+    model = graphs_of.ChannelsLastInput(build_model("mobilenet_v3_small", 1.0, 5).eval()).eval()
+    with torch.no_grad():
+        model.model.classifier[3].weight.normal_(0, 1.0)
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (24, 32, 32, 3)).astype(np.float32)
+    images[:2] *= 8  # two outlier images: the histogram and per-image ranges part on some tensors
+    example = torch.zeros(1, 32, 32, 3)
+    candidates = {name: graphs_of.quantize_ptq_graph(model, example, images, activations=name)[0]
+                  for name in ("histogram", "per-image")}
+    reference = graphs_of.logits(model, images)
+
+    def error(graph) -> float:
+        return float(np.mean((graphs_of.logits(graph, images) - reference) ** 2))
+
+    options = groups(candidates)
+    assert options and all(len(set(qparams.values())) == 2 for _, qparams in options)
+    mixed, choice, record = choose_per_tensor(candidates, error, seconds=120)
+    assert record["tried"] == record["tensors"] == len(options)
+    assert record["error"] <= min(record["candidates"].values())
+    assert error(mixed) == pytest.approx(record["error"], rel=1e-6)
+    rebuilt = apply_choice(candidates, record["base"], choice)
+    assert np.array_equal(graphs_of.logits(rebuilt, images), graphs_of.logits(mixed, images))
+    _, _, cut_short = choose_per_tensor(candidates, error, seconds=0)
+    assert cut_short["tried"] == 0 and cut_short["error"] == min(cut_short["candidates"].values())
