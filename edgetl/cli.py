@@ -160,6 +160,9 @@ def export(
                                  "inverted-residual block, head) of each int8 file in its runtime, of the PT2E Q/DQ "
                                  "graph and of the float model; a table, numerics.png and the figures in the manifest "
                                  "say where a runtime departs from the graph.")] = None,
+    debug_blocks: Annotated[str | None, typer.Option(
+        help="torch: with --debug-numerics, compare only these blocks in the runtimes (comma list, names as its table "
+             "prints them; each alone on the graph's input). An unknown name exits 2 with the valid ones.")] = None,
     recovery_epochs: Annotated[int | None, typer.Option(
         help="Fine-tune epochs of --prune (default: torch 8 for channels, 4 for magnitude; keras 6).")] = None,
     qat_epochs: Annotated[int | None, typer.Option(
@@ -195,7 +198,7 @@ def export(
         recipe, formats=formats, quant=quant, calib=calib, max_drop=max_drop, bias_correction=bias_correction,
         prune=prune, qat=qat, recovery_epochs=recovery_epochs, qat_epochs=qat_epochs,
         distill=distill, threads=threads, int8=int8, no_qat=no_qat, rounding_layers=rounding_layers,
-        float_layers=float_layers, parts=parts, debug_numerics=debug_numerics,
+        float_layers=float_layers, parts=parts, debug_numerics=debug_numerics, debug_blocks=debug_blocks,
     )
     run_export(checkpoint, config, out, allow_modified=allow_modified)
 

@@ -360,7 +360,7 @@ def artifact_name(model: Any, quant: str, fmt: str, tag: str = "") -> str:
 # Flags as a user types them, for the options that are not plain `--name VALUE`.
 _FLAG_TEXT = {"bias_correction": "--no-bias-correction", "fuse_clamp": "fuse_clamp = false",
               "float_layers": "--float-layers", "parts": "--parts",
-              "debug_numerics": "--debug-numerics"}
+              "debug_numerics": "--debug-numerics", "debug_blocks": "--debug-blocks"}
 
 
 @dataclass(frozen=True)
@@ -390,6 +390,8 @@ class ExportConfig:
     parts: bool = False  # torch: also lower each network block of every .pte on its own (bench --breakdown)
     # torch: compare every block of each int8 file in its runtime with the float model and the Q/DQ graph
     debug_numerics: bool = False
+    # torch: the blocks (names as the debugger's table prints them) compared in the runtimes; empty: every block
+    debug_blocks: tuple[str, ...] = ()
     sensitivity_seconds: float = 60.0  # torch: time budget of the per-layer sensitivity table
     recovery_epochs: int | None = None  # fine-tune epochs of pruning (None: the backend's measured default)
     qat_epochs: int | None = None  # epochs of quantization-aware training (None: the backend's default)
@@ -443,6 +445,10 @@ class ExportConfig:
         if float_layers and "int8" not in quant:
             raise UserError(f"--float-layers {','.join(float_layers)} applies to int8 files but --quant is "
                             f"{','.join(quant)}; add int8 to --quant")
+        debug_blocks = tuple(dict.fromkeys(_as_list(self.debug_blocks, lower=False)))
+        if debug_blocks and not self.debug_numerics:
+            raise UserError(f"--debug-blocks {','.join(debug_blocks)} selects blocks of the numerics debugger, which "
+                            f"is off; valid: --debug-numerics --debug-blocks NAMES")
         if self.debug_numerics and "int8" not in quant:
             raise UserError(f"--debug-numerics compares int8 files with their float model, but --quant is "
                             f"{','.join(quant)}; valid: --quant int8 or fp32,int8")
@@ -468,7 +474,7 @@ class ExportConfig:
             raise UserError(f"--threads {self.threads} is not usable; valid: 1 to {MAX_THREADS}")
         check_seed(self.seed)
         return replace(self, formats=formats, quant=quant, prune=prune, int8=int8, qat=int8 == "qat",
-                       float_layers=float_layers)
+                       float_layers=float_layers, debug_blocks=debug_blocks)
 
     def for_backend(self, framework: object) -> ExportConfig:
         """This config as the checkpoint's backend can honour it, or one UserError line naming what it lacks.
@@ -511,6 +517,7 @@ class ExportConfig:
         payload = asdict(self)
         payload["formats"], payload["quant"] = list(self.formats), list(self.quant)
         payload["float_layers"] = list(self.float_layers)
+        payload["debug_blocks"] = list(self.debug_blocks)
         return payload
 
 

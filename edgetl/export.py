@@ -164,6 +164,7 @@ def run_export(checkpoint: Path, config: ExportConfig, out: Path | None = None, 
         _check_training_data(listing, "--int8 auto (its last remedy is QAT; --no-qat forbids it)")
     backend = backends.load(manifest.framework)
     _check_float_layers(backend, checkpoint, manifest, config)
+    _check_debug_blocks(backend, checkpoint, manifest, config)
     if asked.parts and not config.parts:
         console.print("[yellow]--parts: this export makes no .pte, so there are no .pte blocks to lower[/]")
     for fmt in (f for f in asked.formats if f not in config.formats):
@@ -468,6 +469,18 @@ def _check_float_layers(backend: Backend, checkpoint: Path, manifest: Checkpoint
                         f"valid: {', '.join(names)}")
 
 
+def _check_debug_blocks(backend: Backend, checkpoint: Path, manifest: CheckpointManifest, config: ExportConfig) -> None:
+    """Every --debug-blocks name must be a block the debugger cuts; the error lists them all (before any work)."""
+    if not config.debug_blocks:
+        return
+    names = backend.block_names(checkpoint, manifest) or []
+    unknown = [name for name in config.debug_blocks if name not in names]
+    if unknown:
+        verb = "is not a block" if len(unknown) == 1 else "are not blocks"
+        raise UserError(f"--debug-blocks: {', '.join(map(repr, unknown))} {verb} of this {manifest.model.backbone}; "
+                        f"valid: {', '.join(names)}")
+
+
 def _remedies(manifest: CheckpointManifest) -> tuple[str, ...]:
     return backends.capabilities(manifest.framework).remedies
 
@@ -609,7 +622,8 @@ def _debug_numerics(backend: Backend, context: _Context, artifacts: list[Artifac
     for graph in {id(context.graph_of[a.file]): context.graph_of[a.file] for a in made}.values():
         files = {a.format: folder / a.file for a in made if context.graph_of[a.file] is graph}
         try:
-            signals = backend.block_signals(replace(context.graphs, int8=graph), images, lower_pte="pte" in files)
+            signals = backend.block_signals(replace(context.graphs, int8=graph), images, lower_pte="pte" in files,
+                                            selected=context.config.debug_blocks)
         except Exception as error:  # noqa: BLE001 - the debugger failing must not cost the files
             if machine_failure(error):
                 raise
@@ -619,7 +633,8 @@ def _debug_numerics(backend: Backend, context: _Context, artifacts: list[Artifac
         if signals is None:
             records.append({"kind": numerics.KIND, "files": [p.name for p in files.values()], "skipped": reason})
             continue
-        records.append(numerics.debug_numerics(signals, files, images, context.config.threads))
+        records.append(numerics.debug_numerics(signals, files, images, context.config.threads,
+                                               selected=context.config.debug_blocks))
     record = records[0] if len(records) == 1 else {"kind": numerics.KIND, "graphs": records}
     record["seconds"] = round(time.perf_counter() - started, 1)
     plot = numerics.plot(records[0]) if "blocks" in records[0] else None

@@ -128,13 +128,20 @@ class PteBlocks:
         return run_inputs(self.files[name], inputs)
 
 
-def _compare_runtime(signals: list[Any], runner: Any, whole: Callable[[], np.ndarray] | None) -> dict[str, Any]:
-    """Every block of one runtime, chained and alone, against the float model and the graph."""
+def _compare_runtime(signals: list[Any], runner: Any, whole: Callable[[], np.ndarray] | None,
+                     selected: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Every block (every `selected` one, when any is) of one runtime, chained and alone, against the float model and
+    the graph. A chain stops at the first block not run: later blocks are then compared alone only."""
     rows: list[dict[str, Any]] = []
     chained: dict[str, np.ndarray] = {}
     broken = False
     for signal in signals:
         row: dict[str, Any] = {"block": signal.name}
+        if selected and signal.name not in selected:
+            row["not_selected"] = True
+            broken = True
+            rows.append(row)
+            continue
         if _key(signal) not in runner.files:
             row["skipped"] = "; ".join(signal.notes) or "the runtime's file has no block of this name"
             broken = True
@@ -164,7 +171,7 @@ def _compare_runtime(signals: list[Any], runner: Any, whole: Callable[[], np.nda
 
 
 def debug_numerics(signals: list[Any], files: dict[str, Path], images: np.ndarray,
-                   threads: int | None = None) -> dict[str, Any]:
+                   threads: int | None = None, selected: tuple[str, ...] = ()) -> dict[str, Any]:
     """The debugger's record for the int8 `files` (format → path) on `images`: per block, the graph's error
     against float and each runtime's, chained and alone, and the first block where a runtime departs."""
     from edgetl import runtimes
@@ -180,6 +187,8 @@ def debug_numerics(signals: list[Any], files: dict[str, Path], images: np.ndarra
     record: dict[str, Any] = {"kind": KIND, "images": int(len(images)), "departs_share": DEPARTS_SHARE,
                               "method": __doc__.split("\n\n", 1)[1].strip().replace("\n", " "),
                               "blocks": blocks, "runtimes": {}}
+    if selected:
+        record["selected"] = list(selected)
     with tempfile.TemporaryDirectory(prefix="edgetl-numerics-") as scratch:
         for fmt, path in files.items():
             folder = Path(scratch) / fmt
@@ -192,7 +201,7 @@ def debug_numerics(signals: list[Any], files: dict[str, Path], images: np.ndarra
                 record["runtimes"][fmt] = {"file": path.name, "skipped": f"cannot be cut into blocks "
                                                                          f"({one_line(failure)})"}
                 continue
-            result = _compare_runtime(signals, runner, lambda p=path: runtimes.run(p, images, threads))
+            result = _compare_runtime(signals, runner, lambda p=path: runtimes.run(p, images, threads), selected)
             result["file"] = path.name
             departing = [row["block"] for row in result["blocks"] if row.get("alone", {}).get("departs")]
             result["departs_at"] = departing
@@ -237,6 +246,9 @@ def render_table(record: dict[str, Any]) -> Any:
             if "skipped" in row:
                 cells += ["[yellow]not compared[/]", ""]
                 continue
+            if row.get("not_selected"):
+                cells += ["[dim]not selected[/]", ""]
+                continue
             alone = row.get("alone", {})
             share = alone.get("share_over_1_step")
             text = "" if share is None else f"{100 * share:.2f}%"
@@ -254,8 +266,10 @@ def summary(record: dict[str, Any]) -> str:
             lines.append(f".{fmt}: {result['skipped']}")
             continue
         departs = result.get("departs_at") or []
+        chosen = record.get("selected")
         text = (f".{fmt}: departs from the Q/DQ graph at {', '.join(departs)}" if departs
-                else f".{fmt}: follows the Q/DQ graph in every block (within rounding)")
+                else f".{fmt}: follows the Q/DQ graph in every block (within rounding)" if not chosen
+                else f".{fmt}: follows the Q/DQ graph in the {len(chosen)} selected block(s) (within rounding)")
         whole = result.get("chain_vs_whole_file")
         if whole is not None:
             text += ("; its blocks chained reproduce the whole file's logits "

@@ -87,6 +87,32 @@ def test_the_first_departing_block_is_named_and_a_missing_block_is_said_while_th
     assert "alone" in rows["features.2"] and "alone" in rows["features.3"]  # the rest still compared, each alone
 
 
+def test_selected_blocks_are_compared_alone_and_the_rest_are_marked_not_selected() -> None:
+    signals = _signals(4)
+    files = {"stem": None, "features.1": None, "features.2": None, "head": None}
+    record = numerics._compare_runtime(signals, _Runner(files, {"features.2": 0.05}), None, selected=("features.2",))
+    rows = {row["block"]: row for row in record["blocks"]}
+    assert rows["features.2"]["alone"]["departs"]  # the selected block is still judged against the graph
+    assert "chained_vs_float" not in rows["features.2"]  # no chain runs through unselected blocks
+    assert all(rows[name] == {"block": name, "not_selected": True} for name in ("features.0", "features.1",
+                                                                                 "features.3"))
+    assert "chain_vs_whole_file" not in record
+
+
+def test_debug_blocks_must_name_blocks_before_any_work(tmp_path: Path) -> None:
+    """--debug-blocks without the debugger, or naming a block the model does not have: one line, exit 2, and the
+    valid names (the model's own blocks, from its architecture alone) listed."""
+    with pytest.raises(UserError, match="--debug-blocks features.3 selects blocks of the numerics debugger"):
+        ExportConfig(debug_blocks="features.3").validate()
+    checkpoint = make_checkpoint(tmp_path)
+    done = run_cli("export", str(checkpoint), "--quant", "int8", "--debug-numerics", "--debug-blocks",
+                   "features.3,features.99", "--out", str(tmp_path / "e"))
+    _assert_one_line_error(done, "--debug-blocks: 'features.99' is not a block of this mobilenet_v3_small")
+    valid = done.stderr.split("valid: ", 1)[1].strip().split(", ")
+    assert "features.3" in valid and "features.11" in valid and len(valid) == 13  # stem, 11 blocks, head
+    assert not (tmp_path / "e").exists()
+
+
 def test_debug_numerics_needs_int8_and_a_torch_checkpoint_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="--debug-numerics compares int8 files.*valid: --quant int8"):
         ExportConfig(quant=("fp32",), debug_numerics=True).validate()

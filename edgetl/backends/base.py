@@ -51,7 +51,7 @@ CAPABILITIES: dict[str, Capabilities] = {
         prune_kinds=("channels", "magnitude"),
         knobs=frozenset({"bias_correction", "fuse_clamp", "distill", "recovery_epochs", "recovery_lr", "qat_epochs",
                          "qat_lr", "tune_images", "rounding_layers", "sensitivity_seconds", "float_layers",
-                         "parts", "debug_numerics"}),
+                         "parts", "debug_numerics", "debug_blocks"}),
         converters={"pte": "ExecuTorch to_edge_transform_and_lower (XnnpackPartitioner)",
                     "tflite": "litert-torch"},
         libraries=("torch", "torchao", "executorch", "litert-torch", "ai-edge-litert", "numpy", "pillow"),
@@ -207,9 +207,16 @@ class Backend(ABC):
         `bench --breakdown`; None where the backend cannot cut its graph."""
         return None
 
-    def block_signals(self, graphs: Graphs, images: np.ndarray, lower_pte: bool) -> list | None:
+    def block_signals(self, graphs: Graphs, images: np.ndarray, lower_pte: bool,
+                      selected: tuple[str, ...] = ()) -> list | None:
         """Each block's output in the float model and the int8 graph on `images`, with (`lower_pte`) each int8 block
-        lowered to a .pte of its own, for the numerics debugger; None where the backend cannot cut its graph."""
+        (each `selected` one, when any is) lowered to a .pte of its own, for the numerics debugger; None where the
+        backend cannot cut its graph."""
+        return None
+
+    def block_names(self, checkpoint: Path, manifest: Any) -> list[str] | None:
+        """Names of the blocks the numerics debugger compares (what --debug-blocks may name), or None where not
+        known."""
         return None
 
     def quantized_layer_names(self, checkpoint: Path, manifest: Any) -> list[str] | None:

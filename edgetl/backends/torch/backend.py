@@ -209,11 +209,21 @@ class TorchBackend(Backend):
         with quiet_native():
             return graphs_of.pte_parts(module, graphs.example)
 
-    def block_signals(self, graphs: Graphs, images: np.ndarray, lower_pte: bool) -> list:
+    def block_signals(self, graphs: Graphs, images: np.ndarray, lower_pte: bool,
+                      selected: tuple[str, ...] = ()) -> list:
         from edgetl.backends.torch.numerics import block_signals
 
         with quiet_native():
-            return block_signals(graphs.float_model, graphs.int8, images, lower=lower_pte)
+            return block_signals(graphs.float_model, graphs.int8, images, lower=lower_pte, selected=selected)
+
+    def block_names(self, checkpoint: Path, manifest) -> list[str]:
+        from edgetl.backends.torch.models import build_model
+        from edgetl.backends.torch.numerics import block_names
+
+        spec = manifest.model  # names only: the architecture, no weights
+        model = graphs_of.ChannelsLastInput(build_model(spec.backbone, spec.width, spec.num_classes)).eval()
+        with quiet_native():
+            return block_names(model, torch.zeros(1, spec.image_size, spec.image_size, 3))
 
     def save_extras(self, graphs: Graphs, folder: Path) -> None:
         if graphs.pruning is not None:

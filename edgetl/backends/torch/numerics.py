@@ -65,10 +65,19 @@ def _float_outputs(float_model: nn.Module, images: torch.Tensor) -> dict[str, tu
     return found
 
 
+def block_names(float_model: nn.Module, example: torch.Tensor) -> list[str]:
+    """The blocks' names, in order, as `block_signals` names them (the float model's cut: the int8 graph's blocks
+    take the same module paths)."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    graph = torch.export.export(float_model, (torch.cat([example, example]),), dynamic_shapes=({0: batch},)).module()
+    return [part.name for part in cut.split(graph, cut.constants(graph))]
+
+
 def block_signals(float_model: nn.Module, int8_graph: fx.GraphModule, images: np.ndarray,
-                  lower: bool = True) -> list[BlockSignals]:
+                  lower: bool = True, selected: tuple[str, ...] = ()) -> list[BlockSignals]:
     """The float model's and the int8 graph's value at every block boundary on `images` (NHWC float32), and with
-    `lower` each int8 block as a .pte of its own (batch 1, like the exported file)."""
+    `lower` each int8 block (each `selected` one, when any is) as a .pte of its own (batch 1, like the exported
+    file)."""
     batch = torch.from_numpy(np.ascontiguousarray(images))
     graph_values = cut._values(int8_graph, batch)
     blocks = cut.build(int8_graph, batch[:1])
@@ -87,7 +96,7 @@ def block_signals(float_model: nn.Module, int8_graph: fx.GraphModule, images: np
             macs=block.macs)
         if float_output is None:
             signal.notes.append("the float model has no block of this name")
-        if lower:
+        if lower and (not selected or block.name in selected):
             try:
                 signal.pte, _ = lower_pte(block.module, block.inputs)
             except Exception as error:  # noqa: BLE001 - one block that cannot be lowered is reported, not fatal
