@@ -68,11 +68,17 @@ def apply_choice(candidates: dict[str, torch.fx.GraphModule], base: str,
     return graph
 
 
+def _disparity(qparams: dict[str, tuple[float, int]]) -> float:
+    """How far apart the candidates' ranges are: the ratio of the largest to the smallest scale."""
+    scales = [scale for scale, _ in qparams.values()]
+    return max(scales) / max(min(scales), 1e-12)
+
+
 def choose_per_tensor(candidates: dict[str, torch.fx.GraphModule], error: Callable[[torch.fx.GraphModule], float],
                       seconds: float) -> tuple[torch.fx.GraphModule, dict[int, str], dict]:
     """Coordinate descent over the activation groups (see the module docstring): the mixed graph, the choice
     (group number → candidate, for groups that left the base) and a record. `error(graph)` is the label-free
-    output error; the search stops after `seconds`, keeping what it chose so far."""
+    output error; the search, widest disagreement first, stops after `seconds`, keeping what it chose so far."""
     started = time.perf_counter()
     errors = {name: error(graph) for name, graph in candidates.items()}
     base = min(errors, key=errors.get)
@@ -82,7 +88,10 @@ def choose_per_tensor(candidates: dict[str, torch.fx.GraphModule], error: Callab
     choice: dict[int, str] = {}
     tried = 0
     options = groups(candidates)
-    for number, (indices, qparams) in enumerate(options):
+    # the tensors whose candidate ranges differ most first, so a budget that runs out leaves only the small ones
+    order = sorted(range(len(options)), key=lambda number: -_disparity(options[number][1]))
+    for number in order:
+        indices, qparams = options[number]
         if time.perf_counter() - started > seconds:
             break
         tried += 1
