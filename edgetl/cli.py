@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from edgetl.backbones import BACKBONES
 from edgetl.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -49,7 +50,7 @@ def finetune(
         Path | None, typer.Option("--out", help="Run folder; the checkpoint goes to OUT/checkpoint.")
     ] = None,
     backbone: Annotated[
-        str, typer.Option(help="mobilenet_v2, mobilenet_v3_small, mobilenet_v3_large, efficientnet_lite0.")
+        str, typer.Option(help=", ".join(BACKBONES) + ".")
     ] = "efficientnet_lite0",
     width: Annotated[float, typer.Option(help="Width multiplier (mobilenet_v2: 0.35, 0.5, 0.75, 1.0).")] = 1.0,
     image_size: Annotated[int | None, typer.Option(

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
 from edgetl.arm64.targets import TARGETS
 from edgetl.backbones import check_image_size, get_backbone
-from edgetl.backends.base import CAPABILITIES, capabilities
+from edgetl.capabilities import CAPABILITIES, capabilities
 from edgetl.errors import UserError, one_of
 from edgetl.targets import parse_targets, spec
 

@@ -25,6 +25,17 @@ def test_help_lists_the_verbs_and_imports_no_framework() -> None:
     assert probe.stdout.strip() == "[]"
 
 
+def test_the_configuration_imports_no_backend_package() -> None:
+    """Imports run one way (cli → stages → backends): options are checked against the leaf capability table,
+    never against a backend package."""
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys, edgetl.config; "
+         "print(sorted(m for m in sys.modules if m.startswith('edgetl.backends')))"],
+        capture_output=True, text=True, check=True,
+    )
+    assert probe.stdout.strip() == "[]"
+
+
 def _assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]

@@ -1,10 +1,9 @@
-"""The contract every backend implements, and what each one can do.
+"""The contract every backend implements; what each one can do is the table in `edgetl.capabilities`.
 
-`CAPABILITIES` is read before any framework is imported: config validation refuses, in one line, an option
-the checkpoint's backend lacks instead of letting it be ignored. `Backend` is the handful of steps that
-differ by framework (`edgetl.backends.load` gives a framework's); `edgetl.export.run_export` is the one
-orchestration around them (listing, calibration, the atomic folder, file names, sidecars, verification,
-the manifest). A backend imports this module and its own framework, never a stage.
+`Backend` is the handful of steps that differ by framework (`edgetl.backends.load` gives a framework's);
+`edgetl.export.run_export` is the one orchestration around them (listing, calibration, the atomic folder, file
+names, sidecars, verification, the manifest). A backend imports this module and its own framework, never a
+stage.
 """
 
 from __future__ import annotations
@@ -14,70 +13,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgetl.capabilities import CAPABILITIES, COMMON_KNOBS, Capabilities, capabilities
+
+__all__ = ["CAPABILITIES", "COMMON_KNOBS", "Backend", "Capabilities", "Converted", "Graphs", "capabilities"]
+
 if TYPE_CHECKING:
     import numpy as np
-
-# Export options every backend honours: which files, how many calibration images, the quality gate, the
-# seed, verification threads, the recipe's name.
-COMMON_KNOBS = frozenset({"formats", "quant", "calib", "max_drop", "seed", "threads", "recipe", "prune", "qat", "int8",
-                          "no_qat"})
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    """What one backend can make: the table that config validation reads."""
-
-    framework: str
-    formats: tuple[str, ...]
-    quants: tuple[str, ...]
-    prune_kinds: tuple[str, ...]
-    knobs: frozenset[str]  # ExportConfig fields beyond COMMON_KNOBS that this backend honours
-    converters: dict[str, str]  # format → what makes the file (console lines and sidecars)
-    libraries: tuple[str, ...]  # whose versions the manifests record
-    # int8 remedies `--int8 auto` may apply to a file over --max-drop, cheapest first ("qat" trains on labels)
-    remedies: tuple[str, ...] = ("qat",)
-    hint: str = ""  # what to do instead, appended when an option is refused
-    from_scratch: bool = False  # implements Backend.train_backbone_from_scratch
-
-    def honours(self, knob: str) -> bool:
-        return knob in COMMON_KNOBS or knob in self.knobs
-
-
-CAPABILITIES: dict[str, Capabilities] = {
-    "torch": Capabilities(
-        framework="torch",
-        formats=("tflite", "pte"),
-        quants=("fp32", "int8"),
-        prune_kinds=("channels", "magnitude"),
-        knobs=frozenset({"bias_correction", "fuse_clamp", "distill", "recovery_epochs", "recovery_lr", "qat_epochs",
-                         "qat_lr", "tune_images", "rounding_layers", "sensitivity_seconds", "float_layers",
-                         "parts", "debug_numerics", "debug_blocks"}),
-        converters={"pte": "ExecuTorch to_edge_transform_and_lower (XnnpackPartitioner)",
-                    "tflite": "litert-torch"},
-        libraries=("torch", "torchao", "executorch", "litert-torch", "ai-edge-litert", "numpy", "pillow"),
-        remedies=("equalize", "ranges", "adaround", "float-fallback", "qat"),
-        hint="fine-tune with --framework keras to use them",
-    ),
-    "keras": Capabilities(
-        framework="keras",
-        formats=("tflite",),
-        quants=("fp32", "fp16", "dynamic", "int8"),
-        prune_kinds=("magnitude",),
-        knobs=frozenset({"recovery_epochs", "recovery_lr", "qat_epochs", "qat_lr", "tune_images"}),
-        converters={"tflite": "tf.lite.TFLiteConverter.from_keras_model"},
-        libraries=("tensorflow", "tf-keras", "tensorflow-model-optimization", "ai-edge-litert", "numpy", "pillow"),
-        hint="fine-tune with --framework torch to use them",
-        from_scratch=True,
-    ),
-}
-
-
-def capabilities(framework: object) -> Capabilities:
-    from edgetl.errors import UserError
-
-    if framework not in CAPABILITIES:
-        raise UserError(f"checkpoint framework {framework!r} has no export backend; valid: {', '.join(CAPABILITIES)}")
-    return CAPABILITIES[str(framework)]
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,21 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+# backbone name (as edgetl.backbones lists it) → the builder of its torch definition, filled by `register`
+TORCH_MODELS: dict[str, Callable[[int, float], Backbone]] = {}
+
+
+def register(name: str) -> Callable[[Callable[[int, float], Backbone]], Callable[[int, float], Backbone]]:
+    """Register a builder `(num_classes, width) → model` under a backbone name, where the model is defined."""
+
+    def add(builder: Callable[[int, float], Backbone]) -> Callable[[int, float], Backbone]:
+        if name in TORCH_MODELS:
+            raise ValueError(f"backbone {name!r} is registered twice")
+        TORCH_MODELS[name] = builder
+        return builder
+
+    return add
+
 
 def make_divisible(value: float, divisor: int = 8) -> int:
     """Round channel counts as the MobileNet papers do (never more than 10% below the target)."""
@@ -426,14 +441,28 @@ class EfficientNetLite0(Backbone):
         nn.init.zeros_(self._fc.bias)
 
 
+@register("mobilenet_v2")
+def _mobilenet_v2(num_classes: int, width: float) -> Backbone:
+    return MobileNetV2(num_classes, width)
+
+
+@register("mobilenet_v3_small")
+def _mobilenet_v3_small(num_classes: int, width: float) -> Backbone:
+    return MobileNetV3("small", num_classes, width)
+
+
+@register("mobilenet_v3_large")
+def _mobilenet_v3_large(num_classes: int, width: float) -> Backbone:
+    return MobileNetV3("large", num_classes, width)
+
+
+@register("efficientnet_lite0")
+def _efficientnet_lite0(num_classes: int, width: float) -> Backbone:
+    return EfficientNetLite0(num_classes, width)
+
+
 def build_model(backbone: str, width: float = 1.0, num_classes: int = 1000) -> Backbone:
     """A freshly initialised model; the caller loads weights and resets the head."""
-    if backbone == "mobilenet_v2":
-        return MobileNetV2(num_classes, width)
-    if backbone == "mobilenet_v3_small":
-        return MobileNetV3("small", num_classes, width)
-    if backbone == "mobilenet_v3_large":
-        return MobileNetV3("large", num_classes, width)
-    if backbone == "efficientnet_lite0":
-        return EfficientNetLite0(num_classes, width)
-    raise ValueError(f"no torch definition for {backbone!r}")
+    if backbone not in TORCH_MODELS:
+        raise ValueError(f"no torch definition for {backbone!r}; registered: {', '.join(TORCH_MODELS)}")
+    return TORCH_MODELS[backbone](num_classes, width)
