@@ -26,7 +26,7 @@ class TorchBackend(Backend):
     _choice_base = "histogram"
     _equalize = False  # whether later remedies build on cross-layer equalization ("equalize")
     _error: float | None = None  # the calibration logit error of the graph later remedies build on
-    _state: tuple | None = None  # that graph and its record, when it was made (PTQ, or a remedy that was kept)
+    _made: dict | None = None  # PTQ's graph and record for each activation observer (no equalization)
 
     def needs_calibration(self, config) -> bool:
         return "int8" in config.quant  # post-training, and the sensitivity table of every int8 export
@@ -52,11 +52,25 @@ class TorchBackend(Backend):
             graphs.int8, graphs.quantization = compress.qat_int8(checkpoint, manifest, listing, graphs.float_model,
                                                                  graphs.example, config)
             return
-        console.print(f"int8: PT2E post-training quantization on {len(calibration)} calibration images…")
+        console.print(f"int8: PT2E post-training quantization on {len(calibration)} calibration images, activation "
+                      f"ranges by histogram and by each image's own min/max…")
+        images = calibration[:RANGES_IMAGES]
         with quiet_native():
-            graphs.int8, graphs.quantization = graphs_of.quantize_ptq_graph(
-                graphs.float_model, graphs.example, calibration, config.bias_correction, config.fuse_clamp)
-        self._state = (graphs.int8, dict(graphs.quantization))
+            made = {observer: graphs_of.quantize_ptq_graph(graphs.float_model, graphs.example, calibration,
+                                                           config.bias_correction, config.fuse_clamp,
+                                                           activations=observer)
+                    for observer in ("histogram", "per-image")}
+            reference = graphs_of.logits(graphs.float_model, images)
+            errors = {name: self._calibration_error(graph, images, reference) for name, (graph, _) in made.items()}
+        self._activations = min(errors, key=errors.get)
+        self._error, self._made = errors[self._activations], made
+        graphs.int8, graphs.quantization = made[self._activations][0], dict(made[self._activations][1])
+        graphs.quantization["activation_choice"] = {
+            "criterion": "mean squared error of the calibration images' logits against the float model's (no labels)",
+            "errors": {name: round(value, 6) for name, value in errors.items()}, "chosen": self._activations,
+            "images": int(len(images))}
+        console.print(f"int8: activation ranges: {self._activations} (calibration logit error "
+                      + ", ".join(f"{name} {value:.4g}" for name, value in errors.items()) + ")")
 
     def quantized_layer_names(self, checkpoint: Path, manifest) -> list[str]:
         from edgetl.backends.torch.models import build_model
@@ -129,19 +143,22 @@ class TorchBackend(Backend):
 
     def _ranges(self, graphs: Graphs, calibration: np.ndarray, config) -> None:
         """Activation ranges chosen per tensor between the histogram observer and the running mean of each
-        calibration image's own min/max (`ranges.py`). The histogram fits one range to all values at once, so a
-        few images whose activations run 100x larger than the rest set it for all of them; per-image ranges clip
-        those. The choice uses no label: the logits' mean squared error against the float model's on (at most
-        RANGES_IMAGES of) the calibration images. Later remedies build on the ranges chosen here."""
+        calibration image's own min/max (`ranges.py`), starting from the observer PTQ chose for the whole graph.
+        The histogram fits one range to all values at once, so a few images whose activations run 100x larger than
+        the rest set it for all of them; per-image ranges clip those. The choice uses no label: the logits' mean
+        squared error against the float model's on (at most RANGES_IMAGES of) the calibration images. Later
+        remedies build on the ranges chosen here."""
         from edgetl.backends.torch.ranges import choose_per_tensor
 
         console.print("int8: activation ranges per tensor — one histogram over all images, or each image's own "
                       "min/max — chosen by output error…")
         images = calibration[:RANGES_IMAGES]
         with quiet_native():
-            made = {"histogram": self._state or self._quantize(graphs, calibration, config)}
-            self._activations = "per-image"
-            made["per-image"] = self._quantize(graphs, calibration, config)
+            made = self._made if self._made is not None and not self._equalize else {}
+            for observer in ("histogram", "per-image"):
+                if observer not in made:
+                    self._activations = observer
+                    made[observer] = self._quantize(graphs, calibration, config)
             reference = graphs_of.logits(graphs.float_model, images)
             mixed, choice, record = choose_per_tensor({name: g for name, (g, _) in made.items()},
                                                       lambda g: self._calibration_error(g, images, reference),
@@ -173,7 +190,7 @@ class TorchBackend(Backend):
         console.print(f"int8: equalization: {describe(info.get('equalization', {}))}")
         self._equalize = after < before
         if self._equalize:
-            self._error, self._state = after, (graph, dict(info))
+            self._error = after
         graphs.int8, graphs.quantization = graph, info
         graphs.quantization["equalization_choice"] = {
             "criterion": "mean squared error of the calibration images' logits against the float model's (no labels)",
