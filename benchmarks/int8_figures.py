@@ -4,6 +4,7 @@ the remedy each file got with its cost and gain, the final drop and changed pred
 top layers. `--int8 qat` (or `--allow-qat`) measures the QAT figures instead.
 
     python benchmarks/int8_figures.py RUN/checkpoint [RUN2/checkpoint ...] --max-drop 0.5 --out /tmp/int8-figures
+    python benchmarks/int8_figures.py --table /tmp/int8-figures/int8_figures.json   # the goal table, markdown
 
 Each export runs as its own `edgetl export` process (the CLI a user runs); the script only reads the manifests.
 """
@@ -37,29 +38,68 @@ def figures(out: Path) -> dict:
     for row in manifest["verification"]["rows"]:
         name = row["file"]
         changed = round((1 - row["agreement"]) * row["images"])
+        sidecar = json.loads((out / f"{name}.json").read_text())
+        delegation = sidecar.get("delegation") or {}
         files[name] = {"first_drop": policy["first"][name]["drop_points"],
                        "first_changed": policy["first"][name]["changed_predictions"],
                        "remedy": row.get("remedy"), "drop": row["drop_points"], "changed": changed,
-                       "top1": row["top1"]}
+                       "top1": row["top1"], "partitions": delegation.get("subgraphs"),
+                       "outside_compute": delegation.get("compute_ops_outside")}
     steps = [{"remedy": s["remedy"], "seconds": s.get("seconds"), "skipped": s.get("skipped"),
               "gain": {f: v["gain_points"] for f, v in s["files"].items()}} for s in policy["steps"]]
     top = sorted((r for r in sensitivity["rows"] if r.get("measured")), key=lambda r: r["rank"])[:3]
     return {"model": manifest["model"], "float_top1": manifest["float_reference"]["top1"],
+            "data": manifest.get("parent", {}).get("data") if isinstance(manifest.get("parent"), dict) else None,
+            "activation_choice": manifest["quantization"].get("activation_choice"),
             "images": manifest["test_inputs"]["images"], "files": files, "steps": steps,
             "sensitivity_seconds": sensitivity["seconds"],
             "most_sensitive": [(r["layer"], r["logit_error"], r["macs_share"]) for r in top],
             "export_seconds": manifest["seconds"]}
 
 
+def table(record: dict) -> str:
+    """One markdown row per checkpoint: float top-1, the first PTQ's and the final drop per format with changed
+    predictions, PTQ's activation observer, the remedies that ran with their seconds, and the .pte's partitions."""
+    lines = ["| checkpoint | float top-1 | PTQ observer | PTQ drop .tflite / .pte (changed) | final drop .tflite / "
+             ".pte (changed) | remedies (s) | .pte partitions | export s |",
+             "|---|---:|---|---|---|---|---:|---:|"]
+    for entry in record["results"]:
+        if "files" not in entry:
+            lines.append(f"| {entry['checkpoint']} | exit {entry['exit_code']} | | | | | | |")
+            continue
+        model = entry["model"]
+        by_format = {name.rsplit(".", 1)[1]: figures for name, figures in entry["files"].items()}
+        tfl, pte = by_format.get("tflite", {}), by_format.get("pte", {})
+
+        def pair(key: str, changed: str, tfl: dict = tfl, pte: dict = pte) -> str:
+            return (f"{tfl.get(key, '–')} / {pte.get(key, '–')} "
+                    f"({tfl.get(changed, '–')} / {pte.get(changed, '–')})")
+
+        remedies = ", ".join(f"{s['remedy']} {s['seconds']:g}" for s in entry["steps"] if not s.get("skipped")) or "–"
+        choice = (entry.get("activation_choice") or {}).get("chosen", "–")
+        width = "" if model["width"] == 1.0 else f" {model['width']:g}"
+        name = f"{model['backbone']}{width} {model['image_size']} px"
+        lines.append(f"| {name} ({Path(entry['checkpoint']).parent.name}) | {100 * entry['float_top1']:.1f}% | "
+                     f"{choice} | {pair('first_drop', 'first_changed')} | {pair('drop', 'changed')} | {remedies} | "
+                     f"{pte.get('partitions', '–')} | {entry['export_seconds']:g} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoints", nargs="+", type=Path)
+    parser.add_argument("checkpoints", nargs="*", type=Path)
+    parser.add_argument("--table", type=Path, help="print the markdown goal table of an int8_figures.json and stop")
     parser.add_argument("--max-drop", type=float, default=0.5)
     parser.add_argument("--out", type=Path, default=Path("/tmp/int8-figures"))
     parser.add_argument("--extra", default="", help="more export flags, space-separated")
     parser.add_argument("--int8", default="auto", choices=("auto", "qat"), help="export's --int8 mode")
     parser.add_argument("--allow-qat", action="store_true", help="--int8 auto may use QAT (labels); default --no-qat")
     args = parser.parse_args()
+    if args.table is not None:
+        print(table(json.loads(args.table.read_text())))
+        return
+    if not args.checkpoints:
+        parser.error("give checkpoints, or --table JSON")
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     for index, checkpoint in enumerate(args.checkpoints):
