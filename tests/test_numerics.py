@@ -145,6 +145,9 @@ def test_a_real_export_compares_every_block_in_both_runtimes(tiny_checkpoint: Pa
     assert graph[0] > 25  # the stem's only error is its own rounding
     assert (out / record["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "numerics:" in done.stdout and "follows the Q/DQ graph in every block" in done.stdout
+    # the output went through a pipe: the tables still print every file's top-1 and drop whole, not cut to "8…"
+    for row in json.loads((out / "manifest.json").read_text())["verification"]["rows"]:
+        assert f"{100 * row['top1']:.1f}%" in done.stdout and row["file"] in done.stdout
 
 
 def test_a_sweep_asks_int8_variants_only_and_its_report_plots_the_first_record(tmp_path: Path) -> None:
