@@ -135,3 +135,20 @@ def test_ranges_chosen_per_tensor_never_raise_the_output_error() -> None:
     assert np.array_equal(graphs_of.logits(rebuilt, images), graphs_of.logits(mixed, images))
     _, _, cut_short = choose_per_tensor(candidates, error, seconds=0)
     assert cut_short["tried"] == 0 and cut_short["error"] == min(cut_short["candidates"].values())
+
+
+def test_a_second_calibration_reuses_the_learned_rounding_and_says_so() -> None:
+    """With ranges chosen per tensor, every later remedy calibrates twice; the second call reuses the first's
+    learned rounding (no `rounded_layers`) and still records how many layers it learned."""
+    from edgetl.backends.torch import export as graphs_of
+
+    torch.manual_seed(0)
+    model = graphs_of.ChannelsLastInput(build_model("mobilenet_v3_small", 1.0, 5).eval()).eval()
+    images = np.random.default_rng(0).uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32)
+    example = torch.zeros(1, 32, 32, 3)
+    first, info = graphs_of.quantize_ptq_graph(model, example, images, rounded_layers=["model.features.0.0"],
+                                               rounding_iterations=4)
+    again, reused = graphs_of.quantize_ptq_graph(model, example, images, rounded=info["_rounded"],
+                                                 activations="per-image")
+    assert "learned rounding on 1 layer(s)" in info["weights"] and "learned rounding on 1 layer(s)" in reused["weights"]
+    assert reused["learned_rounding"] == info["learned_rounding"] and reused["method"] == "pt2e-ptq+adaround"

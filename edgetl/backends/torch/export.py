@@ -104,7 +104,7 @@ def quantize_ptq_graph(float_model: nn.Module, example: torch.Tensor, calibratio
         "quantizer": "XNNPACKQuantizer (executorch), ReLU6 outputs observed after the clamp" if fuse_clamp
         else "XNNPACKQuantizer (executorch)",
         "weights": "int8, symmetric, per output channel (BatchNorm folded first)"
-        + (f"; learned rounding on {len(rounded_layers)} layer(s)" if learned else ""),
+        + (f"; learned rounding on {len(learned['layers'])} layer(s)" if learned else ""),
         "activations": "int8, per tensor, affine, " + ("HistogramObserver" if activations == "histogram" else
                                                        "running mean of each image's min/max "
                                                        "(MovingAverageMinMaxObserver, one image per batch)"),
