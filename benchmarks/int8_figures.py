@@ -49,7 +49,6 @@ def figures(out: Path) -> dict:
               "gain": {f: v["gain_points"] for f, v in s["files"].items()}} for s in policy["steps"]]
     top = sorted((r for r in sensitivity["rows"] if r.get("measured")), key=lambda r: r["rank"])[:3]
     return {"model": manifest["model"], "float_top1": manifest["float_reference"]["top1"],
-            "data": manifest.get("parent", {}).get("data") if isinstance(manifest.get("parent"), dict) else None,
             "activation_choice": manifest["quantization"].get("activation_choice"),
             "images": manifest["test_inputs"]["images"], "files": files, "steps": steps,
             "sensitivity_seconds": sensitivity["seconds"],
@@ -57,15 +56,24 @@ def figures(out: Path) -> dict:
             "export_seconds": manifest["seconds"]}
 
 
+def data_of(checkpoint: Path) -> str | None:
+    """The data set a checkpoint was fine-tuned on, as its manifest names it."""
+    try:
+        source = json.loads((checkpoint / "manifest.json").read_text()).get("data", {}).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(source).name if source and not source.startswith("builtin:") else source
+
+
 def table(record: dict) -> str:
     """One markdown row per checkpoint: float top-1, the first PTQ's and the final drop per format with changed
     predictions, PTQ's activation observer, the remedies that ran with their seconds, and the .pte's partitions."""
-    lines = ["| checkpoint | float top-1 | PTQ observer | PTQ drop .tflite / .pte (changed) | final drop .tflite / "
+    lines = ["| checkpoint | data | float top-1 | PTQ observer | PTQ drop .tflite / .pte (changed) | final drop .tflite / "
              ".pte (changed) | remedies (s) | .pte partitions | export s |",
-             "|---|---:|---|---|---|---|---:|---:|"]
+             "|---|---|---:|---|---|---|---|---:|---:|"]
     for entry in record["results"]:
         if "files" not in entry:
-            lines.append(f"| {entry['checkpoint']} | exit {entry['exit_code']} | | | | | | |")
+            lines.append(f"| {entry['checkpoint']} | | exit {entry['exit_code']} | | | | | | |")
             continue
         model = entry["model"]
         by_format = {name.rsplit(".", 1)[1]: figures for name, figures in entry["files"].items()}
@@ -79,7 +87,8 @@ def table(record: dict) -> str:
         choice = (entry.get("activation_choice") or {}).get("chosen", "–")
         width = "" if model["width"] == 1.0 else f" {model['width']:g}"
         name = f"{model['backbone']}{width} {model['image_size']} px"
-        lines.append(f"| {name} ({Path(entry['checkpoint']).parent.name}) | {100 * entry['float_top1']:.1f}% | "
+        lines.append(f"| {name} ({Path(entry['checkpoint']).parent.name}) | {entry.get('data') or '–'} | "
+                     f"{100 * entry['float_top1']:.1f}% | "
                      f"{choice} | {pair('first_drop', 'first_changed')} | {pair('drop', 'changed')} | {remedies} | "
                      f"{pte.get('partitions', '–')} | {entry['export_seconds']:g} |")
     return "\n".join(lines)
@@ -108,6 +117,7 @@ def main() -> None:
         entry = {"checkpoint": str(checkpoint), "exit_code": code, "wall_seconds": seconds}
         if (out / "manifest.json").is_file():
             entry.update(figures(out))
+            entry["data"] = data_of(checkpoint)
         results.append(entry)
         print(json.dumps(entry, indent=1))
     record = {"machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}",
