@@ -68,8 +68,8 @@ def data_of(checkpoint: Path) -> str | None:
 def table(record: dict) -> str:
     """One markdown row per checkpoint: float top-1, the first PTQ's and the final drop per format with changed
     predictions, PTQ's activation observer, the remedies that ran with their seconds, and the .pte's partitions."""
-    lines = ["| checkpoint | data | float top-1 | PTQ observer | PTQ drop .tflite / .pte (changed) | final drop .tflite / "
-             ".pte (changed) | remedies (s) | .pte partitions | export s |",
+    lines = ["| checkpoint | data | float top-1 | PTQ observer | PTQ drop .tflite / .pte (changed) | final drop "
+             ".tflite / .pte (changed) | remedies (s) | .pte partitions | export s |",
              "|---|---|---:|---|---|---|---|---:|---:|"]
     for entry in record["results"]:
         if "files" not in entry:
