@@ -457,28 +457,28 @@ def _export_manifest(context: _Context, inputs: Inputs, reference: np.ndarray, a
 # ------------------------------------------------------------------------------------ the int8 policy
 
 
-def _check_float_layers(backend: Backend, checkpoint: Path, manifest: CheckpointManifest, config: ExportConfig) -> None:
-    """Every --float-layers name must be a layer int8 quantizes; the error lists them all (before any work)."""
-    if not config.float_layers:
-        return
-    names = backend.quantized_layer_names(checkpoint, manifest) or []
-    unknown = [name for name in config.float_layers if name not in names]
+def _check_names(flag: str, given: tuple[str, ...], names: list[str] | None, what: str,
+                 manifest: CheckpointManifest) -> None:
+    """Every name given to `flag` must be one of `names` (a `what` of the model); one error lists them all."""
+    unknown = [name for name in given if name not in (names or [])]
     if unknown:
-        verb = "is not a quantized layer" if len(unknown) == 1 else "are not quantized layers"
-        raise UserError(f"--float-layers: {', '.join(map(repr, unknown))} {verb} of this {manifest.model.backbone}; "
-                        f"valid: {', '.join(names)}")
+        verb = f"is not a {what}" if len(unknown) == 1 else f"are not {what}s"
+        raise UserError(f"{flag}: {', '.join(map(repr, unknown))} {verb} of this {manifest.model.backbone}; "
+                        f"valid: {', '.join(names or [])}")
+
+
+def _check_float_layers(backend: Backend, checkpoint: Path, manifest: CheckpointManifest, config: ExportConfig) -> None:
+    """Every --float-layers name must be a layer int8 quantizes (checked before any work)."""
+    if config.float_layers:
+        _check_names("--float-layers", config.float_layers, backend.quantized_layer_names(checkpoint, manifest),
+                     "quantized layer", manifest)
 
 
 def _check_debug_blocks(backend: Backend, checkpoint: Path, manifest: CheckpointManifest, config: ExportConfig) -> None:
-    """Every --debug-blocks name must be a block the debugger cuts; the error lists them all (before any work)."""
-    if not config.debug_blocks:
-        return
-    names = backend.block_names(checkpoint, manifest) or []
-    unknown = [name for name in config.debug_blocks if name not in names]
-    if unknown:
-        verb = "is not a block" if len(unknown) == 1 else "are not blocks"
-        raise UserError(f"--debug-blocks: {', '.join(map(repr, unknown))} {verb} of this {manifest.model.backbone}; "
-                        f"valid: {', '.join(names)}")
+    """Every --debug-blocks name must be a block the numerics debugger cuts (checked before any work)."""
+    if config.debug_blocks:
+        _check_names("--debug-blocks", config.debug_blocks, backend.block_names(checkpoint, manifest), "block",
+                     manifest)
 
 
 def _remedies(manifest: CheckpointManifest) -> tuple[str, ...]:
