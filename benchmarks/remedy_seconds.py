@@ -51,6 +51,9 @@ def main() -> None:
     backend.quantize(graphs, args.checkpoint, manifest, listing, inputs.calibration, config)
     rows.append({"step": "ptq (both observers)", "seconds": round(time.perf_counter() - started, 1),
                  "logit_error": round(error(), 6), "chosen": graphs.quantization["activation_choice"]["chosen"]})
+    started = time.perf_counter()  # every int8 export makes the sensitivity table; learned rounding reads it
+    graphs.sensitivity = backend.sensitivity(graphs, inputs.calibration, config)
+    rows.append({"step": "sensitivity table", "seconds": round(time.perf_counter() - started, 1)})
     for remedy in ("equalize", "ranges", "adaround"):
         started = time.perf_counter()
         backend.remedy(remedy, graphs, args.checkpoint, manifest, listing, inputs.calibration, config)
