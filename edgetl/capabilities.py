@@ -67,6 +67,11 @@ CAPABILITIES: dict[str, Capabilities] = {
 }
 
 
+# Every framework edgetl trains and exports with, in the table's order: the one list the options and the contracts
+# check a framework name against.
+FRAMEWORKS: tuple[str, ...] = tuple(CAPABILITIES)
+
+
 def capabilities(framework: object) -> Capabilities:
     if framework not in CAPABILITIES:
         raise UserError(f"checkpoint framework {framework!r} has no export backend; valid: {', '.join(CAPABILITIES)}")

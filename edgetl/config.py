@@ -23,11 +23,10 @@ from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
 from edgetl.arm64.targets import TARGETS
 from edgetl.backbones import check_image_size, get_backbone
-from edgetl.capabilities import CAPABILITIES, capabilities
+from edgetl.capabilities import CAPABILITIES, FRAMEWORKS, capabilities
 from edgetl.errors import UserError, one_of
 from edgetl.targets import parse_targets, spec
 
-FRAMEWORKS = ("torch", "keras")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 CLASS_WEIGHTS = ("auto", "balanced", "none")
 MAX_SEED = 2**32 - 1  # numpy's and torch's generators take any seed from 0 to this one

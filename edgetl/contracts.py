@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from edgetl.backbones import BACKBONES
+from edgetl.capabilities import FRAMEWORKS
 from edgetl.errors import UserError
 
 SCHEMA_VERSION = 1
@@ -37,7 +38,6 @@ BENCH_KIND = "edgetl.bench"
 BENCH_RESULT_KIND = "edgetl.bench.result"
 BUNDLE_KIND = "edgetl.bundle"
 SWEEP_KIND = "edgetl.sweep"
-FRAMEWORKS = ("torch", "keras")
 SPLITS = ("train", "val", "test")
 
 _MISSING = object()

@@ -12,6 +12,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+from edgetl.capabilities import FRAMEWORKS
 from edgetl.config import ExportConfig, FinetuneConfig, SweepConfig
 from edgetl.errors import UserError, one_of
 from edgetl.export import run_export
@@ -95,7 +96,7 @@ def run_demo(run_dir: Path, fast: bool = False, framework: str = "torch") -> dic
     if framework == "keras":
         return _run_keras_demo(Path(run_dir), fast)
     if framework != "torch":
-        raise UserError(one_of(framework, ("torch", "keras"), "--framework"))
+        raise UserError(one_of(framework, FRAMEWORKS, "--framework"))
     checkpoint = run_finetune(FAST_CONFIG if fast else DEMO_CONFIG, run_dir)
     manifest = json.loads((checkpoint / "manifest.json").read_text())
     top1 = manifest["metrics"]["test"]["top1"]
