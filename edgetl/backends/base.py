@@ -190,10 +190,25 @@ class Backend(ABC):
                         f"{', '.join(n for n, c in CAPABILITIES.items() if c.from_scratch) or 'none'}")
 
 
-class SplitScores:
-    """The validation figure both trainers offer the selector, computed one way: cross-entropy (no smoothing,
-    no class weights) and top-1 over the whole split, summed over ranks. A trainer provides `listing`,
-    `world` (with `sum`) and `predict(split)` → (labels, predicted, probabilities) of this rank's shard."""
+class TrainerShared:
+    """What both trainers share, written once. The validation figure they offer the selector, computed one way:
+    cross-entropy (no smoothing, no class weights) and top-1 over the whole split, summed over ranks. And the
+    history row of each epoch, the same fields in either framework. A trainer provides `listing`, `world` (with
+    `sum`), `history` (a list) and `predict(split)` → (labels, predicted, probabilities) of this rank's shard."""
+
+    def log(self, stage: int, epoch: int, loss: float, top1: float, val_loss: float, val_top1: float, lr: float,
+            seconds: float, images: int, train_seconds: float | None = None) -> None:
+        self.history.append({
+            "stage": stage,
+            "epoch": epoch,
+            "train_loss": round(loss, 5),
+            "train_top1": round(top1, 5),
+            "val_loss": round(val_loss, 5),
+            "val_top1": round(val_top1, 5),
+            "lr": lr,
+            "seconds": round(seconds, 3),
+            "train_images_per_s": round(images / max(1e-9, train_seconds or seconds), 1),
+        })
 
     def evaluate_split(self, split: str) -> tuple[float, float]:
         import numpy as np

@@ -19,7 +19,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from edgetl import data
-from edgetl.backends.base import SplitScores
+from edgetl.backends.base import TrainerShared
 from edgetl.backends.keras import models
 from edgetl.backends.keras.distributed import KerasWorld
 from edgetl.backends.keras.distributed import session as session  # the stage opens it around the whole run
@@ -99,7 +99,7 @@ def launch_if_needed(config: FinetuneConfig, run_dir: Path) -> Path | None:
     return None
 
 
-class Trainer(SplitScores):
+class Trainer(TrainerShared):
     """The recipe's steps on this worker, for one model, one config and one listing.
 
     With several workers every epoch walks one seeded permutation; worker w decodes rows w, w+W, ... of each
@@ -291,20 +291,6 @@ class Trainer(SplitScores):
         probs = np.concatenate(probabilities) if probabilities else np.zeros((0, self.num_classes), np.float32)
         labels_all = np.concatenate(labels) if labels else np.zeros(0, np.int64)
         return labels_all, probs.argmax(1), probs
-
-    def log(self, stage: int, epoch: int, loss: float, top1: float, val_loss: float, val_top1: float, lr: float,
-            seconds: float, images: int, train_seconds: float | None = None) -> None:
-        self.history.append({
-            "stage": stage,
-            "epoch": epoch,
-            "train_loss": round(loss, 5),
-            "train_top1": round(top1, 5),
-            "val_loss": round(val_loss, 5),
-            "val_top1": round(val_top1, 5),
-            "lr": lr,
-            "seconds": round(seconds, 3),
-            "train_images_per_s": round(images / max(1e-9, train_seconds or seconds), 1),
-        })
 
     def result(self) -> Result:
         for layer in self.model.layers:

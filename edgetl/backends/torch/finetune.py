@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from edgetl import data
 from edgetl.backbones import get_backbone
-from edgetl.backends.base import SplitScores
+from edgetl.backends.base import TrainerShared
 from edgetl.backends.torch.distributed import TorchWorld, launch, needs_launch, shared_dropout
 from edgetl.backends.torch.distributed import session as session  # the stage opens it around the whole run
 from edgetl.backends.torch.models import Backbone, build_model
@@ -273,7 +273,7 @@ def batchnorm_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
             for key, value in module.named_buffers(recurse=False)}
 
 
-class Trainer(SplitScores):
+class Trainer(TrainerShared):
     """The recipe's steps on this rank, for one model, one config and one listing.
 
     With several ranks every epoch walks one seeded permutation of the training split; rank r takes rows
@@ -619,20 +619,6 @@ class Trainer(SplitScores):
         probs = np.concatenate(probabilities)
         labels_all = np.concatenate(labels) if labels else np.zeros(0, np.int64)
         return labels_all, probs.argmax(1), probs
-
-    def log(self, stage: int, epoch: int, loss: float, top1: float, val_loss: float, val_top1: float, lr: float,
-            seconds: float, images: int, train_seconds: float | None = None) -> None:
-        self.history.append({
-            "stage": stage,
-            "epoch": epoch,
-            "train_loss": round(loss, 5),
-            "train_top1": round(top1, 5),
-            "val_loss": round(val_loss, 5),
-            "val_top1": round(val_top1, 5),
-            "lr": lr,
-            "seconds": round(seconds, 3),
-            "train_images_per_s": round(images / max(1e-9, train_seconds or seconds), 1),
-        })
 
     def result(self) -> Result:
         """The model (on the CPU, trainable again) and the figures the stage writes."""
