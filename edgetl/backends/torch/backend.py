@@ -1,7 +1,9 @@
 """The torch export backend: own model definitions, torch-pruning, PT2E int8 (PTQ or QAT), ExecuTorch and
 litert-torch. Its policy: prune first when asked (the pruned float model is what every file is made from),
 then int8 by QAT when asked (it learns its ranges in training, so no calibration set), else by post-training
-quantization on the calibration images."""
+quantization on the calibration images, with the activation observer whose logits lie closer to the float
+model's. Each label-free remedy (equalization, per-tensor ranges, learned rounding, float fallback) builds on what
+the earlier ones chose by that same criterion, which the instance keeps between calls."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ RANGES_SECONDS = 60.0  # the per-tensor search keeps what it chose when this run
 class TorchBackend(Backend):
     capabilities = CAPABILITIES["torch"]
     _rounded = None  # the learned rounding of this export (BN-folded model and record), reused by float fallback
-    _activations = "histogram"  # the activation observer later remedies build on (the "ranges" remedy may change it)
+    _activations = "histogram"  # the activation observer later remedies build on (PTQ chooses it)
     _choice: dict[int, str] | None = None  # activation groups that take the other observer's range ("ranges")
     _choice_base = "histogram"
     _equalize = False  # whether later remedies build on cross-layer equalization ("equalize")
