@@ -14,6 +14,7 @@ import torch
 
 from edgetl.backends.base import CAPABILITIES, Backend, Converted, Graphs
 from edgetl.backends.torch import export as graphs_of
+from edgetl.backends.torch.ranges import CRITERION
 from edgetl.ui import console, quiet_native
 
 RANGES_IMAGES = 64  # calibration images the label-free choices of the ranges and equalize remedies are made on
@@ -68,7 +69,7 @@ class TorchBackend(Backend):
         self._error, self._made = errors[self._activations], made
         graphs.int8, graphs.quantization = made[self._activations][0], dict(made[self._activations][1])
         graphs.quantization["activation_choice"] = {
-            "criterion": "mean squared error of the calibration images' logits against the float model's (no labels)",
+            "criterion": CRITERION,
             "errors": {name: round(value, 6) for name, value in errors.items()}, "chosen": self._activations,
             "images": int(len(images))}
         console.print(f"int8: activation ranges: {self._activations} (calibration logit error "
@@ -195,7 +196,7 @@ class TorchBackend(Backend):
             self._error = after
         graphs.int8, graphs.quantization = graph, info
         graphs.quantization["equalization_choice"] = {
-            "criterion": "mean squared error of the calibration images' logits against the float model's (no labels)",
+            "criterion": CRITERION,
             "errors": {"without": round(before, 6), "with": round(after, 6)}, "kept": self._equalize}
 
     def _float_fallback(self, graphs: Graphs, calibration: np.ndarray, config) -> None:

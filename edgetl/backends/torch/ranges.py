@@ -18,6 +18,9 @@ from collections.abc import Callable
 
 import torch
 
+# the label-free criterion every int8 choice of the torch backend is made by (and records)
+CRITERION = "mean squared error of the calibration images' logits against the float model's (no labels)"
+
 QUANTIZE = torch.ops.quantized_decomposed.quantize_per_tensor.default
 DEQUANTIZE = torch.ops.quantized_decomposed.dequantize_per_tensor.default
 
@@ -109,7 +112,7 @@ def choose_per_tensor(candidates: dict[str, torch.fx.GraphModule], error: Callab
                     _set(found[index], *qparams[choice.get(number, base)])
                 graph.recompile()
     record = {
-        "criterion": "mean squared error of the calibration images' logits against the float model's (no labels)",
+        "criterion": CRITERION,
         "candidates": {name: round(value, 6) for name, value in errors.items()},
         "base": base,
         "tensors": len(options),
