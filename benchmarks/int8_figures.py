@@ -5,6 +5,7 @@ top layers. `--int8 qat` (or `--allow-qat`) measures the QAT figures instead.
 
     python benchmarks/int8_figures.py RUN/checkpoint [RUN2/checkpoint ...] --max-drop 0.5 --out /tmp/int8-figures
     python benchmarks/int8_figures.py --table /tmp/int8-figures/int8_figures.json   # the goal table, markdown
+    python benchmarks/int8_figures.py --paired /tmp/int8-figures/export-*   # paired 95% intervals of each drop
 
 Each export runs as its own `edgetl export` process (the CLI a user runs); the script only reads the manifests.
 """
@@ -56,6 +57,36 @@ def figures(out: Path) -> dict:
             "export_seconds": manifest["seconds"]}
 
 
+def paired(out: Path) -> list[dict]:
+    """Each int8 file of an export folder against its float model on the same test images: b = float right and
+    int8 wrong, c = the reverse; the drop (b - c) / n with a 95% normal interval on the paired difference, and
+    the float top-1 with its Wilson 95% interval. The files run again in their own runtimes."""
+    import math
+
+    import numpy as np
+
+    from edgetl import runtimes
+
+    reference, inputs = np.load(out / "float_reference.npz"), np.load(out / "test_inputs.npz")
+    labels = reference["labels"]
+    float_right = reference["logits"].argmax(1) == labels
+    n, z = len(labels), 1.96
+    p = float(float_right.mean())
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (
+        1 + z * z / n)
+    rows = []
+    for path in sorted([*out.glob("*-int8*.tflite"), *out.glob("*-int8*.pte")]):
+        right = np.asarray(runtimes.run(path, inputs["x"], 1)).argmax(1) == labels
+        b, c = int((float_right & ~right).sum()), int((~float_right & right).sum())
+        drop = (b - c) / n
+        spread = z * math.sqrt(max(0.0, b + c - (b - c) ** 2 / n)) / n
+        rows.append({"file": path.name, "images": n, "float_top1": round(100 * p, 1),
+                     "float_interval": [round(100 * (centre - half), 1), round(100 * (centre + half), 1)],
+                     "b": b, "c": c, "drop_points": round(100 * drop, 2),
+                     "drop_interval": [round(100 * (drop - spread), 1), round(100 * (drop + spread), 1)]})
+    return rows
+
+
 def data_of(checkpoint: Path) -> str | None:
     """The data set a checkpoint was fine-tuned on, as its manifest names it."""
     try:
@@ -98,12 +129,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoints", nargs="*", type=Path)
     parser.add_argument("--table", type=Path, help="print the markdown goal table of an int8_figures.json and stop")
+    parser.add_argument("--paired", type=Path, nargs="+", help="export folders: print each int8 file's paired "
+                                                               "interval against its float model and stop")
     parser.add_argument("--max-drop", type=float, default=0.5)
     parser.add_argument("--out", type=Path, default=Path("/tmp/int8-figures"))
     parser.add_argument("--extra", default="", help="more export flags, space-separated")
     parser.add_argument("--int8", default="auto", choices=("auto", "qat"), help="export's --int8 mode")
     parser.add_argument("--allow-qat", action="store_true", help="--int8 auto may use QAT (labels); default --no-qat")
     args = parser.parse_args()
+    if args.paired:
+        for out in args.paired:
+            for row in paired(out):
+                print(json.dumps({"export": str(out), **row}))
+        return
     if args.table is not None:
         print(table(json.loads(args.table.read_text())))
         return
