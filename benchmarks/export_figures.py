@@ -1,4 +1,4 @@
-"""Measure the export figures of docs/BENCHMARKS.md on one checkpoint (the demo model: efficientnet_lite0, 128 px).
+"""Measure the export figures of docs/HISTORY.md ("Figures: the demo model") on one checkpoint (efficientnet_lite0).
 
 Two parts:
   1. int8 recipe study on the quantized torch graph (the graph both runtimes receive; they agree with it

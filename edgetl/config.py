@@ -306,7 +306,7 @@ FORMATS = _union("formats")
 QUANTS = _union("quants")
 PRUNE_KINDS = _union("prune_kinds")
 PRUNE_NAMES = {"channels": "channel pruning", "magnitude": "magnitude pruning"}
-# Measured on the demo model (benchmarks/export_figures.py, docs/BENCHMARKS.md): beyond ~256 images the int8
+# Measured on the demo model (benchmarks/export_figures.py, docs/HISTORY.md): beyond ~256 images the int8
 # top-1 no longer moves, while calibration time keeps growing linearly.
 DEFAULT_CALIB = 256
 # How `edgetl export` makes int8: "auto" is post-training quantization, then, only for a file over --max-drop, the

@@ -48,7 +48,7 @@ FAST_EXPORT = ExportConfig(calib=64)
 # Cortex-A76, with the report (Pareto front, recommendation per target, alarms). Both variants are the files the demo
 # ended with, taken from RUN/export (same settings, already verified), so the sweep only benchmarks. Pruned and QAT
 # variants are left to `edgetl sweep`: a 30%-channel-pruned variant with a 2-epoch recovery fine-tune took 29 min
-# here and lost 15 points (docs/BENCHMARKS.md, "An earlier sweep").
+# here and lost 15 points (docs/HISTORY.md, "An earlier sweep").
 DEMO_SWEEP = SweepConfig(variants=("fp32", "int8-auto"), targets=("host", "arm64-a76"),
                          threads=(1,), iters=30, samples=100, arm_iters=3, arm_samples=5, recipe="demo")
 FAST_SWEEP = replace(DEMO_SWEEP, calib=64)

@@ -89,7 +89,7 @@ def _kept_layers(model: nn.Module, num_classes: int) -> list[nn.Module]:
 
     The first two stages work at the highest resolution on 16–32 channels: they hold ~5% of the MACs and few
     parameters, but every later layer sees the world through them, and their weights are the ones int8 rounding
-    hurts most (docs/BENCHMARKS.md, "A second checkpoint"). Measured on the demo model, channels:0.5 with them
+    hurts most (docs/HISTORY.md, "A second checkpoint"). Measured on the demo model, channels:0.5 with them
     pruned: float 86.0%, int8 84.4%; with them kept: float 87.0%, int8 85.9% (dense int8 86.8%).
     """
     kept = _output_layers(model, num_classes)
