@@ -37,8 +37,26 @@ app = typer.Typer(
 )
 
 
+SETTINGS_HELP = ("KEY=VALUE: set any setting of this verb, also those without a flag of their own (repeatable; "
+                 "an unknown key exits 2 with the valid ones).")
+Settings = Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE", help=SETTINGS_HELP)]
+
+
+def _given(ctx: typer.Context, params: dict[str, str] | None = None, **values: object) -> dict[str, object]:
+    """`values` (keyed by setting), with None for each whose flag was not on the command line, so that a recipe
+    or --set may set it; `params` names the flags whose parameter is not called as the setting is."""
+    params = params or {}
+
+    def defaulted(name: str) -> bool:  # by name: typer carries its own copy of click's ParameterSource
+        source = ctx.get_parameter_source(params.get(name, name))
+        return source is None or source.name in ("DEFAULT", "DEFAULT_MAP")
+
+    return {name: None if defaulted(name) else value for name, value in values.items()}
+
+
 @app.command()
 def finetune(
+    ctx: typer.Context,
     data: Annotated[
         str,
         typer.Option(
@@ -93,37 +111,24 @@ def finetune(
         help="Minutes the whole run may take: a few real steps are timed first, then the stage-2 schedule (and a "
              "measured input size) is fitted to end within the budget; the plan is printed before training.")
     ] = None,
+    recipe: Annotated[str | None, typer.Option(
+        help="Named fine-tuning recipe from export/finetune (e.g. from-scratch) or a .toml path; flags and --set "
+             "override it.")] = None,
+    settings: Settings = None,
 ) -> None:
     """Fine-tune an ImageNet-pretrained backbone on a folder of labelled images.
 
     --batch-size is the global batch: with several processes each takes an equal share.
     """
-    from edgetl.config import FinetuneConfig
+    from edgetl.config import resolve
     from edgetl.finetune import run_finetune
 
-    config = FinetuneConfig(
-        data=data,
-        backbone=backbone,
-        width=width,
-        image_size=image_size,
-        weights=weights,
-        epochs_finetune=epochs_finetune,
-        unfreeze=unfreeze,
-        batch_size=batch_size,
-        class_weights=class_weights,
-        lr_finetune=lr_finetune,
-        patience=patience,
-        seed=seed,
-        device=device,
-        workers=workers,
-        framework=framework,
-        devices=devices,
-        nnodes=nnodes,
-        node_rank=node_rank,
-        master=master,
-        master_timeout=master_timeout,
-        time_budget=time_budget,
-    )
+    config = resolve("finetune", recipe, settings, **_given(
+        ctx, data=data, backbone=backbone, width=width, image_size=image_size, weights=weights,
+        epochs_finetune=epochs_finetune, unfreeze=unfreeze, batch_size=batch_size, class_weights=class_weights,
+        lr_finetune=lr_finetune, patience=patience, seed=seed, device=device, workers=workers, framework=framework,
+        devices=devices, nnodes=nnodes, node_rank=node_rank, master=master, master_timeout=master_timeout,
+        time_budget=time_budget))
     run_finetune(config, run_dir)
 
 
@@ -191,12 +196,13 @@ def export(
     allow_modified: Annotated[bool, typer.Option(
         "--allow-modified", help="Export weights whose sha256 no longer matches the checkpoint's manifest (the "
                                  "export records the weights' own sha256 and marks them modified).")] = False,
+    settings: Settings = None,
 ) -> None:
     """Export a checkpoint to TFLite and ExecuTorch (fp32/int8) and verify each file in its runtime."""
     from edgetl.export import resolve_config, run_export
 
     config = resolve_config(
-        recipe, formats=formats, quant=quant, calib=calib, max_drop=max_drop, bias_correction=bias_correction,
+        recipe, settings, formats=formats, quant=quant, calib=calib, max_drop=max_drop, bias_correction=bias_correction,
         prune=prune, qat=qat, recovery_epochs=recovery_epochs, qat_epochs=qat_epochs,
         distill=distill, threads=threads, int8=int8, no_qat=no_qat, rounding_layers=rounding_layers,
         float_layers=float_layers, parts=parts, debug_numerics=debug_numerics, debug_blocks=debug_blocks,
@@ -206,6 +212,7 @@ def export(
 
 @app.command()
 def bench(
+    ctx: typer.Context,
     export_dir: Annotated[Path | None, typer.Argument(
         help="Export folder (its *.tflite and *.pte files) or one model file.")] = None,
     target: Annotated[str, typer.Option(help="Comma-separated: host, arm64-a53, arm64-a55, arm64-a72, arm64-a76, "
@@ -234,10 +241,11 @@ def bench(
     breakdown: Annotated[bool, typer.Option(
         "--breakdown", help="Emulated ARM64 targets: guest instructions per network block (stem, each "
         "inverted-residual block, head) of each .tflite, each block cut out of the file and counted alone.")] = False,
+    settings: Settings = None,
 ) -> None:
     """Benchmark exported files on the host CPU and on emulated ARM64 phone CPUs."""
     from edgetl.bench import run_bench, setup_userland
-    from edgetl.config import BenchOptions
+    from edgetl.config import resolve
 
     if setup is not None:
         setup_userland(setup)
@@ -245,9 +253,10 @@ def bench(
         if setup is None:
             raise UserError("give an EXPORT_DIR to benchmark (or --setup arm64 to provision the ARM64 userland)")
         return
-    options = BenchOptions(targets=target, threads=threads, inputs=inputs, out=out, iters=iters, warmup=warmup,
-                           samples=samples, arm_iters=arm_iters, arm_samples=arm_samples, allow_modified=allow_modified,
-                           remote_python=remote_python, taskset=taskset, breakdown=breakdown)
+    options = resolve("bench", None, settings, validate=False, **_given(
+        ctx, {"targets": "target"}, targets=target, threads=threads, inputs=inputs, out=out, iters=iters,
+        warmup=warmup, samples=samples, arm_iters=arm_iters, arm_samples=arm_samples, allow_modified=allow_modified,
+        remote_python=remote_python, taskset=taskset, breakdown=breakdown))
     run_bench(export_dir, options, strict=True)  # any failed row: exit 1, after publishing the rows that worked
 
 
@@ -287,11 +296,12 @@ def sweep(
     reuse: Annotated[Path | None, typer.Option(
         help="Export folder of this checkpoint (e.g. RUN/export): variants with the same settings take its "
         "verified files instead of exporting again.")] = None,
+    settings: Settings = None,
 ) -> None:
     """Export, verify and benchmark a grid of compressed variants; write report.md and report.html."""
     from edgetl.sweep import resolve_config, run_sweep
 
-    config = resolve_config(recipe, variants=variants, targets=target, threads=threads, formats=formats,
+    config = resolve_config(recipe, settings, variants=variants, targets=target, threads=threads, formats=formats,
                             max_drop=max_drop, calib=calib, iters=iters, samples=samples, arm_iters=arm_iters,
                             arm_samples=arm_samples, remote_python=remote_python, taskset=taskset,
                             breakdown=breakdown, debug_numerics=debug_numerics)
@@ -300,6 +310,7 @@ def sweep(
 
 @app.command()
 def bundle(
+    ctx: typer.Context,
     export_dir: Annotated[Path, typer.Argument(help="Export folder written by edgetl export.")],
     artifact: Annotated[str | None, typer.Option(
         help="File in EXPORT_DIR to bundle, e.g. efficientnet_lite0-224-int8.tflite (optional if only one, or when "
@@ -313,13 +324,15 @@ def bundle(
         "--metadata/--no-metadata", help="Write TFLite metadata (labels, normalisation) into a .tflite.")] = True,
     int8_io: Annotated[bool, typer.Option(
         help="Keep an int8 .tflite's int8 input/output (apps quantize; MediaPipe then refuses it).")] = False,
+    settings: Settings = None,
 ) -> None:
     """Bundle an exported file into an Android module and an iOS package, with a golden self-test."""
     from edgetl.bundle import run_bundle
-    from edgetl.config import BundleOptions, parse_platforms
+    from edgetl.config import resolve
 
-    options = BundleOptions(artifact=artifact, platforms=parse_platforms(platform), out=out, golden=golden,
-                            top_k=top_k, metadata=metadata, int8_io=int8_io)
+    options = resolve("bundle", None, settings, **_given(
+        ctx, {"platforms": "platform"}, artifact=artifact, platforms=platform, out=out, golden=golden, top_k=top_k,
+        metadata=metadata, int8_io=int8_io))
     run_bundle(export_dir, options)
 
 

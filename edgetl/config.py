@@ -203,6 +203,7 @@ class FinetuneConfig:
     master_timeout: float = 120.0  # seconds to wait for the master before giving up with one line
     time_budget: float | None = None  # minutes the whole run may take; the stage-2 schedule is fitted to it
     max_steps: int | None = None  # stage-2 optimizer steps at most (a time budget sets it; None: every epoch's)
+    recipe: str | None = None  # the fine-tuning recipe (export/finetune/NAME.toml or a path) its values came from
 
     def validate(self) -> FinetuneConfig:
         """Check every value; return a copy with defaults resolved (image size)."""
@@ -244,8 +245,13 @@ class FinetuneConfig:
             raise UserError(one_of(self.class_weights, CLASS_WEIGHTS, "--class-weights"))
         if not 0 < self.lr_finetune < 1:
             raise UserError(f"--lr-finetune {self.lr_finetune} is not usable; valid: 0 < lr < 1")
-        if not (0 < self.val_fraction < 0.5 and 0 < self.test_fraction < 0.5):
-            raise UserError("validation and test fractions must each be between 0 and 0.5")
+        for name in ("val_fraction", "test_fraction"):
+            if not 0 < getattr(self, name) < 0.5:
+                raise UserError(f"{name} {getattr(self, name):g} is not usable; valid: a share of the images above 0 "
+                                f"and below 0.5, e.g. 0.1")
+        for name, top in (("weight_decay", 1.0), ("label_smoothing", 1.0), ("warmup_fraction", 1.0)):
+            if not 0 <= getattr(self, name) < top:
+                raise UserError(f"{name} {getattr(self, name):g} is not usable; valid: 0 or more and below {top:g}")
         self._validate_scale_out()
         return replace(self, image_size=size)
 
@@ -739,11 +745,16 @@ class BundleOptions:
 
 # --------------------------------------------------------------------------------------- recipes
 
-# kind → (folder under export/, what a user calls it, the config it sets, the recipe used when none is named)
-RECIPES: dict[str, tuple[str, str, type, str | None]] = {
+# kind → (folder under export/, what a user calls it, the config it sets, the recipe used when none is named);
+# bench and bundle take no recipe (folder None), only `--set key=value`
+RECIPES: dict[str, tuple[str | None, str, type, str | None]] = {
+    "finetune": ("finetune", "fine-tuning recipe", FinetuneConfig, None),
     "export": ("recipes", "recipe", ExportConfig, None),
     "sweep": ("sweeps", "sweep recipe", SweepConfig, "default"),
+    "bench": (None, "bench settings", BenchOptions, None),
+    "bundle": (None, "bundle settings", BundleOptions, None),
 }
+NOT_SETTABLE = {"recipe", "custom"}  # set by --recipe and by a sweep recipe's [variant.NAME] tables
 
 
 def _recipe_folder(kind: str) -> Path:
@@ -753,7 +764,47 @@ def _recipe_folder(kind: str) -> Path:
 
 
 def recipe_names(kind: str = "export") -> list[str]:
+    if RECIPES[kind][0] is None:
+        return []
     return sorted(path.stem for path in _recipe_folder(kind).glob("*.toml"))
+
+
+def settable(kind: str) -> list[str]:
+    """The keys a recipe of `kind` and `--set` may set: every field of its config."""
+    return [f.name for f in fields(RECIPES[kind][2]) if f.name not in NOT_SETTABLE]
+
+
+def _setting_value(text: str, hint: Any) -> object:
+    """One `--set` value as its field's type reads it: a text field takes the text as it is (a comma list for a
+    list of texts); any other field reads it as a TOML value (3, 0.1, true, [1, 2]), and `none` clears a field
+    that may be empty. What is not of the field's type is left for `type_problems` to name in one line."""
+    if text.lower() == "none" and _matches(None, hint):
+        return None
+    if _matches(text, hint) and not text.startswith("["):
+        return text
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except (tomllib.TOMLDecodeError, ValueError, RecursionError):
+        return text
+
+
+def parse_settings(kind: str, pairs: list[str] | tuple[str, ...] | None) -> dict[str, Any]:
+    """`--set key=value` pairs → the fields they set, each of its field's type, or one UserError line that names
+    the pair and the valid keys (a key may be written with - or _)."""
+    _, what, config_type, _ = RECIPES[kind]
+    keys, hints, values = settable(kind), _hints(config_type), {}
+    for pair in pairs or ():
+        key, equals, text = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not equals or not key:
+            raise UserError(f"--set {pair!r} is not KEY=VALUE; valid keys for {kind}: {', '.join(keys)}")
+        if key not in keys:
+            raise UserError(f"--set {_key(key)}: {kind} has no such setting; valid keys: {', '.join(keys)}")
+        values[key] = _setting_value(text.strip(), hints[key])
+    problems = type_problems(config_type, values, "--set ")
+    if problems:
+        raise UserError("; ".join(problems))
+    return _normalise(values, kind)
 
 
 def load_recipe(name: str, kind: str = "export") -> dict[str, Any]:
@@ -795,7 +846,7 @@ def _recipe_values(payload: dict[str, Any], kind: str, where: str) -> dict[str, 
     if not isinstance(description, str):
         raise UserError(f"{where}: description = {shown(description)} is {_kind(description)}; valid: a text")
     tables = payload.pop("variant", {}) if kind == "sweep" else {}
-    known = {f.name for f in fields(config_type)} - {"recipe", "custom"}
+    known = set(settable(kind))
     unknown = sorted(set(payload) - known)
     if unknown:
         raise UserError(f"{where} sets unknown key(s) {', '.join(map(_key, unknown))}; valid: "
@@ -852,12 +903,26 @@ def _custom_variants(tables: object, where: str) -> dict[str, Variant]:
     return custom
 
 
-def resolve(kind: str, recipe: str | None = None, **flags: object) -> Any:
-    """Defaults ← recipe (the kind's default recipe when none is named) ← flags that were given (None: not given)."""
+def resolve(kind: str, recipe: str | None = None, settings: list[str] | tuple[str, ...] | None = None,
+            validate: bool = True, **flags: object) -> Any:
+    """Defaults ← recipe (the kind's default recipe when none is named) ← `--set` pairs and flags that were given
+    (None: not given). A key set both by its flag and by --set is one UserError line: neither silently wins."""
     _, _, config_type, default = RECIPES[kind]
     name = recipe or default
     values: dict[str, Any] = {}
     if recipe or (default and (_recipe_folder(kind) / f"{default}.toml").is_file()):
         values = load_recipe(name, kind)
-    values.update({k: v for k, v in flags.items() if v is not None})
-    return config_type(recipe=name, **_normalise(values, kind)).validate()
+    given = {k: v for k, v in flags.items() if v is not None}
+    chosen = parse_settings(kind, settings)
+    twice = sorted(set(given) & set(chosen))
+    if twice:
+        raise UserError(f"{twice[0]} is set twice, by its own flag and by --set {twice[0]}=…; "
+                        f"valid: one of the two")
+    values.update({**given, **chosen})
+    if "recipe" in {f.name for f in fields(config_type)}:
+        values["recipe"] = name
+    config = config_type(**_normalise(values, kind))
+    if not validate:
+        check_types(config)
+        return config
+    return config.validate()

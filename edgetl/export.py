@@ -67,9 +67,9 @@ class ExportFailed(StageFailed):
     """At least one format failed; the others were written (exit 1)."""
 
 
-def resolve_config(recipe: str | None = None, **flags: object) -> ExportConfig:
+def resolve_config(recipe: str | None = None, settings: list[str] | None = None, **flags: object) -> ExportConfig:
     """Defaults ← recipe (export/recipes/NAME.toml or a path) ← flags that were given (None: not given)."""
-    return resolve("export", recipe, **flags)
+    return resolve("export", recipe, settings, **flags)
 
 
 # ------------------------------------------------------------------------------------------- inputs

@@ -27,9 +27,9 @@ from edgetl.targets import parse_targets
 DEFAULT_RECIPE = "default"
 
 
-def resolve_config(recipe: str | None = None, **flags: object) -> SweepConfig:
+def resolve_config(recipe: str | None = None, settings: list[str] | None = None, **flags: object) -> SweepConfig:
     """Defaults ← recipe (export/sweeps/NAME.toml, `default` when none is named) ← flags that were given."""
-    return resolve("sweep", recipe, **flags)
+    return resolve("sweep", recipe, settings, **flags)
 
 
 # ------------------------------------------------------------------------------------------ the stage

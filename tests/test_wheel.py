@@ -62,6 +62,7 @@ def test_the_wheel_holds_every_package_and_asset(wheel: Path) -> None:
         assert files and {f"edgetl/assets/{name}/{f}" for f in files} <= names, name
     assert "edgetl/assets/export/recipes/android-litert-int8.toml" in names
     assert "edgetl/assets/export/sweeps/small.toml" in names
+    assert "edgetl/assets/export/finetune/from-scratch.toml" in names
 
 
 def _run(bin_dir: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
