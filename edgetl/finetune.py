@@ -18,12 +18,13 @@ from pathlib import Path
 
 from rich.table import Table
 
+from edgetl import backends
+from edgetl.backends.training import FinetuneBackend, FinetuneTrainer, TimedTrainer
 from edgetl.budget import Speed, fit_to_budget, refit_after_stage1, refit_during_stage2
 from edgetl.config import FinetuneConfig
 from edgetl.data import DatasetListing, cache_side, scan_folder
 from edgetl.datasets import is_builtin, resolve_builtin
 from edgetl.distributed import world_from_env
-from edgetl.errors import UserError
 from edgetl.imagecache import ImageCache, Share, open_cache
 from edgetl.manifest import (
     CHECKPOINT_KIND,
@@ -49,31 +50,6 @@ def load_listing(config: FinetuneConfig) -> DatasetListing:
     # absolute, so that export finds the data from any directory; `source` keeps what the user typed for display
     root = resolve_builtin(config.data) if is_builtin(config.data) else Path(config.data).expanduser().absolute()
     return scan_folder(root, config.seed, config.val_fraction, config.test_fraction, source=config.data)
-
-
-def finetune_backend(framework: str):
-    """The framework's fine-tuning module, imported only now.
-
-    Each backend module provides: WEIGHTS_FILE, LIBRARIES, preprocess_spec(config),
-    launch_if_needed(config, run_dir) (starts the processes of a multi-process run and returns its
-    checkpoint, or None to train here), session(config) (a context manager yielding this process's world:
-    is_main, size, from_main(fn), barrier()), build_initial_model(config), a `Trainer(config, listing,
-    spec, initial, world)` with the recipe's steps (extract_features, set_head, finetune, evaluate_split,
-    snapshot/restore, batchnorm_buffers, log, result, history, failures), evaluate(model, config, listing,
-    spec, split, world) → confusion matrix, save_weights(model, path) and describe(model).
-    """
-    try:
-        if framework == "torch":
-            from edgetl.backends.torch import finetune as backend
-        elif framework == "keras":
-            from edgetl.backends.keras import finetune as backend
-        else:
-            raise UserError(f"--framework {framework!r} has no fine-tuning backend; valid: torch, keras")
-    except ImportError as error:
-        raise UserError(
-            f"the {framework} backend cannot be imported ({error}); install it with: pip install 'edgetl[{framework}]'"
-        ) from None
-    return backend
 
 
 def _print_data(listing: DatasetListing) -> None:
@@ -102,7 +78,7 @@ def _print_plan(plan: Plan) -> None:
         console.print(f"[yellow]warning: {note}[/]")
 
 
-def run_recipe(trainer, plan: Plan, listing: DatasetListing, bar,
+def run_recipe(trainer: FinetuneTrainer, plan: Plan, listing: DatasetListing, bar,
                before_stage2: Callable[[dict], None] | None = None) -> dict:
     """The two stages in order, on any backend's trainer; returns what the manifest says about training.
 
@@ -186,13 +162,13 @@ def run_finetune(config: FinetuneConfig, run_dir: Path | None = None) -> Path:
     claim_output(run_dir / "checkpoint", CHECKPOINT_KIND, [data, weights], option="checkpoint folder",
                  keep_out_of=[data])
     ensure_writable_dir(run_dir, "output folder")
-    backend = finetune_backend(config.framework)
+    backend = backends.load(config.framework, "finetune")
     launched = backend.launch_if_needed(config, run_dir)
     if launched is not None:
         return launched
     with backend.session(config) as world, contextlib.ExitStack() as caches:
         listing, folder = world.from_main(lambda: _listing_and_folder(config))  # the same on every rank
-        candidates = size_candidates(config, folder, getattr(backend, "FEATURES_AT_ANY_SIZE", False))
+        candidates = size_candidates(config, folder, backend.FEATURES_AT_ANY_SIZE)
         measured = search_images = None
         if candidates:  # a model that takes any input size measures the candidates with the initial weights
             initial = backend.build_initial_model(config)  # a weights file that does not fit stops here
@@ -272,8 +248,8 @@ def run_finetune(config: FinetuneConfig, run_dir: Path | None = None) -> Path:
     return checkpoint
 
 
-def _fit_budget(trainer, recipe: Plan, listing: DatasetListing, run_started: float, candidates: tuple[int, ...],
-                world) -> tuple[Plan, dict]:
+def _fit_budget(trainer: TimedTrainer, recipe: Plan, listing: DatasetListing, run_started: float,
+                candidates: tuple[int, ...], world) -> tuple[Plan, dict]:
     """Time real steps, then fit the stage-2 schedule (and a measured input size) to --time-budget."""
     with console.status("timing a few training steps for the time budget"):
         measured = trainer.measure_speed()
@@ -315,8 +291,9 @@ def _listing_and_folder(config: FinetuneConfig) -> tuple[DatasetListing, dict]:
     return listing, folder
 
 
-def measure_sizes(backend, config: FinetuneConfig, listing: DatasetListing, sizes: tuple[int, ...], initial,
-                  world, images=None, sample: DatasetListing | None = None) -> dict | None:
+def measure_sizes(backend: FinetuneBackend, config: FinetuneConfig, listing: DatasetListing,
+                  sizes: tuple[int, ...], initial, world, images=None,
+                  sample: DatasetListing | None = None) -> dict | None:
     """The probe's cross-validated log loss (and its standard error) at each input size, on a sample.
 
     Every rank extracts its shard of the sample's features; rank 0 fits the probes. None when the sample
@@ -357,8 +334,9 @@ def split_metrics(confusion: list[list[int]], classes: list[str]) -> dict:
     }
 
 
-def _write_checkpoint(checkpoint: Path, backend, config: FinetuneConfig, listing: DatasetListing, preprocess: dict,
-                      result, training: dict, recipe: Plan, metrics: dict, train_seconds: float) -> None:
+def _write_checkpoint(checkpoint: Path, backend: FinetuneBackend, config: FinetuneConfig,
+                      listing: DatasetListing, preprocess: dict, result, training: dict, recipe: Plan,
+                      metrics: dict, train_seconds: float) -> None:
     needed = int(backend.describe(result.model).get("parameters", 0)) * 4 + 2**20  # fp32 weights, the small files
     with room_for(checkpoint.parent, "the checkpoint", needed), atomic_dir(checkpoint) as tmp:
         backend.save_weights(result.model, tmp / backend.WEIGHTS_FILE)

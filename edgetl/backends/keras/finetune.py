@@ -29,6 +29,7 @@ from edgetl.ui import console
 
 WEIGHTS_FILE = "model.weights.h5"
 LIBRARIES = ("tensorflow", "tf-keras", "tensorflow-model-optimization", "numpy", "pillow")
+FEATURES_AT_ANY_SIZE = False  # keras.applications builds each input size's graph; the size search is torch's
 MEAN = STD = (0.5, 0.5, 0.5)  # keras.applications MobileNets take x/127.5 - 1
 
 
