@@ -165,8 +165,22 @@ def check_seed(seed: int) -> None:
         raise UserError(f"--seed {seed} is not usable; valid: 0 to {MAX_SEED}")
 
 
+class Checked:
+    """A config that `validate()` returns is marked as checked: validating it again returns it as it is, so the CLI
+    checks once and the stages, which also take configs built in code, check only what nobody checked. A copy
+    made with `dataclasses.replace` is unmarked: its new values are checked again."""
+
+    @property
+    def checked(self) -> bool:
+        return bool(self.__dict__.get("_checked", False))
+
+    def _mark(self) -> Any:
+        object.__setattr__(self, "_checked", True)  # not a field: equality, to_json and replace() ignore it
+        return self
+
+
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(Checked):
     """Everything that decides a fine-tuning run (with `seed`, it is reproducible on CPU).
 
     None means "decide from the folder" (`edgetl.recipe.plan`): the input size, the batch size, the
@@ -207,6 +221,8 @@ class FinetuneConfig:
 
     def validate(self) -> FinetuneConfig:
         """Check every value; return a copy with defaults resolved (image size)."""
+        if self.checked:
+            return self
         check_types(self)
         spec = get_backbone(self.backbone)
         spec.check_width(self.width)
@@ -253,7 +269,7 @@ class FinetuneConfig:
             if not 0 <= getattr(self, name) < top:
                 raise UserError(f"{name} {getattr(self, name):g} is not usable; valid: 0 or more and below {top:g}")
         self._validate_scale_out()
-        return replace(self, image_size=size)
+        return replace(self, image_size=size)._mark()
 
     @property
     def world_size(self) -> int:
@@ -369,7 +385,7 @@ _FLAG_TEXT = {"bias_correction": "--no-bias-correction", "fuse_clamp": "fuse_cla
 
 
 @dataclass(frozen=True)
-class ExportConfig:
+class ExportConfig(Checked):
     """Everything that decides an export; a recipe sets any field, CLI flags override it."""
 
     STAGE: ClassVar[str] = "export"  # what its settings are called in an error line
@@ -410,6 +426,8 @@ class ExportConfig:
 
     def validate(self) -> ExportConfig:
         """Every bad value becomes one UserError line before any framework import."""
+        if self.checked:
+            return self
         check_types(self)
         formats = tuple(dict.fromkeys(_as_list(self.formats)))
         quant = tuple(dict.fromkeys(_as_list(self.quant)))
@@ -479,7 +497,7 @@ class ExportConfig:
             raise UserError(f"--threads {self.threads} is not usable; valid: 1 to {MAX_THREADS}")
         check_seed(self.seed)
         return replace(self, formats=formats, quant=quant, prune=prune, int8=int8, qat=int8 == "qat",
-                       float_layers=float_layers, debug_blocks=debug_blocks)
+                       float_layers=float_layers, debug_blocks=debug_blocks)._mark()
 
     def for_backend(self, framework: object) -> ExportConfig:
         """This config as the checkpoint's backend can honour it, or one UserError line naming what it lacks.
@@ -512,7 +530,7 @@ class ExportConfig:
             flag = _FLAG_TEXT.get(name) or f"--{name.replace('_', '-')} {value:g}"
             owners = "/".join(n for n, c in CAPABILITIES.items() if c.honours(name))
             raise UserError(f"{flag}: {owners}-only; {where} ({caps.hint})")
-        return replace(config, formats=formats)
+        return replace(config, formats=formats)._mark()
 
     @property
     def prune_spec(self) -> tuple[str, float] | None:
@@ -574,7 +592,7 @@ def _threads(value: object) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
-class SweepConfig:
+class SweepConfig(Checked):
     """What a sweep makes and measures; a recipe sets any field, CLI flags override it."""
 
     STAGE: ClassVar[str] = "sweep"  # what its settings are called in an error line
@@ -604,6 +622,8 @@ class SweepConfig:
 
     def validate(self) -> SweepConfig:
         """Every bad value becomes one UserError line before anything runs."""
+        if self.checked:
+            return self
         check_types(self)
         variants = tuple(dict.fromkeys(_as_list(self.variants, lower=False)))
         if not variants:
@@ -629,7 +649,7 @@ class SweepConfig:
         if self.breakdown and not any(t in TARGETS and TARGETS[t].emulated for t in targets):
             raise UserError(f"--breakdown needs an emulated target; the sweep's targets {', '.join(targets)} have "
                             f"none (valid: add one of {', '.join(n for n, t in TARGETS.items() if t.emulated)})")
-        return replace(self, variants=variants, targets=targets, formats=formats, threads=threads)
+        return replace(self, variants=variants, targets=targets, formats=formats, threads=threads)._mark()
 
     def export_config(self, name: str) -> ExportConfig:
         """The ExportConfig of one variant: the sweep's base settings, then the variant's overrides."""
@@ -722,7 +742,7 @@ def parse_platforms(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]
 
 
 @dataclass(frozen=True)
-class BundleOptions:
+class BundleOptions(Checked):
     """What `edgetl bundle` was asked; defaults are what an app developer wants."""
 
     STAGE: ClassVar[str] = "bundle"  # what its settings are called in an error line
@@ -737,10 +757,12 @@ class BundleOptions:
 
     def validate(self) -> BundleOptions:
         """Every bad value becomes one UserError line before anything is written."""
+        if self.checked:
+            return self
         check_types(self)
         if not 1 <= self.golden <= 50:
             raise UserError(f"--golden {self.golden} is not usable; valid: 1 to 50 images")
-        return replace(self, platforms=parse_platforms(self.platforms))
+        return replace(self, platforms=parse_platforms(self.platforms))._mark()
 
 
 # --------------------------------------------------------------------------------------- recipes

@@ -133,3 +133,28 @@ def test_a_finetune_run_records_and_uses_the_settings_without_a_flag(tmp_path: P
     assert {key: manifest["config"][key] for key in NO_FLAG} == NO_FLAG
     assert manifest["data"]["counts"] == {"train": {"blue": 52, "red": 52}, "val": {"blue": 16, "red": 16},
                                           "test": {"blue": 12, "red": 12}}
+
+
+def test_a_config_is_checked_once_and_a_changed_copy_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the CLI resolved, the stage takes as it is: resolve, run_export's validate() and for_backend check the
+    values once between them. A copy with changed values is checked again."""
+    from dataclasses import replace
+
+    from edgetl import config as config_module
+
+    calls: list[str] = []
+    real = config_module.check_types
+    monkeypatch.setattr(config_module, "check_types", lambda c: (calls.append(type(c).__name__), real(c))[1])
+    config = resolve("export", None, ["calib=64"], max_drop=0.5)
+    assert config.checked and config.validate() is config
+    torch_config = config.validate().for_backend("torch")
+    assert torch_config.checked and torch_config.validate() is torch_config
+    assert calls == ["ExportConfig"]
+    changed = replace(config, calib=0)
+    assert not changed.checked
+    with pytest.raises(UserError, match="--calib 0"):
+        changed.validate()
+    for kind, flags in (("finetune", {"data": "builtin:shapes"}), ("sweep", {}), ("bundle", {})):
+        resolved = resolve(kind, None, None, **flags)
+        assert resolved.checked and resolved.validate() is resolved, kind
+    assert calls.count("FinetuneConfig") == calls.count("SweepConfig") == calls.count("BundleOptions") == 1
