@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,8 +32,9 @@ from edgetl.contracts import (
     read,
 )
 from edgetl.errors import StageFailed, UserError
+from edgetl.targets import BenchTarget, Runner
+from edgetl.targets.local import EMULATED_LABEL
 
-EMULATED_LABEL = "emulated, not phone latency"
 MODEL_SUFFIXES = (".tflite", ".pte")
 DEFAULT_INPUTS = "test_inputs.npz"
 
@@ -122,22 +121,6 @@ def default_out(export: Path) -> Path:
     """runs/NAME/export → runs/NAME/bench; any other folder → FOLDER/bench."""
     folder = export.parent if export.is_file() else export
     return folder.parent / "bench" if folder.name == "export" else folder / "bench"
-
-
-def _run_device_bench(cmd: list[str], env: dict[str, str] | None) -> tuple[subprocess.CompletedProcess, float]:
-    started = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    return done, time.perf_counter() - started
-
-
-def _failure(done: subprocess.CompletedProcess) -> str:
-    """Why one run failed, in one line: device_bench's own error line when it gave one (exit 2: the runtime
-    refused this file here, e.g. a damaged file that loads and fails at invoke), else the last line."""
-    if done.returncode < 0:
-        return f"crashed (signal {-done.returncode})"
-    errors = [ln for ln in done.stderr.splitlines() if "error:" in ln]
-    tail = (errors or done.stderr.strip().splitlines() or ["no message"])[-1]
-    return f"exit {done.returncode}: {' '.join(tail.removeprefix('device_bench: error: ').split())[:300]}"
 
 
 def inspect(artifact: Artifact, script: Path, emulated: bool) -> None:
@@ -242,162 +225,11 @@ def slice_inputs(npz: Path | None, samples: int, workdir: Path) -> Path | None:
     return out
 
 
-def _counts(plugin_out: Path, result: dict[str, Any]) -> dict[str, Any]:
-    """Instructions per invoke from the plugin's brackets: timed invokes, then empty brackets."""
-    try:
-        counted = json.loads(plugin_out.read_text())
-    except (OSError, ValueError):
-        raise UserError(f"the instruction-count plugin wrote no result ({plugin_out})") from None
-    values = counted.get("per_invoke", [])
-    iters = result["conditions"]["iters"]
-    empties = result["conditions"].get("empty_brackets", 0)
-    if len(values) != iters + empties:
-        raise UserError(f"the plugin saw {len(values)} brackets; device_bench made {iters} + {empties}")
-    invokes, overhead = values[:iters], values[iters:]
-    raw = statistics.median(invokes)
-    bracket = statistics.median(overhead) if overhead else 0
-    return {
-        "instructions_per_invoke": int(raw - bracket),
-        "instructions_per_invoke_raw": int(raw),
-        "bracket_overhead": int(bracket),
-        "spread": (max(invokes) - min(invokes)) / raw if raw else None,
-        "per_invoke": invokes,
-        "total_instructions": counted.get("total"),
-        "threads_counted": "all guest threads",
-    }
-
-
 # --------------------------------------------------------------------------------------------- runs
 
 
-def run_remote(artifact: Artifact, target: Any, threads: int, inputs: Path | None, options: BenchOptions,
-               session: Any) -> dict[str, Any]:
-    """One device_bench run on an ssh: target, through its open session; the same result as a host run."""
-    args = ["--threads", str(threads), "--iters", str(options.iters), "--warmup", str(options.warmup),
-            "--label", f"edgetl bench {target.name}"]
-    if options.samples is not None:
-        args += ["--samples", str(options.samples)]
-    result = session.bench(artifact.path, inputs, args, f"t{threads}")
-    if "failed" in result:
-        return {"failed": result["failed"], "artifact": artifact.name, "target": target_record(target),
-                "conditions": {"threads": threads}}
-    result["target"] = target_record(target)
-    if artifact.macs and not result["model"].get("macs"):
-        result["model"]["macs"] = artifact.macs
-        result["model"]["macs_source"] = "export manifest or the .tflite of the same model"
-    return result
-
-
-def open_remotes(targets: list[Any], artifacts: list[Artifact], options: BenchOptions, script: Path,
-                 stack: contextlib.ExitStack) -> dict[str, Any]:
-    """A connected, probed, checked and staged session per ssh: target; all checks pass before any copy."""
-    from edgetl.targets.ssh import SshSession
-    from edgetl.ui import console
-
-    remotes = [t for t in targets if getattr(t, "remote", False)]
-    sessions = {}
-    for target in remotes:
-        sessions[target.name] = stack.enter_context(SshSession(target, python=options.remote_python,
-                                                               taskset=options.taskset))
-    runner = None
-    if any(a.path.suffix == ".pte" for a in artifacts):
-        from edgetl import arm64
-
-        userland = arm64.userland()
-        runner = userland.runner if userland.has_runner() else None
-    for session in sessions.values():
-        session.check([a.path for a in artifacts], runner)
-    for session in sessions.values():
-        session.stage(script)
-        probe = session.probe
-        runtimes = ", ".join(sorted({plan.runtime for plan in session.plans.values()}))
-        console.print(f"bench: {session.target.destination} ready ({probe.machine}, "
-                      f"{probe.cpu.get('layout') or 'CPU unknown'}; {runtimes})")
-    return sessions
-
-
-def preflight_remotes(targets: list[Any], remote_python: str, taskset: str | None) -> None:
-    """Connect to every ssh: target and check its Python and numpy, copying nothing (a sweep does it first)."""
-    from edgetl.targets.ssh import SshSession, check_cores
-
-    check_cores(taskset)
-    check_adb_targets(targets)
-    for target in targets:
-        if getattr(target, "remote", False):
-            with SshSession(target, python=remote_python, taskset=taskset) as session:
-                session.check([], None)
-
-
-def check_adb_targets(targets: list[Any]) -> None:
-    """adb targets: one line saying what holds (adb missing, no phone, or the supported route), before any copy."""
-    from edgetl.targets import adb
-
-    for target in targets:
-        if isinstance(target, adb.AdbTarget):
-            adb.check(target)
-
-
-def run_one(artifact: Artifact, target: Any, threads: int, inputs: Path | None, options: BenchOptions,
-            script: Path, workdir: Path, session: Any = None) -> dict[str, Any]:
-    """One device_bench run; returns its result with the target and, under emulation, the counts."""
-    if session is not None:
-        return run_remote(artifact, target, threads, inputs, options, session)
-    emulated = target.emulated
-    iters, warmup = (options.arm_iters, options.arm_warmup) if emulated else (options.iters, options.warmup)
-    samples = options.arm_samples if emulated else options.samples
-    out = workdir / f"{artifact.name}@{target.name}-t{threads}.json"
-    args = [str(artifact.path), "--threads", str(threads), "--iters", str(iters), "--warmup", str(warmup),
-            "--out", str(out), "--label", f"edgetl bench {target.name}"]
-    if inputs is not None:
-        args += ["--inputs", str(inputs)]
-    if samples is not None:
-        args += ["--samples", str(samples)]
-    env = None
-    plugin_out = workdir / f"{artifact.name}@{target.name}.count.json"
-    if not emulated:
-        cmd = [sys.executable, str(script), *args]
-    else:
-        from edgetl import arm64
-
-        userland = arm64.userland()
-        env = userland.env()
-        qemu = userland.qemu_command(target, plugin_out)
-        if artifact.path.suffix == ".tflite":
-            cmd = [*qemu, str(userland.guest_python), str(script), *args, "--markers", "--no-macs"]
-        else:
-            if not userland.has_runner():
-                raise UserError(".pte on ARM64 needs the native runner: run `edgetl bench --setup arm64`")
-            cmd = [sys.executable, str(script), *args, "--markers", "--runner", str(userland.runner),
-                   "--runner-prefix", shlex.join(qemu), "--runner-version", arm64.EXECUTORCH_VERSION]
-            # device_bench itself runs on the host python here; only the runner is emulated.
-            env = {k: v for k, v in env.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE")}
-    # Every file passed `inspect` (a model, a runtime for it) and the inputs were checked before any run, so a
-    # failure here, exit 2 included, belongs to this file on this target: a failed row, the others still run.
-    done, seconds = _run_device_bench(cmd, env)
-    if done.returncode != 0 or not out.is_file():
-        return {"failed": _failure(done), "artifact": artifact.name, "target": target_record(target),
-                "conditions": {"threads": threads}}
-    result = json.loads(out.read_text())
-    result["target"] = target_record(target)
-    result["wall_seconds"] = round(seconds, 2)
-    if artifact.macs and not result["model"].get("macs"):
-        result["model"]["macs"] = artifact.macs
-        result["model"]["macs_source"] = "export manifest or the .tflite of the same model"
-    if emulated:
-        counts = _counts(plugin_out, result)
-        macs = result["model"].get("macs")
-        counts["instructions_per_mac"] = counts["instructions_per_invoke"] / macs if macs else None
-        counts["wall_time_label"] = EMULATED_LABEL
-        from edgetl import arm64
-
-        record = arm64.status() or {}
-        counts["qemu"] = record.get("steps", {}).get("qemu-user", {}).get("qemu_version")
-        result["emulation"] = counts
-    return result
-
-
-def breakdown(artifact: Artifact, target: Any, whole: dict[str, Any], options: BenchOptions, script: Path,
-              workdir: Path) -> dict[str, Any]:
+def breakdown(artifact: Artifact, target: BenchTarget, runner: Runner, whole: dict[str, Any], options: BenchOptions,
+              script: Path, workdir: Path) -> dict[str, Any]:
     """Guest instructions per invoke of each network block, counted like the whole (see edgetl.breakdown)."""
     from edgetl import breakdown as blocks
     from edgetl.ui import console
@@ -415,7 +247,7 @@ def breakdown(artifact: Artifact, target: Any, whole: dict[str, Any], options: B
         console.print(f"bench: {artifact.name} @ {target.name}: {entry['name']} ...")
         try:
             inspect(piece, script, emulated=True)
-            counted = run_one(piece, target, 1, None, options, script, folder)
+            counted = runner.run(piece, 1, None, options, folder)
         except UserError as error:  # a part that does not run alone costs the breakdown, never the whole's figures
             counted = {"failed": str(error)}
         entry.update(macs=entry.get("macs") or piece.macs, input=piece.spec.get("input"),
@@ -463,15 +295,6 @@ def _export_sensitivity(artifact: Artifact) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return table if isinstance(table, dict) and isinstance(table.get("rows"), list) else None
-
-
-def target_record(target: Any) -> dict[str, Any]:
-    record = {"name": target.name, "description": target.description, "emulated": target.emulated}
-    if getattr(target, "remote", False):
-        record.update(spec=target.spec, remote=True)
-    if target.emulated:
-        record.update(qemu_cpu=target.qemu_cpu, cpuinfo_part=f"0x{target.part:03x}", note=target.note or None)
-    return record
 
 
 def _fill_pte_macs(artifacts: list[Artifact]) -> None:
@@ -703,7 +526,9 @@ def run_bench(export: Path, options: BenchOptions, strict: bool = False) -> Path
     from edgetl.ui import console
 
     targets, thread_counts = options.validate()
-    check_adb_targets(targets)
+    for target in targets:
+        if target.remote:  # an unreachable board or an unusable phone costs nothing yet
+            target.preflight(options.remote_python, options.taskset)
     export = Path(export)
     artifacts = find_artifacts(export)
     inputs = options.inputs
@@ -737,7 +562,10 @@ def run_bench(export: Path, options: BenchOptions, strict: bool = False) -> Path
         for artifact in artifacts:
             inspect(artifact, script, emulated=any(t.emulated for t in targets))
         _fill_pte_macs(artifacts)
-        sessions = open_remotes(targets, artifacts, options, script, remotes)
+        runners = {target.name: target.open([a.path for a in artifacts], options, script, remotes)
+                   for target in targets}
+        for runner in runners.values():  # every target's checks passed: now copy
+            runner.stage()
         for artifact in artifacts:
             model_inputs = prepare_inputs(Path(inputs) if inputs else None, artifact, workdir)
             arm_inputs = (slice_inputs(model_inputs, options.arm_samples, workdir)
@@ -747,19 +575,21 @@ def run_bench(export: Path, options: BenchOptions, strict: bool = False) -> Path
                 for threads in ([1] if target.emulated else thread_counts):
                     what = f"{artifact.name} @ {target.name}, {threads} thread{'s' if threads > 1 else ''}"
                     console.print(f"bench: {what} ...")
-                    result = run_one(artifact, target, threads, arm_inputs if target.emulated else model_inputs,
-                                     options, script, workdir, sessions.get(target.name))
+                    result = runners[target.name].run(artifact, threads,
+                                                      arm_inputs if target.emulated else model_inputs, options,
+                                                      workdir)
                     if artifact.modified and "model" in result:
                         result["model"]["modified_since_export"] = True
                     if options.breakdown and target.emulated and "failed" not in result:
-                        result["breakdown"] = breakdown(artifact, target, result, options, script, workdir)
+                        result["breakdown"] = breakdown(artifact, target, runners[target.name], result, options,
+                                                        script, workdir)
                     target_runs.append(result)
                     if "failed" in result:
                         console.print(f"[red]bench: {what} failed: {result['failed']}[/]")
                 results.extend(target_runs)
                 _write(folder_out / f"{artifact.name}@{target.name}.json",
                        {"schema_version": SCHEMA_VERSION, "kind": BENCH_RESULT_KIND, "artifact": artifact.name,
-                        "target": target_record(target), "runs": target_runs})
+                        "target": target.record(), "runs": target_runs})
         rows = [row(r) for r in results]
         failed = [r for r in rows if "failed" in r]
         if strict and failed and len(failed) == len(rows):
@@ -778,7 +608,8 @@ def run_bench(export: Path, options: BenchOptions, strict: bool = False) -> Path
                     "modified_since_export": sorted(a.name for a in artifacts if a.modified),
                     "inputs": str(Path(inputs).resolve()) if inputs else None},
             conditions={"targets": [t.name for t in targets], "host_threads": thread_counts,
-                        "remote_threads": thread_counts if sessions else None, "taskset": options.taskset,
+                        "remote_threads": thread_counts if any(t.remote for t in targets) else None,
+                        "taskset": options.taskset,
                         "arm_threads": 1, "iters": options.iters, "warmup": options.warmup,
                         "samples": options.samples, "arm_iters": options.arm_iters,
                         "arm_warmup": options.arm_warmup, "arm_samples": options.arm_samples,

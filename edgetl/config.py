@@ -25,7 +25,7 @@ from edgetl.arm64.targets import TARGETS
 from edgetl.backbones import check_image_size, get_backbone
 from edgetl.capabilities import CAPABILITIES, FRAMEWORKS, capabilities
 from edgetl.errors import UserError, one_of
-from edgetl.targets import parse_targets, spec
+from edgetl.targets import parse_targets
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 CLASS_WEIGHTS = ("auto", "balanced", "none")
@@ -631,7 +631,7 @@ class SweepConfig(Checked):
         for name in variants:
             if name not in self.known():
                 raise UserError(one_of(name, list(self.known()), "variant"))
-        targets = tuple(spec(t) for t in parse_targets(",".join(_as_list(self.targets, lower=False))))
+        targets = tuple(t.spec for t in parse_targets(",".join(_as_list(self.targets, lower=False))))
         formats = tuple(dict.fromkeys(_as_list(self.formats)))
         if not formats:
             raise UserError(f"--formats is empty; valid: {', '.join(FORMATS)}")
@@ -885,13 +885,10 @@ def _recipe_values(payload: dict[str, Any], kind: str, where: str) -> dict[str, 
 def _normalise(values: dict[str, Any], kind: str) -> dict[str, Any]:
     """Lists (from TOML or comma-separated flags) as the tuples the configs hold; a value of another type is
     left as it is, for `check_types` to refuse in one line."""
-    listed = (str, list, tuple)
-    for key in ("formats", "quant"):
-        if isinstance(values.get(key), listed):
-            values[key] = tuple(_as_list(values[key]))
-    for key in ("variants", "targets"):
-        if isinstance(values.get(key), listed):
-            values[key] = tuple(_as_list(values[key], lower=False))
+    listed, hints = (str, list, tuple), _hints(RECIPES[kind][2])
+    for key in ("formats", "quant", "variants", "targets"):  # only where the config holds a list (bench: a text)
+        if isinstance(values.get(key), listed) and get_origin(hints.get(key)) is tuple:
+            values[key] = tuple(_as_list(values[key], lower=key in ("formats", "quant")))
     if kind == "sweep" and "threads" in values and _matches(values["threads"], tuple[int, ...]):
         values["threads"] = _threads(values["threads"])
     return values

@@ -22,7 +22,7 @@ from typing import Any
 from edgetl.config import VARIANTS, SweepConfig, Variant, resolve
 from edgetl.contracts import SCHEMA_VERSION, SWEEP_KIND, ArtifactSidecar, BenchManifest, ExportManifest, read
 from edgetl.errors import UserError, machine_failure
-from edgetl.targets import parse_targets
+from edgetl.targets import parse_targets, preflight
 
 DEFAULT_RECIPE = "default"
 
@@ -65,9 +65,7 @@ def run_sweep(checkpoint: Path, config: SweepConfig, out: Path | None = None, re
     targets = parse_targets(",".join(config.targets))
     if any(t.emulated for t in targets):  # once, before any export: a set-up failure costs no exports
         setup_userland("arm64")
-    from edgetl.bench import preflight_remotes
-
-    preflight_remotes(targets, config.remote_python, config.taskset)  # an unreachable board costs no exports
+    preflight(targets, config.remote_python, config.taskset)  # an unreachable board costs no exports
     started = time.perf_counter()
     load_before = _loadavg()
     from edgetl.report import print_summary, write_report

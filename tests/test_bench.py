@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgetl.bench import Artifact, _counts, prepare_inputs, ratios
+from edgetl.bench import Artifact, prepare_inputs, ratios
 from edgetl.errors import UserError
+from edgetl.targets.local import counts as _counts
 from tests.conftest import run_cli
 from tests.test_device_bench import tiny_models  # noqa: F401  (session fixture: tiny .tflite/.pte + inputs)
 

@@ -272,14 +272,38 @@ def test_an_interrupted_remote_run_removes_its_folder(sshd: Server, tiny_models:
 
 @needs_sshd
 def test_a_sweep_checks_its_ssh_targets_before_any_export(sshd: Server, monkeypatch: pytest.MonkeyPatch) -> None:
-    from edgetl.bench import preflight_remotes
     from edgetl.errors import UserError
     from edgetl.sweep import resolve_config
+    from edgetl.targets import preflight
 
     config = resolve_config(None, targets=f"host,ssh:127.0.0.1:{sshd.port}", remote_python=sys.executable).validate()
     assert config.targets == ("host", f"ssh:127.0.0.1:{sshd.port}")  # the spec, not the file name, is kept
     monkeypatch.setenv("EDGETL_SSH_CONFIG", str(sshd.config))
-    preflight_remotes(parse_targets(",".join(config.targets)), config.remote_python, "0")
+    preflight(parse_targets(",".join(config.targets)), config.remote_python, "0")
     with pytest.raises(UserError, match="no usable Python"):
-        preflight_remotes(parse_targets(f"ssh:127.0.0.1:{sshd.port}"), "/nonexistent/python3", None)
+        preflight(parse_targets(f"ssh:127.0.0.1:{sshd.port}"), "/nonexistent/python3", None)
     assert sshd.leftovers() == []
+
+
+def test_every_kind_of_target_implements_the_one_interface() -> None:
+    """host, emulated, ssh: and adb parse to targets of one protocol; the stages never ask which kind a target is."""
+    import ast
+
+    from edgetl.targets import BenchTarget, LocalTarget
+
+    targets = parse_targets("host,arm64-a76,ssh:pi@pi5:2222,adb:R58M")
+    assert [t.name for t in targets] == ["host", "arm64-a76", "ssh-pi5", "adb-R58M"]
+    assert [t.spec for t in targets] == ["host", "arm64-a76", "ssh:pi@pi5:2222", "adb:R58M"]
+    assert [(t.emulated, t.remote) for t in targets] == [(False, False), (True, False), (False, True), (False, True)]
+    for target in targets:
+        assert isinstance(target, BenchTarget), target
+        record = target.record()
+        assert {"name", "description", "emulated"} <= set(record) and record["name"] == target.name
+    assert targets[1].record()["qemu_cpu"] == "cortex-a76" and isinstance(targets[0], LocalTarget)
+    stages = Path(__file__).resolve().parents[1] / "edgetl"
+    for stage in ("bench.py", "sweep.py"):
+        tree = ast.parse((stages / stage).read_text())
+        asked = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Call)
+                 and getattr(node.func, "id", None) in ("getattr", "isinstance", "hasattr")
+                 and node.args and getattr(node.args[0], "id", "") in ("target", "t", "targets")]
+        assert asked == [], f"{stage} asks a target what kind it is at lines {asked}"

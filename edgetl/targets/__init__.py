@@ -7,30 +7,42 @@ One parser for `--target` so that `bench` and `sweep` accept the same list: `hos
 
 from __future__ import annotations
 
-from typing import Any
-
-from edgetl.arm64.targets import TARGETS, Target
-from edgetl.arm64.targets import parse_targets as parse_local
+from edgetl.arm64.targets import TARGETS
 from edgetl.errors import UserError
+from edgetl.targets.base import BenchTarget, Runner
+from edgetl.targets.local import LocalTarget
 
 REMOTE_FORMS = "ssh:[USER@]HOST[:PORT], adb[:SERIAL]"
 
 
-def parse_targets(text: str) -> list[Any]:
-    """`host,arm64-a76,ssh:pi@pi5` → targets in the order given, each once; bad syntax is one UserError."""
-    from edgetl.targets import adb, ssh
+def _parse_ssh(text: str) -> BenchTarget:
+    from edgetl.targets import ssh
 
+    return ssh.parse(text)
+
+
+def _parse_adb(text: str) -> BenchTarget:
+    from edgetl.targets import adb
+
+    return adb.parse(text)
+
+
+# the scheme before ":" (or the whole name) → the parser of that kind of remote target
+PARSERS = {"ssh": _parse_ssh, "adb": _parse_adb}
+
+
+def parse_targets(text: str) -> list[BenchTarget]:
+    """`host,arm64-a76,ssh:pi@pi5` → targets in the order given, each once; bad syntax is one UserError."""
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
         raise UserError(f"--target {text!r} names no target; valid: {', '.join(TARGETS)}, {REMOTE_FORMS}")
-    chosen: list[Any] = []
+    chosen: list[BenchTarget] = []
     for name in names:
-        if name.startswith("ssh:") or name == "ssh":
-            found: Any = ssh.parse(name)
-        elif name == "adb" or name.startswith("adb:"):
-            found = adb.parse(name)
+        scheme = name.partition(":")[0]
+        if scheme in PARSERS:
+            found = PARSERS[scheme](name)
         elif name in TARGETS:
-            found = parse_local(name)[0]
+            found = LocalTarget(TARGETS[name])
         else:
             raise UserError(f"unknown target {name!r}; valid: {', '.join(TARGETS)}, {REMOTE_FORMS}")
         if any(other.name == found.name and other != found for other in chosen):
@@ -41,9 +53,13 @@ def parse_targets(text: str) -> list[Any]:
     return chosen
 
 
-def spec(target: Any) -> str:
-    """What to write in a recipe or on the command line to get this target again."""
-    return getattr(target, "spec", None) or target.name
+def preflight(targets: list[BenchTarget], remote_python: str, taskset: str | None) -> None:
+    """Every target checks what it can without copying anything: a sweep does this before any export."""
+    from edgetl.targets.ssh import check_cores
+
+    check_cores(taskset)
+    for target in targets:
+        target.preflight(remote_python, taskset)
 
 
-__all__ = ["REMOTE_FORMS", "Target", "parse_targets", "spec"]
+__all__ = ["REMOTE_FORMS", "BenchTarget", "LocalTarget", "Runner", "parse_targets", "preflight"]

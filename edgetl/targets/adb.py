@@ -10,10 +10,13 @@ Termux (proot-distro Debian running sshd), through `adb forward`. Nothing is cop
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from edgetl.errors import UserError
 
@@ -43,6 +46,16 @@ class AdbTarget:
     @property
     def description(self) -> str:
         return f"Android phone {self.serial or '(the one attached)'} over adb"
+
+    def preflight(self, remote_python: str, taskset: str | None) -> None:
+        check(self)
+
+    def open(self, artifacts: list[Path], options: Any, script: Path, stack: contextlib.ExitStack) -> Any:
+        check(self)  # always one line: no phone, or how to bench it over ssh today
+
+    def record(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description, "emulated": False, "spec": self.spec,
+                "remote": True}
 
 
 def parse(text: str) -> AdbTarget:

@@ -71,6 +71,28 @@ class SshTarget:
     def description(self) -> str:
         return f"{self.destination} over ssh (real time on that machine)"
 
+    def preflight(self, remote_python: str, taskset: str | None) -> None:
+        """Connect, and check its Python and numpy, copying nothing."""
+        check_cores(taskset)
+        with SshSession(self, python=remote_python, taskset=taskset) as session:
+            session.check([], None)
+
+    def open(self, artifacts: list[Path], options: Any, script: Path, stack: contextlib.ExitStack) -> SshRunner:
+        """A connected session that checked every file (the .pte runner too); nothing is copied yet."""
+        session = stack.enter_context(SshSession(self, python=options.remote_python, taskset=options.taskset))
+        runner = None
+        if any(path.suffix == ".pte" for path in artifacts):
+            from edgetl import arm64
+
+            userland = arm64.userland()
+            runner = userland.runner if userland.has_runner() else None
+        session.check(list(artifacts), runner)
+        return SshRunner(session, script)
+
+    def record(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description, "emulated": False, "spec": self.spec,
+                "remote": True}
+
 
 def parse(text: str) -> SshTarget:
     """`ssh:pi@pi5:2222` → SshTarget; every malformed form is one UserError line, before any connection."""
@@ -502,5 +524,40 @@ class SshSession:
                 shutil.rmtree(self._control, ignore_errors=True)
                 self._control = None
 
+
+
+@dataclass
+class SshRunner:
+    """device_bench on an ssh: target, through its open session: the same result as a host run, plus where and
+    how it ran."""
+
+    session: SshSession
+    script: Path
+
+    def stage(self) -> None:
+        from edgetl.ui import console
+
+        self.session.stage(self.script)
+        probe = self.session.probe
+        assert probe is not None
+        runtimes = ", ".join(sorted({plan.runtime for plan in self.session.plans.values()}))
+        console.print(f"bench: {self.session.target.destination} ready ({probe.machine}, "
+                      f"{probe.cpu.get('layout') or 'CPU unknown'}; {runtimes})")
+
+    def run(self, artifact: Any, threads: int, inputs: Path | None, options: Any, workdir: Path) -> dict[str, Any]:
+        target = self.session.target
+        args = ["--threads", str(threads), "--iters", str(options.iters), "--warmup", str(options.warmup),
+                "--label", f"edgetl bench {target.name}"]
+        if options.samples is not None:
+            args += ["--samples", str(options.samples)]
+        result = self.session.bench(artifact.path, inputs, args, f"t{threads}")
+        if "failed" in result:
+            return {"failed": result["failed"], "artifact": artifact.name, "target": target.record(),
+                    "conditions": {"threads": threads}}
+        result["target"] = target.record()
+        if artifact.macs and not result["model"].get("macs"):
+            result["model"]["macs"] = artifact.macs
+            result["model"]["macs_source"] = "export manifest or the .tflite of the same model"
+        return result
 
 __all__ = ["FORM", "Probe", "SshSession", "SshTarget", "check_cores", "cpu_layout", "parse"]
