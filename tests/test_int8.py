@@ -137,6 +137,24 @@ def test_sensitivity_ranks_the_layer_whose_rounding_hurts_and_counts_macs() -> N
 
 
 @pytest.mark.torch
+def test_learned_rounding_is_sized_in_pixels_so_224_px_costs_what_128_px_costs() -> None:
+    """At 224 px each step and the captured activations would cost 3x those at 128 px: learned rounding takes
+    proportionally fewer images and a smaller batch there (each step still sees as many activation positions),
+    and keeps its defaults at 128 px and below."""
+    from edgetl.backends.torch.adaround import adaround, sized_for
+
+    assert sized_for(torch.zeros(300, 128, 128, 3)) == (256, 32)
+    assert sized_for(torch.zeros(300, 32, 32, 3)) == (256, 32)
+    assert sized_for(torch.zeros(300, 224, 224, 3)) == (84, 10)
+    assert sized_for(torch.zeros(300, 512, 512, 3)) == (32, 8)  # floors: enough images and a batch to learn from
+    images, batch = sized_for(torch.zeros(1, 224, 224, 3))
+    assert images * 224 * 224 == pytest.approx(256 * 128 * 128, rel=0.01) and batch * 224**2 == pytest.approx(
+        32 * 128**2, rel=0.05)
+    _, record = adaround(Tiny().eval(), _calibration(), ["conv"], iterations=20)
+    assert (record["images"], record["batch"]) == (len(_calibration()), 32)  # 12 px: the defaults, all images
+
+
+@pytest.mark.torch
 def test_learned_rounding_reconstructs_better_and_pt2e_keeps_exactly_its_integers() -> None:
     pytest.importorskip("executorch")
     from edgetl.backends.torch.adaround import adaround

@@ -25,6 +25,8 @@ from torch import nn
 from edgetl.backends.torch.quantize import WEIGHT_QMAX, weight_scale
 
 ZETA, GAMMA = 1.1, -0.1  # stretch of the rectified sigmoid (AdaRound's values)
+REFERENCE_SIDE = 128  # input side at which the default images and batch apply (`sized_for`)
+MIN_IMAGES, MIN_BATCH = 32, 8
 
 
 def _rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
@@ -101,11 +103,23 @@ def learn_rounding(layer: nn.Module, x: torch.Tensor, target: torch.Tensor, iter
     }
 
 
+def sized_for(calibration: torch.Tensor, images: int = 256, batch: int = 32) -> tuple[int, int]:
+    """Images and batch for learned rounding, sized in pixels rather than images: an input of more than
+    REFERENCE_SIDE² pixels takes proportionally fewer of both (224 px: 84 images, batches of 10), so each
+    optimisation step and the captured activations cost what they cost at 128 px, and every step still sees
+    as many activation positions. A smaller input keeps the defaults."""
+    pixels = int(calibration.shape[1]) * int(calibration.shape[2])  # NHWC
+    share = min(1.0, REFERENCE_SIDE ** 2 / max(pixels, 1))
+    return max(MIN_IMAGES, round(images * share)), max(MIN_BATCH, round(batch * share))
+
+
 def adaround(model: nn.Module, calibration: torch.Tensor, layers: list[str], iterations: int = 400,
              images: int = 256, seed: int = 0) -> tuple[nn.Module, dict]:
     """`model` (BN-folded, float) with the named layers' weights replaced by learned int8 roundings (as float
-    values on the int8 grid), and the record the manifest keeps. `model` is changed in place."""
+    values on the int8 grid), and the record the manifest keeps. `model` is changed in place. `images` is the
+    count at REFERENCE_SIDE px (`sized_for`)."""
     started = time.perf_counter()
+    images, batch = sized_for(calibration, images)
     x = calibration[:images]
     float_model = _frozen_copy(model)
     modules = dict(model.named_modules())
@@ -117,7 +131,7 @@ def adaround(model: nn.Module, calibration: torch.Tensor, layers: list[str], ite
         layer = modules[name]
         inputs = _capture(model, layer, x, "input")  # earlier layers already rounded
         target = _capture(float_model, float_modules[name], x, "output")
-        integers, row = learn_rounding(layer, inputs, target, iterations=iterations, seed=seed)
+        integers, row = learn_rounding(layer, inputs, target, iterations=iterations, batch=batch, seed=seed)
         layer.weight.data = integers * weight_scale(layer.weight.detach())
         rows.append({"layer": name, **row, "seconds": round(time.perf_counter() - layer_started, 1)})
     return model, {
@@ -126,6 +140,7 @@ def adaround(model: nn.Module, calibration: torch.Tensor, layers: list[str], ite
         "layers": rows,
         "iterations": int(iterations),
         "images": int(len(x)),
+        "batch": int(batch),
         "seconds": round(time.perf_counter() - started, 1),
     }
 
