@@ -65,7 +65,7 @@ def paired(out: Path) -> list[dict]:
 
     import numpy as np
 
-    from edgetl import runtimes
+    from edgetl import formats
 
     reference, inputs = np.load(out / "float_reference.npz"), np.load(out / "test_inputs.npz")
     labels = reference["labels"]
@@ -76,7 +76,7 @@ def paired(out: Path) -> list[dict]:
         1 + z * z / n)
     rows = []
     for path in sorted([*out.glob("*-int8*.tflite"), *out.glob("*-int8*.pte")]):
-        right = np.asarray(runtimes.run(path, inputs["x"], 1)).argmax(1) == labels
+        right = np.asarray(formats.run(path, inputs["x"], 1)).argmax(1) == labels
         b, c = int((float_right & ~right).sum()), int((~float_right & right).sum())
         drop = (b - c) / n
         spread = z * math.sqrt(max(0.0, b + c - (b - c) ** 2 / n)) / n

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgetl import __version__
+from edgetl import __version__, formats
 from edgetl.config import BenchOptions
 from edgetl.contracts import (
     BENCH_KIND,
@@ -35,7 +35,7 @@ from edgetl.errors import StageFailed, UserError
 from edgetl.targets import BenchTarget, Runner
 from edgetl.targets.local import EMULATED_LABEL
 
-MODEL_SUFFIXES = (".tflite", ".pte")
+MODEL_SUFFIXES = tuple(formats.SUFFIXES)
 DEFAULT_INPUTS = "test_inputs.npz"
 
 
@@ -238,7 +238,7 @@ def breakdown(artifact: Artifact, target: BenchTarget, runner: Runner, whole: di
     folder = workdir / f"{artifact.name}.parts"
     folder.mkdir(exist_ok=True)
     try:
-        cuts = _tflite_cuts(artifact, folder) if fmt == "tflite" else _pte_cuts(artifact)
+        cuts = _pte_cuts(artifact) if formats.get(fmt).blocks == "lowered" else _tflite_cuts(artifact, folder)
     except UserError as error:  # e.g. a .tflite whose tensors name no blocks: everything else is still measured
         console.print(f"[yellow]bench: no breakdown of {artifact.name}: {error}[/]")
         return {"unavailable": str(error)}
@@ -400,7 +400,8 @@ def print_breakdowns(results: list[dict[str, Any]]) -> None:
             out.print(f"{title}: unavailable ({record['unavailable']})")
             continue
         whole = record["whole_instructions_per_invoke"]
-        how = "lowered on its own (--parts)" if record.get("format") == "pte" else "cut out of the file"
+        lowered = formats.FORMATS.get(record.get("format", ""), formats.get("tflite")).blocks == "lowered"
+        how = "lowered on its own (--parts)" if lowered else "cut out of the file"
         table = Table(title=title, caption=f"each block {how} and counted alone; the parts sum to "
                       f"{record['sum_of_parts'] / 1e6:.3f} M against {whole / 1e6:.3f} M for the whole "
                       f"({record['sum_minus_whole_relative']:+.1%}): per-invoke overhead once per part")
@@ -550,7 +551,7 @@ def run_bench(export: Path, options: BenchOptions, strict: bool = False) -> Path
     if any(t.emulated for t in targets):
         from edgetl import arm64
 
-        needs_pte = any(a.path.suffix == ".pte" for a in artifacts)
+        needs_pte = any(formats.get(formats.format_of(a.path)).arm64 == "runner" for a in artifacts)
         if not arm64.ready(pte=needs_pte):
             console.print("arm64 userland not set up yet: setting it up now (once; about a minute)")
         setup_userland("arm64")

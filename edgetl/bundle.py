@@ -21,7 +21,7 @@ from xml.sax.saxutils import escape as xml_escape
 
 import numpy as np
 
-from edgetl import assets, runtimes
+from edgetl import assets, formats
 from edgetl.config import BundleOptions
 from edgetl.contracts import BUNDLE_KIND, SCHEMA_VERSION, SWEEP_KIND, ArtifactSidecar, read
 from edgetl.errors import UserError, one_of
@@ -45,9 +45,9 @@ def find_artifact(export_dir: Path, name: str | None) -> tuple[Path, dict]:
     export_dir = Path(export_dir)
     if not export_dir.is_dir():
         raise UserError(f"export folder {str(export_dir)!r} does not exist; give the folder `edgetl export` wrote")
-    present = sorted(p.name for p in export_dir.iterdir() if p.suffix in runtimes.FORMATS and p.is_file())
+    present = sorted(p.name for p in export_dir.iterdir() if p.suffix in formats.SUFFIXES and p.is_file())
     if not present:
-        raise UserError(f"{str(export_dir)!r} holds no .tflite or .pte file; run `edgetl export` first")
+        raise UserError(f"{str(export_dir)!r} holds no {' or '.join(formats.SUFFIXES)} file; run `edgetl export` first")
     if name is None:
         name = present[0] if len(present) == 1 else recommended_artifact(export_dir, present)
     matches = [p for p in present if p == name or Path(p).stem == name]
@@ -164,8 +164,12 @@ def check_code_values(path: Path, sidecar: dict, sidecar_path: Path) -> None:
     if sidecar.get("file") != path.name:
         raise UserError(f"{where} describes {shown(str(sidecar.get('file')))}, not {path.name!r}: it is not this "
                         "file's manifest; re-export it with `edgetl export`")
-    if sidecar["format"] != runtimes.FORMATS.get(path.suffix):
+    if sidecar["format"] != formats.SUFFIXES.get(path.suffix):
         raise UserError(f"{where} says format {sidecar['format']!r} for a {path.suffix} file")
+    if not formats.get(sidecar["format"]).bundle:
+        shipped = ", ".join(f.suffix for f in formats.FORMATS.values() if f.bundle)
+        raise UserError(f"{path.name}: edgetl bundle has no app templates for {path.suffix} files yet; valid: "
+                        f"{shipped} (export one with --formats)")
     check_labels(sidecar["labels"], where, "export again from a checkpoint with usable labels")
     words = {"quant": sidecar["quant"], "model.backbone": sidecar["model"]["backbone"]}
     for key, value in words.items():
@@ -320,7 +324,7 @@ def _bundled_model(artifact: Path, sidecar: dict, labels_file: Path, work: Path,
 def _io(model: Path, sidecar: dict) -> dict:
     """Input/output tensors of the bundled file (its own, after any wrapper), in the sidecar's format."""
     if sidecar["format"] == "tflite":
-        described = runtimes.describe(model, "tflite")
+        described = formats.describe(model, "tflite")
         return {"input": described["inputs"][0], "output": described["outputs"][0]}
     keep = ("name", "dtype", "shape", "quantization")
     return {"input": {k: sidecar["input"].get(k) for k in keep}, "output": {k: sidecar["output"].get(k) for k in keep}}
@@ -389,8 +393,8 @@ def _golden(export_dir: Path, artifact: Path, sidecar: dict, model: Path, spec: 
     app = np.stack(pictures).astype(np.float32)
     app = ((app - np.asarray(spec["pixel_mean"], np.float32)) / np.asarray(spec["pixel_std"], np.float32))
     fmt = sidecar["format"]
-    raw = runtimes.run(model, app, fmt=fmt)
-    probs = raw if spec["output"]["kind"] == "probabilities" else runtimes.softmax(raw)
+    raw = formats.run(model, app, fmt=fmt)
+    probs = raw if spec["output"]["kind"] == "probabilities" else formats.softmax(raw)
     tolerance = TOLERANCE.get(sidecar["quant"], 0.05)
     ordered = np.sort(probs, axis=1)
     margin = ordered[:, -1] - ordered[:, -2]
@@ -403,7 +407,7 @@ def _golden(export_dir: Path, artifact: Path, sidecar: dict, model: Path, spec: 
     for i in np.argsort(-margin):  # then the clearest of the rest
         if len(chosen) < options.golden and int(i) not in chosen:
             chosen.append(int(i))
-    source = runtimes.softmax(runtimes.run(artifact, xs[chosen], fmt=fmt))
+    source = formats.softmax(formats.run(artifact, xs[chosen], fmt=fmt))
     mismatch = [i for i, j in enumerate(chosen) if source[i].argmax() != probs[j].argmax()]
     if mismatch:
         raise UserError(f"the bundled model disagrees with {artifact.name} on golden image(s) {mismatch}; "

@@ -25,6 +25,7 @@ from edgetl.arm64.targets import TARGETS
 from edgetl.backbones import check_image_size, get_backbone
 from edgetl.capabilities import CAPABILITIES, FRAMEWORKS, capabilities
 from edgetl.errors import UserError, one_of
+from edgetl.formats import FORMATS as FORMAT_RECORDS
 from edgetl.targets import parse_targets
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -325,6 +326,7 @@ def _owners(attribute: str, value: str) -> str:
 # ------------------------------------------------------------------------------------------- export
 
 FORMATS = _union("formats")
+DEFAULT_FORMATS = tuple(name for name in FORMATS if FORMAT_RECORDS[name].default)  # without --formats
 QUANTS = _union("quants")
 PRUNE_KINDS = _union("prune_kinds")
 PRUNE_NAMES = {"channels": "channel pruning", "magnitude": "magnitude pruning"}
@@ -390,7 +392,7 @@ class ExportConfig(Checked):
 
     STAGE: ClassVar[str] = "export"  # what its settings are called in an error line
 
-    formats: tuple[str, ...] = ("tflite", "pte")
+    formats: tuple[str, ...] = DEFAULT_FORMATS
     quant: tuple[str, ...] = ("fp32", "int8")
     calib: int = DEFAULT_CALIB
     max_drop: float = 1.0
@@ -521,7 +523,7 @@ class ExportConfig(Checked):
             valid = " or ".join(f"--prune {kind}:{spec[1]:g}" for kind in caps.prune_kinds)
             raise UserError(f"--prune {config.prune}: {PRUNE_NAMES[spec[0]]} is {_owners('prune_kinds', spec[0])}"
                             f"-only; {where} (valid here: {valid})")
-        if config.parts and "pte" not in formats:  # no .pte from this backend: nothing to cut into parts
+        if config.parts and not any(FORMAT_RECORDS[f].blocks == "lowered" for f in formats):  # nothing lowered
             config = replace(config, parts=False)
         defaults = {f.name: f.default for f in fields(ExportConfig)}
         for name, value in asdict(config).items():
@@ -600,7 +602,7 @@ class SweepConfig(Checked):
     variants: tuple[str, ...] = tuple(VARIANTS)
     targets: tuple[str, ...] = tuple(TARGETS)
     threads: tuple[int, ...] = (1,)
-    formats: tuple[str, ...] = FORMATS
+    formats: tuple[str, ...] = DEFAULT_FORMATS
     max_drop: float = 1.0
     calib: int | None = None  # None: export's default
     iters: int = 30
@@ -654,7 +656,8 @@ class SweepConfig(Checked):
     def export_config(self, name: str) -> ExportConfig:
         """The ExportConfig of one variant: the sweep's base settings, then the variant's overrides."""
         base: dict[str, Any] = {"formats": self.formats, "max_drop": self.max_drop,
-                                "parts": self.breakdown and "pte" in self.formats}  # a .pte's blocks, for bench
+                                "parts": self.breakdown and any(FORMAT_RECORDS[f].blocks == "lowered"
+                                                                for f in self.formats)}  # blocks lowered for bench
         if self.calib is not None:
             base["calib"] = self.calib
         overrides = dict(self.known()[name].overrides)

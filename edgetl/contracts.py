@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 from edgetl.backbones import BACKBONES
 from edgetl.capabilities import FRAMEWORKS
 from edgetl.errors import UserError
+from edgetl.formats import FORMATS
 
 SCHEMA_VERSION = 1
 CHECKPOINT_KIND = "edgetl.checkpoint"
@@ -395,7 +396,7 @@ class ArtifactSidecar(Record):
     KIND: ClassVar[str] = ARTIFACT_KIND
     TITLE: ClassVar[str] = "artifact manifest"
     file: str = _field(TEXT)
-    format: str = _field(one_of("tflite", "pte"))
+    format: str = _field(one_of(*FORMATS))
     quant: str = _field(TEXT)
     runtime: str = _field(TEXT)
     bytes: int = _field(WHOLE)
@@ -427,7 +428,7 @@ class ArtifactEntry(Record):
     """One line of an export manifest's `artifacts`: a file made (status ok) or why it was not (failed)."""
 
     file: str = _field(TEXT)
-    format: str = _field(one_of("tflite", "pte"))
+    format: str = _field(one_of(*FORMATS))
     quant: str = _field(TEXT)
     status: str = _field(one_of("ok", "failed"))
     error: str | None = _field(optional(TEXT))

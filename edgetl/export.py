@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgetl import backends, runtimes
+from edgetl import backends, formats
 from edgetl.backends.base import Backend, Graphs, one_line
 from edgetl.breakdown import PARTS_KIND, parts_folder
 from edgetl.config import ExportConfig, artifact_name, resolve, variant_tag
@@ -330,7 +330,7 @@ def _export_one(backend: Backend, context: _Context, quant: str, fmt: str, folde
         return entry
     console.print(f"{name}: {sidecar.bytes / 1e6:.2f} MB (gzip {sidecar.gzip_bytes / 1e6:.2f} MB) in {seconds:.0f} s")
     _warn_delegation(name, sidecar.delegation or {})
-    if fmt == "pte" and config.parts and parts:
+    if formats.get(fmt).blocks == "lowered" and config.parts and parts:
         _write_parts(backend, graphs, quant, folder, name, sidecar.sha256)
     return ArtifactEntry(file=name, format=fmt, quant=quant, status="ok", bytes=sidecar.bytes,
                          gzip_bytes=sidecar.gzip_bytes, sha256=sidecar.sha256, export_seconds=seconds,
@@ -377,13 +377,8 @@ def _warn_delegation(name: str, delegation: dict) -> None:
 
 
 def _describe(path: Path, fmt: str) -> dict:
-    """What the file itself says about its tensors (and, for .tflite, its ops and weight sparsity)."""
-    described = runtimes.describe(path, fmt)
-    if fmt == "tflite":
-        from edgetl.runtimes import tflite
-
-        described["weight_sparsity"] = tflite.weight_sparsity(path)
-    return described
+    """What the file itself says about its tensors, and what its format adds (a .tflite's weight sparsity)."""
+    return {**formats.describe(path, fmt), **formats.facts(path, fmt)}
 
 
 def _sidecar(context: _Context, name: str, fmt: str, quant: str, path: Path, converter: str, details: dict,
@@ -391,13 +386,15 @@ def _sidecar(context: _Context, name: str, fmt: str, quant: str, path: Path, con
     """What an app, `edgetl bench` or a person needs to use this one file correctly."""
     described = _describe(path, fmt)
     graphs, source = context.graphs, repr(str(path))
-    quantized_inside = graphs.quantization.get("input_quantization") if quant == "int8" and fmt == "pte" else None
-    extra_in = {"layout": "NHWC", **({"quantized_inside": quantized_inside} if fmt == "pte" else {})}
+    inside = formats.get(fmt).quantizes_inside
+    quantized_inside = graphs.quantization.get("input_quantization") if quant == "int8" and inside else None
+    extra_in = {"layout": "NHWC", **({"quantized_inside": quantized_inside} if inside else {})}
     tensor_in = TensorInfo.from_json({**described["inputs"][0], **extra_in}, source, "input.")
     tensor_out = TensorInfo.from_json({**described["outputs"][0], "meaning": OUTPUT_MEANING}, source, "output.")
     return ArtifactSidecar(
-        created=now_utc(), file=name, format=fmt, runtime=runtimes.NAMES[fmt], framework=context.manifest.framework,
-        quant=quant, converter=converter, bytes=path.stat().st_size, gzip_bytes=gzip_bytes,
+        created=now_utc(), file=name, format=fmt, runtime=formats.get(fmt).runtime,
+        framework=context.manifest.framework, quant=quant, converter=converter, bytes=path.stat().st_size,
+        gzip_bytes=gzip_bytes,
         sha256=sha256_file(path), labels_file=LABELS_FILE, labels=context.manifest.labels,
         model=context.manifest.model, preprocess=PreprocessSpec.from_json(context.spec), input=tensor_in,
         output=tensor_out, quantization=graphs.quantization if quant == "int8" else None, pruning=graphs.pruning,
@@ -488,7 +485,7 @@ def _remedies(manifest: CheckpointManifest) -> tuple[str, ...]:
 def _measure(path: Path, fmt: str, inputs: Inputs, reference: np.ndarray, threads: int | None) -> dict:
     """One file's top-1 drop against the float reference on the test split, in its own runtime."""
     with quiet_native():
-        out = runtimes.run(path, inputs.x_test, threads, fmt=fmt)
+        out = formats.run(path, inputs.x_test, threads, fmt=fmt)
     row = compare(out, reference, inputs.y_test)
     float_top1 = float((reference.argmax(axis=1) == inputs.y_test).mean())
     return {"drop_points": round(100 * (float_top1 - row["top1"]), 2), "top1": row["top1"],

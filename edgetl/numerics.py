@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from edgetl import formats
 from edgetl.backends.base import one_line
 from edgetl.errors import machine_failure
 
@@ -81,7 +82,7 @@ class TfliteBlocks:
 
     def __init__(self, model: Path, folder: Path) -> None:
         from edgetl.breakdown import tflite_parts, write_part
-        from edgetl.runtimes.tflite import interpreter
+        from edgetl.formats.tflite import interpreter
 
         self.files: dict[str, Path] = {}
         for index, part in enumerate(tflite_parts(model)):
@@ -89,7 +90,7 @@ class TfliteBlocks:
         self._interpreter = interpreter
 
     def run(self, name: str, inputs: list[np.ndarray]) -> np.ndarray:
-        from edgetl.runtimes.tensors import dequantize, quantize
+        from edgetl.formats.tensors import dequantize, quantize
 
         model = self._interpreter(self.files[name])
         sources, target = model.get_input_details(), model.get_output_details()[-1]
@@ -123,7 +124,7 @@ class PteBlocks:
                 self.files[_key(signal)] = path
 
     def run(self, name: str, inputs: list[np.ndarray]) -> np.ndarray:
-        from edgetl.runtimes.pte import run_inputs
+        from edgetl.formats.pte import run_inputs
 
         return run_inputs(self.files[name], inputs)
 
@@ -174,8 +175,6 @@ def debug_numerics(signals: list[Any], files: dict[str, Path], images: np.ndarra
                    threads: int | None = None, selected: tuple[str, ...] = ()) -> dict[str, Any]:
     """The debugger's record for the int8 `files` (format → path) on `images`: per block, the graph's error
     against float and each runtime's, chained and alone, and the first block where a runtime departs."""
-    from edgetl import runtimes
-
     blocks = []
     for signal in signals:
         row: dict[str, Any] = {"block": signal.name, "role": signal.role, "macs": signal.macs, "step": signal.step}
@@ -201,7 +200,7 @@ def debug_numerics(signals: list[Any], files: dict[str, Path], images: np.ndarra
                 record["runtimes"][fmt] = {"file": path.name, "skipped": f"cannot be cut into blocks "
                                                                          f"({one_line(failure)})"}
                 continue
-            result = _compare_runtime(signals, runner, lambda p=path: runtimes.run(p, images, threads), selected)
+            result = _compare_runtime(signals, runner, lambda p=path: formats.run(p, images, threads), selected)
             result["file"] = path.name
             departing = [row["block"] for row in result["blocks"] if row.get("alone", {}).get("departs")]
             result["departs_at"] = departing
@@ -305,17 +304,17 @@ def plot(record: dict[str, Any]) -> bytes | None:
         return 80.0 if value is None else float(value)
 
     top.plot(positions, [db(b.get("graph_vs_float")) for b in record["blocks"]], "k-o", label="Q/DQ graph (torch)")
-    styles = {"tflite": ("tab:blue", "s"), "pte": ("tab:orange", "^")}
     for fmt, result in record["runtimes"].items():
         if "blocks" not in result:
             continue
         rows = _rows_by_block(record, fmt)
-        color, marker = styles.get(fmt, ("tab:green", "d"))
+        color, marker = formats.get(fmt).style
         top.plot(positions, [db(rows.get(n, {}).get("chained_vs_float")) for n in names], marker=marker,
                  color=color, linestyle="--", label=f".{fmt} in its runtime, blocks chained")
         shares = [100 * (rows.get(n, {}).get("alone", {}).get("share_over_1_step") or 0.0) for n in names]
-        offset = -0.2 if fmt == "tflite" else 0.2
-        bottom.bar(positions + offset, shares, width=0.4, color=color, label=f".{fmt} alone vs graph")
+        width = 0.8 / max(1, len(record["runtimes"]))
+        offset = (list(record["runtimes"]).index(fmt) - (len(record["runtimes"]) - 1) / 2) * width
+        bottom.bar(positions + offset, shares, width=width, color=color, label=f".{fmt} alone vs graph")
     bottom.axhline(100 * DEPARTS_SHARE, color="red", linewidth=1, label="departs above this")
     top.set_ylabel("SQNR against float (dB),\nmedian over images")
     top.set_title(f"int8 numerics per block ({record['images']} calibration images)")

@@ -18,6 +18,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from edgetl import formats
+
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 SWEEP_JSON = "sweep.json"
@@ -268,7 +270,7 @@ def plots(document: dict[str, Any]) -> dict[str, bytes]:
 
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     colours = plt.get_cmap("tab10")
-    markers = {"tflite": "o", "pte": "s"}
+    markers = {name: record.style[1] for name, record in formats.FORMATS.items()}
     reference, budget = document["reference"]["top1"], document["config"]["max_drop"]
     legend = [Line2D([], [], color=colours(i % 10), marker="o", linestyle="", label=v) for i, v in enumerate(variants)]
     legend += [Line2D([], [], color="grey", marker=m, linestyle="", label=f".{f}") for f, m in markers.items()]

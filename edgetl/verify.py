@@ -1,6 +1,6 @@
 """Verification: run each exported file in its real runtime over the held-out test split.
 
-Each file runs in its own runtime (`edgetl.runtimes`: LiteRT for .tflite, ExecuTorch for .pte); inputs are the
+Each file runs in its own runtime (`edgetl.formats`: LiteRT for .tflite, ExecuTorch for .pte); inputs are the
 test split preprocessed exactly as the checkpoint says (stored as `test_inputs.npz`). Each file is compared with the
 float checkpoint: top-1, agreement of predictions, largest difference of any class probability. The
 table is printed and stored, so a later `verify_export(folder)` gives the same answer without torch
@@ -18,7 +18,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from edgetl import runtimes
+from edgetl import formats
 from edgetl.errors import QualityFailed, UserError, machine_failure
 from edgetl.manifest import now_utc, write_json
 from edgetl.ui import quiet_native, stdout
@@ -40,7 +40,7 @@ def compare(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> di
         "images": int(len(labels)),
         "top1": float((predicted == labels).mean()),
         "agreement": float((predicted == reference.argmax(axis=1)).mean()),
-        "max_prob_diff": float(np.abs(runtimes.softmax(logits) - runtimes.softmax(reference)).max()),
+        "max_prob_diff": float(np.abs(formats.softmax(logits) - formats.softmax(reference)).max()),
     }
 
 
@@ -58,7 +58,7 @@ def verify_artifacts(folder: Path, artifacts: list[dict], threads: int | None = 
         started = time.perf_counter()
         try:
             with quiet_native():
-                out = runtimes.run(folder / artifact["file"], x, threads, fmt=artifact["format"])
+                out = formats.run(folder / artifact["file"], x, threads, fmt=artifact["format"])
         except Exception as error:  # a file that does not run is a verification result, not a crash
             if machine_failure(error):
                 raise  # the machine failed (no memory, an I/O error), not the file
@@ -82,13 +82,15 @@ def verify_artifacts(folder: Path, artifacts: list[dict], threads: int | None = 
 
 
 def _cross_agreement(rows: list[dict], predictions: dict[str, np.ndarray]) -> list[dict]:
-    """Same-precision .tflite vs .pte: how often the two runtimes pick the same class."""
+    """Every pair of formats at one precision: how often their runtimes pick the same class."""
     pairs = []
     for quant in sorted({r["quant"] for r in rows}):
         files = {r["format"]: r["file"] for r in rows if r["quant"] == quant and r["file"] in predictions}
-        if "tflite" in files and "pte" in files:
-            same = float((predictions[files["tflite"]] == predictions[files["pte"]]).mean())
-            pairs.append({"quant": quant, "files": [files["tflite"], files["pte"]], "agreement": same})
+        ordered = [files[name] for name in formats.FORMATS if name in files]
+        for index, first in enumerate(ordered):
+            for second in ordered[index + 1:]:
+                same = float((predictions[first] == predictions[second]).mean())
+                pairs.append({"quant": quant, "files": [first, second], "agreement": same})
     return pairs
 
 

@@ -45,7 +45,7 @@ def build_export(folder: Path, quants: tuple[str, ...] = ("int8",)) -> Path:
     from litert_torch.quantize.quant_config import QuantConfig
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    from edgetl import runtimes
+    from edgetl import formats
     from edgetl.data import preprocess_spec
 
     torch.manual_seed(0)
@@ -87,9 +87,9 @@ def build_export(folder: Path, quants: tuple[str, ...] = ("int8",)) -> Path:
             converted = litert_torch.convert(model, example)
         name = f"tiny-{SIZE}-{quant}.tflite"
         converted.export(str(folder / name))
-        described = runtimes.describe(folder / name)
+        described = formats.describe(folder / name)
         io = {"input": described["inputs"][0], "output": described["outputs"][0]}
-        logits = runtimes.run(folder / name, x[test])
+        logits = formats.run(folder / name, x[test])
         sidecar = {
             "kind": "edgetl.artifact", "schema_version": 1, "file": name, "format": "tflite",
             "runtime": "LiteRT (ai-edge-litert Interpreter)", "quant": quant,

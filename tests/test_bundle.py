@@ -192,7 +192,7 @@ def test_kotlin_constants_quantize_exactly_as_the_manifest_says(bundles: dict[st
 def test_constants_and_bundled_graph_together_equal_the_manifest(bundles: dict[str, Path], export_dir: Path) -> None:
     """Per-channel mean/std move into the graph (MediaPipe rejects them as metadata): what the generated
     code feeds, through the bundled model, must give what the exported artifact gives on manifest inputs."""
-    from edgetl.runtimes import run, softmax
+    from edgetl.formats import run, softmax
 
     for variant, name in (("int8", "tiny-32-int8.tflite"), ("fp32", "tiny-32-fp32.tflite")):
         root = bundles[variant]
@@ -232,7 +232,7 @@ def test_tflite_metadata_reads_back(bundles: dict[str, Path], export_dir: Path) 
 
 def test_mediapipe_image_classifier_takes_the_bundled_tflite(bundles: dict[str, Path], export_dir: Path) -> None:
     """MediaPipe Tasks (its own venv) gives the same top-1 as edgetl's verification runtime on the artifact."""
-    from edgetl.runtimes import run
+    from edgetl.formats import run
     from edgetl.tflite_metadata import mediapipe_classify
 
     for variant, name in (("int8", "tiny-32-int8.tflite"), ("fp32", "tiny-32-fp32.tflite")):
@@ -461,7 +461,7 @@ def test_real_export_bundles_and_mediapipe_agrees_with_edgetl_verification(tmp_p
     """End to end on the real stages: fine-tune (builtin:shapes, 32 px), export an int8 .tflite, bundle it;
     MediaPipe Tasks on the bundled file gives the top-1 that edgetl's verification runtime gives on the
     exported artifact for every golden image."""
-    from edgetl import runtimes
+    from edgetl import formats
     from edgetl.tflite_metadata import mediapipe_classify
 
     run = tmp_path / "run"
@@ -479,7 +479,7 @@ def test_real_export_bundles_and_mediapipe_agrees_with_edgetl_verification(tmp_p
     expected = record["golden"]
     sidecar = json.loads(artifact.with_name(artifact.name + ".json").read_text())
     pictures = _golden_pictures(root)
-    host = runtimes.run(artifact, np.stack([_pixels_to_x(p, sidecar["preprocess"]) for p in pictures]))
+    host = formats.run(artifact, np.stack([_pixels_to_x(p, sidecar["preprocess"]) for p in pictures]))
     os.environ["EDGETL_MEDIAPIPE_VENV"] = str(_tool_venv())
     results = mediapipe_classify(root / "device_bench" / artifact.name,
                                  [root / "golden" / im["file"] for im in expected["images"]])

@@ -18,14 +18,14 @@ STAGES = {"edgetl.cli", "edgetl.finetune", "edgetl.finetune_worker", "edgetl.exp
           "edgetl.bench", "edgetl.sweep", "edgetl.report", "edgetl.bundle", "edgetl.demo"}
 BASE = "edgetl.backends.base"
 # Third-party packages that only some of edgetl may import (the layout rule of DESIGN.md): the torch stack
-# in the torch backend (the ExecuTorch runtime, which needs torch, in runtimes/pte.py), TensorFlow in the
+# in the torch backend (the ExecuTorch runtime, which needs torch, in formats/pte.py), TensorFlow in the
 # keras backend.
 CONFINED = {
-    "torch": ("edgetl.backends.torch", "edgetl.runtimes.pte"),
+    "torch": ("edgetl.backends.torch", "edgetl.formats.pte"),
     "torchao": ("edgetl.backends.torch",),
     "torch_pruning": ("edgetl.backends.torch",),
     "litert_torch": ("edgetl.backends.torch",),
-    "executorch": ("edgetl.backends.torch", "edgetl.runtimes.pte"),
+    "executorch": ("edgetl.backends.torch", "edgetl.formats.pte"),
     "tensorflow": ("edgetl.backends.keras",),
     "tf_keras": ("edgetl.backends.keras",),
     "tensorflow_model_optimization": ("edgetl.backends.keras",),
@@ -91,7 +91,7 @@ def _framework(module: str) -> str | None:
 
 
 def test_the_walk_sees_the_package() -> None:
-    assert {"edgetl.export", "edgetl.backends.base", "edgetl.backends.torch.backend", "edgetl.runtimes.tflite",
+    assert {"edgetl.export", "edgetl.backends.base", "edgetl.backends.torch.backend", "edgetl.formats.tflite",
             "edgetl.contracts"} <= set(MODULES)
     assert "edgetl.backends.base" in GRAPH["edgetl.export"] and "edgetl.contracts" in GRAPH["edgetl.manifest"]
 

@@ -212,7 +212,7 @@ def test_float_fallback_keeps_named_layers_float_in_both_formats_and_the_interfa
     pytest.importorskip("litert_torch")
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    from edgetl import runtimes
+    from edgetl import formats
     from edgetl.backends.torch.export import convert_tflite, lower_pte
     from edgetl.backends.torch.quantize import quantize_ptq
 
@@ -247,12 +247,12 @@ def test_float_fallback_keeps_named_layers_float_in_both_formats_and_the_interfa
     with torch.no_grad():
         reference = graph(torch.from_numpy(x)).numpy()
     spread = float(np.abs(reference).max())
-    assert np.abs(runtimes.run(tflite, x) - reference).max() <= 0.05 * spread
+    assert np.abs(formats.run(tflite, x) - reference).max() <= 0.05 * spread
     payload, delegation = lower_pte(graph, example)
     assert delegation["delegated_nodes"] > 0
     pte = tmp_path / "fallback.pte"
     pte.write_bytes(payload)
-    assert np.abs(runtimes.run(pte, x) - reference).max() <= 0.05 * spread
+    assert np.abs(formats.run(pte, x) - reference).max() <= 0.05 * spread
 
 
 # ----------------------------------------------------------------------------- one real export

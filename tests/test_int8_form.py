@@ -74,7 +74,7 @@ def _tflite_ops(payload: bytes) -> list[tuple[str, int]]:
 def test_mobilenet_v3_int8_has_no_float_island_and_each_runtime_gives_the_graphs_output(tmp_path: Path) -> None:
     from ai_edge_litert import schema_py_generated as schema
 
-    from edgetl import runtimes
+    from edgetl import formats
 
     model = _trained_looking("mobilenet_v3_small")
     rng = np.random.default_rng(1)
@@ -97,6 +97,6 @@ def test_mobilenet_v3_int8_has_no_float_island_and_each_runtime_gives_the_graphs
     for name, data in (("m.tflite", tflite), ("m.pte", payload)):
         path = tmp_path / name
         path.write_bytes(data)
-        got = runtimes.run(path, images)
+        got = formats.run(path, images)
         assert np.abs(got - expected).max() <= 2 * output_step + 1e-6, name  # rounding, not another function
         assert (got.argmax(1) == expected.argmax(1)).all(), name

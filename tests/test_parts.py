@@ -59,7 +59,7 @@ def test_the_blocks_chained_give_the_whole_bit_for_bit(backbone: str, width: flo
 
 @pytest.mark.torch
 def test_a_block_lowered_alone_runs_in_executorch_like_the_graph(tmp_path: Path) -> None:
-    from edgetl import runtimes
+    from edgetl import formats
 
     model = _model("mobilenet_v2", 0.35)
     calibration = np.random.default_rng(2).uniform(-1, 1, (16, SIZE, SIZE, 3)).astype(np.float32)
@@ -73,7 +73,7 @@ def test_a_block_lowered_alone_runs_in_executorch_like_the_graph(tmp_path: Path)
     x = block.inputs[0].numpy()
     with torch.no_grad():
         expected = block.module(*block.inputs).numpy()
-    got = runtimes.run(path, x).reshape(expected.shape)
+    got = formats.run(path, x).reshape(expected.shape)
     step = float(np.abs(expected).max()) / 100  # int8 kernels against the Q/DQ reference: within a few levels
     assert np.abs(got - expected).max() <= 3 * step
 

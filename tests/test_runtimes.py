@@ -1,4 +1,4 @@
-"""edgetl.runtimes, the one way edgetl runs a model file, against the standalone copies that run on phones
+"""edgetl.formats, the one way edgetl runs a model file, against the standalone copies that run on phones
 (device_bench.py, golden_check.py): same files, same inputs, the same outputs and the same tensor
 descriptions, for a float .tflite, an int8 .tflite (quantized input and output) and a .pte."""
 
@@ -15,7 +15,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-from edgetl import runtimes
+from edgetl import formats
 from edgetl.errors import UserError
 from tests.test_device_bench import tiny_models  # noqa: F401  (session fixture: tiny .tflite/.pte + inputs)
 
@@ -75,30 +75,30 @@ def test_device_bench_and_golden_check_agree_with_runtimes(tiny_models: Path, in
     inputs = tiny_models / "test_inputs.npz"
     x = np.load(inputs)["x"]
     for model in (tiny_models / "tiny.tflite", int8_tflite, tiny_models / "tiny.pte"):
-        ours = runtimes.run(model, x, threads=1)
+        ours = formats.run(model, x, threads=1)
         assert ours.shape == (len(x), 4) and ours.dtype == np.float32
         theirs = golden.run_tflite(model, x, 1) if model.suffix == ".tflite" else golden.run_pte(model, x)
         np.testing.assert_array_equal(ours, theirs.astype(np.float32), err_msg=f"golden_check, {model.name}")
         in_spec, out_spec, measured = _device_bench_outputs(bench, model, inputs)
         np.testing.assert_array_equal(ours, measured, err_msg=f"device_bench, {model.name}")
-        described = runtimes.describe(model)
+        described = formats.describe(model)
         for ours_tensor, theirs_tensor in ((described["inputs"][0], in_spec), (described["outputs"][0], out_spec)):
             assert {k: ours_tensor[k] for k in ("shape", "dtype")} == {k: theirs_tensor[k] for k in ("shape", "dtype")}
             if model.suffix == ".tflite":  # a .pte holds no tensor names or quantization parameters
                 assert ours_tensor == theirs_tensor, model.name
-    described = runtimes.describe(int8_tflite)
+    described = formats.describe(int8_tflite)
     assert described["inputs"][0]["dtype"] == "int8" and described["inputs"][0]["quantization"]["scale"] > 0
     assert described["delegation"]["whole_graph_delegated"] in (True, False) and described["ops"]
 
 
 def test_softmax_and_quantization_helpers() -> None:
     logits = np.array([[1000.0, 1000.0], [0.0, np.log(3.0)]])
-    np.testing.assert_allclose(runtimes.softmax(logits), [[0.5, 0.5], [0.25, 0.75]])
-    q = runtimes.quantize(np.array([0.0, 0.26, -100.0, 100.0], np.float32), 0.5, -3, np.dtype(np.int8))
+    np.testing.assert_allclose(formats.softmax(logits), [[0.5, 0.5], [0.25, 0.75]])
+    q = formats.quantize(np.array([0.0, 0.26, -100.0, 100.0], np.float32), 0.5, -3, np.dtype(np.int8))
     assert q.dtype == np.int8 and q.tolist() == [-3, -2, -128, 127]
-    np.testing.assert_allclose(runtimes.dequantize(q, 0.5, -3), [0.0, 0.5, -62.5, 65.0])
+    np.testing.assert_allclose(formats.dequantize(q, 0.5, -3), [0.0, 0.5, -62.5, 65.0])
 
 
 def test_unknown_format_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"model.onnx.*valid: \.tflite, \.pte"):
-        runtimes.run(tmp_path / "model.onnx", np.zeros((1, 2), np.float32))
+        formats.run(tmp_path / "model.onnx", np.zeros((1, 2), np.float32))

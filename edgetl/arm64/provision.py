@@ -32,13 +32,16 @@ from edgetl.arm64 import apt
 from edgetl.arm64.targets import TARGETS
 from edgetl.arm64.userland import Userland, host_env
 from edgetl.errors import UserError
+from edgetl.formats import FORMATS
 from edgetl.paths import cache_dir
 
 QEMU_PACKAGE = "qemu-user"
 CROSS_PACKAGE = "g++-12-aarch64-linux-gnu"
 GUEST_PACKAGES = ["python3.11", "libstdc++6"]
 GUEST_SKIP = {"dpkg", "tar"}  # pre-dependencies of the python packages' maintainer scripts, never run here
-GUEST_WHEELS = ["numpy==2.4.6", "ai-edge-litert==2.3.0"]
+# numpy, and the runtime wheel of every format that runs in the guest's Python (the format registry says which)
+GUEST_WHEELS = ["numpy==2.4.6", *(f.guest[0] for f in FORMATS.values() if f.guest)]
+GUEST_IMPORTS = ["numpy", *(f.guest[1] for f in FORMATS.values() if f.guest)]
 GUEST_PLATFORMS = ["manylinux_2_36_aarch64", "manylinux_2_28_aarch64", "manylinux_2_27_aarch64",
                    "manylinux_2_17_aarch64", "manylinux2014_aarch64"]
 EXECUTORCH_VERSION = "1.5.1"
@@ -272,7 +275,7 @@ def _smoke(root: Path, log: Log) -> dict[str, Any]:
     userland = Userland(root)
     out = root / "plugin" / "smoke.json"
     cmd = [*userland.qemu_command(TARGETS["arm64-a76"], out), str(userland.guest_python), "-c",
-           "import numpy, ai_edge_litert.interpreter; print(numpy.__version__)"]
+           f"import {', '.join(GUEST_IMPORTS)}; print(numpy.__version__)"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=userland.env(), check=False)
     if done.returncode != 0 or not out.is_file():
         raise UserError(f"arm64 set-up: the emulated python does not run: {done.stderr.strip()[-500:]}")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgetl import formats
 from edgetl.arm64.targets import Target
 from edgetl.errors import UserError
 
@@ -153,7 +154,7 @@ class LocalRunner:
         userland = arm64.userland()
         env = userland.env()
         qemu = userland.qemu_command(self.target.cpu, plugin_out)
-        if artifact.path.suffix == ".tflite":
+        if formats.get(formats.format_of(artifact.path)).arm64 == "python":
             return [*qemu, str(userland.guest_python), str(self.script), *args, "--markers", "--no-macs"], env
         if not userland.has_runner():
             raise UserError(".pte on ARM64 needs the native runner: run `edgetl bench --setup arm64`")

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgetl import formats
 from edgetl.errors import UserError
 
 FORM = "ssh:[USER@]HOST[:PORT]"
@@ -81,7 +82,7 @@ class SshTarget:
         """A connected session that checked every file (the .pte runner too); nothing is copied yet."""
         session = stack.enter_context(SshSession(self, python=options.remote_python, taskset=options.taskset))
         runner = None
-        if any(path.suffix == ".pte" for path in artifacts):
+        if any(formats.get(formats.format_of(path)).arm64 == "runner" for path in artifacts):
             from edgetl import arm64
 
             userland = arm64.userland()

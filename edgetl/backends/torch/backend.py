@@ -221,8 +221,14 @@ class TorchBackend(Backend):
         if fmt == "pte":
             payload, delegation = graphs_of.lower_pte(module, graphs.example)
             return Converted(payload, {"delegation": delegation})
-        strict = quant == "int8" and bool(graphs.quantization.get("float_layers"))
-        return Converted(graphs_of.convert_tflite(module, graphs.example, quantized=quant == "int8", strict_qdq=strict))
+        if fmt == "tflite":
+            strict = quant == "int8" and bool(graphs.quantization.get("float_layers"))
+            return Converted(graphs_of.convert_tflite(module, graphs.example, quantized=quant == "int8",
+                                                      strict_qdq=strict))
+        from edgetl import formats  # a format that brings its own converter (the module, its example input)
+
+        with quiet_native():
+            return Converted(formats.convert(fmt, "torch", module, graphs.example))
 
     def pte_parts(self, graphs: Graphs, quant: str) -> list[dict]:
         module = graphs.int8 if quant == "int8" else graphs.float_model

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from edgetl.errors import UserError
-from edgetl.runtimes.tensors import dequantize, quantize, tensor_info
+from edgetl.formats.base import Format
+from edgetl.formats.tensors import dequantize, quantize, tensor_info
 from edgetl.ui import quiet_native
 
 
@@ -97,3 +98,15 @@ def weight_sparsity(path: Path) -> dict:
         entry[1] += int(np.sum(values == 0))
     return {name: {"weights": n, "zeros": z, "sparsity": round(z / n, 4) if n else 0.0}
             for name, (n, z) in sorted(totals.items())}
+
+
+def facts(path: Path) -> dict:
+    """What an export records about the file beyond its tensors: the weight sparsity of its kernels."""
+    return {"weight_sparsity": weight_sparsity(path)}
+
+
+FORMAT = Format(
+    name="tflite", suffix=".tflite", runtime="LiteRT (ai-edge-litert Interpreter)",
+    converters={"torch": "litert-torch", "keras": "tf.lite.TFLiteConverter.from_keras_model"},
+    blocks="cut", arm64="python", guest=("ai-edge-litert==2.3.0", "ai_edge_litert.interpreter"), bundle=True,
+    style=("tab:blue", "s"))

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from edgetl.errors import UserError
-from edgetl.runtimes.tensors import tensor_info
+from edgetl.formats.base import Format
+from edgetl.formats.tensors import tensor_info
 
 # ExecuTorch ScalarType codes (c10 numbering) of the dtypes an image classifier takes or gives.
 DTYPES = {0: "uint8", 1: "int8", 3: "int32", 4: "int64", 6: "float32"}
@@ -60,3 +61,14 @@ def describe(path: Path) -> dict:
 
     return {"inputs": [tensor(meta.input_tensor_meta(i), f"input {i}") for i in range(meta.num_inputs())],
             "outputs": [tensor(meta.output_tensor_meta(i), f"output {i}") for i in range(meta.num_outputs())]}
+
+
+def facts(path: Path) -> dict:
+    """Nothing beyond its tensors: the delegation is what the converter reported."""
+    return {}
+
+
+FORMAT = Format(
+    name="pte", suffix=".pte", runtime="ExecuTorch (XNNPACK delegate)",
+    converters={"torch": "ExecuTorch to_edge_transform_and_lower (XnnpackPartitioner)"},
+    blocks="lowered", arm64="runner", quantizes_inside=True, bundle=True, style=("tab:orange", "^"))

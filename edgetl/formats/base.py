@@ -1,0 +1,34 @@
+"""What a model format is to edgetl: one record per format, kept in the format's own module."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Format:
+    """One file format edgetl makes, runs and ships.
+
+    The stages ask these fields instead of testing a format's name; a new format is a module that defines its
+    record, `run` and `describe`, and one line in `edgetl.formats.MODULES`."""
+
+    name: str  # what --formats and the manifests call it
+    suffix: str  # the file name's ending
+    runtime: str  # the runtime that runs it, as the manifests name it
+    converters: dict[str, str]  # framework → how that framework's checkpoints are converted to it
+    # how bench --breakdown gets a file's blocks: "cut" out of the file itself, or "lowered" one by one at export
+    # (export --parts); None: not cut
+    blocks: str | None = None
+    # how device_bench runs it on an emulated or remote ARM64 CPU: "python" (the runtime's Python wheel, in the
+    # guest) or "runner" (edgetl's native runner, cross-compiled by `edgetl bench --setup arm64`)
+    arm64: str = "python"
+    # with arm64 "python": the aarch64 wheel (pinned) the emulated guest installs, and the module that proves it
+    # imports there (`edgetl bench --setup arm64`)
+    guest: tuple[str, str] | None = None
+    # whether an int8 file takes float input and quantizes it inside the graph (its sidecar then says with what
+    # scale and zero point, for apps that feed it int8 themselves)
+    quantizes_inside: bool = False
+    bundle: bool = False  # whether `edgetl bundle` has Android/iOS templates for it
+    default: bool = True  # made when --formats is not given
+    style: tuple[str, str] = ("tab:gray", "o")  # colour and marker in plots
+    extra: dict[str, str] = field(default_factory=dict)  # anything else a table prints about it

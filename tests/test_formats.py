@@ -1,0 +1,81 @@
+"""The format registry (`edgetl/formats/`): one module per format, and every table that varies by format is read
+from it — the capability table, the manifests' contracts, bench's file list, verification's cross-format
+agreement — so a format added to it reaches them without an edit elsewhere."""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgetl import formats
+from edgetl.capabilities import CAPABILITIES
+from edgetl.errors import UserError
+from edgetl.formats.base import Format
+
+
+def test_every_format_module_defines_its_record_and_how_to_run_it() -> None:
+    assert list(formats.FORMATS) == ["tflite", "pte"]
+    for name, record in formats.FORMATS.items():
+        assert record.name == name and record.suffix.startswith(".") and formats.SUFFIXES[record.suffix] == name
+        assert record.blocks in ("cut", "lowered", None) and record.arm64 in ("python", "runner")
+        assert record.converters and record.runtime
+    assert formats.get("pte").quantizes_inside and not formats.get("tflite").quantizes_inside
+    with pytest.raises(UserError, match="unknown model format 'onnx'; valid: tflite, pte"):
+        formats.get("onnx")
+    with pytest.raises(UserError, match="unknown model format"):
+        formats.format_of(Path("model.onnx"))
+
+
+def test_the_capability_table_takes_its_formats_and_converters_from_the_registry() -> None:
+    assert CAPABILITIES["torch"].formats == ("tflite", "pte")
+    assert CAPABILITIES["keras"].formats == ("tflite",)
+    assert CAPABILITIES["torch"].converters["pte"] == formats.get("pte").converters["torch"]
+
+
+def _toy_format() -> types.ModuleType:
+    """A format whose file is a .npy weight matrix: enough to run, describe and compare."""
+    module = types.ModuleType("toy_npy_format")
+    module.FORMAT = Format(name="npy", suffix=".npy", runtime="numpy matmul", converters={"torch": "np.save"},
+                           style=("tab:green", "d"))
+    module.run = lambda path, x, threads=None: x.reshape(len(x), -1) @ np.load(path)
+    module.describe = lambda path: {"inputs": [], "outputs": []}
+    module.facts = lambda path: {"toy": True}
+    return module
+
+
+@pytest.fixture
+def registry() -> object:
+    """The registry's tables, put back as they were after the test (other modules hold the same dicts)."""
+    tables = (formats.FORMATS, formats.SUFFIXES, formats._MODULES)
+    saved = [dict(table) for table in tables]
+    yield formats
+    for table, before in zip(tables, saved, strict=True):
+        table.clear()
+        table.update(before)
+
+
+def test_a_format_added_to_the_registry_reaches_the_tables_that_vary_by_format(registry: object,
+                                                                               tmp_path: Path) -> None:
+    from edgetl import verify
+
+    formats.register(_toy_format())
+    with pytest.raises(ValueError, match="registered twice"):
+        formats.register(_toy_format())
+    with pytest.raises(TypeError, match="lacks FORMAT, run, describe, facts"):
+        formats.register(types.ModuleType("half_a_format"))
+    weights = tmp_path / "model.npy"
+    np.save(weights, np.eye(4, 3, dtype=np.float32))
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    assert formats.format_of(weights) == "npy"
+    np.testing.assert_allclose(formats.run(weights, x), x[:, :3])
+    assert formats.facts(weights, "npy") == {"toy": True}
+    assert CAPABILITIES["torch"].formats == ("tflite", "pte", "npy")
+    rows = [{"quant": "fp32", "format": f, "file": f"m.{f}"} for f in ("tflite", "pte", "npy")]
+    predictions = {"m.tflite": np.array([0, 1, 2, 3]), "m.pte": np.array([0, 1, 2, 0]),
+                   "m.npy": np.array([0, 1, 1, 1])}
+    pairs = verify._cross_agreement(rows, predictions)
+    assert [(p["files"], p["agreement"]) for p in pairs] == [
+        (["m.tflite", "m.pte"], 0.75), (["m.tflite", "m.npy"], 0.5), (["m.pte", "m.npy"], 0.5)]
