@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""device_bench: time one .tflite or .pte model on the machine it runs on and write one JSON result.
+"""device_bench: time one .tflite, .pte or .onnx model on the machine it runs on and write one JSON result.
 
 Standalone on purpose: standard library, numpy and one runtime (ai-edge-litert, or tflite_runtime, for
-.tflite; the ExecuTorch runtime for .pte), so it can be copied to a phone, a board or an emulated ARM64
-userland. It never imports edgetl.
+.tflite; the ExecuTorch runtime for .pte; onnxruntime for .onnx), so it can be copied to a phone, a board or an
+emulated ARM64 userland. It never imports edgetl.
 """
 
 from __future__ import annotations
@@ -39,6 +39,10 @@ EMPTY_BRACKETS = 5  # after the timed invokes, with --markers: brackets around n
 
 # ExecuTorch ScalarType codes (c10 numbering) for the dtypes an image classifier takes or gives.
 ET_DTYPES = {0: "uint8", 1: "int8", 3: "int32", 4: "int64", 6: "float32"}
+# ONNX Runtime's names of the same dtypes
+ORT_DTYPES = {"tensor(float)": "float32", "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(int64)": "int64"}
+# each format: its file name's ending and the bytes that identify it (offset, bytes); ONNX is a bare protobuf
+IDENTIFIERS = {".tflite": (4, b"TFL3"), ".pte": (4, b"ET"), ".onnx": (None, b"")}
 
 EPILOG = """\
 Run it on a phone or a board:
@@ -522,6 +526,75 @@ def run_pte_runner(model: Path, args: argparse.Namespace) -> tuple[TensorSpec, T
 # ------------------------------------------------------------------------------------------- results
 
 
+def _ort_session(model: Path, threads: int) -> tuple[Any, TensorSpec, TensorSpec]:
+    """An ONNX Runtime session on the CPU execution provider, and the graph's input and output."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BenchError("no ONNX runtime for .onnx: pip install onnxruntime") from None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime's own exception types for a damaged or unsupported graph
+        raise BenchError(f"{model}: not a valid .onnx model ({error})") from None
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise BenchError(f"{model}: expected one input and one output, found {len(inputs)} and {len(outputs)}")
+
+    def spec(info: Any) -> TensorSpec:
+        return TensorSpec(info.name, [int(d) if isinstance(d, int) else 1 for d in info.shape],
+                          ORT_DTYPES.get(info.type, info.type))
+
+    return session, spec(inputs[0]), spec(outputs[0])
+
+
+def run_onnx(model: Path, args: argparse.Namespace) -> tuple[TensorSpec, TensorSpec, Measured, dict[str, Any]]:
+    """Time a .onnx with ONNX Runtime (CPU execution provider, its default graph optimisations)."""
+    np = _np()
+    with contextlib.suppress(ImportError):
+        import onnxruntime  # noqa: F401  (import cost is not load time)
+    t0 = time.perf_counter()
+    session, in_spec, out_spec = _ort_session(model, args.threads)
+    load_ms = (time.perf_counter() - t0) * 1e3
+    check_batch1(in_spec)
+    names = [out_spec.name]
+
+    def invoke(sample: Any) -> Any:
+        return session.run(names, {in_spec.name: sample[None]})[0]
+
+    mark = _mark(args.markers)
+    t0 = time.perf_counter()
+    with runtime_call(model, "running it"):
+        invoke(np.zeros(in_spec.shape[1:], dtype=in_spec.dtype))
+    first_ms = (time.perf_counter() - t0) * 1e3
+    model_rss = _rss_kb()
+    x, y, source = load_inputs(args.inputs, in_spec, args.samples)
+    first = np.ascontiguousarray(x[0])
+    times = []
+    with runtime_call(model, "running it"):
+        for _ in range(args.warmup):
+            invoke(first)
+        feed = {in_spec.name: first[None]}
+        for _ in range(args.iters):
+            t0 = time.perf_counter_ns()
+            mark(MARK_START)
+            session.run(names, feed)
+            mark(MARK_STOP)
+            times.append((time.perf_counter_ns() - t0) / 1e6)
+    if args.markers:
+        _empty_brackets(mark, EMPTY_BRACKETS)
+    outs = []
+    if y is not None:
+        with runtime_call(model, "scoring the inputs"):
+            outs = [np.array(invoke(np.ascontiguousarray(sample))) for sample in x]
+    runtime_info = {"name": "onnxruntime", "version": _version("onnxruntime"),
+                    "delegate": "CPUExecutionProvider (int8 kernels where the graph has Q/DQ pairs)"}
+    measured = Measured(load_ms, first_ms, times, outs, _rss_kb(), "this process", rss_before_inputs_kb=model_rss)
+    return in_spec, out_spec, measured, {"runtime": runtime_info, "labels": y, "input_source": source}
+
+
 def summarize(times_ms: list[float]) -> dict[str, float | int]:
     """Percentiles, mean and standard deviation of the timed invokes."""
     np = _np()
@@ -566,14 +639,13 @@ def check_model_file(model: Path) -> str:
     if not model.is_file():
         raise BenchError(f"model {model}: no such file")
     suffix = model.suffix.lower()
-    if suffix not in (".tflite", ".pte"):
-        raise BenchError(f"model {model}: unknown format {suffix or '(none)'}; valid: .tflite, .pte")
+    if suffix not in IDENTIFIERS:
+        raise BenchError(f"model {model}: unknown format {suffix or '(none)'}; valid: {', '.join(IDENTIFIERS)}")
     with model.open("rb") as f:
         head = f.read(8)
-    if suffix == ".tflite" and head[4:8] != b"TFL3":
-        raise BenchError(f"model {model}: not a .tflite file (no TFL3 identifier)")
-    if suffix == ".pte" and head[4:6] != b"ET":
-        raise BenchError(f"model {model}: not an ExecuTorch .pte file (no ET identifier)")
+    offset, identifier = IDENTIFIERS[suffix]
+    if offset is not None and head[offset:offset + len(identifier)] != identifier:
+        raise BenchError(f"model {model}: not a {suffix} file (no {identifier.decode()} identifier)")
     return suffix[1:]
 
 
@@ -596,6 +668,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     if fmt == "tflite":
         in_spec, out_spec, measured, info = run_tflite(model, args)
         macs, macs_by_op = (None, {}) if args.no_macs else tflite_macs(model)
+    elif fmt == "onnx":
+        in_spec, out_spec, measured, info = run_onnx(model, args)
+        macs, macs_by_op = None, {}
     elif args.runner is not None:
         in_spec, out_spec, measured, info = run_pte_runner(model, args)
         macs, macs_by_op = None, {}
@@ -654,11 +729,11 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = _Parser(
         prog="device_bench.py",
-        description="Time a .tflite or .pte model on this machine (load, warm-up, N invokes: p50/p90/p99, mean, "
+        description="Time a .tflite, .pte or .onnx model on this machine (load, warm-up, N invokes: p50/p90/p99, mean, "
                     "std), record peak RSS, file size, runtime version and CPU, optionally score top-1 over an "
                     "inputs .npz, and write one JSON result.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", type=Path, help="the .tflite or .pte file")
+    parser.add_argument("model", type=Path, help="the .tflite, .pte or .onnx file")
     parser.add_argument("--inputs", type=Path, help=".npz with x (samples in the model's input layout; float32, "
                         "quantized here for int8/uint8 inputs) and optional y (int labels, for top-1)")
     parser.add_argument("--threads", type=int, default=1, help="runtime threads (default 1)")
@@ -691,6 +766,9 @@ def inspect(model: Path) -> dict[str, Any]:
         inputs, outputs = inspect_tflite(model)
         macs, by_op = tflite_macs(model)
         in_spec, out_spec = inputs[0], outputs[0]
+    elif fmt == "onnx":
+        _, in_spec, out_spec = _ort_session(model, 1)
+        macs, by_op = None, {}
     else:
         _, in_spec, out_spec = inspect_pte_python(model)
         macs, by_op = None, {}

@@ -297,11 +297,12 @@ def _export_sensitivity(artifact: Artifact) -> dict[str, Any] | None:
     return table if isinstance(table, dict) and isinstance(table.get("rows"), list) else None
 
 
-def _fill_pte_macs(artifacts: list[Artifact]) -> None:
-    """A .pte and a .tflite exported from one model share its MACs; counted once, on the .tflite."""
-    by_stem = {a.path.stem: a.macs for a in artifacts if a.path.suffix == ".tflite" and a.macs}
+def _fill_macs(artifacts: list[Artifact]) -> None:
+    """The files exported from one model (one name, another format) share its MACs; counted once, on the file
+    whose format device_bench counts them in (.tflite), and given to the others."""
+    by_stem = {a.path.stem: a.macs for a in artifacts if a.macs}
     for artifact in artifacts:
-        if artifact.path.suffix == ".pte" and not artifact.macs and artifact.path.stem in by_stem:
+        if not artifact.macs and artifact.path.stem in by_stem:
             artifact.spec["macs"] = by_stem[artifact.path.stem]
 
 
@@ -562,7 +563,7 @@ def run_bench(export: Path, options: BenchOptions, strict: bool = False) -> Path
         workdir = Path(tmp)
         for artifact in artifacts:
             inspect(artifact, script, emulated=any(t.emulated for t in targets))
-        _fill_pte_macs(artifacts)
+        _fill_macs(artifacts)
         runners = {target.name: target.open([a.path for a in artifacts], options, script, remotes)
                    for target in targets}
         for runner in runners.values():  # every target's checks passed: now copy

@@ -135,7 +135,7 @@ def finetune(
 @app.command()
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="RUN/checkpoint folder written by edgetl finetune.")],
-    formats: Annotated[str | None, typer.Option(help="Comma list of tflite, pte (default: both).")] = None,
+    formats: Annotated[str | None, typer.Option(help="Comma list of tflite, pte, onnx (default: tflite,pte).")] = None,
     quant: Annotated[str | None, typer.Option(
         help="Comma list of fp32, int8 (default: both); keras checkpoints also fp16, dynamic.")] = None,
     prune: Annotated[str | None, typer.Option(
@@ -272,7 +272,7 @@ def sweep(
              "ssh:[USER@]HOST[:PORT].")] = None,
     threads: Annotated[str | None, typer.Option(
         help="Host thread counts; the first ranks the host (ARM64 runs 1 thread).")] = None,
-    formats: Annotated[str | None, typer.Option(help="Comma list of tflite, pte (default: both).")] = None,
+    formats: Annotated[str | None, typer.Option(help="Comma list of tflite, pte, onnx (default: tflite,pte).")] = None,
     max_drop: Annotated[float | None, typer.Option(
         help="Accuracy budget: top-1 points a file may lose against the float checkpoint (default 1.0).")] = None,
     calib: Annotated[int | None, typer.Option(help="Training images for int8 calibration.")] = None,

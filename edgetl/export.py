@@ -178,7 +178,7 @@ def run_export(checkpoint: Path, config: ExportConfig, out: Path | None = None, 
     with quiet_native():
         reference = backend.logits(graphs.float_model, inputs.x_test)
     context = _Context(manifest, config, graphs, inputs.spec, _parent(checkpoint, manifest, weights_sha256),
-                       library_versions(backend.capabilities.libraries))
+                       library_versions(_libraries(backend, config)))
     with room_for(out.parent, "the export"), atomic_dir(out, check=publishable(out)) as tmp:
         write_labels(tmp / LABELS_FILE, list(manifest.labels))
         np.savez(tmp / TEST_INPUTS, x=inputs.x_test, y=inputs.y_test)
@@ -374,6 +374,12 @@ def _warn_delegation(name: str, delegation: dict) -> None:
     if delegation.get("compute_ops_outside"):
         console.print(f"[yellow]warning: {name}: compute ops outside the XNNPACK delegate: "
                       f"{', '.join(delegation['compute_ops_outside'])}[/] (they run on slower portable kernels)")
+
+
+def _libraries(backend: Backend, config: ExportConfig) -> tuple[str, ...]:
+    """The backend's libraries and those of every format this export makes (its converter, its runtime)."""
+    made = [lib for fmt in config.formats for lib in formats.get(fmt).libraries]
+    return tuple(dict.fromkeys([*backend.capabilities.libraries, *made]))
 
 
 def _describe(path: Path, fmt: str) -> dict:

@@ -99,7 +99,7 @@ def render_table(record: dict, title: str = "verification") -> Table:
     table = Table(
         title=f"{title}: {record['images']} test images, {reference} top-1 {100 * record['float_top1']:.1f}%",
         box=box.SIMPLE_HEAD,
-        caption=f".tflite runs in LiteRT, .pte in ExecuTorch; drop and agreement are against the {reference}",
+        caption=f"{_runtimes_line(record)}; drop and agreement are against the {reference}",
     )
     table.add_column("file", no_wrap=True)
     remedies = any(row.get("remedy") for row in record["rows"])
@@ -119,20 +119,31 @@ def render_table(record: dict, title: str = "verification") -> Table:
     return table
 
 
+def _runtimes_line(record: dict) -> str:
+    """Which runtime ran each format of the table, e.g. ".tflite in LiteRT (…), .pte in ExecuTorch (…)"."""
+    present = {row.get("format") for row in record["rows"]}
+    return ", ".join(f"{f.suffix} in {f.runtime}" for name, f in formats.FORMATS.items() if name in present)
+
+
+def _agreement_line(pair: dict) -> str:
+    first, second = (Path(name).suffix for name in pair["files"])
+    return f"{pair['quant']}: {first} and {second} agree on {100 * pair['agreement']:.1f}% of test images"
+
+
 def store(folder: Path, record: dict) -> None:
     """verification.json for tools, verification.txt (the printed table) for people."""
     write_json(Path(folder) / VERIFICATION_JSON, record)
     text = Console(record=True, width=120, file=io.StringIO())
     text.print(render_table(record))
     for pair in record["cross_format_agreement"]:
-        text.print(f"{pair['quant']}: .tflite and .pte agree on {100 * pair['agreement']:.1f}% of test images")
+        text.print(_agreement_line(pair))
     (Path(folder) / VERIFICATION_TXT).write_text(text.export_text())
 
 
 def print_record(record: dict) -> None:
     stdout.print(render_table(record))
     for pair in record["cross_format_agreement"]:
-        stdout.print(f"{pair['quant']}: .tflite and .pte agree on {100 * pair['agreement']:.1f}% of test images")
+        stdout.print(_agreement_line(pair))
 
 
 def check_drop(record: dict, max_drop: float) -> None:

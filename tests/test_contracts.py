@@ -79,7 +79,7 @@ def test_every_record_reads_back_what_it_writes(tmp_path: Path) -> None:
      'preprocess.layout is "CHW" (valid: NCHW, NHWC)'),
     ({"preprocess": {**preprocess_spec(32, (0.5,) * 3, (0.25,) * 3), "resize": {"height": 32}}},
      "preprocess.resize.width is missing (valid: a whole number of 1 or more)"),
-    ({"format": "onnx"}, 'format is "onnx" (valid: tflite, pte)'),
+    ({"format": "npy"}, 'format is "npy" (valid: tflite, pte, onnx)'),
     ({"kind": "edgetl.export"}, "holds a 'edgetl.export' file, not an 'edgetl.artifact' one"),
     ({"schema_version": 7}, "schema_version 7 is not supported"),
 ])
@@ -91,12 +91,12 @@ def test_a_damaged_field_is_one_line_naming_the_file_and_the_field(change: dict,
 
 
 def test_every_damaged_field_is_named_in_the_one_line() -> None:
-    payload = {**sidecar_json(), "bytes": -1, "format": "onnx", "model": {**MODEL, "width": "wide"}, "input": None}
+    payload = {**sidecar_json(), "bytes": -1, "format": "npy", "model": {**MODEL, "width": "wide"}, "input": None}
     with pytest.raises(UserError) as caught:
         ArtifactSidecar.from_json(payload, "'/x/m.tflite.json'")
     message = str(caught.value)
     assert "\n" not in message and message.startswith("'/x/m.tflite.json' is damaged: "), message
-    for needle in ("bytes is -1", 'format is "onnx"', 'model.width is "wide"', "input is null"):
+    for needle in ("bytes is -1", 'format is "npy"', 'model.width is "wide"', "input is null"):
         assert needle in message, message
 
 

@@ -8,6 +8,8 @@ fp32 + int8 set is behind `slow`.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ from tests.conftest import run_cli  # noqa: E402
 
 pytestmark = pytest.mark.torch
 PREFIX = "mobilenet_v2-w0.35-32-"
+DEVICE_BENCH = Path(__file__).resolve().parents[1] / "device_bench" / "device_bench.py"
 
 
 class Tiny(nn.Module):
@@ -101,8 +104,9 @@ def _check_export(out: Path, quants: tuple[str, ...]) -> dict:
     assert all(a["status"] == "ok" for a in manifest["artifacts"])
     test = np.load(out / "test_inputs.npz")
     assert test["x"].dtype == np.float32 and test["x"].shape[1:] == (32, 32, 3) and test["y"].dtype == np.int64
+    made = {Path(a["file"]).suffix.lstrip(".") for a in manifest["artifacts"]}
     for quant in quants:
-        for fmt in ("tflite", "pte"):
+        for fmt in made:
             name = f"{PREFIX}{quant}.{fmt}"
             sidecar = json.loads((out / f"{name}.json").read_text())
             assert sidecar["sha256"] and sidecar["bytes"] == (out / name).stat().st_size
@@ -116,20 +120,42 @@ def _check_export(out: Path, quants: tuple[str, ...]) -> dict:
                 assert sidecar["input"]["dtype"] == "int8" and sidecar["input"]["quantization"]["scale"] > 0
                 assert sidecar["output"]["dtype"] == "int8"
     record = json.loads((out / "verification.json").read_text())
-    assert (out / "verification.txt").read_text().count(PREFIX) == 2 * len(quants)
+    assert (out / "verification.txt").read_text().count(PREFIX) == len(made) * len(quants)
     for pair in record["cross_format_agreement"]:
-        assert pair["agreement"] >= 0.9  # same graph, two runtimes
+        assert pair["agreement"] >= 0.9  # same graph, each format in its own runtime
     return record
 
 
-def test_int8_export_runs_in_both_runtimes(tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_int8_export_runs_in_every_runtime(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """One PT2E Q/DQ graph, three files: .tflite in LiteRT, .pte in ExecuTorch, .onnx in ONNX Runtime; all three
+    verified on the test images and compared pairwise; the .onnx holds int8 weights and runs in device_bench."""
+    import onnx
+
     out = tmp_path / "export"
     result = run_cli("export", str(tiny_checkpoint), "--quant", "int8", "--calib", "32", "--max-drop", "100",
-                     "--out", str(out))
+                     "--formats", "tflite,pte,onnx", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "int8: .tflite and .pte agree" in result.stdout
+    for pair in ("int8: .tflite and .pte agree", "int8: .tflite and .onnx agree", "int8: .pte and .onnx agree"):
+        assert pair in result.stdout
     record = _check_export(out, ("int8",))
-    assert {row["file"] for row in record["rows"]} == {PREFIX + "int8.tflite", PREFIX + "int8.pte"}
+    assert {row["file"] for row in record["rows"]} == {PREFIX + "int8.tflite", PREFIX + "int8.pte",
+                                                      PREFIX + "int8.onnx"}
+    assert len(record["cross_format_agreement"]) == 3
+    sidecar = json.loads((out / f"{PREFIX}int8.onnx.json").read_text())
+    assert sidecar["runtime"] == "ONNX Runtime (CPUExecutionProvider)" and "onnxruntime" in sidecar["versions"]
+    assert sidecar["input"]["quantized_inside"]["scale"] > 0  # float in, quantized by the graph's first node
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= set(sidecar["ops"])
+    graph = onnx.load(str(out / f"{PREFIX}int8.onnx")).graph
+    weights = [t for t in graph.initializer if len(t.dims) == 4]
+    assert weights and all(t.data_type == onnx.TensorProto.INT8 for t in weights)  # stored int8, as in the others
+    benched = subprocess.run([sys.executable, str(DEVICE_BENCH), str(out / f"{PREFIX}int8.onnx"), "--inputs",
+                              str(out / "test_inputs.npz"), "--iters", "3", "--warmup", "1"],
+                             capture_output=True, text=True, timeout=300)
+    assert benched.returncode == 0, benched.stderr
+    document = json.loads(benched.stdout)
+    assert document["runtime"]["name"] == "onnxruntime" and document["model"]["format"] == "onnx"
+    row = next(r for r in record["rows"] if r["file"].endswith(".onnx"))
+    assert document["accuracy"]["top1"] == pytest.approx(row["top1"])  # device_bench scores as verification did
 
 
 @pytest.mark.slow

@@ -17,20 +17,21 @@ from edgetl.formats.base import Format
 
 
 def test_every_format_module_defines_its_record_and_how_to_run_it() -> None:
-    assert list(formats.FORMATS) == ["tflite", "pte"]
+    assert list(formats.FORMATS) == ["tflite", "pte", "onnx"]
     for name, record in formats.FORMATS.items():
         assert record.name == name and record.suffix.startswith(".") and formats.SUFFIXES[record.suffix] == name
         assert record.blocks in ("cut", "lowered", None) and record.arm64 in ("python", "runner")
         assert record.converters and record.runtime
     assert formats.get("pte").quantizes_inside and not formats.get("tflite").quantizes_inside
-    with pytest.raises(UserError, match="unknown model format 'onnx'; valid: tflite, pte"):
-        formats.get("onnx")
+    assert [name for name, record in formats.FORMATS.items() if record.default] == ["tflite", "pte"]
+    with pytest.raises(UserError, match="unknown model format 'npy'; valid: tflite, pte, onnx"):
+        formats.get("npy")
     with pytest.raises(UserError, match="unknown model format"):
-        formats.format_of(Path("model.onnx"))
+        formats.format_of(Path("model.npy"))
 
 
 def test_the_capability_table_takes_its_formats_and_converters_from_the_registry() -> None:
-    assert CAPABILITIES["torch"].formats == ("tflite", "pte")
+    assert CAPABILITIES["torch"].formats == ("tflite", "pte", "onnx")
     assert CAPABILITIES["keras"].formats == ("tflite",)
     assert CAPABILITIES["torch"].converters["pte"] == formats.get("pte").converters["torch"]
 
@@ -72,10 +73,41 @@ def test_a_format_added_to_the_registry_reaches_the_tables_that_vary_by_format(r
     assert formats.format_of(weights) == "npy"
     np.testing.assert_allclose(formats.run(weights, x), x[:, :3])
     assert formats.facts(weights, "npy") == {"toy": True}
-    assert CAPABILITIES["torch"].formats == ("tflite", "pte", "npy")
+    assert CAPABILITIES["torch"].formats == ("tflite", "pte", "onnx", "npy")
     rows = [{"quant": "fp32", "format": f, "file": f"m.{f}"} for f in ("tflite", "pte", "npy")]
     predictions = {"m.tflite": np.array([0, 1, 2, 3]), "m.pte": np.array([0, 1, 2, 0]),
                    "m.npy": np.array([0, 1, 1, 1])}
     pairs = verify._cross_agreement(rows, predictions)
     assert [(p["files"], p["agreement"]) for p in pairs] == [
         (["m.tflite", "m.pte"], 0.75), (["m.tflite", "m.npy"], 0.5), (["m.pte", "m.npy"], 0.5)]
+
+
+def test_onnx_from_a_keras_checkpoint_is_one_line_from_the_capability_table() -> None:
+    from edgetl.config import ExportConfig
+
+    with pytest.raises(UserError, match=r"--formats onnx: a keras checkpoint exports to \.tflite only"):
+        ExportConfig(formats=("onnx",)).validate().for_backend("keras")
+    assert ExportConfig().validate().formats == ("tflite", "pte")  # ONNX is made when asked for
+    assert ExportConfig(formats=("tflite", "onnx")).validate().for_backend("keras").formats == ("tflite",)
+
+
+@pytest.mark.torch
+def test_an_onnx_file_its_runtime_refuses_is_a_failed_row_and_the_others_are_published(
+        tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from edgetl.config import ExportConfig
+    from edgetl.export import ExportFailed, run_export
+    from edgetl.formats import onnx
+
+    monkeypatch.setitem(onnx.CONVERT, "torch", lambda module, example: b"\x08\x07 not a graph")
+    out = tmp_path / "export"
+    with pytest.raises(ExportFailed, match="onnx"):
+        run_export(tiny_checkpoint, ExportConfig(formats=("tflite", "onnx"), quant=("fp32",)), out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    status = {a["file"]: (a["status"], a.get("error") or "") for a in manifest["artifacts"]}
+    assert status["mobilenet_v2-w0.35-32-fp32.tflite"][0] == "ok"
+    assert status["mobilenet_v2-w0.35-32-fp32.onnx"][0] == "failed"
+    assert "ONNX Runtime refuses" in status["mobilenet_v2-w0.35-32-fp32.onnx"][1]
+    assert (out / "mobilenet_v2-w0.35-32-fp32.tflite").is_file()
+    assert not (out / "mobilenet_v2-w0.35-32-fp32.onnx").exists()

@@ -18,10 +18,10 @@ STAGES = {"edgetl.cli", "edgetl.finetune", "edgetl.finetune_worker", "edgetl.exp
           "edgetl.bench", "edgetl.sweep", "edgetl.report", "edgetl.bundle", "edgetl.demo"}
 BASE = "edgetl.backends.base"
 # Third-party packages that only some of edgetl may import (the layout rule of DESIGN.md): the torch stack
-# in the torch backend (the ExecuTorch runtime, which needs torch, in formats/pte.py), TensorFlow in the
-# keras backend.
+# in the torch backend (the ExecuTorch runtime, which needs torch, in formats/pte.py; torch.onnx, the ONNX
+# format's converter for torch checkpoints, in formats/onnx.py), TensorFlow in the keras backend.
 CONFINED = {
-    "torch": ("edgetl.backends.torch", "edgetl.formats.pte"),
+    "torch": ("edgetl.backends.torch", "edgetl.formats.pte", "edgetl.formats.onnx"),
     "torchao": ("edgetl.backends.torch",),
     "torch_pruning": ("edgetl.backends.torch",),
     "litert_torch": ("edgetl.backends.torch",),

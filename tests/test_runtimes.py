@@ -100,5 +100,5 @@ def test_softmax_and_quantization_helpers() -> None:
 
 
 def test_unknown_format_is_one_line(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match=r"model.onnx.*valid: \.tflite, \.pte"):
-        formats.run(tmp_path / "model.onnx", np.zeros((1, 2), np.float32))
+    with pytest.raises(UserError, match=r"model.npy.*valid: \.tflite, \.pte, \.onnx"):
+        formats.run(tmp_path / "model.npy", np.zeros((1, 2), np.float32))

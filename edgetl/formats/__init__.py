@@ -27,7 +27,8 @@ from edgetl.formats.tensors import dequantize, quantize, softmax, tensor_info
 __all__ = ["FORMATS", "SUFFIXES", "Format", "convert", "dequantize", "describe", "facts", "format_of", "get",
            "quantize", "register", "run", "softmax", "tensor_info"]
 
-MODULES = ("edgetl.formats.tflite", "edgetl.formats.pte")  # in the order tables and --formats list them
+# in the order tables and --formats list them
+MODULES = ("edgetl.formats.tflite", "edgetl.formats.pte", "edgetl.formats.onnx")
 MEMBERS = ("FORMAT", "run", "describe", "facts")  # what a format module defines
 FORMATS: dict[str, Format] = {}
 SUFFIXES: dict[str, str] = {}

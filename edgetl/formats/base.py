@@ -30,5 +30,6 @@ class Format:
     quantizes_inside: bool = False
     bundle: bool = False  # whether `edgetl bundle` has Android/iOS templates for it
     default: bool = True  # made when --formats is not given
+    libraries: tuple[str, ...] = ()  # distributions (converter, runtime) whose versions the manifests record
     style: tuple[str, str] = ("tab:gray", "o")  # colour and marker in plots
     extra: dict[str, str] = field(default_factory=dict)  # anything else a table prints about it

@@ -71,4 +71,5 @@ def facts(path: Path) -> dict:
 FORMAT = Format(
     name="pte", suffix=".pte", runtime="ExecuTorch (XNNPACK delegate)",
     converters={"torch": "ExecuTorch to_edge_transform_and_lower (XnnpackPartitioner)"},
-    blocks="lowered", arm64="runner", quantizes_inside=True, bundle=True, style=("tab:orange", "^"))
+    blocks="lowered", arm64="runner", quantizes_inside=True, bundle=True, libraries=("executorch",),
+    style=("tab:orange", "^"))

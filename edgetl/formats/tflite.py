@@ -109,4 +109,4 @@ FORMAT = Format(
     name="tflite", suffix=".tflite", runtime="LiteRT (ai-edge-litert Interpreter)",
     converters={"torch": "litert-torch", "keras": "tf.lite.TFLiteConverter.from_keras_model"},
     blocks="cut", arm64="python", guest=("ai-edge-litert==2.3.0", "ai_edge_litert.interpreter"), bundle=True,
-    style=("tab:blue", "s"))
+    libraries=("ai-edge-litert",), style=("tab:blue", "s"))

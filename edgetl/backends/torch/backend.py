@@ -227,6 +227,8 @@ class TorchBackend(Backend):
                                                       strict_qdq=strict))
         from edgetl import formats  # a format that brings its own converter (the module, its example input)
 
+        if quant == "int8":  # the weights as int8 constants, as the other formats store them
+            module = graphs_of._fold_weight_quantization(module)
         with quiet_native():
             return Converted(formats.convert(fmt, "torch", module, graphs.example))
 
