@@ -458,7 +458,7 @@ def sections(document: dict[str, Any]) -> list[Block]:
         line = [file_id, _mb(first["size_bytes"]) + (" ★" if file_id in fronts_by["file size"] else ""),
                 "–" if macs is None else f"{macs / 1e6:.2f}",
                 f"{first['top1']:.3f}", f"{drop(first, ref_top1):.1f}",
-                "all" if first["fully_delegated"] else "partial"]
+                {True: "all", False: "partial"}.get(first["fully_delegated"], "–")]
         for target in targets:
             found = _row(rows, file_id, target, threads)
             value = cost(found) if found else None

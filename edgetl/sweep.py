@@ -336,9 +336,12 @@ def breakdowns(variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def delegation(sidecar: ArtifactSidecar) -> dict[str, Any]:
-    """What ran outside XNNPACK: compute ops left to portable kernels (.pte), or LiteRT ops not delegated."""
-    info = sidecar.delegation or {}
-    if sidecar.format == "pte":
+    """What ran outside XNNPACK: compute ops left to portable kernels (.pte), or LiteRT ops not delegated; None
+    for a format whose runtime has no delegate to leave ops to (.onnx in ONNX Runtime's CPU provider)."""
+    if sidecar.delegation is None:
+        return {"ops_outside": [], "fully_delegated": None}
+    info = sidecar.delegation
+    if "compute_ops_outside" in info:  # ExecuTorch's partitioner count
         outside = list(info.get("compute_ops_outside") or [])
         return {"ops_outside": outside, "fully_delegated": not outside}
     whole = bool(info.get("whole_graph_delegated", True))

@@ -111,3 +111,15 @@ def test_an_onnx_file_its_runtime_refuses_is_a_failed_row_and_the_others_are_pub
     assert "ONNX Runtime refuses" in status["mobilenet_v2-w0.35-32-fp32.onnx"][1]
     assert (out / "mobilenet_v2-w0.35-32-fp32.tflite").is_file()
     assert not (out / "mobilenet_v2-w0.35-32-fp32.onnx").exists()
+
+
+def test_the_sweep_reads_each_format_delegation_from_what_its_converter_recorded() -> None:
+    from edgetl.sweep import delegation
+
+    def sidecar(fmt: str, info: dict | None) -> types.SimpleNamespace:
+        return types.SimpleNamespace(format=fmt, delegation=info)
+
+    assert delegation(sidecar("pte", {"compute_ops_outside": ["aten.mean"]})) == {
+        "ops_outside": ["aten.mean"], "fully_delegated": False}
+    assert delegation(sidecar("tflite", {"whole_graph_delegated": True}))["fully_delegated"] is True
+    assert delegation(sidecar("onnx", None)) == {"ops_outside": [], "fully_delegated": None}  # no delegate there
