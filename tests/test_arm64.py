@@ -79,6 +79,21 @@ def test_arm64_runs_a_pte_with_the_native_runner(tiny_models: Path, tmp_path: Pa
     assert run["target"]["qemu_cpu"] == "cortex-a76" and run["target"]["cpuinfo_part"] == "0xd05"
 
 
+@pytest.mark.arm
+def test_arm64_runs_an_onnx_in_the_guest_onnx_runtime(tiny_models: Path, tmp_path: Path) -> None:  # noqa: F811
+    """The format registry names ONNX Runtime's aarch64 wheel; the guest installs it and counts a .onnx."""
+    export = tmp_path / "export"
+    export.mkdir()
+    shutil.copy(tiny_models / "tiny.onnx", export)
+    shutil.copy(tiny_models / "test_inputs.npz", export)
+    result = run_cli("bench", str(export), "--target", "arm64-a76", "--arm-iters", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = json.loads((tmp_path / "bench" / "tiny.onnx@arm64-a76.json").read_text())["runs"][0]
+    assert run["runtime"]["name"] == "onnxruntime" and run["platform"]["cpu"]["machine"] == "aarch64"
+    assert run["accuracy"]["top1"] == 0.75
+    assert run["emulation"]["instructions_per_invoke"] > 10_000
+
+
 def test_set_up_names_what_is_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from edgetl.arm64 import apt, provision
 

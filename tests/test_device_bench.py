@@ -44,6 +44,7 @@ _MAKE_TINY = textwrap.dedent("""
     program = to_edge_transform_and_lower(torch.export.export(model, example),
                                           partitioner=[XnnpackPartitioner()]).to_executorch()
     open(f"{out}/tiny.pte", "wb").write(program.buffer)
+    torch.onnx.export(model, example, dynamo=True, verbose=False).save(f"{out}/tiny.onnx")
     rng = np.random.default_rng(0)
     x = rng.standard_normal((12, 3, 32, 32)).astype(np.float32)
     with torch.no_grad():
@@ -55,7 +56,8 @@ _MAKE_TINY = textwrap.dedent("""
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder with tiny.tflite, tiny.pte (same conv net, NCHW 1x3x32x32 → 4 classes) and test_inputs.npz."""
+    """A folder with tiny.tflite, tiny.pte, tiny.onnx (same conv net, NCHW 1x3x32x32 → 4 classes) and
+    test_inputs.npz."""
     pytest.importorskip("litert_torch")
     pytest.importorskip("executorch")
     # Other test modules import this fixture, which makes each its own session fixture: a fixed folder
@@ -134,6 +136,23 @@ def test_pte_on_host_with_the_executorch_runtime(tiny_models: Path, tmp_path: Pa
     result = json.loads(out.read_text())
     check_schema(result)
     assert result["runtime"]["name"] == "executorch"
+
+
+def test_onnx_on_host_with_onnx_runtime(tiny_models: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    done = run_bench(tiny_models / "tiny.onnx", "--inputs", tiny_models / "test_inputs.npz", "--iters", "5",
+                     "--out", out)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    check_schema(result)
+    assert result["runtime"]["name"] == "onnxruntime" and result["model"]["format"] == "onnx"
+    assert result["accuracy"]["top1"] == 0.75  # the same net as tiny.tflite: 9 of 12
+    assert result["model"]["input"]["shape"] == [1, 3, 32, 32] and result["model"]["input"]["dtype"] == "float32"
+    inspected = json.loads(run_bench(tiny_models / "tiny.onnx", "--inspect").stdout)
+    assert inspected["model"]["format"] == "onnx" and inspected["model"]["output"]["shape"] == [1, 4]
+    damaged = tmp_path / "damaged.onnx"
+    damaged.write_bytes(b"\x08\x07 not a graph")
+    _one_line_exit_2(run_bench(damaged), "not a valid .onnx model")
 
 
 def test_without_inputs_it_times_synthetic_data_and_scores_nothing(tiny_models: Path) -> None:
