@@ -202,6 +202,18 @@ def _mark(enabled: bool) -> Callable[[int], None]:
     return lambda phase: syscall(*calls[phase])
 
 
+def timed(call: Callable[[], Any], iters: int, mark: Callable[[int], None]) -> list[float]:
+    """Milliseconds of each of `iters` calls, each bracketed by the marker syscall when markers are on."""
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter_ns()
+        mark(MARK_START)
+        call()
+        mark(MARK_STOP)
+        times.append((time.perf_counter_ns() - t0) / 1e6)
+    return times
+
+
 def _empty_brackets(mark: Callable[[int], None], count: int) -> None:
     """Brackets around nothing, after the timed ones: their count is the bracket's own overhead."""
     def nothing() -> None:
@@ -368,17 +380,11 @@ def run_tflite(model: Path, args: argparse.Namespace) -> tuple[TensorSpec, Tenso
     model_rss = _rss_kb()
     x, y, source = load_inputs(args.inputs, inputs[0], args.samples)
     first = x[0]
-    times = []
     with runtime_call(model, "running it"):
         for _ in range(args.warmup):
             invoke(first)
         interpreter.set_tensor(in_index, first[None])
-        for _ in range(args.iters):
-            t0 = time.perf_counter_ns()
-            mark(MARK_START)
-            interpreter.invoke()
-            mark(MARK_STOP)
-            times.append((time.perf_counter_ns() - t0) / 1e6)
+        times = timed(interpreter.invoke, args.iters, mark)
     if args.markers:
         _empty_brackets(mark, EMPTY_BRACKETS)
     outs = []
@@ -450,16 +456,10 @@ def run_pte_python(model: Path, args: argparse.Namespace) -> tuple[TensorSpec, T
     model_rss = _rss_kb()
     x, y, source = load_inputs(args.inputs, in_spec, args.samples)
     tensors = [torch.from_numpy(np.ascontiguousarray(sample[None])) for sample in x]
-    times = []
     with runtime_call(model, "running it"):
         for _ in range(args.warmup):
             method.execute([tensors[0]])
-        for _ in range(args.iters):
-            t0 = time.perf_counter_ns()
-            mark(MARK_START)
-            method.execute([tensors[0]])
-            mark(MARK_STOP)
-            times.append((time.perf_counter_ns() - t0) / 1e6)
+        times = timed(lambda: method.execute([tensors[0]]), args.iters, mark)
     if args.markers:
         _empty_brackets(mark, EMPTY_BRACKETS)
     outs = []
@@ -572,17 +572,11 @@ def run_onnx(model: Path, args: argparse.Namespace) -> tuple[TensorSpec, TensorS
     model_rss = _rss_kb()
     x, y, source = load_inputs(args.inputs, in_spec, args.samples)
     first = np.ascontiguousarray(x[0])
-    times = []
     with runtime_call(model, "running it"):
         for _ in range(args.warmup):
             invoke(first)
         feed = {in_spec.name: first[None]}
-        for _ in range(args.iters):
-            t0 = time.perf_counter_ns()
-            mark(MARK_START)
-            session.run(names, feed)
-            mark(MARK_STOP)
-            times.append((time.perf_counter_ns() - t0) / 1e6)
+        times = timed(lambda: session.run(names, feed), args.iters, mark)
     if args.markers:
         _empty_brackets(mark, EMPTY_BRACKETS)
     outs = []
