@@ -517,6 +517,75 @@ def _named(rows: list[dict[str, Any]]) -> str:
     return ", ".join(f"{r['artifact']} @ {r['target']} t{r['threads']}" for r in rows)
 
 
+def _inputs(given: Path | None, folder: Path) -> Path | None:
+    """The inputs .npz: the one given, else the export's test inputs when there are some; checked."""
+    inputs = Path(given) if given is not None else None
+    if inputs is None and (folder / DEFAULT_INPUTS).is_file():
+        inputs = folder / DEFAULT_INPUTS
+    if inputs is not None and not inputs.is_file():
+        raise UserError(f"inputs {str(inputs)!r} does not exist; give an .npz with x and y")
+    if inputs is not None:
+        check_inputs(inputs)
+    return inputs
+
+
+def _emulated_userland(artifacts: list[Artifact]) -> None:
+    """Set up (or check) the emulated ARM64 userland, with the native runner when a file needs it."""
+    from edgetl import arm64
+    from edgetl.ui import console
+
+    needs_runner = any(formats.get(formats.format_of(a.path)).arm64 == "runner" for a in artifacts)
+    if not arm64.ready(pte=needs_runner):
+        console.print("arm64 userland not set up yet: setting it up now (once; about a minute)")
+    setup_userland("arm64")
+
+
+def _run_one(artifact: Artifact, target: BenchTarget, runner: Runner, threads: int, inputs: Path | None,
+             options: BenchOptions, script: Path, workdir: Path) -> dict[str, Any]:
+    """One file on one target at one thread count (and its blocks, with --breakdown); a failure is its row."""
+    from edgetl.ui import console
+
+    what = f"{artifact.name} @ {target.name}, {threads} thread{'s' if threads > 1 else ''}"
+    console.print(f"bench: {what} ...")
+    result = runner.run(artifact, threads, inputs, options, workdir)
+    if artifact.modified and "model" in result:
+        result["model"]["modified_since_export"] = True
+    if options.breakdown and target.emulated and "failed" not in result:
+        result["breakdown"] = breakdown(artifact, target, runner, result, options, script, workdir)
+    if "failed" in result:
+        console.print(f"[red]bench: {what} failed: {result['failed']}[/]")
+    return result
+
+
+def _manifest(folder: Path, artifacts: list[Artifact], inputs: Path | None, targets: list[BenchTarget],
+              thread_counts: list[int], options: BenchOptions, folder_out: Path, figure: Path | None,
+              rows: list[dict[str, Any]], found_ratios: list[dict[str, Any]], started: float) -> dict[str, Any]:
+    """The bench folder's manifest: what was measured, where, how, with which libraries."""
+    from edgetl import arm64
+    from edgetl.manifest import library_versions, now_utc
+
+    made = {formats.format_of(a.path) for a in artifacts}
+    libraries = [lib for name in formats.FORMATS if name in made for lib in formats.get(name).libraries]
+    return BenchManifest(
+        created=now_utc(), edgetl=__version__,
+        source={"path": str(folder.resolve()), "artifacts": {a.name: a.sha256 for a in artifacts},
+                "modified_since_export": sorted(a.name for a in artifacts if a.modified),
+                "inputs": str(Path(inputs).resolve()) if inputs else None},
+        conditions={"targets": [t.name for t in targets], "host_threads": thread_counts,
+                    "remote_threads": thread_counts if any(t.remote for t in targets) else None,
+                    "taskset": options.taskset,
+                    "arm_threads": 1, "iters": options.iters, "warmup": options.warmup,
+                    "samples": options.samples, "arm_iters": options.arm_iters,
+                    "arm_warmup": options.arm_warmup, "arm_samples": options.arm_samples,
+                    "breakdown": options.breakdown},
+        files=sorted(p.name for p in folder_out.glob("*@*.json")), plot=figure.name if figure else None,
+        rows=tuple(BenchRow.from_json(r, "bench rows") for r in rows), int8_fp32_instruction_ratios=found_ratios,
+        arm64_setup=arm64.status() if any(t.emulated for t in targets) else None,
+        versions=library_versions(("numpy", *dict.fromkeys(libraries), "matplotlib")),
+        seconds=round(time.perf_counter() - started, 1),
+    ).to_json()
+
+
 def run_bench(export: Path, options: BenchOptions, strict: bool = False) -> Path:
     """Measure every artifact on every target; write bench/*.json, the manifest, the plot; print the table.
 
@@ -533,14 +602,8 @@ def run_bench(export: Path, options: BenchOptions, strict: bool = False) -> Path
             target.preflight(options.remote_python, options.taskset)
     export = Path(export)
     artifacts = find_artifacts(export)
-    inputs = options.inputs
     folder = export if export.is_dir() else export.parent
-    if inputs is None and (folder / DEFAULT_INPUTS).is_file():
-        inputs = folder / DEFAULT_INPUTS
-    if inputs is not None and not Path(inputs).is_file():
-        raise UserError(f"inputs {str(inputs)!r} does not exist; give an .npz with x and y")
-    if inputs is not None:
-        check_inputs(Path(inputs))
+    inputs = _inputs(options.inputs, folder)
     script = device_bench_script()
     check_unmodified(artifacts, options.allow_modified)
     from edgetl.paths import atomic_dir, claim_output, clean_stale, ensure_writable_dir
@@ -550,12 +613,7 @@ def run_bench(export: Path, options: BenchOptions, strict: bool = False) -> Path
     ensure_writable_dir(out.parent, "bench folder")
     clean_stale(out.parent / "report.json")  # a run report staged by a killed run
     if any(t.emulated for t in targets):
-        from edgetl import arm64
-
-        needs_pte = any(formats.get(formats.format_of(a.path)).arm64 == "runner" for a in artifacts)
-        if not arm64.ready(pte=needs_pte):
-            console.print("arm64 userland not set up yet: setting it up now (once; about a minute)")
-        setup_userland("arm64")
+        _emulated_userland(artifacts)
     started = time.perf_counter()
     results: list[dict[str, Any]] = []
     with (tempfile.TemporaryDirectory(prefix="edgetl-bench-") as tmp, atomic_dir(out) as folder_out,
@@ -573,21 +631,9 @@ def run_bench(export: Path, options: BenchOptions, strict: bool = False) -> Path
             arm_inputs = (slice_inputs(model_inputs, options.arm_samples, workdir)
                           if any(t.emulated for t in targets) else None)
             for target in targets:
-                target_runs = []
-                for threads in ([1] if target.emulated else thread_counts):
-                    what = f"{artifact.name} @ {target.name}, {threads} thread{'s' if threads > 1 else ''}"
-                    console.print(f"bench: {what} ...")
-                    result = runners[target.name].run(artifact, threads,
-                                                      arm_inputs if target.emulated else model_inputs, options,
-                                                      workdir)
-                    if artifact.modified and "model" in result:
-                        result["model"]["modified_since_export"] = True
-                    if options.breakdown and target.emulated and "failed" not in result:
-                        result["breakdown"] = breakdown(artifact, target, runners[target.name], result, options,
-                                                        script, workdir)
-                    target_runs.append(result)
-                    if "failed" in result:
-                        console.print(f"[red]bench: {what} failed: {result['failed']}[/]")
+                target_runs = [_run_one(artifact, target, runners[target.name], threads,
+                                        arm_inputs if target.emulated else model_inputs, options, script, workdir)
+                               for threads in ([1] if target.emulated else thread_counts)]
                 results.extend(target_runs)
                 _write(folder_out / f"{artifact.name}@{target.name}.json",
                        {"schema_version": SCHEMA_VERSION, "kind": BENCH_RESULT_KIND, "artifact": artifact.name,
@@ -601,27 +647,8 @@ def run_bench(export: Path, options: BenchOptions, strict: bool = False) -> Path
         print_table(rows, found_ratios)
         print_breakdowns(results)
         figure = plot(rows, folder_out / "bench.png")
-        from edgetl import arm64
-        from edgetl.manifest import library_versions, now_utc
-
-        manifest = BenchManifest(
-            created=now_utc(), edgetl=__version__,
-            source={"path": str(folder.resolve()), "artifacts": {a.name: a.sha256 for a in artifacts},
-                    "modified_since_export": sorted(a.name for a in artifacts if a.modified),
-                    "inputs": str(Path(inputs).resolve()) if inputs else None},
-            conditions={"targets": [t.name for t in targets], "host_threads": thread_counts,
-                        "remote_threads": thread_counts if any(t.remote for t in targets) else None,
-                        "taskset": options.taskset,
-                        "arm_threads": 1, "iters": options.iters, "warmup": options.warmup,
-                        "samples": options.samples, "arm_iters": options.arm_iters,
-                        "arm_warmup": options.arm_warmup, "arm_samples": options.arm_samples,
-                        "breakdown": options.breakdown},
-            files=sorted(p.name for p in folder_out.glob("*@*.json")), plot=figure.name if figure else None,
-            rows=tuple(BenchRow.from_json(r, "bench rows") for r in rows), int8_fp32_instruction_ratios=found_ratios,
-            arm64_setup=arm64.status() if any(t.emulated for t in targets) else None,
-            versions=library_versions(("numpy", "ai-edge-litert", "executorch", "matplotlib")),
-            seconds=round(time.perf_counter() - started, 1),
-        ).to_json()
+        manifest = _manifest(folder, artifacts, inputs, targets, thread_counts, options, folder_out, figure, rows,
+                             found_ratios, started)
         _write(folder_out / "manifest.json", manifest)
         staged = _stage_report(out, rows, found_ratios)  # the last step before publication
     report = None

@@ -431,38 +431,12 @@ class ExportConfig(Checked):
         if self.checked:
             return self
         check_types(self)
-        formats = tuple(dict.fromkeys(_as_list(self.formats)))
-        quant = tuple(dict.fromkeys(_as_list(self.quant)))
-        if not formats:
-            raise UserError(f"--formats is empty; valid: {', '.join(FORMATS)}")
-        if not quant:
-            raise UserError(f"--quant is empty; valid: {', '.join(QUANTS)}")
-        for value in formats:
-            if value not in FORMATS:
-                raise UserError(one_of(value, FORMATS, "format"))
-        for value in quant:
-            if value not in QUANTS:
-                raise UserError(one_of(value, QUANTS, "quantization"))
+        formats, quant = self._formats_and_quants()
         prune = self.prune
         spec = parse_prune(prune)
         if spec is not None:  # canonical: a float stays a float (keras meaning); a spec string "kind:R"
             prune = spec[1] if isinstance(prune, float | int) or ":" not in str(prune) else f"{spec[0]}:{spec[1]:g}"
-        int8 = str(self.int8).strip().lower()
-        if int8 not in INT8_MODES:
-            raise UserError(one_of(self.int8, INT8_MODES, "--int8 mode"))
-        if self.qat and int8 == "ptq":
-            raise UserError("--qat asks for int8 by quantization-aware training but --int8 is ptq; valid: --int8 qat "
-                            "(same as --qat), or --int8 ptq without --qat")
-        int8 = "qat" if self.qat else int8
-        if self.no_qat and int8 == "qat":
-            raise UserError("--no-qat forbids quantization-aware training but --int8 is qat; valid: --int8 auto "
-                            "--no-qat (post-training and learned rounding only), --int8 ptq, or --int8 qat alone")
-        if not 0 <= self.rounding_layers <= 1000:
-            raise UserError(f"--rounding-layers {self.rounding_layers} is not usable; valid: 0 (no learned rounding) "
-                            f"to 1000")
-        if not 0 <= self.sensitivity_seconds <= 3600:
-            raise UserError(f"sensitivity_seconds {self.sensitivity_seconds:g} is not usable; valid: 0 (no table) "
-                            f"to 3600")
+        int8 = self._int8_mode(quant)
         float_layers = tuple(dict.fromkeys(_as_list(self.float_layers, lower=False)))
         if float_layers and int8 != "auto":
             raise UserError(f"--float-layers {','.join(float_layers)} is a remedy of --int8 auto (used only while a "
@@ -477,8 +451,47 @@ class ExportConfig(Checked):
         if self.debug_numerics and "int8" not in quant:
             raise UserError(f"--debug-numerics compares int8 files with their float model, but --quant is "
                             f"{','.join(quant)}; valid: --quant int8 or fp32,int8")
+        self._check_numbers(quant)
+        return replace(self, formats=formats, quant=quant, prune=prune, int8=int8, qat=int8 == "qat",
+                       float_layers=float_layers, debug_blocks=debug_blocks)._mark()
+
+    def _formats_and_quants(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """--formats and --quant as lists of known names, each once."""
+        formats = tuple(dict.fromkeys(_as_list(self.formats)))
+        quant = tuple(dict.fromkeys(_as_list(self.quant)))
+        for flag, values, valid, what in (("--formats", formats, FORMATS, "format"),
+                                          ("--quant", quant, QUANTS, "quantization")):
+            if not values:
+                raise UserError(f"{flag} is empty; valid: {', '.join(valid)}")
+            for value in values:
+                if value not in valid:
+                    raise UserError(one_of(value, valid, what))
+        return formats, quant
+
+    def _int8_mode(self, quant: tuple[str, ...]) -> str:
+        """--int8 as one of INT8_MODES, agreeing with --qat, --no-qat and --quant."""
+        int8 = str(self.int8).strip().lower()
+        if int8 not in INT8_MODES:
+            raise UserError(one_of(self.int8, INT8_MODES, "--int8 mode"))
+        if self.qat and int8 == "ptq":
+            raise UserError("--qat asks for int8 by quantization-aware training but --int8 is ptq; valid: --int8 qat "
+                            "(same as --qat), or --int8 ptq without --qat")
+        int8 = "qat" if self.qat else int8
+        if self.no_qat and int8 == "qat":
+            raise UserError("--no-qat forbids quantization-aware training but --int8 is qat; valid: --int8 auto "
+                            "--no-qat (post-training and learned rounding only), --int8 ptq, or --int8 qat alone")
         if int8 == "qat" and "int8" not in quant:
             raise UserError(f"--int8 qat trains for int8 but --quant is {','.join(quant)}; add int8 to --quant")
+        return int8
+
+    def _check_numbers(self, quant: tuple[str, ...]) -> None:
+        """Counts, rates and budgets within what they can mean."""
+        if not 0 <= self.rounding_layers <= 1000:
+            raise UserError(f"--rounding-layers {self.rounding_layers} is not usable; valid: 0 (no learned rounding) "
+                            f"to 1000")
+        if not 0 <= self.sensitivity_seconds <= 3600:
+            raise UserError(f"sensitivity_seconds {self.sensitivity_seconds:g} is not usable; valid: 0 (no table) "
+                            f"to 3600")
         if self.recovery_epochs is not None and not 0 <= self.recovery_epochs <= 1000:
             raise UserError(f"recovery_epochs {self.recovery_epochs} is not usable; valid: 0 to 1000")
         if self.qat_epochs is not None and not 1 <= self.qat_epochs <= 1000:
@@ -498,8 +511,6 @@ class ExportConfig(Checked):
         if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
             raise UserError(f"--threads {self.threads} is not usable; valid: 1 to {MAX_THREADS}")
         check_seed(self.seed)
-        return replace(self, formats=formats, quant=quant, prune=prune, int8=int8, qat=int8 == "qat",
-                       float_layers=float_layers, debug_blocks=debug_blocks)._mark()
 
     def for_backend(self, framework: object) -> ExportConfig:
         """This config as the checkpoint's backend can honour it, or one UserError line naming what it lacks.

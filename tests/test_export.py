@@ -78,7 +78,7 @@ def test_defaults_export_both_formats_both_precisions() -> None:
 @pytest.mark.parametrize(
     ("overrides", "fragment"),
     [
-        ({"formats": "onnx"}, "unknown format 'onnx'"),
+        ({"formats": "npy"}, "unknown format 'npy'"),
         ({"quant": "int4"}, "unknown quantization 'int4'"),
         ({"formats": ""}, "--formats is empty"),
         ({"calib": 0}, "--calib 0"),
@@ -151,7 +151,7 @@ def test_unknown_manifest_version(tmp_path: Path) -> None:
 
 def test_unknown_format_and_quant(tmp_path: Path) -> None:
     folder = make_checkpoint(tmp_path)
-    assert "unknown format 'onnx'" in _one_error_line(run_cli("export", str(folder), "--formats", "pte,onnx"))
+    assert "unknown format 'npy'" in _one_error_line(run_cli("export", str(folder), "--formats", "pte,npy"))
     assert "unknown quantization 'int4'" in _one_error_line(run_cli("export", str(folder), "--quant", "int4"))
 
 
