@@ -178,7 +178,7 @@ def test_ssh_run_equals_a_host_run_and_leaves_nothing(sshd: Server, tiny_models:
                      "--remote-python", sys.executable, "--taskset", "0", env=sshd.env)
     assert result.returncode == 0, result.stderr[-3000:]
     bench = export.parent / "bench"
-    for name in ("tiny.tflite", "tiny.pte"):
+    for name in ("tiny.tflite", "tiny.pte", "tiny.onnx"):
         host = json.loads((bench / f"{name}@host.json").read_text())
         remote = json.loads((bench / f"{name}@ssh-127.0.0.1.json").read_text())
         assert remote["kind"] == host["kind"] and remote["schema_version"] == host["schema_version"]
@@ -192,7 +192,8 @@ def test_ssh_run_equals_a_host_run_and_leaves_nothing(sshd: Server, tiny_models:
         assert facts["uname_m"] == os.uname().machine and facts["cpu_count"] == os.cpu_count()
         assert facts["taskset"] == "0" and facts["python"]["executable"] == sys.executable
         assert facts["cpu"]["layout"] and len(facts["load_average_before"]) == 3
-        assert facts["runtime_versions"]["numpy"] and facts["runtime"].split()[0] in ("ai-edge-litert", "executorch")
+        assert facts["runtime_versions"]["numpy"] and facts["runtime"].split()[0] in ("ai-edge-litert", "executorch",
+                                                                                    "onnxruntime")
     manifest = json.loads((bench / "manifest.json").read_text())
     latency = {(r["artifact"], r["target"]): r["latency_label"] for r in manifest["rows"]}
     assert latency[("tiny.tflite", "ssh-127.0.0.1")] == "wall time on ssh-127.0.0.1"

@@ -142,11 +142,15 @@ def _version(dist: str, default: str) -> str:
 
 # ------------------------------------------------------------------------------------------- probing
 
+# the distributions whose versions the probe reads there: numpy, the runtimes of every format that runs in
+# Python (the format registry's guest wheels), the retired tflite-runtime, and ExecuTorch's Python runtime
+PROBED = ("numpy", *(f.guest[0].split("==")[0] for f in formats.FORMATS.values() if f.guest), "tflite-runtime",
+          "executorch", "torch")
 _PY_PROBE = ("import json, platform, sys\n"
              "try:\n from importlib import metadata\nexcept ImportError:\n metadata = None\n"
              "def v(d):\n try:\n  return metadata.version(d)\n except Exception:\n  return None\n"
              "print(json.dumps({'executable': sys.executable, 'version': platform.python_version(),"
-             " 'packages': {d: v(d) for d in ('numpy', 'ai-edge-litert', 'tflite-runtime', 'executorch', 'torch')}}))")
+             " 'packages': {d: v(d) for d in " + repr(PROBED) + "}}))")
 
 
 def _probe_script(python: str) -> str:
@@ -367,6 +371,13 @@ class SshSession:
     def _plan(self, model: Path, runner: Path | None, py: str, where: str) -> Plan:
         probe = self.probe
         assert probe is not None
+        record = formats.get(formats.format_of(model))
+        if record.arm64 == "python" and record.name != "tflite":  # a runtime wheel in that machine's Python
+            dist, _, version = (record.guest or ("", "", ""))[0].partition("==")
+            if probe.package(dist):
+                return Plan(record.name, f"{dist} {probe.package(dist)}")
+            raise UserError(f"--target {self.target.spec}: {py} on {where} has no {record.runtime} for "
+                            f"{model.name}; run there: {py} -m pip install {dist}=={version}")
         if model.suffix == ".tflite":
             if probe.package("ai-edge-litert"):
                 return Plan("tflite", f"ai-edge-litert {probe.package('ai-edge-litert')}")
