@@ -33,20 +33,26 @@ def test_bench_on_the_host_writes_results_manifest_plot_and_report(tiny_models: 
     result = run_cli("bench", str(run / "export"), "--threads", "1,2", "--iters", "5")
     assert result.returncode == 0, result.stderr
     bench = run / "bench"
-    assert {p.name for p in bench.glob("*@*.json")} == {"tiny.tflite@host.json", "tiny.pte@host.json"}
+    assert {p.name for p in bench.glob("*@*.json")} == {"tiny.tflite@host.json", "tiny.pte@host.json",
+                                                        "tiny.onnx@host.json"}
     tflite = json.loads((bench / "tiny.tflite@host.json").read_text())
     assert tflite["kind"] == "edgetl.bench.result" and tflite["target"]["name"] == "host"
     assert [r["conditions"]["threads"] for r in tflite["runs"]] == [1, 2]
     assert all(r["accuracy"]["top1"] == 0.75 for r in tflite["runs"])
     pte = json.loads((bench / "tiny.pte@host.json").read_text())
+    onnx = json.loads((bench / "tiny.onnx@host.json").read_text())
     assert pte["runs"][0]["model"]["macs"] == tflite["runs"][0]["model"]["macs"]  # taken from the .tflite
+    assert onnx["runs"][0]["model"]["macs"] == tflite["runs"][0]["model"]["macs"]  # the same model, each format
+    assert all(r["accuracy"]["top1"] == 0.75 for r in onnx["runs"])
     manifest = json.loads((bench / "manifest.json").read_text())
-    assert manifest["kind"] == "edgetl.bench" and len(manifest["rows"]) == 4
-    assert set(manifest["source"]["artifacts"]) == {"tiny.tflite", "tiny.pte"}
+    assert manifest["kind"] == "edgetl.bench" and len(manifest["rows"]) == 6
+    assert set(manifest["source"]["artifacts"]) == {"tiny.tflite", "tiny.pte", "tiny.onnx"}
+    assert {"ai-edge-litert", "executorch", "onnxruntime"} <= set(manifest["versions"])
     assert (bench / "bench.png").stat().st_size > 10_000
     report = json.loads((run / "report.json").read_text())
-    assert len(report["bench"]["rows"]) == 4
-    for needle in ("tiny.tflite", "tiny.pte", "ai-edge-litert 2.3.0", "executorch 1.5.1", "0.750 (12)"):
+    assert len(report["bench"]["rows"]) == 6
+    for needle in ("tiny.tflite", "tiny.pte", "tiny.onnx", "ai-edge-litert 2.3.0", "executorch 1.5.1",
+                   "onnxruntime 1.32.0", "0.750 (12)"):
         assert needle in result.stdout, needle
 
 
@@ -131,7 +137,7 @@ def test_a_model_changed_after_export_is_refused_unless_allowed(tiny_models: Pat
     manifest = json.loads((tmp_path / "run" / "bench" / "manifest.json").read_text())
     assert manifest["source"]["modified_since_export"] == ["tiny.tflite"]
     flags = {r["artifact"]: r.get("modified_since_export", False) for r in manifest["rows"]}
-    assert flags == {"tiny.tflite": True, "tiny.pte": False}
+    assert flags == {"tiny.tflite": True, "tiny.pte": False, "tiny.onnx": False}
 
 
 def test_bench_replaces_only_its_own_results(tiny_models: Path, tmp_path: Path) -> None:  # noqa: F811

@@ -8,8 +8,9 @@ when a file of it runs; importing this registry imports no runtime. The copies t
 edgetl (`device_bench/device_bench.py`, `export/golden_check.py`) stay standalone; tests/test_runtimes.py holds
 them to this module's answers on the same files and inputs.
 
-Adding a format: a module here with `FORMAT`, `run`, `describe` and `facts` (and `CONVERT`, framework → function,
-when the backend has no converter of its own for it), and its name in `MODULES`.
+Importing the registry imports neither numpy nor a runtime. Adding a format: a module here with `FORMAT`, `run`,
+`describe` and `facts` (and `CONVERT`, framework → function, when the backend has no converter of its own for
+it), and its name in `MODULES`.
 """
 
 from __future__ import annotations
@@ -17,12 +18,25 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 from types import ModuleType
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from edgetl.errors import UserError
 from edgetl.formats.base import Format
-from edgetl.formats.tensors import dequantize, quantize, softmax, tensor_info
+
+if TYPE_CHECKING:
+    import numpy as np
+
+TENSORS = ("dequantize", "quantize", "softmax", "tensor_info")  # from formats/tensors.py, imported when first used
+
+
+def __getattr__(name: str) -> Any:
+    """The arithmetic on tensors (numpy) is imported when first asked for: the registry itself stays numpy-free,
+    so the configuration and the report import it for nothing."""
+    if name in TENSORS:
+        from edgetl.formats import tensors
+
+        return getattr(tensors, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["FORMATS", "SUFFIXES", "Format", "convert", "dequantize", "describe", "facts", "format_of", "get",
            "quantize", "register", "run", "softmax", "tensor_info"]

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from edgetl.errors import UserError
 from edgetl.formats.base import Format
-from edgetl.formats.tensors import dequantize, quantize, tensor_info
 from edgetl.ui import quiet_native
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # ONNX tensor element types an image classifier takes or gives (onnx.TensorProto codes, as ORT names them).
 DTYPES = {"tensor(float)": "float32", "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(int64)": "int64"}
@@ -43,6 +43,10 @@ def session(path: Path, threads: int | None = None):
 
 
 def run(path: Path, x: np.ndarray, threads: int | None = None) -> np.ndarray:
+    import numpy as np
+
+    from edgetl.formats.tensors import dequantize, quantize
+
     model = session(path, threads)
     source, target = model.get_inputs()[0], model.get_outputs()[0]
     dtype = np.dtype(DTYPES.get(source.type, "float32"))
@@ -57,6 +61,8 @@ def run(path: Path, x: np.ndarray, threads: int | None = None) -> np.ndarray:
 
 def describe(path: Path) -> dict:
     """Input and output tensors as the graph declares them, and its operators by type."""
+    from edgetl.formats.tensors import tensor_info
+
     model = session(path)
 
     def tensor(info: Any) -> dict:

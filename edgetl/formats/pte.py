@@ -4,12 +4,13 @@ only when a .pte is run or described)."""
 from __future__ import annotations
 
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from edgetl.errors import UserError
 from edgetl.formats.base import Format
-from edgetl.formats.tensors import tensor_info
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # ExecuTorch ScalarType codes (c10 numbering) of the dtypes an image classifier takes or gives.
 DTYPES = {0: "uint8", 1: "int8", 3: "int32", 4: "int64", 6: "float32"}
@@ -24,6 +25,7 @@ def _program(path: Path):
 
 
 def run(path: Path, x: np.ndarray, threads: int | None = None) -> np.ndarray:
+    import numpy as np
     import torch
 
     if threads:
@@ -41,6 +43,7 @@ def run(path: Path, x: np.ndarray, threads: int | None = None) -> np.ndarray:
 def run_inputs(path: Path, inputs: list[np.ndarray]) -> np.ndarray:
     """A program of several inputs (a block of a network, `--debug-numerics`): image i of every array in `inputs`
     goes in together; the last output of each call, stacked in its own shape."""
+    import numpy as np
     import torch
 
     method = _program(path).load_method("forward")
@@ -53,6 +56,8 @@ def run_inputs(path: Path, inputs: list[np.ndarray]) -> np.ndarray:
 
 def describe(path: Path) -> dict:
     """Input and output tensors of `forward`, as the program's own metadata gives them (no names in a .pte)."""
+    from edgetl.formats.tensors import tensor_info
+
     meta = _program(path).metadata("forward")
 
     def tensor(info, name: str) -> dict:

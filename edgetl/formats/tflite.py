@@ -6,13 +6,14 @@ The Interpreter applies its default XNNPACK delegate when it is built, as on a p
 from __future__ import annotations
 
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from edgetl.errors import UserError
 from edgetl.formats.base import Format
-from edgetl.formats.tensors import dequantize, quantize, tensor_info
 from edgetl.ui import quiet_native
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def interpreter(path: Path, threads: int | None = None):
@@ -28,6 +29,10 @@ def interpreter(path: Path, threads: int | None = None):
 
 
 def run(path: Path, x: np.ndarray, threads: int | None = None) -> np.ndarray:
+    import numpy as np
+
+    from edgetl.formats.tensors import dequantize, quantize
+
     model = interpreter(path, threads)
     source, target = model.get_input_details()[0], model.get_output_details()[0]
     in_dtype, out_dtype = np.dtype(source["dtype"]), np.dtype(target["dtype"])
@@ -44,6 +49,10 @@ def run(path: Path, x: np.ndarray, threads: int | None = None) -> np.ndarray:
 
 
 def _tensor(detail: dict) -> dict:
+    import numpy as np
+
+    from edgetl.formats.tensors import tensor_info
+
     scale, zero_point = detail["quantization"]
     return tensor_info(detail["name"], np.dtype(detail["dtype"]).name, detail["shape"], scale, zero_point)
 
@@ -78,6 +87,8 @@ def describe(path: Path) -> dict:
 
 def weight_sparsity(path: Path) -> dict:
     """Exact-zero fraction of the weight tensors of conv / fully-connected ops, per op type."""
+    import numpy as np
+
     model = interpreter(path)
     ops = model._get_ops_details()
     producers = {out: op for op in ops for out in op["outputs"]}
