@@ -43,19 +43,14 @@ def session(path: Path, threads: int | None = None):
 
 
 def run(path: Path, x: np.ndarray, threads: int | None = None) -> np.ndarray:
+    """Float outputs, image by image. edgetl's .onnx files take and give float tensors (an int8 file quantizes
+    inside, with the scale its graph holds), so nothing is (de)quantized here."""
     import numpy as np
-
-    from edgetl.formats.tensors import dequantize, quantize
 
     model = session(path, threads)
     source, target = model.get_inputs()[0], model.get_outputs()[0]
-    dtype = np.dtype(DTYPES.get(source.type, "float32"))
-    outputs = []
-    for index in range(len(x)):
-        image = x[index : index + 1]
-        image = quantize(image, 1.0, 0, dtype) if dtype.kind in "iu" else image.astype(dtype)
-        result = model.run([target.name], {source.name: np.ascontiguousarray(image)})[0].reshape(-1)
-        outputs.append(dequantize(result, 1.0, 0) if result.dtype.kind in "iu" else result.astype(np.float32))
+    outputs = [model.run([target.name], {source.name: np.ascontiguousarray(x[index : index + 1], np.float32)})[0]
+               .reshape(-1) for index in range(len(x))]
     return np.stack(outputs).astype(np.float32)
 
 
