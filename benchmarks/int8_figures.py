@@ -75,7 +75,7 @@ def paired(out: Path) -> list[dict]:
     centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (
         1 + z * z / n)
     rows = []
-    for path in sorted([*out.glob("*-int8*.tflite"), *out.glob("*-int8*.pte")]):
+    for path in sorted(p for suffix in formats.SUFFIXES for p in out.glob(f"*-int8*{suffix}")):
         right = np.asarray(formats.run(path, inputs["x"], 1)).argmax(1) == labels
         b, c = int((float_right & ~right).sum()), int((~float_right & right).sum())
         drop = (b - c) / n
