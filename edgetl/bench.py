@@ -235,10 +235,16 @@ def breakdown(artifact: Artifact, target: BenchTarget, runner: Runner, whole: di
     from edgetl.ui import console
 
     fmt = artifact.path.suffix.lstrip(".")
+    how = formats.get(fmt).blocks
+    if how not in BLOCK_CUTTERS:
+        reason = f"no way to run a .{fmt} block by block yet (valid: " + ", ".join(
+            f".{f.suffix.lstrip('.')}" for f in formats.FORMATS.values() if f.blocks in BLOCK_CUTTERS) + ")"
+        console.print(f"[yellow]bench: no breakdown of {artifact.name}: {reason}[/]")
+        return {"unavailable": reason}
     folder = workdir / f"{artifact.name}.parts"
     folder.mkdir(exist_ok=True)
     try:
-        cuts = _pte_cuts(artifact) if formats.get(fmt).blocks == "lowered" else _tflite_cuts(artifact, folder)
+        cuts = BLOCK_CUTTERS[how](artifact, folder)
     except UserError as error:  # e.g. a .tflite whose tensors name no blocks: everything else is still measured
         console.print(f"[yellow]bench: no breakdown of {artifact.name}: {error}[/]")
         return {"unavailable": str(error)}
@@ -276,13 +282,17 @@ def _tflite_cuts(artifact: Artifact, folder: Path) -> list[tuple[Artifact, dict[
             for part in blocks.tflite_parts(artifact.path)]
 
 
-def _pte_cuts(artifact: Artifact) -> list[tuple[Artifact, dict[str, Any]]]:
+def _lowered_cuts(artifact: Artifact, folder: Path) -> list[tuple[Artifact, dict[str, Any]]]:
     """The blocks `edgetl export --parts` lowered for this very .pte (same sha256)."""
     from edgetl import breakdown as blocks
 
     return [(Artifact(part["path"]), {"name": part["name"], "role": part["role"], "file": part["file"],
                                       "macs": part.get("macs")})
             for part in blocks.pte_parts(artifact.path, artifact.sha256)]
+
+
+# Format.blocks → how bench --breakdown gets a file's blocks: cut out of the file, or lowered one by one at export
+BLOCK_CUTTERS = {"cut": _tflite_cuts, "lowered": _lowered_cuts}
 
 
 def _export_sensitivity(artifact: Artifact) -> dict[str, Any] | None:
