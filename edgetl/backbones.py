@@ -6,6 +6,7 @@ any framework is imported, and the checkpoint manifest copies the preprocessing 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from edgetl.errors import UserError, one_of
@@ -29,6 +30,45 @@ class WeightSource:
     url: str | None = None
     pypi_package: str | None = None
     md5: str | None = None
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """A state dict in a model repository on the Hugging Face Hub, read through `huggingface_hub`'s cache
+    (`$HF_HOME/hub`, or `$HF_HUB_CACHE`). `revision` None is the repository's default branch."""
+
+    repo_id: str
+    revision: str | None = None
+    filename: str = "model.safetensors"
+
+    @property
+    def spec(self) -> str:
+        """The `--weights` value that names this file."""
+        return HUB_PREFIX + self.repo_id + (f"@{self.revision}" if self.revision else "")
+
+
+HUB_PREFIX = "hf-hub:"
+# The Hub's rule for a repository id, OWNER/NAME: letters, digits, '-', '_' and '.', at most 96 characters each,
+# neither '--' nor '..', and a name that does not start or end with '-' or '.'
+_HUB_PART = r"(?!.*(?:--|\.\.))[A-Za-z0-9_](?:[\w.-]{0,94}[A-Za-z0-9_])?"
+_HUB_REPO = re.compile(rf"^{_HUB_PART}/{_HUB_PART}$")
+_HUB_REVISION = re.compile(r"^[\w./-]{1,128}$")
+
+
+def parse_hub_weights(value: str) -> HubSource | None:
+    """`hf-hub:OWNER/NAME[@REVISION]` as a HubSource; None for a value that is not one. A malformed one is a
+    UserError, before any framework or network is touched."""
+    if not value.startswith(HUB_PREFIX):
+        return None
+    repo_id, at, revision = value.removeprefix(HUB_PREFIX).partition("@")
+    if not _HUB_REPO.match(repo_id):
+        example = HUB_PREFIX + "timm/mobilenetv4_conv_small.e2400_r224_in1k"
+        raise UserError(f"--weights {value!r}: {repo_id!r} is not a Hugging Face Hub repository id; valid: "
+                        f"{HUB_PREFIX}OWNER/NAME[@REVISION], e.g. {example}")
+    if at and not _HUB_REVISION.match(revision):
+        raise UserError(f"--weights {value!r}: revision {revision!r} is not usable; valid: a branch, a tag or a "
+                        f"commit hash after '@' (letters, digits, '.', '_', '-', '/')")
+    return HubSource(repo_id, revision or None)
 
 
 @dataclass(frozen=True)
@@ -62,7 +102,7 @@ class BackboneSpec:
     default_image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    torch_weights: dict[float, WeightSource] = field(default_factory=dict)
+    torch_weights: dict[float, WeightSource | HubSource] = field(default_factory=dict)
     keras: KerasSource | None = None  # None: no tf_keras application, the backbone is torch-only
     paper: str = ""
 
@@ -74,7 +114,7 @@ class BackboneSpec:
             )
         return width
 
-    def torch_weight_source(self, width: float) -> WeightSource:
+    def torch_weight_source(self, width: float) -> WeightSource | HubSource:
         """The published ImageNet file for this width, or a clear error where none exists."""
         source = self.torch_weights.get(width)
         if source is None:
@@ -184,7 +224,37 @@ BACKBONES: dict[str, BackboneSpec] = {
         },
         paper="Tan & Le 2019, EfficientNet (Lite variant, 2020)",
     ),
+    # timm's ImageNet-1k checkpoints at 224 px; the definitions carry timm's state-dict names
+    "mobilenet_v4_conv_small": BackboneSpec(
+        name="mobilenet_v4_conv_small",
+        widths=(1.0,),
+        default_image_size=224,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        torch_weights={1.0: HubSource("timm/mobilenetv4_conv_small.e2400_r224_in1k")},
+        paper="Qin et al. 2024, MobileNetV4: Universal Models for the Mobile Ecosystem",
+    ),
+    "mobilenet_v4_conv_medium": BackboneSpec(
+        name="mobilenet_v4_conv_medium",
+        widths=(1.0,),
+        default_image_size=224,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        torch_weights={1.0: HubSource("timm/mobilenetv4_conv_medium.e500_r224_in1k")},
+        paper="Qin et al. 2024, MobileNetV4: Universal Models for the Mobile Ecosystem",
+    ),
 }
+
+
+# Words in the class names of the modules that are one network block each (MobileNetV2/V3's InvertedResidual,
+# EfficientNet-Lite's MBConvLite, MobileNetV4's UniversalInvertedResidual, EdgeResidual and plain ConvBnAct): the
+# per-block breakdown and the per-block .pte parts cut the network at these modules
+BLOCK_CLASS_WORDS = ("Residual", "MBConv", "ConvBnAct")
+
+
+def is_block_class(name: str) -> bool:
+    """Whether a module class of this name is one network block."""
+    return any(word in name for word in BLOCK_CLASS_WORDS)
 
 
 def get_backbone(name: str) -> BackboneSpec:

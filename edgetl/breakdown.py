@@ -18,11 +18,11 @@ as unavailable (an honest gap, not an estimate).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgetl.backbones import is_block_class
 from edgetl.errors import UserError
 
 METHOD = ("each block cut out of the exported .tflite (same operators, tensors and quantization) and counted "
@@ -62,10 +62,6 @@ def pte_parts(model: Path, sha256: str) -> list[dict[str, Any]]:
                         "export it again with --parts")
     return [{**part, "path": index.parent / part["file"]} for part in record["parts"]]
 
-# `.../Sequential_features/edgetl...ConvNormAct_0/...` (torch module path as litert-torch names tensors)
-_BLOCK = re.compile(r"(?:Sequential|ModuleList)_(?P<container>\w+?)/[\w.]*?(?P<cls>\w+)_(?P<index>\d+)(?:/|;|$)")
-
-
 @dataclass(frozen=True)
 class Part:
     """One block of the network: its name, its role and the operators (a contiguous run) it holds."""
@@ -92,21 +88,38 @@ def _load(model: Path) -> Any:
     return _schema().ModelT.InitFromPackedBuf(model.read_bytes(), 0)
 
 
+def _module_path(name: str) -> list[tuple[str, str]]:
+    """(class, attribute) of each module in a tensor name as litert-torch writes it, from the network down:
+    `.../edgetl...MobileNetV4_model/torch...Sequential_blocks/torch...Sequential_2/...UniversalInvertedResidual_0/...`
+    → [("Sequential", "blocks"), ("Sequential", "2"), ("UniversalInvertedResidual", "0"), ...]."""
+    modules = [part.rsplit(".", 1)[-1].partition("_")[::2] for part in name.split("/")]
+    roots = [i for i, (_, attribute) in enumerate(modules) if attribute == "model"]  # the network inside its wrapper
+    return modules[roots[0] + 1:] if roots else modules[1:]
+
+
 def _block_of(names: list[str]) -> tuple[str, str] | None:
-    """(module path, class) of the first named block an operator's output tensor comes from."""
+    """(module path, class) of the block an operator's output tensor comes from: the outermost module of a block
+    class (`blocks.2.0`, `features.3`, `_blocks.3`), else the first numbered child (`features.0`, `classifier.3`),
+    else None (a module of the network itself, such as a stem conv, or no module)."""
     for name in names:
-        found = _BLOCK.search(name)
-        if found:
-            return f"{found['container']}.{found['index']}", found["cls"]
+        for segment in name.split(";"):
+            path = _module_path(segment)
+            attributes = [attribute for _, attribute in path]
+            for depth, (cls, _) in enumerate(path):
+                if is_block_class(cls):
+                    return ".".join(attributes[:depth + 1]), cls
+            numbered = next((depth for depth, value in enumerate(attributes) if value.isdigit()), None)
+            if numbered is not None and numbered > 0:
+                return ".".join(attributes[:numbered + 1]), path[numbered][0]
     return None
 
 
 def tflite_parts(model: Path) -> list[Part]:
     """The blocks of a single-subgraph .tflite, from the module paths its tensors are named after.
 
-    Every inverted-residual (or MBConv) block is a part; everything before the first one is the stem,
-    everything after the last one (final 1×1 convolution, pooling, classifier) the head. An operator whose
-    output names no module (pooling, the output) stays with the operators around it.
+    Every block (a module of a class `edgetl.backbones.BLOCK_CLASS_WORDS` names) is a part; everything before the
+    first one is the stem, everything after the last one (final 1×1 convolution, pooling, classifier) the head. An
+    operator whose output names no module (pooling, the output) stays with the operators around it.
     """
     graph = _load(model).subgraphs
     if len(graph) != 1:
@@ -124,7 +137,7 @@ def tflite_parts(model: Path) -> list[Part]:
             if current is not None:
                 finished.add(current)
             current = owner[0]
-    blocks = [i for i, owner in enumerate(owners) if owner is not None and _is_block(owner[1])]
+    blocks = [i for i, owner in enumerate(owners) if owner is not None and is_block_class(owner[1])]
     if not blocks:
         raise UserError(f"{model.name}: its tensor names name no inverted-residual block (valid: a .tflite exported "
                         "by edgetl's torch backend, whose tensors carry the module path)")
@@ -142,10 +155,6 @@ def tflite_parts(model: Path) -> list[Part]:
     if last + 1 < len(owners):
         parts.append(Part(_joined(owners[last + 1 :], "head"), "head", last + 1, len(owners) - 1))
     return parts
-
-
-def _is_block(cls: str) -> bool:
-    return "Residual" in cls or "MBConv" in cls
 
 
 def _joined(owners: list[tuple[str, str] | None], role: str) -> str:

@@ -76,8 +76,9 @@ def finetune(
              "for small ones.")
     ] = None,
     weights: Annotated[
-        str, typer.Option(help="imagenet (torch hub / Keras cache), none (random init), or a PATH (torch state "
-                          "dict; keras: no-top .h5).")
+        str, typer.Option(help="imagenet (torch hub / Hugging Face Hub / Keras cache), none (random init), "
+                          "hf-hub:OWNER/NAME[@REVISION] (a safetensors state dict on the Hugging Face Hub), or a PATH "
+                          "(torch state dict, .pt or .safetensors; keras: no-top .h5).")
     ] = "imagenet",
     epochs_finetune: Annotated[int | None, typer.Option(
         help="Stage 2 epochs (0: the stage-1 probe alone); default: at least 200 optimizer steps and 4 epochs.")

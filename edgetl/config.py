@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
 from edgetl.arm64.targets import TARGETS
-from edgetl.backbones import check_image_size, get_backbone
+from edgetl.backbones import HUB_PREFIX, check_image_size, get_backbone, parse_hub_weights
 from edgetl.capabilities import CAPABILITIES, FRAMEWORKS, capabilities
 from edgetl.errors import UserError, one_of
 from edgetl.formats import FORMATS as FORMAT_RECORDS
@@ -233,10 +233,13 @@ class FinetuneConfig(Checked):
         if self.device not in DEVICES:
             raise UserError(one_of(self.device, DEVICES, "--device"))
         size = check_image_size(self.image_size) if self.image_size is not None else None
-        if self.weights not in ("imagenet", "none"):
-            path = Path(self.weights)
-            if not path.is_file():
-                raise UserError(f"--weights {self.weights!r} is neither 'imagenet', 'none' nor an existing file")
+        hub = parse_hub_weights(self.weights)
+        if hub is not None and self.framework != "torch":
+            raise UserError(f"--weights {self.weights!r} with --framework {self.framework}: Hugging Face Hub weights "
+                            f"are torch state dicts; valid: --framework torch, or --weights imagenet/none/PATH")
+        if hub is None and self.weights not in ("imagenet", "none") and not Path(self.weights).is_file():
+            raise UserError(f"--weights {self.weights!r} is neither 'imagenet', 'none', "
+                            f"'{HUB_PREFIX}OWNER/NAME[@REVISION]' nor an existing file")
         if self.weights == "imagenet" and self.framework == "keras":
             spec.keras_weight_source(self.width, size or spec.default_image_size)
         elif self.weights == "imagenet":

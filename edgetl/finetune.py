@@ -19,6 +19,7 @@ from pathlib import Path
 from rich.table import Table
 
 from edgetl import backends
+from edgetl.backbones import parse_hub_weights
 from edgetl.backends.training import FinetuneBackend, FinetuneTrainer, TimedTrainer
 from edgetl.budget import Speed, fit_to_budget, refit_after_stage1, refit_during_stage2
 from edgetl.config import FinetuneConfig
@@ -52,7 +53,8 @@ def load_listing(config: FinetuneConfig) -> DatasetListing:
     return scan_folder(root, config.seed, config.val_fraction, config.test_fraction, source=config.data)
 
 
-def _print_data(listing: DatasetListing) -> None:
+def _print_data(listing: DatasetListing, init: dict) -> None:
+    console.print(f"weights: {init.get('source', init.get('kind'))}")
     counts = listing.counts()
     sizes = ", ".join(f"{split} {sum(per.values())}" for split, per in counts.items())
     console.print(f"data: {listing.source} — {len(listing.classes)} classes; {sizes}; split: {listing.split_origin}")
@@ -158,7 +160,8 @@ def run_finetune(config: FinetuneConfig, run_dir: Path | None = None) -> Path:
     config = config.validate()
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / config.backbone
     data = None if is_builtin(config.data) else Path(config.data).expanduser()
-    weights = None if config.weights in ("imagenet", "none") else Path(config.weights).expanduser()
+    named_file = config.weights not in ("imagenet", "none") and parse_hub_weights(config.weights) is None
+    weights = Path(config.weights).expanduser() if named_file else None
     claim_output(run_dir / "checkpoint", CHECKPOINT_KIND, [data, weights], option="checkpoint folder",
                  keep_out_of=[data])
     ensure_writable_dir(run_dir, "output folder")
@@ -172,7 +175,7 @@ def run_finetune(config: FinetuneConfig, run_dir: Path | None = None) -> Path:
         measured = search_images = None
         if candidates:  # a model that takes any input size measures the candidates with the initial weights
             initial = backend.build_initial_model(config)  # a weights file that does not fit stops here
-            _print_data(listing)
+            _print_data(listing, initial[1])
             sample = search_sample(listing, config.seed)
             search_cache = caches.enter_context(contextlib.ExitStack())
             search_images = open_images(search_cache, sample, max(candidates), run_dir, world)
@@ -183,7 +186,7 @@ def run_finetune(config: FinetuneConfig, run_dir: Path | None = None) -> Path:
         config = recipe.config
         if not candidates:
             initial = backend.build_initial_model(config)  # ... or here, before anything is printed
-            _print_data(listing)
+            _print_data(listing, initial[1])
         _print_plan(recipe)
         preprocess = backend.preprocess_spec(config)
         images = open_images(caches, listing, config.image_size, run_dir, world, reuse=search_images)

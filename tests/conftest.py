@@ -23,6 +23,10 @@ def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def isolated_env(monkeypatch: pytest.MonkeyPatch, shared_cache: Path, tmp_path: Path) -> None:
     monkeypatch.setenv("EDGETL_CACHE", str(shared_cache))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    # the Hugging Face Hub's cache, empty, and no download from it: a test that needs a file puts it there
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:

