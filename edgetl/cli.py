@@ -29,6 +29,7 @@ from edgetl.errors import (
     requested_status,
     watch_interrupts,
 )
+from edgetl.formats import FORMATS
 
 app = typer.Typer(
     add_completion=False,
@@ -37,6 +38,8 @@ app = typer.Typer(
 )
 
 
+FORMATS_HELP = (f"Comma list of {', '.join(FORMATS)} (default: "
+                f"{','.join(name for name, record in FORMATS.items() if record.default)}).")
 SETTINGS_HELP = ("KEY=VALUE: set any setting of this verb, also those without a flag of their own (repeatable; "
                  "an unknown key exits 2 with the valid ones).")
 Settings = Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE", help=SETTINGS_HELP)]
@@ -136,7 +139,7 @@ def finetune(
 @app.command()
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="RUN/checkpoint folder written by edgetl finetune.")],
-    formats: Annotated[str | None, typer.Option(help="Comma list of tflite, pte, onnx (default: tflite,pte).")] = None,
+    formats: Annotated[str | None, typer.Option(help=FORMATS_HELP)] = None,
     quant: Annotated[str | None, typer.Option(
         help="Comma list of fp32, int8 (default: both); keras checkpoints also fp16, dynamic.")] = None,
     prune: Annotated[str | None, typer.Option(
@@ -273,7 +276,7 @@ def sweep(
              "ssh:[USER@]HOST[:PORT].")] = None,
     threads: Annotated[str | None, typer.Option(
         help="Host thread counts; the first ranks the host (ARM64 runs 1 thread).")] = None,
-    formats: Annotated[str | None, typer.Option(help="Comma list of tflite, pte, onnx (default: tflite,pte).")] = None,
+    formats: Annotated[str | None, typer.Option(help=FORMATS_HELP)] = None,
     max_drop: Annotated[float | None, typer.Option(
         help="Accuracy budget: top-1 points a file may lose against the float checkpoint (default 1.0).")] = None,
     calib: Annotated[int | None, typer.Option(help="Training images for int8 calibration.")] = None,
