@@ -11,7 +11,7 @@ from PIL import Image
 
 from edgetl.backbones import BACKBONES, get_backbone
 from edgetl.backends.torch import weights as weights_module
-from edgetl.backends.torch.models import TORCH_MODELS, build_model, register
+from edgetl.backends.torch.models import build_model, register, registered
 from edgetl.backends.torch.weights import apply_weights, hub_checkpoint_dir
 from edgetl.errors import UserError
 
@@ -50,7 +50,7 @@ def test_every_backbone_and_width_runs_and_exposes_the_interface() -> None:
 def test_every_backbone_of_the_registry_has_exactly_one_torch_definition() -> None:
     """The framework-free registry (what --backbone accepts) and the torch definitions name the same backbones;
     a name registered twice, or one without a definition, is an error that says which."""
-    assert set(TORCH_MODELS) == set(BACKBONES)
+    assert set(registered()) == set(BACKBONES)
     with pytest.raises(ValueError, match="registered twice"):
         register("mobilenet_v2")(lambda num_classes, width: build_model("mobilenet_v2", width, num_classes))
     with pytest.raises(ValueError, match="no torch definition for 'resnet50'; registered: mobilenet_v2"):

@@ -11,6 +11,7 @@ to output, for unfreezing the top K), `reset_head(num_classes)` and `feature_dim
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 import torch
@@ -18,6 +19,8 @@ from torch import nn
 
 # backbone name (as edgetl.backbones lists it) → the builder of its torch definition, filled by `register`
 TORCH_MODELS: dict[str, Callable[[int, float], Backbone]] = {}
+# modules that define backbones of their own (this one defines MobileNetV2/V3 and EfficientNet-Lite0)
+DEFINITION_MODULES = ("edgetl.backends.torch.mobilenet_v4",)
 
 
 def register(name: str) -> Callable[[Callable[[int, float], Backbone]], Callable[[int, float], Backbone]]:
@@ -461,12 +464,17 @@ def _efficientnet_lite0(num_classes: int, width: float) -> Backbone:
     return EfficientNetLite0(num_classes, width)
 
 
+def registered() -> dict[str, Callable[[int, float], Backbone]]:
+    """Every backbone's builder: the definitions in modules of their own register when first imported, named here
+    as strings so that they import this module and not the reverse."""
+    for module in DEFINITION_MODULES:
+        importlib.import_module(module)
+    return TORCH_MODELS
+
+
 def build_model(backbone: str, width: float = 1.0, num_classes: int = 1000) -> Backbone:
     """A freshly initialised model; the caller loads weights and resets the head."""
-    if backbone not in TORCH_MODELS:
-        raise ValueError(f"no torch definition for {backbone!r}; registered: {', '.join(TORCH_MODELS)}")
-    return TORCH_MODELS[backbone](num_classes, width)
-
-
-# Backbones defined in modules of their own register themselves on import
-from edgetl.backends.torch import mobilenet_v4 as _mobilenet_v4  # noqa: E402, F401
+    builders = registered()
+    if backbone not in builders:
+        raise ValueError(f"no torch definition for {backbone!r}; registered: {', '.join(builders)}")
+    return builders[backbone](num_classes, width)
