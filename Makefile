@@ -3,7 +3,9 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-PYTEST_ARGS ?= -m "not slow"
+# Two pytest workers, each taking whole files (module fixtures stay shared within a file): most of the suite's
+# time is single-threaded conversion and subprocess start-up, so two processes fill a two-core machine
+PYTEST_ARGS ?= -m "not slow" -n 2 --dist loadfile
 
 .PHONY: setup setup-all demo test lint clean
 

@@ -230,7 +230,9 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory, fault_shim: Path, shared_
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("name", STAGES)
+# export's small grid (about 110 s) runs with -m slow: tests/test_reliability.py kills, fills the disk under and
+# interrupts a real export in the default run
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "export" else n for n in STAGES])
 def test_small_fault_grid(pipeline: Pipeline, name: str) -> None:
     """ENOSPC, EIO and SIGKILL at the key points of the stage's run."""
     stage, fresh = pipeline.prepare(name)

@@ -509,7 +509,9 @@ def test_a_full_disk_gives_one_line_and_loses_nothing(tiny_export: dict, tmp_pat
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("previous", [True, False], ids=["over-a-finished-export", "into-an-empty-disk"])
+# into an empty disk with -m slow: over a finished export is the case where something could be lost
+@pytest.mark.parametrize("previous", [True, pytest.param(False, marks=pytest.mark.slow)],
+                         ids=["over-a-finished-export", "into-an-empty-disk"])
 def test_a_disk_that_fills_midway_publishes_nothing_however_many_files_were_done(
     tiny_export: dict, tmp_path: Path, previous: bool
 ) -> None:

@@ -1,6 +1,7 @@
 """The wheel carries everything a verb needs: built from this checkout, installed (not editable) into a fresh
-venv, and run from an empty folder: `edgetl export --recipe`, `edgetl bench`, `edgetl sweep --recipe small`
-and `edgetl bundle` on a tiny model, then the bundle's own golden_check.py.
+venv, and run from an empty folder: `edgetl export --recipe`, `edgetl bench` and `edgetl bundle` on a tiny model,
+then the bundle's own golden_check.py; `edgetl sweep --recipe small` too in the slow run (-m slow: it fine-tunes a
+pruned variant).
 
 Nothing heavy is reinstalled: the fresh venv holds only the wheel and reaches the dev environment's
 dependencies through a path file, without its .pth hooks, so the editable edgetl of the dev venv stays out.
@@ -82,24 +83,14 @@ def test_the_installed_wheel_runs_every_verb_from_an_empty_folder(edgetl_bin: Pa
                  "print(a.folder('export'))").stdout.split()
     assert all(Path(p).is_relative_to(edgetl_bin.parent) for p in where), where  # the wheel's, not the checkout's
     run = empty / "run"
-    # fp32 as well as the recipe's int8, so that the sweep below takes both from here and makes only its
-    # pruned variant: one conversion fewer.
     _run(edgetl_bin, empty, "edgetl", "export", str(tiny_checkpoint), "--recipe", "android-litert-int8",
-         "--quant", "fp32,int8", "--max-drop", "100", "--out", str(run / "export"))
+         "--max-drop", "100", "--out", str(run / "export"))
     manifest = json.loads((run / "export" / "manifest.json").read_text())
     assert manifest["config"]["recipe"] == "android-litert-int8" and manifest["config"]["formats"] == ["tflite"]
-    assert [a["file"] for a in manifest["artifacts"]] == [f"mobilenet_v2-w0.35-32-{q}.tflite" for q in ("fp32", "int8")]
+    assert [a["file"] for a in manifest["artifacts"]] == ["mobilenet_v2-w0.35-32-int8.tflite"]
     bench = _run(edgetl_bin, empty, "edgetl", "bench", str(run / "export"), "--threads", "1", "--iters", "3")
     assert (run / "bench" / "mobilenet_v2-w0.35-32-int8.tflite@host.json").is_file(), bench.stdout
     assert "ai-edge-litert 2.3.0" in bench.stdout
-    _run(edgetl_bin, empty, "edgetl", "sweep", str(tiny_checkpoint), "--recipe", "small", "--target", "host",
-         "--formats", "tflite", "--iters", "3", "--samples", "10", "--reuse", str(run / "export"),
-         "--out", str(run / "sweep"))
-    sweep = json.loads((run / "sweep" / "sweep.json").read_text())
-    assert [v["name"] for v in sweep["variants"]] == ["fp32", "int8-ptq", "pruned30-int8"]
-    assert sweep["config"]["recipe"] == "small" and all(v["status"] == "ok" for v in sweep["variants"])
-    assert (run / "sweep" / "report.html").is_file()
-    assert sum(1 for v in sweep["variants"] if v.get("reused_from")) == 2
     _run(edgetl_bin, empty, "edgetl", "bundle", str(run / "export"), "--artifact", "mobilenet_v2-w0.35-32-int8.tflite",
          "--no-metadata", "--golden", "3")
     bundle = run / "bundle" / "mobilenet_v2-w0.35-32-int8"
@@ -110,3 +101,22 @@ def test_the_installed_wheel_runs_every_verb_from_an_empty_folder(edgetl_bin: Pa
     assert "__init__.py" not in shipped
     check = _run(edgetl_bin, bundle / "device_bench", "python", "golden_check.py", "mobilenet_v2-w0.35-32-int8.tflite")
     assert "3 passed, 0 failed" in check.stdout
+
+
+@pytest.mark.slow  # about 100 s on two cores: the sweep fine-tunes and exports a pruned variant
+def test_the_installed_wheel_runs_a_packaged_sweep_recipe(edgetl_bin: Path, tiny_checkpoint: Path,
+                                                          tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run = empty / "run"
+    # fp32 as well as int8, so that the sweep takes both from here and makes only its pruned variant
+    _run(edgetl_bin, empty, "edgetl", "export", str(tiny_checkpoint), "--formats", "tflite", "--quant", "fp32,int8",
+         "--max-drop", "100", "--out", str(run / "export"))
+    _run(edgetl_bin, empty, "edgetl", "sweep", str(tiny_checkpoint), "--recipe", "small", "--target", "host",
+         "--formats", "tflite", "--iters", "3", "--samples", "10", "--reuse", str(run / "export"),
+         "--out", str(run / "sweep"))
+    sweep = json.loads((run / "sweep" / "sweep.json").read_text())
+    assert [v["name"] for v in sweep["variants"]] == ["fp32", "int8-ptq", "pruned30-int8"]
+    assert sweep["config"]["recipe"] == "small" and all(v["status"] == "ok" for v in sweep["variants"])
+    assert (run / "sweep" / "report.html").is_file()
+    assert sum(1 for v in sweep["variants"] if v.get("reused_from")) == 2
