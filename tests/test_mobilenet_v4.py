@@ -263,3 +263,17 @@ def test_breakdown_reads_timms_nested_block_names_from_tensor_names() -> None:
     head = ("edgetl.backends.torch.export.ChannelsLastInput/edgetl.backends.torch.models.MobileNetV3_model/"
             f"{seq}_classifier/torch.nn.modules.linear.Linear_3;1")
     assert _block_of([head]) == ("classifier.3", "Linear")
+
+
+def test_one_flag_fine_tunes_from_the_hub_cache_and_says_where_the_file_came_from(tmp_path: Path) -> None:
+    """The real CLI, offline: `--weights imagenet` on a MobileNetV4 finds timm's file in the Hub cache (the
+    conftest's HF_HOME), prints its path and records repository, revision and sha256 in the checkpoint."""
+    repo_id = get_backbone("mobilenet_v4_conv_small").torch_weights[1.0].repo_id
+    snapshot = make_hub_cache(Path(os.environ["HF_HOME"]), repo_id, build_model("mobilenet_v4_conv_small").state_dict())
+    done = run_cli("finetune", "--data", "builtin:shapes", "--backbone", "mobilenet_v4_conv_small",
+                   "--image-size", "32", "--epochs-finetune", "0", "--out", str(tmp_path / "run"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"weights: Hugging Face Hub cache ({snapshot})" in (done.stdout + done.stderr).replace("\n", "")
+    init = json.loads((tmp_path / "run" / "checkpoint" / "manifest.json").read_text())["init_weights"]
+    assert init["repository"] == repo_id and init["revision"] == COMMIT and init["tensors_loaded"] == 278
+    assert init["sha256"] == hashlib.sha256(snapshot.resolve().read_bytes()).hexdigest()
