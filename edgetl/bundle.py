@@ -34,7 +34,6 @@ TEMPLATES = assets.folder("export")  # android/, ios/ and golden_check.py, shipp
 ANDROID_MODULE = "edgetl-classifier"
 IOS_PACKAGE = "EdgeTLClassifier"
 KOTLIN_PACKAGE = Path("ai/edgetl/classifier")
-LITERT_ANDROID = "com.google.ai.edge.litert:litert:2.3.0"
 # Device kernels (ARM XNNPACK) sum in another order than the host's; int8 requantization can move an
 # output by one step. Softmax probabilities stay within these of the host's (top-1 must match exactly).
 TOLERANCE = {"fp32": 0.01, "int8": 0.05}
@@ -166,8 +165,8 @@ def check_code_values(path: Path, sidecar: dict, sidecar_path: Path) -> None:
                         "file's manifest; re-export it with `edgetl export`")
     if sidecar["format"] != formats.SUFFIXES.get(path.suffix):
         raise UserError(f"{where} says format {sidecar['format']!r} for a {path.suffix} file")
-    if not formats.get(sidecar["format"]).bundle:
-        shipped = ", ".join(f.suffix for f in formats.FORMATS.values() if f.bundle)
+    if formats.get(sidecar["format"]).bundle is None:
+        shipped = ", ".join(f.suffix for f in formats.FORMATS.values() if f.bundle is not None)
         raise UserError(f"{path.name}: edgetl bundle has no app templates for {path.suffix} files yet; valid: "
                         f"{shipped} (export one with --formats)")
     check_labels(sidecar["labels"], where, "export again from a checkpoint with usable labels")
@@ -507,12 +506,9 @@ def _android(root: Path, sidecar: dict, files: dict, golden: Path) -> None:
     """Gradle library module: assets, Kotlin classifier for the artifact's runtime, instrumented golden test."""
     fmt = sidecar["format"]
     values = _constants(sidecar, files)
-    if fmt == "tflite":
-        values.update(RUNTIME_DEPENDENCY=LITERT_ANDROID, MIN_SDK="24",
-                      RUNTIME_NOTE="LiteRT (the runtime edgetl verified with: ai-edge-litert 2.3.0); Interpreter API")
-    else:
-        values.update(RUNTIME_DEPENDENCY=f"org.pytorch:executorch-android:{values['EXECUTORCH_VERSION']}",
-                      MIN_SDK="24", RUNTIME_NOTE="ExecuTorch AAR; keep it at the version that wrote the .pte")
+    apps = _apps(sidecar)
+    values.update(RUNTIME_DEPENDENCY=_filled(apps.android_dependency, sidecar), MIN_SDK="24",
+                  RUNTIME_NOTE=_filled(apps.android_note, sidecar))
     source = TEMPLATES / "android"
     kotlin = root / "src/main/kotlin" / KOTLIN_PACKAGE
     _fill(source / "build.gradle.kts", root / "build.gradle.kts", values)
@@ -536,10 +532,8 @@ def _ios(root: Path, sidecar: dict, files: dict, golden: Path) -> None:
     fmt = sidecar["format"]
     values = _constants(sidecar, files)
     source = TEMPLATES / "ios"
-    if fmt == "pte":
-        _fill(source / "Package.swift", root / "Package.swift", values)
-    else:
-        _fill(source / "EdgeTLClassifier.podspec", root / "EdgeTLClassifier.podspec", values)
+    manifest = _filled(_apps(sidecar).ios_manifest, sidecar)
+    _fill(source / manifest, root / manifest, values)
     swift = Path("Sources") / IOS_PACKAGE
     for name in ("ModelSpec.swift", "Preprocessing.swift", "Resources.swift"):
         _fill(source / swift / name, root / swift / name, values)
@@ -559,7 +553,6 @@ def _ios(root: Path, sidecar: dict, files: dict, golden: Path) -> None:
 
 def _readme(record: dict, sidecar: dict) -> str:
     model = record["model"]
-    fmt = sidecar["format"]
     golden = record["golden"]
     platforms = record["platforms"]
     meta = model["tflite_metadata"]
@@ -606,9 +599,9 @@ def _readme(record: dict, sidecar: dict) -> str:
             lines[-2:-2] = ["The per-channel mean/std are applied inside the model (MUL, ADD at its input), "
                             "because MediaPipe rejects per-channel NormalizationOptions: apps feed RGB pixel "
                             "values 0–255 as float32."]
+    apps = _apps(sidecar)
     if "android" in platforms:
-        dependency = LITERT_ANDROID if fmt == "tflite" else f"org.pytorch:executorch-android:" \
-            f"{sidecar.get('versions', {}).get('executorch', '1.5.1')}"
+        dependency = _filled(apps.android_dependency, sidecar)
         lines += [
             "## Android (Gradle library module `android/edgetl-classifier`)",
             "",
@@ -625,33 +618,7 @@ def _readme(record: dict, sidecar: dict) -> str:
             "",
         ]
     if "ios" in platforms:
-        if fmt == "pte":
-            lines += [
-                "## iOS (Swift package `ios/EdgeTLClassifier`, ExecuTorch through SwiftPM)",
-                "",
-                f"1. Copy `ios/{IOS_PACKAGE}/` into your repository.",
-                "2. Xcode → File → Add Package Dependencies… → Add Local… → choose that folder (it pulls ExecuTorch "
-                f"from its `swiftpm-{sidecar.get('versions', {}).get('executorch', '1.5.1')}` branch).",
-                f"3. Add the `{IOS_PACKAGE}` library to your app target.",
-                "4. In code: `let top = try ImageClassifier().classify(cgImage, k: 3)`.",
-                f"5. `swift test` is not possible for iOS-only binaries; run the `{IOS_PACKAGE}Tests` scheme "
-                "(Product → Test) on a device or simulator for the golden-image self-test.",
-                "",
-            ]
-        else:
-            lines += [
-                "## iOS (`ios/EdgeTLClassifier`, TensorFlowLiteSwift through CocoaPods)",
-                "",
-                "TensorFlowLiteSwift is published only as a CocoaPod (there is no Swift package for it), so this "
-                "folder is a CocoaPods development pod with the model, labels and preprocess.json as resources.",
-                "",
-                f"1. Copy `ios/{IOS_PACKAGE}/` into your repository.",
-                f"2. In your `Podfile`: `pod '{IOS_PACKAGE}', :path => '{IOS_PACKAGE}', :testspecs => ['Tests']`.",
-                "3. `pod install`, then open the `.xcworkspace`.",
-                f"4. In code: `import {IOS_PACKAGE}` and `let top = try ImageClassifier().classify(cgImage, k: 3)`.",
-                f"5. Product → Test on the `{IOS_PACKAGE}-Unit-Tests` scheme runs the golden-image self-test.",
-                "",
-            ]
+        lines += [_filled(line, sidecar) for line in apps.ios_readme]
     lines += [
         "## Golden self-test",
         "",
@@ -674,10 +641,18 @@ def _readme(record: dict, sidecar: dict) -> str:
         f"- Same check with timing: `python device_bench.py {model['file']} --inputs golden.npz --threads 4 "
         "--out result.json` — its `accuracy.top1` must be 1.0, because `golden.npz`'s labels are the host's top-1.",
     ]
-    if fmt == "pte":
-        lines.append("- .pte on a phone: the ExecuTorch Python runtime needs torch; use device_bench's `--runner` "
-                     "with the native runner that `edgetl bench --setup arm64` builds.")
+    lines += [_filled(line, sidecar) for line in apps.device_bench_readme]
     return "\n".join(lines) + "\n"
+
+
+def _apps(sidecar: dict) -> formats.AppTemplates:
+    """The app templates of the file's format (`bundle` refuses a format without them before any work)."""
+    return formats.get(sidecar["format"]).bundle
+
+
+def _filled(text: str, sidecar: dict) -> str:
+    """A template text of the format's record with the iOS library's name and the ExecuTorch version filled in."""
+    return text.format(package=IOS_PACKAGE, executorch=sidecar.get("versions", {}).get("executorch") or "1.5.1")
 
 
 def _list(values: list[float]) -> str:

@@ -21,7 +21,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from edgetl.errors import UserError
-from edgetl.formats.base import Format
+from edgetl.formats.base import AppTemplates, Format
 
 if TYPE_CHECKING:
     import numpy as np
@@ -38,8 +38,8 @@ def __getattr__(name: str) -> Any:
         return getattr(tensors, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ = ["FORMATS", "SUFFIXES", "Format", "convert", "dequantize", "describe", "facts", "format_of", "get",
-           "quantize", "register", "run", "softmax", "tensor_info"]
+__all__ = ["FORMATS", "SUFFIXES", "AppTemplates", "Format", "convert", "dequantize", "describe", "facts", "format_of",
+           "get", "quantize", "register", "run", "softmax", "tensor_info"]
 
 # in the order tables and --formats list them
 MODULES = ("edgetl.formats.tflite", "edgetl.formats.pte", "edgetl.formats.onnx")

@@ -6,6 +6,19 @@ from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
+class AppTemplates:
+    """How `edgetl bundle` packages a format for apps. Text may hold `{executorch}` (the ExecuTorch version that
+    wrote the file) and `{package}` (the iOS library's name); the Kotlin and Swift classifiers are the templates
+    `ImageClassifier.<format>.kt` and `.swift`."""
+
+    android_dependency: str  # the Gradle coordinate of the Android runtime
+    android_note: str  # what the generated build file says about that runtime
+    ios_manifest: str  # the template that packages the iOS library: Package.swift (SwiftPM) or a CocoaPods podspec
+    ios_readme: tuple[str, ...]  # the bundle README's iOS section, one line each
+    device_bench_readme: tuple[str, ...] = ()  # more lines for the README's device_bench section
+
+
+@dataclass(frozen=True)
 class Format:
     """One file format edgetl makes, runs and ships.
 
@@ -28,7 +41,7 @@ class Format:
     # whether an int8 file takes float input and quantizes it inside the graph (its sidecar then says with what
     # scale and zero point, for apps that feed it int8 themselves)
     quantizes_inside: bool = False
-    bundle: bool = False  # whether `edgetl bundle` has Android/iOS templates for it
+    bundle: AppTemplates | None = None  # its Android/iOS templates; None: `edgetl bundle` does not ship it
     default: bool = True  # made when --formats is not given
     libraries: tuple[str, ...] = ()  # distributions (converter, runtime) whose versions the manifests record
     style: tuple[str, str] = ("tab:gray", "o")  # colour and marker in plots

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgetl.errors import UserError
-from edgetl.formats.base import Format
+from edgetl.formats.base import AppTemplates, Format
 
 if TYPE_CHECKING:
     import numpy as np
@@ -73,8 +73,28 @@ def facts(path: Path) -> dict:
     return {}
 
 
+APPS = AppTemplates(
+    android_dependency="org.pytorch:executorch-android:{executorch}",
+    android_note="ExecuTorch AAR; keep it at the version that wrote the .pte",
+    ios_manifest="Package.swift",
+    ios_readme=(
+        "## iOS (Swift package `ios/{package}`, ExecuTorch through SwiftPM)",
+        "",
+        "1. Copy `ios/{package}/` into your repository.",
+        "2. Xcode → File → Add Package Dependencies… → Add Local… → choose that folder (it pulls ExecuTorch "
+        "from its `swiftpm-{executorch}` branch).",
+        "3. Add the `{package}` library to your app target.",
+        "4. In code: `let top = try ImageClassifier().classify(cgImage, k: 3)`.",
+        "5. `swift test` is not possible for iOS-only binaries; run the `{package}Tests` scheme "
+        "(Product → Test) on a device or simulator for the golden-image self-test.",
+        "",
+    ),
+    device_bench_readme=("- .pte on a phone: the ExecuTorch Python runtime needs torch; use device_bench's `--runner` "
+                         "with the native runner that `edgetl bench --setup arm64` builds.",),
+)
+
 FORMAT = Format(
     name="pte", suffix=".pte", runtime="ExecuTorch (XNNPACK delegate)",
     converters={"torch": "ExecuTorch to_edge_transform_and_lower (XnnpackPartitioner)"},
-    blocks="lowered", arm64="runner", quantizes_inside=True, bundle=True, libraries=("executorch",),
+    blocks="lowered", arm64="runner", quantizes_inside=True, bundle=APPS, libraries=("executorch",),
     style=("tab:orange", "^"))

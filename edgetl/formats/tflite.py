@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgetl.errors import UserError
-from edgetl.formats.base import Format
+from edgetl.formats.base import AppTemplates, Format
 from edgetl.ui import quiet_native
 
 if TYPE_CHECKING:
@@ -116,8 +116,27 @@ def facts(path: Path) -> dict:
     return {"weight_sparsity": weight_sparsity(path)}
 
 
+APPS = AppTemplates(
+    android_dependency="com.google.ai.edge.litert:litert:2.3.0",
+    android_note="LiteRT (the runtime edgetl verified with: ai-edge-litert 2.3.0); Interpreter API",
+    ios_manifest="{package}.podspec",
+    ios_readme=(
+        "## iOS (`ios/{package}`, TensorFlowLiteSwift through CocoaPods)",
+        "",
+        "TensorFlowLiteSwift is published only as a CocoaPod (there is no Swift package for it), so this "
+        "folder is a CocoaPods development pod with the model, labels and preprocess.json as resources.",
+        "",
+        "1. Copy `ios/{package}/` into your repository.",
+        "2. In your `Podfile`: `pod '{package}', :path => '{package}', :testspecs => ['Tests']`.",
+        "3. `pod install`, then open the `.xcworkspace`.",
+        "4. In code: `import {package}` and `let top = try ImageClassifier().classify(cgImage, k: 3)`.",
+        "5. Product → Test on the `{package}-Unit-Tests` scheme runs the golden-image self-test.",
+        "",
+    ),
+)
+
 FORMAT = Format(
     name="tflite", suffix=".tflite", runtime="LiteRT (ai-edge-litert Interpreter)",
     converters={"torch": "litert-torch", "keras": "tf.lite.TFLiteConverter.from_keras_model"},
-    blocks="cut", arm64="python", guest=("ai-edge-litert==2.3.0", "ai_edge_litert.interpreter"), bundle=True,
+    blocks="cut", arm64="python", guest=("ai-edge-litert==2.3.0", "ai_edge_litert.interpreter"), bundle=APPS,
     libraries=("ai-edge-litert",), style=("tab:blue", "s"))
