@@ -15,7 +15,6 @@ import os
 import platform
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from edgetl.demo import DEMO_CONFIG
@@ -38,8 +37,8 @@ def main() -> None:
     results: dict = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()}}
 
     results["pretrained"] = run(DEMO_CONFIG)
-    results["probe"] = run(replace(DEMO_CONFIG, epochs_finetune=0))
-    results["scratch"] = run(replace(DEMO_CONFIG, weights="none"))
+    results["probe"] = run(DEMO_CONFIG.with_(epochs_finetune=0))
+    results["scratch"] = run(DEMO_CONFIG.with_(weights="none"))
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from edgetl.config import ExportConfig, FinetuneConfig
@@ -43,12 +42,12 @@ def make_checkpoint(args: argparse.Namespace, results: dict) -> Path:
     from edgetl import backends
     from edgetl.finetune import load_listing
 
-    config = FinetuneConfig(data="builtin:fashion-mnist-mini", framework="keras", backbone=BACKBONE, width=WIDTH,
+    config = FinetuneConfig.of(data="builtin:fashion-mnist-mini", framework="keras", backbone=BACKBONE, width=WIDTH,
                             image_size=SIZE, weights="none", epochs_finetune=4, unfreeze=3)
     weights = args.work / "scratch_backbone.weights.h5"
     results["pretrain"] = backends.load("keras").train_backbone_from_scratch(config, load_listing(config),
                                                                              args.pretrain_epochs, weights)
-    config = replace(config, weights=str(weights))
+    config = config.with_(weights=str(weights))
     started = time.perf_counter()
     checkpoint = run_finetune(config, args.work)
     results["finetune_seconds"] = round(time.perf_counter() - started, 1)

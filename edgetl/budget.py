@@ -81,25 +81,27 @@ def _steps_that_fit(estimate: Estimate, seconds: float, most: int) -> int:
 
 def fit_to_budget(plan: Plan, counts: dict[str, int], speed: Speed, elapsed: float,
                   size_candidates: tuple[int, ...] = ()) -> tuple[Plan, dict]:
-    """The plan with its stage-2 schedule fitted to `config.time_budget`, and the record of why.
+    """The plan with its stage-2 schedule fitted to `config.train.time_budget`, and the record of why.
 
     `counts`: images per split; `elapsed`: seconds the run has spent; `size_candidates`: the input sizes the
     run measured (a smaller one is taken when the measured size leaves less than one epoch of stage 2).
     Raises UserError, before any training, when stage 1 and the final evaluation alone do not fit.
     """
     config = plan.config
-    budget = 60.0 * float(config.time_budget)
+    budget = 60.0 * float(config.train.time_budget)
     target = TARGET_SHARE * budget - elapsed
-    batch = int(config.batch_size)
-    recipe_steps = int(config.epochs_finetune or 0) * math.ceil(counts["train"] / batch) if config.unfreeze else 0
-    size = int(config.image_size)
+    batch = int(config.train.batch_size)
+    train = config.train
+    recipe_steps = int(train.epochs_finetune or 0) * math.ceil(counts["train"] / batch) if train.unfreeze else 0
+    size = int(config.model.image_size)
     estimate = _estimate(speed.at(size), counts, batch)
     fixed = estimate.stage1 + estimate.final
     if fixed > target:
         smallest = min((s for s in size_candidates if s < size), default=None)
         hint = f"; or --image-size {smallest}" if smallest else ""
         raise UserError(
-            f"--time-budget {config.time_budget:g} min does not fit stage 1 here: {elapsed:.0f} s spent, and stage "
+            f"--time-budget {config.train.time_budget:g} min does not fit stage 1 here: {elapsed:.0f} s spent, and "
+            f"stage "
             f"1 with the final evaluation needs about {fixed:.0f} s more ({counts['train'] + counts['val']} images "
             f"through the backbone at {speed.at(size).forward_images_per_s:.1f} images/s); give at least "
             f"{math.ceil((elapsed + fixed) / TARGET_SHARE / 60 * 10) / 10:g} minutes{hint}")
@@ -118,7 +120,7 @@ def fit_to_budget(plan: Plan, counts: dict[str, int], speed: Speed, elapsed: flo
     epochs = math.ceil(steps / estimate.steps_per_epoch) if steps else 0
     planned = elapsed + estimate.stage1 + steps * estimate.step + epochs * estimate.epoch_validation + estimate.final
     record = {
-        "minutes": config.time_budget,
+        "minutes": config.train.time_budget,
         "speed": speed.to_json(),
         "seconds_spent_before_plan": round(elapsed, 1),
         "estimate_seconds": {"stage1": round(estimate.stage1, 1), "stage2_step": round(estimate.step, 2),
@@ -130,12 +132,12 @@ def fit_to_budget(plan: Plan, counts: dict[str, int], speed: Speed, elapsed: flo
         "planned_end_seconds": round(planned, 1),
         "stage2_deadline_seconds": round(budget - estimate.final, 1),
     }
-    why = (f"{config.time_budget:g} min: training {speed.at(size).train_images_per_s:.1f} and forward "
+    why = (f"{config.train.time_budget:g} min: training {speed.at(size).train_images_per_s:.1f} and forward "
            f"{speed.at(size).forward_images_per_s:.1f} images/s measured at {size} px; stage 1 ≈ "
            f"{estimate.stage1:.0f} s, stage 2 {steps} of the recipe's {recipe_steps} steps; "
            f"ends ≈ {planned / 60:.1f} min")
     choices = dict(plan.choices)
-    choices["time_budget"] = Choice(config.time_budget, "flag", why)
+    choices["time_budget"] = Choice(config.train.time_budget, "flag", why)
     updates: dict = {"max_steps": steps}
     if steps < recipe_steps:
         updates["epochs_finetune"] = epochs
@@ -144,8 +146,8 @@ def fit_to_budget(plan: Plan, counts: dict[str, int], speed: Speed, elapsed: flo
     if size_why:
         updates["image_size"] = size
         choices["image_size"] = Choice(size, "auto", f"the time budget: {size_why}")
-        record["image_size_from"] = plan.config.image_size
-    return replace(plan, config=replace(config, **updates), choices=choices), record
+        record["image_size_from"] = plan.config.model.image_size
+    return replace(plan, config=config.with_(**updates), choices=choices), record
 
 
 def refit_after_stage1(config: FinetuneConfig, record: dict, counts: dict[str, int], elapsed: float,
@@ -153,10 +155,10 @@ def refit_after_stage1(config: FinetuneConfig, record: dict, counts: dict[str, i
     """The stage-2 steps again, now that stage 1 has run: its real seconds and forward speed replace the
     estimates (a timing of a few steps on a shared machine is off by 10-40%). Never more steps than the
     recipe's; the record gets the new plan."""
-    budget = 60.0 * float(config.time_budget)
-    train_rate = record["speed"]["train_images_per_s"] * (config.image_size / record["speed"]["image_size"]) ** -2
-    speed = Speed(int(config.image_size), forward_images_per_s, train_rate)
-    estimate = _estimate(speed, counts, int(config.batch_size))
+    budget = 60.0 * float(config.train.time_budget)
+    train_rate = record["speed"]["train_images_per_s"] * (config.model.image_size / record["speed"]["image_size"]) ** -2
+    speed = Speed(int(config.model.image_size), forward_images_per_s, train_rate)
+    estimate = _estimate(speed, counts, int(config.train.batch_size))
     steps = _steps_that_fit(estimate, TARGET_SHARE * budget - elapsed - estimate.final, record["recipe_steps"])
     epochs = math.ceil(steps / estimate.steps_per_epoch) if steps else 0
     record["after_stage1"] = {
@@ -166,7 +168,7 @@ def refit_after_stage1(config: FinetuneConfig, record: dict, counts: dict[str, i
                                      + estimate.final, 1)}
     record["stage2_deadline_seconds"] = round(budget - estimate.final, 1)
     record["final_estimate_seconds"] = round(estimate.final, 1)
-    return replace(config, max_steps=steps, epochs_finetune=epochs)
+    return config.with_(max_steps=steps, epochs_finetune=epochs)
 
 
 def refit_during_stage2(config: FinetuneConfig, record: dict, elapsed: float, steps_done: int, step_seconds: float,
@@ -174,7 +176,7 @@ def refit_during_stage2(config: FinetuneConfig, record: dict, elapsed: float, st
     """Stage 2's total steps again after an epoch, from the seconds its steps and its validation really took:
     the schedule then ends at the budget's target on a machine that runs faster or slower than it was timed.
     Never more than the recipe's steps, never fewer than those done."""
-    budget = 60.0 * float(config.time_budget)
+    budget = 60.0 * float(config.train.time_budget)
     final = record.get("final_estimate_seconds", record["estimate_seconds"]["final_evaluation_and_write"])
     estimate = Estimate(stage1=0.0, epoch_validation=epoch_overhead, step=max(1e-6, step_seconds), final=final,
                         steps_per_epoch=max(1, steps_per_epoch))

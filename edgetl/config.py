@@ -16,7 +16,7 @@ import os
 import re
 import tomllib
 import types
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, replace
 from functools import cache
 from pathlib import Path
 from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
@@ -132,8 +132,8 @@ def _hints(config_type: type) -> dict[str, Any]:
 def type_problems(config_type: type, values: dict[str, Any], prefix: str = "") -> list[str]:
     """One phrase per value of `values` that is not of its field's declared type (unknown keys are skipped:
     the recipe loader refuses them with the valid names)."""
-    hints = _hints(config_type)
-    defaults = {f.name: f.default for f in fields(config_type)}
+    hints = _flat_hints(config_type)
+    defaults = _flat_defaults(config_type)
     problems = []
     for key, value in values.items():
         hint = hints.get(key)
@@ -154,7 +154,8 @@ def type_problems(config_type: type, values: dict[str, Any], prefix: str = "") -
 
 def check_types(config: Any) -> None:
     """Every field of a config dataclass against its type hint, before any check compares or parses it."""
-    values = {f.name: getattr(config, f.name) for f in fields(config)}
+    values = (config.flat() if isinstance(config, Sectioned)
+              else {f.name: getattr(config, f.name) for f in fields(config)})
     problems = type_problems(type(config), values)
     if problems:
         raise UserError(f"{config.STAGE} settings: {'; '.join(problems)}")
@@ -180,8 +181,176 @@ class Checked:
         return self
 
 
+class Sectioned(Checked):
+    """A config made of sections (frozen dataclasses), whose settings keep flat names unique across them.
+
+    The flat names are what a user writes: flags, `--set key=value` and recipe keys (a recipe may also group them
+    under `[section]` tables, and `--set section.key=value` works too). The code reads `config.section.key`, so each
+    stage sees only the part it needs. `to_json` writes the sections, with CONFIG_VERSION; `from_json` also reads
+    the flat dicts that manifests held before sections existed."""
+
+    @classmethod
+    def of(cls, **flat: Any) -> Any:
+        """The config with these settings (flat names); what is not given takes its default."""
+        layout, grouped = _layout(cls), {}
+        unknown = sorted(set(flat) - set(layout))
+        if unknown:
+            raise TypeError(f"{cls.__name__} has no setting {', '.join(unknown)}")
+        for key, value in flat.items():
+            grouped.setdefault(layout[key], {})[key] = value
+        values = grouped.pop(None, {})
+        for name, section in _sections(cls).items():
+            values[name] = section(**grouped.get(name, {}))
+        return cls(**values)
+
+    def flat(self) -> dict[str, Any]:
+        """Every setting by its flat name."""
+        values: dict[str, Any] = {}
+        for f in fields(self):
+            held = getattr(self, f.name)
+            values.update({g.name: getattr(held, g.name) for g in fields(held)} if f.name in _sections(type(self))
+                          else {f.name: held})
+        return values
+
+    def with_(self, **flat: Any) -> Any:
+        """A copy with these settings changed (flat names), unchecked like any `dataclasses.replace` copy."""
+        return type(self).of(**{**self.flat(), **flat})
+
+    def to_json(self) -> dict:
+        payload: dict[str, Any] = {"config_version": CONFIG_VERSION}
+        for f in fields(self):
+            held = getattr(self, f.name)
+            payload[f.name] = ({g.name: _jsonable(getattr(held, g.name)) for g in fields(held)}
+                               if f.name in _sections(type(self)) else _jsonable(held))
+        return payload
+
+    @classmethod
+    def settings_of(cls, payload: dict[str, Any]) -> dict[str, Any]:
+        """The flat settings a stored config holds: sectioned (config_version 2) or flat (older manifests).
+        Settings this edgetl no longer has are dropped; the stored file keeps them."""
+        flat: dict[str, Any] = {}
+        sections = _sections(cls)
+        for key, value in payload.items():
+            if key in sections and isinstance(value, dict):
+                flat.update(value)
+            elif key != "config_version":
+                flat[key] = value
+        layout = _layout(cls)
+        return {key: value for key, value in flat.items() if key in layout}
+
+    @classmethod
+    def from_json(cls, payload: dict[str, Any]) -> Any:
+        """The config a manifest or a worker's hand-over file stored, of either config version."""
+        settings = cls.settings_of(payload)
+        for key, hint in _flat_hints(cls).items():  # JSON holds lists where the config holds tuples
+            if get_origin(hint) is tuple and isinstance(settings.get(key), list):
+                settings[key] = tuple(settings[key])
+        return cls.of(**settings)
+
+
+CONFIG_VERSION = 2  # 1: one flat object of settings (manifests before sections); 2: grouped in sections
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else str(value) if isinstance(value, Path) else value
+
+
+@cache
+def _sections(config_type: type) -> dict[str, type]:
+    """A sectioned config's section fields → their dataclasses (empty for a flat config)."""
+    hints = _hints(config_type)
+    return {f.name: hints[f.name] for f in fields(config_type)
+            if isinstance(hints[f.name], type) and is_dataclass(hints[f.name])}
+
+
+@cache
+def _layout(config_type: type) -> dict[str, str | None]:
+    """Every flat setting name → the section that holds it (None: the config itself)."""
+    sections, layout = _sections(config_type), {}
+    for f in fields(config_type):
+        if f.name in sections:
+            layout.update({g.name: f.name for g in fields(sections[f.name])})
+        else:
+            layout[f.name] = None
+    return layout
+
+
+def _flat_hints(config_type: type) -> dict[str, Any]:
+    """Each flat setting's declared type."""
+    sections = _sections(config_type)
+    return {key: _hints(sections[where] if where else config_type)[key]
+            for key, where in _layout(config_type).items()}
+
+
+def _flat_defaults(config_type: type) -> dict[str, Any]:
+    """Each flat setting's default (MISSING for one that must be given)."""
+    sections = _sections(config_type)
+    defaults = {}
+    for key, where in _layout(config_type).items():
+        owner = sections[where] if where else config_type
+        found = next(f for f in fields(owner) if f.name == key)
+        defaults[key] = found.default
+    return defaults
+
+
 @dataclass(frozen=True)
-class FinetuneConfig(Checked):
+class ModelOptions:
+    """The network: which backbone, how wide, at what input size, from which weights, in which framework."""
+
+    backbone: str = "efficientnet_lite0"
+    width: float = 1.0
+    image_size: int | None = None
+    weights: str = "imagenet"
+    framework: str = "torch"
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """The images: the folder, how it is split and weighted, and how many processes decode it."""
+
+    data: str = ""
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    class_weights: str = "auto"
+    workers: int = 0
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """The hyper-parameters of the two stages and their schedule."""
+
+    epochs_finetune: int | None = None
+    unfreeze: int | None = None
+    batch_size: int | None = None
+    lr_finetune: float = 3e-4
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.1
+    warmup_fraction: float = 0.1
+    patience: int = 6
+    seed: int = 0
+    time_budget: float | None = None  # minutes the whole run may take; the stage-2 schedule is fitted to it
+    max_steps: int | None = None  # stage-2 optimizer steps at most (a time budget sets it; None: every epoch's)
+
+
+@dataclass(frozen=True)
+class ScaleOutOptions:
+    """Where training runs: the device, processes per machine and machines."""
+
+    device: str = "auto"
+    devices: int = 1  # processes (torch) or replicas (keras) per machine, one per GPU
+    nnodes: int = 1
+    node_rank: int = 0
+    master: str | None = None  # ADDR:PORT of node rank 0, for several machines
+    master_timeout: float = 120.0  # seconds to wait for the master before giving up with one line
+
+    @property
+    def world_size(self) -> int:
+        """Training processes (torch) or workers × replicas asked for on the command line."""
+        return self.devices * self.nnodes
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(Sectioned):
     """Everything that decides a fine-tuning run (with `seed`, it is reproducible on CPU).
 
     None means "decide from the folder" (`edgetl.recipe.plan`): the input size, the batch size, the
@@ -191,33 +360,10 @@ class FinetuneConfig(Checked):
 
     STAGE: ClassVar[str] = "finetune"  # what its settings are called in an error line
 
-    data: str
-    backbone: str = "efficientnet_lite0"
-    width: float = 1.0
-    image_size: int | None = None
-    weights: str = "imagenet"
-    epochs_finetune: int | None = None
-    unfreeze: int | None = None
-    batch_size: int | None = None
-    class_weights: str = "auto"
-    lr_finetune: float = 3e-4
-    weight_decay: float = 1e-4
-    label_smoothing: float = 0.1
-    warmup_fraction: float = 0.1
-    patience: int = 6
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
-    seed: int = 0
-    device: str = "auto"
-    workers: int = 0
-    framework: str = "torch"
-    devices: int = 1  # processes (torch) or replicas (keras) per machine, one per GPU
-    nnodes: int = 1
-    node_rank: int = 0
-    master: str | None = None  # ADDR:PORT of node rank 0, for several machines
-    master_timeout: float = 120.0  # seconds to wait for the master before giving up with one line
-    time_budget: float | None = None  # minutes the whole run may take; the stage-2 schedule is fitted to it
-    max_steps: int | None = None  # stage-2 optimizer steps at most (a time budget sets it; None: every epoch's)
+    model: ModelOptions = field(default_factory=ModelOptions)
+    dataset: DataOptions = field(default_factory=DataOptions)
+    train: TrainOptions = field(default_factory=TrainOptions)
+    scale_out: ScaleOutOptions = field(default_factory=ScaleOutOptions)
     recipe: str | None = None  # the fine-tuning recipe (export/finetune/NAME.toml or a path) its values came from
 
     def validate(self) -> FinetuneConfig:
@@ -225,89 +371,108 @@ class FinetuneConfig(Checked):
         if self.checked:
             return self
         check_types(self)
-        spec = get_backbone(self.backbone)
-        spec.check_width(self.width)
-        if self.framework not in FRAMEWORKS:
-            raise UserError(one_of(self.framework, FRAMEWORKS, "--framework"))
-        spec.check_framework(self.framework)
-        if self.device not in DEVICES:
-            raise UserError(one_of(self.device, DEVICES, "--device"))
-        size = check_image_size(self.image_size) if self.image_size is not None else None
-        hub = parse_hub_weights(self.weights)
-        if hub is not None and self.framework != "torch":
-            raise UserError(f"--weights {self.weights!r} with --framework {self.framework}: Hugging Face Hub weights "
-                            f"are torch state dicts; valid: --framework torch, or --weights imagenet/none/PATH")
-        if hub is None and self.weights not in ("imagenet", "none") and not Path(self.weights).is_file():
-            raise UserError(f"--weights {self.weights!r} is neither 'imagenet', 'none', "
-                            f"'{HUB_PREFIX}OWNER/NAME[@REVISION]' nor an existing file")
-        if self.weights == "imagenet" and self.framework == "keras":
-            spec.keras_weight_source(self.width, size or spec.default_image_size)
-        elif self.weights == "imagenet":
-            spec.torch_weight_source(self.width)
-        for name in ("epochs_finetune", "patience", "workers"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise UserError(f"--{name.replace('_', '-')} {value} is negative; valid: 0 or more")
-        if self.unfreeze is not None and self.unfreeze < -1:
-            raise UserError(f"--unfreeze {self.unfreeze} is not usable; valid: -1 (every block), 0 (no stage 2) or "
-                            f"a number of top blocks")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise UserError(f"--batch-size {self.batch_size} is not usable; valid: 1 or more")
-        if self.time_budget is not None and not (math.isfinite(self.time_budget) and self.time_budget > 0):
-            raise UserError(f"--time-budget {self.time_budget:g} is not usable; valid: minutes above 0, e.g. 5 or 2.5")
-        if self.time_budget is not None and self.framework != "torch":
-            raise UserError(f"--time-budget with --framework {self.framework}: the budget times torch training "
-                            f"steps; valid: --framework torch, or no --time-budget")
-        if self.max_steps is not None and self.max_steps < 0:
-            raise UserError(f"max_steps {self.max_steps} is negative; valid: 0 or more")
-        check_seed(self.seed)
-        if self.class_weights not in CLASS_WEIGHTS:
-            raise UserError(one_of(self.class_weights, CLASS_WEIGHTS, "--class-weights"))
-        if not 0 < self.lr_finetune < 1:
-            raise UserError(f"--lr-finetune {self.lr_finetune} is not usable; valid: 0 < lr < 1")
-        for name in ("val_fraction", "test_fraction"):
-            if not 0 < getattr(self, name) < 0.5:
-                raise UserError(f"{name} {getattr(self, name):g} is not usable; valid: a share of the images above 0 "
-                                f"and below 0.5, e.g. 0.1")
-        for name, top in (("weight_decay", 1.0), ("label_smoothing", 1.0), ("warmup_fraction", 1.0)):
-            if not 0 <= getattr(self, name) < top:
-                raise UserError(f"{name} {getattr(self, name):g} is not usable; valid: 0 or more and below {top:g}")
+        size = self._validate_model()
+        self._validate_data()
+        self._validate_train()
         self._validate_scale_out()
-        return replace(self, image_size=size)._mark()
+        return replace(self, model=replace(self.model, image_size=size))._mark()
 
     @property
     def world_size(self) -> int:
         """Training processes (torch) or workers × replicas asked for on the command line."""
-        return self.devices * self.nnodes
+        return self.scale_out.world_size
+
+    def _validate_model(self) -> int | None:
+        """Backbone, width, framework and weights; returns the input size, checked."""
+        model = self.model
+        spec = get_backbone(model.backbone)
+        spec.check_width(model.width)
+        if model.framework not in FRAMEWORKS:
+            raise UserError(one_of(model.framework, FRAMEWORKS, "--framework"))
+        spec.check_framework(model.framework)
+        size = check_image_size(model.image_size) if model.image_size is not None else None
+        hub = parse_hub_weights(model.weights)
+        if hub is not None and model.framework != "torch":
+            raise UserError(f"--weights {model.weights!r} with --framework {model.framework}: Hugging Face Hub "
+                            f"weights are torch state dicts; valid: --framework torch, or --weights "
+                            f"imagenet/none/PATH")
+        if hub is None and model.weights not in ("imagenet", "none") and not Path(model.weights).is_file():
+            raise UserError(f"--weights {model.weights!r} is neither 'imagenet', 'none', "
+                            f"'{HUB_PREFIX}OWNER/NAME[@REVISION]' nor an existing file")
+        if model.weights == "imagenet" and model.framework == "keras":
+            spec.keras_weight_source(model.width, size or spec.default_image_size)
+        elif model.weights == "imagenet":
+            spec.torch_weight_source(model.width)
+        return size
+
+    def _validate_data(self) -> None:
+        dataset = self.dataset
+        if not dataset.data.strip():
+            raise UserError("--data is empty; valid: an image folder, or builtin:fashion-mnist-mini / builtin:shapes")
+        if dataset.workers < 0:
+            raise UserError(f"--workers {dataset.workers} is negative; valid: 0 or more")
+        if dataset.class_weights not in CLASS_WEIGHTS:
+            raise UserError(one_of(dataset.class_weights, CLASS_WEIGHTS, "--class-weights"))
+        for name in ("val_fraction", "test_fraction"):
+            if not 0 < getattr(dataset, name) < 0.5:
+                raise UserError(f"{name} {getattr(dataset, name):g} is not usable; valid: a share of the images "
+                                f"above 0 and below 0.5, e.g. 0.1")
+
+    def _validate_train(self) -> None:
+        train = self.train
+        for name in ("epochs_finetune", "patience"):
+            value = getattr(train, name)
+            if value is not None and value < 0:
+                raise UserError(f"--{name.replace('_', '-')} {value} is negative; valid: 0 or more")
+        if train.unfreeze is not None and train.unfreeze < -1:
+            raise UserError(f"--unfreeze {train.unfreeze} is not usable; valid: -1 (every block), 0 (no stage 2) "
+                            f"or a number of top blocks")
+        if train.batch_size is not None and train.batch_size < 1:
+            raise UserError(f"--batch-size {train.batch_size} is not usable; valid: 1 or more")
+        if train.time_budget is not None and not (math.isfinite(train.time_budget) and train.time_budget > 0):
+            raise UserError(f"--time-budget {train.time_budget:g} is not usable; valid: minutes above 0, e.g. 5 "
+                            f"or 2.5")
+        if train.time_budget is not None and self.model.framework != "torch":
+            raise UserError(f"--time-budget with --framework {self.model.framework}: the budget times torch "
+                            f"training steps; valid: --framework torch, or no --time-budget")
+        if train.max_steps is not None and train.max_steps < 0:
+            raise UserError(f"max_steps {train.max_steps} is negative; valid: 0 or more")
+        check_seed(train.seed)
+        if not 0 < train.lr_finetune < 1:
+            raise UserError(f"--lr-finetune {train.lr_finetune} is not usable; valid: 0 < lr < 1")
+        for name, top in (("weight_decay", 1.0), ("label_smoothing", 1.0), ("warmup_fraction", 1.0)):
+            if not 0 <= getattr(train, name) < top:
+                raise UserError(f"{name} {getattr(train, name):g} is not usable; valid: 0 or more and below "
+                                f"{top:g}")
 
     def _validate_scale_out(self) -> None:
         """--devices/--nnodes/--node-rank/--master: checks that need no framework (GPU counts come later)."""
         from edgetl.distributed import parse_master
 
-        if self.devices < 1:
-            raise UserError(f"--devices {self.devices} is not usable; valid: 1 or more (one process per GPU)")
-        if self.nnodes < 1:
-            raise UserError(f"--nnodes {self.nnodes} is not usable; valid: 1 or more machines")
-        if not 0 <= self.node_rank < self.nnodes:
-            raise UserError(f"--node-rank {self.node_rank} does not fit --nnodes {self.nnodes}; "
-                            f"valid: 0 to {self.nnodes - 1}")
-        if self.nnodes > 1 and not self.master:
-            raise UserError(f"--nnodes {self.nnodes} needs --master ADDR:PORT (the address of node rank 0)")
-        if self.master:
-            parse_master(self.master)
-        if self.master_timeout <= 0:
-            raise UserError(f"--master-timeout {self.master_timeout} is not usable; valid: seconds > 0")
-        if self.device == "mps" and self.devices > 1:
-            raise UserError(f"--devices {self.devices} with --device mps: Apple GPUs are one device; valid: 1")
-        if self.batch_size is not None and self.batch_size % self.world_size:
+        out, batch = self.scale_out, self.train.batch_size
+        if out.device not in DEVICES:
+            raise UserError(one_of(out.device, DEVICES, "--device"))
+        if out.devices < 1:
+            raise UserError(f"--devices {out.devices} is not usable; valid: 1 or more (one process per GPU)")
+        if out.nnodes < 1:
+            raise UserError(f"--nnodes {out.nnodes} is not usable; valid: 1 or more machines")
+        if not 0 <= out.node_rank < out.nnodes:
+            raise UserError(f"--node-rank {out.node_rank} does not fit --nnodes {out.nnodes}; "
+                            f"valid: 0 to {out.nnodes - 1}")
+        if out.nnodes > 1 and not out.master:
+            raise UserError(f"--nnodes {out.nnodes} needs --master ADDR:PORT (the address of node rank 0)")
+        if out.master:
+            parse_master(out.master)
+        if out.master_timeout <= 0:
+            raise UserError(f"--master-timeout {out.master_timeout} is not usable; valid: seconds > 0")
+        if out.device == "mps" and out.devices > 1:
+            raise UserError(f"--devices {out.devices} with --device mps: Apple GPUs are one device; valid: 1")
+        if batch is not None and batch % out.world_size:
             raise UserError(
-                f"--batch-size {self.batch_size} is the global batch and must divide evenly over "
-                f"{self.world_size} processes (--devices {self.devices} × --nnodes {self.nnodes}); "
-                f"valid: a multiple of {self.world_size}"
+                f"--batch-size {batch} is the global batch and must divide evenly over "
+                f"{out.world_size} processes (--devices {out.devices} × --nnodes {out.nnodes}); "
+                f"valid: a multiple of {out.world_size}"
             )
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 def _as_list(value: object, lower: bool = True) -> list[str]:
@@ -810,7 +975,7 @@ def recipe_names(kind: str = "export") -> list[str]:
 
 def settable(kind: str) -> list[str]:
     """The keys a recipe of `kind` and `--set` may set: every field of its config."""
-    return [f.name for f in fields(RECIPES[kind][2]) if f.name not in NOT_SETTABLE]
+    return [key for key in _layout(RECIPES[kind][2]) if key not in NOT_SETTABLE]
 
 
 def _setting_value(text: str, hint: Any) -> object:
@@ -831,12 +996,15 @@ def parse_settings(kind: str, pairs: list[str] | tuple[str, ...] | None) -> dict
     """`--set key=value` pairs → the fields they set, each of its field's type, or one UserError line that names
     the pair and the valid keys (a key may be written with - or _)."""
     _, what, config_type, _ = RECIPES[kind]
-    keys, hints, values = settable(kind), _hints(config_type), {}
+    keys, hints, values = settable(kind), _flat_hints(config_type), {}
     for pair in pairs or ():
         key, equals, text = pair.partition("=")
         key = key.strip().replace("-", "_")
         if not equals or not key:
             raise UserError(f"--set {pair!r} is not KEY=VALUE; valid keys for {kind}: {', '.join(keys)}")
+        section, dot, name = key.partition(".")
+        if dot and _layout(config_type).get(name) == section:  # section.key names the same setting as key
+            key = name
         if key not in keys:
             raise UserError(f"--set {_key(key)}: {kind} has no such setting; valid keys: {', '.join(keys)}")
         values[key] = _setting_value(text.strip(), hints[key])
@@ -885,6 +1053,7 @@ def _recipe_values(payload: dict[str, Any], kind: str, where: str) -> dict[str, 
     if not isinstance(description, str):
         raise UserError(f"{where}: description = {shown(description)} is {_kind(description)}; valid: a text")
     tables = payload.pop("variant", {}) if kind == "sweep" else {}
+    payload = _ungrouped(payload, config_type, where)
     known = set(settable(kind))
     unknown = sorted(set(payload) - known)
     if unknown:
@@ -899,10 +1068,29 @@ def _recipe_values(payload: dict[str, Any], kind: str, where: str) -> dict[str, 
     return _normalise(payload, kind)
 
 
+def _ungrouped(payload: dict[str, Any], config_type: type, where: str) -> dict[str, Any]:
+    """A recipe's `[section]` tables as the flat keys they hold (a key may be set in one place only)."""
+    sections, flat = _sections(config_type), {}
+    for key, value in payload.items():
+        if key not in sections or not isinstance(value, dict):
+            flat[key] = value
+            continue
+        valid = [f.name for f in fields(sections[key])]
+        unknown = sorted(set(value) - set(valid))
+        if unknown:
+            raise UserError(f"{where}: [{key}] sets unknown key(s) {', '.join(map(_key, unknown))}; valid: "
+                            f"{', '.join(valid)}")
+        twice = sorted(set(value) & set(payload))
+        if twice:
+            raise UserError(f"{where} sets {twice[0]} twice, in [{key}] and at the top; valid: one of the two")
+        flat.update(value)
+    return flat
+
+
 def _normalise(values: dict[str, Any], kind: str) -> dict[str, Any]:
     """Lists (from TOML or comma-separated flags) as the tuples the configs hold; a value of another type is
     left as it is, for `check_types` to refuse in one line."""
-    listed, hints = (str, list, tuple), _hints(RECIPES[kind][2])
+    listed, hints = (str, list, tuple), _flat_hints(RECIPES[kind][2])
     for key in ("formats", "quant", "variants", "targets"):  # only where the config holds a list (bench: a text)
         if isinstance(values.get(key), listed) and get_origin(hints.get(key)) is tuple:
             values[key] = tuple(_as_list(values[key], lower=key in ("formats", "quant")))
@@ -955,9 +1143,10 @@ def resolve(kind: str, recipe: str | None = None, settings: list[str] | tuple[st
         raise UserError(f"{twice[0]} is set twice, by its own flag and by --set {twice[0]}=…; "
                         f"valid: one of the two")
     values.update({**given, **chosen})
-    if "recipe" in {f.name for f in fields(config_type)}:
+    if "recipe" in _layout(config_type):
         values["recipe"] = name
-    config = config_type(**_normalise(values, kind))
+    values = _normalise(values, kind)
+    config = config_type.of(**values) if issubclass(config_type, Sectioned) else config_type(**values)
     if not validate:
         check_types(config)
         return config

@@ -27,9 +27,9 @@ from edgetl.verify import QualityError
 # demo is to end within 8 minutes on two cores, and export, verification and the sweep take about half of
 # that (docs/BENCHMARKS.md, "Fine-tuning at the speed of the machine"). Every block is fine-tuned in stage 2.
 DEMO_FINETUNE_MINUTES = 4.0
-DEMO_CONFIG = FinetuneConfig(data="builtin:fashion-mnist-mini", backbone="efficientnet_lite0", weights="imagenet",
-                             image_size=128, time_budget=DEMO_FINETUNE_MINUTES)
-FAST_CONFIG = FinetuneConfig(
+DEMO_CONFIG = FinetuneConfig.of(data="builtin:fashion-mnist-mini", backbone="efficientnet_lite0", weights="imagenet",
+                                image_size=128, time_budget=DEMO_FINETUNE_MINUTES)
+FAST_CONFIG = FinetuneConfig.of(
     data="builtin:fashion-mnist-mini",
     backbone="efficientnet_lite0",
     image_size=64,
@@ -55,11 +55,11 @@ FAST_SWEEP = replace(DEMO_SWEEP, calib=64)
 
 
 # --framework keras: tf_keras mobilenet_v2 at Fashion-MNIST's own scale (32 px), exported to .tflite only.
-KERAS_CONFIG = FinetuneConfig(
+KERAS_CONFIG = FinetuneConfig.of(
     data="builtin:fashion-mnist-mini", framework="keras", backbone="mobilenet_v2", width=1.0, image_size=32,
     weights="imagenet", epochs_finetune=4, unfreeze=3,
 )
-KERAS_FAST_CONFIG = replace(KERAS_CONFIG, width=0.35, epochs_finetune=1, unfreeze=1)
+KERAS_FAST_CONFIG = KERAS_CONFIG.with_(width=0.35, epochs_finetune=1, unfreeze=1)
 KERAS_SCRATCH_EPOCHS = {False: 15, True: 3}
 KERAS_EXPORT = ExportConfig(formats=("tflite",), quant=("fp32", "int8"))
 
@@ -73,7 +73,7 @@ def keras_initial_weights(config: FinetuneConfig, run_dir: Path, fast: bool) -> 
     """
     from edgetl.backbones import get_backbone
 
-    source = get_backbone(config.backbone).keras_weight_source(config.width, config.image_size)
+    source = get_backbone(config.model.backbone).keras_weight_source(config.model.width, config.model.image_size)
     home = Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras")
     if (home / "models" / source.filename).is_file():
         return config, None
@@ -85,10 +85,10 @@ def keras_initial_weights(config: FinetuneConfig, run_dir: Path, fast: bool) -> 
     from edgetl.finetune import load_listing
 
     path = Path(run_dir) / "scratch" / "backbone.weights.h5"
-    scratch = replace(config, weights="none").validate()
+    scratch = config.with_(weights="none").validate()
     info = backends.load("keras").train_backbone_from_scratch(scratch, load_listing(scratch),
                                                                KERAS_SCRATCH_EPOCHS[fast], path)
-    return replace(config, weights=str(path)), info
+    return config.with_(weights=str(path)), info
 
 
 def run_demo(run_dir: Path, fast: bool = False, framework: str = "torch") -> dict:

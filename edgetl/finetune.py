@@ -13,7 +13,6 @@ import contextlib
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 from rich.table import Table
@@ -49,8 +48,9 @@ SEARCH_BATCH = 32  # images per forward while measuring input sizes, when --batc
 def load_listing(config: FinetuneConfig) -> DatasetListing:
     """Resolve `--data` (a folder or builtin:NAME) and list it with the run's seed."""
     # absolute, so that export finds the data from any directory; `source` keeps what the user typed for display
-    root = resolve_builtin(config.data) if is_builtin(config.data) else Path(config.data).expanduser().absolute()
-    return scan_folder(root, config.seed, config.val_fraction, config.test_fraction, source=config.data)
+    dataset = config.dataset
+    root = resolve_builtin(dataset.data) if is_builtin(dataset.data) else Path(dataset.data).expanduser().absolute()
+    return scan_folder(root, config.train.seed, dataset.val_fraction, dataset.test_fraction, source=dataset.data)
 
 
 def _print_data(listing: DatasetListing, init: dict) -> None:
@@ -101,10 +101,10 @@ def run_recipe(trainer: FinetuneTrainer, plan: Plan, listing: DatasetListing, ba
     listing.drop(trainer.failures)
     trainer.failures.clear()
     (x_train, y_train), (x_val, y_val) = cached["train"], cached["val"]
-    balance = config.class_weights == "balanced"
+    balance = config.dataset.class_weights == "balanced"
     with console.status(f"stage 1: linear probe on {len(y_train)} cached features"):
         head = trainer.world.from_main(
-            lambda: fit_probe(x_train, y_train, len(listing.classes), config.seed, balance=balance))
+            lambda: fit_probe(x_train, y_train, len(listing.classes), config.train.seed, balance=balance))
     trainer.set_head(head.weight, head.bias)
     val_loss, val_top1 = _probe_scores(head, x_val, y_val)
     selector.offer(1, 1, val_loss, val_top1, trainer.snapshot)
@@ -124,7 +124,7 @@ def run_recipe(trainer: FinetuneTrainer, plan: Plan, listing: DatasetListing, ba
         before_stage2(throughput["stage1"])
         config = trainer.config
     unfrozen = 0
-    if config.epochs_finetune and config.unfreeze:
+    if config.train.epochs_finetune and config.train.unfreeze:
         start = time.perf_counter()
         unfrozen = trainer.finetune(bar, selector)
         stage2 = [h["train_images_per_s"] for h in trainer.history if h["stage"] == 2]
@@ -158,14 +158,14 @@ def run_finetune(config: FinetuneConfig, run_dir: Path | None = None) -> Path:
     """
     run_started = time.perf_counter()  # a time budget counts the whole run
     config = config.validate()
-    run_dir = Path(run_dir) if run_dir is not None else Path("runs") / config.backbone
-    data = None if is_builtin(config.data) else Path(config.data).expanduser()
-    named_file = config.weights not in ("imagenet", "none") and parse_hub_weights(config.weights) is None
-    weights = Path(config.weights).expanduser() if named_file else None
+    run_dir = Path(run_dir) if run_dir is not None else Path("runs") / config.model.backbone
+    data = None if is_builtin(config.dataset.data) else Path(config.dataset.data).expanduser()
+    named_file = config.model.weights not in ("imagenet", "none") and parse_hub_weights(config.model.weights) is None
+    weights = Path(config.model.weights).expanduser() if named_file else None
     claim_output(run_dir / "checkpoint", CHECKPOINT_KIND, [data, weights], option="checkpoint folder",
                  keep_out_of=[data])
     ensure_writable_dir(run_dir, "output folder")
-    backend = backends.load(config.framework, "finetune")
+    backend = backends.load(config.model.framework, "finetune")
     launched = backend.launch_if_needed(config, run_dir)
     if launched is not None:
         return launched
@@ -176,7 +176,7 @@ def run_finetune(config: FinetuneConfig, run_dir: Path | None = None) -> Path:
         if candidates:  # a model that takes any input size measures the candidates with the initial weights
             initial = backend.build_initial_model(config)  # a weights file that does not fit stops here
             _print_data(listing, initial[1])
-            sample = search_sample(listing, config.seed)
+            sample = search_sample(listing, config.train.seed)
             search_cache = caches.enter_context(contextlib.ExitStack())
             search_images = open_images(search_cache, sample, max(candidates), run_dir, world)
             measured = measure_sizes(backend, config, listing, candidates, initial, world, search_images, sample)
@@ -189,22 +189,22 @@ def run_finetune(config: FinetuneConfig, run_dir: Path | None = None) -> Path:
             _print_data(listing, initial[1])
         _print_plan(recipe)
         preprocess = backend.preprocess_spec(config)
-        images = open_images(caches, listing, config.image_size, run_dir, world, reuse=search_images)
+        images = open_images(caches, listing, config.model.image_size, run_dir, world, reuse=search_images)
         if search_images is not None:
             search_cache.close()  # its pixels live on, resized, in the run's cache
 
         started = time.perf_counter()
         trainer = backend.Trainer(config, listing, preprocess, initial, world, images=images)
         budget = None
-        if config.time_budget is not None:
+        if config.train.time_budget is not None:
             recipe, budget = _fit_budget(trainer, recipe, listing, run_started, candidates or (), world)
-            if recipe.config.image_size != config.image_size:  # a smaller measured size fits the budget better
+            if recipe.config.model.image_size != config.model.image_size:  # a smaller measured size fits it better
                 preprocess = backend.preprocess_spec(recipe.config)
                 trainer = backend.Trainer(recipe.config, listing, preprocess, initial, world, images=images)
             config = trainer.config = recipe.config
             trainer.deadline = run_started + budget["stage2_deadline_seconds"]
         replan = None
-        if budget is not None and config.max_steps:
+        if budget is not None and config.train.max_steps:
             def replan(stage1: dict) -> None:
                 counts = {split: len(records) for split, records in listing.splits.items()}
                 trainer.config, shared = world.from_main(lambda: (refit_after_stage1(
@@ -212,7 +212,7 @@ def run_finetune(config: FinetuneConfig, run_dir: Path | None = None) -> Path:
                     stage1["feature_images_per_s"]), budget))
                 budget.update(shared)  # every rank plans with rank 0's record
                 trainer.deadline = run_started + budget["stage2_deadline_seconds"]
-                steps_per_epoch = -(-len(listing.splits["train"]) // int(trainer.config.batch_size))
+                steps_per_epoch = -(-len(listing.splits["train"]) // int(trainer.config.train.batch_size))
                 trainer.refit_steps = lambda done, step_seconds, overhead: world.from_main(
                     lambda: refit_during_stage2(trainer.config, budget, time.perf_counter() - run_started, done,
                                                 step_seconds, overhead, steps_per_epoch))
@@ -221,7 +221,7 @@ def run_finetune(config: FinetuneConfig, run_dir: Path | None = None) -> Path:
         config = trainer.config
         if budget is not None and budget.get("refits"):  # the schedule that ran, refitted epoch by epoch
             ran = sum(1 for entry in trainer.history if entry["stage"] == 2)
-            config = replace(config, max_steps=budget["refits"][-1]["total_steps"], epochs_finetune=ran)
+            config = config.with_(max_steps=budget["refits"][-1]["total_steps"], epochs_finetune=ran)
         training["image_cache"] = images.record
         if budget is not None:
             budget["stopped_at_deadline"] = trainer.stopped_at_deadline
@@ -256,7 +256,7 @@ def _fit_budget(trainer: TimedTrainer, recipe: Plan, listing: DatasetListing, ru
     """Time real steps, then fit the stage-2 schedule (and a measured input size) to --time-budget."""
     with console.status("timing a few training steps for the time budget"):
         measured = trainer.measure_speed()
-    speed = Speed(recipe.config.image_size, measured["forward_images_per_s"], measured["train_images_per_s"],
+    speed = Speed(recipe.config.model.image_size, measured["forward_images_per_s"], measured["train_images_per_s"],
                   measured["seconds"])
     counts = {split: len(records) for split, records in listing.splits.items()}
     elapsed = time.perf_counter() - run_started
@@ -288,7 +288,7 @@ def open_images(stack: contextlib.ExitStack, listing: DatasetListing, image_size
 
 def _listing_and_folder(config: FinetuneConfig) -> tuple[DatasetListing, dict]:
     listing, folded = fold_small_validation(load_listing(config))
-    folder = describe_folder(listing, config.seed)
+    folder = describe_folder(listing, config.train.seed)
     if folded:
         folder["validation_folded"] = folded
     return listing, folder
@@ -302,16 +302,17 @@ def measure_sizes(backend: FinetuneBackend, config: FinetuneConfig, listing: Dat
     Every rank extracts its shard of the sample's features; rank 0 fits the probes. None when the sample
     cannot be cross-validated (a class with a single image).
     """
-    sample = sample or search_sample(listing, config.seed)
+    seed = config.train.seed
+    sample = sample or search_sample(listing, seed)
     started = time.perf_counter()
     losses: dict[int, tuple[float, float]] = {}
     with progress() as bar:
         for size in sizes:
-            sized = replace(config, image_size=size, batch_size=config.batch_size or SEARCH_BATCH)
+            sized = config.with_(image_size=size, batch_size=config.train.batch_size or SEARCH_BATCH)
             trainer = backend.Trainer(sized, sample, backend.preprocess_spec(sized), initial, world, images=images)
             x, y = trainer.extract_features("train", bar)
             with console.status(f"input size {size} px: probe on {len(y)} sampled training images"):
-                record = world.from_main(lambda x=x, y=y: fit_probe(x, y, len(listing.classes), config.seed).record)
+                record = world.from_main(lambda x=x, y=y: fit_probe(x, y, len(listing.classes), seed).record)
             if record["cv_best_log_loss"] is None:
                 return None
             losses[size] = (record["cv_best_log_loss"], record["cv_best_log_loss_se"])
@@ -350,13 +351,13 @@ def _write_checkpoint(checkpoint: Path, backend: FinetuneBackend, config: Finetu
             "kind": CHECKPOINT_KIND,
             "schema_version": SCHEMA_VERSION,
             "created": now_utc(),
-            "framework": config.framework,
+            "framework": config.model.framework,
             "weights_file": backend.WEIGHTS_FILE,
             "weights_sha256": sha256_file(tmp / backend.WEIGHTS_FILE),
             "model": {
-                "backbone": config.backbone,
-                "width": config.width,
-                "image_size": config.image_size,
+                "backbone": config.model.backbone,
+                "width": config.model.width,
+                "image_size": config.model.image_size,
                 "num_classes": len(listing.classes),
                 **backend.describe(result.model),
             },

@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     config_file, run_dir = [a for a in args if not a.startswith("--")]
     from edgetl.finetune import run_finetune
 
-    config = FinetuneConfig(**json.loads(Path(config_file).read_text()))
+    config = FinetuneConfig.from_json(json.loads(Path(config_file).read_text()))
     watch_interrupts()
     try:
         run_finetune(config, Path(run_dir))

@@ -126,9 +126,9 @@ def size_candidates(config: FinetuneConfig, folder: dict, any_size_features: boo
     features rank nothing), when the backend cannot run one model at several sizes, or when the images
     are already at least the backbone's own input.
     """
-    if config.image_size is not None or config.weights == "none" or not any_size_features:
+    if config.model.image_size is not None or config.model.weights == "none" or not any_size_features:
         return ()
-    default = get_backbone(config.backbone).default_image_size
+    default = get_backbone(config.model.backbone).default_image_size
     side = folder["source_size"]["median_short_side"]
     if side is None or side >= default:
         return ()
@@ -162,13 +162,13 @@ def plan(config: FinetuneConfig, listing: DatasetListing, processes: int = 1,
     `measured_sizes` maps each candidate input size to the probe's cross-validated log loss and its
     standard error there (see `size_candidates`), when they were measured.
     """
-    folder = dict(folder) if folder is not None else describe_folder(listing, config.seed)
+    folder = dict(folder) if folder is not None else describe_folder(listing, config.train.seed)
     choices: dict[str, Choice] = {}
-    spec = get_backbone(config.backbone)
+    spec = get_backbone(config.model.backbone)
 
     side = folder["source_size"]["median_short_side"]
-    if config.image_size is not None:
-        size = Choice(config.image_size, "flag", "--image-size")
+    if config.model.image_size is not None:
+        size = Choice(config.model.image_size, "flag", "--image-size")
     elif measured_sizes:
         chosen = pick_size(measured_sizes)
         shown = ", ".join(f"{s} px {loss:.3f}±{error:.3f}" for s, (loss, error) in sorted(measured_sizes.items()))
@@ -182,8 +182,8 @@ def plan(config: FinetuneConfig, listing: DatasetListing, processes: int = 1,
 
     n_train = len(listing.splits["train"])
     world = max(1, processes)
-    if config.batch_size is not None:
-        choices["batch_size"] = Choice(config.batch_size, "flag", "--batch-size")
+    if config.train.batch_size is not None:
+        choices["batch_size"] = Choice(config.train.batch_size, "flag", "--batch-size")
     else:
         batch = max(MIN_BATCH, min(MAX_BATCH, 2 ** int(math.log2(max(1, n_train // 4)))))
         batch = max(world, batch // world * world)  # the global batch divides over the processes
@@ -192,8 +192,8 @@ def plan(config: FinetuneConfig, listing: DatasetListing, processes: int = 1,
     batch = int(choices["batch_size"].value)
 
     steps_per_epoch = math.ceil(n_train / batch)
-    if config.epochs_finetune is not None:
-        choices["epochs_finetune"] = Choice(config.epochs_finetune, "flag", "--epochs-finetune")
+    if config.train.epochs_finetune is not None:
+        choices["epochs_finetune"] = Choice(config.train.epochs_finetune, "flag", "--epochs-finetune")
     else:
         epochs = min(MAX_STAGE2_EPOCHS, max(STAGE2_EPOCHS, math.ceil(MIN_STAGE2_STEPS / steps_per_epoch)))
         choices["epochs_finetune"] = Choice(
@@ -201,15 +201,15 @@ def plan(config: FinetuneConfig, listing: DatasetListing, processes: int = 1,
                             f"({steps_per_epoch} steps an epoch), at most {MAX_STAGE2_EPOCHS} epochs: "
                             f"{epochs * steps_per_epoch} steps")
 
-    if config.unfreeze is not None:
-        choices["unfreeze"] = Choice(config.unfreeze, "flag", "--unfreeze")
+    if config.train.unfreeze is not None:
+        choices["unfreeze"] = Choice(config.train.unfreeze, "flag", "--unfreeze")
     else:
         choices["unfreeze"] = Choice(UNFREEZE_ALL, "auto", "every block (BatchNorm statistics stay frozen)")
 
     counts = folder["train_per_class"]
     ratio = counts["max"] / max(1, counts["min"])
-    if config.class_weights != "auto":
-        choices["class_weights"] = Choice(config.class_weights, "flag", "--class-weights")
+    if config.dataset.class_weights != "auto":
+        choices["class_weights"] = Choice(config.dataset.class_weights, "flag", "--class-weights")
     elif ratio >= IMBALANCE_RATIO:
         choices["class_weights"] = Choice("balanced", "auto", f"unbalanced classes (largest/smallest training class "
                                                               f"{counts['max']}/{counts['min']} >= {IMBALANCE_RATIO})")
@@ -237,8 +237,8 @@ def plan(config: FinetuneConfig, listing: DatasetListing, processes: int = 1,
     if n_test < SMALL_TEST:
         notes.append(f"the test split has {n_test} images: its top-1 is known to about ±{100 * half_width(n_test):.0f} "
                      f"points (95% interval at 50%), so results a few points apart cannot be told apart")
-    resolved = replace(config, image_size=int(choices["image_size"].value), batch_size=batch,
-                       epochs_finetune=int(choices["epochs_finetune"].value),
-                       unfreeze=int(choices["unfreeze"].value),
-                       class_weights=str(choices["class_weights"].value))
+    resolved = config.with_(image_size=int(choices["image_size"].value), batch_size=batch,
+                            epochs_finetune=int(choices["epochs_finetune"].value),
+                            unfreeze=int(choices["unfreeze"].value),
+                            class_weights=str(choices["class_weights"].value))
     return Plan(resolved.validate(), choices, tuple(notes), folder)

@@ -56,7 +56,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path
     from edgetl.finetune import run_finetune
 
     os.environ["EDGETL_CACHE"] = str(shared_cache)
-    config = FinetuneConfig(data="builtin:shapes", backbone="mobilenet_v2", width=0.35, weights="none",
+    config = FinetuneConfig.of(data="builtin:shapes", backbone="mobilenet_v2", width=0.35, weights="none",
                             image_size=32, epochs_finetune=0, seed=0)
     return run_finetune(config, tmp_path_factory.mktemp("tiny-run"))
 

@@ -83,7 +83,8 @@ def test_command_line_must_agree_with_the_launcher() -> None:
 ])
 def test_scale_out_flags_are_checked_before_any_work(changes: dict, message: str) -> None:
     with pytest.raises(UserError, match=message):
-        FinetuneConfig(data="builtin:shapes", backbone="mobilenet_v2", width=0.35, weights="none", **changes).validate()
+        FinetuneConfig.of(data="builtin:shapes", backbone="mobilenet_v2", width=0.35, weights="none",
+                          **changes).validate()
 
 
 def test_parse_master_and_tf_config() -> None:
@@ -116,17 +117,17 @@ def test_unreachable_master_fails_after_a_bounded_wait() -> None:
 def test_devices_beyond_the_gpus_present_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     from edgetl.backends.torch import distributed
 
-    base = FinetuneConfig(data="builtin:shapes", backbone="mobilenet_v2", width=0.35, batch_size=32)
+    base = FinetuneConfig.of(data="builtin:shapes", backbone="mobilenet_v2", width=0.35, batch_size=32)
     monkeypatch.setattr(distributed, "gpu_count", lambda: 0)
     with pytest.raises(UserError, match="asks for 2 GPUs but this machine has none; give --device cpu"):
-        distributed.resolve_device_type(FinetuneConfig(**{**base.to_json(), "devices": 2}))
+        distributed.resolve_device_type(base.with_(devices=2))
     with pytest.raises(UserError, match="--device cuda is not available"):
-        distributed.resolve_device_type(FinetuneConfig(**{**base.to_json(), "device": "cuda"}))
-    assert distributed.resolve_device_type(FinetuneConfig(**{**base.to_json(), "devices": 2, "device": "cpu"})) == "cpu"
+        distributed.resolve_device_type(base.with_(device="cuda"))
+    assert distributed.resolve_device_type(base.with_(devices=2, device="cpu")) == "cpu"
     monkeypatch.setattr(distributed, "gpu_count", lambda: 2)
-    assert distributed.resolve_device_type(FinetuneConfig(**{**base.to_json(), "devices": 2})) == "cuda"
+    assert distributed.resolve_device_type(base.with_(devices=2)) == "cuda"
     with pytest.raises(UserError, match="--devices 4 but this machine has 2 GPU"):
-        distributed.resolve_device_type(FinetuneConfig(**{**base.to_json(), "devices": 4}))
+        distributed.resolve_device_type(base.with_(devices=4))
 
 
 def test_precision_and_memory_format_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -141,7 +142,7 @@ def test_precision_and_memory_format_per_device(monkeypatch: pytest.MonkeyPatch)
     cpu = precision_settings(torch.device("cpu"))
     assert (cpu["mixed_precision"], cpu["grad_scaler"], cpu["channels_last"], cpu["precision"]) == (
         False, False, True, "fp32")
-    trainer = Trainer(FinetuneConfig(data="x", device="cpu"), None, {})
+    trainer = Trainer(FinetuneConfig.of(data="x", device="cpu"), None, {})
     assert (trainer.amp, trainer.channels_last) == (False, True)
     # bf16 is read from the CPU's own flags, never guessed: here from a fake /proc/cpuinfo
     for flags, found in (("fpu avx512f avx512_bf16", "avx512_bf16"), ("fpu avx2 fma", None),
@@ -215,12 +216,12 @@ def test_two_gloo_processes_match_one_process_and_only_rank_0_writes(tmp_path: P
     # normalise alike. (From scratch they train, and without SyncBatchNorm, which has no CPU kernel, each rank
     # normalises by its own shard's batch: the runs then differ by design, as any DDP run with BatchNorm does.)
     # The file: a from-scratch backbone with BatchNorm statistics estimated on the data (the probe-only run).
-    start = run_finetune(FinetuneConfig(data=str(data), backbone="mobilenet_v2", width=0.35, image_size=32,
+    start = run_finetune(FinetuneConfig.of(data=str(data), backbone="mobilenet_v2", width=0.35, image_size=32,
                                         weights="none", epochs_finetune=0, seed=3, device="cpu"), tmp_path / "start")
     weights = start / "model.pt"
     flags = {"backbone": "mobilenet_v2", "width": 0.35, "image_size": 32, "weights": str(weights),
              "epochs_finetune": 1, "unfreeze": 1, "batch_size": 32, "seed": 3, "device": "cpu"}
-    single = run_finetune(FinetuneConfig(data=str(data), **flags), tmp_path / "one")
+    single = run_finetune(FinetuneConfig.of(data=str(data), **flags), tmp_path / "one")
     tiny = [*TINY[:-1], str(weights)]
     done = run_cli("finetune", "--data", str(data), "--out", str(tmp_path / "two"), *tiny, "--epochs-finetune", "1",
                    "--unfreeze", "1", "--batch-size", "32", "--seed", "3", "--device", "cpu", "--devices", "2")

@@ -69,7 +69,7 @@ from edgetl.backends.keras.finetune import Trainer
 from edgetl.config import FinetuneConfig
 from edgetl.data import DatasetListing
 
-config = FinetuneConfig(data="x", framework="keras", batch_size=10, label_smoothing=0.1)
+config = FinetuneConfig.of(data="x", framework="keras", batch_size=10, label_smoothing=0.1)
 listing = DatasetListing(root=None, source="x", classes=["a", "b", "c"], splits={}, split_origin="")
 rng = np.random.default_rng(0)
 x, y = rng.normal(size=(10, 6)).astype(np.float32), rng.integers(0, 3, 10)

@@ -33,7 +33,7 @@ def shapes_run(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> 
     (data / "square" / "truncated.png").write_bytes(good[: len(good) // 2])
     run = tmp_path_factory.mktemp("run")
     os.environ["TORCH_HOME"] = str(tmp_path_factory.mktemp("torch-home"))
-    run_finetune(FinetuneConfig(data=str(data), seed=1, **FAST), run)
+    run_finetune(FinetuneConfig.of(data=str(data), seed=1, **FAST), run)
     return run / "checkpoint"
 
 
@@ -73,7 +73,7 @@ def test_bad_files_are_skipped_counted_and_listed(shapes_run: Path) -> None:
 
 
 def test_same_seed_gives_the_same_weights_on_cpu(tmp_path: Path) -> None:
-    config = FinetuneConfig(data="builtin:shapes", seed=5, **FAST)
+    config = FinetuneConfig.of(data="builtin:shapes", seed=5, **FAST)
     first = run_finetune(config, tmp_path / "a")
     second = run_finetune(config, tmp_path / "b")
     assert sha256_file(first / "model.pt") == sha256_file(second / "model.pt")
@@ -86,7 +86,7 @@ def test_same_seed_gives_the_same_weights_on_cpu(tmp_path: Path) -> None:
 def test_interrupted_run_leaves_no_checkpoint_and_keeps_the_old_one(tmp_path: Path, monkeypatch) -> None:
     from edgetl.backends.torch import finetune as backend
 
-    config = FinetuneConfig(data="builtin:shapes", **{**FAST, "epochs_finetune": 0})
+    config = FinetuneConfig.of(data="builtin:shapes", **{**FAST, "epochs_finetune": 0})
     run = tmp_path / "run"
     checkpoint = run_finetune(config, run)
     before = sha256_file(checkpoint / "model.pt")
@@ -121,7 +121,7 @@ def test_grayscale_folder_trains_as_rgb(tmp_path: Path) -> None:
         for i in range(8):
             Image.new("L", (20, 20), value + i).save(tmp_path / "data" / name / f"{i}.bmp")
     checkpoint = run_finetune(
-        FinetuneConfig(data=str(tmp_path / "data"), **{**FAST, "image_size": 32, "epochs_finetune": 0}),
+        FinetuneConfig.of(data=str(tmp_path / "data"), **{**FAST, "image_size": 32, "epochs_finetune": 0}),
         tmp_path / "run",
     )
     assert read_checkpoint_manifest(checkpoint)["data"]["counts"]["test"] == {"dark": 1, "light": 1}
@@ -185,7 +185,7 @@ def test_a_relative_data_folder_is_found_from_any_directory(tmp_path: Path, monk
 
     shutil.copytree(resolve_builtin("builtin:shapes"), tmp_path / "work" / "plain")
     monkeypatch.chdir(tmp_path / "work")
-    listing = load_listing(FinetuneConfig(data="plain"))
+    listing = load_listing(FinetuneConfig.of(data="plain"))
     assert listing.source == "plain" and listing.root == tmp_path / "work" / "plain"
     monkeypatch.chdir(tmp_path)
     assert DatasetListing.from_json(json.loads(json.dumps(listing.to_json()))).root.is_dir()
@@ -202,11 +202,11 @@ def test_a_last_training_batch_of_one_image_does_not_stop_batchnorm(tmp_path: Pa
 
     # the statistics pass of a from-scratch backbone at the default batch, then stage 2 with a lone last image
     for epochs, short in ((0, False), (2, True)):
-        config = FinetuneConfig(data=str(tmp_path / "data"), backbone="mobilenet_v2", width=0.35, weights="none",
+        config = FinetuneConfig.of(data=str(tmp_path / "data"), backbone="mobilenet_v2", width=0.35, weights="none",
                                 image_size=32, epochs_finetune=epochs, unfreeze=-1, seed=0)
         train = len(load_listing(config).splits["train"])
         for batch in ((train - 1,) if short else (None,)):
             run = tmp_path / f"run-{epochs}-{batch}"
-            checkpoint = run_finetune(FinetuneConfig(**{**config.__dict__, "batch_size": batch}), run)
+            checkpoint = run_finetune(config.with_(batch_size=batch), run)
             history = json.loads((checkpoint / "history.json").read_text())
             assert bool([entry for entry in history if entry.get("stage") == 2]) == bool(epochs), history

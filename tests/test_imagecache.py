@@ -200,7 +200,7 @@ def test_each_image_is_decoded_once_per_run(tmp_path: Path, monkeypatch: pytest.
     calls: list[str] = []
     real = data.load_rgb
     monkeypatch.setattr(data, "load_rgb", lambda path, draft=None: calls.append(str(path)) or real(path, draft))
-    checkpoint = run_finetune(FinetuneConfig(data=str(root), backbone="mobilenet_v2", width=0.35, image_size=32,
+    checkpoint = run_finetune(FinetuneConfig.of(data=str(root), backbone="mobilenet_v2", width=0.35, image_size=32,
                                              weights="none", epochs_finetune=2, seed=0, device="cpu"),
                               tmp_path / "run")
     assert sorted(calls) == sorted(set(calls)) and len(calls) == 24

@@ -28,7 +28,7 @@ TINY = {"framework": "keras", "backbone": "mobilenet_v2", "width": 0.35, "image_
 def keras_checkpoint(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> Path:
     os.environ["EDGETL_CACHE"] = str(shared_cache)
     run = tmp_path_factory.mktemp("keras-export-run")
-    return run_finetune(FinetuneConfig(data="builtin:shapes", seed=2, **TINY), run)
+    return run_finetune(FinetuneConfig.of(data="builtin:shapes", seed=2, **TINY), run)
 
 
 def _sidecar(folder: Path, name: str) -> dict:

@@ -49,7 +49,7 @@ def keras_run(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path, kera
     os.environ["EDGETL_CACHE"] = str(shared_cache)
     os.environ["KERAS_HOME"] = str(keras_home)
     run = tmp_path_factory.mktemp("keras-run")
-    run_finetune(FinetuneConfig(data="builtin:shapes", seed=3, **TINY), run)
+    run_finetune(FinetuneConfig.of(data="builtin:shapes", seed=3, **TINY), run)
     return run / "checkpoint"
 
 
@@ -90,7 +90,7 @@ def test_keras_stage2_unfreezes_top_blocks_with_batchnorm_frozen() -> None:
 
 def test_keras_same_seed_same_weights(keras_run: Path, tmp_path: Path, keras_home: Path, monkeypatch) -> None:
     monkeypatch.setenv("KERAS_HOME", str(keras_home))
-    again = run_finetune(FinetuneConfig(data="builtin:shapes", seed=3, **TINY), tmp_path / "again")
+    again = run_finetune(FinetuneConfig.of(data="builtin:shapes", seed=3, **TINY), tmp_path / "again")
     assert sha256_file(again / "model.weights.h5") == sha256_file(keras_run / "model.weights.h5")
     first = json.loads((keras_run / "history.json").read_text())
     second = json.loads((again / "history.json").read_text())
@@ -100,9 +100,9 @@ def test_keras_same_seed_same_weights(keras_run: Path, tmp_path: Path, keras_hom
 
 def test_keras_config_errors_are_one_line_before_training() -> None:
     with pytest.raises(UserError, match="efficientnet_lite0 is torch-only"):
-        FinetuneConfig(data="builtin:shapes", framework="keras", backbone="efficientnet_lite0").validate()
-    config = FinetuneConfig(data="x", framework="keras", backbone="mobilenet_v3_small").validate()
-    assert config.image_size is None  # decided from the folder (edgetl.recipe); 224 checked for weights meanwhile
+        FinetuneConfig.of(data="builtin:shapes", framework="keras", backbone="efficientnet_lite0").validate()
+    config = FinetuneConfig.of(data="x", framework="keras", backbone="mobilenet_v3_small").validate()
+    assert config.model.image_size is None  # decided from the folder (edgetl.recipe); 224 checked for weights meanwhile
     source = get_backbone("mobilenet_v2").keras_weight_source(0.5, 100)
     assert source.filename == "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"
     assert get_backbone("mobilenet_v2").keras_weight_source(1.0, 96).filename.endswith("_1.0_96_no_top.h5")

@@ -194,25 +194,25 @@ def _folder(root: Path, per_class: dict[str, int], size: int = 24) -> DatasetLis
 
 def test_plan_for_small_images_and_few_of_them(tmp_path: Path) -> None:
     listing = _folder(tmp_path / "d", {"a": 12, "b": 12}, size=25)
-    config = FinetuneConfig(data=str(tmp_path / "d"))
+    config = FinetuneConfig.of(data=str(tmp_path / "d"))
     folder = plan(config, listing).folder
     assert size_candidates(config, folder, any_size_features=True) == SIZE_CANDIDATES
     measured = {128: (0.60, 0.05), 160: (0.50, 0.04), 224: (0.47, 0.05)}
     result = plan(config, listing, measured_sizes=measured, folder=folder)
     chosen = result.config
     # 160 px is within one standard error of 224 px's loss: the smaller input wins
-    assert chosen.image_size == 160 and result.choices["image_size"].source == "auto"
+    assert chosen.model.image_size == 160 and result.choices["image_size"].source == "auto"
     assert "25 px" in result.choices["image_size"].why and "224 px 0.470" in result.choices["image_size"].why
     n_train = len(listing.splits["train"])
-    assert chosen.batch_size == 8 and chosen.unfreeze == -1
-    assert chosen.epochs_finetune * math.ceil(n_train / chosen.batch_size) >= MIN_STAGE2_STEPS
-    assert chosen.class_weights == "none" and result.choices["selection"].value == "end_of_schedule_only"
+    assert chosen.train.batch_size == 8 and chosen.train.unfreeze == -1
+    assert chosen.train.epochs_finetune * math.ceil(n_train / chosen.train.batch_size) >= MIN_STAGE2_STEPS
+    assert chosen.dataset.class_weights == "none" and result.choices["selection"].value == "end_of_schedule_only"
     assert any("test split has" in note for note in result.warnings)
     stored = json.loads(json.dumps(result.to_json()))
     assert stored["choices"]["image_size"]["value"] == 160
     assert stored["folder"]["source_size"]["median_short_side"] == 25
     unmeasured = plan(config, listing)  # a sample that cannot be cross-validated: the backbone's own input
-    assert unmeasured.config.image_size == 224
+    assert unmeasured.config.model.image_size == 224
 
 
 def test_a_tiny_carved_validation_split_trains_instead_and_a_given_one_stays(tmp_path: Path) -> None:
@@ -223,9 +223,9 @@ def test_a_tiny_carved_validation_split_trains_instead_and_a_given_one_stays(tmp
                                                    "threshold": SMALL_VALIDATION}
     assert sorted(folded.splits["train"]) == sorted(listing.splits["train"] + listing.splits["val"])
     assert folded.splits["test"] == listing.splits["test"] and "put back into train" in folded.split_origin
-    folder = plan(FinetuneConfig(data="x"), folded).folder
+    folder = plan(FinetuneConfig.of(data="x"), folded).folder
     folder["validation_folded"] = note
-    result = plan(FinetuneConfig(data="x"), folded, folder=folder)
+    result = plan(FinetuneConfig.of(data="x"), folded, folder=folder)
     assert "too few to rank models" in result.choices["validation"].why
     assert result.choices["selection"].value == "end_of_schedule_only"
     large = _folder(tmp_path / "big", {"a": 200, "b": 200}, size=8)
@@ -239,12 +239,12 @@ def test_a_tiny_carved_validation_split_trains_instead_and_a_given_one_stays(tmp
 
 def test_input_size_is_measured_only_where_it_can_be(tmp_path: Path) -> None:
     listing = _folder(tmp_path / "d", {"a": 12, "b": 12}, size=25)
-    folder = plan(FinetuneConfig(data=str(tmp_path / "d")), listing).folder
-    for config, any_size in ((FinetuneConfig(data="x", image_size=96), True), (FinetuneConfig(data="x"), False),
-                             (FinetuneConfig(data="x", weights="none"), True)):
+    folder = plan(FinetuneConfig.of(data=str(tmp_path / "d")), listing).folder
+    for config, any_size in ((FinetuneConfig.of(data="x", image_size=96), True), (FinetuneConfig.of(data="x"), False),
+                             (FinetuneConfig.of(data="x", weights="none"), True)):
         assert size_candidates(config, folder, any_size) == ()
     photos = _folder(tmp_path / "p", {"a": 3, "b": 3}, size=300)
-    assert size_candidates(FinetuneConfig(data="x"), plan(FinetuneConfig(data="x"), photos).folder, True) == ()
+    assert size_candidates(FinetuneConfig.of(data="x"), plan(FinetuneConfig.of(data="x"), photos).folder, True) == ()
     assert pick_size({128: (0.3, 0.01), 224: (0.5, 0.01)}) == 128
     assert pick_size({128: (0.9, 0.01), 160: (0.6, 0.01), 224: (0.5, 0.2)}) == 160
 
@@ -261,12 +261,13 @@ def test_the_size_search_sample_is_stratified_and_bounded(tmp_path: Path) -> Non
 
 def test_plan_keeps_flags_and_uses_the_backbone_input_for_photos(tmp_path: Path) -> None:
     listing = _folder(tmp_path / "d", {"a": 10, "b": 10}, size=300)
-    auto = plan(FinetuneConfig(data=str(tmp_path / "d")), listing)
-    assert auto.config.image_size == 224
-    given = plan(FinetuneConfig(data=str(tmp_path / "d"), image_size=96, batch_size=4, epochs_finetune=2, unfreeze=3,
+    auto = plan(FinetuneConfig.of(data=str(tmp_path / "d")), listing)
+    assert auto.config.model.image_size == 224
+    given = plan(FinetuneConfig.of(data=str(tmp_path / "d"), image_size=96, batch_size=4, epochs_finetune=2, unfreeze=3,
                                 class_weights="balanced"), listing)
-    assert (given.config.image_size, given.config.batch_size, given.config.epochs_finetune, given.config.unfreeze,
-            given.config.class_weights) == (96, 4, 2, 3, "balanced")
+    train = given.config.train
+    assert (given.config.model.image_size, train.batch_size, train.epochs_finetune, train.unfreeze,
+            given.config.dataset.class_weights) == (96, 4, 2, 3, "balanced")
     assert all(given.choices[k].source == "flag" for k in ("image_size", "batch_size", "epochs_finetune", "unfreeze"))
 
 
@@ -274,9 +275,9 @@ def test_plan_weights_unbalanced_classes_and_divides_the_batch_over_processes(tm
     listing = _folder(tmp_path / "d", {"a": 60, "b": 12})
     counts = listing.counts()["train"]
     assert counts["a"] / counts["b"] >= IMBALANCE_RATIO
-    result = plan(FinetuneConfig(data=str(tmp_path / "d")), listing, processes=3)
-    assert result.config.class_weights == "balanced" and "unbalanced" in result.choices["class_weights"].why
-    assert result.config.batch_size % 3 == 0
+    result = plan(FinetuneConfig.of(data=str(tmp_path / "d")), listing, processes=3)
+    assert result.config.dataset.class_weights == "balanced" and "unbalanced" in result.choices["class_weights"].why
+    assert result.config.train.batch_size % 3 == 0
 
 
 # ------------------------------------------------------------ frozen BatchNorm and batch-independent features
@@ -292,7 +293,7 @@ def tiny_trainer(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path):
     from edgetl.datasets import resolve_builtin
 
     listing = scan_folder(resolve_builtin("builtin:shapes"))
-    config = FinetuneConfig(data="builtin:shapes", image_size=32, batch_size=16, epochs_finetune=1,
+    config = FinetuneConfig.of(data="builtin:shapes", image_size=32, batch_size=16, epochs_finetune=1,
                             unfreeze=-1).validate()
     spec = backend.preprocess_spec(config)
     trainer = backend.Trainer(config, listing, spec, backend.build_initial_model(config))
@@ -307,7 +308,7 @@ def test_cached_feature_does_not_depend_on_the_rest_of_its_batch(tiny_trainer) -
         features, labels = trainer.extract_features("val", bar)
         records = trainer.listing.splits["val"]
         trainer.listing.splits["val"] = records[::-1]  # other neighbours, other batch boundaries
-        trainer.config = trainer.config.__class__(**{**trainer.config.to_json(), "batch_size": 5})
+        trainer.config = trainer.config.with_(batch_size=5)
         reversed_features, reversed_labels = trainer.extract_features("val", bar)
         trainer.listing.splits["val"] = records
     np.testing.assert_array_equal(reversed_labels[::-1], labels)
@@ -320,7 +321,7 @@ def test_batchnorm_statistics_are_bit_identical_through_both_stages(tmp_path: Pa
     from edgetl.backends.torch import finetune as backend
     from edgetl.finetune import run_finetune
 
-    config = FinetuneConfig(data="builtin:shapes", image_size=32, epochs_finetune=2, unfreeze=-1)
+    config = FinetuneConfig.of(data="builtin:shapes", image_size=32, epochs_finetune=2, unfreeze=-1)
     pretrained, _ = backend.build_initial_model(config.validate())
     before = backend.batchnorm_buffers(pretrained)
     checkpoint = run_finetune(config, tmp_path / "run")
@@ -342,7 +343,7 @@ def test_a_from_scratch_backbone_updates_its_batchnorm_statistics_in_stage_2(tmp
     from edgetl.datasets import resolve_builtin
     from edgetl.finetune import run_finetune
 
-    config = FinetuneConfig(data="builtin:shapes", image_size=32, epochs_finetune=1, weights="none",
+    config = FinetuneConfig.of(data="builtin:shapes", image_size=32, epochs_finetune=1, weights="none",
                             backbone="mobilenet_v2", width=0.35, seed=3, batch_size=16)
     listing = scan_folder(resolve_builtin("builtin:shapes"))
     trainer = backend.Trainer(config.validate(), listing, backend.preprocess_spec(config.validate()),
@@ -375,14 +376,14 @@ def _stage1_against_reference(tmp_path: Path, image_size: int) -> None:
     from edgetl.backends.torch import finetune as backend
     from edgetl.finetune import run_finetune
 
-    checkpoint = run_finetune(FinetuneConfig(data="builtin:fashion-mnist-mini", image_size=image_size,
+    checkpoint = run_finetune(FinetuneConfig.of(data="builtin:fashion-mnist-mini", image_size=image_size,
                                              epochs_finetune=0), tmp_path / "run")
     manifest = json.loads((checkpoint / "manifest.json").read_text())
     top1 = manifest["metrics"]["test"]["top1"]
     assert manifest["training"]["best"]["stage"] == 1 and manifest["training"]["stage1"]["converged"]
 
     listing = DatasetListing.from_json(json.loads((checkpoint / "splits.json").read_text()))
-    config = FinetuneConfig(**manifest["config"])
+    config = FinetuneConfig.from_json(manifest["config"])
     trainer = backend.Trainer(config, listing, manifest["preprocess"], backend.build_initial_model(config))
     with Progress(disable=True) as bar:
         x_train, y_train = trainer.extract_features("train", bar)
@@ -425,7 +426,7 @@ def test_finetune_measures_the_input_size_of_small_images(tmp_path: Path, shared
     torch.manual_seed(0)
     torch.save(build_model("mobilenet_v2", 0.35, num_classes=1000).state_dict(), weights)
     _folder(tmp_path / "d", {"a": 10, "b": 10}, size=20)
-    config = FinetuneConfig(data=str(tmp_path / "d"), backbone="mobilenet_v2", width=0.35, weights=str(weights),
+    config = FinetuneConfig.of(data=str(tmp_path / "d"), backbone="mobilenet_v2", width=0.35, weights=str(weights),
                             epochs_finetune=0, seed=0)
     manifest = json.loads((run_finetune(config, tmp_path / "run") / "manifest.json").read_text())
     search = manifest["recipe"]["folder"]["size_search"]
@@ -436,7 +437,7 @@ def test_finetune_measures_the_input_size_of_small_images(tmp_path: Path, shared
     assert manifest["data"]["counts"]["val"] == {"a": 0, "b": 0} and manifest["metrics"]["val"]["top1"] is None
     assert "validation" in manifest["recipe"]["choices"]
     chosen = pick_size(measured)
-    assert manifest["model"]["image_size"] == chosen == manifest["config"]["image_size"]
+    assert manifest["model"]["image_size"] == chosen == manifest["config"]["model"]["image_size"]
     assert manifest["recipe"]["choices"]["image_size"]["source"] == "auto"
     assert manifest["preprocess"]["resize"]["height"] == manifest["preprocess"]["resize"]["width"] == chosen
 
@@ -487,8 +488,8 @@ def test_every_config_field_is_checked_against_its_type_hint() -> None:
         (SweepConfig(breakdown=1), "breakdown = 1", "true or false"),
         (BenchOptions(iters=2.5), "iters = 2.5", "a whole number"),
         (BundleOptions(golden="5"), 'golden = "5"', "a whole number"),
-        (FinetuneConfig(data="x", seed=1.0), "seed = 1.0", "a whole number"),
-        (FinetuneConfig(data="x", master="a", master_timeout=[]), "master_timeout = []", "a number"),
+        (FinetuneConfig.of(data="x", seed=1.0), "seed = 1.0", "a whole number"),
+        (FinetuneConfig.of(data="x", master="a", master_timeout=[]), "master_timeout = []", "a number"),
     ]
     for config, shown, wanted in refused:
         with pytest.raises(UserError) as caught:
@@ -496,7 +497,7 @@ def test_every_config_field_is_checked_against_its_type_hint() -> None:
         message = str(caught.value)
         assert shown in message and f"valid: {wanted}" in message and "\n" not in message, message
     with pytest.raises(UserError, match="--seed -1 is not usable"):
-        FinetuneConfig(data="x", weights="none", seed=-1).validate()
+        FinetuneConfig.of(data="x", weights="none", seed=-1).validate()
     # int where a float is wanted, None where the hint allows it, a comma-separated text for a list
     assert ExportConfig(max_drop=2, threads=None, formats="tflite", sensitivity_seconds=0).validate().max_drop == 2
     assert SweepConfig(threads="2,1", targets="host").validate().threads == (2, 1)

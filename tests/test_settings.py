@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edgetl.config import RECIPES, FinetuneConfig, parse_settings, recipe_names, resolve, settable
+from edgetl.config import RECIPES, FinetuneConfig, Sectioned, parse_settings, recipe_names, resolve, settable
 from edgetl.errors import UserError
 from tests.conftest import run_cli
 
@@ -19,13 +19,14 @@ NO_FLAG = {"weight_decay": 0.02, "label_smoothing": 0.0, "warmup_fraction": 0.25
 
 def test_every_field_of_every_stage_is_settable_except_what_a_recipe_names() -> None:
     for kind, (_, _, config_type, _) in RECIPES.items():
-        names = {f.name for f in fields(config_type)}
+        sectioned = issubclass(config_type, Sectioned)
+        names = set(config_type.of().flat()) if sectioned else {f.name for f in fields(config_type)}
         assert set(settable(kind)) == names - {"recipe", "custom"}, kind
 
 
 def test_the_five_finetune_settings_without_a_flag_reach_the_config() -> None:
     config = resolve("finetune", None, [f"{key}={value}" for key, value in NO_FLAG.items()], data="builtin:shapes")
-    assert {key: getattr(config, key) for key in NO_FLAG} == NO_FLAG
+    assert {key: config.flat()[key] for key in NO_FLAG} == NO_FLAG
     assert isinstance(config, FinetuneConfig) and config.recipe is None
 
 
@@ -34,6 +35,8 @@ def test_the_five_finetune_settings_without_a_flag_reach_the_config() -> None:
     ("finetune", "image-size=160", ("image_size", 160)),  # a key may be written as its flag is
     ("finetune", "weights=none", ("weights", "none")),  # a text field keeps the text "none"
     ("finetune", "master=10.0.0.1:29500", ("master", "10.0.0.1:29500")),
+    ("finetune", "train.lr_finetune=0.01", ("lr_finetune", 0.01)),  # section.key names the same setting
+    ("finetune", "model.image-size=96", ("image_size", 96)),
     ("export", "formats=tflite", ("formats", ("tflite",))),
     ("export", 'float_layers=["features.0.0", "classifier"]', ("float_layers", ["features.0.0", "classifier"])),
     ("export", "max_drop=0.5", ("max_drop", 0.5)),
@@ -53,6 +56,7 @@ def test_a_value_is_read_as_its_field_reads_it(kind: str, pair: str, expected: t
     ("finetune", "=3", ["'=3'", "KEY=VALUE"]),
     ("finetune", "weight_decay=lots", ["weight_decay", '"lots"', "a number"]),
     ("finetune", "seed=1.5", ["seed", "1.5", "a whole number"]),
+    ("finetune", "model.lr_finetune=0.01", ["model.lr_finetune", "no such setting", "lr_finetune"]),  # wrong section
     ("export", "qat=maybe", ["qat", "true or false"]),
     ("export", "recipe=all", ["recipe", "no such setting"]),  # --recipe names it
     ("sweep", "custom=1", ["custom", "no such setting"]),
@@ -85,13 +89,13 @@ def test_a_key_set_by_its_flag_and_by_set_is_refused_and_the_order_is_defaults_r
 def test_the_built_in_fine_tuning_recipe_and_a_user_recipe(tmp_path: Path) -> None:
     assert "from-scratch" in recipe_names("finetune")
     config = resolve("finetune", "from-scratch", data="builtin:shapes")
-    assert (config.weights, config.lr_finetune, config.epochs_finetune, config.recipe) == ("none", 3e-3, 8,
-                                                                                           "from-scratch")
-    assert resolve("finetune", "from-scratch", data="builtin:shapes", weights="imagenet").weights == "imagenet"
+    assert (config.model.weights, config.train.lr_finetune, config.train.epochs_finetune, config.recipe) == (
+        "none", 3e-3, 8, "from-scratch")
+    assert resolve("finetune", "from-scratch", data="builtin:shapes", weights="imagenet").model.weights == "imagenet"
     mine = tmp_path / "smooth.toml"
     mine.write_text("label_smoothing = 0.0\nwarmup_fraction = 0.3\n")
     config = resolve("finetune", str(mine), data="builtin:shapes")
-    assert (config.label_smoothing, config.warmup_fraction) == (0.0, 0.3)
+    assert (config.train.label_smoothing, config.train.warmup_fraction) == (0.0, 0.3)
     mine.write_text("label_smothing = 0.0\n")
     with pytest.raises(UserError, match="label_smothing.*label_smoothing"):
         resolve("finetune", str(mine), data="builtin:shapes")
@@ -130,7 +134,8 @@ def test_a_finetune_run_records_and_uses_the_settings_without_a_flag(tmp_path: P
                    *[arg for key, value in NO_FLAG.items() for arg in ("--set", f"{key}={value}")])
     assert done.returncode == 0, done.stderr
     manifest = json.loads((run / "checkpoint" / "manifest.json").read_text())
-    assert {key: manifest["config"][key] for key in NO_FLAG} == NO_FLAG
+    stored = FinetuneConfig.settings_of(manifest["config"])
+    assert manifest["config"]["config_version"] == 2 and {key: stored[key] for key in NO_FLAG} == NO_FLAG
     assert manifest["data"]["counts"] == {"train": {"blue": 52, "red": 52}, "val": {"blue": 16, "red": 16},
                                           "test": {"blue": 12, "red": 12}}
 
@@ -158,3 +163,39 @@ def test_a_config_is_checked_once_and_a_changed_copy_again(monkeypatch: pytest.M
         resolved = resolve(kind, None, None, **flags)
         assert resolved.checked and resolved.validate() is resolved, kind
     assert calls.count("FinetuneConfig") == calls.count("SweepConfig") == calls.count("BundleOptions") == 1
+
+
+def test_a_recipe_may_group_its_keys_in_sections_and_a_bad_section_key_is_one_line(tmp_path: Path) -> None:
+    grouped = tmp_path / "grouped.toml"
+    grouped.write_text('description = "d"\nseed = 4\n[model]\nbackbone = "mobilenet_v2"\nwidth = 0.35\n'
+                       'weights = "none"\n[train]\nlr_finetune = 0.002\n[scale_out]\ndevice = "cpu"\n')
+    config = resolve("finetune", str(grouped), data="builtin:shapes")
+    assert (config.model.backbone, config.model.width, config.train.lr_finetune, config.train.seed,
+            config.scale_out.device, config.dataset.data) == ("mobilenet_v2", 0.35, 0.002, 4, "cpu", "builtin:shapes")
+    for text, needles in (('[model]\nlr_finetune = 0.1\n', ["[model]", "lr_finetune", "valid: backbone"]),
+                          ('seed = 1\n[train]\nseed = 2\n', ["seed twice", "[train]"]),
+                          ('[train]\nseed = "one"\n', ["seed", '"one"', "a whole number"])):
+        grouped.write_text(text)
+        with pytest.raises(UserError) as caught:
+            resolve("finetune", str(grouped), data="builtin:shapes")
+        message = str(caught.value)
+        assert "\n" not in message and all(needle in message for needle in needles), message
+
+
+def test_the_config_is_stored_in_sections_and_a_flat_config_of_older_manifests_still_loads() -> None:
+    from edgetl.backends.base import TuneDefaults, trained_settings, tune_for
+
+    config = FinetuneConfig.of(data="builtin:shapes", backbone="mobilenet_v2", weights="none", batch_size=16, seed=7,
+                               label_smoothing=0.05, devices=1).validate()
+    stored = json.loads(json.dumps(config.to_json()))
+    assert stored["config_version"] == 2 and stored["model"]["backbone"] == "mobilenet_v2"
+    assert stored["train"]["batch_size"] == 16 and stored["dataset"]["data"] == "builtin:shapes"
+    assert FinetuneConfig.from_json(stored) == config
+    older = {**config.flat(), "a_setting_since_removed": 1}  # config_version 1: one flat object
+    assert FinetuneConfig.from_json(older) == config
+    assert trained_settings(older) == trained_settings(stored) == config.flat()
+    defaults = TuneDefaults(epochs={"qat": 1}, lr={"qat": 1e-4}, distill={}, weight_decay=0.0)
+    export = resolve("export", None, None)
+    for manifest_config in (older, stored):
+        tune = tune_for(manifest_config, export, "qat", defaults)
+        assert (tune.batch_size, tune.seed, tune.label_smoothing) == (16, 7, 0.05)

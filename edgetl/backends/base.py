@@ -55,10 +55,18 @@ class TuneDefaults:
     weight_decay: float = 1e-4
 
 
-def tune_for(trained: dict, config: Any, kind: str, defaults: TuneDefaults, epochs: int | None = None) -> Tune:
-    """The fine-tune of `kind`: the checkpoint's own batch size, seed and label smoothing (`trained` is its
-    resolved fine-tuning config), epochs, learning rate, distillation and images from the export config, the
-    backend's defaults where it leaves them unset. `epochs` overrides the default epochs of `kind`."""
+def trained_settings(stored: dict) -> dict[str, Any]:
+    """A checkpoint manifest's fine-tuning config as flat settings, whichever config version wrote it."""
+    from edgetl.config import FinetuneConfig
+
+    return FinetuneConfig.settings_of(stored)
+
+
+def tune_for(stored: dict, config: Any, kind: str, defaults: TuneDefaults, epochs: int | None = None) -> Tune:
+    """The fine-tune of `kind`: the checkpoint's own batch size, seed and label smoothing (`stored` is its
+    manifest's resolved fine-tuning config), epochs, learning rate, distillation and images from the export
+    config, the backend's defaults where it leaves them unset. `epochs` overrides the default epochs of `kind`."""
+    trained = trained_settings(stored)
     if kind == "qat":
         chosen_epochs, lr = config.qat_epochs, config.qat_lr
     else:

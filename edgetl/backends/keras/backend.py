@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgetl.backends.base import CAPABILITIES, Backend, Converted, Graphs, TuneDefaults, tune_for
+from edgetl.backends.base import CAPABILITIES, Backend, Converted, Graphs, TuneDefaults, trained_settings, tune_for
 from edgetl.backends.keras import export as keras_export
 from edgetl.backends.keras import models
 from edgetl.ui import quiet_native
@@ -40,7 +40,7 @@ class KerasBackend(Backend):
         return self._train[key]
 
     def load_float(self, checkpoint: Path, manifest, listing, config) -> Graphs:
-        keras.utils.set_random_seed(int(manifest.config.get("seed", config.seed)))
+        keras.utils.set_random_seed(int(trained_settings(manifest.config).get("seed", config.seed)))
         with quiet_native():
             model = keras_export.load_model(checkpoint, manifest)
         graphs = Graphs(float_model=model, example=None)

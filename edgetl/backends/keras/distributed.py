@@ -27,29 +27,31 @@ def strategy_for(config: FinetuneConfig) -> tuple[tf.distribute.Strategy, int, i
     """(strategy, worker count, this worker's index, device type) for the config and the environment."""
     cluster = tf_config_workers()
     gpus = tf.config.list_physical_devices("GPU")
-    if config.nnodes > 1 and cluster is None:
-        raise UserError(f"--nnodes {config.nnodes} with --framework keras: TensorFlow takes its cluster from "
+    if config.scale_out.nnodes > 1 and cluster is None:
+        raise UserError(f"--nnodes {config.scale_out.nnodes} with --framework keras: TensorFlow takes its cluster from "
                         "TF_CONFIG (one process per machine); set TF_CONFIG on each machine instead")
-    if config.device in ("cuda", "mps") and not gpus:
+    if config.scale_out.device in ("cuda", "mps") and not gpus:
         raise UserError(
-            f"--device {config.device} is not available to TensorFlow on this machine; valid here: auto, cpu"
+            f"--device {config.scale_out.device} is not available to TensorFlow on this machine; valid here: auto, cpu"
         )
-    use_gpu = bool(gpus) and config.device != "cpu"
-    if config.devices > 1 and not use_gpu:
-        raise UserError(f"--devices {config.devices} asks for {config.devices} GPUs but TensorFlow sees none; "
+    use_gpu = bool(gpus) and config.scale_out.device != "cpu"
+    if config.scale_out.devices > 1 and not use_gpu:
+        devices = config.scale_out.devices
+        raise UserError(f"--devices {devices} asks for {devices} GPUs but TensorFlow sees none; "
                         "valid here: 1 (several CPU workers run through TF_CONFIG)")
-    if config.devices > len(gpus) and use_gpu:
-        raise UserError(f"--devices {config.devices} but this machine has {len(gpus)} GPU(s); valid: 1 to {len(gpus)}")
+    if config.scale_out.devices > len(gpus) and use_gpu:
+        raise UserError(f"--devices {config.scale_out.devices} but this machine has {len(gpus)} GPU(s); valid: 1 to "
+                        f"{len(gpus)}")
     if cluster is not None:
         workers, index = cluster
-        if config.batch_size is not None and config.batch_size % workers:
-            raise UserError(f"--batch-size {config.batch_size} is the global batch and must divide evenly over "
+        if config.train.batch_size is not None and config.train.batch_size % workers:
+            raise UserError(f"--batch-size {config.train.batch_size} is the global batch and must divide evenly over "
                             f"the {workers} workers of TF_CONFIG; valid: a multiple of {workers}")
         if not use_gpu:
             tf.config.set_visible_devices([], "GPU")
         return tf.distribute.MultiWorkerMirroredStrategy(), workers, index, "gpu" if use_gpu else "cpu"
-    if config.devices > 1:
-        names = [f"/gpu:{i}" for i in range(config.devices)]
+    if config.scale_out.devices > 1:
+        names = [f"/gpu:{i}" for i in range(config.scale_out.devices)]
         return tf.distribute.MirroredStrategy(devices=names), 1, 0, "gpu"
     device = "/GPU:0" if use_gpu else "/CPU:0"
     return tf.distribute.OneDeviceStrategy(device), 1, 0, "gpu" if use_gpu else "cpu"

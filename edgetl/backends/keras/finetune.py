@@ -35,7 +35,7 @@ MEAN = STD = (0.5, 0.5, 0.5)  # keras.applications MobileNets take x/127.5 - 1
 
 def preprocess_spec(config: FinetuneConfig) -> dict:
     """NHWC float input in [-1, 1], what keras.applications' MobileNets were trained with."""
-    return data.preprocess_spec(config.image_size, MEAN, STD, layout="NHWC")
+    return data.preprocess_spec(config.model.image_size, MEAN, STD, layout="NHWC")
 
 
 def describe(model: keras.Model) -> dict:
@@ -92,7 +92,8 @@ def build_initial_model(config: FinetuneConfig) -> tuple[keras.Model, dict]:
     Called before the data is listed (inside the strategy's scope, so its variables are mirrored), so a
     weights file that does not fit fails before any work.
     """
-    return models.initial_backbone(config.backbone, config.width, config.image_size, config.weights, config.seed)
+    model = config.model
+    return models.initial_backbone(model.backbone, model.width, model.image_size, model.weights, config.train.seed)
 
 
 def launch_if_needed(config: FinetuneConfig, run_dir: Path) -> Path | None:
@@ -116,19 +117,19 @@ class Trainer(TrainerShared):
         self.images = images  # the run's decoded pixels (edgetl.imagecache), read instead of the files
         self.world = world or KerasWorld(tf.distribute.get_strategy())
         self.num_classes = len(listing.classes)
-        self.loss = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config.label_smoothing,
+        self.loss = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config.train.label_smoothing,
                                                          reduction=keras.losses.Reduction.NONE)
         counts = np.bincount([label for _, label in listing.splits.get("train", [])], minlength=self.num_classes)
         self.class_weight = (len(listing.splits["train"]) / (self.num_classes * np.maximum(counts, 1))).astype(
-            np.float32) if config.class_weights == "balanced" else None
+            np.float32) if config.dataset.class_weights == "balanced" else None
         self.history: list[dict] = []
         self.failures: dict[str, str] = {}
         self.model: keras.Model | None = None
         self.init: dict = {}
         if initial is not None:
             backbone, self.init = initial
-            _seed_everything(config.seed)
-            self.model = models.add_head(backbone, self.num_classes, config.seed)  # inside the session's scope
+            _seed_everything(config.train.seed)
+            self.model = models.add_head(backbone, self.num_classes, config.train.seed)  # inside the session's scope
             models.set_trainable(self.model, 0)
 
     def _step_fn(self, model: keras.Model, optimizer: keras.optimizers.Optimizer):
@@ -160,18 +161,19 @@ class Trainer(TrainerShared):
         return run
 
     def _optimizer(self, peak: float, total_steps: int) -> keras.optimizers.Optimizer:
-        schedule = WarmupCosine(peak, total_steps, self.config.warmup_fraction)
-        optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=self.config.weight_decay, epsilon=1e-8)
+        schedule = WarmupCosine(peak, total_steps, self.config.train.warmup_fraction)
+        optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=self.config.train.weight_decay,
+                                           epsilon=1e-8)
         optimizer.schedule = schedule  # logged per epoch: the rate of the next step, as torch's get_last_lr()
         return optimizer
 
     def _stream(self) -> data.BatchStream:
-        return data.BatchStream(self.listing.root, self.listing.splits["train"], self.spec, self.config.workers,
+        return data.BatchStream(self.listing.root, self.listing.splits["train"], self.spec, self.config.dataset.workers,
                                 self.images)
 
     def _shard_batches(self, count: int) -> list[np.ndarray]:
         shard = self.world.shard(count)
-        return [shard[i : i + self.config.batch_size] for i in range(0, len(shard), self.config.batch_size)]
+        return [shard[i : i + self.config.train.batch_size] for i in range(0, len(shard), self.config.train.batch_size)]
 
     def _record(self, records: list[tuple[str, int]], indices: np.ndarray, errors: list[str]) -> np.ndarray:
         for index, error in zip(indices, errors, strict=True):
@@ -202,7 +204,7 @@ class Trainer(TrainerShared):
         features_of = models.inference_fn(models.feature_model(model))
         task = bar.add_task(f"features ({split})", total=len(records), status="")
         features, keep = [], []
-        stream = data.BatchStream(self.listing.root, records, self.spec, self.config.workers, self.images)
+        stream = data.BatchStream(self.listing.root, records, self.spec, self.config.dataset.workers, self.images)
         with stream:
             for indices, x, _, errors in stream.batches(self._shard_batches(len(records))):
                 features.append(features_of(x).numpy())
@@ -226,12 +228,12 @@ class Trainer(TrainerShared):
     def finetune(self, bar, selector) -> int:
         """Stage 2: the top K stages (K < 0: all) and the head train; returns the number of stages unfrozen."""
         config, model = self.config, self.model
-        k = models.set_trainable(model, config.unfreeze)
+        k = models.set_trainable(model, config.train.unfreeze)
         records = self.listing.splits["train"]
-        steps_per_epoch = math.ceil(len(records) / config.batch_size)
-        optimizer = self._optimizer(config.lr_finetune, steps_per_epoch * config.epochs_finetune)
-        title = "stage 2: all blocks" if config.unfreeze < 0 else f"stage 2: top {k} blocks"
-        self._run_epochs(optimizer, 2, config.epochs_finetune, config.seed, title, bar, selector)
+        steps_per_epoch = math.ceil(len(records) / config.train.batch_size)
+        optimizer = self._optimizer(config.train.lr_finetune, steps_per_epoch * config.train.epochs_finetune)
+        title = "stage 2: all blocks" if config.train.unfreeze < 0 else f"stage 2: top {k} blocks"
+        self._run_epochs(optimizer, 2, config.train.epochs_finetune, config.train.seed, title, bar, selector)
         for layer in model.layers:
             layer.trainable = True
         return k
@@ -242,15 +244,15 @@ class Trainer(TrainerShared):
         config, world, model = self.config, self.world, self.model
         records = self.listing.splits["train"]
         step = self._step_fn(model, optimizer)
-        rng = np.random.default_rng(config.seed + stage - 1)
+        rng = np.random.default_rng(config.train.seed + stage - 1)
         task = bar.add_task(title, total=epochs, status="")
         stale, best = 0, -1.0
         with self._stream() as stream:
             for epoch in range(1, epochs + 1):
                 start = time.perf_counter()
                 order = rng.permutation(len(records))
-                mine = [order[first : first + config.batch_size][world.rank :: world.size]
-                        for first in range(0, len(records), config.batch_size)]
+                mine = [order[first : first + config.train.batch_size][world.rank :: world.size]
+                        for first in range(0, len(records), config.train.batch_size)]
                 batches = bar.add_task(f"  epoch {epoch}", total=len(records), status="")
                 seen, loss_sum, correct = 0.0, 0.0, 0.0
                 for indices, x, y, errors in stream.batches(mine, augment_seed, epoch):
@@ -270,7 +272,7 @@ class Trainer(TrainerShared):
                 bar.update(task, advance=1, status=f"val top-1 {val_top1:.3f}")
                 stale = 0 if val_top1 > best else stale + 1
                 best = max(best, val_top1)
-                if selector.rule == "val_top1" and stale >= config.patience:
+                if selector.rule == "val_top1" and stale >= config.train.patience:
                     console.print(f"stage {stage}: early stop after epoch {epoch} (no val gain for {stale} epochs)")
                     break
         bar.remove_task(task)
@@ -282,7 +284,8 @@ class Trainer(TrainerShared):
         records = self.listing.splits[split]
         forward = models.inference_fn(self.model)
         labels, probabilities = [], []
-        with data.BatchStream(self.listing.root, records, self.spec, self.config.workers, self.images) as stream:
+        workers = self.config.dataset.workers
+        with data.BatchStream(self.listing.root, records, self.spec, workers, self.images) as stream:
             for indices, x, y, errors in stream.batches(self._shard_batches(len(records))):
                 ok = self._record(records, indices, errors)
                 if ok.any():

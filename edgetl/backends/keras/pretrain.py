@@ -27,20 +27,20 @@ def train_backbone_from_scratch(config: FinetuneConfig, listing: data.DatasetLis
     """Whole-network training on the training split of `listing` (the run's, as `config` lists it); writes the
     no-top weights to `path`."""
     config = config.validate()
-    spec = data.preprocess_spec(config.image_size, MEAN, STD, layout="NHWC")
+    spec = data.preprocess_spec(config.model.image_size, MEAN, STD, layout="NHWC")
     x, labels = data.decode_kept(listing.root, listing.splits["train"], spec)
     y = keras.utils.to_categorical(labels, len(listing.classes))
-    keras.utils.set_random_seed(config.seed)
-    backbone = models.build_backbone(get_backbone(config.backbone), config.width, config.image_size)
-    model = models.add_head(backbone, len(listing.classes), config.seed)
+    keras.utils.set_random_seed(config.train.seed)
+    backbone = models.build_backbone(get_backbone(config.model.backbone), config.model.width, config.model.image_size)
+    model = models.add_head(backbone, len(listing.classes), config.train.seed)
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.momentum = 0.9
-    loss = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config.label_smoothing)
+    loss = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config.train.label_smoothing)
     model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss, metrics=["accuracy"])
-    console.print(f"from scratch: training {config.backbone} on {len(x)} training images for {epochs} epochs")
+    console.print(f"from scratch: training {config.model.backbone} on {len(x)} training images for {epochs} epochs")
     started = time.perf_counter()
-    history = model.fit(x, y, batch_size=config.batch_size or 64, epochs=epochs, shuffle=True, verbose=0)
+    history = model.fit(x, y, batch_size=config.train.batch_size or 64, epochs=epochs, shuffle=True, verbose=0)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Never a half-written file under `path`; the temporary name keeps the suffix, which picks Keras's format.
     partial = path.with_name(f".partial-{path.name}")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from edgetl import data
-from edgetl.backends.base import TuneDefaults, tune_for
+from edgetl.backends.base import TuneDefaults, trained_settings, tune_for
 from edgetl.backends.torch.export import ChannelsLastInput, first_input_qparams, load_model
 from edgetl.backends.torch.prune import prune_channels, prune_magnitude, save_pruned
 from edgetl.backends.torch.qat import quantize_qat
@@ -44,7 +44,7 @@ def prune_model(checkpoint: Path, manifest, listing: data.DatasetListing, spec: 
                 config) -> tuple[nn.Module, dict]:
     """The checkpoint's float model (NCHW), pruned as `spec` says and fine-tuned; plus the manifest record."""
     kind, ratio = spec
-    torch.manual_seed(int(manifest.config.get("seed", 0)))
+    torch.manual_seed(int(trained_settings(manifest.config).get("seed", 0)))
     model = load_model(checkpoint, manifest)
     tune = tune_for(manifest.config, config, kind, DEFAULTS)
     teacher = load_model(checkpoint, manifest) if tune.distill > 0 else None

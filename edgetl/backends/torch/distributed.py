@@ -40,18 +40,20 @@ def gpu_count() -> int:
 def resolve_device_type(config: FinetuneConfig) -> str:
     """The device type every process will use; --devices beyond the GPUs present is a user error."""
     gpus = gpu_count()
-    if config.device in ("auto", "cuda") and gpus:
-        if config.devices > gpus:
-            raise UserError(f"--devices {config.devices} but this machine has {gpus} GPU(s); valid: 1 to {gpus}")
+    if config.scale_out.device in ("auto", "cuda") and gpus:
+        if config.scale_out.devices > gpus:
+            raise UserError(f"--devices {config.scale_out.devices} but this machine has {gpus} GPU(s); valid: 1 to "
+                            f"{gpus}")
         return "cuda"
-    if config.device == "cuda":
+    if config.scale_out.device == "cuda":
         raise UserError("--device cuda is not available on this machine (no CUDA GPU); valid here: auto, cpu")
-    if config.devices > 1 and config.device == "auto":
-        raise UserError(f"--devices {config.devices} asks for {config.devices} GPUs but this machine has none; "
-                        f"give --device cpu to run {config.devices} CPU processes (gloo)")
-    if config.device == "mps" or (config.device == "auto" and config.devices == 1):
+    if config.scale_out.devices > 1 and config.scale_out.device == "auto":
+        devices = config.scale_out.devices
+        raise UserError(f"--devices {devices} asks for {devices} GPUs but this machine has none; "
+                        f"give --device cpu to run {config.scale_out.devices} CPU processes (gloo)")
+    if config.scale_out.device == "mps" or (config.scale_out.device == "auto" and config.scale_out.devices == 1):
         has_mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
-        if config.device == "mps" and not has_mps:
+        if config.scale_out.device == "mps" and not has_mps:
             raise UserError("--device mps is not available on this machine; valid here: auto, cpu")
         return "mps" if has_mps else "cpu"
     return "cpu"
@@ -70,26 +72,26 @@ def launch(config: FinetuneConfig, run_dir: Path) -> Path:
     from torch.distributed.run import get_args_parser, run
 
     resolve_device_type(config)
-    args = [f"--nproc-per-node={config.devices}", f"--nnodes={config.nnodes}", "--max-restarts=0"]
-    if config.nnodes > 1:
-        addr, port = parse_master(config.master)
-        if config.node_rank == 0:
+    args = [f"--nproc-per-node={config.scale_out.devices}", f"--nnodes={config.scale_out.nnodes}", "--max-restarts=0"]
+    if config.scale_out.nnodes > 1:
+        addr, port = parse_master(config.scale_out.master)
+        if config.scale_out.node_rank == 0:
             check_port_free(port)
         else:
-            console.print(f"waiting up to {config.master_timeout:g} s for the master {addr}:{port}")
-            wait_for_master(addr, port, config.master_timeout)
-        args += [f"--node-rank={config.node_rank}", f"--master-addr={addr}", f"--master-port={port}"]
+            console.print(f"waiting up to {config.scale_out.master_timeout:g} s for the master {addr}:{port}")
+            wait_for_master(addr, port, config.scale_out.master_timeout)
+        args += [f"--node-rank={config.scale_out.node_rank}", f"--master-addr={addr}", f"--master-port={port}"]
     else:
         args.append("--standalone")
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // config.devices)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // config.scale_out.devices)))
     if os.environ.get("EDGETL_DEBUG") != "1":
         logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)  # we report failures
     with tempfile.TemporaryDirectory(prefix="edgetl-launch-") as tmp:
         config_file = Path(tmp) / "config.json"
         config_file.write_text(json.dumps(config.to_json()))
         worker = ["--module", "edgetl.finetune_worker", str(config_file), str(Path(run_dir).resolve())]
-        console.print(f"launching {config.devices} process(es) on this machine through torchrun "
-                      f"(node {config.node_rank} of {config.nnodes})")
+        console.print(f"launching {config.scale_out.devices} process(es) on this machine through torchrun "
+                      f"(node {config.scale_out.node_rank} of {config.scale_out.nnodes})")
         try:
             run(get_args_parser().parse_args(args + worker))
         except ChildFailedError as failed:
@@ -198,16 +200,16 @@ class TorchWorld:
 def session(config: FinetuneConfig) -> Iterator[TorchWorld]:
     """Join the process group when launched (NCCL on GPUs, gloo on CPU); a lone process gets a trivial world."""
     env = world_from_env()
-    check_world(env, config.devices, config.nnodes, config.node_rank)
+    check_world(env, config.scale_out.devices, config.scale_out.nnodes, config.scale_out.node_rank)
     device_type = resolve_device_type(config if not env.launched else _per_node(config, env))
     if not env.launched or env.size == 1:
         yield TorchWorld(env, _device(device_type, env))
         return
-    if config.batch_size is not None and config.batch_size % env.size:
-        raise UserError(f"--batch-size {config.batch_size} is the global batch and must divide evenly over "
+    if config.train.batch_size is not None and config.train.batch_size % env.size:
+        raise UserError(f"--batch-size {config.train.batch_size} is the global batch and must divide evenly over "
                         f"WORLD_SIZE={env.size} processes; valid: a multiple of {env.size}")
     if env.rank != 0:
-        wait_for_master(env.master_addr, env.master_port, config.master_timeout)
+        wait_for_master(env.master_addr, env.master_port, config.scale_out.master_timeout)
     device = _device(device_type, env)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
@@ -223,9 +225,7 @@ def session(config: FinetuneConfig) -> Iterator[TorchWorld]:
 
 def _per_node(config: FinetuneConfig, env: WorldEnv) -> FinetuneConfig:
     """Device checks count the processes on this machine (LOCAL_WORLD_SIZE), whoever launched them."""
-    from dataclasses import replace
-
-    return replace(config, devices=env.local_size, nnodes=max(1, env.size // env.local_size), node_rank=0)
+    return config.with_(devices=env.local_size, nnodes=max(1, env.size // env.local_size), node_rank=0)
 
 
 def _device(device_type: str, env: WorldEnv) -> torch.device:

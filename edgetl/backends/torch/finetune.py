@@ -51,8 +51,8 @@ FEATURES_AT_ANY_SIZE = True
 
 def preprocess_spec(config: FinetuneConfig) -> dict:
     """torch models take NCHW float input normalised with the backbone's published mean/std."""
-    spec = get_backbone(config.backbone)
-    return data.preprocess_spec(config.image_size, spec.mean, spec.std, layout="NCHW")
+    spec = get_backbone(config.model.backbone)
+    return data.preprocess_spec(config.model.image_size, spec.mean, spec.std, layout="NCHW")
 
 
 def describe(model: Backbone) -> dict:
@@ -259,10 +259,10 @@ def build_initial_model(config: FinetuneConfig) -> tuple[Backbone, dict]:
 
     Called right after the data is listed, so a weights file that does not fit fails before any work.
     """
-    spec = get_backbone(config.backbone)
-    torch.manual_seed(config.seed)
-    model = build_model(config.backbone, config.width, num_classes=1000)
-    init = apply_weights(model, spec, config.width, config.weights)
+    spec = get_backbone(config.model.backbone)
+    torch.manual_seed(config.train.seed)
+    model = build_model(config.model.backbone, config.model.width, num_classes=1000)
+    init = apply_weights(model, spec, config.model.width, config.model.weights)
     return model, init
 
 
@@ -288,19 +288,19 @@ class Trainer(TrainerShared):
         self.listing = listing
         self.spec = spec
         self.images = images  # the run's decoded pixels (edgetl.imagecache), read instead of the files
-        self.world = world or TorchWorld(WorldEnv(), pick_device(config.device))
+        self.world = world or TorchWorld(WorldEnv(), pick_device(config.scale_out.device))
         self.device = self.world.device
         set_threads(self.world.env)
         settings = precision_settings(self.device)
         self.amp = settings["mixed_precision"]
         self.channels_last = settings["channels_last"]
-        weights = getattr(config, "class_weights", "none")
+        weights = config.dataset.class_weights
         self.class_weight: torch.Tensor | None = None
         if weights == "balanced":
             counts = np.bincount([label for _, label in listing.splits["train"]], minlength=len(listing.classes))
             self.class_weight = torch.tensor(len(listing.splits["train"]) / (len(counts) * np.maximum(counts, 1)),
                                              dtype=torch.float32, device=self.device)
-        self.criterion = nn.CrossEntropyLoss(weight=self.class_weight, label_smoothing=config.label_smoothing,
+        self.criterion = nn.CrossEntropyLoss(weight=self.class_weight, label_smoothing=config.train.label_smoothing,
                                              reduction="sum")
         self.history: list[dict] = []
         self.failures: dict[str, str] = {}
@@ -317,9 +317,9 @@ class Trainer(TrainerShared):
     def _prepare(self, model: Backbone, init: dict) -> None:
         """New head for this folder's classes, on the device; from-scratch BN statistics estimated."""
         config = self.config
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.train.seed)
         model.reset_head(len(self.listing.classes))
-        np.random.seed(config.seed % (2**32))
+        np.random.seed(config.train.seed % (2**32))
         # On CUDA, deterministic kernels where torch has them. On the CPU the flag only costs time: a training step
         # of EfficientNet-Lite0 at 128 px ran 1.24-1.31x faster without it, and three steps gave bit-identical
         # weights with and without it, run after run, at a fixed thread count (2026-12-06, this project's 2-core
@@ -331,7 +331,7 @@ class Trainer(TrainerShared):
         if init.get("kind") == "none":
             # every rank estimates on the same images in the same order, so the statistics agree everywhere
             train_set = ImageRecords(self.listing.root, self.listing.splits["train"], self.spec, images=self.images)
-            loader = _loader(train_set, config.batch_size, config.workers, True, config.seed)
+            loader = _loader(train_set, config.train.batch_size, config.dataset.workers, True, config.train.seed)
             with console.status("estimating BatchNorm statistics of the randomly initialised backbone"):
                 init["batchnorm_statistics_from_images"] = estimate_batchnorm_statistics(
                     model, loader, self.device, BN_ESTIMATE_IMAGES
@@ -344,8 +344,9 @@ class Trainer(TrainerShared):
 
     def _optimizer(self, params: list[nn.Parameter], lr: float, total_steps: int):
         """AdamW with linear warm-up then cosine decay, stepped once per global batch."""
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=self.config.weight_decay)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, self.config.warmup_fraction))
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=self.config.train.weight_decay)
+        warmup = warmup_cosine(total_steps, self.config.train.warmup_fraction)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
         return optimizer, schedule
 
     def _global_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -357,12 +358,12 @@ class Trainer(TrainerShared):
         """Each rank's share of every global batch: DistributedSampler strides one seeded permutation."""
         sampler = DistributedSampler(dataset, num_replicas=self.world.size, rank=self.world.rank, shuffle=True,
                                      seed=seed)
-        share = max(1, self.config.batch_size // self.world.size)
+        share = max(1, self.config.train.batch_size // self.world.size)
         # BatchNorm cannot train on a batch of one image (one value per channel at a 1x1 feature map, and no
         # variance anywhere): a lone last image is left out of that epoch (a different one each epoch)
         lone_last = len(sampler) > share and len(sampler) % share == 1
         loader = DataLoader(dataset, batch_size=share, sampler=sampler, drop_last=lone_last,
-                            num_workers=self.config.workers, pin_memory=self.device.type == "cuda",
+                            num_workers=self.config.dataset.workers, pin_memory=self.device.type == "cuda",
                             persistent_workers=False)
         return loader, sampler
 
@@ -370,7 +371,8 @@ class Trainer(TrainerShared):
         """This rank's fixed share of a split (no shuffling), decoded in worker processes when asked."""
         dataset = Subset(ImageRecords(self.listing.root, records, self.spec, images=self.images),
                          self.world.shard(len(records)))
-        return _loader(dataset, self.config.batch_size, self.config.workers, False, self.config.seed)
+        train = self.config.train
+        return _loader(dataset, train.batch_size, self.config.dataset.workers, False, train.seed)
 
     def _reduce_epoch(self, loss_sum: float, correct: int, seen: int) -> tuple[float, float, int]:
         loss_sum, correct, seen = self.world.sum([loss_sum, correct, seen])
@@ -434,7 +436,7 @@ class Trainer(TrainerShared):
         """Stage 2: the top K units (K < 0: all) and the head train; returns the number of units unfrozen."""
         model = self.model
         stages = model.stages()
-        k = len(stages) if self.config.unfreeze < 0 else min(self.config.unfreeze, len(stages))
+        k = len(stages) if self.config.train.unfreeze < 0 else min(self.config.train.unfreeze, len(stages))
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         for unit in [*stages[len(stages) - k :], model.head]:
@@ -442,7 +444,8 @@ class Trainer(TrainerShared):
                 parameter.requires_grad_(True)
         trained = self.world.wrap(model)
         title = "stage 2: all blocks" if k == len(stages) else f"stage 2: top {k} blocks"
-        self._image_epochs(trained, 2, self.config.epochs_finetune, self.config.lr_finetune, self.config.seed,
+        train = self.config.train
+        self._image_epochs(trained, 2, train.epochs_finetune, train.lr_finetune, train.seed,
                            title, bar, selector)
         for parameter in model.parameters():
             parameter.requires_grad_(True)
@@ -454,18 +457,18 @@ class Trainer(TrainerShared):
         config, model = self.config, self.model
         train_set = ImageRecords(self.listing.root, self.listing.splits["train"], self.spec, augment_seed=augment_seed,
                                  images=self.images)
-        loader, sampler = self._train_loader(train_set, config.seed + stage - 1)
+        loader, sampler = self._train_loader(train_set, config.train.seed + stage - 1)
         params = [p for p in model.parameters() if p.requires_grad]
         total_steps = len(loader) * epochs
-        if config.max_steps is not None:  # a time budget's plan: the last epoch may be partial
-            total_steps = min(total_steps, config.max_steps)
+        if config.train.max_steps is not None:  # a time budget's plan: the last epoch may be partial
+            total_steps = min(total_steps, config.train.max_steps)
         optimizer, schedule = self._optimizer(params, lr, total_steps)
         steps, step_seconds = 0, 0.0
         scaler = torch.amp.GradScaler("cuda", enabled=precision_settings(self.device)["grad_scaler"])
         task = bar.add_task(title, total=epochs, status="")
         stale, best = 0, -1.0
         epoch = 0
-        with shared_dropout(model, config.seed + stage, self.world) as dropout:
+        with shared_dropout(model, config.train.seed + stage, self.world) as dropout:
             while epoch < epochs:
                 epoch += 1
                 start = time.perf_counter()
@@ -515,7 +518,7 @@ class Trainer(TrainerShared):
                 bar.update(task, advance=1, status=f"val top-1 {val_top1:.3f}")
                 stale = 0 if val_top1 > best else stale + 1
                 best = max(best, val_top1)
-                if selector.rule == "val_top1" and stale >= config.patience:
+                if selector.rule == "val_top1" and stale >= config.train.patience:
                     console.print(f"stage {stage}: early stop after epoch {epoch} (no val gain for {stale} epochs)")
                     break
                 if self.refit_steps is not None and steps < total_steps:
@@ -547,9 +550,10 @@ class Trainer(TrainerShared):
         are left exactly as they were. What a time budget plans with."""
         config, model = self.config, self.model
         records = self.listing.splits["train"]
-        batch = min(config.batch_size // self.world.size, len(records))
+        batch = min(config.train.batch_size // self.world.size, len(records))
         state = self.snapshot()
-        dataset = ImageRecords(self.listing.root, records, self.spec, augment_seed=config.seed, images=self.images)
+        dataset = ImageRecords(self.listing.root, records, self.spec, augment_seed=config.train.seed,
+                               images=self.images)
 
         def prepared(offset: int) -> torch.Tensor:
             rows = [dataset[(offset * batch + i) % len(records)][0] for i in range(batch)]
@@ -627,7 +631,7 @@ class Trainer(TrainerShared):
         for parameter in model.parameters():
             parameter.requires_grad_(True)
         model = model.cpu().to(memory_format=torch.contiguous_format)  # saved and exported in the usual layout
-        device = {**device_info(self.device, self.world), "data_loader_workers": self.config.workers}
+        device = {**device_info(self.device, self.world), "data_loader_workers": self.config.dataset.workers}
         return Result(model=model, history=self.history, decode_failures=dict(self.failures), device=device,
                       init=self.init)
 
