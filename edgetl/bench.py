@@ -606,7 +606,8 @@ def run_bench(export: Path, options: BenchOptions, strict: bool = False) -> Path
     """
     from edgetl.ui import console
 
-    targets, thread_counts = options.validate()
+    options = options.validate()
+    targets, thread_counts = options.parsed_targets(), list(options.threads)
     for target in targets:
         if target.remote:  # an unreachable board or an unusable phone costs nothing yet
             target.preflight(options.remote_python, options.taskset)

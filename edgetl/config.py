@@ -199,8 +199,8 @@ class Sectioned(Checked):
         for key, value in flat.items():
             grouped.setdefault(layout[key], {})[key] = value
         values = grouped.pop(None, {})
-        for name, section in _sections(cls).items():
-            values[name] = section(**grouped.get(name, {}))
+        for name, default in _section_defaults(cls).items():
+            values[name] = replace(default, **grouped.get(name, {}))
         return cls(**values)
 
     def flat(self) -> dict[str, Any]:
@@ -263,6 +263,13 @@ def _sections(config_type: type) -> dict[str, type]:
             if isinstance(hints[f.name], type) and is_dataclass(hints[f.name])}
 
 
+def _section_defaults(config_type: type) -> dict[str, Any]:
+    """Each section of a sectioned config as the config has it by default (a sweep's bench section measures
+    with fewer iterations than `edgetl bench` does)."""
+    return {f.name: f.default_factory() if f.default_factory is not MISSING else f.default
+            for f in fields(config_type) if f.name in _sections(config_type)}
+
+
 @cache
 def _layout(config_type: type) -> dict[str, str | None]:
     """Every flat setting name → the section that holds it (None: the config itself)."""
@@ -284,12 +291,11 @@ def _flat_hints(config_type: type) -> dict[str, Any]:
 
 def _flat_defaults(config_type: type) -> dict[str, Any]:
     """Each flat setting's default (MISSING for one that must be given)."""
-    sections = _sections(config_type)
+    sections = _section_defaults(config_type)
     defaults = {}
     for key, where in _layout(config_type).items():
-        owner = sections[where] if where else config_type
-        found = next(f for f in fields(owner) if f.name == key)
-        defaults[key] = found.default
+        defaults[key] = (getattr(sections[where], key) if where
+                         else next(f.default for f in fields(config_type) if f.name == key))
     return defaults
 
 
@@ -773,28 +779,80 @@ def _threads(value: object) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
-class SweepConfig(Checked):
-    """What a sweep makes and measures; a recipe sets any field, CLI flags override it."""
+class BenchOptions(Checked):
+    """What `edgetl bench` measures and how; every field ends up in the results. A sweep holds one, with fewer
+    iterations by default, for all its variants."""
+
+    STAGE: ClassVar[str] = "bench"  # what its settings are called in an error line
+
+    targets: tuple[str, ...] = ("host",)
+    threads: tuple[int, ...] = (1, 2)
+    inputs: Path | None = None
+    out: Path | None = None
+    iters: int = 50
+    warmup: int = 5
+    samples: int | None = None
+    arm_iters: int = 5
+    arm_warmup: int = 2
+    arm_samples: int = 50
+    allow_modified: bool = False  # benchmark a file whose sha256 no longer matches its export manifest
+    remote_python: str = "python3"  # the interpreter device_bench runs with on ssh: targets
+    taskset: str | None = None  # CPU list (taskset -c) that pins device_bench on ssh: targets, e.g. big cores
+    breakdown: bool = False  # emulated targets: also count each network block of a .tflite on its own
+
+    def validate(self) -> BenchOptions:
+        """Targets as their specs (each once, in order) and thread counts as numbers; every bad value is one
+        UserError line."""
+        if self.checked:
+            return self
+        check_types(self)
+        targets = self.parsed_targets()
+        threads = _threads(self.threads)
+        for name in ("iters", "arm_iters", "arm_samples"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} is not usable; valid: 1 or more")
+        if self.samples is not None and self.samples < 1:
+            raise UserError(f"--samples {self.samples} is not usable; valid: 1 or more images")
+        for name in ("warmup", "arm_warmup"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} {getattr(self, name)} is not usable; valid: 0 or more")
+        from edgetl.targets.ssh import check_cores
+
+        check_cores(self.taskset)
+        if not self.remote_python.strip() or self.remote_python.startswith("-"):
+            raise UserError(f"--remote-python {self.remote_python!r} is not a program; valid: e.g. python3 or "
+                            "/home/pi/venv/bin/python")
+        if self.breakdown and not any(t.emulated for t in targets):
+            raise UserError(f"--breakdown needs an emulated target (it counts guest instructions); --target "
+                            f"{','.join(self.targets)!r} has none (valid: add one of "
+                            f"{', '.join(n for n, t in TARGETS.items() if t.emulated)})")
+        return replace(self, targets=tuple(t.spec for t in targets), threads=threads)._mark()
+
+    def parsed_targets(self) -> list:
+        """The targets as objects (edgetl.targets), parsed from their specs."""
+        return parse_targets(",".join(_as_list(self.targets, lower=False)))
+
+
+def _sweep_bench() -> BenchOptions:
+    """A sweep measures every variant on every target, with fewer runs than `edgetl bench`: bench top-1 is only a
+    cross-check there (accuracy comes from verification over the whole test split), and under qemu every scored
+    image costs as much as a counted invoke."""
+    return BenchOptions(targets=tuple(TARGETS), threads=(1,), iters=30, samples=100, arm_iters=3, arm_samples=5)
+
+
+@dataclass(frozen=True)
+class SweepConfig(Sectioned):
+    """What a sweep makes (variants, formats, the int8 budget) and how it measures them (`bench`, the options of
+    `edgetl bench`); a recipe sets any field, CLI flags override it."""
 
     STAGE: ClassVar[str] = "sweep"  # what its settings are called in an error line
 
     variants: tuple[str, ...] = tuple(VARIANTS)
-    targets: tuple[str, ...] = tuple(TARGETS)
-    threads: tuple[int, ...] = (1,)
     formats: tuple[str, ...] = DEFAULT_FORMATS
     max_drop: float = 1.0
     calib: int | None = None  # None: export's default
-    iters: int = 30
-    warmup: int = 5
-    # Bench top-1 is only a cross-check here (accuracy comes from verification over the whole test split),
-    # and under qemu every scored image costs as much as a counted invoke: few images.
-    samples: int = 100
-    arm_iters: int = 3
-    arm_samples: int = 5
-    remote_python: str = "python3"  # ssh: targets: the Python that runs device_bench there
-    taskset: str | None = None  # ssh: targets: CPUs to pin device_bench to (taskset -c)
-    breakdown: bool = False  # emulated targets: instructions per network block of each file (bench --breakdown)
     debug_numerics: bool = False  # every int8 variant's export runs the numerics debugger (export --debug-numerics)
+    bench: BenchOptions = field(default_factory=_sweep_bench)
     custom: dict[str, Variant] = field(default_factory=dict)
     recipe: str | None = None
 
@@ -812,31 +870,24 @@ class SweepConfig(Checked):
         for name in variants:
             if name not in self.known():
                 raise UserError(one_of(name, list(self.known()), "variant"))
-        targets = tuple(t.spec for t in parse_targets(",".join(_as_list(self.targets, lower=False))))
         formats = tuple(dict.fromkeys(_as_list(self.formats)))
         if not formats:
             raise UserError(f"--formats is empty; valid: {', '.join(FORMATS)}")
         for value in formats:
             if value not in FORMATS:
                 raise UserError(one_of(value, FORMATS, "format"))
-        threads = _threads(self.threads)
         if not 0 <= self.max_drop <= 100:
             raise UserError(f"--max-drop {self.max_drop:g} is not usable; valid: 0 to 100 points of top-1")
-        for name in ("iters", "samples", "arm_iters", "arm_samples"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} is not usable; valid: 1 or more")
-        if self.warmup < 0:
-            raise UserError(f"warmup {self.warmup} is not usable; valid: 0 or more")
-        if self.breakdown and not any(t in TARGETS and TARGETS[t].emulated for t in targets):
-            raise UserError(f"--breakdown needs an emulated target; the sweep's targets {', '.join(targets)} have "
-                            f"none (valid: add one of {', '.join(n for n, t in TARGETS.items() if t.emulated)})")
-        return replace(self, variants=variants, targets=targets, formats=formats, threads=threads)._mark()
+        if self.bench.out is not None:
+            raise UserError(f"out = {shown(str(self.bench.out))}: a sweep writes each variant's bench results in "
+                            f"its own folder; valid: the sweep's --out")
+        return replace(self, variants=variants, formats=formats, bench=self.bench.validate())._mark()
 
     def export_config(self, name: str) -> ExportConfig:
         """The ExportConfig of one variant: the sweep's base settings, then the variant's overrides."""
+        lowered = any(FORMAT_RECORDS[f].blocks == "lowered" for f in self.formats)
         base: dict[str, Any] = {"formats": self.formats, "max_drop": self.max_drop,
-                                "parts": self.breakdown and any(FORMAT_RECORDS[f].blocks == "lowered"
-                                                                for f in self.formats)}  # blocks lowered for bench
+                                "parts": self.bench.breakdown and lowered}  # each block lowered, for bench's breakdown
         if self.calib is not None:
             base["calib"] = self.calib
         overrides = dict(self.known()[name].overrides)
@@ -847,11 +898,16 @@ class SweepConfig(Checked):
         return ExportConfig(**{**base, **overrides})
 
     def to_json(self) -> dict:
-        payload = asdict(self)
+        payload = super().to_json()
         payload["custom"] = {name: asdict(v) for name, v in self.custom.items()}
-        for key in ("variants", "targets", "threads", "formats"):
-            payload[key] = list(getattr(self, key))
         return payload
+
+    @classmethod
+    def from_json(cls, payload: dict[str, Any]) -> SweepConfig:
+        """A sweep.json's config, of either config version; its custom variants as Variant records."""
+        custom = payload.get("custom") or {}
+        config = super().from_json({k: v for k, v in payload.items() if k != "custom"})
+        return replace(config, custom={name: Variant(**v) for name, v in custom.items()})
 
 
 def variant_keys() -> list[str]:
@@ -860,54 +916,6 @@ def variant_keys() -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ bench and bundle
-
-
-@dataclass(frozen=True)
-class BenchOptions:
-    """What `edgetl bench` measures and how; every field ends up in the results."""
-
-    STAGE: ClassVar[str] = "bench"  # what its settings are called in an error line
-
-    targets: str = "host"
-    threads: str = "1,2"
-    inputs: Path | None = None
-    out: Path | None = None
-    iters: int = 50
-    warmup: int = 5
-    samples: int | None = None
-    arm_iters: int = 5
-    arm_warmup: int = 2
-    arm_samples: int = 50
-    allow_modified: bool = False  # benchmark a file whose sha256 no longer matches its export manifest
-    remote_python: str = "python3"  # the interpreter device_bench runs with on ssh: targets
-    taskset: str | None = None  # CPU list (taskset -c) that pins device_bench on ssh: targets, e.g. big cores
-    breakdown: bool = False  # emulated targets: also count each network block of a .tflite on its own
-
-    def validate(self) -> tuple[list, list[int]]:
-        """The targets and host thread counts, parsed; every bad value is one UserError line."""
-        check_types(self)
-        targets = parse_targets(self.targets)
-        try:
-            threads = [int(v) for v in self.threads.split(",") if v.strip()]
-        except ValueError:
-            threads = []
-        if not threads or any(not 1 <= v <= MAX_THREADS for v in threads):
-            raise UserError(f"--threads {self.threads!r} is not a comma-separated list of thread counts, 1 to "
-                            f"{MAX_THREADS} (e.g. 1,2)")
-        for name in ("iters", "arm_iters"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        from edgetl.targets.ssh import check_cores
-
-        check_cores(self.taskset)
-        if not self.remote_python.strip() or self.remote_python.startswith("-"):
-            raise UserError(f"--remote-python {self.remote_python!r} is not a program; valid: e.g. python3 or "
-                            "/home/pi/venv/bin/python")
-        if self.breakdown and not any(t.emulated for t in targets):
-            raise UserError(f"--breakdown counts guest instructions, so it needs an emulated target; --target "
-                            f"{self.targets!r} has none (valid: add one of "
-                            f"{', '.join(n for n, t in TARGETS.items() if t.emulated)})")
-        return targets, list(dict.fromkeys(threads))
 
 
 PLATFORMS = ("android", "ios")
@@ -959,6 +967,7 @@ RECIPES: dict[str, tuple[str | None, str, type, str | None]] = {
     "bundle": (None, "bundle settings", BundleOptions, None),
 }
 NOT_SETTABLE = {"recipe", "custom"}  # set by --recipe and by a sweep recipe's [variant.NAME] tables
+NOT_SETTABLE_IN = {"sweep": {"out"}}  # a sweep names each variant's bench folder itself
 
 
 def _recipe_folder(kind: str) -> Path:
@@ -975,7 +984,8 @@ def recipe_names(kind: str = "export") -> list[str]:
 
 def settable(kind: str) -> list[str]:
     """The keys a recipe of `kind` and `--set` may set: every field of its config."""
-    return [key for key in _layout(RECIPES[kind][2]) if key not in NOT_SETTABLE]
+    hidden = NOT_SETTABLE | NOT_SETTABLE_IN.get(kind, set())
+    return [key for key in _layout(RECIPES[kind][2]) if key not in hidden]
 
 
 def _setting_value(text: str, hint: Any) -> object:
@@ -1094,7 +1104,7 @@ def _normalise(values: dict[str, Any], kind: str) -> dict[str, Any]:
     for key in ("formats", "quant", "variants", "targets"):  # only where the config holds a list (bench: a text)
         if isinstance(values.get(key), listed) and get_origin(hints.get(key)) is tuple:
             values[key] = tuple(_as_list(values[key], lower=key in ("formats", "quant")))
-    if kind == "sweep" and "threads" in values and _matches(values["threads"], tuple[int, ...]):
+    if kind in ("sweep", "bench") and "threads" in values and _matches(values["threads"], tuple[int, ...]):
         values["threads"] = _threads(values["threads"])
     return values
 

@@ -49,9 +49,9 @@ FAST_EXPORT = ExportConfig(calib=64)
 # ended with, taken from RUN/export (same settings, already verified), so the sweep only benchmarks. Pruned and QAT
 # variants are left to `edgetl sweep`: a 30%-channel-pruned variant with a 2-epoch recovery fine-tune took 29 min
 # here and lost 15 points (docs/HISTORY.md, "An earlier sweep").
-DEMO_SWEEP = SweepConfig(variants=("fp32", "int8-auto"), targets=("host", "arm64-a76"),
-                         threads=(1,), iters=30, samples=100, arm_iters=3, arm_samples=5, recipe="demo")
-FAST_SWEEP = replace(DEMO_SWEEP, calib=64)
+DEMO_SWEEP = SweepConfig.of(variants=("fp32", "int8-auto"), targets=("host", "arm64-a76"),
+                            threads=(1,), iters=30, samples=100, arm_iters=3, arm_samples=5, recipe="demo")
+FAST_SWEEP = DEMO_SWEEP.with_(calib=64)
 
 
 # --framework keras: tf_keras mobilenet_v2 at Fashion-MNIST's own scale (32 px), exported to .tflite only.

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetl import formats
+from edgetl.config import SweepConfig
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
@@ -401,7 +402,7 @@ def _mb(n: int) -> str:
 def sections(document: dict[str, Any]) -> list[Block]:
     """The report as blocks, rendered alike to Markdown and HTML so the two never disagree."""
     analysis, rows, conditions = document["analysis"], document["rows"], document["conditions"]
-    config, reference = document["config"], document["reference"]
+    config, reference = SweepConfig.settings_of(document["config"]), document["reference"]
     model = document["checkpoint"]["model"]
     threads = analysis["host_threads_ranked"]
     budget = config["max_drop"]

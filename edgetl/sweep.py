@@ -16,13 +16,14 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from edgetl.config import VARIANTS, SweepConfig, Variant, resolve
 from edgetl.contracts import SCHEMA_VERSION, SWEEP_KIND, ArtifactSidecar, BenchManifest, ExportManifest, read
 from edgetl.errors import UserError, machine_failure
-from edgetl.targets import parse_targets, preflight
+from edgetl.targets import preflight
 
 DEFAULT_RECIPE = "default"
 
@@ -62,10 +63,10 @@ def run_sweep(checkpoint: Path, config: SweepConfig, out: Path | None = None, re
     from edgetl.bench import setup_userland
     from edgetl.ui import console
 
-    targets = parse_targets(",".join(config.targets))
+    targets = config.bench.parsed_targets()
     if any(t.emulated for t in targets):  # once, before any export: a set-up failure costs no exports
         setup_userland("arm64")
-    preflight(targets, config.remote_python, config.taskset)  # an unreachable board costs no exports
+    preflight(targets, config.bench.remote_python, config.bench.taskset)  # an unreachable board costs no exports
     started = time.perf_counter()
     load_before = _loadavg()
     from edgetl.report import print_summary, write_report
@@ -139,7 +140,7 @@ def _check_variant_configs(config: SweepConfig, framework: str) -> None:
 def run_variant(checkpoint: Path, config: SweepConfig, name: str, folder: Path,
                 reuse: Path | None = None) -> dict[str, Any]:
     """Export (+ verify) then bench one variant; every failure is recorded, never raised."""
-    from edgetl.bench import BenchOptions, run_bench
+    from edgetl.bench import run_bench
     from edgetl.export import ExportFailed, run_export
     from edgetl.ui import console
     from edgetl.verify import QualityError
@@ -170,11 +171,7 @@ def run_variant(checkpoint: Path, config: SweepConfig, name: str, folder: Path,
         entry["error"] = f"export: {_one_line(error)}"
     if "error" not in entry:
         try:
-            run_bench(folder / "export", BenchOptions(
-                targets=",".join(config.targets), threads=",".join(str(t) for t in config.threads),
-                out=folder / "bench", iters=config.iters, warmup=config.warmup, samples=config.samples,
-                arm_iters=config.arm_iters, arm_samples=config.arm_samples, remote_python=config.remote_python,
-                taskset=config.taskset, breakdown=config.breakdown))
+            run_bench(folder / "export", replace(config.bench, out=folder / "bench"))
             entry["status"] = "ok"
         except KeyboardInterrupt:
             raise
@@ -374,10 +371,11 @@ def reference_top1(variants: list[dict[str, Any]], manifest: Any) -> dict[str, A
 def conditions(out: Path, variants: list[dict[str, Any]], config: SweepConfig,
                load_before: list[float] | None) -> dict[str, Any]:
     """How the figures were measured: threads, iterations, runtimes, CPUs, qemu, the host's load."""
-    found: dict[str, Any] = {"host_threads": list(config.threads), "host_iters": config.iters,
-                             "host_warmup": config.warmup, "host_samples": config.samples, "arm_threads": 1,
-                             "arm_iters": config.arm_iters,
-                             "arm_samples": config.arm_samples, "load_average_before": load_before,
+    bench = config.bench
+    found: dict[str, Any] = {"host_threads": list(bench.threads), "host_iters": bench.iters,
+                             "host_warmup": bench.warmup, "host_samples": bench.samples, "arm_threads": 1,
+                             "arm_iters": bench.arm_iters, "arm_warmup": bench.arm_warmup,
+                             "arm_samples": bench.arm_samples, "load_average_before": load_before,
                              "load_average_after": _loadavg(), "runtimes": [], "host_cpu": None, "qemu": None,
                              "targets": {}, "versions": {}}
     runtimes: set[str] = set()
@@ -403,7 +401,7 @@ def conditions(out: Path, variants: list[dict[str, Any]], config: SweepConfig,
                 if target["emulated"] and found["qemu"] is None:
                     found["qemu"] = run.get("emulation", {}).get("qemu")
     found["runtimes"] = sorted(runtimes)
-    names = [t.name for t in parse_targets(",".join(config.targets))]  # ssh:pi@pi5 is filed as ssh-pi5
+    names = [t.name for t in config.bench.parsed_targets()]  # ssh:pi@pi5 is filed as ssh-pi5
     found["targets"] = {name: found["targets"][name] for name in names if name in found["targets"]}
     return found
 

@@ -292,6 +292,6 @@ def test_parts_are_asked_only_of_an_export_that_makes_a_pte() -> None:
     assert ExportConfig(parts=True).for_backend("torch").parts
     assert not ExportConfig(parts=True, formats="tflite").for_backend("torch").parts  # no .pte: nothing to cut
     assert not ExportConfig(parts=True).for_backend("keras").parts  # keras makes .tflite only
-    sweep = SweepConfig(targets=("arm64-a76",), breakdown=True, formats=("tflite", "pte")).validate()
+    sweep = SweepConfig.of(targets=("arm64-a76",), breakdown=True, formats=("tflite", "pte")).validate()
     assert sweep.export_config("int8-ptq").parts  # a sweep's breakdown lowers each .pte's blocks
-    assert not SweepConfig(targets=("arm64-a76",)).validate().export_config("int8-ptq").parts
+    assert not SweepConfig.of(targets=("arm64-a76",)).validate().export_config("int8-ptq").parts

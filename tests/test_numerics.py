@@ -155,10 +155,10 @@ def test_a_sweep_asks_int8_variants_only_and_its_report_plots_the_first_record(t
     from edgetl.config import SweepConfig
     from edgetl.report import int8_numerics, plots
 
-    config = SweepConfig(debug_numerics=True).validate()
+    config = SweepConfig.of(debug_numerics=True).validate()
     assert config.export_config("int8-ptq").validate().debug_numerics
     assert not config.export_config("fp32").validate().debug_numerics  # would be refused: no int8 file
-    assert not SweepConfig().validate().export_config("int8-ptq").debug_numerics
+    assert not SweepConfig.of().validate().export_config("int8-ptq").debug_numerics
 
     record = json.loads((Path(__file__).parents[1] / "benchmarks/results/int8/"
                          "numerics-mobilenet_v3_large-128-ranges.json").read_text())

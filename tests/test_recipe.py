@@ -484,8 +484,8 @@ def test_every_config_field_is_checked_against_its_type_hint() -> None:
         (ExportConfig(float_layers=("a", 2)), 'float_layers = ["a", 2]', "a list of texts"),
         (ExportConfig(prune=[0.5]), "prune = [0.5]", "a text or a number"),
         (ExportConfig(recovery_lr="fast"), 'recovery_lr = "fast"', "a number"),
-        (SweepConfig(threads=(1, 2.0)), "threads = [1, 2.0]", "a list of whole numbers"),
-        (SweepConfig(breakdown=1), "breakdown = 1", "true or false"),
+        (SweepConfig.of(threads=(1, 2.0)), "threads = [1, 2.0]", "a list of whole numbers"),
+        (SweepConfig.of(breakdown=1), "breakdown = 1", "true or false"),
         (BenchOptions(iters=2.5), "iters = 2.5", "a whole number"),
         (BundleOptions(golden="5"), 'golden = "5"', "a whole number"),
         (FinetuneConfig.of(data="x", seed=1.0), "seed = 1.0", "a whole number"),
@@ -500,7 +500,7 @@ def test_every_config_field_is_checked_against_its_type_hint() -> None:
         FinetuneConfig.of(data="x", weights="none", seed=-1).validate()
     # int where a float is wanted, None where the hint allows it, a comma-separated text for a list
     assert ExportConfig(max_drop=2, threads=None, formats="tflite", sensitivity_seconds=0).validate().max_drop == 2
-    assert SweepConfig(threads="2,1", targets="host").validate().threads == (2, 1)
+    assert SweepConfig.of(threads="2,1", targets="host").validate().bench.threads == (2, 1)
 
 
 def test_every_shipped_recipe_loads_and_validates() -> None:

@@ -21,7 +21,8 @@ def test_every_field_of_every_stage_is_settable_except_what_a_recipe_names() -> 
     for kind, (_, _, config_type, _) in RECIPES.items():
         sectioned = issubclass(config_type, Sectioned)
         names = set(config_type.of().flat()) if sectioned else {f.name for f in fields(config_type)}
-        assert set(settable(kind)) == names - {"recipe", "custom"}, kind
+        hidden = {"recipe", "custom"} | ({"out"} if kind == "sweep" else set())  # a sweep names its bench folders
+        assert set(settable(kind)) == names - hidden, kind
 
 
 def test_the_five_finetune_settings_without_a_flag_reach_the_config() -> None:
@@ -107,7 +108,7 @@ def test_the_built_in_fine_tuning_recipe_and_a_user_recipe(tmp_path: Path) -> No
     (["finetune", "--data", "builtin:shapes", "--seed", "3", "--set", "seed=4"], ["seed", "set twice"]),
     (["export", "/nonexistent/checkpoint", "--set", "calib=many"], ["calib", '"many"', "a whole number"]),
     (["sweep", "/nonexistent/checkpoint", "--set", "iterz=3"], ["iterz", "valid keys", "arm_iters"]),
-    (["bench", "/nonexistent/export", "--set", "iters=0"], ["--iters", "got 0"]),
+    (["bench", "/nonexistent/export", "--set", "iters=0"], ["--iters 0", "1 or more"]),
     (["bench", "/nonexistent/export", "--target", "host", "--set", "targets=host"], ["targets", "set twice"]),
     (["bundle", "/nonexistent/export", "--set", "golden=99"], ["--golden 99", "1 to 50"]),
 ])
@@ -199,3 +200,22 @@ def test_the_config_is_stored_in_sections_and_a_flat_config_of_older_manifests_s
     for manifest_config in (older, stored):
         tune = tune_for(manifest_config, export, "qat", defaults)
         assert (tune.batch_size, tune.seed, tune.label_smoothing) == (16, 7, 0.05)
+
+
+def test_a_sweep_holds_the_bench_options_it_measures_with() -> None:
+    """The sweep's bench section is `edgetl bench`'s own options with the sweep's lighter defaults; each variant is
+    measured with it as it is, into its own folder."""
+    from edgetl.config import BenchOptions, SweepConfig
+
+    config = resolve("sweep", None, ["arm_warmup=0", "bench.iters=12"], targets="host", threads="2,1")
+    assert isinstance(config.bench, BenchOptions) and config.bench.checked
+    assert (config.bench.targets, config.bench.threads, config.bench.iters, config.bench.arm_warmup,
+            config.bench.samples) == (("host",), (2, 1), 12, 0, 100)
+    assert resolve("bench", None, None).iters == BenchOptions().iters == 50  # bench's own defaults stay its own
+    stored = json.loads(json.dumps(config.to_json()))
+    assert stored["bench"]["threads"] == [2, 1] and stored["config_version"] == 2
+    assert SweepConfig.from_json(stored).validate() == config
+    older = config.flat()  # a sweep.json of earlier releases: one flat object
+    assert SweepConfig.from_json({**older, "custom": {}}).validate() == config
+    with pytest.raises(UserError, match="out"):
+        parse_settings("sweep", ["out=/tmp/x"])

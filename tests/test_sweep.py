@@ -31,9 +31,10 @@ def _one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
 def test_default_recipe_is_the_whole_grid_and_flags_override_it() -> None:
     config = resolve_config()
     assert config.recipe == "default" and config.variants == tuple(VARIANTS)
-    assert config.targets[0] == "host" and "arm64-a76" in config.targets and len(config.targets) == 7
+    targets = config.bench.targets
+    assert targets[0] == "host" and "arm64-a76" in targets and len(targets) == 7
     small = resolve_config("small", targets="host", threads="2,1", variants="int8-ptq, fp32")
-    assert small.variants == ("int8-ptq", "fp32") and small.targets == ("host",) and small.threads == (2, 1)
+    assert small.variants == ("int8-ptq", "fp32") and small.bench.targets == ("host",) and small.bench.threads == (2, 1)
     assert resolve_config("small").variants == ("fp32", "int8-ptq", "pruned30-int8")
     exported = resolve_config().export_config("pruned50-int8").validate()
     assert exported.prune == "channels:0.5" and exported.quant == ("int8",) and exported.formats == ("tflite", "pte")

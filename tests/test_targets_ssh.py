@@ -278,9 +278,9 @@ def test_a_sweep_checks_its_ssh_targets_before_any_export(sshd: Server, monkeypa
     from edgetl.targets import preflight
 
     config = resolve_config(None, targets=f"host,ssh:127.0.0.1:{sshd.port}", remote_python=sys.executable).validate()
-    assert config.targets == ("host", f"ssh:127.0.0.1:{sshd.port}")  # the spec, not the file name, is kept
+    assert config.bench.targets == ("host", f"ssh:127.0.0.1:{sshd.port}")  # the spec, not the file name, is kept
     monkeypatch.setenv("EDGETL_SSH_CONFIG", str(sshd.config))
-    preflight(parse_targets(",".join(config.targets)), config.remote_python, "0")
+    preflight(config.bench.parsed_targets(), config.bench.remote_python, "0")
     with pytest.raises(UserError, match="no usable Python"):
         preflight(parse_targets(f"ssh:127.0.0.1:{sshd.port}"), "/nonexistent/python3", None)
     assert sshd.leftovers() == []
