@@ -46,7 +46,7 @@ def export_variant(checkpoint: Path, name: str, overrides: dict, folder: Path, f
 
     settings = {"quant": ("int8",), "formats": formats, "max_drop": 100.0, **overrides}
     started, before = time.perf_counter(), load()
-    out = run_export(checkpoint, ExportConfig(**settings), folder / name / "export")
+    out = run_export(checkpoint, ExportConfig.of(**settings), folder / name / "export")
     manifest = json.loads((out / "manifest.json").read_text())
     rows = {row["file"]: row for row in manifest["verification"]["rows"]}
     files = {}

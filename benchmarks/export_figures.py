@@ -87,7 +87,7 @@ def full_export(checkpoint: Path, out: Path) -> dict:
     from edgetl.export import run_export
 
     started = time.perf_counter()
-    folder = run_export(checkpoint, ExportConfig(), out)
+    folder = run_export(checkpoint, ExportConfig.of(), out)
     manifest = json.loads((folder / "manifest.json").read_text())
     record = manifest["verification"]
     rows = {row["file"]: row for row in record["rows"]}

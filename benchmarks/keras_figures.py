@@ -68,9 +68,9 @@ def main() -> None:
     results["checkpoint"] = json.loads((checkpoint / "manifest.json").read_text())["metrics"]["test"]
     common = {"formats": ("tflite",), "calib": 256, "max_drop": 100.0}
     runs = {
-        "A_ptq": ExportConfig(quant=("fp32", "fp16", "dynamic", "int8"), **common),
-        "B_qat": ExportConfig(quant=("int8",), qat=True, **common),
-        "C_prune50_pqat": ExportConfig(quant=("fp32", "int8"), prune=0.5, qat=True, **common),
+        "A_ptq": ExportConfig.of(quant=("fp32", "fp16", "dynamic", "int8"), **common),
+        "B_qat": ExportConfig.of(quant=("int8",), qat=True, **common),
+        "C_prune50_pqat": ExportConfig.of(quant=("fp32", "int8"), prune=0.5, qat=True, **common),
     }
     for key, options in runs.items():
         results[key] = export(checkpoint, args.work / f"export-{key}", options)

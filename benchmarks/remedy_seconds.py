@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     manifest = read_checkpoint(args.checkpoint)
-    config = ExportConfig(quant=("int8",), calib=args.calib, rounding_layers=args.rounding_layers).validate()
+    config = ExportConfig.of(quant=("int8",), calib=args.calib, rounding_layers=args.rounding_layers).validate()
     listing = load_listing(args.checkpoint, manifest)
     inputs = load_inputs(listing, manifest, config, True)
     backend = backends.load(manifest.framework)

@@ -28,7 +28,7 @@ def main() -> None:
     torch.set_num_threads(1)
     checkpoint, layer_index, out = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
     manifest = read_checkpoint(checkpoint)
-    config = ExportConfig(quant=("int8",), calib=256).validate()
+    config = ExportConfig.of(quant=("int8",), calib=256).validate()
     listing = load_listing(checkpoint, manifest)
     inputs = load_inputs(listing, manifest, config, True)
     graphs = backends.load(manifest.framework).load_float(checkpoint, manifest, listing, config)

@@ -499,7 +499,8 @@ def manifest_figures(manifest: dict) -> dict:
     training = manifest.get("training", {})
     throughput = training.get("throughput", {})
     stage1, stage2 = throughput.get("stage1", {}), throughput.get("stage2", {})
-    config = manifest.get("config", {})
+    stored = manifest.get("config", {})  # flat before config_version 2, in sections since
+    config = {**stored, **{k: v for part in stored.values() if isinstance(part, dict) for k, v in part.items()}}
     test = manifest.get("metrics", {}).get("test", {})
     return {
         "feature_images_per_s": stage1.get("feature_images_per_s"),

@@ -561,43 +561,66 @@ _FLAG_TEXT = {"bias_correction": "--no-bias-correction", "fuse_clamp": "fuse_cla
 
 
 @dataclass(frozen=True)
-class ExportConfig(Checked):
-    """Everything that decides an export; a recipe sets any field, CLI flags override it."""
-
-    STAGE: ClassVar[str] = "export"  # what its settings are called in an error line
+class QuantizationOptions:
+    """Which files are made, and how int8 is calibrated."""
 
     formats: tuple[str, ...] = DEFAULT_FORMATS
     quant: tuple[str, ...] = ("fp32", "int8")
     calib: int = DEFAULT_CALIB
-    max_drop: float = 1.0
     bias_correction: bool = True  # torch: PT2E bias correction of rounded weights
     fuse_clamp: bool = True  # torch: ReLU6 outputs observed after the clamp
-    seed: int = 0
-    threads: int | None = None
-    # "channels:R" (torch: remove a fraction R of channels) or "magnitude:S" (zero a fraction S of weights);
-    # a bare number is magnitude sparsity (keras has magnitude only).
-    prune: str | float | None = None
-    qat: bool = False  # quantization-aware training before the int8 export (torch: PT2E QAT; keras: tfmot)
+
+
+@dataclass(frozen=True)
+class Int8Policy:
+    """How `--int8 auto` reaches the accuracy budget: PTQ first, then the remedies in order of cost."""
+
     int8: str = "auto"  # one of INT8_MODES; validate() makes `qat` say whether int8 is trained from the start
+    qat: bool = False  # quantization-aware training before the int8 export (torch: PT2E QAT; keras: tfmot)
     no_qat: bool = False  # --int8 auto may not use QAT as a remedy (no labels are used then)
+    max_drop: float = 1.0
     rounding_layers: int = 8  # torch: how many of the most sensitive layers the learned-rounding remedy optimises
     # torch: layers (names as the sensitivity table prints them) that --int8 auto may keep float when a file is
     # still over --max-drop after learned rounding; the int8 input and output tensors stay int8
     float_layers: tuple[str, ...] = ()
+    sensitivity_seconds: float = 60.0  # torch: time budget of the per-layer sensitivity table
+    qat_epochs: int | None = None  # epochs of quantization-aware training (None: the backend's default)
+    qat_lr: float | None = None  # learning rate of QAT (None: measured default)
+
+
+@dataclass(frozen=True)
+class CompressionOptions:
+    """Pruning, and the short fine-tunes that recover from it (QAT's fine-tune takes the images and distillation
+    weight from here too)."""
+
+    # "channels:R" (torch: remove a fraction R of channels) or "magnitude:S" (zero a fraction S of weights);
+    # a bare number is magnitude sparsity (keras has magnitude only).
+    prune: str | float | None = None
+    recovery_epochs: int | None = None  # fine-tune epochs of pruning (None: the backend's measured default)
+    recovery_lr: float | None = None  # learning rate of the pruning fine-tune (None: measured default)
+    tune_images: int | None = None  # training images the short fine-tunes use (None: the whole training split)
+    # torch: weight of the dense float model's soft targets (knowledge distillation) in the pruning fine-tune
+    # and in QAT, 0 to 1 (None: the measured default of each)
+    distill: float | None = None
+
+
+@dataclass(frozen=True)
+class ExportConfig(Sectioned):
+    """Everything that decides an export: the files and their quantization, the int8 policy, compression, and
+    what the run checks; a recipe sets any field, CLI flags override it."""
+
+    STAGE: ClassVar[str] = "export"  # what its settings are called in an error line
+
+    quantization: QuantizationOptions = field(default_factory=QuantizationOptions)
+    policy: Int8Policy = field(default_factory=Int8Policy)
+    compression: CompressionOptions = field(default_factory=CompressionOptions)
+    seed: int = 0
+    threads: int | None = None
     parts: bool = False  # torch: also lower each network block of every .pte on its own (bench --breakdown)
     # torch: compare every block of each int8 file in its runtime with the float model and the Q/DQ graph
     debug_numerics: bool = False
     # torch: the blocks (names as the debugger's table prints them) compared in the runtimes; empty: every block
     debug_blocks: tuple[str, ...] = ()
-    sensitivity_seconds: float = 60.0  # torch: time budget of the per-layer sensitivity table
-    recovery_epochs: int | None = None  # fine-tune epochs of pruning (None: the backend's measured default)
-    qat_epochs: int | None = None  # epochs of quantization-aware training (None: the backend's default)
-    tune_images: int | None = None  # training images the short fine-tunes use (None: the whole training split)
-    recovery_lr: float | None = None  # learning rate of the pruning fine-tune (None: measured default)
-    qat_lr: float | None = None  # learning rate of QAT (None: measured default)
-    # torch: weight of the dense float model's soft targets (knowledge distillation) in the pruning fine-tune
-    # and in QAT, 0 to 1 (None: the measured default of each)
-    distill: float | None = None
     recipe: str | None = None
 
     def validate(self) -> ExportConfig:
@@ -606,12 +629,12 @@ class ExportConfig(Checked):
             return self
         check_types(self)
         formats, quant = self._formats_and_quants()
-        prune = self.prune
+        prune = self.compression.prune
         spec = parse_prune(prune)
         if spec is not None:  # canonical: a float stays a float (keras meaning); a spec string "kind:R"
             prune = spec[1] if isinstance(prune, float | int) or ":" not in str(prune) else f"{spec[0]}:{spec[1]:g}"
         int8 = self._int8_mode(quant)
-        float_layers = tuple(dict.fromkeys(_as_list(self.float_layers, lower=False)))
+        float_layers = tuple(dict.fromkeys(_as_list(self.policy.float_layers, lower=False)))
         if float_layers and int8 != "auto":
             raise UserError(f"--float-layers {','.join(float_layers)} is a remedy of --int8 auto (used only while a "
                             f"file is over --max-drop) but --int8 is {int8}; valid: --int8 auto --float-layers NAMES")
@@ -626,13 +649,13 @@ class ExportConfig(Checked):
             raise UserError(f"--debug-numerics compares int8 files with their float model, but --quant is "
                             f"{','.join(quant)}; valid: --quant int8 or fp32,int8")
         self._check_numbers(quant)
-        return replace(self, formats=formats, quant=quant, prune=prune, int8=int8, qat=int8 == "qat",
-                       float_layers=float_layers, debug_blocks=debug_blocks)._mark()
+        return self.with_(formats=formats, quant=quant, prune=prune, int8=int8, qat=int8 == "qat",
+                          float_layers=float_layers, debug_blocks=debug_blocks)._mark()
 
     def _formats_and_quants(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """--formats and --quant as lists of known names, each once."""
-        formats = tuple(dict.fromkeys(_as_list(self.formats)))
-        quant = tuple(dict.fromkeys(_as_list(self.quant)))
+        formats = tuple(dict.fromkeys(_as_list(self.quantization.formats)))
+        quant = tuple(dict.fromkeys(_as_list(self.quantization.quant)))
         for flag, values, valid, what in (("--formats", formats, FORMATS, "format"),
                                           ("--quant", quant, QUANTS, "quantization")):
             if not values:
@@ -644,14 +667,14 @@ class ExportConfig(Checked):
 
     def _int8_mode(self, quant: tuple[str, ...]) -> str:
         """--int8 as one of INT8_MODES, agreeing with --qat, --no-qat and --quant."""
-        int8 = str(self.int8).strip().lower()
+        int8 = str(self.policy.int8).strip().lower()
         if int8 not in INT8_MODES:
-            raise UserError(one_of(self.int8, INT8_MODES, "--int8 mode"))
-        if self.qat and int8 == "ptq":
+            raise UserError(one_of(self.policy.int8, INT8_MODES, "--int8 mode"))
+        if self.policy.qat and int8 == "ptq":
             raise UserError("--qat asks for int8 by quantization-aware training but --int8 is ptq; valid: --int8 qat "
                             "(same as --qat), or --int8 ptq without --qat")
-        int8 = "qat" if self.qat else int8
-        if self.no_qat and int8 == "qat":
+        int8 = "qat" if self.policy.qat else int8
+        if self.policy.no_qat and int8 == "qat":
             raise UserError("--no-qat forbids quantization-aware training but --int8 is qat; valid: --int8 auto "
                             "--no-qat (post-training and learned rounding only), --int8 ptq, or --int8 qat alone")
         if int8 == "qat" and "int8" not in quant:
@@ -660,28 +683,29 @@ class ExportConfig(Checked):
 
     def _check_numbers(self, quant: tuple[str, ...]) -> None:
         """Counts, rates and budgets within what they can mean."""
-        if not 0 <= self.rounding_layers <= 1000:
-            raise UserError(f"--rounding-layers {self.rounding_layers} is not usable; valid: 0 (no learned rounding) "
-                            f"to 1000")
-        if not 0 <= self.sensitivity_seconds <= 3600:
-            raise UserError(f"sensitivity_seconds {self.sensitivity_seconds:g} is not usable; valid: 0 (no table) "
-                            f"to 3600")
-        if self.recovery_epochs is not None and not 0 <= self.recovery_epochs <= 1000:
-            raise UserError(f"recovery_epochs {self.recovery_epochs} is not usable; valid: 0 to 1000")
-        if self.qat_epochs is not None and not 1 <= self.qat_epochs <= 1000:
-            raise UserError(f"qat_epochs {self.qat_epochs} is not usable; valid: 1 to 1000")
-        for name in ("recovery_lr", "qat_lr"):
-            value = getattr(self, name)
+        if not 0 <= self.policy.rounding_layers <= 1000:
+            raise UserError(f"--rounding-layers {self.policy.rounding_layers} is not usable; valid: 0 (no learned "
+                            f"rounding) to 1000")
+        if not 0 <= self.policy.sensitivity_seconds <= 3600:
+            raise UserError(f"sensitivity_seconds {self.policy.sensitivity_seconds:g} is not usable; valid: 0 (no "
+                            f"table) to 3600")
+        if self.compression.recovery_epochs is not None and not 0 <= self.compression.recovery_epochs <= 1000:
+            raise UserError(f"recovery_epochs {self.compression.recovery_epochs} is not usable; valid: 0 to 1000")
+        if self.policy.qat_epochs is not None and not 1 <= self.policy.qat_epochs <= 1000:
+            raise UserError(f"qat_epochs {self.policy.qat_epochs} is not usable; valid: 1 to 1000")
+        for name, value in (("recovery_lr", self.compression.recovery_lr), ("qat_lr", self.policy.qat_lr)):
             if value is not None and not 0 < value < 1:
                 raise UserError(f"{name} {value:g} is not usable; valid: a learning rate between 0 and 1")
-        if self.distill is not None and not 0 <= self.distill <= 1:
-            raise UserError(f"--distill {self.distill:g} is not usable; valid: 0 (labels only) to 1 (teacher only)")
-        if self.tune_images is not None and self.tune_images < 1:
-            raise UserError(f"tune_images {self.tune_images} is not usable; valid: 1 or more training images")
-        if "int8" in quant and not 1 <= self.calib <= 100_000:
-            raise UserError(f"--calib {self.calib} is not usable; valid: 1 or more training images")
-        if not 0 <= self.max_drop <= 100:
-            raise UserError(f"--max-drop {self.max_drop:g} is not usable; valid: 0 to 100 points of top-1")
+        if self.compression.distill is not None and not 0 <= self.compression.distill <= 1:
+            raise UserError(f"--distill {self.compression.distill:g} is not usable; valid: 0 (labels only) to 1 "
+                            f"(teacher only)")
+        if self.compression.tune_images is not None and self.compression.tune_images < 1:
+            raise UserError(f"tune_images {self.compression.tune_images} is not usable; valid: 1 or more training "
+                            f"images")
+        if "int8" in quant and not 1 <= self.quantization.calib <= 100_000:
+            raise UserError(f"--calib {self.quantization.calib} is not usable; valid: 1 or more training images")
+        if not 0 <= self.policy.max_drop <= 100:
+            raise UserError(f"--max-drop {self.policy.max_drop:g} is not usable; valid: 0 to 100 points of top-1")
         if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
             raise UserError(f"--threads {self.threads} is not usable; valid: 1 to {MAX_THREADS}")
         check_seed(self.seed)
@@ -694,41 +718,34 @@ class ExportConfig(Checked):
         config = self.validate()
         caps = capabilities(framework)
         where = f"this checkpoint's framework is {caps.framework}"
-        formats = tuple(f for f in config.formats if f in caps.formats)
+        formats = tuple(f for f in config.quantization.formats if f in caps.formats)
         if not formats:
-            raise UserError(f"--formats {','.join(config.formats)}: a {caps.framework} checkpoint exports to "
-                            f"{', '.join('.' + f for f in caps.formats)} only; use --formats "
+            raise UserError(f"--formats {','.join(config.quantization.formats)}: a {caps.framework} checkpoint "
+                            f"exports to {', '.join('.' + f for f in caps.formats)} only; use --formats "
                             f"{','.join(caps.formats)}, or {caps.hint}")
-        missing = [q for q in config.quant if q not in caps.quants]
+        missing = [q for q in config.quantization.quant if q not in caps.quants]
         if missing:
             owners = _owners("quants", missing[0])
             raise UserError(f"{', '.join(f'--quant {q}' for q in missing)}: {owners}-only; {where} ({caps.hint})")
         spec = config.prune_spec
         if spec is not None and spec[0] not in caps.prune_kinds:
             valid = " or ".join(f"--prune {kind}:{spec[1]:g}" for kind in caps.prune_kinds)
-            raise UserError(f"--prune {config.prune}: {PRUNE_NAMES[spec[0]]} is {_owners('prune_kinds', spec[0])}"
-                            f"-only; {where} (valid here: {valid})")
+            raise UserError(f"--prune {config.compression.prune}: {PRUNE_NAMES[spec[0]]} is "
+                            f"{_owners('prune_kinds', spec[0])}-only; {where} (valid here: {valid})")
         if config.parts and not any(FORMAT_RECORDS[f].blocks == "lowered" for f in formats):  # nothing lowered
             config = replace(config, parts=False)
-        defaults = {f.name: f.default for f in fields(ExportConfig)}
-        for name, value in asdict(config).items():
+        defaults = _flat_defaults(ExportConfig)
+        for name, value in config.flat().items():
             if caps.honours(name) or value == defaults[name]:
                 continue
             flag = _FLAG_TEXT.get(name) or f"--{name.replace('_', '-')} {value:g}"
             owners = "/".join(n for n, c in CAPABILITIES.items() if c.honours(name))
             raise UserError(f"{flag}: {owners}-only; {where} ({caps.hint})")
-        return replace(config, formats=formats)._mark()
+        return config.with_(formats=formats)._mark()
 
     @property
     def prune_spec(self) -> tuple[str, float] | None:
-        return parse_prune(self.prune)
-
-    def to_json(self) -> dict:
-        payload = asdict(self)
-        payload["formats"], payload["quant"] = list(self.formats), list(self.quant)
-        payload["float_layers"] = list(self.float_layers)
-        payload["debug_blocks"] = list(self.debug_blocks)
-        return payload
+        return parse_prune(self.compression.prune)
 
 
 # ------------------------------------------------------------------------------------------- sweep
@@ -893,9 +910,9 @@ class SweepConfig(Sectioned):
         overrides = dict(self.known()[name].overrides)
         if isinstance(overrides.get("quant"), str | list | tuple):
             overrides["quant"] = tuple(_as_list(overrides["quant"]))
-        if self.debug_numerics and "int8" in overrides.get("quant", ExportConfig.quant):  # fp32 variants: nothing
+        if self.debug_numerics and "int8" in overrides.get("quant", QuantizationOptions.quant):  # fp32 variants: none
             base["debug_numerics"] = True
-        return ExportConfig(**{**base, **overrides})
+        return ExportConfig.of(**{**base, **overrides})
 
     def to_json(self) -> dict:
         payload = super().to_json()
@@ -912,7 +929,7 @@ class SweepConfig(Sectioned):
 
 def variant_keys() -> list[str]:
     """What a `[variant.NAME]` table may set: ExportConfig's fields, less those the sweep sets for all."""
-    return [f.name for f in fields(ExportConfig) if f.name not in SWEEP_LEVEL_FIELDS]
+    return [key for key in _layout(ExportConfig) if key not in SWEEP_LEVEL_FIELDS]
 
 
 # ------------------------------------------------------------------------------------ bench and bundle

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
 from pathlib import Path
 
 from edgetl.capabilities import FRAMEWORKS
@@ -40,7 +39,7 @@ FAST_CONFIG = FinetuneConfig.of(
 
 
 # The fast run calibrates on fewer images: it is a smoke run, and PTQ time grows with the image count.
-FAST_EXPORT = ExportConfig(calib=64)
+FAST_EXPORT = ExportConfig.of(calib=64)
 
 
 # The sweep the demo ends with: the 128 px model as fp32 and int8 by export's default policy (`int8-auto`: PTQ, then
@@ -61,7 +60,7 @@ KERAS_CONFIG = FinetuneConfig.of(
 )
 KERAS_FAST_CONFIG = KERAS_CONFIG.with_(width=0.35, epochs_finetune=1, unfreeze=1)
 KERAS_SCRATCH_EPOCHS = {False: 15, True: 3}
-KERAS_EXPORT = ExportConfig(formats=("tflite",), quant=("fp32", "int8"))
+KERAS_EXPORT = ExportConfig.of(formats=("tflite",), quant=("fp32", "int8"))
 
 
 def keras_initial_weights(config: FinetuneConfig, run_dir: Path, fast: bool) -> tuple[FinetuneConfig, dict | None]:
@@ -103,7 +102,7 @@ def run_demo(run_dir: Path, fast: bool = False, framework: str = "torch") -> dic
     stdout.print(f"demo: test top-1 {100 * top1:.1f}% on {manifest['metrics']['test']['images']} held-out images")
     export_dir, over_budget = Path(run_dir) / "export", None
     try:  # int8 by export's default policy: remedies only for a file over the budget
-        run_export(checkpoint, FAST_EXPORT if fast else ExportConfig(), export_dir)
+        run_export(checkpoint, FAST_EXPORT if fast else ExportConfig.of(), export_dir)
     except QualityError as error:  # written and verified: the sweep's report shows the drop beside the rest
         console.print(f"[yellow]demo: {error}[/]")
         over_budget = error
@@ -124,7 +123,7 @@ def _run_keras_demo(run_dir: Path, fast: bool) -> dict:
     start = "ImageNet weights" if scratch is None else f"a backbone trained from scratch ({scratch['epochs']} epochs)"
     stdout.print(f"demo (keras, from {start}): test top-1 {100 * manifest['metrics']['test']['top1']:.1f}% "
                  f"on {manifest['metrics']['test']['images']} held-out images")
-    export_dir = run_export(checkpoint, replace(KERAS_EXPORT, calib=64) if fast else KERAS_EXPORT, run_dir / "export")
+    export_dir = run_export(checkpoint, KERAS_EXPORT.with_(calib=64) if fast else KERAS_EXPORT, run_dir / "export")
     manifest["export"] = json.loads((export_dir / "manifest.json").read_text())
     manifest["scratch_pretraining"] = scratch
     return manifest

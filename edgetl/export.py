@@ -129,17 +129,19 @@ class Inputs:
 
 def load_inputs(listing: DatasetListing, manifest: CheckpointManifest, config: ExportConfig,
                 calibrate: bool) -> Inputs:
-    """The test split, and with `calibrate` a seeded draw of `config.calib` training images (never test ones)."""
+    """The test split, and with `calibrate` a seeded draw of `config.quantization.calib` training images (never
+    test ones)."""
     spec = manifest.preprocess.with_layout("NHWC")
     x_test, y_test, skipped = _load_split(listing, listing.splits["test"], spec, "test images")
     calibration = np.zeros((0, *x_test.shape[1:]), np.float32)
     if calibrate:
         train = listing.splits["train"]
-        order = np.random.default_rng(config.seed).permutation(len(train))[: config.calib]
+        order = np.random.default_rng(config.seed).permutation(len(train))[: config.quantization.calib]
         calibration, _, bad = _load_split(listing, [train[i] for i in order], spec, "calibration images")
         skipped += bad
-        if len(train) < config.calib:
-            console.print(f"[yellow]--calib {config.calib}: only {len(train)} training images; using them all[/]")
+        if len(train) < config.quantization.calib:
+            console.print(f"[yellow]--calib {config.quantization.calib}: only {len(train)} training images; using "
+                          f"them all[/]")
     return Inputs(spec, x_test, y_test, calibration, skipped)
 
 
@@ -158,21 +160,23 @@ def run_export(checkpoint: Path, config: ExportConfig, out: Path | None = None, 
     config = asked.for_backend(manifest.framework)
     out = _output_folder(checkpoint, out)
     listing = load_listing(checkpoint, manifest)
-    if config.prune_spec is not None or config.qat:
+    if config.prune_spec is not None or config.policy.qat:
         _check_training_data(listing, "--prune" if config.prune_spec is not None else "--int8 qat (--qat)")
-    elif "int8" in config.quant and config.int8 == "auto" and not config.no_qat and "qat" in _remedies(manifest):
+    elif ("int8" in config.quantization.quant and config.policy.int8 == "auto" and not config.policy.no_qat
+          and "qat" in _remedies(manifest)):
         _check_training_data(listing, "--int8 auto (its last remedy is QAT; --no-qat forbids it)")
     backend = backends.load(manifest.framework)
     _check_float_layers(backend, checkpoint, manifest, config)
     _check_debug_blocks(backend, checkpoint, manifest, config)
     if asked.parts and not config.parts:
         console.print("[yellow]--parts: this export makes no .pte, so there are no .pte blocks to lower[/]")
-    for fmt in (f for f in asked.formats if f not in config.formats):
+    for fmt in (f for f in asked.quantization.formats if f not in config.quantization.formats):
         console.print(f"[yellow].{fmt} skipped: this checkpoint's framework is {manifest.framework}, which exports "
-                      f"{', '.join('.' + f for f in config.formats)} only[/]")
-    inputs = load_inputs(listing, manifest, config, "int8" in config.quant and backend.needs_calibration(config))
+                      f"{', '.join('.' + f for f in config.quantization.formats)} only[/]")
+    calibrate = "int8" in config.quantization.quant and backend.needs_calibration(config)
+    inputs = load_inputs(listing, manifest, config, calibrate)
     console.print(f"export ({manifest.framework}): {checkpoint} → {out} "
-                  f"({', '.join(config.formats)} × {', '.join(config.quant)})")
+                  f"({', '.join(config.quantization.formats)} × {', '.join(config.quantization.quant)})")
     started = time.perf_counter()
     graphs = _make_graphs(backend, checkpoint, manifest, listing, inputs, config)
     with quiet_native():
@@ -184,7 +188,9 @@ def run_export(checkpoint: Path, config: ExportConfig, out: Path | None = None, 
         np.savez(tmp / TEST_INPUTS, x=inputs.x_test, y=inputs.y_test)
         np.savez(tmp / FLOAT_REFERENCE, logits=reference, labels=inputs.y_test)
         backend.save_extras(graphs, tmp)
-        artifacts = [_export_one(backend, context, quant, fmt, tmp) for quant in config.quant for fmt in config.formats]
+        asked_files = config.quantization
+        artifacts = [_export_one(backend, context, quant, fmt, tmp) for quant in asked_files.quant
+                     for fmt in asked_files.formats]
         context.graph_of = {a.file: graphs.int8 for a in artifacts if a.quant == "int8" and a.ok}
         first_quantization = dict(graphs.quantization)
         policy = _apply_policy(backend, context, checkpoint, listing, inputs, reference, artifacts, tmp)
@@ -205,7 +211,7 @@ def run_export(checkpoint: Path, config: ExportConfig, out: Path | None = None, 
         console.print(backend.pruning_summary(graphs.pruning))
     console.print(f"export folder: {out}")
     _raise_failures(artifacts, record, out)
-    check_drop(record, config.max_drop)
+    check_drop(record, config.policy.max_drop)
     return out
 
 
@@ -240,7 +246,7 @@ def _make_graphs(backend: Backend, checkpoint: Path, manifest: CheckpointManifes
     recorded and every int8 file is listed as failed with it. A UserError (an option this model cannot take)
     still stops the run."""
     graphs = backend.load_float(checkpoint, manifest, listing, config)
-    if "int8" not in config.quant:
+    if "int8" not in config.quantization.quant:
         return graphs
     try:
         backend.quantize(graphs, checkpoint, manifest, listing, inputs.calibration, config)
@@ -306,7 +312,8 @@ def _export_one(backend: Backend, context: _Context, quant: str, fmt: str, folde
     """One file and its sidecar manifest (and with --parts, a .pte's blocks, unless `parts` is False: a remedy's
     candidate gets them only once kept); any exception but a UserError becomes a recorded failure."""
     config, graphs = context.config, context.graphs
-    name = artifact_name(context.manifest.model, quant, fmt, variant_tag(config.prune, config.qat, quant))
+    tag = variant_tag(config.compression.prune, config.policy.qat, quant)
+    name = artifact_name(context.manifest.model, quant, fmt, tag)
     if quant == "int8" and graphs.int8_error:
         return ArtifactEntry(file=name, format=fmt, quant=quant, status="failed",
                              error=f"quantization: {graphs.int8_error}")
@@ -378,7 +385,7 @@ def _warn_delegation(name: str, delegation: dict) -> None:
 
 def _libraries(backend: Backend, config: ExportConfig) -> tuple[str, ...]:
     """The backend's libraries and those of every format this export makes (its converter, its runtime)."""
-    made = [lib for fmt in config.formats for lib in formats.get(fmt).libraries]
+    made = [lib for fmt in config.quantization.formats for lib in formats.get(fmt).libraries]
     return tuple(dict.fromkeys([*backend.capabilities.libraries, *made]))
 
 
@@ -472,8 +479,8 @@ def _check_names(flag: str, given: tuple[str, ...], names: list[str] | None, wha
 
 def _check_float_layers(backend: Backend, checkpoint: Path, manifest: CheckpointManifest, config: ExportConfig) -> None:
     """Every --float-layers name must be a layer int8 quantizes (checked before any work)."""
-    if config.float_layers:
-        _check_names("--float-layers", config.float_layers, backend.quantized_layer_names(checkpoint, manifest),
+    if config.policy.float_layers:
+        _check_names("--float-layers", config.policy.float_layers, backend.quantized_layer_names(checkpoint, manifest),
                      "quantized layer", manifest)
 
 
@@ -504,9 +511,10 @@ def _apply_policy(backend: Backend, context: _Context, checkpoint: Path, listing
     within the budget. A remedied file replaces the earlier one only when it lost less; each step is recorded
     with its cost (seconds) and its gain (points) per file. `artifacts` is updated in place."""
     config, graphs = context.config, context.graphs
-    first = "qat" if config.qat else "ptq"
+    first = "qat" if config.policy.qat else "ptq"
     int8 = {a.file: a for a in artifacts if a.quant == "int8" and a.ok}
-    policy: dict = {"mode": config.int8, "max_drop": config.max_drop, "no_qat": config.no_qat, "steps": [],
+    asked = config.policy
+    policy: dict = {"mode": asked.int8, "max_drop": asked.max_drop, "no_qat": asked.no_qat, "steps": [],
                     "remedy_of": dict.fromkeys(int8, first), "first": {}}
     if not int8:
         return policy
@@ -519,24 +527,25 @@ def _apply_policy(backend: Backend, context: _Context, checkpoint: Path, listing
             del int8[name]
     current = {name: policy["first"][name]["drop_points"] for name in int8}
     changed = {name: policy["first"][name]["changed_predictions"] for name in int8}
-    if config.int8 != "auto":
+    if config.policy.int8 != "auto":
         return policy
     for remedy in backend.capabilities.remedies:
-        over = [name for name in int8 if current[name] > config.max_drop]
+        over = [name for name in int8 if current[name] > config.policy.max_drop]
         if not over:
             break
         step: dict = {"remedy": remedy, "files": {}}
         policy["steps"].append(step)
-        if remedy == "qat" and config.no_qat:
+        if remedy == "qat" and config.policy.no_qat:
             step["skipped"] = "--no-qat"
             continue
-        if remedy == "adaround" and config.rounding_layers == 0:
+        if remedy == "adaround" and config.policy.rounding_layers == 0:
             step["skipped"] = "--rounding-layers 0"
             continue
-        if remedy == "float-fallback" and not config.float_layers:
+        if remedy == "float-fallback" and not config.policy.float_layers:
             step["skipped"] = "no --float-layers"
             continue
-        console.print(f"int8: {', '.join(over)} over --max-drop {config.max_drop:g}; trying {REMEDY_NAMES[remedy]}")
+        console.print(f"int8: {', '.join(over)} over --max-drop {config.policy.max_drop:g}; trying "
+                      f"{REMEDY_NAMES[remedy]}")
         started = time.perf_counter()
         try:
             backend.remedy(remedy, graphs, checkpoint, context.manifest, listing, inputs.calibration, config)

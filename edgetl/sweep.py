@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from edgetl.config import VARIANTS, SweepConfig, Variant, resolve
+from edgetl.config import VARIANTS, ExportConfig, SweepConfig, Variant, resolve
 from edgetl.contracts import SCHEMA_VERSION, SWEEP_KIND, ArtifactSidecar, BenchManifest, ExportManifest, read
 from edgetl.errors import UserError, machine_failure
 from edgetl.targets import preflight
@@ -206,17 +206,18 @@ def reusable(export: Path, checkpoint: Path, config: Any) -> list[str] | None:
     manifest = read(path, ExportManifest)
     if manifest.parent.get("manifest_sha256") != sha256_file(checkpoint / "manifest.json"):
         return None
-    made = manifest.config
-    wanted = config.validate().to_json()
+    made = ExportConfig.settings_of(manifest.config)  # an export of an earlier release holds them flat
+    wanted = config.validate().flat()
     if wanted.get("prune") or wanted.get("qat"):  # trained variants: their settings are many; always made anew
         return None
     if any(made.get(key) != wanted.get(key) for key in REUSE_MUST_MATCH):
         return None
     verified, exported = manifest.verified(), manifest.made()
-    names = [artifact_name(manifest.model, quant, fmt) for quant in config.quant for fmt in config.formats]
+    asked = config.quantization
+    names = [artifact_name(manifest.model, quant, fmt) for quant in asked.quant for fmt in asked.formats]
     if not all(name in verified and name in exported and (export / name).is_file() for name in names):
         return None
-    int8_names = [artifact_name(manifest.model, "int8", fmt) for fmt in config.formats if "int8" in config.quant]
+    int8_names = [artifact_name(manifest.model, "int8", fmt) for fmt in asked.formats if "int8" in asked.quant]
     if int8_names and any(made.get(key) != wanted.get(key) for key in INT8_POLICY):
         remedy_of = ((manifest.quantization or {}).get("policy") or {}).get("remedy_of", {})
         if wanted.get("int8") != "ptq" or any(remedy_of.get(name) != "ptq" for name in int8_names):
@@ -278,7 +279,7 @@ def collect(out: Path, variants: list[dict[str, Any]]) -> tuple[list[dict[str, A
                              "error": variant.get("error", "no export manifest")})
             continue
         manifest = read(manifest_path, ExportManifest)
-        config = manifest.config
+        config = ExportConfig.settings_of(manifest.config)
         verified = {r["file"]: r for r in manifest.verification["rows"]}
         bench_rows: dict[str, list[dict[str, Any]]] = {}
         bench_manifest = Path(variant["bench"]) / "manifest.json"

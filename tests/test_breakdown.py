@@ -289,9 +289,9 @@ def test_a_sweep_asking_for_a_breakdown_without_an_emulated_target_stops_before_
 def test_parts_are_asked_only_of_an_export_that_makes_a_pte() -> None:
     from edgetl.config import ExportConfig, SweepConfig
 
-    assert ExportConfig(parts=True).for_backend("torch").parts
-    assert not ExportConfig(parts=True, formats="tflite").for_backend("torch").parts  # no .pte: nothing to cut
-    assert not ExportConfig(parts=True).for_backend("keras").parts  # keras makes .tflite only
+    assert ExportConfig.of(parts=True).for_backend("torch").parts
+    assert not ExportConfig.of(parts=True, formats="tflite").for_backend("torch").parts  # no .pte: nothing to cut
+    assert not ExportConfig.of(parts=True).for_backend("keras").parts  # keras makes .tflite only
     sweep = SweepConfig.of(targets=("arm64-a76",), breakdown=True, formats=("tflite", "pte")).validate()
     assert sweep.export_config("int8-ptq").parts  # a sweep's breakdown lowers each .pte's blocks
     assert not SweepConfig.of(targets=("arm64-a76",)).validate().export_config("int8-ptq").parts

@@ -33,8 +33,8 @@ def test_prune_specs_parse_and_name_files() -> None:
     assert parse_prune(" Magnitude:0.75 ") == ("magnitude", 0.75)
     assert parse_prune(0.5) == ("magnitude", 0.5) and parse_prune("0.3") == ("magnitude", 0.3)  # keras meaning
     assert parse_prune(None) is None
-    assert ExportConfig(prune="channels:0.50").validate().prune == "channels:0.5"
-    assert ExportConfig(prune=0.5).validate().prune == 0.5  # keras checkpoints keep their float
+    assert ExportConfig.of(prune="channels:0.50").validate().compression.prune == "channels:0.5"
+    assert ExportConfig.of(prune=0.5).validate().compression.prune == 0.5  # keras checkpoints keep their float
     assert variant_tag("channels:0.5", True, "int8") == "-ch50-qat"
     assert variant_tag("channels:0.5", True, "fp32") == "-ch50"  # QAT shapes the int8 file only
     assert variant_tag("magnitude:0.8", False, "int8") == "-pruned80"  # the keras backend's name for it
@@ -67,19 +67,20 @@ def test_qat_without_int8_and_channels_on_keras_are_refused() -> None:
 
 def test_the_capability_table_decides_what_each_backend_is_asked() -> None:
     """Options a backend lacks are refused in one line naming it; the ones it has pass untouched."""
-    keras = ExportConfig(prune=0.5, qat=True, quant=("fp32", "int8"), recovery_epochs=3, qat_epochs=4,
+    keras = ExportConfig.of(prune=0.5, qat=True, quant=("fp32", "int8"), recovery_epochs=3, qat_epochs=4,
                          recovery_lr=1e-3, qat_lr=2e-4, tune_images=100).for_backend("keras")
-    assert keras.formats == ("tflite",) and (keras.recovery_epochs, keras.qat_epochs) == (3, 4)  # .pte dropped
+    assert keras.quantization.formats == ("tflite",)  # .pte dropped
+    assert (keras.compression.recovery_epochs, keras.policy.qat_epochs) == (3, 4)
     for options, needle in (({"fuse_clamp": False}, "fuse_clamp = false: torch-only"),
                             ({"formats": ("pte",)}, "--formats pte: a keras checkpoint exports to .tflite only"),
                             ({"quant": ("int8",), "bias_correction": False}, "--no-bias-correction: torch-only")):
         with pytest.raises(UserError, match=needle):
-            ExportConfig(**options).for_backend("keras")
+            ExportConfig.of(**options).for_backend("keras")
     with pytest.raises(UserError, match="--quant fp16, --quant dynamic: keras-only; this checkpoint's framework is "
                                         "torch"):
-        ExportConfig(quant=("fp16", "int8", "dynamic")).for_backend("torch")
+        ExportConfig.of(quant=("fp16", "int8", "dynamic")).for_backend("torch")
     with pytest.raises(UserError, match="checkpoint framework 'onnx' has no export backend; valid: torch, keras"):
-        ExportConfig().for_backend("onnx")
+        ExportConfig.of().for_backend("onnx")
 
 
 def test_bad_specs_on_the_command_line_exit_2_with_one_line(tmp_path: Path) -> None:
@@ -253,7 +254,7 @@ def test_channel_pruned_qat_int8_exports_verified_in_both_runtimes(tiny_checkpoi
     assert "pruned float model" in result.stdout  # what the drops are measured against, named
     manifest = _manifest(out)
     pruning, quantization = manifest["pruning"], manifest["quantization"]
-    assert manifest["config"]["prune"] == "channels:0.5" and manifest["config"]["qat"] is True
+    assert manifest["config"]["compression"]["prune"] == "channels:0.5" and manifest["config"]["policy"]["qat"] is True
     assert pruning["method"] == "channels" and pruning["macs_after"] < 0.5 * pruning["macs_before"]
     assert pruning["params_after"] < 0.5 * pruning["params_before"]
     assert len(pruning["recovery"]["history"]) == 2 and manifest["float_reference"]["model"].startswith("pruned")
@@ -281,9 +282,9 @@ def test_pruned_files_are_smaller_than_dense_ones(tiny_checkpoint: Path, tmp_pat
     from edgetl.export import run_export
 
     common = {"quant": ("fp32", "int8"), "calib": 32, "max_drop": 100, "recovery_epochs": 2}
-    dense = run_export(tiny_checkpoint, ExportConfig(**common), tmp_path / "dense")
-    channels = run_export(tiny_checkpoint, ExportConfig(prune="channels:0.5", **common), tmp_path / "ch")
-    sparse = run_export(tiny_checkpoint, ExportConfig(prune="magnitude:0.8", **common), tmp_path / "sp")
+    dense = run_export(tiny_checkpoint, ExportConfig.of(**common), tmp_path / "dense")
+    channels = run_export(tiny_checkpoint, ExportConfig.of(prune="channels:0.5", **common), tmp_path / "ch")
+    sparse = run_export(tiny_checkpoint, ExportConfig.of(prune="magnitude:0.8", **common), tmp_path / "sp")
     names = {key: [f"{PREFIX}{q}{tag}.{fmt}" for q in ("fp32", "int8") for fmt in ("tflite", "pte")]
              for key, tag in (("dense", ""), ("ch", "-ch50"), ("sp", "-pruned80"))}
     meta = {key: _check_verified(folder, names[key]) for key, folder in (("dense", dense), ("ch", channels),

@@ -27,7 +27,7 @@ def stages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
         calls["export"].append((out.name, config))
         out.mkdir(parents=True)
         (out / "manifest.json").write_text("{}")
-        if calls["drops"][out.name] > config.max_drop:
+        if calls["drops"][out.name] > config.policy.max_drop:
             raise QualityError(f"int8 top-1 fell {calls['drops'][out.name]} points")
         return out
 
@@ -49,7 +49,7 @@ def test_the_demo_exports_once_with_the_default_int8_policy_and_sweeps_those_fil
     demo.run_demo(tmp_path / "run")
     assert [name for name, _ in stages["export"]] == ["export"]  # no second export of its own (QAT or other)
     config = stages["export"][0][1]
-    assert config.int8 == "auto" and not config.no_qat and not config.qat
+    assert config.policy.int8 == "auto" and not config.policy.no_qat and not config.policy.qat
     sweep_config, reuse = stages["sweep"]
     assert reuse == tmp_path / "run" / "export" and "int8-auto" in sweep_config.variants
     assert "int8-ptq" not in sweep_config.variants  # the sweep benchmarks the int8 files the demo ended with

@@ -70,9 +70,9 @@ def make_checkpoint(root: Path, size: int = 32, per_split: int = 3) -> Path:
 
 
 def test_defaults_export_both_formats_both_precisions() -> None:
-    config = ExportConfig().validate()
-    assert config.formats == ("tflite", "pte") and config.quant == ("fp32", "int8")
-    assert config.max_drop == 1.0
+    config = ExportConfig.of().validate()
+    assert config.quantization.formats == ("tflite", "pte") and config.quantization.quant == ("fp32", "int8")
+    assert config.policy.max_drop == 1.0
 
 
 @pytest.mark.parametrize(
@@ -94,7 +94,8 @@ def test_recipes_ship_and_flags_override_them() -> None:
     assert {"android-litert-int8", "ios-executorch-int8", "ios-executorch-fp32"} <= set(recipe_names())
     assert load_recipe("android-litert-int8")["formats"] == ("tflite",)
     config = resolve_config("ios-executorch-int8", calib=64)
-    assert config.formats == ("pte",) and config.quant == ("int8",) and config.calib == 64
+    asked = config.quantization
+    assert asked.formats == ("pte",) and asked.quant == ("int8",) and asked.calib == 64
     assert config.recipe == "ios-executorch-int8"
 
 
@@ -176,7 +177,7 @@ class FakeBackend(Backend):
         self.calibration = None
 
     def needs_calibration(self, config) -> bool:
-        return not config.qat
+        return not config.policy.qat
 
     def load_float(self, checkpoint, manifest, listing, config) -> Graphs:
         return Graphs(float_model="f", example=None)
@@ -231,7 +232,7 @@ def test_one_format_failing_keeps_the_others(tmp_path: Path, patched) -> None:
     folder = make_checkpoint(tmp_path)
     out = tmp_path / "export"
     with pytest.raises(ExportFailed, match="int8.tflite") as caught:
-        export_stage.run_export(folder, ExportConfig(calib=4), out)
+        export_stage.run_export(folder, ExportConfig.of(calib=4), out)
     assert caught.value.exit_code == 1
     names = sorted(p.name for p in out.iterdir())
     assert "mobilenet_v3_small-32-int8.pte" in names and "mobilenet_v3_small-32-fp32.pte.json" in names
@@ -254,15 +255,15 @@ def test_int8_drop_over_the_limit_fails_after_writing(tmp_path: Path, patched) -
     folder = make_checkpoint(tmp_path)
     out = tmp_path / "export"
     with pytest.raises(QualityError, match=r"fell 2\.5 points.*--max-drop 1.*calibration") as caught:
-        export_stage.run_export(folder, ExportConfig(calib=4), out)
+        export_stage.run_export(folder, ExportConfig.of(calib=4), out)
     assert caught.value.exit_code == 3
     assert len(list(out.glob("*.pte"))) == 2 and len(list(out.glob("*.tflite"))) == 2
-    export_stage.run_export(folder, ExportConfig(calib=4, max_drop=3.0), out)  # a looser gate passes
+    export_stage.run_export(folder, ExportConfig.of(calib=4, max_drop=3.0), out)  # a looser gate passes
 
 
 def test_calibration_draws_from_training_images_only(tmp_path: Path, patched) -> None:
     backend = patched()
-    export_stage.run_export(make_checkpoint(tmp_path), ExportConfig(calib=100, quant=("int8",)), tmp_path / "e")
+    export_stage.run_export(make_checkpoint(tmp_path), ExportConfig.of(calib=100, quant=("int8",)), tmp_path / "e")
     assert len(backend.calibration) == 6  # all six training images, never more than exist
 
 
@@ -277,7 +278,7 @@ def test_a_file_whose_manifest_cannot_be_made_is_not_left_behind(tmp_path: Path,
     monkeypatch.setattr(export_stage, "_describe", unreadable)
     out = tmp_path / "export"
     with pytest.raises(ExportFailed):
-        export_stage.run_export(make_checkpoint(tmp_path), ExportConfig(calib=4, quant=("int8",)), out)
+        export_stage.run_export(make_checkpoint(tmp_path), ExportConfig.of(calib=4, quant=("int8",)), out)
     assert not list(out.glob("*.tflite")) and len(list(out.glob("*.pte"))) == 1
 
 
@@ -285,7 +286,7 @@ def test_quantization_failing_keeps_the_fp32_files(tmp_path: Path, patched) -> N
     patched(fail={"quantize"})
     out = tmp_path / "export"
     with pytest.raises(ExportFailed, match="int8"):
-        export_stage.run_export(make_checkpoint(tmp_path), ExportConfig(calib=4), out)
+        export_stage.run_export(make_checkpoint(tmp_path), ExportConfig.of(calib=4), out)
     assert sorted(p.name for p in out.glob("*.pte")) == ["mobilenet_v3_small-32-fp32.pte"]
     manifest = json.loads((out / "manifest.json").read_text())
     errors = {a["file"]: a.get("error") for a in manifest["artifacts"] if a["status"] == "failed"}
@@ -331,9 +332,9 @@ def test_out_holding_other_files_is_refused(tmp_path: Path) -> None:
 def test_a_previous_export_is_replaced_by_a_good_one(tmp_path: Path, patched) -> None:
     patched()
     folder, out = make_checkpoint(tmp_path), tmp_path / "export"
-    export_stage.run_export(folder, ExportConfig(calib=4, quant=("fp32",)), out)
+    export_stage.run_export(folder, ExportConfig.of(calib=4, quant=("fp32",)), out)
     first = json.loads((out / "manifest.json").read_text())["created"]
-    export_stage.run_export(folder, ExportConfig(calib=4, quant=("int8",)), out)
+    export_stage.run_export(folder, ExportConfig.of(calib=4, quant=("int8",)), out)
     assert sorted(p.name for p in out.glob("*.pte")) == ["mobilenet_v3_small-32-int8.pte"]
     assert json.loads((out / "manifest.json").read_text())["created"] >= first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "data", "export"]
@@ -343,7 +344,7 @@ def test_an_export_where_every_file_fails_publishes_nothing(tmp_path: Path, patc
     patched(fail={"tflite", "pte"})
     folder, out = make_checkpoint(tmp_path), tmp_path / "export"
     with pytest.raises(ExportFailed, match="every export failed.*conversion exploded|every export failed"):
-        export_stage.run_export(folder, ExportConfig(calib=4), out)
+        export_stage.run_export(folder, ExportConfig.of(calib=4), out)
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "data"]  # no temporary leftovers
 
@@ -351,11 +352,11 @@ def test_an_export_where_every_file_fails_publishes_nothing(tmp_path: Path, patc
 def test_a_failed_export_leaves_the_previous_one_exactly_as_it_was(tmp_path: Path, monkeypatch, patched) -> None:
     patched()
     folder, out = make_checkpoint(tmp_path), tmp_path / "export"
-    export_stage.run_export(folder, ExportConfig(calib=4), out)
+    export_stage.run_export(folder, ExportConfig.of(calib=4), out)
     before = tree_digest(tmp_path)
     patched(fail={"tflite", "pte"})  # every file fails
     with pytest.raises(ExportFailed, match="nothing was published") as caught:
-        export_stage.run_export(folder, ExportConfig(calib=4), out)
+        export_stage.run_export(folder, ExportConfig.of(calib=4), out)
     assert caught.value.exit_code == 1 and str(out) in str(caught.value)
     assert tree_digest(tmp_path) == before
     patched()
@@ -365,7 +366,7 @@ def test_a_failed_export_leaves_the_previous_one_exactly_as_it_was(tmp_path: Pat
 
     monkeypatch.setattr(export_stage, "verify_artifacts", crash)  # any exception midway
     with pytest.raises(RuntimeError):
-        export_stage.run_export(folder, ExportConfig(calib=4), out)
+        export_stage.run_export(folder, ExportConfig.of(calib=4), out)
     assert tree_digest(tmp_path) == before
 
 
@@ -381,13 +382,13 @@ def test_a_keras_export_where_every_file_fails_publishes_nothing(tmp_path: Path,
     _damage(folder, lambda m: {**m, "framework": "keras"})
     backend = FakeKerasBackend(set())
     monkeypatch.setattr(export_stage.backends, "load", lambda framework: {"keras": backend}[framework])
-    export_stage.run_export(folder, ExportConfig(calib=4), out)
+    export_stage.run_export(folder, ExportConfig.of(calib=4), out)
     assert sorted(p.name for p in out.glob("*.tflite")) == ["mobilenet_v3_small-32-fp32.tflite",
                                                            "mobilenet_v3_small-32-int8.tflite"]
     before = tree_digest(tmp_path)
     backend.fail = {"tflite"}
     with pytest.raises(ExportFailed, match="every export failed.*conversion exploded.*nothing was published"):
-        export_stage.run_export(folder, ExportConfig(calib=4), out)
+        export_stage.run_export(folder, ExportConfig.of(calib=4), out)
     assert tree_digest(tmp_path) == before
     line = _one_error_line(run_cli("export", str(folder), "--out", str(folder)))
     assert "is this stage's input" in line and tree_digest(tmp_path) == before
@@ -398,7 +399,7 @@ def test_a_failure_at_any_write_leaves_the_previous_export(tmp_path: Path, monke
     """Fault injection in process: the k-th file written by the export raises (a disk error, a crash)."""
     patched()
     folder, out = make_checkpoint(tmp_path), tmp_path / "export"
-    export_stage.run_export(folder, ExportConfig(calib=4, formats=("pte",)), out)
+    export_stage.run_export(folder, ExportConfig.of(calib=4, formats=("pte",)), out)
     before = tree_digest(tmp_path)
     calls = {"n": 0}
 
@@ -415,7 +416,7 @@ def test_a_failure_at_any_write_leaves_the_previous_export(tmp_path: Path, monke
         monkeypatch.setattr(export_stage, name, failing(getattr(export_stage, name)))
     monkeypatch.setattr(export_stage.np, "savez", failing(np.savez))
     try:
-        export_stage.run_export(folder, ExportConfig(calib=4, formats=("pte",)), out)
+        export_stage.run_export(folder, ExportConfig.of(calib=4, formats=("pte",)), out)
     except OSError:  # anything but a recorded per-file failure: nothing published
         assert tree_digest(tmp_path) == before, f"write {step + 1} changed the previous export"
         return

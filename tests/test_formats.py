@@ -86,9 +86,10 @@ def test_onnx_from_a_keras_checkpoint_is_one_line_from_the_capability_table() ->
     from edgetl.config import ExportConfig
 
     with pytest.raises(UserError, match=r"--formats onnx: a keras checkpoint exports to \.tflite only"):
-        ExportConfig(formats=("onnx",)).validate().for_backend("keras")
-    assert ExportConfig().validate().formats == ("tflite", "pte")  # ONNX is made when asked for
-    assert ExportConfig(formats=("tflite", "onnx")).validate().for_backend("keras").formats == ("tflite",)
+        ExportConfig.of(formats=("onnx",)).validate().for_backend("keras")
+    assert ExportConfig.of().validate().quantization.formats == ("tflite", "pte")  # ONNX is made when asked for
+    keras = ExportConfig.of(formats=("tflite", "onnx")).validate().for_backend("keras")
+    assert keras.quantization.formats == ("tflite",)
 
 
 @pytest.mark.torch
@@ -103,7 +104,7 @@ def test_an_onnx_file_its_runtime_refuses_is_a_failed_row_and_the_others_are_pub
     monkeypatch.setitem(onnx.CONVERT, "torch", lambda module, example: b"\x08\x07 not a graph")
     out = tmp_path / "export"
     with pytest.raises(ExportFailed, match="onnx"):
-        run_export(tiny_checkpoint, ExportConfig(formats=("tflite", "onnx"), quant=("fp32",)), out)
+        run_export(tiny_checkpoint, ExportConfig.of(formats=("tflite", "onnx"), quant=("fp32",)), out)
     manifest = json.loads((out / "manifest.json").read_text())
     status = {a["file"]: (a["status"], a.get("error") or "") for a in manifest["artifacts"]}
     assert status["mobilenet_v2-w0.35-32-fp32.tflite"][0] == "ok"

@@ -21,10 +21,10 @@ from tests.test_export import make_checkpoint
 
 
 def test_int8_modes_validate_and_qat_is_the_same_as_int8_qat() -> None:
-    assert ExportConfig().validate().int8 == "auto" and not ExportConfig().validate().qat
-    assert ExportConfig(qat=True).validate().int8 == "qat"
-    assert ExportConfig(int8="QAT").validate().qat  # --int8 qat trains from the start, as --qat does
-    assert ExportConfig(int8="ptq", no_qat=True).validate().int8 == "ptq"
+    assert ExportConfig.of().validate().policy.int8 == "auto" and not ExportConfig.of().validate().policy.qat
+    assert ExportConfig.of(qat=True).validate().policy.int8 == "qat"
+    assert ExportConfig.of(int8="QAT").validate().policy.qat  # --int8 qat trains from the start, as --qat does
+    assert ExportConfig.of(int8="ptq", no_qat=True).validate().policy.int8 == "ptq"
     for options, needles in (({"int8": "foo"}, ("'foo'", "auto, ptq, qat")),
                              ({"int8": "qat", "no_qat": True}, ("--no-qat", "--int8 is qat", "valid:")),
                              ({"qat": True, "no_qat": True}, ("--no-qat", "valid:")),
@@ -34,26 +34,26 @@ def test_int8_modes_validate_and_qat_is_the_same_as_int8_qat() -> None:
                              ({"int8": "ptq", "float_layers": "a.b"}, ("--float-layers a.b", "--int8 auto", "valid:")),
                              ({"float_layers": "a.b", "quant": ("fp32",)}, ("--float-layers a.b", "add int8"))):
         with pytest.raises(UserError) as caught:
-            ExportConfig(**options).validate()
+            ExportConfig.of(**options).validate()
         for needle in needles:
             assert needle in str(caught.value)
     with pytest.raises(UserError, match="--rounding-layers 4: torch-only"):
-        ExportConfig(rounding_layers=4).for_backend("keras")
+        ExportConfig.of(rounding_layers=4).for_backend("keras")
     with pytest.raises(UserError, match="--float-layers: torch-only"):
-        ExportConfig(float_layers="model.stem").for_backend("keras")
-    assert ExportConfig(int8="auto", no_qat=True).for_backend("keras").no_qat  # keras' auto: PTQ, then QAT
+        ExportConfig.of(float_layers="model.stem").for_backend("keras")
+    assert ExportConfig.of(int8="auto", no_qat=True).for_backend("keras").policy.no_qat  # keras' auto: PTQ, then QAT
 
 
 def test_float_layers_keep_their_case_and_order_without_repeats() -> None:
-    config = ExportConfig(float_layers=" model._conv_stem, model.Head ,model._conv_stem").validate()
-    assert config.float_layers == ("model._conv_stem", "model.Head")
-    assert config.to_json()["float_layers"] == ["model._conv_stem", "model.Head"]
+    config = ExportConfig.of(float_layers=" model._conv_stem, model.Head ,model._conv_stem").validate()
+    assert config.policy.float_layers == ("model._conv_stem", "model.Head")
+    assert config.to_json()["policy"]["float_layers"] == ["model._conv_stem", "model.Head"]
 
 
 def test_sweep_variants_say_their_int8_method() -> None:
-    assert ExportConfig(**VARIANTS["int8-ptq"].overrides).validate().int8 == "ptq"
-    assert ExportConfig(**VARIANTS["int8-auto"].overrides).validate().int8 == "auto"
-    assert ExportConfig(**VARIANTS["int8-qat"].overrides).validate().int8 == "qat"
+    assert ExportConfig.of(**VARIANTS["int8-ptq"].overrides).validate().policy.int8 == "ptq"
+    assert ExportConfig.of(**VARIANTS["int8-auto"].overrides).validate().policy.int8 == "auto"
+    assert ExportConfig.of(**VARIANTS["int8-qat"].overrides).validate().policy.int8 == "qat"
 
 
 def test_bad_int8_options_on_the_command_line_exit_2_before_any_work(tmp_path: Path) -> None:
@@ -356,7 +356,7 @@ def test_policy_tries_remedies_in_order_keeps_only_gains_and_honours_no_qat(tmp_
         inputs = SimpleNamespace(calibration=np.zeros((1, 2, 2, 3)))
         return export._apply_policy(Backend(), context, tmp_path, None, inputs, None, list(artifacts), tmp_path)
 
-    policy = run(ExportConfig(max_drop=1.0, no_qat=True))
+    policy = run(ExportConfig.of(max_drop=1.0, no_qat=True))
     assert Backend.calls == ["equalize", "ranges", "adaround"]
     assert policy["remedy_of"] == {"a.tflite": "adaround", "a.pte": "ptq"}  # .pte was within: never remade
     assert policy["steps"][0]["files"]["a.tflite"]["kept"] is False  # equalization gained nothing: PTQ's file stayed
@@ -367,14 +367,14 @@ def test_policy_tries_remedies_in_order_keeps_only_gains_and_honours_no_qat(tmp_
     assert policy["steps"][4] == {"remedy": "qat", "files": {}, "skipped": "--no-qat"}
     assert (tmp_path / "a.tflite").read_text() == "adaround"
 
-    policy = run(ExportConfig(max_drop=0.7, no_qat=True, float_layers="model.stem"))
+    policy = run(ExportConfig.of(max_drop=0.7, no_qat=True, float_layers="model.stem"))
     assert Backend.calls == ["equalize", "ranges", "adaround", "float-fallback"]  # within the budget: no QAT step
     assert policy["remedy_of"] == {"a.tflite": "float-fallback", "a.pte": "float-fallback"}
     assert [s["remedy"] for s in policy["steps"]] == ["equalize", "ranges", "adaround", "float-fallback"]
     assert policy["steps"][3]["files"]["a.pte"]["drop_before"] == 0.8  # .pte's adaround was worse: from PTQ's
     assert policy["steps"][3]["files"]["a.tflite"]["drop_before"] == 1.2
 
-    policy = run(ExportConfig(max_drop=0.5))
+    policy = run(ExportConfig.of(max_drop=0.5))
     assert Backend.calls == ["equalize", "ranges", "adaround", "qat"]
     assert policy["remedy_of"] == {"a.tflite": "qat", "a.pte": "qat"}
     assert policy["steps"][2]["files"]["a.pte"] == {"drop_points": 0.9, "top1": 0.5, "changed_predictions": 10,
@@ -383,7 +383,7 @@ def test_policy_tries_remedies_in_order_keeps_only_gains_and_honours_no_qat(tmp_
     assert [s["remedy"] for s in policy["steps"]] == ["equalize", "ranges", "adaround", "float-fallback", "qat"]
     assert (tmp_path / "a.pte").read_text() == "qat" and (tmp_path / "a.tflite").read_text() == "qat"
 
-    assert run(ExportConfig(int8="ptq", max_drop=0.5))["steps"] == []  # --int8 ptq: no remedy
+    assert run(ExportConfig.of(int8="ptq", max_drop=0.5))["steps"] == []  # --int8 ptq: no remedy
     assert Backend.calls == []
 
 

@@ -36,12 +36,12 @@ def _sidecar(folder: Path, name: str) -> dict:
 
 
 def test_pruned_fp32_and_int8_tflite_verified_with_sparsity_and_gzip(keras_checkpoint: Path, tmp_path: Path) -> None:
-    out = run_export(keras_checkpoint, ExportConfig(quant=("fp32", "int8"), calib=24, prune=0.5, max_drop=100),
+    out = run_export(keras_checkpoint, ExportConfig.of(quant=("fp32", "int8"), calib=24, prune=0.5, max_drop=100),
                      tmp_path / "export")
     names = ["mobilenet_v2-w0.35-32-fp32-pruned50.tflite", "mobilenet_v2-w0.35-32-int8-pruned50.tflite"]
     assert sorted(p.name for p in out.glob("*.tflite")) == names  # the default .pte is skipped for keras
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["framework"] == "keras" and manifest["config"]["prune"] == 0.5
+    assert manifest["framework"] == "keras" and manifest["config"]["compression"]["prune"] == 0.5
     pruning = manifest["pruning"]
     layers = {row["layer"]: row for row in pruning["layers"]}
     assert all(abs(row["sparsity"] - 0.5) < 0.01 for row in layers.values() if row["type"] in ("Conv2D", "Dense"))
@@ -65,19 +65,19 @@ def test_pruned_fp32_and_int8_tflite_verified_with_sparsity_and_gzip(keras_check
 
 
 def test_pruning_fine_tune_knobs_are_honoured_not_ignored(keras_checkpoint: Path, tmp_path: Path) -> None:
-    out = run_export(keras_checkpoint, ExportConfig(formats=("tflite",), quant=("fp32",), prune="magnitude:0.3",
+    out = run_export(keras_checkpoint, ExportConfig.of(formats=("tflite",), quant=("fp32",), prune="magnitude:0.3",
                                                     recovery_epochs=1, recovery_lr=5e-4, tune_images=24,
                                                     max_drop=100), tmp_path / "export")
     manifest = json.loads((out / "manifest.json").read_text())
     tune = manifest["pruning"]["fine_tune"]
     assert (tune["epochs"], tune["lr"], tune["images"], tune["train_images"]) == (1, 5e-4, 24, 24)
-    assert len(tune["history"]) == 1 and manifest["config"]["recovery_epochs"] == 1
+    assert len(tune["history"]) == 1 and manifest["config"]["compression"]["recovery_epochs"] == 1
     assert [p.name for p in out.glob("*.tflite")] == ["mobilenet_v2-w0.35-32-fp32-pruned30.tflite"]
 
 
 @pytest.mark.slow
 def test_fp16_dynamic_and_qat_int8(keras_checkpoint: Path, tmp_path: Path) -> None:
-    out = run_export(keras_checkpoint, ExportConfig(formats=("tflite",), quant=("fp16", "dynamic", "int8"), calib=24,
+    out = run_export(keras_checkpoint, ExportConfig.of(formats=("tflite",), quant=("fp16", "dynamic", "int8"), calib=24,
                                                     qat=True, max_drop=100), tmp_path / "export")
     manifest = json.loads((out / "manifest.json").read_text())
     rows = {row["quant"]: row for row in manifest["verification"]["rows"]}
@@ -89,7 +89,7 @@ def test_fp16_dynamic_and_qat_int8(keras_checkpoint: Path, tmp_path: Path) -> No
 
 @pytest.mark.slow
 def test_prune_preserving_qat_keeps_sparsity_in_int8(keras_checkpoint: Path, tmp_path: Path) -> None:
-    out = run_export(keras_checkpoint, ExportConfig(formats=("tflite",), quant=("int8",), calib=24, prune=0.5,
+    out = run_export(keras_checkpoint, ExportConfig.of(formats=("tflite",), quant=("int8",), calib=24, prune=0.5,
                                                     qat=True, max_drop=100), tmp_path / "export")
     sidecar = _sidecar(out, "mobilenet_v2-w0.35-32-int8-pruned50-qat.tflite")
     assert "PrunePreserve" in sidecar["quantization"]["method"]
@@ -107,9 +107,9 @@ def test_keras_only_options_on_a_torch_checkpoint_name_its_framework(tmp_path: P
 
 def test_torch_only_options_and_pte_on_a_keras_checkpoint(keras_checkpoint: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="framework is keras"):
-        run_export(keras_checkpoint, ExportConfig(bias_correction=False), tmp_path / "a")
+        run_export(keras_checkpoint, ExportConfig.of(bias_correction=False), tmp_path / "a")
     with pytest.raises(UserError, match=r"^--distill 0.5: torch-only; this checkpoint's framework is keras"):
-        run_export(keras_checkpoint, ExportConfig(prune=0.5, distill=0.5), tmp_path / "a")
+        run_export(keras_checkpoint, ExportConfig.of(prune=0.5, distill=0.5), tmp_path / "a")
     assert not (tmp_path / "a").exists()
     result = run_cli("export", str(keras_checkpoint), "--formats", "pte", "--out", str(tmp_path / "b"))
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -119,7 +119,7 @@ def test_torch_only_options_and_pte_on_a_keras_checkpoint(keras_checkpoint: Path
 
 def test_keras_recipes_and_prune_range() -> None:
     config = resolve_config("keras-android-pruned50-int8")
-    assert config.prune == 0.5 and config.qat and config.formats == ("tflite",)
-    assert resolve_config("keras-all").quant == ("fp32", "fp16", "dynamic", "int8")
+    assert config.compression.prune == 0.5 and config.policy.qat and config.quantization.formats == ("tflite",)
+    assert resolve_config("keras-all").quantization.quant == ("fp32", "fp16", "dynamic", "int8")
     with pytest.raises(UserError, match="--prune 1.5"):
         resolve_config(None, prune=1.5)

@@ -103,7 +103,7 @@ def test_debug_blocks_must_name_blocks_before_any_work(tmp_path: Path) -> None:
     """--debug-blocks without the debugger, or naming a block the model does not have: one line, exit 2, and the
     valid names (the model's own blocks, from its architecture alone) listed."""
     with pytest.raises(UserError, match="--debug-blocks features.3 selects blocks of the numerics debugger"):
-        ExportConfig(debug_blocks="features.3").validate()
+        ExportConfig.of(debug_blocks="features.3").validate()
     checkpoint = make_checkpoint(tmp_path)
     done = run_cli("export", str(checkpoint), "--quant", "int8", "--debug-numerics", "--debug-blocks",
                    "features.3,features.99", "--out", str(tmp_path / "e"))
@@ -115,13 +115,13 @@ def test_debug_blocks_must_name_blocks_before_any_work(tmp_path: Path) -> None:
 
 def test_debug_numerics_needs_int8_and_a_torch_checkpoint_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="--debug-numerics compares int8 files.*valid: --quant int8"):
-        ExportConfig(quant=("fp32",), debug_numerics=True).validate()
+        ExportConfig.of(quant=("fp32",), debug_numerics=True).validate()
     checkpoint = make_checkpoint(tmp_path)
     done = run_cli("export", str(checkpoint), "--quant", "fp32", "--debug-numerics", "--out", str(tmp_path / "e"))
     _assert_one_line_error(done, "--debug-numerics")
     assert not (tmp_path / "e").exists()
     with pytest.raises(UserError, match="--debug-numerics: torch-only"):
-        ExportConfig(debug_numerics=True).for_backend("keras")
+        ExportConfig.of(debug_numerics=True).for_backend("keras")
 
 
 def test_a_real_export_compares_every_block_in_both_runtimes(tiny_checkpoint: Path, tmp_path: Path) -> None:

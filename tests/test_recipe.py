@@ -480,10 +480,10 @@ def test_every_config_field_is_checked_against_its_type_hint() -> None:
     from edgetl.errors import UserError
 
     refused = [
-        (ExportConfig(rounding_layers=True), "rounding_layers = true", "a whole number"),  # bool is not int
-        (ExportConfig(float_layers=("a", 2)), 'float_layers = ["a", 2]', "a list of texts"),
-        (ExportConfig(prune=[0.5]), "prune = [0.5]", "a text or a number"),
-        (ExportConfig(recovery_lr="fast"), 'recovery_lr = "fast"', "a number"),
+        (ExportConfig.of(rounding_layers=True), "rounding_layers = true", "a whole number"),  # bool is not int
+        (ExportConfig.of(float_layers=("a", 2)), 'float_layers = ["a", 2]', "a list of texts"),
+        (ExportConfig.of(prune=[0.5]), "prune = [0.5]", "a text or a number"),
+        (ExportConfig.of(recovery_lr="fast"), 'recovery_lr = "fast"', "a number"),
         (SweepConfig.of(threads=(1, 2.0)), "threads = [1, 2.0]", "a list of whole numbers"),
         (SweepConfig.of(breakdown=1), "breakdown = 1", "true or false"),
         (BenchOptions(iters=2.5), "iters = 2.5", "a whole number"),
@@ -499,7 +499,8 @@ def test_every_config_field_is_checked_against_its_type_hint() -> None:
     with pytest.raises(UserError, match="--seed -1 is not usable"):
         FinetuneConfig.of(data="x", weights="none", seed=-1).validate()
     # int where a float is wanted, None where the hint allows it, a comma-separated text for a list
-    assert ExportConfig(max_drop=2, threads=None, formats="tflite", sensitivity_seconds=0).validate().max_drop == 2
+    loose = ExportConfig.of(max_drop=2, threads=None, formats="tflite", sensitivity_seconds=0).validate()
+    assert loose.policy.max_drop == 2
     assert SweepConfig.of(threads="2,1", targets="host").validate().bench.threads == (2, 1)
 
 

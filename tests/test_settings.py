@@ -84,7 +84,7 @@ def test_a_key_set_by_its_flag_and_by_set_is_refused_and_the_order_is_defaults_r
     recipe = tmp_path / "mine.toml"
     recipe.write_text('description = "mine"\ncalib = 32\nmax_drop = 0.25\n')
     config = resolve("export", str(recipe), ["calib=64"])
-    assert (config.calib, config.max_drop, config.recipe) == (64, 0.25, str(recipe))
+    assert (config.quantization.calib, config.policy.max_drop, config.recipe) == (64, 0.25, str(recipe))
 
 
 def test_the_built_in_fine_tuning_recipe_and_a_user_recipe(tmp_path: Path) -> None:
@@ -144,7 +144,6 @@ def test_a_finetune_run_records_and_uses_the_settings_without_a_flag(tmp_path: P
 def test_a_config_is_checked_once_and_a_changed_copy_again(monkeypatch: pytest.MonkeyPatch) -> None:
     """What the CLI resolved, the stage takes as it is: resolve, run_export's validate() and for_backend check the
     values once between them. A copy with changed values is checked again."""
-    from dataclasses import replace
 
     from edgetl import config as config_module
 
@@ -156,7 +155,7 @@ def test_a_config_is_checked_once_and_a_changed_copy_again(monkeypatch: pytest.M
     torch_config = config.validate().for_backend("torch")
     assert torch_config.checked and torch_config.validate() is torch_config
     assert calls == ["ExportConfig"]
-    changed = replace(config, calib=0)
+    changed = config.with_(calib=0)
     assert not changed.checked
     with pytest.raises(UserError, match="--calib 0"):
         changed.validate()
@@ -219,3 +218,19 @@ def test_a_sweep_holds_the_bench_options_it_measures_with() -> None:
     assert SweepConfig.from_json({**older, "custom": {}}).validate() == config
     with pytest.raises(UserError, match="out"):
         parse_settings("sweep", ["out=/tmp/x"])
+
+
+def test_the_export_settings_come_in_sections_and_a_flat_export_manifest_still_reads() -> None:
+    from edgetl.config import ExportConfig
+
+    config = resolve("export", None, ["policy.max_drop=0.25", "compression.prune=channels:0.3", "calib=32"])
+    assert (config.policy.max_drop, config.compression.prune, config.quantization.calib) == (0.25, "channels:0.3", 32)
+    stored = json.loads(json.dumps(config.to_json()))
+    assert stored["config_version"] == 2 and stored["quantization"]["formats"] == ["tflite", "pte"]
+    assert ExportConfig.from_json(stored).validate() == config
+    older = {**config.flat(), "formats": ["tflite", "pte"], "quant": ["fp32", "int8"]}  # as export manifests held it
+    assert ExportConfig.settings_of(older)["max_drop"] == 0.25 and ExportConfig.from_json(older).validate() == config
+    with pytest.raises(UserError, match=r"\[policy\] sets unknown key\(s\) calib; valid: int8, qat"):
+        from edgetl.config import _recipe_values
+
+        _recipe_values({"policy": {"calib": 3}}, "export", "recipe 'x.toml'")

@@ -37,7 +37,8 @@ def test_default_recipe_is_the_whole_grid_and_flags_override_it() -> None:
     assert small.variants == ("int8-ptq", "fp32") and small.bench.targets == ("host",) and small.bench.threads == (2, 1)
     assert resolve_config("small").variants == ("fp32", "int8-ptq", "pruned30-int8")
     exported = resolve_config().export_config("pruned50-int8").validate()
-    assert exported.prune == "channels:0.5" and exported.quant == ("int8",) and exported.formats == ("tflite", "pte")
+    assert exported.compression.prune == "channels:0.5"
+    assert exported.quantization.quant == ("int8",) and exported.quantization.formats == ("tflite", "pte")
 
 
 def test_a_recipe_may_define_its_own_variants(tmp_path: Path) -> None:
@@ -47,7 +48,7 @@ def test_a_recipe_may_define_its_own_variants(tmp_path: Path) -> None:
                       "recovery_epochs = 1\n")
     config = resolve_config(str(recipe))
     assert config.variants == ("fp32", "ch40") and config.custom["ch40"].description == "40%"
-    assert config.export_config("ch40").validate().recovery_epochs == 1
+    assert config.export_config("ch40").validate().compression.recovery_epochs == 1
     recipe.write_text('[variant.x]\nquant = ["int8"]\nformats = ["pte"]\n')
     with pytest.raises(UserError, match="variant 'x' sets unknown key"):
         resolve_config(str(recipe))

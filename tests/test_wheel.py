@@ -86,7 +86,8 @@ def test_the_installed_wheel_runs_every_verb_from_an_empty_folder(edgetl_bin: Pa
     _run(edgetl_bin, empty, "edgetl", "export", str(tiny_checkpoint), "--recipe", "android-litert-int8",
          "--max-drop", "100", "--out", str(run / "export"))
     manifest = json.loads((run / "export" / "manifest.json").read_text())
-    assert manifest["config"]["recipe"] == "android-litert-int8" and manifest["config"]["formats"] == ["tflite"]
+    assert manifest["config"]["recipe"] == "android-litert-int8"
+    assert manifest["config"]["quantization"]["formats"] == ["tflite"]
     assert [a["file"] for a in manifest["artifacts"]] == ["mobilenet_v2-w0.35-32-int8.tflite"]
     bench = _run(edgetl_bin, empty, "edgetl", "bench", str(run / "export"), "--threads", "1", "--iters", "3")
     assert (run / "bench" / "mobilenet_v2-w0.35-32-int8.tflite@host.json").is_file(), bench.stdout

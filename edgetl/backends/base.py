@@ -68,12 +68,12 @@ def tune_for(stored: dict, config: Any, kind: str, defaults: TuneDefaults, epoch
     config, the backend's defaults where it leaves them unset. `epochs` overrides the default epochs of `kind`."""
     trained = trained_settings(stored)
     if kind == "qat":
-        chosen_epochs, lr = config.qat_epochs, config.qat_lr
+        chosen_epochs, lr = config.policy.qat_epochs, config.policy.qat_lr
     else:
-        chosen_epochs, lr = config.recovery_epochs, config.recovery_lr
+        chosen_epochs, lr = config.compression.recovery_epochs, config.compression.recovery_lr
     if chosen_epochs is None:
         chosen_epochs = defaults.epochs[kind] if epochs is None else epochs
-    distill = getattr(config, "distill", None)
+    distill = config.compression.distill
     return Tune(
         epochs=int(chosen_epochs),
         lr=defaults.lr[kind] if lr is None else float(lr),
@@ -81,7 +81,7 @@ def tune_for(stored: dict, config: Any, kind: str, defaults: TuneDefaults, epoch
         weight_decay=defaults.weight_decay,
         train_batchnorm=kind == "channels",  # a network rebuilt by channel pruning: its BN statistics must follow
         batch_size=int(trained.get("batch_size", 64)),
-        images=config.tune_images,
+        images=config.compression.tune_images,
         seed=int(trained.get("seed", config.seed)),
         label_smoothing=float(trained.get("label_smoothing", 0.1)),
     )
@@ -176,9 +176,7 @@ class Backend(ABC):
                calibration: np.ndarray, config: Any) -> None:
         """Remake `graphs.int8` / `graphs.quantization` with remedy `name` (one of `capabilities.remedies`)."""
         if name == "qat":
-            from dataclasses import replace
-
-            self.quantize(graphs, checkpoint, manifest, listing, calibration, replace(config, qat=True, int8="qat"))
+            self.quantize(graphs, checkpoint, manifest, listing, calibration, config.with_(qat=True, int8="qat"))
             return
         raise ValueError(f"remedy {name!r} is not implemented by the {self.capabilities.framework} backend")
 

@@ -31,7 +31,7 @@ class KerasBackend(Backend):
         self._train: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # decoded once for pruning and QAT
 
     def needs_calibration(self, config) -> bool:
-        return "int8" in config.quant
+        return "int8" in config.quantization.quant
 
     def _training_set(self, listing, manifest, tune) -> tuple[np.ndarray, np.ndarray]:
         key = (tune.images, tune.seed)
@@ -54,7 +54,7 @@ class KerasBackend(Backend):
 
     def quantize(self, graphs: Graphs, checkpoint: Path, manifest, listing, calibration: np.ndarray, config) -> None:
         graphs.example = calibration
-        if config.qat:
+        if config.policy.qat:
             pruned = graphs.pruning is not None
             tune = tune_for(manifest.config, config, "qat", DEFAULTS,
                             epochs=DEFAULTS.epochs["magnitude"] if pruned else None)

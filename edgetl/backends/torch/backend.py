@@ -32,7 +32,7 @@ class TorchBackend(Backend):
     _made: dict | None = None  # PTQ's graph and record for each activation observer (no equalization)
 
     def needs_calibration(self, config) -> bool:
-        return "int8" in config.quant  # post-training, and the sensitivity table of every int8 export
+        return "int8" in config.quantization.quant  # post-training, and the sensitivity table of every int8 export
 
     def load_float(self, checkpoint: Path, manifest, listing, config) -> Graphs:
         size = manifest.model.image_size
@@ -49,7 +49,7 @@ class TorchBackend(Backend):
                       float_label=f"pruned ({pruning['method']})")
 
     def quantize(self, graphs: Graphs, checkpoint: Path, manifest, listing, calibration: np.ndarray, config) -> None:
-        if config.qat:
+        if config.policy.qat:
             from edgetl.backends.torch import compress
 
             graphs.int8, graphs.quantization = compress.qat_int8(checkpoint, manifest, listing, graphs.float_model,
@@ -59,8 +59,9 @@ class TorchBackend(Backend):
                       f"ranges by histogram and by each image's own min/max…")
         images = calibration[:RANGES_IMAGES]
         with quiet_native():
+            asked = config.quantization
             made = {observer: graphs_of.quantize_ptq_graph(graphs.float_model, graphs.example, calibration,
-                                                           config.bias_correction, config.fuse_clamp,
+                                                           asked.bias_correction, asked.fuse_clamp,
                                                            activations=observer)
                     for observer in ("histogram", "per-image")}
             reference = graphs_of.logits(graphs.float_model, images)
@@ -84,13 +85,13 @@ class TorchBackend(Backend):
         return [name for name, _ in quantized_layers(model)]
 
     def sensitivity(self, graphs: Graphs, calibration: np.ndarray, config) -> dict | None:
-        if config.sensitivity_seconds <= 0 or not len(calibration):
+        if config.policy.sensitivity_seconds <= 0 or not len(calibration):
             return None
         console.print(f"int8: per-layer sensitivity on {min(len(calibration), 64)} calibration images "
-                      f"(at most {config.sensitivity_seconds:g} s)…")
+                      f"(at most {config.policy.sensitivity_seconds:g} s)…")
         with quiet_native():
             return graphs_of.layer_sensitivity(graphs.float_model, graphs.example, calibration,
-                                               config.sensitivity_seconds)
+                                               config.policy.sensitivity_seconds)
 
     def remedy(self, name: str, graphs: Graphs, checkpoint: Path, manifest, listing, calibration: np.ndarray,
                config) -> None:
@@ -106,7 +107,7 @@ class TorchBackend(Backend):
 
         if graphs.sensitivity is None:
             graphs.sensitivity = graphs_of.layer_sensitivity(graphs.float_model, graphs.example, calibration, 60.0)
-        layers = most_sensitive(graphs.sensitivity, config.rounding_layers)
+        layers = most_sensitive(graphs.sensitivity, config.policy.rounding_layers)
         if not layers:
             raise ValueError("learned rounding has no layer to optimise (--rounding-layers 0 or no sensitivity)")
         console.print(f"int8: learned rounding of the {len(layers)} most sensitive layers "
@@ -118,7 +119,7 @@ class TorchBackend(Backend):
     def _quantize(self, graphs: Graphs, calibration: np.ndarray, config, **options) -> tuple:
         """The int8 graph with the activation ranges and equalization that earlier remedies chose, plus `options`
         (quantize_ptq_graph's). Ranges chosen per tensor are re-applied to this graph's own two calibrations."""
-        common = {"bias_correction": config.bias_correction, "fuse_clamp": config.fuse_clamp,
+        common = {"bias_correction": config.quantization.bias_correction, "fuse_clamp": config.quantization.fuse_clamp,
                   "equalization": self._equalize, **options}
         if self._choice is None:
             return graphs_of.quantize_ptq_graph(graphs.float_model, graphs.example, calibration,
@@ -201,7 +202,7 @@ class TorchBackend(Backend):
 
     def _float_fallback(self, graphs: Graphs, calibration: np.ndarray, config) -> None:
         """The allowed layers keep float weights, on top of the learned rounding when that remedy ran."""
-        layers = tuple(config.float_layers)
+        layers = tuple(config.policy.float_layers)
         if not layers:
             raise ValueError("float fallback has no layer to keep float (--float-layers names none)")
         console.print(f"int8: float fallback of {', '.join(layers)}…")

@@ -66,8 +66,8 @@ def qat_int8(checkpoint: Path, manifest, listing: data.DatasetListing, float_mod
     teacher = ChannelsLastInput(load_model(checkpoint, manifest)).eval() if tune.distill > 0 else None
     torch.manual_seed(0)
     started = time.perf_counter()
-    int8, info = quantize_qat(float_model, example, listing, _spec(manifest), tune, fuse_clamp=config.fuse_clamp,
-                              teacher=teacher)
+    int8, info = quantize_qat(float_model, example, listing, _spec(manifest), tune,
+                              fuse_clamp=config.quantization.fuse_clamp, teacher=teacher)
     info["seconds"] = round(time.perf_counter() - started, 1)
     info["input_quantization"] = first_input_qparams(int8)
     return int8, info
