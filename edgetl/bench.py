@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -135,7 +136,8 @@ def inspect(artifact: Artifact, script: Path, emulated: bool) -> None:
         artifact.spec = json.loads(done.stdout)["model"]
         return
     message = next((ln for ln in done.stderr.splitlines() if "error:" in ln), done.stderr.strip()[-300:])
-    if artifact.path.suffix == ".pte" and "no ExecuTorch runtime" in message and emulated:
+    native = formats.get(formats.format_of(artifact.path)).arm64 == "runner"  # edgetl's runner can describe it
+    if native and emulated and re.search(r"\bno [\w-]+ runtime\b", message):  # device_bench: no runtime here
         from edgetl import arm64
 
         userland = arm64.userland()

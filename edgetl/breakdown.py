@@ -25,19 +25,22 @@ from typing import Any
 from edgetl.backbones import is_block_class
 from edgetl.errors import UserError
 
-METHOD = ("each block cut out of the exported .tflite (same operators, tensors and quantization) and counted "
-          "on its own under qemu, like the whole")
-GAP_REASON = ("each part is invoked as a model of its own, so it pays the runtime's per-invoke overhead "
-              "(interpreter invoke, delegate dispatch, input/output copies) once: the sum counts that overhead "
-              "once per part, the whole once")
+CUT_METHOD = ("each block cut out of the exported .tflite (same operators, tensors and quantization) and counted "
+              "on its own under qemu, like the whole")
+CUT_GAP_REASON = ("each part is invoked as a model of its own, so it pays the runtime's per-invoke overhead "
+                  "(interpreter invoke, delegate dispatch, input/output copies) once: the sum counts that "
+                  "overhead once per part, the whole once")
 PTE_UNAVAILABLE = ("a .pte keeps its graph inside one XNNPACK delegate payload, which cannot be cut into blocks "
                    "(and its kernels sit in shared libraries whose symbols qemu's plugin API does not resolve); "
                    "export with --parts to lower each block on its own")
-PTE_METHOD = ("each block of the graph the .pte was lowered from (same operators, weights and quantization) lowered "
-              "on its own by `edgetl export --parts` and counted under qemu, like the whole")
-PTE_GAP_REASON = ("each part is a program of its own: it pays ExecuTorch's per-invoke overhead (method execute, "
-                  "XNNPACK delegate dispatch, input/output copies) once, and an int8 part also quantizes its float "
-                  "input and dequantizes its output, as the whole does once: the sum counts that once per part")
+LOWERED_METHOD = ("each block of the graph the .pte was lowered from (same operators, weights and quantization) "
+                  "lowered on its own by `edgetl export --parts` and counted under qemu, like the whole")
+LOWERED_GAP_REASON = ("each part is a program of its own: it pays ExecuTorch's per-invoke overhead (method execute, "
+                      "XNNPACK delegate dispatch, input/output copies) once, and an int8 part also quantizes its "
+                      "float input and dequantizes its output, as the whole does once: the sum counts that once per "
+                      "part")
+# Format.blocks → how its blocks were counted, and why their sum differs from the whole
+COUNTED = {"cut": (CUT_METHOD, CUT_GAP_REASON), "lowered": (LOWERED_METHOD, LOWERED_GAP_REASON)}
 PARTS_KIND = "edgetl.pte-parts"
 
 
@@ -246,6 +249,9 @@ def attribute_int8_loss(record: dict[str, Any], sensitivity: dict[str, Any]) -> 
 
 def summarize(parts: list[dict[str, Any]], whole: int, whole_macs: int | None, fmt: str = "tflite") -> dict[str, Any]:
     """The breakdown record: every part's share and instructions per MAC, and how far the sum is from the whole."""
+    from edgetl import formats
+
+    method, gap_reason = COUNTED[formats.get(fmt).blocks]
     total = sum(p["instructions_per_invoke"] for p in parts)
     for p in parts:
         p["share_of_whole"] = p["instructions_per_invoke"] / whole if whole else None
@@ -254,7 +260,7 @@ def summarize(parts: list[dict[str, Any]], whole: int, whole_macs: int | None, f
     gap = total - whole
     return {
         "format": fmt,
-        "method": METHOD if fmt == "tflite" else PTE_METHOD,
+        "method": method,
         "parts": parts,
         "whole_instructions_per_invoke": whole,
         "whole_macs": whole_macs,
@@ -262,7 +268,7 @@ def summarize(parts: list[dict[str, Any]], whole: int, whole_macs: int | None, f
         "sum_minus_whole": gap,
         "sum_minus_whole_relative": gap / whole if whole else None,
         "overhead_per_extra_part": gap / (len(parts) - 1) if len(parts) > 1 else None,
-        "gap_reason": GAP_REASON if fmt == "tflite" else PTE_GAP_REASON,
+        "gap_reason": gap_reason,
         "part_inputs": "device_bench's seeded random inputs of each part's own shape and type (the whole fed such "
                        "inputs instead of test images: 19 instructions fewer of 400 k, measured 2026-12-01)",
         "int8_loss_share_source": None,  # filled from the int8 sensitivity table when one exists

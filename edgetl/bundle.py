@@ -260,8 +260,8 @@ def run_bundle(export_dir: Path, options: BundleOptions) -> Path:
                                bool((metadata or {}).get("softmax_in_graph")))
         golden = _golden(export_dir, artifact, sidecar, model, spec, tmp / "golden", options)
         if metadata is not None and io["input"]["dtype"] == "float32":
-            metadata["mediapipe"] = _mediapipe_check(model, tmp / "golden", golden)
-            if metadata["mediapipe"]["top1_agree"] != len(golden["images"]):
+            metadata["mediapipe"] = _mediapipe_check(model, sidecar["format"], tmp / "golden", golden)
+            if metadata["mediapipe"].get("top1_agree", len(golden["images"])) != len(golden["images"]):
                 console.print(f"[yellow]warning: MediaPipe's top-1 differs from the host's on "
                               f"{len(golden['images']) - metadata['mediapipe']['top1_agree']} golden image(s)[/]")
         elif metadata is not None:
@@ -301,29 +301,29 @@ def run_bundle(export_dir: Path, options: BundleOptions) -> Path:
 
 def _bundled_model(artifact: Path, sidecar: dict, labels_file: Path, work: Path,
                    options: BundleOptions) -> tuple[Path, dict, dict | None]:
-    """The file that ships: a .tflite with metadata (float32 I/O around int8 unless --int8-io), or the .pte."""
+    """The file that ships: with the metadata its format carries for apps (a .tflite's: labels, normalisation;
+    float32 I/O around int8 unless --int8-io), or as exported."""
     target = work / artifact.name
-    if sidecar["format"] != "tflite" or not options.metadata:
+    write = formats.app_hook(sidecar["format"], "app_metadata")
+    if write is None or not options.metadata:
         shutil.copy2(artifact, target)
-        io = _io(target, sidecar)
+        io = _io(target, sidecar, rewritten=False)
         return target, io, None
-    from edgetl.tflite_metadata import write_metadata
-
     float_io = not options.int8_io
-    with console.status(f"{artifact.name}: writing TFLite metadata (labels, normalisation)"):
-        view = write_metadata(artifact, target, sidecar, labels_file, float_io=float_io)
+    with console.status(f"{artifact.name}: writing metadata for apps (labels, normalisation)"):
+        view = write(artifact, target, sidecar, labels_file, float_io)
     metadata = dict(view["metadata"] or {})
     metadata["associated_files"] = sorted(view["associated_files"])
     metadata["float_io_wrapper"] = float_io and sidecar["input"].get("dtype") in ("int8", "uint8")
     metadata["normalization_in_graph"] = view["normalization_in_graph"]
     metadata["softmax_in_graph"] = view["softmax_in_graph"]
-    return target, _io(target, sidecar), metadata
+    return target, _io(target, sidecar, rewritten=True), metadata
 
 
-def _io(model: Path, sidecar: dict) -> dict:
+def _io(model: Path, sidecar: dict, rewritten: bool) -> dict:
     """Input/output tensors of the bundled file (its own, after any wrapper), in the sidecar's format."""
-    if sidecar["format"] == "tflite":
-        described = formats.describe(model, "tflite")
+    if rewritten:
+        described = formats.describe(model, sidecar["format"])
         return {"input": described["inputs"][0], "output": described["outputs"][0]}
     keep = ("name", "dtype", "shape", "quantization")
     return {"input": {k: sidecar["input"].get(k) for k in keep}, "output": {k: sidecar["output"].get(k) for k in keep}}
@@ -438,12 +438,14 @@ def _file_label(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", label).strip("_")[:40] or "label"
 
 
-def _mediapipe_check(model: Path, folder: Path, golden: dict) -> dict:
-    """MediaPipe Tasks' ImageClassifier on the golden images: does it take the file as it is?"""
-    from edgetl.tflite_metadata import mediapipe_classify
-
+def _mediapipe_check(model: Path, fmt: str, folder: Path, golden: dict) -> dict:
+    """The format's task library (a .tflite: MediaPipe Tasks' ImageClassifier) on the golden images: does it take
+    the file as it is, metadata and all?"""
+    classify = formats.app_hook(fmt, "app_classify")
+    if classify is None:
+        return {"skipped": f"no task library reads .{fmt} metadata"}
     with console.status("MediaPipe Tasks ImageClassifier on the golden images"):
-        results = mediapipe_classify(model, [folder / im["file"] for im in golden["images"]], golden["top_k"])
+        results = classify(model, [folder / im["file"] for im in golden["images"]], golden["top_k"])
     top1 = [row[0]["index"] if row else None for row in results]
     agree = sum(int(t == im["top_k"][0]["index"]) for t, im in zip(top1, golden["images"], strict=True))
     return {"top1": top1, "top1_agree": agree, "images": len(top1)}

@@ -601,7 +601,7 @@ def _remake(backend: Backend, context: _Context, entry: ArtifactEntry, remedy: s
     if kept:
         for suffix in ("", ".json"):
             os.replace(side / f"{made.file}{suffix}", folder / f"{made.file}{suffix}")
-        if made.format == "pte" and context.config.parts:  # the earlier file's blocks (this export's) go with it
+        if formats.get(made.format).blocks == "lowered" and context.config.parts:  # the earlier file's blocks go
             shutil.rmtree(parts_folder(folder, made.file), ignore_errors=True)
             _write_parts(backend, context.graphs, "int8", folder, made.file, made.sha256)
         artifacts[[a.file for a in artifacts].index(entry.file)] = made
@@ -634,7 +634,8 @@ def _debug_numerics(backend: Backend, context: _Context, artifacts: list[Artifac
     for graph in {id(context.graph_of[a.file]): context.graph_of[a.file] for a in made}.values():
         files = {a.format: folder / a.file for a in made if context.graph_of[a.file] is graph}
         try:
-            signals = backend.block_signals(replace(context.graphs, int8=graph), images, lower_pte="pte" in files,
+            lowered = any(formats.get(fmt).blocks == "lowered" for fmt in files)
+            signals = backend.block_signals(replace(context.graphs, int8=graph), images, lower_pte=lowered,
                                             selected=context.config.debug_blocks)
         except Exception as error:  # noqa: BLE001 - the debugger failing must not cost the files
             if machine_failure(error):

@@ -80,7 +80,7 @@ class TfliteBlocks:
     """The exported .tflite cut into the same blocks (breakdown.tflite_parts), each a file run by LiteRT with its
     default XNNPACK delegate, like the whole."""
 
-    def __init__(self, model: Path, folder: Path) -> None:
+    def __init__(self, model: Path, signals: list[Any], folder: Path) -> None:  # noqa: ARG002 - cut from the file
         from edgetl.breakdown import tflite_parts, write_part
         from edgetl.formats.tflite import interpreter
 
@@ -115,7 +115,7 @@ class TfliteBlocks:
 class PteBlocks:
     """Each block of the Q/DQ graph lowered to a .pte of its own, run in the ExecuTorch runtime."""
 
-    def __init__(self, signals: list[Any], folder: Path) -> None:
+    def __init__(self, model: Path, signals: list[Any], folder: Path) -> None:  # noqa: ARG002 - from the graph
         self.files = {}
         for index, signal in enumerate(signals):
             if signal.pte is not None:
@@ -127,6 +127,11 @@ class PteBlocks:
         from edgetl.formats.pte import run_inputs
 
         return run_inputs(self.files[name], inputs)
+
+
+# Format.blocks → how the debugger runs a file block by block: blocks "cut" out of the file, or the graph's blocks
+# "lowered" one by one (block_signals lowers them when asked)
+BLOCK_RUNNERS = {"cut": TfliteBlocks, "lowered": PteBlocks}
 
 
 def _compare_runtime(signals: list[Any], runner: Any, whole: Callable[[], np.ndarray] | None,
@@ -193,7 +198,7 @@ def debug_numerics(signals: list[Any], files: dict[str, Path], images: np.ndarra
             folder = Path(scratch) / fmt
             folder.mkdir()
             try:
-                runner = TfliteBlocks(path, folder) if fmt == "tflite" else PteBlocks(signals, folder)
+                runner = BLOCK_RUNNERS[formats.get(fmt).blocks](path, signals, folder)
             except Exception as failure:  # noqa: BLE001 - a file that cannot be cut: said, the other still runs
                 if machine_failure(failure) is not None:
                     raise

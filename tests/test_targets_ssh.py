@@ -226,7 +226,7 @@ def test_bad_remotes_are_one_line_after_a_bounded_wait(sshd: Server, tiny_models
         ((tflite, "--target", f"ssh:127.0.0.1:{_free_port()}"), ("cannot connect", "refused")),
         ((tflite, "--target", here, "--remote-python", "/nonexistent/python3"), ("no usable Python",)),
         ((tflite, "--target", here, "--remote-python", numpy_only),
-         ("no TFLite runtime", "(x86_64)" if os.uname().machine == "x86_64" else "",
+         ("has no LiteRT", "(x86_64)" if os.uname().machine == "x86_64" else "",
           f"{numpy_only} -m pip install ai-edge-litert==")),
         ((pte, "--target", here, "--remote-python", numpy_only),
          ("built for aarch64", f"is {os.uname().machine}", "pip install executorch==")),

@@ -10,7 +10,8 @@ them to this module's answers on the same files and inputs.
 
 Importing the registry imports neither numpy nor a runtime. Adding a format: a module here with `FORMAT`, `run`,
 `describe` and `facts` (and `CONVERT`, framework → function, when the backend has no converter of its own for
-it), and its name in `MODULES`.
+it; `app_metadata` and `app_classify` when apps read metadata that `edgetl bundle` writes into the file, and a
+task library classifies with it), and its name in `MODULES`.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ def __getattr__(name: str) -> Any:
         return getattr(tensors, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ = ["FORMATS", "SUFFIXES", "AppTemplates", "Format", "convert", "dequantize", "describe", "facts", "format_of",
-           "get", "quantize", "register", "run", "softmax", "tensor_info"]
+__all__ = ["FORMATS", "SUFFIXES", "AppTemplates", "Format", "app_hook", "convert", "dequantize", "describe", "facts",
+           "format_of", "get", "quantize", "register", "run", "softmax", "tensor_info"]
 
 # in the order tables and --formats list them
 MODULES = ("edgetl.formats.tflite", "edgetl.formats.pte", "edgetl.formats.onnx")
@@ -105,6 +106,11 @@ def convert(fmt: str, framework: str, *args: object, **kwargs: object) -> bytes:
         raise UserError(f"format {fmt!r} has no converter for {framework} checkpoints; valid: "
                         f"{', '.join(n for n, f in FORMATS.items() if framework in f.converters)}")
     return converters[framework](*args, **kwargs)
+
+
+def app_hook(fmt: str, name: str) -> Any:
+    """A format module's optional bundle step (`app_metadata`, `app_classify`), or None where it has none."""
+    return getattr(_MODULES[get(fmt).name], name, None)
 
 
 def facts(path: Path, fmt: str) -> dict:

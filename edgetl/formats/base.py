@@ -38,6 +38,14 @@ class Format:
     # with arm64 "python": the aarch64 wheel (pinned) the emulated guest installs, and the module that proves it
     # imports there (`edgetl bench --setup arm64`)
     guest: tuple[str, str] | None = None
+    # with arm64 "python": other distributions that run it as well on a remote machine (`ssh:` targets), and the
+    # machines (`uname -m`) its wheel is published for (empty: every machine pip serves)
+    alternatives: tuple[str, ...] = ()
+    wheel_machines: tuple[str, ...] = ()
+    # with arm64 "runner": the machine the runner is built for, and the Python distributions that run the file on
+    # any other machine instead (the first is the runtime; `pip install` gets them all)
+    runner_machine: str = "aarch64"
+    python_runtime: tuple[str, ...] = ()
     # whether an int8 file takes float input and quantizes it inside the graph (its sidecar then says with what
     # scale and zero point, for apps that feed it int8 themselves)
     quantizes_inside: bool = False

@@ -96,5 +96,6 @@ APPS = AppTemplates(
 FORMAT = Format(
     name="pte", suffix=".pte", runtime="ExecuTorch (XNNPACK delegate)",
     converters={"torch": "ExecuTorch to_edge_transform_and_lower (XnnpackPartitioner)"},
-    blocks="lowered", arm64="runner", quantizes_inside=True, bundle=APPS, libraries=("executorch",),
+    blocks="lowered", arm64="runner", python_runtime=("executorch", "torch"), quantizes_inside=True, bundle=APPS,
+    libraries=("executorch",),
     style=("tab:orange", "^"))

@@ -111,6 +111,22 @@ def weight_sparsity(path: Path) -> dict:
             for name, (n, z) in sorted(totals.items())}
 
 
+def app_metadata(source: Path, target: Path, sidecar: dict, labels_file: Path, float_io: bool) -> dict:
+    """`edgetl bundle`: `target` = `source` with standard TFLite metadata (labels, normalisation), float32 I/O
+    around int8 when asked; what was written (edgetl.tflite_metadata)."""
+    from edgetl.tflite_metadata import write_metadata
+
+    return write_metadata(source, target, sidecar, labels_file, float_io=float_io)
+
+
+def app_classify(model: Path, images: list[Path], top_k: int) -> list[list[dict]]:
+    """`edgetl bundle`: top-k per image from MediaPipe Tasks' ImageClassifier, which reads that metadata as an
+    app would."""
+    from edgetl.tflite_metadata import mediapipe_classify
+
+    return mediapipe_classify(model, images, top_k)
+
+
 def facts(path: Path) -> dict:
     """What an export records about the file beyond its tensors: the weight sparsity of its kernels."""
     return {"weight_sparsity": weight_sparsity(path)}
@@ -139,4 +155,6 @@ FORMAT = Format(
     name="tflite", suffix=".tflite", runtime="LiteRT (ai-edge-litert Interpreter)",
     converters={"torch": "litert-torch", "keras": "tf.lite.TFLiteConverter.from_keras_model"},
     blocks="cut", arm64="python", guest=("ai-edge-litert==2.3.0", "ai_edge_litert.interpreter"), bundle=APPS,
+    alternatives=("tflite-runtime",),
+    wheel_machines=("x86_64", "aarch64", "arm64"),  # ai-edge-litert: manylinux x86_64/aarch64, macOS arm64
     libraries=("ai-edge-litert",), style=("tab:blue", "s"))

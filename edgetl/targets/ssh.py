@@ -37,8 +37,6 @@ _CORES = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
 CONNECT_TIMEOUT_S = 10
 TEMP_PREFIX = "edgetl-bench."
 DEFAULT_PYTHON = "python3"
-LITERT_ARCHES = ("x86_64", "aarch64", "arm64")  # ai-edge-litert wheels: manylinux x86_64/aarch64, macOS arm64
-RUNNER_ARCH = "aarch64"  # the .pte runner edgetl cross-compiles (edgetl bench --setup arm64)
 
 # ARM MIDR part numbers (implementer 0x41) of the cores phones and boards carry, for the core layout.
 ARM_PARTS = {0xD03: "Cortex-A53", 0xD04: "Cortex-A35", 0xD05: "Cortex-A55", 0xD07: "Cortex-A57",
@@ -142,10 +140,10 @@ def _version(dist: str, default: str) -> str:
 
 # ------------------------------------------------------------------------------------------- probing
 
-# the distributions whose versions the probe reads there: numpy, the runtimes of every format that runs in
-# Python (the format registry's guest wheels), the retired tflite-runtime, and ExecuTorch's Python runtime
-PROBED = ("numpy", *(f.guest[0].split("==")[0] for f in formats.FORMATS.values() if f.guest), "tflite-runtime",
-          "executorch", "torch")
+# the distributions whose versions the probe reads there: numpy, then from the format registry every format's
+# runtime wheel, the distributions that run it as well, and the Python runtime of those with a native runner
+PROBED = tuple(dict.fromkeys(("numpy", *(dist for f in formats.FORMATS.values() for dist in (
+    *((f.guest[0].split("==")[0],) if f.guest else ()), *f.alternatives, *f.python_runtime)))))
 _PY_PROBE = ("import json, platform, sys\n"
              "try:\n from importlib import metadata\nexcept ImportError:\n metadata = None\n"
              "def v(d):\n try:\n  return metadata.version(d)\n except Exception:\n  return None\n"
@@ -369,37 +367,45 @@ class SshSession:
             self.plans[model.name] = self._plan(model, runner, py, where)
 
     def _plan(self, model: Path, runner: Path | None, py: str, where: str) -> Plan:
-        probe = self.probe
-        assert probe is not None
+        """How `model` runs there, from its format's record: a runtime wheel in that Python, or edgetl's native
+        runner (or, on another machine, the format's Python runtime); one line naming what to install if neither."""
         record = formats.get(formats.format_of(model))
-        if record.arm64 == "python" and record.name != "tflite":  # a runtime wheel in that machine's Python
-            dist, _, version = (record.guest or ("", "", ""))[0].partition("==")
+        if record.arm64 == "runner":
+            return self._runner_plan(record, model, runner, py, where)
+        return self._wheel_plan(record, model, py, where)
+
+    def _wheel_plan(self, record: formats.Format, model: Path, py: str, where: str) -> Plan:
+        probe = self.probe
+        assert probe is not None and record.guest is not None
+        wanted, _, pinned = record.guest[0].partition("==")
+        for dist in (wanted, *record.alternatives):
             if probe.package(dist):
                 return Plan(record.name, f"{dist} {probe.package(dist)}")
-            raise UserError(f"--target {self.target.spec}: {py} on {where} has no {record.runtime} for "
-                            f"{model.name}; run there: {py} -m pip install {dist}=={version}")
-        if model.suffix == ".tflite":
-            if probe.package("ai-edge-litert"):
-                return Plan("tflite", f"ai-edge-litert {probe.package('ai-edge-litert')}")
-            if probe.package("tflite-runtime"):
-                return Plan("tflite", f"tflite-runtime {probe.package('tflite-runtime')}")
-            if probe.machine not in LITERT_ARCHES:
-                raise UserError(f"--target {self.target.spec}: {model.name} needs LiteRT, which publishes no "
-                                f"wheel for {probe.machine}; use a 64-bit OS (aarch64) on {self.target.host}")
-            raise UserError(f"--target {self.target.spec}: {py} on {where} has no TFLite runtime for "
-                            f"{model.name}; run there: {py} -m pip install ai-edge-litert=="
-                            f"{_version('ai-edge-litert', '2.3.0')}")
-        if probe.machine == RUNNER_ARCH:
+        if record.wheel_machines and probe.machine not in record.wheel_machines:
+            raise UserError(f"--target {self.target.spec}: {model.name} needs {record.runtime}, which publishes no "
+                            f"wheel for {probe.machine}; use a 64-bit OS (aarch64) on {self.target.host}")
+        raise UserError(f"--target {self.target.spec}: {py} on {where} has no {record.runtime} for {model.name}; "
+                        f"run there: {py} -m pip install {wanted}=={_version(wanted, pinned)}")
+
+    def _runner_plan(self, record: formats.Format, model: Path, runner: Path | None, py: str, where: str) -> Plan:
+        probe = self.probe
+        assert probe is not None
+        if probe.machine == record.runner_machine:
             if runner is None:
                 raise UserError(f"--target {self.target.spec}: {model.name} on {where} runs with edgetl's "
-                                "aarch64 .pte runner, which is not built yet: run `edgetl bench --setup arm64`")
-            return Plan("pte", "edgetl_pte_runner", runner)
-        if probe.package("executorch") and probe.package("torch"):
-            return Plan("pte", f"executorch {probe.package('executorch')} (Python runtime)")
-        raise UserError(f"--target {self.target.spec}: {model.name}: edgetl's .pte runner is built for "
-                        f"{RUNNER_ARCH} and {where} is {probe.machine}, and {py} there has no ExecuTorch Python "
-                        f"runtime; run there: {py} -m pip install executorch=={_version('executorch', '1.5.1')} "
-                        "torch --extra-index-url https://download.pytorch.org/whl/cpu")
+                                f"{record.runner_machine} {record.suffix} runner, which is not built yet: run "
+                                f"`edgetl bench --setup arm64`")
+            return Plan(record.name, f"edgetl_{record.name}_runner", runner)
+        first = record.python_runtime[0] if record.python_runtime else None
+        if first and all(probe.package(dist) for dist in record.python_runtime):
+            return Plan(record.name, f"{first} {probe.package(first)} (Python runtime)")
+        version = _version(first, "") if first else ""
+        install = (f"; run there: {py} -m pip install {first}{'==' + version if version else ''} "
+                   f"{' '.join(record.python_runtime[1:])} --extra-index-url https://download.pytorch.org/whl/cpu"
+                   if first else "")
+        raise UserError(f"--target {self.target.spec}: {model.name}: edgetl's {record.suffix} runner is built for "
+                        f"{record.runner_machine} and {where} is {probe.machine}, and {py} there has no "
+                        f"{record.runtime} Python runtime{install}")
 
     # ---- copy, run, fetch
 

@@ -219,13 +219,8 @@ class TorchBackend(Backend):
 
     def convert(self, graphs: Graphs, quant: str, fmt: str) -> Converted:
         module = graphs.int8 if quant == "int8" else graphs.float_model
-        if fmt == "pte":
-            payload, delegation = graphs_of.lower_pte(module, graphs.example)
-            return Converted(payload, {"delegation": delegation})
-        if fmt == "tflite":
-            strict = quant == "int8" and bool(graphs.quantization.get("float_layers"))
-            return Converted(graphs_of.convert_tflite(module, graphs.example, quantized=quant == "int8",
-                                                      strict_qdq=strict))
+        if fmt in CONVERTERS:
+            return CONVERTERS[fmt](module, graphs, quant)
         from edgetl import formats  # a format that brings its own converter (the module, its example input)
 
         if quant == "int8":  # the weights as int8 constants, as the other formats store them
@@ -264,6 +259,21 @@ class TorchBackend(Backend):
         from edgetl.backends.torch import compress
 
         return compress.summary(pruning)
+
+
+def _to_pte(module: torch.nn.Module, graphs: Graphs, quant: str) -> Converted:
+    payload, delegation = graphs_of.lower_pte(module, graphs.example)
+    return Converted(payload, {"delegation": delegation})
+
+
+def _to_tflite(module: torch.nn.Module, graphs: Graphs, quant: str) -> Converted:
+    strict = quant == "int8" and bool(graphs.quantization.get("float_layers"))  # float layers chosen: kept float
+    return Converted(graphs_of.convert_tflite(module, graphs.example, quantized=quant == "int8", strict_qdq=strict))
+
+
+# format → the converter this backend has of its own for it; any other format brings its own
+# (edgetl.formats.convert), which is given the module with its weights folded to int8 constants
+CONVERTERS = {"pte": _to_pte, "tflite": _to_tflite}
 
 
 Backend = TorchBackend
