@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from edgetl.arm64 import TARGETS, parse_targets
+from edgetl.arm64 import TARGETS
 from edgetl.errors import UserError
+from edgetl.targets import parse_targets
 from tests.conftest import run_cli
 from tests.test_device_bench import tiny_models  # noqa: F401  (session fixture: tiny .tflite/.pte + inputs)
 

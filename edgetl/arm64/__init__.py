@@ -8,11 +8,10 @@ from __future__ import annotations
 import os
 
 from edgetl.arm64.provision import EXECUTORCH_VERSION, arm64_root, setup, status
-from edgetl.arm64.targets import DEFAULT_TARGETS, TARGETS, Target, parse_targets
+from edgetl.arm64.targets import TARGETS, Target
 from edgetl.arm64.userland import Userland
 
-__all__ = ["DEFAULT_TARGETS", "EXECUTORCH_VERSION", "TARGETS", "Target", "Userland", "arm64_root", "parse_targets",
-           "setup", "status"]
+__all__ = ["EXECUTORCH_VERSION", "TARGETS", "Target", "Userland", "arm64_root", "setup", "status"]
 
 def userland() -> Userland:
     """The userland in the user's cache folder (provisioned or not; see `setup`)."""

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgetl.errors import UserError, one_of
-
 _V80 = "fp asimd evtstrm aes pmull sha1 sha2 crc32 cpuid"
 _V82_DOT = _V80 + " atomics fphp asimdhp asimdrdm lrcpc dcpop asimddp"
 _V9 = (_V82_DOT + " jscvt fcma sha3 sm3 sm4 sha512 asimdfhm dit uscat ilrcpc flagm ssbs sb paca pacg dcpodp"
@@ -68,19 +66,3 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
            architecture=8, features=_V9, note="qemu 7.2 has no cortex-a710: counted on `max` with SVE and SME "
            "off (ARMv9 features incl. i8mm, bf16); /proc/cpuinfo says A710"),
 )}
-
-DEFAULT_TARGETS = ("host",)
-
-
-def parse_targets(text: str) -> list[Target]:
-    """`host,arm64-a76` → targets, in the order given, each once."""
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names:
-        raise UserError(f"--target {text!r} names no target; valid: {', '.join(TARGETS)}")
-    chosen: list[Target] = []
-    for name in names:
-        if name not in TARGETS:
-            raise UserError(one_of(name, list(TARGETS), "target"))
-        if TARGETS[name] not in chosen:
-            chosen.append(TARGETS[name])
-    return chosen

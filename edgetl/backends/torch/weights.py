@@ -75,11 +75,9 @@ def resolve_hub_file(source: HubSource, purpose: str) -> tuple[Path, dict]:
 
 
 def resolve_imagenet_file(spec: BackboneSpec, width: float) -> tuple[Path, str]:
-    """Path of the cached ImageNet file (filling the cache if needed) and where it came from."""
+    """Path of the cached ImageNet file (filling the cache if needed) and where it came from. A backbone whose
+    weights are on the Hugging Face Hub is resolved by `resolve_hub_file` instead (apply_weights)."""
     source = spec.torch_weight_source(width)
-    if isinstance(source, HubSource):
-        path, provenance = resolve_hub_file(source, f"--weights imagenet ({spec.name})")
-        return path, provenance["source"]
     cached = hub_checkpoint_dir() / source.filename
     if cached.is_file():
         return cached, f"torch hub cache ({cached})"
