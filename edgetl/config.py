@@ -282,6 +282,7 @@ def _layout(config_type: type) -> dict[str, str | None]:
     return layout
 
 
+@cache
 def _flat_hints(config_type: type) -> dict[str, Any]:
     """Each flat setting's declared type."""
     sections = _sections(config_type)
@@ -1118,10 +1119,11 @@ def _normalise(values: dict[str, Any], kind: str) -> dict[str, Any]:
     """Lists (from TOML or comma-separated flags) as the tuples the configs hold; a value of another type is
     left as it is, for `check_types` to refuse in one line."""
     listed, hints = (str, list, tuple), _flat_hints(RECIPES[kind][2])
-    for key in ("formats", "quant", "variants", "targets"):  # only where the config holds a list (bench: a text)
+    for key in ("formats", "quant", "variants", "targets"):  # only where the config holds a list
         if isinstance(values.get(key), listed) and get_origin(hints.get(key)) is tuple:
             values[key] = tuple(_as_list(values[key], lower=key in ("formats", "quant")))
-    if kind in ("sweep", "bench") and "threads" in values and _matches(values["threads"], tuple[int, ...]):
+    threads = hints.get("threads")  # a list of counts in bench and sweep; one count in export
+    if get_origin(threads) is tuple and "threads" in values and _matches(values["threads"], threads):
         values["threads"] = _threads(values["threads"])
     return values
 

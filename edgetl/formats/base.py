@@ -46,6 +46,7 @@ class Format:
     # any other machine instead (the first is the runtime; `pip install` gets them all)
     runner_machine: str = "aarch64"
     python_runtime: tuple[str, ...] = ()
+    python_runtime_index: str | None = None  # the package index those come from, when it is not PyPI's
     # whether an int8 file takes float input and quantizes it inside the graph (its sidecar then says with what
     # scale and zero point, for apps that feed it int8 themselves)
     quantizes_inside: bool = False

@@ -96,6 +96,7 @@ APPS = AppTemplates(
 FORMAT = Format(
     name="pte", suffix=".pte", runtime="ExecuTorch (XNNPACK delegate)",
     converters={"torch": "ExecuTorch to_edge_transform_and_lower (XnnpackPartitioner)"},
-    blocks="lowered", arm64="runner", python_runtime=("executorch", "torch"), quantizes_inside=True, bundle=APPS,
+    blocks="lowered", arm64="runner", python_runtime=("executorch", "torch"),
+    python_runtime_index="https://download.pytorch.org/whl/cpu", quantizes_inside=True, bundle=APPS,
     libraries=("executorch",),
     style=("tab:orange", "^"))

@@ -399,10 +399,12 @@ class SshSession:
         first = record.python_runtime[0] if record.python_runtime else None
         if first and all(probe.package(dist) for dist in record.python_runtime):
             return Plan(record.name, f"{first} {probe.package(first)} (Python runtime)")
-        version = _version(first, "") if first else ""
-        install = (f"; run there: {py} -m pip install {first}{'==' + version if version else ''} "
-                   f"{' '.join(record.python_runtime[1:])} --extra-index-url https://download.pytorch.org/whl/cpu"
-                   if first else "")
+        install = ""
+        if first:
+            version = _version(first, "")
+            pinned = [f"{first}=={version}" if version else first, *record.python_runtime[1:]]
+            index = [f"--extra-index-url {record.python_runtime_index}"] if record.python_runtime_index else []
+            install = f"; run there: {py} -m pip install {' '.join(pinned + index)}"
         raise UserError(f"--target {self.target.spec}: {model.name}: edgetl's {record.suffix} runner is built for "
                         f"{record.runner_machine} and {where} is {probe.machine}, and {py} there has no "
                         f"{record.runtime} Python runtime{install}")
