@@ -295,3 +295,42 @@ def test_pruned_files_are_smaller_than_dense_ones(tiny_checkpoint: Path, tmp_pat
         assert s["gzip_bytes"] < 0.75 * d["gzip_bytes"], s["file"]
     pruning = _manifest(sparse)["pruning"]
     assert all(row["sparsity"] >= 0.79 for row in pruning["layers"] if row["prunable"])
+
+
+@torch_only
+def test_quantization_aware_distillation_uses_no_label(tiny_checkpoint: Path) -> None:
+    """The label-free remedy "distill": its loss is the float model's soft targets alone, so training with every
+    training label changed gives the very same int8 graph; what the manifest records says so."""
+    from dataclasses import replace
+
+    import torch
+
+    from edgetl.backends.torch import compress
+    from edgetl.backends.torch.export import ChannelsLastInput, load_model
+    from edgetl.export import load_listing
+    from edgetl.manifest import read_checkpoint
+
+    manifest = read_checkpoint(tiny_checkpoint)
+    listing = load_listing(tiny_checkpoint, manifest)
+    classes = len(listing.classes)
+    relabelled = replace(listing, splits={**listing.splits, "train": [(rel, (label + 1) % classes)
+                                                                      for rel, label in listing.splits["train"]]})
+    config = ExportConfig.of(qat_epochs=1).validate()
+    example = torch.zeros(1, 32, 32, 3)
+    x = torch.from_numpy(np.random.default_rng(0).random((8, 32, 32, 3), dtype=np.float32))
+    made = {}
+    for name, data in (("labels", listing), ("relabelled", relabelled)):
+        float_model = ChannelsLastInput(load_model(tiny_checkpoint, manifest)).eval()
+        graph, info = compress.qat_int8(tiny_checkpoint, manifest, data, float_model, example, config, labels=False)
+        with torch.no_grad():
+            made[name] = (graph(x).numpy(), info)
+    np.testing.assert_array_equal(made["labels"][0], made["relabelled"][0])
+    info = made["labels"][1]
+    assert info["method"] == "pt2e-qat-distilled" and info["qat"]["distill"] == 1.0
+    assert info["qat"]["labels"].startswith("none") and info["qat"]["epochs"] == 1
+    # with labels (plain QAT, no distillation by default) the same change of labels changes the graph
+    float_model = ChannelsLastInput(load_model(tiny_checkpoint, manifest)).eval()
+    graph, info = compress.qat_int8(tiny_checkpoint, manifest, relabelled, float_model, example, config)
+    with torch.no_grad():
+        assert not np.array_equal(graph(x).numpy(), made["labels"][0])
+    assert info["method"] == "pt2e-qat"

@@ -7,6 +7,7 @@ Only imported when an export prunes or trains (torch-pruning is heavy); `backend
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -58,16 +59,25 @@ def prune_model(checkpoint: Path, manifest, listing: data.DatasetListing, spec: 
 
 
 def qat_int8(checkpoint: Path, manifest, listing: data.DatasetListing, float_model: nn.Module, example: torch.Tensor,
-             config) -> tuple[torch.fx.GraphModule, dict]:
+             config, labels: bool = True) -> tuple[torch.fx.GraphModule, dict]:
     """The QAT int8 graph of the NHWC `float_model` (pruned or not), and what the manifest records.
 
-    With distillation on, the teacher is always the dense checkpoint, also for a pruned model."""
+    With distillation on, the teacher is always the dense checkpoint, also for a pruned model. With `labels`
+    False (the label-free remedy "distill") the loss is the soft targets of `float_model` alone, the very
+    model every file is verified against: the int8 graph learns to give its outputs on the training images,
+    and no label enters the loss."""
     tune = tune_for(manifest.config, config, "qat", DEFAULTS)
-    teacher = ChannelsLastInput(load_model(checkpoint, manifest)).eval() if tune.distill > 0 else None
+    if labels:
+        teacher = ChannelsLastInput(load_model(checkpoint, manifest)).eval() if tune.distill > 0 else None
+    else:
+        tune, teacher = replace(tune, distill=1.0), float_model.eval()
     torch.manual_seed(0)
     started = time.perf_counter()
     int8, info = quantize_qat(float_model, example, listing, _spec(manifest), tune,
                               fuse_clamp=config.quantization.fuse_clamp, teacher=teacher)
+    if not labels:
+        info["method"] = "pt2e-qat-distilled"
+        info["qat"]["labels"] = "none: the loss is the float model's soft targets alone"
     info["seconds"] = round(time.perf_counter() - started, 1)
     info["input_quantization"] = first_input_qparams(int8)
     return int8, info
