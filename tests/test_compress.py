@@ -328,6 +328,10 @@ def test_quantization_aware_distillation_uses_no_label(tiny_checkpoint: Path) ->
     info = made["labels"][1]
     assert info["method"] == "pt2e-qat-distilled" and info["qat"]["distill"] == 1.0
     assert info["qat"]["labels"].startswith("none") and info["qat"]["epochs"] == 1
+    assert info["qat"]["train_images"] == len(listing.splits["train"])  # 32 px: the whole split fits the pixels
+    # sized in pixels: as many per epoch as the built-in data's 2700 training images at 128 px
+    assert compress.distill_images(128) == 2700 and compress.distill_images(224) == 882
+    assert compress.distill_images(4096) == 64
     # with labels (plain QAT, no distillation by default) the same change of labels changes the graph
     float_model = ChannelsLastInput(load_model(tiny_checkpoint, manifest)).eval()
     graph, info = compress.qat_int8(tiny_checkpoint, manifest, relabelled, float_model, example, config)
