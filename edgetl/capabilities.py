@@ -29,8 +29,7 @@ class Capabilities:
     prune_kinds: tuple[str, ...]
     knobs: frozenset[str]  # ExportConfig fields beyond COMMON_KNOBS that this backend honours
     libraries: tuple[str, ...]  # whose versions the manifests record
-    # int8 remedies `--int8 auto` may apply to a file over --max-drop, cheapest first ("qat" trains on labels;
-    # "distill" trains on the training images with the float model's outputs as its only targets)
+    # int8 remedies `--int8 auto` may apply to a file over --max-drop, cheapest first ("qat" trains on labels)
     remedies: tuple[str, ...] = ("qat",)
     hint: str = ""  # what to do instead, appended when an option is refused
     from_scratch: bool = False  # implements Backend.train_backbone_from_scratch
@@ -59,7 +58,7 @@ CAPABILITIES: dict[str, Capabilities] = {
                          "qat_lr", "tune_images", "rounding_layers", "sensitivity_seconds", "float_layers",
                          "parts", "debug_numerics", "debug_blocks"}),
         libraries=("torch", "torchao", "executorch", "litert-torch", "ai-edge-litert", "numpy", "pillow"),
-        remedies=("equalize", "ranges", "adaround", "float-fallback", "distill", "qat"),
+        remedies=("equalize", "ranges", "adaround", "float-fallback", "qat"),
         hint="fine-tune with --framework keras to use them",
     ),
     "keras": Capabilities(

@@ -151,13 +151,11 @@ def export(
                       "with --prune).")
     ] = None,
     int8: Annotated[str | None, typer.Option(
-        "--int8", help="How int8 is made: auto (default: post-training, then for a file over --max-drop the "
-                       "label-free remedies — equalization, ranges per tensor, learned weight rounding, float "
-                       "fallback of --float-layers, distillation from the float model — then QAT), ptq "
-                       "(post-training only) or qat (same as --qat).")] = None,
+        "--int8", help="How int8 is made: auto (default: post-training, then for a file over --max-drop learned "
+                       "weight rounding, float fallback of --float-layers, then QAT), ptq (post-training only) or "
+                       "qat (same as --qat).")] = None,
     no_qat: Annotated[bool | None, typer.Option(
-        "--no-qat", help="--int8 auto may not train on labels (QAT); the label-free remedies, distillation from the "
-                         "float model included, still run.")] = None,
+        "--no-qat", help="--int8 auto may not train (QAT uses labels); remedies stop at learned rounding.")] = None,
     rounding_layers: Annotated[int | None, typer.Option(
         help="torch: most sensitive layers whose int8 rounding --int8 auto learns (default 8; 0: none).")] = None,
     float_layers: Annotated[str | None, typer.Option(

@@ -510,8 +510,7 @@ PRUNE_NAMES = {"channels": "channel pruning", "magnitude": "magnitude pruning"}
 DEFAULT_CALIB = 256
 # How `edgetl export` makes int8: "auto" is post-training quantization, then, only for a file over --max-drop, the
 # backend's remedies in order of cost (torch: cross-layer equalization, activation ranges per tensor, learned weight
-# rounding, float fallback of the layers the user allows, quantization-aware distillation from the float model
-# without labels, then QAT on labels); "ptq" and "qat" force one method.
+# rounding, float fallback of the layers the user allows, then QAT); "ptq" and "qat" force one method.
 INT8_MODES = ("auto", "ptq", "qat")
 
 
@@ -579,7 +578,7 @@ class Int8Policy:
 
     int8: str = "auto"  # one of INT8_MODES; validate() makes `qat` say whether int8 is trained from the start
     qat: bool = False  # quantization-aware training before the int8 export (torch: PT2E QAT; keras: tfmot)
-    no_qat: bool = False  # --int8 auto may not use QAT on labels as a remedy (the label-free remedies still run)
+    no_qat: bool = False  # --int8 auto may not use QAT as a remedy (no labels are used then)
     max_drop: float = 1.0
     rounding_layers: int = 8  # torch: how many of the most sensitive layers the learned-rounding remedy optimises
     # torch: layers (names as the sensitivity table prints them) that --int8 auto may keep float when a file is

@@ -9,11 +9,9 @@ runtime, and only then does the finished folder move into place.
 
 int8 (`--int8 auto`, the default): post-training quantization first, with a per-layer sensitivity table; an int8
 file that lost more than `max_drop` points in its runtime gets the backend's remedies in order of cost (torch:
-cross-layer equalization, activation ranges per tensor and learned weight rounding of the most sensitive layers,
-all unlabelled; float fallback of the layers the user allows with `--float-layers`; quantization-aware
-distillation from the float model, which trains on the training images without their labels; then QAT on labels
-unless `--no-qat`), each recorded with its cost and gain; a file still over the budget fails the run after
-everything is written.
+learned weight rounding of the most sensitive layers, unlabelled; then float fallback of the layers the user
+allows with `--float-layers`; then QAT unless `--no-qat`), each recorded with its cost and gain; a file still
+over the budget fails the run after everything is written.
 
 The user's data is safe (edgetl.paths): the output folder is claimed before any work (only a folder edgetl made
 for an export is replaced, never the checkpoint or a folder that holds it), and an export in which no file was
@@ -578,8 +576,6 @@ REMEDY_NAMES = {"equalize": "cross-layer equalization and bias absorption (no la
                           "image's own min/max (no labels)",
                 "adaround": "learned weight rounding (no labels)",
                 "float-fallback": "float fallback of --float-layers (no labels; those layers run in fp32)",
-                "distill": "quantization-aware distillation from the float model (no labels: its outputs are the "
-                           "only targets)",
                 "qat": "quantization-aware training (labels)"}
 
 

@@ -307,9 +307,9 @@ def test_auto_over_budget_gets_learned_rounding_recorded_with_cost_and_gain(tiny
 def test_policy_tries_remedies_in_order_keeps_only_gains_and_honours_no_qat(tmp_path: Path,
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """The remedy loop on scripted drops: equalization first (no gain: not kept), activation ranges (worse: not
-    kept), then learned rounding; a remedied file replaces the earlier one only if it lost less; distillation from
-    the float model (no labels) runs with --no-qat too; QAT runs only for what is still over the budget and never
-    with --no-qat."""
+    kept), then learned rounding; a
+    remedied file replaces the earlier one only if it lost less; QAT runs only for what is still over the budget
+    and never with --no-qat."""
     from types import SimpleNamespace
 
     from edgetl import export
@@ -319,8 +319,7 @@ def test_policy_tries_remedies_in_order_keeps_only_gains_and_honours_no_qat(tmp_
     drops = {"ptq": {"a.tflite": 1.5, "a.pte": 0.8}, "ranges": {"a.tflite": 1.6, "a.pte": 0.8},
              "equalize": {"a.tflite": 1.5, "a.pte": 0.8},
              "adaround": {"a.tflite": 1.2, "a.pte": 0.9},
-             "float-fallback": {"a.tflite": 0.4, "a.pte": 0.6}, "distill": {"a.tflite": 1.3, "a.pte": 0.45},
-             "qat": {"a.tflite": 0.1, "a.pte": 0.3}}
+             "float-fallback": {"a.tflite": 0.4, "a.pte": 0.6}, "qat": {"a.tflite": 0.1, "a.pte": 0.3}}
     state = {"made_by": "ptq"}
 
     class Backend:
@@ -358,15 +357,14 @@ def test_policy_tries_remedies_in_order_keeps_only_gains_and_honours_no_qat(tmp_
         return export._apply_policy(Backend(), context, tmp_path, None, inputs, None, list(artifacts), tmp_path)
 
     policy = run(ExportConfig.of(max_drop=1.0, no_qat=True))
-    assert Backend.calls == ["equalize", "ranges", "adaround", "distill"]  # distillation uses no label
+    assert Backend.calls == ["equalize", "ranges", "adaround"]
     assert policy["remedy_of"] == {"a.tflite": "adaround", "a.pte": "ptq"}  # .pte was within: never remade
     assert policy["steps"][0]["files"]["a.tflite"]["kept"] is False  # equalization gained nothing: PTQ's file stayed
     assert policy["steps"][1]["files"]["a.tflite"]["kept"] is False  # ranges lost more: not kept either
     step = policy["steps"][2]
     assert list(step["files"]) == ["a.tflite"] and step["files"]["a.tflite"]["gain_points"] == pytest.approx(0.3)
     assert policy["steps"][3] == {"remedy": "float-fallback", "files": {}, "skipped": "no --float-layers"}
-    assert policy["steps"][4]["files"]["a.tflite"]["kept"] is False  # distillation lost more than learned rounding
-    assert policy["steps"][5] == {"remedy": "qat", "files": {}, "skipped": "--no-qat"}
+    assert policy["steps"][4] == {"remedy": "qat", "files": {}, "skipped": "--no-qat"}
     assert (tmp_path / "a.tflite").read_text() == "adaround"
 
     policy = run(ExportConfig.of(max_drop=0.7, no_qat=True, float_layers="model.stem"))
@@ -377,15 +375,13 @@ def test_policy_tries_remedies_in_order_keeps_only_gains_and_honours_no_qat(tmp_
     assert policy["steps"][3]["files"]["a.tflite"]["drop_before"] == 1.2
 
     policy = run(ExportConfig.of(max_drop=0.5))
-    assert Backend.calls == ["equalize", "ranges", "adaround", "distill", "qat"]
-    assert policy["remedy_of"] == {"a.tflite": "qat", "a.pte": "distill"}  # .pte within after distillation
+    assert Backend.calls == ["equalize", "ranges", "adaround", "qat"]
+    assert policy["remedy_of"] == {"a.tflite": "qat", "a.pte": "qat"}
     assert policy["steps"][2]["files"]["a.pte"] == {"drop_points": 0.9, "top1": 0.5, "changed_predictions": 10,
                                                     "drop_before": 0.8, "changed_before": 10, "gain_points": -0.1,
                                                     "kept": False, "seconds": pytest.approx(0, abs=1)}
-    assert [s["remedy"] for s in policy["steps"]] == ["equalize", "ranges", "adaround", "float-fallback", "distill",
-                                                      "qat"]
-    assert list(policy["steps"][5]["files"]) == ["a.tflite"]  # QAT only for the file still over the budget
-    assert (tmp_path / "a.pte").read_text() == "distill" and (tmp_path / "a.tflite").read_text() == "qat"
+    assert [s["remedy"] for s in policy["steps"]] == ["equalize", "ranges", "adaround", "float-fallback", "qat"]
+    assert (tmp_path / "a.pte").read_text() == "qat" and (tmp_path / "a.tflite").read_text() == "qat"
 
     assert run(ExportConfig.of(int8="ptq", max_drop=0.5))["steps"] == []  # --int8 ptq: no remedy
     assert Backend.calls == []

@@ -101,12 +101,6 @@ class TorchBackend(Backend):
             return self._ranges(graphs, calibration, config)
         if name == "equalize":
             return self._equalization(graphs, calibration, config)
-        if name == "distill":
-            from edgetl.backends.torch import compress
-
-            graphs.int8, graphs.quantization = compress.qat_int8(checkpoint, manifest, listing, graphs.float_model,
-                                                                 graphs.example, config, labels=False)
-            return None
         if name != "adaround":
             return super().remedy(name, graphs, checkpoint, manifest, listing, calibration, config)
         from edgetl.backends.torch.sensitivity import most_sensitive

@@ -7,7 +7,6 @@ Only imported when an export prunes or trains (torch-pruning is heavy); `backend
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -37,17 +36,6 @@ DEFAULTS = TuneDefaults(
 )
 
 
-# The label-free distillation remedy sees at most as many pixels per epoch as 2700 images at 128 px (the
-# built-in data's training split: 2 epochs took 288 s on the demo checkpoint at one thread, beside other work,
-# 2026-12-07). At 224 px that is 882 images, so the remedy costs there what it costs at 128 px.
-DISTILL_PIXELS = 2700 * 128 * 128
-
-
-def distill_images(image_size: int) -> int:
-    """Training images per epoch of the distillation remedy at `image_size` (a seeded subset when fewer)."""
-    return max(64, round(DISTILL_PIXELS / (image_size * image_size)))
-
-
 def _spec(manifest) -> dict:
     return manifest.preprocess.with_layout("NCHW")
 
@@ -70,26 +58,16 @@ def prune_model(checkpoint: Path, manifest, listing: data.DatasetListing, spec: 
 
 
 def qat_int8(checkpoint: Path, manifest, listing: data.DatasetListing, float_model: nn.Module, example: torch.Tensor,
-             config, labels: bool = True) -> tuple[torch.fx.GraphModule, dict]:
+             config) -> tuple[torch.fx.GraphModule, dict]:
     """The QAT int8 graph of the NHWC `float_model` (pruned or not), and what the manifest records.
 
-    With distillation on, the teacher is always the dense checkpoint, also for a pruned model. With `labels`
-    False (the label-free remedy "distill") the loss is the soft targets of `float_model` alone, the very
-    model every file is verified against: the int8 graph learns to give its outputs on the training images,
-    and no label enters the loss."""
+    With distillation on, the teacher is always the dense checkpoint, also for a pruned model."""
     tune = tune_for(manifest.config, config, "qat", DEFAULTS)
-    if labels:
-        teacher = ChannelsLastInput(load_model(checkpoint, manifest)).eval() if tune.distill > 0 else None
-    else:
-        images = tune.images if tune.images is not None else distill_images(manifest.model.image_size)
-        tune, teacher = replace(tune, distill=1.0, images=images), float_model.eval()
+    teacher = ChannelsLastInput(load_model(checkpoint, manifest)).eval() if tune.distill > 0 else None
     torch.manual_seed(0)
     started = time.perf_counter()
     int8, info = quantize_qat(float_model, example, listing, _spec(manifest), tune,
                               fuse_clamp=config.quantization.fuse_clamp, teacher=teacher)
-    if not labels:
-        info["method"] = "pt2e-qat-distilled"
-        info["qat"]["labels"] = "none: the loss is the float model's soft targets alone"
     info["seconds"] = round(time.perf_counter() - started, 1)
     info["input_quantization"] = first_input_qparams(int8)
     return int8, info

@@ -42,11 +42,8 @@ def quantize_qat(
     graph = torch.export.export(folded, (sample,), dynamic_shapes=({0: batch},)).module()
     prepared = prepare_qat_pt2e(graph, make_qat_quantizer(fuse_clamp))
     x_val, y_val = val_arrays(listing, spec)
-    label_free = teacher is not None and tune.distill >= 1
-    how = ", distilled from the float model, no labels" if label_free else ""
-    console.print(f"int8: PT2E quantization-aware training ({tune.epochs} epochs, lr {tune.lr:g}{how})…")
-    training = fit(prepared, listing, spec, tune, "quantization-aware distillation" if label_free else
-                   "quantization-aware training", nhwc=True, teacher=teacher)
+    console.print(f"int8: PT2E quantization-aware training ({tune.epochs} epochs, lr {tune.lr:g})…")
+    training = fit(prepared, listing, spec, tune, "quantization-aware training", nhwc=True, teacher=teacher)
     with torch.no_grad():
         converted = convert_pt2e(prepared, fold_quantize=False)
     val = top1(converted, x_val, y_val, nhwc=True)

@@ -121,13 +121,10 @@ def fit(
                 if nhwc:
                     x = x.permute(0, 2, 3, 1).contiguous()
                 logits = model(x)
-                if not distilling:
-                    loss = criterion(logits, y)
-                elif tune.distill >= 1:  # the teacher's outputs alone: no label enters the loss
-                    loss = distillation_loss(logits, teacher, x, tune.temperature)
-                else:
-                    loss = (1 - tune.distill) * criterion(logits, y) + tune.distill * distillation_loss(
-                        logits, teacher, x, tune.temperature)
+                loss = criterion(logits, y)
+                if distilling:
+                    loss = (1 - tune.distill) * loss + tune.distill * distillation_loss(logits, teacher, x,
+                                                                                         tune.temperature)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
