@@ -137,6 +137,34 @@ def test_sensitivity_ranks_the_layer_whose_rounding_hurts_and_counts_macs() -> N
 
 
 @pytest.mark.torch
+def test_a_sensitivity_table_cut_short_is_completed_without_measuring_a_layer_twice() -> None:
+    """Which layers a time-bounded table reaches depends on the machine's load; learned rounding picks its layers
+    from a completed table, so its choice does not. Rows already measured are kept as they are."""
+    from edgetl.backends.torch.sensitivity import complete, layer_sensitivity, most_sensitive
+
+    model = Tiny().eval()
+    with torch.no_grad():
+        model.fc.weight[:, 0] = 400 * model.fc.weight.abs().amax()
+    full = layer_sensitivity(model, _calibration(), seconds=60, images=16)
+    assert complete(full) and not complete(None)
+    cut = json.loads(json.dumps(full))  # as a busy machine leaves it: the last two layers not reached
+    for row in cut["rows"][2:]:
+        for key in ("logit_error", "relative_logit_error", "changed_predictions", "rank"):
+            row.pop(key, None)
+        row["measured"] = False
+    cut["measured"], cut["rows"][0]["logit_error"] = 2, 99.0  # a kept row is taken as it is, not measured again
+    assert not complete(cut) and most_sensitive(cut, 1) == ["conv"]
+    completed = layer_sensitivity(model, _calibration(), seconds=float("inf"), images=16, known=cut)
+    assert complete(completed) and completed["completed"].startswith("2 rows")
+    rows = {r["layer"]: r for r in completed["rows"]}
+    assert rows["conv"]["logit_error"] == 99.0 and rows["conv"]["rank"] == 1
+    for name in ("dw", "pw", "fc"):
+        assert rows[name]["logit_error"] == next(r for r in full["rows"] if r["layer"] == name)["logit_error"]
+    assert most_sensitive(completed, 2) == ["conv", "fc"]
+    assert layer_sensitivity(model, _calibration(), seconds=0, images=16, known=full)["measured"] == 4
+
+
+@pytest.mark.torch
 def test_learned_rounding_is_sized_in_pixels_so_224_px_costs_what_128_px_costs() -> None:
     """At 224 px each step and the captured activations would cost 3x those at 128 px: learned rounding takes
     proportionally fewer images and a smaller batch there (each step still sees as many activation positions),

@@ -103,10 +103,15 @@ class TorchBackend(Backend):
             return self._equalization(graphs, calibration, config)
         if name != "adaround":
             return super().remedy(name, graphs, checkpoint, manifest, listing, calibration, config)
-        from edgetl.backends.torch.sensitivity import most_sensitive
+        from edgetl.backends.torch.sensitivity import complete, most_sensitive
 
-        if graphs.sensitivity is None:
-            graphs.sensitivity = graphs_of.layer_sensitivity(graphs.float_model, graphs.example, calibration, 60.0)
+        if not complete(graphs.sensitivity):  # every layer ranked, however busy the machine was
+            unmeasured = "" if graphs.sensitivity is None else \
+                f" ({graphs.sensitivity['layers'] - graphs.sensitivity['measured']} layers the table did not reach)"
+            console.print(f"int8: sensitivity of every layer for learned rounding{unmeasured}…")
+            with quiet_native():
+                graphs.sensitivity = graphs_of.layer_sensitivity(graphs.float_model, graphs.example, calibration,
+                                                                 float("inf"), known=graphs.sensitivity)
         layers = most_sensitive(graphs.sensitivity, config.policy.rounding_layers)
         if not layers:
             raise ValueError("learned rounding has no layer to optimise (--rounding-layers 0 or no sensitivity)")

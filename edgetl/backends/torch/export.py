@@ -126,12 +126,14 @@ def quantize_ptq_graph(float_model: nn.Module, example: torch.Tensor, calibratio
 
 
 def layer_sensitivity(float_model: nn.Module, example: torch.Tensor, calibration: np.ndarray,
-                      seconds: float, images: int = 64) -> dict:
-    """Per-layer int8 weight-rounding cost of the NHWC `float_model` on calibration images (`sensitivity`)."""
+                      seconds: float, images: int = 64, known: dict | None = None) -> dict:
+    """Per-layer int8 weight-rounding cost of the NHWC `float_model` on calibration images (`sensitivity`);
+    `known`: an earlier, time-bounded table of the same model to complete."""
     from edgetl.backends.torch.sensitivity import layer_sensitivity as measure
 
     folded = fold_batchnorm(float_model, example)
-    return measure(folded, torch.from_numpy(np.ascontiguousarray(calibration)), seconds=seconds, images=images)
+    return measure(folded, torch.from_numpy(np.ascontiguousarray(calibration)), seconds=seconds,
+                   images=known["images"] if known else images, known=known)
 
 
 def first_input_qparams(graph: torch.fx.GraphModule) -> dict | None:

@@ -4,7 +4,9 @@ The question a user asks when int8 loses accuracy is "which layer?". Each conv/l
 float model has its weights rounded to the int8 grid XNNPACK uses (`quantize.fake_quant_per_channel`), every
 other layer stays float, and the logits on unlabelled calibration images are compared with the float model's:
 mean |Δlogit| and how many predictions change. Each layer's share of the model's MACs says what keeping it
-float would cost. Bounded in time: layers not reached within the budget are listed as not measured.
+float would cost. Bounded in time: layers not reached within the budget are listed as not measured. Learned
+rounding, which optimises the most sensitive layers, first completes the table, so that the layers it picks do
+not depend on how busy the machine was while the table was measured.
 """
 
 from __future__ import annotations
@@ -54,12 +56,15 @@ def _logits(model: nn.Module, x: torch.Tensor, batch: int = 64) -> torch.Tensor:
 
 
 def layer_sensitivity(model: nn.Module, calibration: torch.Tensor, seconds: float = 60.0,
-                      images: int = 64) -> dict:
+                      images: int = 64, known: dict | None = None) -> dict:
     """Round each layer's weights alone and measure the logit error on `images` calibration images.
 
     `model` is the BN-folded float model (NHWC input); it is left as it was. Returns the record the manifest
-    keeps: one row per layer (definition order) and the conditions of the measurement."""
+    keeps: one row per layer (definition order) and the conditions of the measurement. `known`, an earlier
+    record of the same model on the same images, lends its measured rows as they are: a table that its time
+    budget cut short is completed without measuring any layer twice."""
     started = time.perf_counter()
+    done = {row["layer"]: row for row in (known or {}).get("rows", []) if row.get("measured")}
     x = calibration[:images]
     reference = _logits(model, x)
     predicted = reference.argmax(dim=1)
@@ -70,6 +75,9 @@ def layer_sensitivity(model: nn.Module, calibration: torch.Tensor, seconds: floa
     for index, (name, module) in enumerate(quantized_layers(model)):
         row = {"layer": name, "kind": layer_kind(module), "index": index, "macs": macs.get(name, 0),
                "macs_share": round(macs.get(name, 0) / total_macs, 5)}
+        if name in done:
+            rows.append({**done[name], **row})
+            continue
         if time.perf_counter() - started > seconds:
             rows.append({**row, "measured": False})
             continue
@@ -95,9 +103,17 @@ def layer_sensitivity(model: nn.Module, calibration: torch.Tensor, seconds: floa
         "layers": len(rows),
         "measured": len(measured),
         "budget_seconds": float(seconds),
-        "seconds": round(time.perf_counter() - started, 1),
+        "seconds": round(time.perf_counter() - started + (known or {}).get("seconds", 0.0), 1),
+        **({"completed": f"{len(done)} rows of the export's table kept, the other layers measured for learned "
+                         f"rounding"} if known is not None else {}),
         "rows": rows,
     }
+
+
+def complete(record: dict | None) -> bool:
+    """Whether `record` ranks every layer (a time-bounded table may not: which layers it reached depends on how
+    busy the machine was)."""
+    return record is not None and record["measured"] == record["layers"]
 
 
 def most_sensitive(record: dict, count: int) -> list[str]:
