@@ -108,7 +108,7 @@ def test_ranges_chosen_per_tensor_never_raise_the_output_error() -> None:
     """Two calibrations of one prepared graph: the per-tensor mix is no worse than the better of them on the
     label-free criterion, and `apply_choice` rebuilds exactly the graph the search chose."""
     from edgetl.backends.torch import export as graphs_of
-    from edgetl.backends.torch.ranges import apply_choice, choose_per_tensor, groups
+    from edgetl.backends.torch.ranges import apply_choice, choose_per_tensor, groups, tensors_for
 
     torch.manual_seed(0)
     model = graphs_of.ChannelsLastInput(build_model("mobilenet_v3_small", 1.0, 5).eval()).eval()
@@ -127,14 +127,19 @@ def test_ranges_chosen_per_tensor_never_raise_the_output_error() -> None:
 
     options = groups(candidates)
     assert options and all(len(set(qparams.values())) == 2 for _, qparams in options)
-    mixed, choice, record = choose_per_tensor(candidates, error, seconds=120)
+    mixed, choice, record = choose_per_tensor(candidates, error, tensors=len(options))
     assert record["tried"] == record["tensors"] == len(options)
     assert record["error"] <= min(record["candidates"].values())
     assert error(mixed) == pytest.approx(record["error"], rel=1e-6)
     rebuilt = apply_choice(candidates, record["base"], choice)
     assert np.array_equal(graphs_of.logits(rebuilt, images), graphs_of.logits(mixed, images))
-    _, _, cut_short = choose_per_tensor(candidates, error, seconds=0)
+    _, _, cut_short = choose_per_tensor(candidates, error, tensors=0)
     assert cut_short["tried"] == 0 and cut_short["error"] == min(cut_short["candidates"].values())
+    # bounded by a count, not by seconds: the same call chooses the same graph however busy the machine is
+    _, first_choice, first = choose_per_tensor(candidates, error, tensors=1)
+    _, again_choice, again = choose_per_tensor(candidates, error, tensors=1)
+    assert first["tried"] == again["tried"] == 1 and first_choice == again_choice and first["error"] == again["error"]
+    assert tensors_for(128) == 32 and tensors_for(224) == 10 and tensors_for(32) == 512 and tensors_for(1024) == 4
 
 
 def test_a_second_calibration_reuses_the_learned_rounding_and_says_so() -> None:

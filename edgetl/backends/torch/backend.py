@@ -18,7 +18,6 @@ from edgetl.backends.torch.ranges import CRITERION
 from edgetl.ui import console, quiet_native
 
 RANGES_IMAGES = 64  # calibration images the label-free choices of the ranges and equalize remedies are made on
-RANGES_SECONDS = 60.0  # the per-tensor search keeps what it chose when this runs out
 
 
 class TorchBackend(Backend):
@@ -157,7 +156,7 @@ class TorchBackend(Backend):
         the rest set it for all of them; per-image ranges clip those. The choice uses no label: the logits' mean
         squared error against the float model's on (at most RANGES_IMAGES of) the calibration images. Later
         remedies build on the ranges chosen here."""
-        from edgetl.backends.torch.ranges import choose_per_tensor
+        from edgetl.backends.torch.ranges import choose_per_tensor, tensors_for
 
         console.print("int8: activation ranges per tensor — one histogram over all images, or each image's own "
                       "min/max — chosen by output error…")
@@ -171,7 +170,7 @@ class TorchBackend(Backend):
             reference = graphs_of.logits(graphs.float_model, images)
             mixed, choice, record = choose_per_tensor({name: g for name, (g, _) in made.items()},
                                                       lambda g: self._calibration_error(g, images, reference),
-                                                      RANGES_SECONDS)
+                                                      tensors_for(int(graphs.example.shape[1])))
         self._choice, self._choice_base, self._activations = choice or None, record["base"], record["base"]
         self._error = record["error"]
         graphs.int8 = mixed

@@ -6,8 +6,10 @@ follows the typical image and clips the outliers. Neither is right for every ten
 the same nodes, since they come from one prepared model, so each activation's quantize/dequantize pair can take
 its scale and zero point from either graph. Starting from the graph whose logits lie closer to the float model's,
 each tensor in turn takes the other observer's range when that brings the logits on the calibration images closer
-to the float model's (mean squared error), coordinate descent within a time budget. Tensors that share one range
-(equal in every candidate graph, as a quantizer's shared specs make them) change together.
+to the float model's (mean squared error), coordinate descent over a fixed number of tensors, those whose
+candidate ranges differ most first. The bound is a count, not seconds, so the graph chosen does not depend on how
+busy the machine is. Tensors that share one range (equal in every candidate graph, as a quantizer's shared specs
+make them) change together.
 """
 
 from __future__ import annotations
@@ -77,11 +79,22 @@ def _disparity(qparams: dict[str, tuple[float, int]]) -> float:
     return max(scales) / max(min(scales), 1e-12)
 
 
+# Tensors the search tries at 128 px. Each try is one pass of the calibration images through the int8 graph; the
+# earlier 60-second budget reached 16 to 41 tensors at 128 px (one thread beside other work, 2026-12-06), so 32
+# costs about as much. Larger inputs try proportionally fewer (224 px: 10).
+TENSORS_AT_128 = 32
+
+
+def tensors_for(image_size: int) -> int:
+    """How many activation groups the search tries at `image_size`: its cost in proportion to the pixels."""
+    return max(4, round(TENSORS_AT_128 * (128 / image_size) ** 2))
+
+
 def choose_per_tensor(candidates: dict[str, torch.fx.GraphModule], error: Callable[[torch.fx.GraphModule], float],
-                      seconds: float) -> tuple[torch.fx.GraphModule, dict[int, str], dict]:
+                      tensors: int) -> tuple[torch.fx.GraphModule, dict[int, str], dict]:
     """Coordinate descent over the activation groups (see the module docstring): the mixed graph, the choice
     (group number → candidate, for groups that left the base) and a record. `error(graph)` is the label-free
-    output error; the search, widest disagreement first, stops after `seconds`, keeping what it chose so far."""
+    output error; the search tries the `tensors` groups whose candidates disagree most, widest first."""
     started = time.perf_counter()
     errors = {name: error(graph) for name, graph in candidates.items()}
     base = min(errors, key=errors.get)
@@ -93,10 +106,8 @@ def choose_per_tensor(candidates: dict[str, torch.fx.GraphModule], error: Callab
     options = groups(candidates)
     # the tensors whose candidate ranges differ most first, so a budget that runs out leaves only the small ones
     order = sorted(range(len(options)), key=lambda number: -_disparity(options[number][1]))
-    for number in order:
+    for number in order[:tensors]:
         indices, qparams = options[number]
-        if time.perf_counter() - started > seconds:
-            break
         tried += 1
         for name, values in qparams.items():
             if name == base or values == qparams[base]:
@@ -117,6 +128,7 @@ def choose_per_tensor(candidates: dict[str, torch.fx.GraphModule], error: Callab
         "base": base,
         "tensors": len(options),
         "tried": tried,
+        "bound": f"at most {tensors} tensors, widest disagreement first",
         "changed": {name: sum(1 for chosen in choice.values() if chosen == name) for name in candidates
                     if name != base},
         "error": round(current, 6),
