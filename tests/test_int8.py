@@ -156,6 +156,11 @@ def test_a_sensitivity_table_cut_short_is_completed_without_measuring_a_layer_tw
     assert not complete(cut) and most_sensitive(cut, 1) == ["conv"]
     completed = layer_sensitivity(model, _calibration(), seconds=float("inf"), images=16, known=cut)
     assert complete(completed) and completed["completed"].startswith("2 rows")
+    assert completed["budget_seconds"] == 60.0  # the table's own budget; the manifest stays strict JSON
+    json.dumps(completed, allow_nan=False)
+    unbounded = layer_sensitivity(model, _calibration(), seconds=float("inf"), images=8)
+    assert unbounded["budget_seconds"] is None and complete(unbounded)
+    json.dumps(unbounded, allow_nan=False)
     rows = {r["layer"]: r for r in completed["rows"]}
     assert rows["conv"]["logit_error"] == 99.0 and rows["conv"]["rank"] == 1
     for name in ("dw", "pw", "fc"):

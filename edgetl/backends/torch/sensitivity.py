@@ -11,6 +11,7 @@ not depend on how busy the machine was while the table was measured.
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -102,7 +103,8 @@ def layer_sensitivity(model: nn.Module, calibration: torch.Tensor, seconds: floa
         "data": "calibration images (training split, unlabelled)",
         "layers": len(rows),
         "measured": len(measured),
-        "budget_seconds": float(seconds),
+        # the budget the table was first measured with (a completion has none; JSON has no infinity)
+        "budget_seconds": (known or {}).get("budget_seconds", float(seconds) if math.isfinite(seconds) else None),
         "seconds": round(time.perf_counter() - started + (known or {}).get("seconds", 0.0), 1),
         **({"completed": f"{len(done)} rows of the export's table kept, the other layers measured for learned "
                          f"rounding"} if known is not None else {}),
