@@ -204,7 +204,9 @@ def plan(config: FinetuneConfig, listing: DatasetListing, processes: int = 1,
     if config.train.unfreeze is not None:
         choices["unfreeze"] = Choice(config.train.unfreeze, "flag", "--unfreeze")
     else:
-        choices["unfreeze"] = Choice(UNFREEZE_ALL, "auto", "every block (BatchNorm statistics stay frozen)")
+        batchnorm = ("BatchNorm statistics trained, then re-estimated before each validation"
+                     if config.model.weights == "none" else "BatchNorm statistics stay frozen")
+        choices["unfreeze"] = Choice(UNFREEZE_ALL, "auto", f"every block ({batchnorm})")
 
     counts = folder["train_per_class"]
     ratio = counts["max"] / max(1, counts["min"])

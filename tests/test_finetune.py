@@ -150,6 +150,36 @@ def test_random_init_backbone_gets_batchnorm_statistics_from_the_data(tmp_path: 
     assert float(features.std(0).mean()) > 1e-3  # features differ between images
 
 
+def test_a_from_scratch_checkpoint_keeps_the_batchnorm_statistics_of_its_own_weights(tmp_path: Path) -> None:
+    """A from-scratch stage 2 trains BN in batch mode; MobileNetV3's running averages (momentum 0.01) lag weights that
+    move, and MobileNetV3-Large validated as one class (val loss 22) with them. Before each validation the trainer
+    estimates them again, so the kept model's statistics are those of the training images under its own weights."""
+    import torch
+
+    from edgetl.backends.torch.export import load_model
+    from edgetl.backends.torch.finetune import BN_ESTIMATE_IMAGES, ImageRecords, _loader, estimate_batchnorm_statistics
+    from edgetl.export import load_listing
+    from edgetl.manifest import read_checkpoint
+
+    config = FinetuneConfig.of(data="builtin:shapes", backbone="mobilenet_v3_small", weights="none", image_size=32,
+                               epochs_finetune=2, unfreeze=-1, batch_size=16, lr_finetune=3e-2, seed=0)
+    checkpoint = run_finetune(config, tmp_path / "run")
+    manifest = read_checkpoint_manifest(checkpoint)
+    assert manifest["training"]["best"]["stage"] == 2  # the statistics of trained weights, not of the initial ones
+    assert "before every validation" in manifest["init_weights"]["batchnorm_before_validation"]
+    typed = read_checkpoint(checkpoint)
+    kept = load_model(checkpoint, typed)
+    layers = {name: module for name, module in kept.named_modules() if isinstance(module, torch.nn.BatchNorm2d)}
+    saved = {name: module.running_mean.clone() for name, module in layers.items()}
+
+    listing = load_listing(checkpoint, typed)
+    loader = _loader(ImageRecords(listing.root, listing.splits["train"], typed.preprocess.with_layout("NCHW")),
+                     16, 0, True, 0)
+    estimate_batchnorm_statistics(kept, loader, torch.device("cpu"), BN_ESTIMATE_IMAGES)
+    for name, module in layers.items():
+        torch.testing.assert_close(saved[name], module.running_mean, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_the_console_skipped_count_is_the_manifests(tmp_path: Path) -> None:
     """Files that fail only at full decode (a truncated PNG passes the header check) are added to the
     listing's skips during training; the closing line counts them all, as the manifest does."""

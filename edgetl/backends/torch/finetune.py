@@ -4,7 +4,8 @@ Stage 1's features are computed once with the whole backbone in eval mode (Batch
 statistics, so an image's feature does not depend on the images beside it in a batch and no running
 statistic moves); the stage fits the linear probe on them and hands the head back. Stage 2 unfreezes the
 top K blocks (all by default) with BatchNorm statistics frozen (pretrained backbones; a from-scratch one
-updates them, since statistics estimated at initialisation go stale as its weights move), light augmentation,
+updates them, since statistics estimated at initialisation go stale as its weights move, and has them estimated
+again from the training images before each validation), light augmentation,
 AdamW, linear warm-up then cosine decay and label smoothing, and offers the model to the stage's selector after
 every epoch.
 Images come from the run's `ImageCache` (each decoded once; `edgetl.imagecache`), or are decoded from the
@@ -328,16 +329,26 @@ class Trainer(TrainerShared):
         model.to(self.device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
-        if init.get("kind") == "none":
-            # every rank estimates on the same images in the same order, so the statistics agree everywhere
-            train_set = ImageRecords(self.listing.root, self.listing.splits["train"], self.spec, images=self.images)
-            loader = _loader(train_set, config.train.batch_size, config.dataset.workers, True, config.train.seed)
-            with console.status("estimating BatchNorm statistics of the randomly initialised backbone"):
-                init["batchnorm_statistics_from_images"] = estimate_batchnorm_statistics(
-                    model, loader, self.device, BN_ESTIMATE_IMAGES
-                )
-        model.eval()
         self.model, self.init = model, init
+        if init.get("kind") == "none":
+            with console.status("estimating BatchNorm statistics of the randomly initialised backbone"):
+                init["batchnorm_statistics_from_images"] = self._estimate_batchnorm()
+            init["batchnorm_before_validation"] = (
+                "re-estimated from the training images before every validation: a from-scratch network's weights "
+                "move faster than its running statistics follow"
+            )
+        model.eval()
+
+    def _estimate_batchnorm(self) -> int:
+        """The model's BN running statistics replaced by the training images' under its current weights.
+
+        Every rank estimates on the same images in the same order, so the statistics agree everywhere. The images
+        are the un-augmented training split, as validation sees images.
+        """
+        config = self.config
+        train_set = ImageRecords(self.listing.root, self.listing.splits["train"], self.spec, images=self.images)
+        loader = _loader(train_set, config.train.batch_size, config.dataset.workers, True, config.train.seed)
+        return estimate_batchnorm_statistics(self.model, loader, self.device, BN_ESTIMATE_IMAGES)
 
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp)
@@ -511,6 +522,12 @@ class Trainer(TrainerShared):
                 self._merge_failures()
                 train_loss, train_top1, seen = self._reduce_epoch(loss_sum, correct, seen)
                 validation_started = time.perf_counter()
+                if self.init.get("kind") == "none":
+                    # A from-scratch network trains its BN statistics (momentum 0.01 in MobileNetV3: an average over
+                    # ~100 steps of weights that moved): eval mode then normalises with stale statistics, and
+                    # MobileNetV3-Large collapsed to one class on validation (val loss 22 against 1.1 train). The
+                    # statistics of the weights as they are now describe the model that is offered and kept.
+                    self._estimate_batchnorm()
                 val_loss, val_top1 = self.evaluate_split("val")
                 selector.offer(stage, epoch, val_loss, val_top1, self.snapshot)
                 self.log(stage, epoch, train_loss, train_top1, val_loss, val_top1, schedule.get_last_lr()[0],
