@@ -336,7 +336,7 @@ def _export_one(backend: Backend, context: _Context, quant: str, fmt: str, folde
         console.print(f"[red]{name}: failed[/] — {entry.error}")
         return entry
     console.print(f"{name}: {sidecar.bytes / 1e6:.2f} MB (gzip {sidecar.gzip_bytes / 1e6:.2f} MB) in {seconds:.0f} s")
-    _warn_delegation(name, sidecar.delegation or {})
+    _warn_delegation(name, sidecar.delegation or {}, quant)
     if formats.get(fmt).blocks == "lowered" and config.parts and parts:
         _write_parts(backend, graphs, quant, folder, name, sidecar.sha256)
     return ArtifactEntry(file=name, format=fmt, quant=quant, status="ok", bytes=sidecar.bytes,
@@ -375,7 +375,12 @@ def _write_parts(backend: Backend, graphs: Graphs, quant: str, folder: Path, nam
     console.print(f"{name}: {len(entries)} parts in {time.perf_counter() - started:.0f} s")
 
 
-def _warn_delegation(name: str, delegation: dict) -> None:
+def _warn_delegation(name: str, delegation: dict, quant: str) -> None:
+    islands = delegation.get("xnnpack_float_compute") or {}
+    if quant == "int8" and islands:  # an int8 op the partitioner took in float, between two conversions
+        listed = ", ".join(f"{count} {kind.removeprefix('XNN')}" for kind, count in islands.items())
+        console.print(f"[yellow]warning: {name}: float compute inside the XNNPACK partition: {listed} "
+                      f"({delegation.get('xnnpack_conversions', 0)} conversions between int8 and float)[/]")
     if not delegation.get("whole_graph_delegated", True):
         console.print(f"[yellow]warning: {name}: LiteRT's XNNPACK delegate did not take the whole graph[/]")
     if delegation.get("compute_ops_outside"):

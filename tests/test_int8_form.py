@@ -1,6 +1,7 @@
 """MobileNetV3 in int8 with no float island: hardswish, the squeeze-excite gate and the poolings are written as ops
 both int8 runtimes take whole, the rewrite computes the same function, the .tflite holds int8 operators only, the
-.pte lowers as one XNNPACK partition, and each runtime's output equals the Q/DQ graph's."""
+.pte lowers as one XNNPACK partition that runs every op in int8 (read back from the partition's own graph), and each
+runtime's output equals the Q/DQ graph's."""
 
 from __future__ import annotations
 
@@ -89,6 +90,11 @@ def test_mobilenet_v3_int8_has_no_float_island_and_each_runtime_gives_the_graphs
     assert {"HARD_SWISH", "LOGISTIC"}.isdisjoint(name for name, _ in ops)  # hardswish as int8 add/mul
     payload, delegation = lower_pte(graph, example)
     assert delegation["subgraphs"] == 1 and delegation["compute_ops_outside"] == []
+    # Inside the partition, as XNNPACK runs it: every add int8 (the hardswish's relu6(x + 3) was a float add
+    # between two conversions), and no conversion but the image's into int8 and the logits' out of it
+    nodes = delegation["xnnpack_nodes"]
+    assert delegation["xnnpack_float_compute"] == {} and delegation["xnnpack_conversions"] == 2, nodes
+    assert nodes["XNNAdd"] >= 10 and nodes["XNNMultiply"] >= 10
 
     images = rng.uniform(-1, 1, (8, SIZE, SIZE, 3)).astype(np.float32)
     expected = logits(graph, images).reshape(len(images), -1)
