@@ -106,3 +106,22 @@ def test_mobilenet_v3_int8_has_no_float_island_and_each_runtime_gives_the_graphs
         got = formats.run(path, images)
         assert np.abs(got - expected).max() <= 2 * output_step + 1e-6, name  # rounding, not another function
         assert (got.argmax(1) == expected.argmax(1)).all(), name
+
+
+@pytest.mark.torch
+def test_a_pte_whose_partitions_cannot_be_read_back_is_still_made_and_says_so(monkeypatch) -> None:
+    """Reading the partitions back (flatc) only describes the file: without flatc the .pte is made all the same."""
+    from edgetl.backends.torch import xnnpack_graph
+
+    def no_flatc() -> str:
+        raise FileNotFoundError("no executable flatc: neither ExecuTorch's nor one on PATH")
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten()).eval()
+    example = torch.zeros(1, 3, 8, 8)
+    read, read_info = lower_pte(net, example)
+    assert read_info["xnnpack_float_compute"]["XNNConv2d"] == 1 and "xnnpack_unread" not in read_info
+    monkeypatch.setattr(xnnpack_graph, "_flatc", no_flatc)
+    payload, delegation = lower_pte(net, example)
+    assert payload == read and delegation["subgraphs"] == 1
+    assert delegation["xnnpack_nodes"] is None and delegation["xnnpack_unread"].startswith("FileNotFoundError")

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import os
 import pickle
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -184,7 +185,10 @@ def lower_pte(module: nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...
         program = torch.export.export(module, example if isinstance(example, tuple) else (example,))
         edge = to_edge_transform_and_lower(program, partitioner=[xnnpack_partitioner()])
         info = get_delegation_info(edge.exported_program().graph_module)
-        inside = partitions(edge.exported_program().graph_module)
+        try:
+            inside, unread = partitions(edge.exported_program().graph_module), None
+        except (OSError, subprocess.SubprocessError, ValueError) as error:  # the file is fine; only the reading failed
+            inside, unread = [], f"{type(error).__name__}: {error}".splitlines()[0][:300]
         buffer = edge.to_executorch().buffer
     by_op = {
         name: {"delegated": int(b.delegated), "outside": int(b.non_delegated)}
@@ -203,6 +207,9 @@ def lower_pte(module: nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...
         "xnnpack_conversions": sum(part["conversions"] for part in inside),
         "xnnpack_float_compute": _sum_counts(part["float_compute"] for part in inside),
     }
+    if unread is not None:
+        delegation.update(xnnpack_nodes=None, xnnpack_conversions=None, xnnpack_float_compute=None,
+                          xnnpack_unread=unread)
     return bytes(buffer), delegation
 
 

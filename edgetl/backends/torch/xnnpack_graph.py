@@ -11,7 +11,9 @@ ships, and counts its nodes by type and by the precision of their outputs.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import tempfile
 from collections import Counter
@@ -27,6 +29,17 @@ LAYOUT_NODES = frozenset({"XNNStaticTranspose", "XNNStaticReshape", "XNNCopy", "
 FLOAT_TYPES = frozenset({"xnn_datatype_fp32", "xnn_datatype_fp16"})
 
 
+def _flatc() -> str:
+    """The flatc that ExecuTorch ships (it serializes with it), else one on PATH."""
+    shipped = resources.files("executorch.data.bin").joinpath("flatc")
+    if shipped.is_file() and os.access(str(shipped), os.X_OK):
+        return str(shipped)
+    found = shutil.which(os.environ.get("FLATC_EXECUTABLE", "flatc"))
+    if found is None:
+        raise FileNotFoundError("no executable flatc: neither ExecuTorch's nor one on PATH")
+    return found
+
+
 def _payload_graph(processed: bytes, workdir: Path) -> dict:
     """The XNNGraph of one partition's payload (its header, then the flatbuffer), as JSON."""
     from executorch.backends.xnnpack.serialization.xnnpack_graph_serialize import XNNHeader
@@ -34,11 +47,10 @@ def _payload_graph(processed: bytes, workdir: Path) -> dict:
     header = XNNHeader.from_bytes(processed[: XNNHeader.EXPECTED_LENGTH])
     flatbuffer = processed[header.flatbuffer_offset : header.flatbuffer_offset + header.flatbuffer_size]
     schema = resources.files("executorch.backends.xnnpack.serialization").joinpath("schema.fbs")
-    flatc = resources.files("executorch.data.bin").joinpath("flatc")
     binary = workdir / "graph.bin"
     binary.write_bytes(flatbuffer)
-    with resources.as_file(schema) as schema_path, resources.as_file(flatc) as flatc_path:
-        subprocess.run([str(flatc_path), "--json", "--strict-json", "--raw-binary", "-o", str(workdir),
+    with resources.as_file(schema) as schema_path:
+        subprocess.run([_flatc(), "--json", "--strict-json", "--raw-binary", "-o", str(workdir),
                         str(schema_path), "--", str(binary)], check=True, capture_output=True, timeout=120)
     text = (workdir / "graph.json").read_text()
     # flatc writes an unbounded clamp as a bare inf, which is not JSON
