@@ -305,10 +305,13 @@ def test_auto_over_budget_gets_learned_rounding_recorded_with_cost_and_gain(tiny
     first = policy["first"][name]
     assert sensitivity["measured"] == sensitivity["layers"] == len(sensitivity["rows"]) > 20
     assert "int8 sensitivity" in result.stdout and "int8 by" in (out / "verification.txt").read_text()
-    # PTQ calibrates both activation observers and keeps the one whose logits lie closer to float's (no labels)
+    # PTQ calibrates both activation observers and keeps the one whose logits lie closer to float's, unless it
+    # changes clearly more top-1 classes (no labels either way)
+    from edgetl.backends.torch.ranges import choose_observer
+
     choice = quantization["activation_choice"]
-    assert set(choice["errors"]) == {"histogram", "per-image"} and choice["images"] == 32
-    assert choice["chosen"] == min(choice["errors"], key=choice["errors"].get)
+    assert set(choice["errors"]) == set(choice["changed_top1"]) == {"histogram", "per-image"} and choice["images"] == 32
+    assert (choice["chosen"], choice["why"]) == choose_observer(choice["errors"], choice["changed_top1"], 32)
     described = {"histogram": "HistogramObserver", "per-image": "each image's min/max"}[choice["chosen"]]
     assert described in quantization["activations"]
     row = manifest["verification"]["rows"][0]

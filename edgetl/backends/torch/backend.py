@@ -2,8 +2,9 @@
 litert-torch. Its policy: prune first when asked (the pruned float model is what every file is made from),
 then int8 by QAT when asked (it learns its ranges in training, so no calibration set), else by post-training
 quantization on the calibration images, with the activation observer whose logits lie closer to the float
-model's. Each label-free remedy (equalization, per-tensor ranges, learned rounding, float fallback) builds on what
-the earlier ones chose by that same criterion, which the instance keeps between calls."""
+model's (unless it changes clearly more of their top-1 classes than the other). Each label-free remedy
+(equalization, per-tensor ranges, learned rounding, float fallback) builds on what the earlier ones chose by that
+same criterion, which the instance keeps between calls."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 
 from edgetl.backends.base import CAPABILITIES, Backend, Converted, Graphs
 from edgetl.backends.torch import export as graphs_of
-from edgetl.backends.torch.ranges import CRITERION
+from edgetl.backends.torch.ranges import CRITERION, choose_observer
 from edgetl.ui import console, quiet_native
 
 RANGES_IMAGES = 64  # calibration images the label-free choices of the ranges and equalize remedies are made on
@@ -64,16 +65,16 @@ class TorchBackend(Backend):
                                                            activations=observer)
                     for observer in ("histogram", "per-image")}
             reference = graphs_of.logits(graphs.float_model, images)
-            errors = {name: self._calibration_error(graph, images, reference) for name, (graph, _) in made.items()}
-        self._activations = min(errors, key=errors.get)
+            self._activations, why, errors, changed = self._observer(made, images, reference)
         self._error, self._made = errors[self._activations], made
         graphs.int8, graphs.quantization = made[self._activations][0], dict(made[self._activations][1])
         graphs.quantization["activation_choice"] = {
-            "criterion": CRITERION,
-            "errors": {name: round(value, 6) for name, value in errors.items()}, "chosen": self._activations,
-            "images": int(len(images))}
+            "criterion": CRITERION + "; set aside when it changes clearly more top-1 classes than the other",
+            "errors": {name: round(value, 6) for name, value in errors.items()},
+            "changed_top1": changed, "chosen": self._activations, "why": why, "images": int(len(images))}
         console.print(f"int8: activation ranges: {self._activations} (calibration logit error "
-                      + ", ".join(f"{name} {value:.4g}" for name, value in errors.items()) + ")")
+                      + ", ".join(f"{name} {value:.4g}" for name, value in errors.items()) + "; top-1 changed "
+                      + ", ".join(f"{name} {count}/{len(images)}" for name, count in changed.items()) + ")")
 
     def quantized_layer_names(self, checkpoint: Path, manifest) -> list[str]:
         from edgetl.backends.torch.models import build_model
@@ -146,6 +147,16 @@ class TorchBackend(Backend):
                 f"tensor(s) taking {other} ranges (chosen by output error, no labels)",
                 "input_quantization": graphs_of.first_input_qparams(graph)}
 
+    @staticmethod
+    def _observer(made: dict, images: np.ndarray, reference: np.ndarray) -> tuple[str, str, dict, dict]:
+        """Which whole-graph calibration (observer name → (graph, info)) to build on, why, and each one's logit
+        error and count of changed top-1 classes on `images` (`ranges.choose_observer`)."""
+        outputs = {name: graphs_of.logits(graph, images).reshape(reference.shape) for name, (graph, _) in made.items()}
+        errors = {name: float(np.mean((out - reference) ** 2)) for name, out in outputs.items()}
+        changed = {name: int(np.sum(out.argmax(1) != reference.argmax(1))) for name, out in outputs.items()}
+        chosen, why = choose_observer(errors, changed, len(images))
+        return chosen, why, errors, changed
+
     def _calibration_error(self, graph, calibration: np.ndarray, reference: np.ndarray) -> float:
         return float(np.mean((graphs_of.logits(graph, calibration) - reference) ** 2))
 
@@ -168,9 +179,10 @@ class TorchBackend(Backend):
                     self._activations = observer
                     made[observer] = self._quantize(graphs, calibration, config)
             reference = graphs_of.logits(graphs.float_model, images)
+            base = self._observer(made, images, reference)[0]  # the search starts from the whole graph's choice
             mixed, choice, record = choose_per_tensor({name: g for name, (g, _) in made.items()},
                                                       lambda g: self._calibration_error(g, images, reference),
-                                                      tensors_for(int(graphs.example.shape[1])))
+                                                      tensors_for(int(graphs.example.shape[1])), base=base)
         self._choice, self._choice_base, self._activations = choice or None, record["base"], record["base"]
         self._error = record["error"]
         graphs.int8 = mixed
