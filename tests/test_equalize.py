@@ -146,6 +146,31 @@ def test_ranges_chosen_per_tensor_never_raise_the_output_error() -> None:
     assert from_worse["base"] == worse and from_worse["error"] == from_worse["candidates"][worse]
 
 
+def test_the_percentile_observer_leaves_out_the_few_values_far_outside_the_rest() -> None:
+    """Two batches: ordinary values, then the same with a handful of values 100x larger (an outlier image's). The
+    histogram's range reaches them; the percentile observer's stays with the bulk, and its range is the pooled
+    quantiles of everything observed (the sample of a large tensor is seeded: the same calls give the same range)."""
+    from torchao.quantization.pt2e import HistogramObserver
+
+    from edgetl.backends.torch.quantize import PERCENTILE_TAIL, PercentileObserver
+
+    torch.manual_seed(0)
+    ordinary = torch.randn(4, 16, 32, 32)
+    outlying = ordinary.clone()
+    outlying.view(-1)[:5] = 400.0  # 5 of the 131,072 values observed: under the 0.01% tail
+    ranges = []
+    for observer in (PercentileObserver(eps=2**-12), HistogramObserver(eps=2**-12), PercentileObserver(eps=2**-12)):
+        observer(ordinary)
+        observer(outlying)
+        scale, _ = observer.calculate_qparams()
+        ranges.append(float(scale) * 255)
+    pooled = torch.cat([ordinary.flatten(), outlying.flatten()])
+    expected = float(torch.quantile(pooled, 1 - PERCENTILE_TAIL) - torch.quantile(pooled, PERCENTILE_TAIL))
+    assert ranges[0] == pytest.approx(expected, rel=1e-3) and ranges[0] < 12  # the bulk: about ±4.4
+    assert ranges[1] > 50  # the histogram's range reaches toward the outliers
+    assert ranges[0] == ranges[2]
+
+
 def test_the_observer_with_the_lower_logit_error_is_set_aside_when_it_moves_more_predictions() -> None:
     """Mean squared logit error is dominated by a few images with large logits; an observer that fits them can move
     most other predictions. Measured on MobileNetV3-Large from scratch on sprites-5 (64 calibration images): histogram

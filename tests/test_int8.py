@@ -310,9 +310,11 @@ def test_auto_over_budget_gets_learned_rounding_recorded_with_cost_and_gain(tiny
     from edgetl.backends.torch.ranges import choose_observer
 
     choice = quantization["activation_choice"]
-    assert set(choice["errors"]) == set(choice["changed_top1"]) == {"histogram", "per-image"} and choice["images"] == 32
+    observers = {"histogram", "per-image", "percentile"}
+    assert set(choice["errors"]) == set(choice["changed_top1"]) == observers and choice["images"] == 32
     assert (choice["chosen"], choice["why"]) == choose_observer(choice["errors"], choice["changed_top1"], 32)
-    described = {"histogram": "HistogramObserver", "per-image": "each image's min/max"}[choice["chosen"]]
+    described = {"histogram": "HistogramObserver", "per-image": "each image's min/max",
+                 "percentile": "PercentileObserver"}[choice["chosen"]]
     assert described in quantization["activations"]
     row = manifest["verification"]["rows"][0]
     if first["drop_points"] <= 0:  # PTQ already within a zero budget: nothing to remedy

@@ -15,6 +15,7 @@ import torch
 
 from edgetl.backends.base import CAPABILITIES, Backend, Converted, Graphs
 from edgetl.backends.torch import export as graphs_of
+from edgetl.backends.torch.quantize import ACTIVATION_OBSERVERS
 from edgetl.backends.torch.ranges import CRITERION, choose_observer
 from edgetl.ui import console, quiet_native
 
@@ -56,14 +57,14 @@ class TorchBackend(Backend):
                                                                  graphs.example, config)
             return
         console.print(f"int8: PT2E post-training quantization on {len(calibration)} calibration images, activation "
-                      f"ranges by histogram and by each image's own min/max…")
+                      f"ranges by histogram, by each image's own min/max and by percentile…")
         images = calibration[:RANGES_IMAGES]
         with quiet_native():
             asked = config.quantization
             made = {observer: graphs_of.quantize_ptq_graph(graphs.float_model, graphs.example, calibration,
                                                            asked.bias_correction, asked.fuse_clamp,
                                                            activations=observer)
-                    for observer in ("histogram", "per-image")}
+                    for observer in ACTIVATION_OBSERVERS}
             reference = graphs_of.logits(graphs.float_model, images)
             self._activations, why, errors, changed = self._observer(made, images, reference)
         self._error, self._made = errors[self._activations], made
@@ -132,7 +133,7 @@ class TorchBackend(Backend):
         from edgetl.backends.torch.ranges import apply_choice
 
         made = {}
-        for observer in ("histogram", "per-image"):
+        for observer in ACTIVATION_OBSERVERS:
             made[observer] = graphs_of.quantize_ptq_graph(graphs.float_model, graphs.example, calibration,
                                                           activations=observer, **common)
             if "_rounded" in made[observer][1]:  # the second calibration reuses the learned rounding
@@ -141,10 +142,10 @@ class TorchBackend(Backend):
         return graph, self._mixed_info(made[self._choice_base][1], graph)
 
     def _mixed_info(self, info: dict, graph) -> dict:
-        changed = len(self._choice)
-        other = "per-image" if self._choice_base == "histogram" else "histogram"
-        return {**info, "activations": f"int8, per tensor, affine, {self._choice_base} ranges with {changed} "
-                f"tensor(s) taking {other} ranges (chosen by output error, no labels)",
+        taken = ", ".join(f"{sum(1 for name in self._choice.values() if name == other)} {other}"
+                          for other in ACTIVATION_OBSERVERS if other != self._choice_base)
+        return {**info, "activations": f"int8, per tensor, affine, {self._choice_base} ranges with {len(self._choice)} "
+                f"tensor(s) taking another observer's range ({taken}; chosen by output error, no labels)",
                 "input_quantization": graphs_of.first_input_qparams(graph)}
 
     @staticmethod
@@ -169,12 +170,12 @@ class TorchBackend(Backend):
         remedies build on the ranges chosen here."""
         from edgetl.backends.torch.ranges import choose_per_tensor, tensors_for
 
-        console.print("int8: activation ranges per tensor — one histogram over all images, or each image's own "
-                      "min/max — chosen by output error…")
+        console.print("int8: activation ranges per tensor — one histogram over all images, each image's own "
+                      "min/max, or percentiles of all values — chosen by output error…")
         images = calibration[:RANGES_IMAGES]
         with quiet_native():
             made = self._made if self._made is not None and not self._equalize else {}
-            for observer in ("histogram", "per-image"):
+            for observer in ACTIVATION_OBSERVERS:
                 if observer not in made:
                     self._activations = observer
                     made[observer] = self._quantize(graphs, calibration, config)

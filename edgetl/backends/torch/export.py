@@ -68,6 +68,12 @@ def logits(module: nn.Module, x: np.ndarray, batch: int = 100) -> np.ndarray:
     return torch.cat(outputs).numpy()
 
 
+# How each activation observer of quantize.ACTIVATION_OBSERVERS is described in the manifest
+OBSERVED_AS = {"histogram": "HistogramObserver",
+               "per-image": "running mean of each image's min/max (MovingAverageMinMaxObserver, one image per batch)",
+               "percentile": "0.01% to 99.99% quantiles of all calibration values (PercentileObserver)"}
+
+
 def quantize_ptq_graph(float_model: nn.Module, example: torch.Tensor, calibration: np.ndarray,
                        bias_correction: bool = True, fuse_clamp: bool = True,
                        rounded_layers: list[str] | None = None,
@@ -108,9 +114,7 @@ def quantize_ptq_graph(float_model: nn.Module, example: torch.Tensor, calibratio
         else "XNNPACKQuantizer (executorch)",
         "weights": "int8, symmetric, per output channel (BatchNorm folded first)"
         + (f"; learned rounding on {len(learned['layers'])} layer(s)" if learned else ""),
-        "activations": "int8, per tensor, affine, " + ("HistogramObserver" if activations == "histogram" else
-                                                       "running mean of each image's min/max "
-                                                       "(MovingAverageMinMaxObserver, one image per batch)"),
+        "activations": "int8, per tensor, affine, " + OBSERVED_AS[activations],
         "calibration_images": int(len(calibration)),
         "bias_correction": bool(bias_correction),
         "fuse_clamp": bool(fuse_clamp),

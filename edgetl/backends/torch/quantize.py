@@ -24,7 +24,7 @@ from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
     get_symmetric_quantization_config,
 )
 from torch import nn
-from torchao.quantization.pt2e import MovingAverageMinMaxObserver
+from torchao.quantization.pt2e import MinMaxObserver, MovingAverageMinMaxObserver
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
 
@@ -88,9 +88,40 @@ class ClampFusingQuantizer(XNNPACKQuantizer):
 
 # How activation ranges are calibrated. "histogram": PT2E's default, the range that minimises the L2 error of all
 # calibration values at once. "per-image": the running mean of each image's own min/max (one image per batch), so a
-# few images whose activations run 100x larger than the rest do not set the range for all of them.
-ACTIVATION_OBSERVERS = ("histogram", "per-image")
+# few images whose activations run 100x larger than the rest do not set the range for all of them. "percentile":
+# the range between the 0.01% and 99.99% quantiles of all calibration values pooled, so those few images' values are
+# left out instead of averaged in.
+ACTIVATION_OBSERVERS = ("histogram", "per-image", "percentile")
 PER_IMAGE_AVERAGING = 0.02  # weight of each new image in the running min/max: about the last 50 images count
+PERCENTILE_TAIL = 1e-4  # share of the pooled values left out at each end
+PERCENTILE_SAMPLE = 131_072  # values kept per calibration batch and tensor (a seeded sample of larger tensors)
+
+
+class PercentileObserver(MinMaxObserver):
+    """Activation range from the PERCENTILE_TAIL and 1 - PERCENTILE_TAIL quantiles of every value observed so far.
+
+    torchao's PT2E observers have no percentile one. The histogram observer keeps one range for all values and
+    spreads its bins over it, so a few images whose activations run far outside the rest leave the bulk of the
+    values too few levels (MobileNetV3-Small from scratch on sprites-5: 93% agreement with float on test images
+    calibrated on 64 training images, about half on 256). The range and zero point come from MinMaxObserver."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.samples: list[torch.Tensor] = []
+        self.generator = torch.Generator().manual_seed(0)
+
+    def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
+        if x_orig.numel() == 0:
+            return x_orig
+        values = x_orig.detach().float().flatten()
+        if values.numel() > PERCENTILE_SAMPLE:
+            values = values[torch.randint(0, values.numel(), (PERCENTILE_SAMPLE,), generator=self.generator)]
+        self.samples.append(values)
+        pooled = torch.cat(self.samples)
+        low, high = torch.quantile(pooled, torch.tensor([PERCENTILE_TAIL, 1 - PERCENTILE_TAIL]))
+        self.min_val.copy_(low.to(self.min_val.dtype))
+        self.max_val.copy_(high.to(self.max_val.dtype))
+        return x_orig
 
 
 def make_quantizer(fuse_clamp: bool = True, float_layers: Iterable[str] = (),
@@ -103,8 +134,9 @@ def make_quantizer(fuse_clamp: bool = True, float_layers: Iterable[str] = (),
         raise ValueError(f"activation observer {activations!r}; valid: {', '.join(ACTIVATION_OBSERVERS)}")
     quantizer = ClampFusingQuantizer(float_layers) if fuse_clamp else XNNPACKQuantizer()
     config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)
-    if activations == "per-image":
-        observer = MovingAverageMinMaxObserver.with_args(averaging_constant=PER_IMAGE_AVERAGING, eps=2**-12)
+    if activations != "histogram":
+        observer = (MovingAverageMinMaxObserver.with_args(averaging_constant=PER_IMAGE_AVERAGING, eps=2**-12)
+                    if activations == "per-image" else PercentileObserver.with_args(eps=2**-12))
         config = dataclasses.replace(
             config, input_activation=dataclasses.replace(config.input_activation, observer_or_fake_quant_ctr=observer),
             output_activation=dataclasses.replace(config.output_activation, observer_or_fake_quant_ctr=observer))
