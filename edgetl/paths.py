@@ -27,6 +27,7 @@ import socket
 import stat
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -111,9 +112,7 @@ def claim_output(out: Path, kind: str, inputs: Iterable[Path | None] = (), manif
                             "become part of the data: choose a folder outside it")
     if out.is_symlink():
         raise UserError(f"{option} {str(out)!r} is a symbolic link; give the folder itself")
-    if str(out.absolute()) not in _held:  # refused now if another run is writing it, not after all the work
-        lock_output(out, option)
-        release_output(out)
+    check_not_locked(out, option)  # refused now if another run is writing it, not after all the work
     if not out.exists():
         return out
     if not out.is_dir():
@@ -183,6 +182,9 @@ def files_not_made(folder: Path) -> list[str]:
 # ------------------------------------------------------------------------------ one run per output folder
 
 _held: dict[str, int] = {}
+# claim_output's check locks and releases at once without writing its pid (as do the ranks of one distributed run
+# checking the folder together): a lock held by an unnamed process is waited for this long before refusing
+_UNNAMED_HOLDER_WAIT_S = 2.0
 _LOCK_OWNER = re.compile(r"^\d+@[A-Za-z0-9.-]+$")  # what lock_output writes: pid@host
 
 
@@ -199,6 +201,55 @@ def _inside_temporary(final: Path) -> bool:
     return any(_TEMPORARY_PART.match(part) for part in final.parent.parts)
 
 
+def _refuse_held(final: Path, fd: int, option: str, patience: float) -> None:
+    """Raise the one-line refusal for a lock held by a run that signed it (or by an unnamed holder past
+    `patience`); return when the holder is unnamed and may be waited for (the caller closes `fd`)."""
+    owner = os.read(fd, 64).decode(errors="replace").strip()
+    if not owner and time.monotonic() < patience:  # a check's brief shared lock, or a holder about to sign
+        time.sleep(0.02)
+        return
+    raise UserError(f"{option} {str(final)!r} is being written by another edgetl run (process {owner or 'unknown'}); "
+                    "wait for it to finish, or choose another folder")
+
+
+def _refuse_foreign(path: Path, fd: int) -> None:
+    """Refuse a file under the lock's name that edgetl did not write (it holds no pid@host, or is no file)."""
+    held = os.read(fd, 256) if stat.S_ISREG(os.fstat(fd).st_mode) else b"not a file"
+    if held and not _LOCK_OWNER.match(held.decode(errors="replace")):
+        raise UserError(f"{str(path)!r} is not an edgetl lock file (it holds something else); edgetl would "
+                        "overwrite it: move it away")
+
+
+def check_not_locked(final: Path, option: str = "--out") -> None:
+    """Refuse `final` when another run holds its lock, without taking it.
+
+    A shared lock, never signed and never created: the ranks of one distributed run check their checkpoint
+    folder together, and must not refuse one another; a writer meeting such a check waits a moment.
+    """
+    final = Path(final).absolute()
+    if str(final) in _held:
+        return
+    patience = time.monotonic() + _UNNAMED_HOLDER_WAIT_S
+    while True:
+        path = _lock_path(final)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise UserError(f"{str(path)!r} is a symbolic link, not an edgetl lock file; move it away") from None
+            return  # no lock file (nobody holds it), or one we cannot read: lock_output decides when writing
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                _refuse_held(final, fd, option, patience)
+                continue
+            _refuse_foreign(path, fd)
+            return
+        finally:
+            os.close(fd)
+
+
 def lock_output(final: Path, option: str = "--out") -> None:
     """Hold an exclusive lock on `final` until `release_output` (atomic_dir holds it while the stage writes).
 
@@ -210,7 +261,8 @@ def lock_output(final: Path, option: str = "--out") -> None:
     if str(final) in _held or not final.parent.is_dir() or _inside_temporary(final):
         return
     path = _lock_path(final)
-    for _ in range(20):
+    patience = time.monotonic() + _UNNAMED_HOLDER_WAIT_S
+    for _ in range(1000):
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         except OSError as error:
@@ -221,11 +273,10 @@ def lock_output(final: Path, option: str = "--out") -> None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             try:
-                owner = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+                _refuse_held(final, fd, option, patience)
             finally:
                 os.close(fd)
-            raise UserError(f"{option} {str(final)!r} is being written by another edgetl run (process {owner}); "
-                            "wait for it to finish, or choose another folder") from None
+            continue
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
@@ -233,16 +284,18 @@ def lock_output(final: Path, option: str = "--out") -> None:
         if not same:  # the previous holder removed the file between our open and our lock: take the new one
             os.close(fd)
             continue
-        held = os.read(fd, 256)
-        if held and not _LOCK_OWNER.match(held.decode(errors="replace")) or not stat.S_ISREG(os.fstat(fd).st_mode):
+        try:
+            _refuse_foreign(path, fd)
+        except UserError:
             os.close(fd)  # a file of the user's under the lock's name: never overwritten, never removed
-            raise UserError(f"{str(path)!r} is not an edgetl lock file (it holds something else); edgetl would "
-                            "overwrite it: move it away")
+            raise
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, f"{os.getpid()}@{_host()}".encode())
         _held[str(final)] = fd
         return
+    raise UserError(f"{option} {str(final)!r} is being locked and released by other processes without end; "
+                    "choose another folder")
 
 
 def release_output(final: Path) -> None:

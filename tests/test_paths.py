@@ -241,6 +241,63 @@ def test_a_second_run_into_the_same_folder_is_refused_while_the_first_writes(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
 
 
+def test_checks_of_one_folder_at_the_same_moment_never_refuse_each_other(tmp_path: Path) -> None:
+    """The ranks of one distributed run check their checkpoint folder together: the check's brief lock is no
+    other run writing it. Two processes checking 300 times each, side by side, are never refused."""
+    final = tmp_path / "checkpoint"
+    script = textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        from edgetl.paths import claim_output
+        sys.stdin.readline()
+        for _ in range(300):
+            claim_output(Path({str(final)!r}), "edgetl.checkpoint")
+    """)
+    checkers = [subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, cwd=REPO) for _ in range(2)]
+    for checker in checkers:  # both start checking once both have imported edgetl
+        checker.stdin.write("go\n")
+        checker.stdin.flush()
+    for checker in checkers:
+        assert checker.wait(timeout=120) == 0, checker.stderr.read()[-2000:]
+    assert not list(tmp_path.iterdir())  # no lock file left behind
+
+
+def test_a_lock_held_without_a_name_is_waited_for_then_refused(tmp_path: Path) -> None:
+    """A holder that has not written its pid is a check about to release, or a run about to sign: waited for
+    briefly, and refused (naming no process) only when it keeps the lock."""
+    final = tmp_path / "export"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, os, sys, time
+        fd = os.open({str(tmp_path / ".export.lock")!r}, os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        print("locked", flush=True)
+        time.sleep(float(sys.argv[1]))
+    """), "0.5"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        claim_output(final, "edgetl.export")  # waited until the holder exited
+    finally:
+        holder.kill()
+        holder.wait()
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, os, time
+        fd = os.open({str(tmp_path / ".export.lock")!r}, os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        print("locked", flush=True)
+        time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        started = time.monotonic()
+        with pytest.raises(UserError, match=r"being written by another edgetl run \(process unknown\)"):
+            claim_output(final, "edgetl.export")
+        assert 1.5 < time.monotonic() - started < 10
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_mount_point_is_refused_before_any_work(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root (CI runs as root)")
