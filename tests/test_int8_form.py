@@ -90,11 +90,14 @@ def test_mobilenet_v3_int8_has_no_float_island_and_each_runtime_gives_the_graphs
     assert {"HARD_SWISH", "LOGISTIC"}.isdisjoint(name for name, _ in ops)  # hardswish as int8 add/mul
     payload, delegation = lower_pte(graph, example)
     assert delegation["subgraphs"] == 1 and delegation["compute_ops_outside"] == []
-    # Inside the partition, as XNNPACK runs it: every add int8 (the hardswish's relu6(x + 3) was a float add
-    # between two conversions), and no conversion but the image's into int8 and the logits' out of it
+    # Inside the partition, as XNNPACK runs it: every op int8, and no conversion but the image's into int8 and the
+    # logits' out of it. Each of the 19 hardswishes is XNNPACK's int8 one (it was an add, a clamp and a multiply,
+    # the add once a float add between two conversions); what adds and multiplies remain are the residual
+    # connections and the squeeze-excite gates
     nodes = delegation["xnnpack_nodes"]
     assert delegation["xnnpack_float_compute"] == {} and delegation["xnnpack_conversions"] == 2, nodes
-    assert nodes["XNNAdd"] >= 10 and nodes["XNNMultiply"] >= 10
+    assert delegation["int8_hardswish"] == nodes["XNNHardswish"] == 19, nodes
+    assert nodes["XNNAdd"] == 6 and nodes["XNNMultiply"] == 9, nodes
 
     images = rng.uniform(-1, 1, (8, SIZE, SIZE, 3)).astype(np.float32)
     expected = logits(graph, images).reshape(len(images), -1)
@@ -125,3 +128,60 @@ def test_a_pte_whose_partitions_cannot_be_read_back_is_still_made_and_says_so(mo
     payload, delegation = lower_pte(net, example)
     assert payload == read and delegation["subgraphs"] == 1
     assert delegation["xnnpack_nodes"] is None and delegation["xnnpack_unread"].startswith("FileNotFoundError")
+
+
+class _ConvHardswish(torch.nn.Module):
+    """A conv and a written-out hardswish that is the output (as where `--parts` cuts a block)."""
+
+    def __init__(self, scaled: bool) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.act = Int8Hardswish()
+        self.act.scaled = scaled
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv(x))
+
+
+@pytest.mark.torch
+def test_the_pte_hardswish_keeps_every_int8_weight_and_only_moves_a_sixth_it_can_follow() -> None:
+    """The .pte's rewrite: the same int8 weights, scales moved by exactly 6, the same function up to the one
+    rounding it drops; a hardswish whose / 6 reaches no weights (a cut block's output) keeps the written-out form,
+    one whose / 6 was never moved is rewritten with it."""
+    import copy
+
+    from edgetl.backends.torch.export import _fold_weight_quantization
+    from edgetl.backends.torch.hardswish import native_hardswish
+
+    rng = np.random.default_rng(2)
+    calibration = rng.uniform(-1, 1, (32, SIZE, SIZE, 3)).astype(np.float32)
+    graph, _ = quantize_ptq_graph(_trained_looking("mobilenet_v3_small"), torch.zeros(1, SIZE, SIZE, 3), calibration)
+    shared = _fold_weight_quantization(graph)
+    lowered = copy.deepcopy(shared)
+    assert native_hardswish(lowered) == 19
+    kinds = [node.target for node in lowered.graph.nodes if node.op == "call_function"]
+    assert kinds.count(torch.ops.aten.hardswish.default) == 19 and torch.ops.aten.hardtanh.default in kinds  # gates
+
+    def int8_constants(module: torch.nn.Module) -> list[torch.Tensor]:
+        return [value for _, value in sorted(module.named_buffers()) if value.dtype == torch.int8]
+
+    assert all(torch.equal(a, b) for a, b in zip(int8_constants(shared), int8_constants(lowered), strict=True))
+    images = torch.from_numpy(rng.uniform(-1, 1, (16, SIZE, SIZE, 3)).astype(np.float32))
+    expected, got = shared(images), lowered(images)
+    output_step = float(next(n for n in reversed(graph.graph.nodes) if "dequantize_per_tensor" in str(n.target))
+                        .args[1])
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+    assert (got - expected).abs().max() <= 8 * output_step  # one rounding fewer per hardswish, not a new function
+
+    for scaled, rewritten in ((False, 0), (True, 1)):
+        torch.manual_seed(0)
+        small = ChannelsLastInput(_ConvHardswish(scaled).eval()).eval()
+        cut, _ = quantize_ptq_graph(small, torch.zeros(1, SIZE, SIZE, 3), calibration)
+        folded = _fold_weight_quantization(cut)
+        before = folded(images)
+        assert native_hardswish(folded) == rewritten
+        if rewritten:
+            payload, delegation = lower_pte(cut, torch.zeros(1, SIZE, SIZE, 3))
+            assert delegation["xnnpack_nodes"].get("XNNHardswish") == 1 and delegation["xnnpack_float_compute"] == {}
+        step = float(next(n for n in reversed(cut.graph.nodes) if "dequantize_per_tensor" in str(n.target)).args[1])
+        assert (folded(images) - before).abs().max() <= 2 * step

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgetl.backends.torch.hardswish import native_hardswish
 from edgetl.backends.torch.models import build_model, to_int8_form
 from edgetl.backends.torch.quantize import bias_correct, fold_batchnorm, quantize_ptq
 from edgetl.backends.torch.xnnpack_graph import partitions
@@ -157,7 +158,8 @@ def first_input_qparams(graph: torch.fx.GraphModule) -> dict | None:
 
 
 def xnnpack_partitioner():
-    """ExecuTorch's XNNPACK partitioner, told that an int8 add may end in a clamp.
+    """ExecuTorch's XNNPACK partitioner, told that an int8 add may end in a clamp and that XNNPACK runs an int8
+    hardswish (see `hardswish.native_hardswish`).
 
     Its add config looks past a fused ReLU for the quantize that makes an add int8, but not past a hardtanh, which
     its own activation-fusion pass does fuse into an add. So each hardswish's `relu6(x + 3)` (`Int8Hardswish`) was
@@ -165,7 +167,8 @@ def xnnpack_partitioner():
     float island inside the partition (MobileNetV3-Large at 128 px: 21 such adds, 65 conversions).
     """
     from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
-    from executorch.backends.xnnpack.partition.config.generic_node_configs import AddConfig
+    from executorch.backends.xnnpack.partition.config.generic_node_configs import AddConfig, HardswishConfig
+    from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
     class ClampedAddConfig(AddConfig):
@@ -173,8 +176,14 @@ def xnnpack_partitioner():
             super().__init__(**kwargs)
             self.fused_acts = [*self.fused_acts, "hardtanh.default"]
 
-    configs = [ClampedAddConfig if config is AddConfig else config for config in ALL_PARTITIONER_CONFIGS]
-    return XnnpackPartitioner(configs=configs)
+    class Int8HardswishConfig(HardswishConfig):
+        """XNNPACK runs hardswish in int8 (a lookup table); the stock config offers it in fp32 only."""
+
+        def supported_precision_types(self) -> list:
+            return [ConfigPrecisionType.FP32, ConfigPrecisionType.STATIC_QUANT]
+
+    replaced = {AddConfig: ClampedAddConfig, HardswishConfig: Int8HardswishConfig}
+    return XnnpackPartitioner(configs=[replaced.get(config, config) for config in ALL_PARTITIONER_CONFIGS])
 
 
 def lower_pte(module: nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[bytes, dict]:
@@ -183,8 +192,10 @@ def lower_pte(module: nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...
     from executorch.devtools.backend_debug import get_delegation_info
     from executorch.exir import to_edge_transform_and_lower
 
+    rewritten = 0
     if isinstance(module, torch.fx.GraphModule):
         module = _fold_weight_quantization(module)
+        rewritten = native_hardswish(module)
     with quiet_native():
         program = torch.export.export(module, example if isinstance(example, tuple) else (example,))
         edge = to_edge_transform_and_lower(program, partitioner=[xnnpack_partitioner()])
@@ -210,6 +221,7 @@ def lower_pte(module: nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...
         "xnnpack_nodes": _sum_counts(part["nodes"] for part in inside),
         "xnnpack_conversions": sum(part["conversions"] for part in inside),
         "xnnpack_float_compute": _sum_counts(part["float_compute"] for part in inside),
+        "int8_hardswish": rewritten,  # written-out hardswishes of the shared graph lowered as XNNPACK's int8 one
     }
     if unread is not None:
         delegation.update(xnnpack_nodes=None, xnnpack_conversions=None, xnnpack_float_compute=None,
