@@ -1,5 +1,7 @@
 """The same int8 graph lowered to .pte by ExecuTorch's stock XNNPACK partitioner and by edgetl's
-(`export.xnnpack_partitioner`: an int8 add may end in a clamp), beside the float .pte of the same network.
+(`export.xnnpack_partitioner`: an int8 add may end in a clamp, and hardswish runs in int8), beside the float .pte of
+the same network. Both lower the graph edgetl gives the .pte (each hardswish as one int8 operator,
+`hardswish.native_hardswish`), so the stock partitioner's file shows what it leaves in float of that graph.
 
     python benchmarks/pte_partitioner.py --backbone mobilenet_v3_large --out DIR
     edgetl bench DIR/FILE.pte --target arm64-a76 --arm-iters 2 --arm-samples 2 --allow-modified   # each file

@@ -148,7 +148,7 @@ def _divide_scale(node: torch.fx.Node, by: float) -> None:
 
 def _multiply_weight_scales(module: torch.fx.GraphModule, weight: torch.fx.Node, by: float) -> None:
     scale = weight.args[1]
-    name = f"{scale.target}_hardswish"
+    name = f"{str(scale.target).replace('.', '_')}_hardswish"
     while hasattr(module, name):
         name += "_"
     module.register_buffer(name, getattr(module, scale.target) * by)
