@@ -205,3 +205,15 @@ def test_a_second_calibration_reuses_the_learned_rounding_and_says_so() -> None:
                                                  activations="per-image")
     assert "learned rounding on 1 layer(s)" in info["weights"] and "learned rounding on 1 layer(s)" in reused["weights"]
     assert reused["learned_rounding"] == info["learned_rounding"] and reused["method"] == "pt2e-ptq+adaround"
+
+
+def test_the_ranges_line_starts_from_the_base_it_searched_from() -> None:
+    """Measured record (MobileNetV3-Large, sprites-5): the search started from per-image min/max, chosen for its
+    top-1 changes, not from histogram's lower error; the line once read "1.836 → 19.42", a rise that never was."""
+    from edgetl.backends.torch.ranges import describe_search
+
+    record = {"base": "per-image", "candidates": {"histogram": 1.836162, "per-image": 19.991596,
+                                                  "percentile": 12.557465},
+              "changed": {"histogram": 4, "percentile": 6}, "tensors": 125, "error": 19.418036, "seconds": 115.3}
+    assert describe_search(record) == ("per-image for most tensors, 10 of 125 tensors changed "
+                                       "(logit error 19.99 → 19.42, 115.3 s)")

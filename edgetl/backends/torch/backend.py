@@ -168,7 +168,7 @@ class TorchBackend(Backend):
         the rest set it for all of them; per-image ranges clip those. The choice uses no label: the logits' mean
         squared error against the float model's on (at most RANGES_IMAGES of) the calibration images. Later
         remedies build on the ranges chosen here."""
-        from edgetl.backends.torch.ranges import choose_per_tensor, tensors_for
+        from edgetl.backends.torch.ranges import choose_per_tensor, describe_search, tensors_for
 
         console.print("int8: activation ranges per tensor — one histogram over all images, each image's own "
                       "min/max, or percentiles of all values — chosen by output error…")
@@ -189,10 +189,7 @@ class TorchBackend(Backend):
         graphs.int8 = mixed
         graphs.quantization = self._mixed_info(made[record["base"]][1], mixed) if choice else made[record["base"]][1]
         graphs.quantization["activation_choice"] = {**record, "images": int(len(images))}
-        console.print(f"int8: ranges: {record['base']} for most tensors, "
-                      f"{sum(record['changed'].values())} of {record['tensors']} tensors changed "
-                      f"(logit error {min(record['candidates'].values()):.4g} → {record['error']:.4g}, "
-                      f"{record['seconds']:g} s)")
+        console.print(f"int8: ranges: {describe_search(record)}")
 
     def _equalization(self, graphs: Graphs, calibration: np.ndarray, config) -> None:
         """Cross-layer equalization and bias absorption (`equalize.py`), on the ranges chosen so far. Later

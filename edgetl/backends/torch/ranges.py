@@ -106,6 +106,13 @@ def _disparity(qparams: dict[str, tuple[float, int]]) -> float:
 TENSORS_AT_128 = 32
 
 
+def describe_search(record: dict) -> str:
+    """One line for `choose_per_tensor`'s record: the error it started from is its base's, not the lowest one."""
+    return (f"{record['base']} for most tensors, {sum(record['changed'].values())} of {record['tensors']} tensors "
+            f"changed (logit error {record['candidates'][record['base']]:.4g} → {record['error']:.4g}, "
+            f"{record['seconds']:g} s)")
+
+
 def tensors_for(image_size: int) -> int:
     """How many activation groups the search tries at `image_size`: its cost in proportion to the pixels."""
     return max(4, round(TENSORS_AT_128 * (128 / image_size) ** 2))
