@@ -626,7 +626,8 @@ def _remake(backend: Backend, context: _Context, entry: ArtifactEntry, remedy: s
     shutil.rmtree(side, ignore_errors=True)
     gain = round(before - measured["drop_points"], 2)
     console.print(f"int8: {made.file}: {remedy} {'kept' if kept else 'not kept'} — drop {before:.1f} → "
-                  f"{measured['drop_points']:.1f} points ({gain:+.1f})")
+                  f"{measured['drop_points']:.1f} points ({gain:+.1f}), test predictions changed against float "
+                  f"{changed_before} → {measured['changed_predictions']}")
     return {**measured, "drop_before": before, "changed_before": changed_before, "gain_points": gain, "kept": kept,
             "seconds": round(time.perf_counter() - started, 1)}
 
