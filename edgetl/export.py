@@ -588,13 +588,14 @@ REMEDY_NAMES = {"equalize": "cross-layer equalization and bias absorption (no la
 def replaces(remedy: str, drop: float, changed: int, drop_before: float, changed_before: int) -> bool:
     """Whether a remedied int8 file should replace the earlier one.
 
-    A label-free remedy aims at the float model's predictions, so it is judged by how many test predictions it
-    changes against float, then by the drop: judged by the drop alone, a remedy that moved 53 of 131 predictions
-    of a weak model and happened to gain 13 points would be kept. QAT trains toward the labels, so it is judged by
-    the drop, then by the changed predictions."""
+    A label-free remedy aims at the float model, so it replaces the file only when it loses no more points and
+    changes no more test predictions against float, and does better on one of the two: judged by the drop alone,
+    a remedy that moved 53 of 131 predictions of a weak model and happened to gain 13 points was kept, and judged
+    by the changed predictions alone one that changed one fewer while losing one more image would be. QAT trains
+    toward the labels, so it is judged by the drop, then by the changed predictions."""
     if remedy == "qat":
         return drop < drop_before or (drop == drop_before and changed < changed_before)
-    return changed < changed_before or (changed == changed_before and drop < drop_before)
+    return drop <= drop_before and changed <= changed_before and (drop, changed) != (drop_before, changed_before)
 
 
 def _remake(backend: Backend, context: _Context, entry: ArtifactEntry, remedy: str, folder: Path, inputs: Inputs,
