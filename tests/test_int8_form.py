@@ -143,6 +143,21 @@ class _ConvHardswish(torch.nn.Module):
         return self.act(self.conv(x))
 
 
+class _SelfGated(torch.nn.Module):
+    """A written-out hardswish whose output is multiplied by its own mean: both factors would carry the / 6."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.act = Int8Hardswish()
+        self.act.scaled = False
+        self.out = torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.conv(x))
+        return self.out(y * y.mean((2, 3), keepdim=True))
+
+
 @pytest.mark.torch
 def test_the_pte_hardswish_keeps_every_int8_weight_and_only_moves_a_sixth_it_can_follow() -> None:
     """The .pte's rewrite: the same int8 weights, scales moved by exactly 6, the same function up to the one
@@ -173,9 +188,9 @@ def test_the_pte_hardswish_keeps_every_int8_weight_and_only_moves_a_sixth_it_can
     assert torch.equal(got.argmax(1), expected.argmax(1))
     assert (got - expected).abs().max() <= 8 * output_step  # one rounding fewer per hardswish, not a new function
 
-    for scaled, rewritten in ((False, 0), (True, 1)):
+    for small_model, rewritten in ((_ConvHardswish(False), 0), (_ConvHardswish(True), 1), (_SelfGated(), 0)):
         torch.manual_seed(0)
-        small = ChannelsLastInput(_ConvHardswish(scaled).eval()).eval()
+        small = ChannelsLastInput(small_model.eval()).eval()
         cut, _ = quantize_ptq_graph(small, torch.zeros(1, SIZE, SIZE, 3), calibration)
         folded = _fold_weight_quantization(cut)
         before = folded(images)

@@ -102,6 +102,7 @@ def _follow(start: torch.fx.Node) -> tuple[list[torch.fx.Node], list[torch.fx.No
     weights: list[torch.fx.Node] = []
     quantizes = [start]
     seen: set[torch.fx.Node] = set()
+    other_factors: list[object] = []  # the other factor of each multiply the / 6 passes through
 
     def value_read_by(user: torch.fx.Node, value: torch.fx.Node) -> bool:
         if user.target in _WEIGHTED and user.args[0] is value:
@@ -111,9 +112,7 @@ def _follow(start: torch.fx.Node) -> tuple[list[torch.fx.Node], list[torch.fx.No
             weights.append(weight)
             return True
         if user.target == _aten.mul.Tensor and value in user.args[:2] and user.args[0] is not user.args[1]:
-            other = user.args[1] if user.args[0] is value else user.args[0]
-            if isinstance(other, torch.fx.Node) and other.target == _DQ and other.args[0] in seen | set(quantizes):
-                return False  # both factors carry the / 6
+            other_factors.append(user.args[1] if user.args[0] is value else user.args[0])
             return output_of(user)
         if user.target in _LINEAR_IN_INPUT and user.args[0] is value:
             return output_of(user)
@@ -139,6 +138,9 @@ def _follow(start: torch.fx.Node) -> tuple[list[torch.fx.Node], list[torch.fx.No
             scaled_nodes.append(dequantized)
             if not all(value_read_by(user, dequantized) for user in list(dequantized.users)):
                 return None
+    for other in other_factors:  # a product of two factors that both carry the / 6 would carry / 36
+        if isinstance(other, torch.fx.Node) and other.target == _DQ and other.args[0] in seen:
+            return None
     return scaled_nodes, weights
 
 
