@@ -180,10 +180,11 @@ class TorchBackend(Backend):
                     self._activations = observer
                     made[observer] = self._quantize(graphs, calibration, config)
             reference = graphs_of.logits(graphs.float_model, images)
-            base = self._observer(made, images, reference)[0]  # the search starts from the whole graph's choice
+            base, _, errors, _ = self._observer(made, images, reference)  # the search starts from PTQ's choice
             mixed, choice, record = choose_per_tensor({name: g for name, (g, _) in made.items()},
                                                       lambda g: self._calibration_error(g, images, reference),
-                                                      tensors_for(int(graphs.example.shape[1])), base=base)
+                                                      tensors_for(int(graphs.example.shape[1])), base=base,
+                                                      errors=errors)
         self._choice, self._choice_base, self._activations = choice or None, record["base"], record["base"]
         self._error = record["error"]
         graphs.int8 = mixed

@@ -103,7 +103,8 @@ class PercentileObserver(MinMaxObserver):
     torchao's PT2E observers have no percentile one. The histogram observer keeps one range for all values and
     spreads its bins over it, so a few images whose activations run far outside the rest leave the bulk of the
     values too few levels (MobileNetV3-Small from scratch on sprites-5: 93% agreement with float on test images
-    calibrated on 64 training images, about half on 256). The range and zero point come from MinMaxObserver."""
+    calibrated on 64 training images, about half on 256). The range and zero point come from MinMaxObserver, once,
+    when they are asked for (the quantiles of the pool, not of each batch in turn)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -117,11 +118,15 @@ class PercentileObserver(MinMaxObserver):
         if values.numel() > PERCENTILE_SAMPLE:
             values = values[torch.randint(0, values.numel(), (PERCENTILE_SAMPLE,), generator=self.generator)]
         self.samples.append(values)
-        pooled = torch.cat(self.samples)
-        low, high = torch.quantile(pooled, torch.tensor([PERCENTILE_TAIL, 1 - PERCENTILE_TAIL]))
-        self.min_val.copy_(low.to(self.min_val.dtype))
-        self.max_val.copy_(high.to(self.max_val.dtype))
         return x_orig
+
+    @torch.jit.export
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.samples:
+            low, high = torch.quantile(torch.cat(self.samples), torch.tensor([PERCENTILE_TAIL, 1 - PERCENTILE_TAIL]))
+            self.min_val.copy_(low.to(self.min_val.dtype))
+            self.max_val.copy_(high.to(self.max_val.dtype))
+        return super().calculate_qparams()
 
 
 def make_quantizer(fuse_clamp: bool = True, float_layers: Iterable[str] = (),

@@ -119,13 +119,14 @@ def tensors_for(image_size: int) -> int:
 
 
 def choose_per_tensor(candidates: dict[str, torch.fx.GraphModule], error: Callable[[torch.fx.GraphModule], float],
-                      tensors: int, base: str | None = None) -> tuple[torch.fx.GraphModule, dict[int, str], dict]:
+                      tensors: int, base: str | None = None,
+                      errors: dict[str, float] | None = None) -> tuple[torch.fx.GraphModule, dict[int, str], dict]:
     """Coordinate descent over the activation groups (see the module docstring): the mixed graph, the choice
     (group number → candidate, for groups that left the base) and a record. `error(graph)` is the label-free
-    output error; the search tries the `tensors` groups whose candidates disagree most, widest first, starting
-    from `base` (default: the candidate of lowest error)."""
+    output error (`errors`: the candidates' own, when the caller has them); the search tries the `tensors` groups
+    whose candidates disagree most, widest first, starting from `base` (default: the candidate of lowest error)."""
     started = time.perf_counter()
-    errors = {name: error(graph) for name, graph in candidates.items()}
+    errors = errors if errors is not None else {name: error(graph) for name, graph in candidates.items()}
     base = base if base in errors else min(errors, key=errors.get)
     graph = copy.deepcopy(candidates[base])
     found = _quantize_nodes(graph)
