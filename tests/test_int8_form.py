@@ -200,3 +200,72 @@ def test_the_pte_hardswish_keeps_every_int8_weight_and_only_moves_a_sixth_it_can
             assert delegation["xnnpack_nodes"].get("XNNHardswish") == 1 and delegation["xnnpack_float_compute"] == {}
         step = float(next(n for n in reversed(cut.graph.nodes) if "dequantize_per_tensor" in str(n.target)).args[1])
         assert (folded(images) - before).abs().max() <= 2 * step
+
+
+
+class _Pooled(torch.nn.Module):
+    """A feature map that varies over space (no bias to dominate it), pooled by a mean into a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.out = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.conv(x)).mean((2, 3), keepdim=True).flatten(1))
+
+
+def _pooling_rounding_error(graph: torch.fx.GraphModule, images: torch.Tensor) -> torch.Tensor:
+    """The mean squared error that the int8 round trip of the last pooling (mean → quantize → dequantize) adds to
+    the pooled features the classifier reads."""
+    from torch import fx
+
+    pooled = [node for node in graph.graph.nodes if node.target == torch.ops.aten.mean.dim][-1]
+    read = next(iter(next(iter(pooled.users)).users))
+    kept: dict = {}
+
+    class Keep(fx.Interpreter):
+        def run_node(self, node: fx.Node) -> object:
+            value = super().run_node(node)
+            if node in (pooled, read):
+                kept[node] = value
+            return value
+
+    with torch.no_grad():
+        Keep(graph).run(images)
+    return (kept[read] - kept[pooled]).pow(2).mean()
+
+
+@pytest.mark.torch
+def test_each_spatial_mean_is_quantized_on_a_range_of_its_own(monkeypatch) -> None:
+    """XNNPACKQuantizer lets a mean share its input's int8 grid; the mean of a feature map spans a small part of
+    it. Every mean now has a grid of its own: each of MobileNetV3-Small's (the squeeze-excite gates' and the last
+    pooling), and on a feature map that varies over space, rounding the pooled features the classifier reads adds
+    far less error than on the shared grid."""
+    from edgetl.backends.torch.quantize import ClampFusingQuantizer
+
+    rng = np.random.default_rng(3)
+    calibration = rng.uniform(-1, 1, (32, SIZE, SIZE, 3)).astype(np.float32)
+    example = torch.zeros(1, SIZE, SIZE, 3)
+    graph, _ = quantize_ptq_graph(_trained_looking("mobilenet_v3_small"), example, calibration)
+    means = [node for node in graph.graph.nodes if node.target == torch.ops.aten.mean.dim]
+    assert len(means) == 10  # nine squeeze-excite gates and the last pooling
+    steps = []
+    for mean in means:
+        source, quantized = mean.args[0], next(iter(mean.users))
+        assert "dequantize_per_tensor" in str(source.target) and "quantize_per_tensor" in str(quantized.target)
+        steps.append((float(quantized.args[1]), float(source.args[1])))
+    # at 32 px the first six means pool maps of 8 × 8 or 2 × 2 (a finer grid); the last four pool 1 × 1 maps, where
+    # the mean is its input and so is its range
+    assert all(own < shared for own, shared in steps[:6]) and all(own <= shared for own, shared in steps[6:]), steps
+
+    torch.manual_seed(0)
+    pooled = ChannelsLastInput(_Pooled().eval()).eval()
+    own, _ = quantize_ptq_graph(pooled, example, calibration)
+    mean = next(node for node in own.graph.nodes if node.target == torch.ops.aten.mean.dim)
+    assert float(next(iter(mean.users)).args[1]) < 0.25 * float(mean.args[0].args[1])  # 4x finer at least
+    monkeypatch.setattr(ClampFusingQuantizer, "_observe_means", staticmethod(lambda model, spec: None))
+    shared, _ = quantize_ptq_graph(pooled, example, calibration)
+    images = torch.from_numpy(rng.uniform(-1, 1, (16, SIZE, SIZE, 3)).astype(np.float32))
+    own_error, shared_error = _pooling_rounding_error(own, images), _pooling_rounding_error(shared, images)
+    assert own_error < 0.1 * shared_error, (own_error, shared_error)

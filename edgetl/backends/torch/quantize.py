@@ -5,6 +5,9 @@ quantizer does not fuse ReLU6 (`hardtanh`) into the preceding conv, it lets ReLU
 output quantization. The conv output spans e.g. [-30, 25], so the [0, 6] that survives ReLU6 gets only
 ~30 of the 256 levels. `ClampFusingQuantizer` observes the ReLU6 output instead (range [0, 6], all 256
 levels) — which is also what XNNPACK and TFLite execute, since both fuse the clamp into the conv.
+Likewise a mean (squeeze-excite, the last pooling) gets an output range of its own instead of sharing its input's:
+on MobileNetV3-Small from scratch on sprites-5 the pooled features had three levels of the shared grid, and the
+calibration logit error fell by 26–32% with each observer once they had their own.
 Optional bias correction (Nagel et al. 2019) removes the mean output shift caused by weight rounding.
 
 Float fallback of named layers (`float_layers`): such a layer keeps float weights and runs as a float kernel
@@ -26,11 +29,12 @@ from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
 from torch import nn
 from torchao.quantization.pt2e import MinMaxObserver, MovingAverageMinMaxObserver
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
+from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, SharedQuantizationSpec
 
 ANNOTATION_KEY = "quantization_annotation"
 CLAMP_OPS = (torch.ops.aten.hardtanh.default, torch.ops.aten.hardtanh_.default)
 CLAMP_PRODUCERS = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default, torch.ops.aten.add.Tensor)
+MEAN_OPS = (torch.ops.aten.mean.dim, torch.ops.aten.mean.default)
 
 
 WEIGHTED_OPS = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
@@ -68,7 +72,24 @@ class ClampFusingQuantizer(XNNPACKQuantizer):
                 continue
             annotation.output_qspec = None
             node.meta[ANNOTATION_KEY] = QuantizationAnnotation(output_qspec=output_qspec, _annotated=True)
+        self._observe_means(model, output_qspec)
         return model
+
+    @staticmethod
+    def _observe_means(model: torch.fx.GraphModule, output_qspec) -> None:
+        """Give each spatial mean an output range of its own: XNNPACKQuantizer lets a mean share its input's, but the
+        mean of a feature map spans a small part of that range (MobileNetV3-Small's last pooling: values up to 2.2
+        on a grid of step 0.71, so three levels; its squeeze-excite means: 13 dB). Both runtimes' int8 mean takes
+        an output scale of its own."""
+        for node in model.graph.nodes:
+            if node.op != "call_function" or node.target not in MEAN_OPS:
+                continue
+            source = node.args[0]
+            annotation = node.meta.get(ANNOTATION_KEY)
+            if not isinstance(source, torch.fx.Node) or annotation is None or annotation.output_qspec is None:
+                continue  # a mean the quantizer left float stays float
+            node.meta[ANNOTATION_KEY] = QuantizationAnnotation(
+                input_qspec_map={source: SharedQuantizationSpec(source)}, output_qspec=output_qspec, _annotated=True)
 
     def _keep_float_weights(self, model: torch.fx.GraphModule) -> None:
         """Drop the weight and bias specs of the float layers' conv/linear nodes; their input and output
