@@ -111,7 +111,8 @@ def quantize_ptq_graph(float_model: nn.Module, example: torch.Tensor, calibratio
     info = {
         "method": "pt2e-ptq" + ("+equalization" if equalized else "") + ("+adaround" if learned else "")
         + ("+float-fallback" if float_layers else ""),
-        "quantizer": "XNNPACKQuantizer (executorch), ReLU6 outputs observed after the clamp" if fuse_clamp
+        "quantizer": "XNNPACKQuantizer (executorch), ReLU6 outputs observed after the clamp, each mean on its own "
+                     "range" if fuse_clamp
         else "XNNPACKQuantizer (executorch)",
         "weights": "int8, symmetric, per output channel (BatchNorm folded first)"
         + (f"; learned rounding on {len(learned['layers'])} layer(s)" if learned else ""),

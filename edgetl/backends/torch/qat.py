@@ -49,8 +49,8 @@ def quantize_qat(
     val = top1(converted, x_val, y_val, nhwc=True)
     info = {
         "method": "pt2e-qat",
-        "quantizer": "XNNPACKQuantizer (executorch) QAT config" + (", ReLU6 outputs observed after the clamp"
-                                                                  if fuse_clamp else ""),
+        "quantizer": "XNNPACKQuantizer (executorch) QAT config"
+                     + (", ReLU6 outputs observed after the clamp, each mean on its own range" if fuse_clamp else ""),
         "weights": "int8, symmetric, per output channel (BatchNorm folded first), fake-quantized while training",
         "activations": "int8, per tensor, affine, moving-average ranges learnt in QAT",
         "fuse_clamp": bool(fuse_clamp),
