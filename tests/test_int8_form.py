@@ -271,3 +271,26 @@ def test_each_spatial_mean_is_quantized_on_a_range_of_its_own(monkeypatch) -> No
     images = torch.from_numpy(rng.uniform(-1, 1, (16, SIZE, SIZE, 3)).astype(np.float32))
     own_error, shared_error = _pooling_rounding_error(own, images), _pooling_rounding_error(shared, images)
     assert own_error < 0.1 * shared_error, (own_error, shared_error)
+
+
+@pytest.mark.torch
+def test_the_debugger_compares_each_pte_block_with_the_graph_it_was_lowered_from(tmp_path: Path) -> None:
+    """A .pte block runs each hardswish as one int8 operator, one rounding fewer than the shared graph, so the
+    debugger's reference for it is that block as lowered (computed in torch): the runtime gives it exactly, while
+    the shared graph's output lies a step away in places, which on a real network read as a departure."""
+    from edgetl import numerics
+    from edgetl.backends.torch.numerics import block_signals
+
+    model = _trained_looking("mobilenet_v3_small")
+    rng = np.random.default_rng(4)
+    calibration = rng.uniform(-1, 1, (32, SIZE, SIZE, 3)).astype(np.float32)
+    graph, _ = quantize_ptq_graph(model, torch.zeros(1, SIZE, SIZE, 3), calibration)
+    signals = block_signals(model, graph, calibration[:8], lower=True, selected=("features.4",))
+    signal = next(s for s in signals if s.name == "features.4")
+    assert signal.pte is not None and signal.lowered_output is not None
+    assert all(s.lowered_output is None for s in signals if s.name != "features.4")  # only the selected is lowered
+    runner = numerics.PteBlocks(tmp_path / "m.pte", signals, tmp_path)
+    got = runner.run("features.4", signal.graph_inputs).reshape(signal.graph_output.shape)
+    assert numerics.departure(got, runner.expected(signal), signal.step)["steps_max"] == 0.0
+    assert np.abs(signal.lowered_output - signal.graph_output).max() >= 0.99 * signal.step  # not the shared graph
+    assert numerics.TfliteBlocks.expected(signal) is signal.graph_output  # the .tflite is the shared graph's

@@ -53,6 +53,10 @@ class _Runner:
     def __init__(self, files: dict[str, np.ndarray], offsets: dict[str, float]) -> None:
         self.files, self.offsets = files, offsets
 
+    @staticmethod
+    def expected(signal: SimpleNamespace) -> np.ndarray:
+        return signal.graph_output
+
     def run(self, name: str, inputs: list[np.ndarray]) -> np.ndarray:
         return inputs[0] * 2 + self.offsets.get(name, 0.0)
 

@@ -8,6 +8,7 @@ the layout the runtimes use: NHWC for feature maps, [N, classes] for logits.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,7 +16,8 @@ import torch
 from torch import fx, nn
 
 from edgetl.backends.torch import parts as cut
-from edgetl.backends.torch.export import lower_pte
+from edgetl.backends.torch.export import _fold_weight_quantization, lower_pte
+from edgetl.backends.torch.hardswish import native_hardswish
 
 
 @dataclass
@@ -33,6 +35,9 @@ class BlockSignals:
     step: float | None  # the int8 grid's step (scale) of the block's output; None for a float output
     macs: int = 0
     pte: bytes | None = None
+    # the block's output in the graph its .pte was lowered from, where that differs from the shared graph (each
+    # hardswish as one int8 operator, `hardswish.native_hardswish`: one rounding fewer); None where it is the same
+    lowered_output: np.ndarray | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -101,5 +106,20 @@ def block_signals(float_model: nn.Module, int8_graph: fx.GraphModule, images: np
                 signal.pte, _ = lower_pte(block.module, block.inputs)
             except Exception as error:  # noqa: BLE001 - one block that cannot be lowered is reported, not fatal
                 signal.notes.append(f"its .pte could not be lowered ({type(error).__name__}: {error})")
+            else:
+                signal.lowered_output = _as_lowered(block.module, signal.graph_inputs)
         signals.append(signal)
     return signals
+
+
+def _as_lowered(block: fx.GraphModule, inputs: list[np.ndarray]) -> np.ndarray | None:
+    """The block's output computed by the graph `lower_pte` lowers it from (weights folded to int8, each written-out
+    hardswish as one operator), on the shared graph's inputs to it; None when that graph is the shared one. A cut
+    block reads and returns the runtimes' layout, as its .pte does."""
+    lowered = _fold_weight_quantization(copy.deepcopy(block))
+    if not native_hardswish(lowered):
+        return None
+    with torch.no_grad():
+        value = lowered(*(torch.from_numpy(np.ascontiguousarray(array)) for array in inputs))
+    value = value[-1] if isinstance(value, tuple | list) else value
+    return value.detach().float().contiguous().numpy()
