@@ -187,6 +187,13 @@ def xnnpack_partitioner():
     return XnnpackPartitioner(configs=[replaced.get(config, config) for config in ALL_PARTITIONER_CONFIGS])
 
 
+def pte_graph(graph: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, int]:
+    """The Q/DQ graph as `lower_pte` lowers it (the debugger computes its reference from the same): weights folded to
+    int8 constants, each written-out hardswish as one int8 operator; and how many hardswishes were rewritten."""
+    folded = _fold_weight_quantization(graph)
+    return folded, native_hardswish(folded)
+
+
 def lower_pte(module: nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[bytes, dict]:
     """ExecuTorch program with everything XNNPACK takes delegated; returns bytes and delegation counts.
     `example`: the input, or a tuple of inputs (a block of the network on its own may read several)."""
@@ -195,8 +202,7 @@ def lower_pte(module: nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...
 
     rewritten = 0
     if isinstance(module, torch.fx.GraphModule):
-        module = _fold_weight_quantization(module)
-        rewritten = native_hardswish(module)
+        module, rewritten = pte_graph(module)
     with quiet_native():
         program = torch.export.export(module, example if isinstance(example, tuple) else (example,))
         edge = to_edge_transform_and_lower(program, partitioner=[xnnpack_partitioner()])

@@ -8,7 +8,6 @@ the layout the runtimes use: NHWC for feature maps, [N, classes] for logits.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,8 +15,7 @@ import torch
 from torch import fx, nn
 
 from edgetl.backends.torch import parts as cut
-from edgetl.backends.torch.export import _fold_weight_quantization, lower_pte
-from edgetl.backends.torch.hardswish import native_hardswish
+from edgetl.backends.torch.export import lower_pte, pte_graph
 
 
 @dataclass
@@ -116,8 +114,8 @@ def _as_lowered(block: fx.GraphModule, inputs: list[np.ndarray]) -> np.ndarray |
     """The block's output computed by the graph `lower_pte` lowers it from (weights folded to int8, each written-out
     hardswish as one operator), on the shared graph's inputs to it; None when that graph is the shared one. A cut
     block reads and returns the runtimes' layout, as its .pte does."""
-    lowered = _fold_weight_quantization(copy.deepcopy(block))
-    if not native_hardswish(lowered):
+    lowered, rewritten = pte_graph(block)  # folding works on a copy: the block is left as it is
+    if not rewritten:
         return None
     with torch.no_grad():
         value = lowered(*(torch.from_numpy(np.ascontiguousarray(array)) for array in inputs))

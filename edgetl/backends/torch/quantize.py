@@ -79,7 +79,7 @@ class ClampFusingQuantizer(XNNPACKQuantizer):
     def _observe_means(model: torch.fx.GraphModule, output_qspec) -> None:
         """Give each spatial mean an output range of its own: XNNPACKQuantizer lets a mean share its input's, but the
         mean of a feature map spans a small part of that range (MobileNetV3-Small's last pooling: values up to 2.2
-        on a grid of step 0.71, so three levels; its squeeze-excite means: 13 dB). Both runtimes' int8 mean takes
+        on a grid of step 0.71, so three levels; its squeeze-excite means: 10–20 dB). Both runtimes' int8 mean takes
         an output scale of its own."""
         for node in model.graph.nodes:
             if node.op != "call_function" or node.target not in MEAN_OPS:
