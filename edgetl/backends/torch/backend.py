@@ -61,10 +61,8 @@ class TorchBackend(Backend):
         images = calibration[:RANGES_IMAGES]
         with quiet_native():
             asked = config.quantization
-            made = {observer: graphs_of.quantize_ptq_graph(graphs.float_model, graphs.example, calibration,
-                                                           asked.bias_correction, asked.fuse_clamp,
-                                                           activations=observer)
-                    for observer in ACTIVATION_OBSERVERS}
+            made = graphs_of.quantize_ptq_graphs(graphs.float_model, graphs.example, calibration,
+                                                 ACTIVATION_OBSERVERS, asked.bias_correction, asked.fuse_clamp)
             reference = graphs_of.logits(graphs.float_model, images)
             self._activations, why, errors, changed = self._observer(made, images, reference)
         self._error, self._made = errors[self._activations], made
@@ -124,7 +122,8 @@ class TorchBackend(Backend):
 
     def _quantize(self, graphs: Graphs, calibration: np.ndarray, config, **options) -> tuple:
         """The int8 graph with the activation ranges and equalization that earlier remedies chose, plus `options`
-        (quantize_ptq_graph's). Ranges chosen per tensor are re-applied to this graph's own two calibrations."""
+        (quantize_ptq_graphs'). Ranges chosen per tensor are re-applied to this graph's own calibrations, one per
+        observer."""
         common = {"bias_correction": config.quantization.bias_correction, "fuse_clamp": config.quantization.fuse_clamp,
                   "equalization": self._equalize, **options}
         if self._choice is None:
@@ -132,12 +131,8 @@ class TorchBackend(Backend):
                                                 activations=self._activations, **common)
         from edgetl.backends.torch.ranges import apply_choice
 
-        made = {}
-        for observer in ACTIVATION_OBSERVERS:
-            made[observer] = graphs_of.quantize_ptq_graph(graphs.float_model, graphs.example, calibration,
-                                                          activations=observer, **common)
-            if "_rounded" in made[observer][1]:  # the second calibration reuses the learned rounding
-                common = {**common, "rounded": made[observer][1]["_rounded"], "rounded_layers": None}
+        made = graphs_of.quantize_ptq_graphs(graphs.float_model, graphs.example, calibration, ACTIVATION_OBSERVERS,
+                                             **common)
         graph = apply_choice({name: g for name, (g, _) in made.items()}, self._choice_base, self._choice)
         return graph, self._mixed_info(made[self._choice_base][1], graph)
 
@@ -174,11 +169,10 @@ class TorchBackend(Backend):
                       "min/max, or percentiles of all values — chosen by output error…")
         images = calibration[:RANGES_IMAGES]
         with quiet_native():
-            made = self._made if self._made is not None and not self._equalize else {}
-            for observer in ACTIVATION_OBSERVERS:
-                if observer not in made:
-                    self._activations = observer
-                    made[observer] = self._quantize(graphs, calibration, config)
+            made = self._made if self._made is not None and not self._equalize else \
+                graphs_of.quantize_ptq_graphs(graphs.float_model, graphs.example, calibration, ACTIVATION_OBSERVERS,
+                                              config.quantization.bias_correction, config.quantization.fuse_clamp,
+                                              equalization=self._equalize)
             reference = graphs_of.logits(graphs.float_model, images)
             base, _, errors, _ = self._observer(made, images, reference)  # the search starts from PTQ's choice
             mixed, choice, record = choose_per_tensor({name: g for name, (g, _) in made.items()},

@@ -27,7 +27,7 @@ from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
     get_symmetric_quantization_config,
 )
 from torch import nn
-from torchao.quantization.pt2e import MinMaxObserver, MovingAverageMinMaxObserver
+from torchao.quantization.pt2e import MinMaxObserver, MovingAverageMinMaxObserver, ObserverBase
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, SharedQuantizationSpec
 
@@ -150,19 +150,65 @@ class PercentileObserver(MinMaxObserver):
         return super().calculate_qparams()
 
 
+def _observer_maker(activations: str, histogram):
+    """The constructor of the activation observer named `activations` (`histogram`: the config's own)."""
+    if activations not in ACTIVATION_OBSERVERS:
+        raise ValueError(f"activation observer {activations!r}; valid: {', '.join(ACTIVATION_OBSERVERS)}")
+    if activations == "per-image":
+        return MovingAverageMinMaxObserver.with_args(averaging_constant=PER_IMAGE_AVERAGING, eps=2**-12)
+    return PercentileObserver.with_args(eps=2**-12) if activations == "percentile" else histogram
+
+
+class ObserverSet(ObserverBase):
+    """Several activation observers fed by one calibration pass: each calibration batch goes through the network
+    once, not once per observer, and each observer sees what it would alone. Before conversion, `choose_observers`
+    puts one of them in the set's place; the set itself has no range to give. Only for observers fed whole batches:
+    the per-image observer's running mean depends on the order in which it sees images and, where several tensors
+    share one range, tensors, and that order differs in a batched pass."""
+
+    def __init__(self, makers: tuple[tuple[str, object], ...] = (), **kwargs) -> None:
+        observers = {name: maker.with_args(**kwargs)() for name, maker in makers}
+        first = next(iter(observers.values()))
+        super().__init__(dtype=first.dtype, is_dynamic=False)
+        self.observers = nn.ModuleDict({name.replace("-", "_"): observer for name, observer in observers.items()})
+        self.qscheme, self.quant_min, self.quant_max = first.qscheme, first.quant_min, first.quant_max
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for observer in self.observers.values():
+            observer(x)
+        return x
+
+    @torch.jit.export
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise RuntimeError("an ObserverSet has no range of its own: choose one observer (choose_observers) first")
+
+
+def choose_observers(prepared: torch.fx.GraphModule, activations: str) -> torch.fx.GraphModule:
+    """A copy of the calibrated `prepared` model in which each ObserverSet is replaced by its `activations`
+    observer (a set shared by several tensors gives them one shared observer), ready for `convert_pt2e`."""
+    chosen = copy.deepcopy(prepared)
+    for name, module in list(chosen._modules.items()):  # not named_children: it lists a shared set once
+        if isinstance(module, ObserverSet):
+            setattr(chosen, name, module.observers[activations.replace("-", "_")])
+    return chosen
+
+
 def make_quantizer(fuse_clamp: bool = True, float_layers: Iterable[str] = (),
-                   activations: str = "histogram") -> XNNPACKQuantizer:
-    """Symmetric per-channel int8 weights, per-tensor int8 activations observed as `activations` says."""
+                   activations: str | tuple[str, ...] = "histogram") -> XNNPACKQuantizer:
+    """Symmetric per-channel int8 weights, per-tensor int8 activations observed as `activations` says (several
+    names: an ObserverSet of those observers)."""
     float_layers = tuple(float_layers)
     if float_layers and not fuse_clamp:
         raise ValueError("float fallback of layers needs the clamp-fusing quantizer (fuse_clamp=True)")
-    if activations not in ACTIVATION_OBSERVERS:
-        raise ValueError(f"activation observer {activations!r}; valid: {', '.join(ACTIVATION_OBSERVERS)}")
     quantizer = ClampFusingQuantizer(float_layers) if fuse_clamp else XNNPACKQuantizer()
     config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)
-    if activations != "histogram":
-        observer = (MovingAverageMinMaxObserver.with_args(averaging_constant=PER_IMAGE_AVERAGING, eps=2**-12)
-                    if activations == "per-image" else PercentileObserver.with_args(eps=2**-12))
+    histogram = config.input_activation.observer_or_fake_quant_ctr
+    if isinstance(activations, str):
+        observer = _observer_maker(activations, histogram)
+    else:
+        observer = ObserverSet.with_args(makers=tuple((name, _observer_maker(name, histogram))
+                                                      for name in activations))
+    if observer is not histogram:
         config = dataclasses.replace(
             config, input_activation=dataclasses.replace(config.input_activation, observer_or_fake_quant_ctr=observer),
             output_activation=dataclasses.replace(config.output_activation, observer_or_fake_quant_ctr=observer))
@@ -274,6 +320,38 @@ def quantize_ptq(
     `fold_quantize=False` keeps weights as float + quantize/dequantize: litert-torch needs that form, and
     ExecuTorch lowers it to the same int8 XNNPACK kernels, so both formats start from this one graph.
     """
+    prepared = _prepare(model, example, fuse_clamp, float_layers, activations)
+    with torch.no_grad():
+        for chunk in calibration:
+            for image in torch.split(chunk, 1) if activations == "per-image" else (chunk,):
+                prepared(image)
+    return convert_pt2e(prepared, fold_quantize=False)
+
+
+def quantize_ptq_observers(model: nn.Module, example: torch.Tensor, calibration: Iterable[torch.Tensor],
+                           observers: tuple[str, ...], fuse_clamp: bool = True,
+                           float_layers: Iterable[str] = ()) -> dict[str, torch.fx.GraphModule]:
+    """`quantize_ptq` for each activation observer in `observers`, the same graphs it makes one observer at a time:
+    the observers fed whole batches share one export and one calibration pass (`ObserverSet`); the per-image one,
+    fed one image at a time, keeps a pass of its own."""
+    calibration = tuple(calibration)
+    batched = tuple(name for name in observers if name != "per-image")
+    made = {}
+    if "per-image" in observers or len(batched) == 1:
+        made = {name: quantize_ptq(model, example, calibration, fuse_clamp, float_layers, name)
+                for name in observers if name == "per-image" or len(batched) == 1}
+    if len(batched) > 1:
+        prepared = _prepare(model, example, fuse_clamp, float_layers, batched)
+        with torch.no_grad():
+            for chunk in calibration:
+                prepared(chunk)
+        made.update({name: convert_pt2e(choose_observers(prepared, name), fold_quantize=False) for name in batched})
+    return {name: made[name] for name in observers}
+
+
+def _prepare(model: nn.Module, example: torch.Tensor, fuse_clamp: bool, float_layers: Iterable[str],
+             activations: str | tuple[str, ...]) -> torch.fx.GraphModule:
+    """The model exported with a dynamic batch and prepared with observers, ready for calibration."""
     batch = torch.export.Dim("batch", min=1, max=4096)
     sample = torch.cat([example, example]) if example.shape[0] == 1 else example
     graph = torch.export.export(model, (sample,), dynamic_shapes=({0: batch},)).module()
@@ -283,8 +361,4 @@ def quantize_ptq(
     missing = sorted(set(float_layers) - getattr(quantizer, "kept_float", set()))
     if missing:
         raise ValueError(f"float layer(s) not found among the quantized conv/linear nodes: {', '.join(missing)}")
-    with torch.no_grad():
-        for chunk in calibration:
-            for image in torch.split(chunk, 1) if activations == "per-image" else (chunk,):
-                prepared(image)
-    return convert_pt2e(prepared, fold_quantize=False)
+    return prepared
