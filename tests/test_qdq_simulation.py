@@ -96,3 +96,20 @@ def test_the_observers_calibrations_share_one_preparation(monkeypatch: pytest.Mo
         assert qparams == [node.args[1:3] for node in graph.graph.nodes if node.target == QUANTIZE]
         with torch.no_grad():
             assert torch.equal(made(probe), graph(probe))
+
+
+def test_learned_rounding_captures_a_layer_without_running_the_rest_of_the_network() -> None:
+    from edgetl.backends.torch.adaround import _capture
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3),
+                              torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3)).eval()
+    x = torch.randn(10, 3, 16, 16)
+    later_calls = []
+    net[4].register_forward_hook(lambda *_: later_calls.append(1))
+    for what in ("input", "output"):
+        got = _capture(net, net[2], x, what, batch=4)
+        with torch.no_grad():
+            expected = net[1](net[0](x)) if what == "input" else net[2](net[1](net[0](x)))
+        assert torch.equal(got, expected)
+    assert later_calls == []  # no capture ran the layers after the one it captures
