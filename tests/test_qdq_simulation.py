@@ -11,7 +11,6 @@ pytest.importorskip("executorch")
 
 from edgetl.backends.torch import export as graphs_of  # noqa: E402
 from edgetl.backends.torch import quantize  # noqa: E402
-from edgetl.backends.torch.models import build_model  # noqa: E402
 from edgetl.backends.torch.qdq_simulation import (  # noqa: E402
     DEQUANTIZE,
     QUANTIZE,
@@ -19,21 +18,9 @@ from edgetl.backends.torch.qdq_simulation import (  # noqa: E402
     int8_rounding,
     simulation,
 )
+from tests.test_int8_form import _trained_looking as _model  # noqa: E402
 
 SIZE = 32
-
-
-def _model(backbone: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = build_model(backbone, 1.0, num_classes=4)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.5, 0.5)
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.5, 0.5)
-    return graphs_of.ChannelsLastInput(model.eval()).eval()
 
 
 def _images(count: int, seed: int = 0) -> np.ndarray:
