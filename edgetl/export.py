@@ -507,7 +507,7 @@ def _measure(path: Path, fmt: str, inputs: Inputs, reference: np.ndarray, thread
     row = compare(out, reference, inputs.y_test)
     float_top1 = float((reference.argmax(axis=1) == inputs.y_test).mean())
     return {"drop_points": round(100 * (float_top1 - row["top1"]), 2), "top1": row["top1"],
-            "changed_predictions": int((out.argmax(axis=1) != reference.argmax(axis=1)).sum())}
+            "changed_predictions": row["changed"]}
 
 
 def _apply_policy(backend: Backend, context: _Context, checkpoint: Path, listing: DatasetListing, inputs: Inputs,

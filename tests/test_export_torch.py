@@ -120,7 +120,12 @@ def _check_export(out: Path, quants: tuple[str, ...]) -> dict:
                 assert sidecar["input"]["dtype"] == "int8" and sidecar["input"]["quantization"]["scale"] > 0
                 assert sidecar["output"]["dtype"] == "int8"
     record = json.loads((out / "verification.json").read_text())
-    assert (out / "verification.txt").read_text().count(PREFIX) == len(made) * len(quants)
+    text = (out / "verification.txt").read_text()
+    table_rows = [line for line in text.splitlines() if line.lstrip().startswith(PREFIX) and ": " not in line]
+    assert len(table_rows) == len(made) * len(quants)
+    for row in record["rows"]:  # a line under the table for each int8 file that changed a class, none otherwise
+        said = f"{row['file']}: {row.get('changed')} of {row['images']} test images change class" in text
+        assert said == (row["quant"] == "int8" and row["changed"] > 0), (row, text)
     for pair in record["cross_format_agreement"]:
         assert pair["agreement"] >= 0.9  # same graph, each format in its own runtime
     return record
