@@ -43,8 +43,8 @@ def figures(out: Path) -> dict:
         changed = round((1 - row["agreement"]) * row["images"])
         sidecar = json.loads((out / f"{name}.json").read_text())
         delegation = sidecar.get("delegation") or {}
-        files[name] = {"first_drop": policy["first"][name]["drop_points"],
-                       "first_changed": policy["first"][name]["changed_predictions"],
+        first = policy["first"][name].get("test", policy["first"][name])  # PTQ alone on the test images
+        files[name] = {"first_drop": first["drop_points"], "first_changed": first["changed_predictions"],
                        "remedy": row.get("remedy"), "drop": row["drop_points"], "changed": changed,
                        "top1": row["top1"], "partitions": delegation.get("subgraphs"),
                        "outside_compute": delegation.get("compute_ops_outside")}
@@ -52,6 +52,7 @@ def figures(out: Path) -> dict:
               "gain": {f: v["gain_points"] for f, v in s["files"].items()}} for s in policy["steps"]]
     top = sorted((r for r in sensitivity["rows"] if r.get("measured")), key=lambda r: r["rank"])[:3]
     return {"model": manifest["model"], "float_top1": manifest["float_reference"]["top1"],
+            "judged_on": policy.get("judged_on", {"split": "test"}),
             "activation_choice": manifest["quantization"].get("activation_choice"),
             "images": manifest["test_inputs"]["images"], "files": files, "steps": steps,
             "sensitivity_seconds": sensitivity["seconds"],

@@ -8,10 +8,11 @@ format × precision. A failure in one file is recorded and the others go on; eve
 runtime, and only then does the finished folder move into place.
 
 int8 (`--int8 auto`, the default): post-training quantization first, with a per-layer sensitivity table; an int8
-file that lost more than `max_drop` points in its runtime gets the backend's remedies in order of cost (torch:
-learned weight rounding of the most sensitive layers, unlabelled; then float fallback of the layers the user
-allows with `--float-layers`; then QAT unless `--no-qat`), each recorded with its cost and gain; a file still
-over the budget fails the run after everything is written.
+file that lost more than `max_drop` points in its runtime on the validation split gets the backend's remedies in
+order of cost (torch: equalization, ranges per tensor and learned weight rounding, unlabelled; then float fallback
+of the layers the user allows with `--float-layers`; then QAT unless `--no-qat`), each recorded with its cost and
+gain; the test split only reports the result (`Judge`), and a file still over the budget there fails the run after
+everything is written.
 
 The user's data is safe (edgetl.paths): the output folder is claimed before any work (only a folder edgetl made
 for an export is replaced, never the checkpoint or a folder that holds it), and an export in which no file was
@@ -125,14 +126,43 @@ class Inputs:
     y_test: np.ndarray
     calibration: np.ndarray
     skipped: list[dict]
+    x_val: np.ndarray | None = None  # the validation split, when the int8 policy judges remedies on it
+    y_val: np.ndarray | None = None
+
+
+@dataclass
+class Judge:
+    """The images the int8 policy judges its files by, and the float model's logits on them. The validation split,
+    never the test split when there is one: the test split's figures are what verification reports, and a remedy
+    kept because it did better on the test images would make them look better than the file is."""
+
+    split: str
+    x: np.ndarray
+    y: np.ndarray
+    reference: np.ndarray
+
+    def describe(self) -> dict:
+        return {"split": self.split, "images": int(len(self.y))}
+
+
+def judge_of(inputs: Inputs, test_reference: np.ndarray, float_logits) -> Judge:
+    """The validation split when the checkpoint has one (`float_logits(x)` gives the float model's logits on it),
+    else the test split, which the policy record then names."""
+    if inputs.x_val is None or not len(inputs.x_val):
+        return Judge("test", inputs.x_test, inputs.y_test, test_reference)
+    return Judge("validation", inputs.x_val, inputs.y_val, float_logits(inputs.x_val))
 
 
 def load_inputs(listing: DatasetListing, manifest: CheckpointManifest, config: ExportConfig,
-                calibrate: bool) -> Inputs:
-    """The test split, and with `calibrate` a seeded draw of `config.quantization.calib` training images (never
-    test ones)."""
+                calibrate: bool, judge: bool = False) -> Inputs:
+    """The test split, with `calibrate` a seeded draw of `config.quantization.calib` training images (never
+    test ones), and with `judge` the validation split when the checkpoint has one (`Judge`)."""
     spec = manifest.preprocess.with_layout("NHWC")
     x_test, y_test, skipped = _load_split(listing, listing.splits["test"], spec, "test images")
+    x_val = y_val = None
+    if judge and listing.splits.get("val"):
+        x_val, y_val, bad = _load_split(listing, listing.splits["val"], spec, "validation images")
+        skipped += bad
     calibration = np.zeros((0, *x_test.shape[1:]), np.float32)
     if calibrate:
         train = listing.splits["train"]
@@ -142,7 +172,7 @@ def load_inputs(listing: DatasetListing, manifest: CheckpointManifest, config: E
         if len(train) < config.quantization.calib:
             console.print(f"[yellow]--calib {config.quantization.calib}: only {len(train)} training images; using "
                           f"them all[/]")
-    return Inputs(spec, x_test, y_test, calibration, skipped)
+    return Inputs(spec, x_test, y_test, calibration, skipped, x_val, y_val)
 
 
 # ------------------------------------------------------------------------------------------ the stage
@@ -174,13 +204,15 @@ def run_export(checkpoint: Path, config: ExportConfig, out: Path | None = None, 
         console.print(f"[yellow].{fmt} skipped: this checkpoint's framework is {manifest.framework}, which exports "
                       f"{', '.join('.' + f for f in config.quantization.formats)} only[/]")
     calibrate = "int8" in config.quantization.quant and backend.needs_calibration(config)
-    inputs = load_inputs(listing, manifest, config, calibrate)
+    inputs = load_inputs(listing, manifest, config, calibrate,
+                         judge="int8" in config.quantization.quant and config.policy.int8 == "auto")
     console.print(f"export ({manifest.framework}): {checkpoint} → {out} "
                   f"({', '.join(config.quantization.formats)} × {', '.join(config.quantization.quant)})")
     started = time.perf_counter()
     graphs = _make_graphs(backend, checkpoint, manifest, listing, inputs, config)
     with quiet_native():
         reference = backend.logits(graphs.float_model, inputs.x_test)
+        judge = judge_of(inputs, reference, lambda x: backend.logits(graphs.float_model, x))
     context = _Context(manifest, config, graphs, inputs.spec, _parent(checkpoint, manifest, weights_sha256),
                        library_versions(_libraries(backend, config)))
     with room_for(out.parent, "the export"), atomic_dir(out, check=publishable(out)) as tmp:
@@ -193,7 +225,8 @@ def run_export(checkpoint: Path, config: ExportConfig, out: Path | None = None, 
                      for fmt in asked_files.formats]
         context.graph_of = {a.file: graphs.int8 for a in artifacts if a.quant == "int8" and a.ok}
         first_quantization = dict(graphs.quantization)
-        policy = _apply_policy(backend, context, checkpoint, listing, inputs, reference, artifacts, tmp)
+        policy = _apply_policy(backend, context, checkpoint, listing, inputs, judge, artifacts, tmp,
+                               Judge("test", inputs.x_test, inputs.y_test, reference))
         graphs.quantization = {**first_quantization, "policy": policy, "sensitivity": graphs.sensitivity}
         record = _verify(tmp, artifacts, context, policy)
         numerics = _debug_numerics(backend, context, artifacts, inputs, tmp) if config.debug_numerics else None
@@ -500,33 +533,36 @@ def _remedies(manifest: CheckpointManifest) -> tuple[str, ...]:
     return backends.capabilities(manifest.framework).remedies
 
 
-def _measure(path: Path, fmt: str, inputs: Inputs, reference: np.ndarray, threads: int | None) -> dict:
-    """One file's top-1 drop against the float reference on the test split, in its own runtime."""
+def _measure(path: Path, fmt: str, judge: Judge, threads: int | None) -> dict:
+    """One file's top-1 drop against the float reference on the judge's images, in its own runtime."""
     with quiet_native():
-        out = formats.run(path, inputs.x_test, threads, fmt=fmt)
-    row = compare(out, reference, inputs.y_test)
-    float_top1 = float((reference.argmax(axis=1) == inputs.y_test).mean())
+        out = formats.run(path, judge.x, threads, fmt=fmt)
+    row = compare(out, judge.reference, judge.y)
+    float_top1 = float((judge.reference.argmax(axis=1) == judge.y).mean())
     return {"drop_points": round(100 * (float_top1 - row["top1"]), 2), "top1": row["top1"],
             "changed_predictions": row["changed"]}
 
 
 def _apply_policy(backend: Backend, context: _Context, checkpoint: Path, listing: DatasetListing, inputs: Inputs,
-                  reference: np.ndarray, artifacts: list[ArtifactEntry], folder: Path) -> dict:
-    """`--int8 auto`: each int8 file over --max-drop gets the backend's remedies in order of cost until it is
-    within the budget. A remedied file replaces the earlier one only when it is closer to the float model
-    (`replaces`); each step is recorded
-    with its cost (seconds) and its gain (points) per file. `artifacts` is updated in place."""
+                  judge: Judge, artifacts: list[ArtifactEntry], folder: Path, test: Judge | None = None) -> dict:
+    """`--int8 auto`: each int8 file over --max-drop on the `judge`'s images (the validation split: `Judge`) gets
+    the backend's remedies in order of cost until it is within the budget. A remedied file replaces the earlier one
+    only when it is closer to the float model there (`replaces`); each step is recorded with its cost (seconds) and
+    its gain (points) per file. The first files are also measured on `test` (when that is other images), for the
+    record only: what PTQ alone gives. `artifacts` is updated in place."""
     config, graphs = context.config, context.graphs
     first = "qat" if config.policy.qat else "ptq"
     int8 = {a.file: a for a in artifacts if a.quant == "int8" and a.ok}
     asked = config.policy
     policy: dict = {"mode": asked.int8, "max_drop": asked.max_drop, "no_qat": asked.no_qat, "steps": [],
-                    "remedy_of": dict.fromkeys(int8, first), "first": {}}
+                    "judged_on": judge.describe(), "remedy_of": dict.fromkeys(int8, first), "first": {}}
     if not int8:
         return policy
     for name, entry in list(int8.items()):
         try:
-            policy["first"][name] = _measure(folder / name, entry.format, inputs, reference, config.threads)
+            policy["first"][name] = _measure(folder / name, entry.format, judge, config.threads)
+            if test is not None and test.split != judge.split:
+                policy["first"][name]["test"] = _measure(folder / name, entry.format, test, config.threads)
         except Exception as error:  # noqa: BLE001 - a file that does not run: verification records why
             if machine_failure(error):
                 raise
@@ -550,8 +586,8 @@ def _apply_policy(backend: Backend, context: _Context, checkpoint: Path, listing
         if remedy == "float-fallback" and not config.policy.float_layers:
             step["skipped"] = "no --float-layers"
             continue
-        console.print(f"int8: {', '.join(over)} over --max-drop {config.policy.max_drop:g}; trying "
-                      f"{REMEDY_NAMES[remedy]}")
+        console.print(f"int8: {', '.join(over)} over --max-drop {config.policy.max_drop:g} on the {judge.split} "
+                      f"images; trying {REMEDY_NAMES[remedy]}")
         started = time.perf_counter()
         try:
             backend.remedy(remedy, graphs, checkpoint, context.manifest, listing, inputs.calibration, config)
@@ -566,7 +602,7 @@ def _apply_policy(backend: Backend, context: _Context, checkpoint: Path, listing
         step["quantize_seconds"] = round(time.perf_counter() - started, 1)
         step["quantization"] = {k: v for k, v in graphs.quantization.items() if k != "input_quantization"}
         for name in over:
-            step["files"][name] = _remake(backend, context, int8[name], remedy, folder, inputs, reference,
+            step["files"][name] = _remake(backend, context, int8[name], remedy, folder, judge,
                                           current[name], changed[name], artifacts)
             if step["files"][name]["kept"]:
                 current[name] = step["files"][name]["drop_points"]
@@ -589,7 +625,8 @@ def replaces(remedy: str, drop: float, changed: int, drop_before: float, changed
     """Whether a remedied int8 file should replace the earlier one.
 
     A label-free remedy aims at the float model, so it replaces the file only when it loses no more points and
-    changes no more test predictions against float, and does better on one of the two: judged by the drop alone,
+    changes no more predictions against float (on the validation images, `Judge`), and does better on one of the
+    two: judged by the drop alone,
     a remedy that moved 53 of 131 predictions of a weak model and happened to gain 13 points was kept, and judged
     by the changed predictions alone one that changed one fewer while losing one more image would be. QAT trains
     toward the labels, so it is judged by the drop, then by the changed predictions."""
@@ -598,10 +635,10 @@ def replaces(remedy: str, drop: float, changed: int, drop_before: float, changed
     return drop <= drop_before and changed <= changed_before and (drop, changed) != (drop_before, changed_before)
 
 
-def _remake(backend: Backend, context: _Context, entry: ArtifactEntry, remedy: str, folder: Path, inputs: Inputs,
-            reference: np.ndarray, before: float, changed_before: int, artifacts: list[ArtifactEntry]) -> dict:
+def _remake(backend: Backend, context: _Context, entry: ArtifactEntry, remedy: str, folder: Path, judge: Judge,
+            before: float, changed_before: int, artifacts: list[ArtifactEntry]) -> dict:
     """Convert one int8 file again from the remedied graph into a side folder; it replaces the earlier file (and
-    sidecar) only if it is closer to the float model (`replaces`)."""
+    sidecar) only if it is closer to the float model on the judge's images (`replaces`)."""
     side = folder / f".remedy-{remedy}"
     side.mkdir(exist_ok=True)
     started = time.perf_counter()
@@ -609,7 +646,7 @@ def _remake(backend: Backend, context: _Context, entry: ArtifactEntry, remedy: s
     if not made.ok:
         return {"kept": False, "error": made.error, "seconds": round(time.perf_counter() - started, 1)}
     try:
-        measured = _measure(side / made.file, made.format, inputs, reference, context.config.threads)
+        measured = _measure(side / made.file, made.format, judge, context.config.threads)
     except Exception as error:  # the remedied file does not run: the earlier one stays
         if machine_failure(error):
             raise
@@ -626,9 +663,9 @@ def _remake(backend: Backend, context: _Context, entry: ArtifactEntry, remedy: s
         context.graph_of[made.file] = context.graphs.int8
     shutil.rmtree(side, ignore_errors=True)
     gain = round(before - measured["drop_points"], 2)
-    console.print(f"int8: {made.file}: {remedy} {'kept' if kept else 'not kept'} — drop {before:.1f} → "
-                  f"{measured['drop_points']:.1f} points ({gain:+.1f}), test predictions changed against float "
-                  f"{changed_before} → {measured['changed_predictions']}")
+    console.print(f"int8: {made.file}: {remedy} {'kept' if kept else 'not kept'} — on the {len(judge.y)} {judge.split} "
+                  f"images, drop {before:.1f} → {measured['drop_points']:.1f} points ({gain:+.1f}), predictions "
+                  f"changed against float {changed_before} → {measured['changed_predictions']}")
     return {**measured, "drop_before": before, "changed_before": changed_before, "gain_points": gain, "kept": kept,
             "seconds": round(time.perf_counter() - started, 1)}
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -294,8 +295,18 @@ def test_float_fallback_keeps_named_layers_float_in_both_formats_and_the_interfa
 def test_auto_over_budget_gets_learned_rounding_recorded_with_cost_and_gain(tiny_checkpoint: Path,
                                                                             tmp_path: Path) -> None:
     pytest.importorskip("litert_torch")
+    from edgetl.manifest import read_checkpoint
+
+    # the tiny checkpoint has no validation split; this copy carves one from its training images
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    splits_file = checkpoint / read_checkpoint(checkpoint).splits_file
+    listing = json.loads(splits_file.read_text())
+    listing["splits"]["val"], listing["splits"]["train"] = listing["splits"]["train"][:10], \
+        listing["splits"]["train"][10:]
+    splits_file.write_text(json.dumps(listing))
     out = tmp_path / "export"
-    result = run_cli("export", str(tiny_checkpoint), "--formats", "tflite", "--quant", "int8", "--max-drop", "0",
+    result = run_cli("export", str(checkpoint), "--formats", "tflite", "--quant", "int8", "--max-drop", "0",
                      "--no-qat", "--rounding-layers", "4", "--calib", "32", "--out", str(out))
     manifest = json.loads((out / "manifest.json").read_text())
     quantization = manifest["quantization"]
@@ -303,6 +314,10 @@ def test_auto_over_budget_gets_learned_rounding_recorded_with_cost_and_gain(tiny
     assert policy["mode"] == "auto" and policy["no_qat"] and policy["max_drop"] == 0
     name = "mobilenet_v2-w0.35-32-int8.tflite"
     first = policy["first"][name]
+    # remedies are judged on the validation split; the test split only reports (PTQ alone is recorded there too)
+    assert policy["judged_on"] == {"split": "validation", "images": 10}
+    assert first["test"]["top1"] == pytest.approx(manifest["float_reference"]["top1"] - first["test"]["drop_points"]
+                                                  / 100, abs=1e-4)
     assert sensitivity["measured"] == sensitivity["layers"] == len(sensitivity["rows"]) > 20
     assert "int8 sensitivity" in result.stdout and "int8 by" in (out / "verification.txt").read_text()
     # PTQ calibrates both activation observers and keeps the one whose logits lie closer to float's, unless it
@@ -340,6 +355,20 @@ def test_auto_over_budget_gets_learned_rounding_recorded_with_cost_and_gain(tiny
     assert sidecar["verification"]["remedy"] == row["remedy"]
     assert result.returncode == (0 if row["drop_points"] <= 0 else 3), result.stderr[-2000:]
     assert not list(out.glob(".remedy-*"))  # candidates never stay
+
+
+def test_remedies_are_judged_on_the_validation_split_and_on_the_test_split_only_without_one() -> None:
+    from edgetl import export
+
+    x_test, y_test, x_val, y_val = np.ones((3, 2, 2, 3)), np.arange(3), np.zeros((2, 2, 2, 3)), np.arange(2)
+    test_reference = np.eye(3)
+    inputs = export.Inputs({}, x_test, y_test, np.zeros((0, 2, 2, 3)), [], x_val, y_val)
+    judge = export.judge_of(inputs, test_reference, lambda x: np.full((len(x), 3), x.mean()))
+    assert judge.split == "validation" and judge.x is x_val and judge.y is y_val
+    assert judge.reference.shape == (2, 3) and judge.describe() == {"split": "validation", "images": 2}
+    inputs = export.Inputs({}, x_test, y_test, np.zeros((0, 2, 2, 3)), [])
+    judge = export.judge_of(inputs, test_reference, lambda x: pytest.fail("no validation images to run"))
+    assert judge.split == "test" and judge.reference is test_reference and judge.describe()["images"] == 3
 
 
 def test_a_label_free_remedy_is_kept_only_when_no_worse_in_drop_and_changed_predictions() -> None:
@@ -392,7 +421,7 @@ def test_policy_tries_remedies_in_order_keeps_only_gains_and_honours_no_qat(tmp_
         (folder / f"a.{fmt}.json").write_text("{}")
         return ArtifactEntry(file=f"a.{fmt}", format=fmt, quant="int8", status="ok")
 
-    def measure(path, fmt, inputs, reference, threads):
+    def measure(path, fmt, judge, threads):
         made_by = path.read_text()
         return {"drop_points": drops[made_by][path.name], "top1": 0.5, "changed_predictions": 10}
 
@@ -410,7 +439,8 @@ def test_policy_tries_remedies_in_order_keeps_only_gains_and_honours_no_qat(tmp_
         context = SimpleNamespace(config=config.validate(), graphs=Graphs(float_model=None, example=None),
                                   manifest=None, graph_of={})
         inputs = SimpleNamespace(calibration=np.zeros((1, 2, 2, 3)))
-        return export._apply_policy(Backend(), context, tmp_path, None, inputs, None, list(artifacts), tmp_path)
+        judge = export.Judge("validation", np.zeros((2, 2, 2, 3)), np.zeros(2), np.zeros((2, 2)))
+        return export._apply_policy(Backend(), context, tmp_path, None, inputs, judge, list(artifacts), tmp_path)
 
     policy = run(ExportConfig.of(max_drop=1.0, no_qat=True))
     assert Backend.calls == ["equalize", "ranges", "adaround"]
