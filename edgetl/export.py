@@ -626,10 +626,10 @@ def replaces(remedy: str, drop: float, changed: int, drop_before: float, changed
 
     A label-free remedy aims at the float model, so it replaces the file only when it loses no more points and
     changes no more predictions against float (on the validation images, `Judge`), and does better on one of the
-    two: judged by the drop alone,
-    a remedy that moved 53 of 131 predictions of a weak model and happened to gain 13 points was kept, and judged
-    by the changed predictions alone one that changed one fewer while losing one more image would be. QAT trains
-    toward the labels, so it is judged by the drop, then by the changed predictions."""
+    two: judged by the drop alone, a remedy that moved 53 of 131 predictions of a weak model and happened to gain
+    13 points was kept, and judged by the changed predictions alone one that changed one fewer while losing one
+    more image would be. QAT trains toward the labels, so it is judged by the drop, then by the changed
+    predictions."""
     if remedy == "qat":
         return drop < drop_before or (drop == drop_before and changed < changed_before)
     return drop <= drop_before and changed <= changed_before and (drop, changed) != (drop_before, changed_before)

@@ -50,7 +50,7 @@ def compare(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> di
     row = {
         "images": int(len(labels)),
         "top1": float((predicted == labels).mean()),
-        "agreement": float(1.0 - changed.mean()),
+        "agreement": float((~changed).mean()),
         "max_prob_diff": float(np.abs(formats.softmax(logits) - probabilities).max()),
         "changed": int(changed.sum()),
     }
