@@ -145,11 +145,11 @@ class Judge:
         return {"split": self.split, "images": int(len(self.y))}
 
 
-def judge_of(inputs: Inputs, test_reference: np.ndarray, float_logits) -> Judge:
+def judge_of(inputs: Inputs, test: Judge, float_logits) -> Judge:
     """The validation split when the checkpoint has one (`float_logits(x)` gives the float model's logits on it),
-    else the test split, which the policy record then names."""
+    else `test`, which the policy record then names."""
     if inputs.x_val is None or not len(inputs.x_val):
-        return Judge("test", inputs.x_test, inputs.y_test, test_reference)
+        return test
     return Judge("validation", inputs.x_val, inputs.y_val, float_logits(inputs.x_val))
 
 
@@ -212,7 +212,8 @@ def run_export(checkpoint: Path, config: ExportConfig, out: Path | None = None, 
     graphs = _make_graphs(backend, checkpoint, manifest, listing, inputs, config)
     with quiet_native():
         reference = backend.logits(graphs.float_model, inputs.x_test)
-        judge = judge_of(inputs, reference, lambda x: backend.logits(graphs.float_model, x))
+        test = Judge("test", inputs.x_test, inputs.y_test, reference)
+        judge = judge_of(inputs, test, lambda x: backend.logits(graphs.float_model, x))
     context = _Context(manifest, config, graphs, inputs.spec, _parent(checkpoint, manifest, weights_sha256),
                        library_versions(_libraries(backend, config)))
     with room_for(out.parent, "the export"), atomic_dir(out, check=publishable(out)) as tmp:
@@ -225,8 +226,7 @@ def run_export(checkpoint: Path, config: ExportConfig, out: Path | None = None, 
                      for fmt in asked_files.formats]
         context.graph_of = {a.file: graphs.int8 for a in artifacts if a.quant == "int8" and a.ok}
         first_quantization = dict(graphs.quantization)
-        policy = _apply_policy(backend, context, checkpoint, listing, inputs, judge, artifacts, tmp,
-                               Judge("test", inputs.x_test, inputs.y_test, reference))
+        policy = _apply_policy(backend, context, checkpoint, listing, inputs, judge, artifacts, tmp, test)
         graphs.quantization = {**first_quantization, "policy": policy, "sensitivity": graphs.sensitivity}
         record = _verify(tmp, artifacts, context, policy)
         numerics = _debug_numerics(backend, context, artifacts, inputs, tmp) if config.debug_numerics else None

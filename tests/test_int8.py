@@ -361,14 +361,14 @@ def test_remedies_are_judged_on_the_validation_split_and_on_the_test_split_only_
     from edgetl import export
 
     x_test, y_test, x_val, y_val = np.ones((3, 2, 2, 3)), np.arange(3), np.zeros((2, 2, 2, 3)), np.arange(2)
-    test_reference = np.eye(3)
+    test = export.Judge("test", x_test, y_test, np.eye(3))
     inputs = export.Inputs({}, x_test, y_test, np.zeros((0, 2, 2, 3)), [], x_val, y_val)
-    judge = export.judge_of(inputs, test_reference, lambda x: np.full((len(x), 3), x.mean()))
+    judge = export.judge_of(inputs, test, lambda x: np.full((len(x), 3), x.mean()))
     assert judge.split == "validation" and judge.x is x_val and judge.y is y_val
     assert judge.reference.shape == (2, 3) and judge.describe() == {"split": "validation", "images": 2}
     inputs = export.Inputs({}, x_test, y_test, np.zeros((0, 2, 2, 3)), [])
-    judge = export.judge_of(inputs, test_reference, lambda x: pytest.fail("no validation images to run"))
-    assert judge.split == "test" and judge.reference is test_reference and judge.describe()["images"] == 3
+    judge = export.judge_of(inputs, test, lambda x: pytest.fail("no validation images to run"))
+    assert judge is test and judge.describe() == {"split": "test", "images": 3}
 
 
 def test_a_label_free_remedy_is_kept_only_when_no_worse_in_drop_and_changed_predictions() -> None:
