@@ -11,7 +11,8 @@ int8 (`--int8 auto`, the default): post-training quantization first, with a per-
 file that lost more than `max_drop` points in its runtime on the validation split gets the backend's remedies in
 order of cost (torch: equalization, ranges per tensor and learned weight rounding, unlabelled; then float fallback
 of the layers the user allows with `--float-layers`; then QAT unless `--no-qat`), each recorded with its cost and
-gain; the test split only reports the result (`Judge`), and a file still over the budget there fails the run after
+gain (the predictions a file changes against float are also counted on training images left out of calibration);
+the test split only reports the result (`Judge`), and a file still over the budget there fails the run after
 everything is written.
 
 The user's data is safe (edgetl.paths): the output folder is claimed before any work (only a folder edgetl made
@@ -128,35 +129,61 @@ class Inputs:
     skipped: list[dict]
     x_val: np.ndarray | None = None  # the validation split, when the int8 policy judges remedies on it
     y_val: np.ndarray | None = None
+    x_unlabelled: np.ndarray | None = None  # training images left out of calibration (`UNLABELLED_JUDGE_IMAGES`)
 
 
 @dataclass
 class Judge:
     """The images the int8 policy judges its files by, and the float model's logits on them. The validation split,
     never the test split when there is one: the test split's figures are what verification reports, and a remedy
-    kept because it did better on the test images would make them look better than the file is."""
+    kept because it did better on the test images would make them look better than the file is.
+
+    The drop needs labels, so it is measured on `x` alone; the predictions a file changes against float need none,
+    so they are also counted on `unlabelled` (training images no remedy was calibrated on). On a small folder the
+    validation split is a coarse judge (51 images on sprites-5: one image is 2 points); the changed predictions on
+    a few hundred images more are not."""
 
     split: str
     x: np.ndarray
     y: np.ndarray
     reference: np.ndarray
+    unlabelled: np.ndarray | None = None
+    unlabelled_reference: np.ndarray | None = None
 
     def describe(self) -> dict:
-        return {"split": self.split, "images": int(len(self.y))}
+        described = {"split": self.split, "images": int(len(self.y))}
+        if self.unlabelled is not None:
+            described["unlabelled_images"] = int(len(self.unlabelled))
+        return described
+
+    def says(self) -> str:
+        """The judge's images in words, for the console."""
+        said = f"the {len(self.y)} {self.split} images"
+        if self.unlabelled is not None:
+            said += f" (changed predictions also on {len(self.unlabelled)} unlabelled training images)"
+        return said
 
 
 def judge_of(inputs: Inputs, test: Judge, float_logits) -> Judge:
     """The validation split when the checkpoint has one (`float_logits(x)` gives the float model's logits on it),
-    else `test`, which the policy record then names."""
-    if inputs.x_val is None or not len(inputs.x_val):
-        return test
-    return Judge("validation", inputs.x_val, inputs.y_val, float_logits(inputs.x_val))
+    else `test`, which the policy record then names; either with the unlabelled training images when there are
+    any."""
+    labelled = test
+    if inputs.x_val is not None and len(inputs.x_val):
+        labelled = Judge("validation", inputs.x_val, inputs.y_val, float_logits(inputs.x_val))
+    if inputs.x_unlabelled is None or not len(inputs.x_unlabelled):
+        return labelled
+    return replace(labelled, unlabelled=inputs.x_unlabelled, unlabelled_reference=float_logits(inputs.x_unlabelled))
+
+
+UNLABELLED_JUDGE_IMAGES = 512  # training images beyond the calibration draw, for the changed predictions (`Judge`)
 
 
 def load_inputs(listing: DatasetListing, manifest: CheckpointManifest, config: ExportConfig,
                 calibrate: bool, judge: bool = False) -> Inputs:
     """The test split, with `calibrate` a seeded draw of `config.quantization.calib` training images (never
-    test ones), and with `judge` the validation split when the checkpoint has one (`Judge`)."""
+    test ones), and with `judge` the validation split when the checkpoint has one and up to
+    `UNLABELLED_JUDGE_IMAGES` training images of the same draw after the calibration ones (`Judge`)."""
     spec = manifest.preprocess.with_layout("NHWC")
     x_test, y_test, skipped = _load_split(listing, listing.splits["test"], spec, "test images")
     x_val = y_val = None
@@ -164,15 +191,22 @@ def load_inputs(listing: DatasetListing, manifest: CheckpointManifest, config: E
         x_val, y_val, bad = _load_split(listing, listing.splits["val"], spec, "validation images")
         skipped += bad
     calibration = np.zeros((0, *x_test.shape[1:]), np.float32)
+    x_unlabelled = None
     if calibrate:
         train = listing.splits["train"]
-        order = np.random.default_rng(config.seed).permutation(len(train))[: config.quantization.calib]
-        calibration, _, bad = _load_split(listing, [train[i] for i in order], spec, "calibration images")
+        order = np.random.default_rng(config.seed).permutation(len(train))
+        calib = config.quantization.calib
+        calibration, _, bad = _load_split(listing, [train[i] for i in order[:calib]], spec, "calibration images")
         skipped += bad
+        left_out = order[calib:calib + UNLABELLED_JUDGE_IMAGES]
+        if judge and len(left_out):
+            x_unlabelled, _, bad = _load_split(listing, [train[i] for i in left_out], spec,
+                                               "unlabelled judge images")
+            skipped += bad
         if len(train) < config.quantization.calib:
             console.print(f"[yellow]--calib {config.quantization.calib}: only {len(train)} training images; using "
                           f"them all[/]")
-    return Inputs(spec, x_test, y_test, calibration, skipped, x_val, y_val)
+    return Inputs(spec, x_test, y_test, calibration, skipped, x_val, y_val, x_unlabelled)
 
 
 # ------------------------------------------------------------------------------------------ the stage
@@ -534,13 +568,20 @@ def _remedies(manifest: CheckpointManifest) -> tuple[str, ...]:
 
 
 def _measure(path: Path, fmt: str, judge: Judge, threads: int | None) -> dict:
-    """One file's top-1 drop against the float reference on the judge's images, in its own runtime."""
+    """One file's top-1 drop against the float reference on the judge's labelled images, and the predictions it
+    changes against float on those and on its unlabelled ones, in its own runtime."""
     with quiet_native():
         out = formats.run(path, judge.x, threads, fmt=fmt)
+        unlabelled = None if judge.unlabelled is None else formats.run(path, judge.unlabelled, threads, fmt=fmt)
     row = compare(out, judge.reference, judge.y)
     float_top1 = float((judge.reference.argmax(axis=1) == judge.y).mean())
-    return {"drop_points": round(100 * (float_top1 - row["top1"]), 2), "top1": row["top1"],
-            "changed_predictions": row["changed"]}
+    measured = {"drop_points": round(100 * (float_top1 - row["top1"]), 2), "top1": row["top1"],
+                "changed_predictions": row["changed"]}
+    if unlabelled is not None:
+        changed = int((unlabelled.argmax(axis=1) != judge.unlabelled_reference.argmax(axis=1)).sum())
+        measured.update(changed_labelled=row["changed"], changed_unlabelled=changed,
+                        changed_predictions=row["changed"] + changed)
+    return measured
 
 
 def _apply_policy(backend: Backend, context: _Context, checkpoint: Path, listing: DatasetListing, inputs: Inputs,
@@ -586,8 +627,8 @@ def _apply_policy(backend: Backend, context: _Context, checkpoint: Path, listing
         if remedy == "float-fallback" and not config.policy.float_layers:
             step["skipped"] = "no --float-layers"
             continue
-        console.print(f"int8: {', '.join(over)} over --max-drop {config.policy.max_drop:g} on the {judge.split} "
-                      f"images; trying {REMEDY_NAMES[remedy]}")
+        console.print(f"int8: {', '.join(over)} over --max-drop {config.policy.max_drop:g} on {judge.says()}; "
+                      f"trying {REMEDY_NAMES[remedy]}")
         started = time.perf_counter()
         try:
             backend.remedy(remedy, graphs, checkpoint, context.manifest, listing, inputs.calibration, config)
@@ -625,11 +666,11 @@ def replaces(remedy: str, drop: float, changed: int, drop_before: float, changed
     """Whether a remedied int8 file should replace the earlier one.
 
     A label-free remedy aims at the float model, so it replaces the file only when it loses no more points and
-    changes no more predictions against float (on the validation images, `Judge`), and does better on one of the
-    two: judged by the drop alone, a remedy that moved 53 of 131 predictions of a weak model and happened to gain
-    13 points was kept, and judged by the changed predictions alone one that changed one fewer while losing one
-    more image would be. QAT trains toward the labels, so it is judged by the drop, then by the changed
-    predictions."""
+    changes no more predictions against float (the drop on the validation images, the changed predictions on those
+    and on unlabelled training images: `Judge`), and does better on one of the two: judged by the drop alone, a
+    remedy that moved 53 of 131 predictions of a weak model and happened to gain 13 points was kept, and judged by
+    the changed predictions alone one that changed one fewer while losing one more image would be. QAT trains
+    toward the labels, so it is judged by the drop, then by the changed predictions."""
     if remedy == "qat":
         return drop < drop_before or (drop == drop_before and changed < changed_before)
     return drop <= drop_before and changed <= changed_before and (drop, changed) != (drop_before, changed_before)
@@ -663,9 +704,10 @@ def _remake(backend: Backend, context: _Context, entry: ArtifactEntry, remedy: s
         context.graph_of[made.file] = context.graphs.int8
     shutil.rmtree(side, ignore_errors=True)
     gain = round(before - measured["drop_points"], 2)
-    console.print(f"int8: {made.file}: {remedy} {'kept' if kept else 'not kept'} — on the {len(judge.y)} {judge.split} "
-                  f"images, drop {before:.1f} → {measured['drop_points']:.1f} points ({gain:+.1f}), predictions "
-                  f"changed against float {changed_before} → {measured['changed_predictions']}")
+    among = "" if judge.unlabelled is None else f" (with {len(judge.unlabelled)} unlabelled training images)"
+    console.print(f"int8: {made.file}: {remedy} {'kept' if kept else 'not kept'} — on the {len(judge.y)} "
+                  f"{judge.split} images, drop {before:.1f} → {measured['drop_points']:.1f} points ({gain:+.1f}); "
+                  f"predictions changed against float{among} {changed_before} → {measured['changed_predictions']}")
     return {**measured, "drop_before": before, "changed_before": changed_before, "gain_points": gain, "kept": kept,
             "seconds": round(time.perf_counter() - started, 1)}
 

@@ -295,6 +295,7 @@ def test_float_fallback_keeps_named_layers_float_in_both_formats_and_the_interfa
 def test_auto_over_budget_gets_learned_rounding_recorded_with_cost_and_gain(tiny_checkpoint: Path,
                                                                             tmp_path: Path) -> None:
     pytest.importorskip("litert_torch")
+    from edgetl import export
     from edgetl.manifest import read_checkpoint
 
     # the tiny checkpoint has no validation split; this copy carves one from its training images
@@ -315,7 +316,14 @@ def test_auto_over_budget_gets_learned_rounding_recorded_with_cost_and_gain(tiny
     name = "mobilenet_v2-w0.35-32-int8.tflite"
     first = policy["first"][name]
     # remedies are judged on the validation split; the test split only reports (PTQ alone is recorded there too)
-    assert policy["judged_on"] == {"split": "validation", "images": 10}
+    # the changed predictions are also counted on the training images the calibration draw left out
+    left_out = min(len(listing["splits"]["train"]) - 32, export.UNLABELLED_JUDGE_IMAGES)
+    assert left_out > 0
+    assert policy["judged_on"] == {"split": "validation", "images": 10, "unlabelled_images": left_out}
+    for record in [first] + [f for step in policy["steps"] for f in step["files"].values() if "error" not in f]:
+        assert record["changed_predictions"] == record["changed_labelled"] + record["changed_unlabelled"]
+        assert record["changed_labelled"] <= 10 and record["changed_unlabelled"] <= left_out
+    assert "changed_unlabelled" not in first["test"]  # the test split's record is the test images' alone
     assert first["test"]["top1"] == pytest.approx(manifest["float_reference"]["top1"] - first["test"]["drop_points"]
                                                   / 100, abs=1e-4)
     assert sensitivity["measured"] == sensitivity["layers"] == len(sensitivity["rows"]) > 20
@@ -369,6 +377,36 @@ def test_remedies_are_judged_on_the_validation_split_and_on_the_test_split_only_
     inputs = export.Inputs({}, x_test, y_test, np.zeros((0, 2, 2, 3)), [])
     judge = export.judge_of(inputs, test, lambda x: pytest.fail("no validation images to run"))
     assert judge is test and judge.describe() == {"split": "test", "images": 3}
+    # training images left out of calibration join either judge, for the changed predictions only
+    unlabelled = np.full((4, 2, 2, 3), 2.0)
+    inputs = export.Inputs({}, x_test, y_test, np.zeros((0, 2, 2, 3)), [], x_val, y_val, unlabelled)
+    judge = export.judge_of(inputs, test, lambda x: np.full((len(x), 3), x.mean()))
+    assert judge.split == "validation" and judge.unlabelled is unlabelled
+    assert judge.unlabelled_reference.shape == (4, 3) and judge.unlabelled_reference[0, 0] == 2.0
+    assert judge.describe() == {"split": "validation", "images": 2, "unlabelled_images": 4}
+    assert judge.says() == "the 2 validation images (changed predictions also on 4 unlabelled training images)"
+    inputs = export.Inputs({}, x_test, y_test, np.zeros((0, 2, 2, 3)), [], None, None, unlabelled)
+    judge = export.judge_of(inputs, test, lambda x: np.zeros((len(x), 3)))
+    assert judge.split == "test" and judge.x is x_test and judge.reference is test.reference
+    assert test.unlabelled is None  # the test split's own judge, which verification's record uses, stays as it was
+
+
+def test_measure_counts_changed_predictions_on_the_unlabelled_images_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The drop comes from the labelled images alone; the changed predictions from both."""
+    from edgetl import export
+
+    reference = np.eye(3)[[0, 1, 2, 0]]  # float predicts 0, 1, 2, 0; labels 0, 1, 1, 0
+    unlabelled_reference = np.eye(3)[[2, 2, 1, 0, 0]]
+    runs = {4: np.eye(3)[[0, 2, 2, 0]],  # changes image 1: one label lost, one prediction changed
+            5: np.eye(3)[[2, 1, 1, 1, 0]]}  # changes two of the five unlabelled
+    monkeypatch.setattr(export.formats, "run", lambda path, x, threads, fmt: runs[len(x)])
+    judge = export.Judge("validation", np.zeros((4, 2, 2, 3)), np.array([0, 1, 1, 0]), reference,
+                         np.zeros((5, 2, 2, 3)), unlabelled_reference)
+    measured = export._measure(Path("a.tflite"), "tflite", judge, 1)
+    assert measured == {"drop_points": 25.0, "top1": 0.5, "changed_predictions": 3, "changed_labelled": 1,
+                        "changed_unlabelled": 2}
+    measured = export._measure(Path("a.tflite"), "tflite", export.Judge("test", judge.x, judge.y, reference), 1)
+    assert measured == {"drop_points": 25.0, "top1": 0.5, "changed_predictions": 1}
 
 
 def test_a_label_free_remedy_is_kept_only_when_no_worse_in_drop_and_changed_predictions() -> None:
