@@ -44,12 +44,19 @@ def figures(out: Path) -> dict:
         sidecar = json.loads((out / f"{name}.json").read_text())
         delegation = sidecar.get("delegation") or {}
         first = policy["first"][name].get("test", policy["first"][name])  # PTQ alone on the test images
+        judged = policy["first"][name]  # PTQ alone on the judge's images (validation and unlabelled)
         files[name] = {"first_drop": first["drop_points"], "first_changed": first["changed_predictions"],
+                       "first_judged": {k: v for k, v in judged.items() if k != "test"},
                        "remedy": row.get("remedy"), "drop": row["drop_points"], "changed": changed,
                        "top1": row["top1"], "partitions": delegation.get("subgraphs"),
                        "outside_compute": delegation.get("compute_ops_outside")}
     steps = [{"remedy": s["remedy"], "seconds": s.get("seconds"), "skipped": s.get("skipped"),
-              "gain": {f: v["gain_points"] for f, v in s["files"].items()}} for s in policy["steps"]]
+              "gain": {f: v["gain_points"] for f, v in s["files"].items() if "gain_points" in v},
+              "kept": {f: v["kept"] for f, v in s["files"].items()},
+              "changed": {f: [v.get("changed_before"), v.get("changed_predictions")] for f, v in s["files"].items()},
+              "expected_drop": {f: [v.get("expected_drop_before"), v.get("expected_drop_points")]
+                                for f, v in s["files"].items()}}
+             for s in policy["steps"]]
     top = sorted((r for r in sensitivity["rows"] if r.get("measured")), key=lambda r: r["rank"])[:3]
     return {"model": manifest["model"], "float_top1": manifest["float_reference"]["top1"],
             "judged_on": policy.get("judged_on", {"split": "test"}),
