@@ -53,9 +53,7 @@ def figures(out: Path) -> dict:
     steps = [{"remedy": s["remedy"], "seconds": s.get("seconds"), "skipped": s.get("skipped"),
               "gain": {f: v["gain_points"] for f, v in s["files"].items() if "gain_points" in v},
               "kept": {f: v["kept"] for f, v in s["files"].items()},
-              "changed": {f: [v.get("changed_before"), v.get("changed_predictions")] for f, v in s["files"].items()},
-              "expected_drop": {f: [v.get("expected_drop_before"), v.get("expected_drop_points")]
-                                for f, v in s["files"].items()}}
+              "changed": {f: [v.get("changed_before"), v.get("changed_predictions")] for f, v in s["files"].items()}}
              for s in policy["steps"]]
     top = sorted((r for r in sensitivity["rows"] if r.get("measured")), key=lambda r: r["rank"])[:3]
     return {"model": manifest["model"], "float_top1": manifest["float_reference"]["top1"],

@@ -8,12 +8,12 @@ format × precision. A failure in one file is recorded and the others go on; eve
 runtime, and only then does the finished folder move into place.
 
 int8 (`--int8 auto`, the default): post-training quantization first, with a per-layer sensitivity table; an int8
-file that lost more than `max_drop` points in its runtime on the validation split, or whose changed predictions
-are expected to cost that much (on those images and training images left out of calibration, by the float model's
-own probabilities), gets the backend's remedies in order of cost (torch: equalization, ranges per tensor and
-learned weight rounding, unlabelled and judged without labels; then float fallback of the layers the user allows
-with `--float-layers`; then QAT unless `--no-qat`), each recorded with its cost and gain; the test split only
-reports the result (`Judge`), and a file still over the budget there fails the run after everything is written.
+file that lost more than `max_drop` points in its runtime on the validation split gets the backend's remedies in
+order of cost (torch: equalization, ranges per tensor and learned weight rounding, unlabelled; then float fallback
+of the layers the user allows with `--float-layers`; then QAT unless `--no-qat`), each recorded with its cost and
+gain (the predictions a file changes against float are also counted on training images left out of calibration);
+the test split only reports the result (`Judge`), and a file still over the budget there fails the run after
+everything is written.
 
 The user's data is safe (edgetl.paths): the output folder is claimed before any work (only a folder edgetl made
 for an export is replaced, never the checkpoint or a folder that holds it), and an export in which no file was
@@ -568,9 +568,8 @@ def _remedies(manifest: CheckpointManifest) -> tuple[str, ...]:
 
 
 def _measure(path: Path, fmt: str, judge: Judge, threads: int | None) -> dict:
-    """One file in its own runtime on the judge's images: its top-1 drop against the float reference on the
-    labelled ones; on those and the unlabelled ones, the predictions it changes against float and what they cost
-    by the float model's own probabilities (`expected_drop`)."""
+    """One file's top-1 drop against the float reference on the judge's labelled images, and the predictions it
+    changes against float on those and on its unlabelled ones, in its own runtime."""
     with quiet_native():
         out = formats.run(path, judge.x, threads, fmt=fmt)
         unlabelled = None if judge.unlabelled is None else formats.run(path, judge.unlabelled, threads, fmt=fmt)
@@ -578,35 +577,20 @@ def _measure(path: Path, fmt: str, judge: Judge, threads: int | None) -> dict:
     float_top1 = float((judge.reference.argmax(axis=1) == judge.y).mean())
     measured = {"drop_points": round(100 * (float_top1 - row["top1"]), 2), "top1": row["top1"],
                 "changed_predictions": row["changed"]}
-    logits, reference = out, judge.reference
     if unlabelled is not None:
         changed = int((unlabelled.argmax(axis=1) != judge.unlabelled_reference.argmax(axis=1)).sum())
         measured.update(changed_labelled=row["changed"], changed_unlabelled=changed,
                         changed_predictions=row["changed"] + changed)
-        logits, reference = np.concatenate([out, unlabelled]), np.concatenate([reference, judge.unlabelled_reference])
-    measured["expected_drop_points"] = round(expected_drop(logits, reference), 2)
     return measured
-
-
-def expected_drop(logits: np.ndarray, reference: np.ndarray) -> float:
-    """What the predictions `logits` change against `reference` cost in top-1 points if the reference's own
-    probabilities were right: the mean over images of its probability of its own class minus its probability of
-    the class now predicted. No label is needed; a change between two classes the float model nearly tied costs
-    almost nothing, a change away from a class it was sure of almost a whole image."""
-    probabilities = formats.softmax(reference)
-    rows = np.arange(len(reference))
-    cost = probabilities[rows, reference.argmax(axis=1)] - probabilities[rows, logits.argmax(axis=1)]
-    return float(100 * cost.mean()) if len(rows) else 0.0
 
 
 def _apply_policy(backend: Backend, context: _Context, checkpoint: Path, listing: DatasetListing, inputs: Inputs,
                   judge: Judge, artifacts: list[ArtifactEntry], folder: Path, test: Judge | None = None) -> dict:
-    """`--int8 auto`: each int8 file over --max-drop on the `judge`'s images (the validation split and unlabelled
-    training images: `Judge`, `over_budget`) gets the backend's remedies in order of cost until it is within the
-    budget. A remedied file replaces the earlier one only when it is closer to the float model there (`replaces`);
-    each step is recorded with its cost (seconds) and its gain (points) per file. The first files are also
-    measured on `test` (when that is other images), for the record only: what PTQ alone gives. `artifacts` is
-    updated in place."""
+    """`--int8 auto`: each int8 file over --max-drop on the `judge`'s images (the validation split: `Judge`) gets
+    the backend's remedies in order of cost until it is within the budget. A remedied file replaces the earlier one
+    only when it is closer to the float model there (`replaces`); each step is recorded with its cost (seconds) and
+    its gain (points) per file. The first files are also measured on `test` (when that is other images), for the
+    record only: what PTQ alone gives. `artifacts` is updated in place."""
     config, graphs = context.config, context.graphs
     first = "qat" if config.policy.qat else "ptq"
     int8 = {a.file: a for a in artifacts if a.quant == "int8" and a.ok}
@@ -624,11 +608,12 @@ def _apply_policy(backend: Backend, context: _Context, checkpoint: Path, listing
             if machine_failure(error):
                 raise
             del int8[name]
-    standing = {name: policy["first"][name] for name in int8}  # each file's figures as it stands now
+    current = {name: policy["first"][name]["drop_points"] for name in int8}
+    changed = {name: policy["first"][name]["changed_predictions"] for name in int8}
     if config.policy.int8 != "auto":
         return policy
     for remedy in backend.capabilities.remedies:
-        over = [name for name in int8 if over_budget(standing[name], config.policy.max_drop)]
+        over = [name for name in int8 if current[name] > config.policy.max_drop]
         if not over:
             break
         step: dict = {"remedy": remedy, "files": {}}
@@ -642,8 +627,7 @@ def _apply_policy(backend: Backend, context: _Context, checkpoint: Path, listing
         if remedy == "float-fallback" and not config.policy.float_layers:
             step["skipped"] = "no --float-layers"
             continue
-        said = ", ".join(f"{name} ({over_budget(standing[name], config.policy.max_drop)})" for name in over)
-        console.print(f"int8: {said} over --max-drop {config.policy.max_drop:g} on {judge.says()}; "
+        console.print(f"int8: {', '.join(over)} over --max-drop {config.policy.max_drop:g} on {judge.says()}; "
                       f"trying {REMEDY_NAMES[remedy]}")
         started = time.perf_counter()
         try:
@@ -659,10 +643,11 @@ def _apply_policy(backend: Backend, context: _Context, checkpoint: Path, listing
         step["quantize_seconds"] = round(time.perf_counter() - started, 1)
         step["quantization"] = {k: v for k, v in graphs.quantization.items() if k != "input_quantization"}
         for name in over:
-            step["files"][name] = _remake(backend, context, int8[name], remedy, folder, judge, standing[name],
-                                          artifacts)
+            step["files"][name] = _remake(backend, context, int8[name], remedy, folder, judge,
+                                          current[name], changed[name], artifacts)
             if step["files"][name]["kept"]:
-                standing[name] = step["files"][name]
+                current[name] = step["files"][name]["drop_points"]
+                changed[name] = step["files"][name]["changed_predictions"]
                 policy["remedy_of"][name] = remedy
                 int8[name] = next(a for a in artifacts if a.file == name)
         step["seconds"] = round(time.perf_counter() - started, 1)
@@ -677,40 +662,22 @@ REMEDY_NAMES = {"equalize": "cross-layer equalization and bias absorption (no la
                 "qat": "quantization-aware training (labels)"}
 
 
-def over_budget(measured: dict, max_drop: float) -> str:
-    """Why a file is over the budget on the judge's images ('' when it is not): its drop on the labelled images,
-    or, when those happen to favour it, the expected cost of the predictions it changes on all of them (no labels;
-    `expected_drop`). Measured: a MobileNetV3-Large .pte on sprites-5 gained 3.9 points on the 51 validation images
-    while it changed 57 of 246 predictions against float, and lost 6.1 points on the test images."""
-    if measured["drop_points"] > max_drop:
-        return f"drop {measured['drop_points']:.2f} points"
-    if measured.get("expected_drop_points", 0.0) > max_drop:
-        return (f"{measured['changed_predictions']} predictions changed, expected to cost "
-                f"{measured['expected_drop_points']:.2f} points")
-    return ""
+def replaces(remedy: str, drop: float, changed: int, drop_before: float, changed_before: int) -> bool:
+    """Whether a remedied int8 file should replace the earlier one.
 
-
-def replaces(remedy: str, after: dict, before: dict) -> bool:
-    """Whether a remedied int8 file (`after`, `_measure`'s figures) should replace the earlier one (`before`).
-
-    A label-free remedy aims at the float model, so it is judged without labels too: it replaces the file only when
-    it changes no more predictions against float and their expected cost (`expected_drop`) is no higher, and does
-    better on one of the two, counted on the validation images and the unlabelled training images (`Judge`). The
-    labelled drop of a small validation split is mostly the luck of a few changed predictions (on sprites-5 one of
-    51 images is 2 points); a remedy that moved 53 of 131 predictions of a weak model and happened to gain 13
-    points stays rejected by its changes. QAT trains toward the labels, so it is judged by the drop, then by the
-    changed predictions."""
+    A label-free remedy aims at the float model, so it replaces the file only when it loses no more points and
+    changes no more predictions against float (the drop on the validation images, the changed predictions on those
+    and on unlabelled training images: `Judge`), and does better on one of the two: judged by the drop alone, a
+    remedy that moved 53 of 131 predictions of a weak model and happened to gain 13 points was kept, and judged by
+    the changed predictions alone one that changed one fewer while losing one more image would be. QAT trains
+    toward the labels, so it is judged by the drop, then by the changed predictions."""
     if remedy == "qat":
-        return after["drop_points"] < before["drop_points"] or (
-            after["drop_points"] == before["drop_points"]
-            and after["changed_predictions"] < before["changed_predictions"])
-    figures = ("changed_predictions", "expected_drop_points")
-    now, earlier = [after.get(k, 0) for k in figures], [before.get(k, 0) for k in figures]
-    return all(a <= b for a, b in zip(now, earlier, strict=True)) and now != earlier
+        return drop < drop_before or (drop == drop_before and changed < changed_before)
+    return drop <= drop_before and changed <= changed_before and (drop, changed) != (drop_before, changed_before)
 
 
 def _remake(backend: Backend, context: _Context, entry: ArtifactEntry, remedy: str, folder: Path, judge: Judge,
-            standing: dict, artifacts: list[ArtifactEntry]) -> dict:
+            before: float, changed_before: int, artifacts: list[ArtifactEntry]) -> dict:
     """Convert one int8 file again from the remedied graph into a side folder; it replaces the earlier file (and
     sidecar) only if it is closer to the float model on the judge's images (`replaces`)."""
     side = folder / f".remedy-{remedy}"
@@ -726,7 +693,7 @@ def _remake(backend: Backend, context: _Context, entry: ArtifactEntry, remedy: s
             raise
         shutil.rmtree(side, ignore_errors=True)
         return {"kept": False, "error": one_line(error), "seconds": round(time.perf_counter() - started, 1)}
-    kept = replaces(remedy, measured, standing)
+    kept = replaces(remedy, measured["drop_points"], measured["changed_predictions"], before, changed_before)
     if kept:
         for suffix in ("", ".json"):
             os.replace(side / f"{made.file}{suffix}", folder / f"{made.file}{suffix}")
@@ -736,16 +703,12 @@ def _remake(backend: Backend, context: _Context, entry: ArtifactEntry, remedy: s
         artifacts[[a.file for a in artifacts].index(entry.file)] = made
         context.graph_of[made.file] = context.graphs.int8
     shutil.rmtree(side, ignore_errors=True)
-    before, changed_before = standing["drop_points"], standing["changed_predictions"]
     gain = round(before - measured["drop_points"], 2)
     among = "" if judge.unlabelled is None else f" (with {len(judge.unlabelled)} unlabelled training images)"
     console.print(f"int8: {made.file}: {remedy} {'kept' if kept else 'not kept'} — on the {len(judge.y)} "
                   f"{judge.split} images, drop {before:.1f} → {measured['drop_points']:.1f} points ({gain:+.1f}); "
-                  f"predictions changed against float{among} {changed_before} → {measured['changed_predictions']}, "
-                  f"expected to cost {standing.get('expected_drop_points', 0):.2f} → "
-                  f"{measured['expected_drop_points']:.2f} points")
-    return {**measured, "drop_before": before, "changed_before": changed_before,
-            "expected_drop_before": standing.get("expected_drop_points"), "gain_points": gain, "kept": kept,
+                  f"predictions changed against float{among} {changed_before} → {measured['changed_predictions']}")
+    return {**measured, "drop_before": before, "changed_before": changed_before, "gain_points": gain, "kept": kept,
             "seconds": round(time.perf_counter() - started, 1)}
 
 
